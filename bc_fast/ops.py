@@ -1,0 +1,240 @@
+"""FusedTransform: the Python face of the compiled core.
+
+A fused operator is a short program of layers. Each layer computes
+``y = x @ W.T + b`` and then applies an activation to its leading
+``activation_width`` outputs (all of them by default). The program may end with
+an L2 normalisation of each output row. A single affine layer is the common case:
+a chain of linear backward transforms collapsed into one matrix and bias.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import _core
+
+ACTIVATIONS = ("none", "relu", "gelu")
+_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One affine layer ``y = x @ weight.T + bias`` followed by an activation.
+
+    Parameters
+    ----------
+    weight : ndarray of shape (d_out, d_in)
+    bias : ndarray of shape (d_out,) or None
+    activation : {"none", "relu", "gelu"}
+        ``gelu`` is the exact (erf) form, as ``torch.nn.functional.gelu``.
+    activation_width : int or None
+        The activation applies to outputs ``[0, activation_width)`` only; the rest
+        pass through unchanged. None means all outputs. This lets residual blocks
+        (``P x + W2 act(W1 x)``) be written as a plain layer program.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray | None = None
+    activation: str = "none"
+    activation_width: int | None = None
+
+    @property
+    def d_in(self) -> int:
+        """Input dimension of the layer."""
+        return int(self.weight.shape[1])
+
+    @property
+    def d_out(self) -> int:
+        """Output dimension of the layer."""
+        return int(self.weight.shape[0])
+
+    @property
+    def is_affine(self) -> bool:
+        """True when the layer has no (effective) activation."""
+        return self.activation == "none" or self.activation_width == 0
+
+
+def _check_layer(i: int, layer: Layer, d_prev: int | None) -> Layer:
+    if not isinstance(layer, Layer):
+        raise TypeError(f"layers[{i}] must be a bc_fast.Layer, got {type(layer).__name__}")
+    w = np.asarray(layer.weight)
+    if w.ndim != 2 or w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"layers[{i}].weight must be a non-empty 2-D array (d_out, d_in), got shape {w.shape}")
+    if not np.issubdtype(w.dtype, np.floating):
+        raise TypeError(f"layers[{i}].weight must be a floating-point array, got dtype {w.dtype}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"layers[{i}].weight contains NaN or Inf")
+    if d_prev is not None and w.shape[1] != d_prev:
+        raise ValueError(
+            f"layers[{i}].weight has d_in={w.shape[1]} but the previous layer outputs {d_prev} features"
+        )
+    b = layer.bias
+    if b is not None:
+        b = np.asarray(b)
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"layers[{i}].bias must have shape ({w.shape[0]},), got {b.shape}")
+        if not np.issubdtype(b.dtype, np.floating):
+            raise TypeError(f"layers[{i}].bias must be a floating-point array, got dtype {b.dtype}")
+        if not np.all(np.isfinite(b)):
+            raise ValueError(f"layers[{i}].bias contains NaN or Inf")
+        b = np.ascontiguousarray(b, dtype=np.float32)
+    if layer.activation not in ACTIVATIONS:
+        raise ValueError(f"layers[{i}].activation must be one of {ACTIVATIONS}, got {layer.activation!r}")
+    width = layer.activation_width
+    if width is not None and not (0 <= int(width) <= w.shape[0]):
+        raise ValueError(f"layers[{i}].activation_width must be in [0, {w.shape[0]}], got {width}")
+    return Layer(np.ascontiguousarray(w, dtype=np.float32), b, layer.activation,
+                 None if width is None else int(width))
+
+
+def _as_array(x: Any, name: str) -> tuple[np.ndarray, bool]:
+    """Return a zero-copy numpy view of ``x`` and whether ``x`` was a torch tensor."""
+    if isinstance(x, np.ndarray):
+        return x, False
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        if getattr(x, "device", None) is not None and x.device.type != "cpu":
+            raise ValueError(f"{name} is a torch tensor on {x.device}; move it to the CPU first (.cpu())")
+        if x.requires_grad:
+            raise ValueError(f"{name} requires grad; pass {name}.detach()")
+        try:
+            return np.from_dlpack(x), True
+        except (TypeError, BufferError, RuntimeError) as e:
+            raise TypeError(f"{name}: cannot view torch tensor of dtype {x.dtype} without a copy: {e}") from e
+    if hasattr(x, "__dlpack__"):
+        return np.from_dlpack(x), False
+    raise TypeError(f"{name} must be a numpy array or a CPU torch tensor, got {type(x).__name__}")
+
+
+def _check_batch(a: np.ndarray, name: str, dim: int) -> None:
+    if a.ndim != 2:
+        hint = " Reshape your data with x.reshape(1, -1) for a single vector." if a.ndim == 1 else ""
+        raise ValueError(f"Expected {name} to be a 2-D array (n, {dim}), got {a.ndim}-D array of shape {a.shape}.{hint}")
+    if a.dtype not in _DTYPES:
+        raise TypeError(f"{name} must be float32 or float16, got dtype {a.dtype}; convert it with {name}.astype(np.float32)")
+    if a.shape[1] != dim:
+        raise ValueError(f"{name} has {a.shape[1]} features per row, expected {dim}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (row-major); pass np.ascontiguousarray({name})")
+
+
+class FusedTransform:
+    """A fused layer program applied to batches by the compiled core.
+
+    Parameters
+    ----------
+    layers : sequence of Layer
+        Applied in order; ``layers[i+1].d_in == layers[i].d_out``.
+    normalize : bool, default False
+        L2-normalise every output row (``y / max(||y||, 1e-12)``).
+
+    Examples
+    --------
+    >>> W = np.eye(4, dtype=np.float32)
+    >>> op = FusedTransform.affine(W, np.zeros(4, np.float32))
+    >>> op.apply(np.ones((2, 4), np.float32)).shape
+    (2, 4)
+    """
+
+    def __init__(self, layers: Sequence[Layer], *, normalize: bool = False) -> None:
+        layers = list(layers)
+        if not layers:
+            raise ValueError("a FusedTransform needs at least one layer")
+        checked: list[Layer] = []
+        d_prev = None
+        for i, layer in enumerate(layers):
+            checked.append(_check_layer(i, layer, d_prev))
+            d_prev = checked[-1].d_out
+        self.layers: tuple[Layer, ...] = tuple(checked)
+        self.normalize = bool(normalize)
+        self._op = _core.FusedOp(
+            [l.weight for l in checked],
+            [l.bias for l in checked],
+            [l.activation for l in checked],
+            [l.d_out if l.activation_width is None else l.activation_width for l in checked],
+            self.normalize,
+        )
+
+    @classmethod
+    def affine(cls, weight: np.ndarray, bias: np.ndarray | None = None, *, normalize: bool = False) -> "FusedTransform":
+        """One affine layer ``y = x @ weight.T + bias``."""
+        return cls([Layer(weight, bias)], normalize=normalize)
+
+    @property
+    def d_in(self) -> int:
+        """Number of input features."""
+        return self.layers[0].d_in
+
+    @property
+    def d_out(self) -> int:
+        """Number of output features."""
+        return self.layers[-1].d_out
+
+    def __repr__(self) -> str:
+        shape = " -> ".join([str(self.d_in)] + [
+            f"{l.d_out}{'' if l.is_affine else '(' + l.activation + ')'}" for l in self.layers])
+        return f"FusedTransform({shape}{', normalize' if self.normalize else ''})"
+
+    def apply(self, x: Any, *, out: Any = None, out_dtype: Any = None, threads: int | None = None) -> Any:
+        """Apply the program to a batch of rows.
+
+        Parameters
+        ----------
+        x : ndarray or CPU torch tensor of shape (n, d_in), float32 or float16, C-contiguous
+            Used in place, without a copy.
+        out : ndarray or CPU torch tensor of shape (n, d_out), float32 or float16, optional
+            Written in place; must not overlap ``x``.
+        out_dtype : float32 or float16, optional
+            Output dtype when ``out`` is not given (default float32).
+        threads : int, optional
+            Worker threads (default: all, as OpenMP sees them). Small batches always
+            run on one thread.
+
+        Returns
+        -------
+        ndarray (or torch tensor, if ``x`` was one) of shape (n, d_out)
+        """
+        xa, x_is_torch = _as_array(x, "x")
+        _check_batch(xa, "x", self.d_in)
+        if threads is not None and (not isinstance(threads, (int, np.integer)) or threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        if out is None:
+            dt = np.dtype(np.float32 if out_dtype is None else out_dtype)
+            if dt not in _DTYPES:
+                raise TypeError(f"out_dtype must be float32 or float16, got {dt}")
+            oa = np.empty((xa.shape[0], self.d_out), dtype=dt)
+            result: Any = oa
+            if x_is_torch:
+                result = sys.modules["torch"].from_numpy(oa)
+        else:
+            oa, _ = _as_array(out, "out")
+            _check_batch(oa, "out", self.d_out)
+            if oa.shape[0] != xa.shape[0]:
+                raise ValueError(f"out has {oa.shape[0]} rows but x has {xa.shape[0]}")
+            if out_dtype is not None and np.dtype(out_dtype) != oa.dtype:
+                raise ValueError(f"out_dtype={np.dtype(out_dtype)} disagrees with out.dtype={oa.dtype}")
+            if not oa.flags.writeable:
+                raise ValueError("out is read-only")
+            if np.may_share_memory(xa, oa):
+                raise ValueError("out must not overlap x; the transform is not computed in place")
+            result = out
+        if xa.shape[0]:
+            self._op.apply(xa, oa, 0 if threads is None else int(threads))
+        return result
+
+    __call__ = apply
+
+
+def build_info() -> dict:
+    """How the compiled core was built and what it chose at run time.
+
+    Keys: ``kernel`` (SIMD level picked after the CPU check), ``cpu`` (features
+    found), ``blas`` (library and its core), ``openmp``, ``max_threads``,
+    ``small_batch_rows`` (largest batch served by the single-thread path),
+    ``compiler``.
+    """
+    return dict(_core.build_info())

@@ -1,0 +1,109 @@
+// The only file that knows Python: converts numpy arrays to pointers and sizes for FusedOp.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "fused_op.h"
+#include "kernels/dispatch.h"
+
+namespace py = pybind11;
+using bc_fast::DType;
+using bc_fast::FusedOp;
+using bc_fast::LayerSpec;
+
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+DType batch_dtype(const py::array& a, const char* name) {
+  if (a.dtype().is(py::dtype::of<float>())) return DType::kFloat32;
+  if (a.dtype().kind() == 'f' && a.itemsize() == 2) return DType::kFloat16;
+  throw py::type_error(std::string(name) + " must be float32 or float16");
+}
+
+void check_batch(const py::array& a, const char* name, int64_t dim) {
+  if (a.ndim() != 2) throw std::invalid_argument(std::string(name) + " must be 2-D");
+  if (a.shape(1) != dim)
+    throw std::invalid_argument(std::string(name) + " has " + std::to_string(a.shape(1)) + " columns, expected " +
+                                std::to_string(dim));
+  if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(std::string(name) + " must be C-contiguous");
+}
+
+FusedOp make_op(const std::vector<FloatArray>& weights, const std::vector<std::optional<FloatArray>>& biases,
+                const std::vector<std::string>& activations, const std::vector<int64_t>& activation_widths,
+                bool normalize) {
+  const size_t n = weights.size();
+  if (biases.size() != n || activations.size() != n || activation_widths.size() != n)
+    throw std::invalid_argument("weights, biases, activations and activation_widths must have the same length");
+  std::vector<LayerSpec> specs(n);
+  for (size_t i = 0; i < n; ++i) {
+    const FloatArray& w = weights[i];
+    if (w.ndim() != 2) throw std::invalid_argument("weight " + std::to_string(i) + " must be 2-D (d_out, d_in)");
+    LayerSpec& s = specs[i];
+    s.d_out = w.shape(0);
+    s.d_in = w.shape(1);
+    s.weight.assign(w.data(), w.data() + w.size());
+    if (biases[i]) {
+      const FloatArray& b = *biases[i];
+      if (b.ndim() != 1 || b.shape(0) != s.d_out)
+        throw std::invalid_argument("bias " + std::to_string(i) + " must have shape (d_out,)");
+      s.bias.assign(b.data(), b.data() + b.size());
+    }
+    s.activation = bc_fast::parse_activation(activations[i]);
+    s.activation_width = activation_widths[i];
+  }
+  return FusedOp(std::move(specs), normalize);
+}
+
+void apply(const FusedOp& op, const py::array& x, py::array& out, int threads) {
+  check_batch(x, "x", op.d_in());
+  check_batch(out, "out", op.d_out());
+  if (out.shape(0) != x.shape(0)) throw std::invalid_argument("out and x must have the same number of rows");
+  if (!out.writeable()) throw std::invalid_argument("out is read-only");
+  const DType xt = batch_dtype(x, "x");
+  const DType ot = batch_dtype(out, "out");
+  const void* xp = x.data();
+  void* op_out = out.mutable_data();
+  const int64_t n = x.shape(0);
+  py::gil_scoped_release release;
+  op.apply(xp, xt, n, op_out, ot, threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "bc_fast compiled core: fused embedding transforms applied to batches.";
+
+  py::class_<FusedOp>(m, "FusedOp")
+      .def(py::init(&make_op), py::arg("weights"), py::arg("biases"), py::arg("activations"),
+           py::arg("activation_widths"), py::arg("normalize") = false,
+           "Build a layer program from float32 (d_out, d_in) weights, optional biases, activations "
+           "('none', 'relu', 'gelu'), the number of leading outputs each activation applies to, and whether "
+           "to L2-normalise the output rows.")
+      .def_property_readonly("d_in", &FusedOp::d_in)
+      .def_property_readonly("d_out", &FusedOp::d_out)
+      .def_property_readonly("num_layers", &FusedOp::num_layers)
+      .def("apply", &apply, py::arg("x"), py::arg("out"), py::arg("threads") = 0,
+           "out[n, d_out] = program(x[n, d_in]) for C-contiguous float32/float16 arrays, in place, GIL released. "
+           "threads <= 0 uses the OpenMP default.");
+
+  m.def("build_info", [] {
+    const bc_fast::BuildInfo info = bc_fast::build_info();
+    py::dict d;
+    d["kernel"] = info.kernel;
+    d["cpu"] = info.cpu;
+    d["blas"] = info.blas;
+    d["openmp"] = info.openmp;
+    d["max_threads"] = info.max_threads;
+    d["small_batch_rows"] = FusedOp::kSmallBatchRows;
+    d["compiler"] = info.compiler;
+    return d;
+  }, "How the core was built and which kernel it picked.");
+  m.def("set_simd_level", &bc_fast::set_simd_level, py::arg("level"),
+        "Select the kernel set: 'generic' or 'avx2' (testing and benchmarking).");
+}

@@ -1,0 +1,220 @@
+#include "fused_op.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <stdexcept>
+
+#include "kernels/dispatch.h"
+
+#if defined(BC_FAST_HAVE_OPENMP)
+#include <omp.h>
+#endif
+#if defined(BC_FAST_HAVE_BLAS)
+#include <cblas.h>
+#endif
+
+namespace bc_fast {
+
+Activation parse_activation(const std::string& name) {
+  if (name == "none") return Activation::kNone;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "gelu") return Activation::kGelu;
+  throw std::invalid_argument("unknown activation '" + name + "'; expected 'none', 'relu' or 'gelu'");
+}
+
+namespace {
+
+int default_threads() {
+#if defined(BC_FAST_HAVE_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+#if defined(BC_FAST_HAVE_BLAS)
+// We parallelise over row tiles ourselves; each BLAS call runs on its caller's thread.
+[[maybe_unused]] const bool kBlasSingleThreaded = [] {
+  scipy_openblas_set_num_threads(1);
+  return true;
+}();
+#endif
+
+}  // namespace
+
+// Per-thread scratch space, grown on first use and reused afterwards.
+struct FusedOp::Workspace {
+  std::vector<float> input;  // fp16 input converted to fp32
+  std::vector<float> ping, pong;
+
+  static Workspace& local() {
+    thread_local Workspace ws;
+    return ws;
+  }
+  static float* ensure(std::vector<float>& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+  }
+};
+
+FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize) : normalize_(normalize) {
+  if (layers.empty()) throw std::invalid_argument("a fused op needs at least one layer");
+  for (size_t i = 0; i < layers.size(); ++i) {
+    LayerSpec& s = layers[i];
+    if (s.d_in <= 0 || s.d_out <= 0) throw std::invalid_argument("layer dimensions must be positive");
+    if (i > 0 && s.d_in != layers[i - 1].d_out)
+      throw std::invalid_argument("layer " + std::to_string(i) + " has d_in " + std::to_string(s.d_in) +
+                                  " but the previous layer outputs " + std::to_string(layers[i - 1].d_out));
+    if (static_cast<int64_t>(s.weight.size()) != s.d_in * s.d_out)
+      throw std::invalid_argument("layer " + std::to_string(i) + " weight has the wrong number of values");
+    if (!s.bias.empty() && static_cast<int64_t>(s.bias.size()) != s.d_out)
+      throw std::invalid_argument("layer " + std::to_string(i) + " bias has the wrong number of values");
+    if (s.activation_width < 0 || s.activation_width > s.d_out)
+      throw std::invalid_argument("layer " + std::to_string(i) + " activation width out of range");
+    for (float w : s.weight)
+      if (!std::isfinite(w)) throw std::invalid_argument("layer " + std::to_string(i) + " weight has NaN or Inf");
+    for (float b : s.bias)
+      if (!std::isfinite(b)) throw std::invalid_argument("layer " + std::to_string(i) + " bias has NaN or Inf");
+
+    Layer l;
+    l.n_pad = (s.d_out + kPanel - 1) / kPanel * kPanel;
+    l.packed.assign(static_cast<size_t>(l.n_pad * s.d_in), 0.0f);
+    for (int64_t o = 0; o < s.d_out; ++o) {
+      float* panel = l.packed.data() + (o / kPanel) * s.d_in * kPanel + (o % kPanel);
+      const float* w = s.weight.data() + o * s.d_in;
+      for (int64_t k = 0; k < s.d_in; ++k) panel[k * kPanel] = w[k];
+    }
+    max_width_ = std::max(max_width_, l.n_pad);
+    l.spec = std::move(s);
+    layers_.push_back(std::move(l));
+  }
+}
+
+int64_t FusedOp::tile_rows(int64_t n, int threads) const {
+  // Keep a tile's output (up to 256 KB) in L2 for the epilogue; give every thread work.
+  const int64_t cache_rows = std::max<int64_t>(16, (65536 / max_width_) / 16 * 16);
+  const int64_t per_thread = (n + threads - 1) / threads;
+  const int64_t rows = std::min<int64_t>({cache_rows, 512, (per_thread + 15) / 16 * 16});
+  return std::max<int64_t>(rows, 16);
+}
+
+void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType out_type, bool use_blas,
+                        Workspace& ws) const {
+  const KernelSet& kern = active_kernels();
+  const int64_t d0 = d_in();
+  const float* cur;
+  int64_t ld_cur = d0;
+  if (x_type == DType::kFloat16) {
+    float* in = Workspace::ensure(ws.input, static_cast<size_t>(m * d0));
+    kern.half_to_float(static_cast<const uint16_t*>(x), in, m * d0);
+    cur = in;
+  } else {
+    cur = static_cast<const float*>(x);
+  }
+  float* bufs[2] = {Workspace::ensure(ws.ping, static_cast<size_t>(m * max_width_)),
+                    Workspace::ensure(ws.pong, static_cast<size_t>(m * max_width_))};
+  for (size_t li = 0; li < layers_.size(); ++li) {
+    const Layer& l = layers_[li];
+    float* dst = bufs[li % 2];
+    const int64_t ld = l.n_pad;
+#if defined(BC_FAST_HAVE_BLAS)
+    if (use_blas) {
+      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m),
+                        static_cast<blasint>(l.spec.d_out), static_cast<blasint>(l.spec.d_in), 1.0f, cur,
+                        static_cast<blasint>(ld_cur), l.spec.weight.data(), static_cast<blasint>(l.spec.d_in), 0.0f,
+                        dst, static_cast<blasint>(ld));
+    } else
+#endif
+    {
+      (void)use_blas;
+      kern.gemm_packed(cur, ld_cur, m, l.spec.d_in, l.packed.data(), l.n_pad, dst, ld);
+    }
+    const float* bias = l.spec.bias.empty() ? nullptr : l.spec.bias.data();
+    if (bias != nullptr || l.spec.activation != Activation::kNone)
+      for (int64_t r = 0; r < m; ++r) kern.bias_act(dst + r * ld, l.spec.d_out, bias, l.spec.activation,
+                                                     l.spec.activation_width);
+    cur = dst;
+    ld_cur = ld;
+  }
+  const int64_t d = d_out();
+  for (int64_t r = 0; r < m; ++r) {
+    const float* row = cur + r * ld_cur;
+    float scale = 1.0f;
+    if (normalize_) scale = 1.0f / std::max(std::sqrt(kern.sum_squares(row, d)), 1e-12f);
+    if (out_type == DType::kFloat32)
+      kern.store_f32(row, static_cast<float*>(out) + r * d, d, scale);
+    else
+      kern.store_f16(row, static_cast<uint16_t*>(out) + r * d, d, scale);
+  }
+}
+
+void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out_type, int threads) const {
+  if (n < 0) throw std::invalid_argument("negative number of rows");
+  if (n == 0) return;
+  if (x == nullptr || out == nullptr) throw std::invalid_argument("null data pointer");
+  const size_t x_item = x_type == DType::kFloat32 ? 4 : 2;
+  const size_t o_item = out_type == DType::kFloat32 ? 4 : 2;
+  const char* xb = static_cast<const char*>(x);
+  char* ob = static_cast<char*>(out);
+  if (xb < ob + n * d_out() * o_item && ob < xb + n * d_in() * x_item)
+    throw std::invalid_argument("output overlaps input");
+
+  if (n <= kSmallBatchRows) {
+    run_block(x, x_type, n, out, out_type, /*use_blas=*/false, Workspace::local());
+    return;
+  }
+#if defined(BC_FAST_HAVE_BLAS)
+  const bool use_blas = true;
+#else
+  const bool use_blas = false;
+#endif
+  const int t = threads > 0 ? threads : default_threads();
+  const int64_t tile = tile_rows(n, t);
+  const int64_t tiles = (n + tile - 1) / tile;
+  std::exception_ptr error;
+#if defined(BC_FAST_HAVE_OPENMP)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(static_cast<int>(std::min<int64_t>(t, tiles))) if (t > 1 && tiles > 1)
+#endif
+  for (int64_t i = 0; i < tiles; ++i) {
+    try {
+      const int64_t r0 = i * tile;
+      const int64_t m = std::min(tile, n - r0);
+      run_block(xb + r0 * d_in() * x_item, x_type, m, ob + r0 * d_out() * o_item, out_type, use_blas,
+                Workspace::local());
+    } catch (...) {
+#if defined(BC_FAST_HAVE_OPENMP)
+#pragma omp critical(bc_fast_error)
+#endif
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+BuildInfo build_info() {
+  BuildInfo info;
+  info.kernel = active_kernels().name;
+  info.cpu = cpu_features();
+#if defined(BC_FAST_HAVE_BLAS)
+  info.blas = std::string("scipy-openblas32 ") + scipy_openblas_get_config() + " core=" +
+              scipy_openblas_get_corename();
+#else
+  info.blas = "none (built-in packed kernel)";
+#endif
+#if defined(BC_FAST_HAVE_OPENMP)
+  info.openmp = true;
+#endif
+  info.max_threads = default_threads();
+#if defined(__clang__)
+  info.compiler = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  info.compiler = "gcc " __VERSION__;
+#else
+  info.compiler = "unknown";
+#endif
+  return info;
+}
+
+}  // namespace bc_fast

@@ -1,0 +1,69 @@
+// FusedOp: a short layer program (affine -> activation, ..., optional L2 normalisation)
+// applied to batches of rows. Plain C++: pointers and sizes only.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/kernels.h"
+
+namespace bc_fast {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1 };
+
+struct LayerSpec {
+  int64_t d_in = 0;
+  int64_t d_out = 0;
+  std::vector<float> weight;  // d_out x d_in, row-major
+  std::vector<float> bias;    // d_out values, or empty for no bias
+  Activation activation = Activation::kNone;
+  int64_t activation_width = 0;  // activation applies to outputs [0, activation_width)
+};
+
+Activation parse_activation(const std::string& name);
+
+class FusedOp {
+ public:
+  // Batches of at most this many rows take the single-thread packed-kernel path.
+  static constexpr int64_t kSmallBatchRows = 64;
+
+  FusedOp(std::vector<LayerSpec> layers, bool normalize);
+
+  int64_t d_in() const { return layers_.front().spec.d_in; }
+  int64_t d_out() const { return layers_.back().spec.d_out; }
+  size_t num_layers() const { return layers_.size(); }
+
+  // out[n x d_out] = program(x[n x d_in]); both C-contiguous, must not overlap.
+  // threads <= 0 means the OpenMP default. Throws std::invalid_argument on bad sizes.
+  void apply(const void* x, DType x_type, int64_t n, void* out, DType out_type, int threads) const;
+
+ private:
+  struct Layer {
+    LayerSpec spec;
+    std::vector<float> packed;  // W^T in panels of kPanel columns (see kernels.h)
+    int64_t n_pad = 0;          // d_out rounded up to kPanel
+  };
+  struct Workspace;
+
+  void run_block(const void* x, DType x_type, int64_t m, void* out, DType out_type, bool use_blas,
+                 Workspace& ws) const;
+  int64_t tile_rows(int64_t n, int threads) const;
+
+  std::vector<Layer> layers_;
+  bool normalize_;
+  int64_t max_width_ = 0;  // widest padded row any layer writes
+};
+
+struct BuildInfo {
+  std::string kernel;
+  std::string cpu;
+  std::string blas;
+  bool openmp = false;
+  int max_threads = 1;
+  std::string compiler;
+};
+
+BuildInfo build_info();
+
+}  // namespace bc_fast

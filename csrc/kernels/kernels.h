@@ -1,0 +1,39 @@
+// Kernel table: one implementation per SIMD level, picked at run time.
+#pragma once
+
+#include <cstdint>
+
+namespace bc_fast {
+
+enum class Activation : int { kNone = 0, kRelu = 1, kGelu = 2 };
+
+// Width of a packed weight panel (columns of W^T). Packed weights for a layer with
+// d_out outputs hold ceil(d_out / kPanel) panels of d_in x kPanel floats, zero padded.
+constexpr int kPanel = 64;
+
+struct KernelSet {
+  const char* name;
+  // y[m x n_pad] (row stride ldy) = x[m x k] (row stride ldx) @ W^T, W packed in panels.
+  void (*gemm_packed)(const float* x, int64_t ldx, int64_t m, int64_t k, const float* packed,
+                      int64_t n_pad, float* y, int64_t ldy);
+  // In place: y += bias (if not null); act on y[0, act_width).
+  void (*bias_act)(float* y, int64_t n, const float* bias, Activation act, int64_t act_width);
+  // Sum of squares of y[0, n).
+  float (*sum_squares)(const float* y, int64_t n);
+  // out = y * scale, as float32 or float16 (IEEE binary16 bits).
+  void (*store_f32)(const float* y, float* out, int64_t n, float scale);
+  void (*store_f16)(const float* y, uint16_t* out, int64_t n, float scale);
+  void (*half_to_float)(const uint16_t* in, float* out, int64_t n);
+};
+
+const KernelSet& generic_kernels();
+#if defined(BC_FAST_HAVE_AVX2)
+const KernelSet& avx2_kernels();
+#endif
+
+// Scalar helpers shared by the kernels (defined in kernels_generic.cpp).
+float half_bits_to_float(uint16_t h);
+uint16_t float_to_half_bits(float f);
+float gelu_exact(float x);
+
+}  // namespace bc_fast
