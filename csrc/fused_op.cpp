@@ -92,12 +92,13 @@ FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize) : normalize_(nor
   }
 }
 
-int64_t FusedOp::tile_rows(int64_t n, int threads) const {
-  // Keep a tile's output (up to 256 KB) in L2 for the epilogue; give every thread work.
+int64_t FusedOp::tile_rows(int64_t n) const {
+  // Keep a tile's output (up to 256 KB) in L2 for the epilogue, and cut even mid-size batches
+  // into a few tiles so threads share them. The tiling depends on n and the layer widths only,
+  // never on the thread count, so every thread count gives bit-identical results.
   const int64_t cache_rows = std::max<int64_t>(16, (65536 / max_width_) / 16 * 16);
-  const int64_t per_thread = (n + threads - 1) / threads;
-  const int64_t rows = std::min<int64_t>({cache_rows, 512, (per_thread + 15) / 16 * 16});
-  return std::max<int64_t>(rows, 16);
+  const int64_t quarter = ((n + 3) / 4 + 15) / 16 * 16;
+  return std::max<int64_t>(16, std::min<int64_t>({cache_rows, 256, quarter}));
 }
 
 void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType out_type, bool use_blas,
@@ -171,7 +172,7 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
   const bool use_blas = false;
 #endif
   const int t = threads > 0 ? threads : default_threads();
-  const int64_t tile = tile_rows(n, t);
+  const int64_t tile = tile_rows(n);
   const int64_t tiles = (n + tile - 1) / tile;
   std::exception_ptr error;
 #if defined(BC_FAST_HAVE_OPENMP)

@@ -48,7 +48,7 @@ class FusedOp {
 
   void run_block(const void* x, DType x_type, int64_t m, void* out, DType out_type, bool use_blas,
                  Workspace& ws) const;
-  int64_t tile_rows(int64_t n, int threads) const;
+  int64_t tile_rows(int64_t n) const;
 
   std::vector<Layer> layers_;
   bool normalize_;
