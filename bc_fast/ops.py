@@ -198,6 +198,18 @@ class FusedTransform:
         -------
         ndarray (or torch tensor, if ``x`` was one) of shape (n, d_out)
         """
+        fast = type(x) is np.ndarray and threads is None and (out is None or type(out) is np.ndarray)
+        if fast and out_dtype is not None:
+            dt = np.dtype(out_dtype)
+            fast = dt in _DTYPES and (out is None or out.dtype == dt)
+        if fast:
+            # The core checks shape, dtype, contiguity and overlap itself. On any complaint,
+            # fall through to the full validation below for a precise message.
+            try:
+                res = self._op.apply(x, out, out_dtype is not None and np.dtype(out_dtype) == np.float16, 0)
+                return res if out is None else out
+            except (ValueError, TypeError):
+                pass
         xa, x_is_torch = _as_array(x, "x")
         _check_batch(xa, "x", self.d_in)
         if threads is not None and (not isinstance(threads, (int, np.integer)) or threads < 1):
@@ -223,7 +235,7 @@ class FusedTransform:
                 raise ValueError("out must not overlap x; the transform is not computed in place")
             result = out
         if xa.shape[0]:
-            self._op.apply(xa, oa, 0 if threads is None else int(threads))
+            self._op.apply(xa, oa, False, 0 if threads is None else int(threads))
         return result
 
     __call__ = apply

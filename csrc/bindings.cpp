@@ -60,18 +60,31 @@ FusedOp make_op(const std::vector<FloatArray>& weights, const std::vector<std::o
   return FusedOp(std::move(specs), normalize);
 }
 
-void apply(const FusedOp& op, const py::array& x, py::array& out, int threads) {
+py::object apply(const FusedOp& op, const py::array& x, py::object out, bool out_float16, int threads) {
   check_batch(x, "x", op.d_in());
-  check_batch(out, "out", op.d_out());
-  if (out.shape(0) != x.shape(0)) throw std::invalid_argument("out and x must have the same number of rows");
-  if (!out.writeable()) throw std::invalid_argument("out is read-only");
   const DType xt = batch_dtype(x, "x");
-  const DType ot = batch_dtype(out, "out");
-  const void* xp = x.data();
-  void* op_out = out.mutable_data();
   const int64_t n = x.shape(0);
-  py::gil_scoped_release release;
-  op.apply(xp, xt, n, op_out, ot, threads);
+  py::array out_arr;
+  if (out.is_none()) {
+    if (out_float16)
+      out_arr = py::array(py::dtype("float16"), {n, op.d_out()});
+    else
+      out_arr = py::array_t<float>({n, op.d_out()});
+  } else {
+    if (!py::isinstance<py::array>(out)) throw py::type_error("out must be a numpy array");
+    out_arr = py::reinterpret_borrow<py::array>(out);
+    check_batch(out_arr, "out", op.d_out());
+    if (out_arr.shape(0) != n) throw std::invalid_argument("out and x must have the same number of rows");
+    if (!out_arr.writeable()) throw std::invalid_argument("out is read-only");
+  }
+  const DType ot = batch_dtype(out_arr, "out");
+  const void* xp = x.data();
+  void* op_out = out_arr.mutable_data();
+  {
+    py::gil_scoped_release release;
+    op.apply(xp, xt, n, op_out, ot, threads);
+  }
+  return std::move(out_arr);
 }
 
 }  // namespace
@@ -88,8 +101,10 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("d_in", &FusedOp::d_in)
       .def_property_readonly("d_out", &FusedOp::d_out)
       .def_property_readonly("num_layers", &FusedOp::num_layers)
-      .def("apply", &apply, py::arg("x"), py::arg("out"), py::arg("threads") = 0,
-           "out[n, d_out] = program(x[n, d_in]) for C-contiguous float32/float16 arrays, in place, GIL released. "
+      .def("apply", &apply, py::arg("x"), py::arg("out") = py::none(), py::arg("out_float16") = false,
+           py::arg("threads") = 0,
+           "out[n, d_out] = program(x[n, d_in]) for C-contiguous float32/float16 arrays, GIL released; "
+           "allocates out (float32, or float16 if out_float16) when None and returns it. "
            "threads <= 0 uses the OpenMP default.");
 
   m.def("build_info", [] {

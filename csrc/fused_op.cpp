@@ -87,6 +87,7 @@ FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize) : normalize_(nor
       for (int64_t k = 0; k < s.d_in; ++k) panel[k * kPanel] = w[k];
     }
     max_width_ = std::max(max_width_, l.n_pad);
+    macs_per_row_ += s.d_in * l.n_pad;
     l.spec = std::move(s);
     layers_.push_back(std::move(l));
   }
@@ -162,17 +163,25 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
   if (xb < ob + n * d_out() * o_item && ob < xb + n * d_in() * x_item)
     throw std::invalid_argument("output overlaps input");
 
-  if (n <= kSmallBatchRows) {
-    run_block(x, x_type, n, out, out_type, /*use_blas=*/false, Workspace::local());
-    return;
-  }
-#if defined(BC_FAST_HAVE_BLAS)
-  const bool use_blas = true;
-#else
-  const bool use_blas = false;
-#endif
   const int t = threads > 0 ? threads : default_threads();
-  const int64_t tile = tile_rows(n);
+  bool use_blas = false;
+  int64_t tile = n;
+  if (n <= kSmallBatchRows) {
+    // Packed kernel. Its result for a row does not depend on which rows share its block, so
+    // splitting rows over threads keeps results bit-identical; split only when each thread gets
+    // enough work to pay for waking it.
+    const int64_t parts = std::min<int64_t>({t, n, std::max<int64_t>(1, n * macs_per_row_ / kMinParallelMacs)});
+    if (parts <= 1) {
+      run_block(x, x_type, n, out, out_type, /*use_blas=*/false, Workspace::local());
+      return;
+    }
+    tile = (n + parts - 1) / parts;
+  } else {
+#if defined(BC_FAST_HAVE_BLAS)
+    use_blas = true;
+#endif
+    tile = tile_rows(n);
+  }
   const int64_t tiles = (n + tile - 1) / tile;
   std::exception_ptr error;
 #if defined(BC_FAST_HAVE_OPENMP)

@@ -27,6 +27,8 @@ class FusedOp {
  public:
   // Batches of at most this many rows take the single-thread packed-kernel path.
   static constexpr int64_t kSmallBatchRows = 64;
+  // A small batch is split over threads only above this many multiply-adds (~10 us on one core).
+  static constexpr int64_t kMinParallelMacs = int64_t{1} << 19;
 
   FusedOp(std::vector<LayerSpec> layers, bool normalize);
 
@@ -52,7 +54,8 @@ class FusedOp {
 
   std::vector<Layer> layers_;
   bool normalize_;
-  int64_t max_width_ = 0;  // widest padded row any layer writes
+  int64_t max_width_ = 0;     // widest padded row any layer writes
+  int64_t macs_per_row_ = 0;  // multiply-adds the packed kernel spends on one row
 };
 
 struct BuildInfo {
