@@ -1,0 +1,167 @@
+"""Chain fusion: compose backward transforms into one short layer program.
+
+A backward transform is a list of :class:`~bc_fast.ops.Layer`. A chain of them
+(``B_k``, then ``B_{k-1}``, ... ) is fused in float64:
+
+* every run of consecutive affine layers (no activation) collapses into ONE
+  matrix and bias, so a fully affine chain becomes exactly one layer;
+* layers with an activation stay program steps. An affine run that directly
+  precedes an activation layer is folded into it when that does not cost more
+  multiply-adds than keeping it separate (``act(W2 (W1 x + b1) + b2)`` is
+  ``act((W2 W1) x + (W2 b1 + b2))``).
+
+The result is cast back to float32, the core's weight dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from .ops import ACTIVATIONS, Layer
+
+__all__ = ["fuse_chain", "apply_layers_reference", "flatten_chain", "chain_flops"]
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def _erf64(x: np.ndarray) -> np.ndarray:
+    """Elementwise float64 erf (exact, via math.erf)."""
+    return np.asarray(_erf(x), dtype=np.float64)
+
+
+def _check(layer: object, where: str) -> Layer:
+    if not isinstance(layer, Layer):
+        raise TypeError(f"{where} must be a bc_fast.Layer, got {type(layer).__name__}")
+    w = np.asarray(layer.weight)
+    if w.ndim != 2:
+        raise ValueError(f"{where}.weight must be 2-D (d_out, d_in), got shape {w.shape}")
+    if layer.bias is not None and np.shape(layer.bias) != (w.shape[0],):
+        raise ValueError(f"{where}.bias must have shape ({w.shape[0]},), got {np.shape(layer.bias)}")
+    if layer.activation not in ACTIVATIONS:
+        raise ValueError(f"{where}.activation must be one of {ACTIVATIONS}, got {layer.activation!r}")
+    return layer
+
+
+def flatten_chain(steps: Sequence[Sequence[Layer]]) -> list[Layer]:
+    """Concatenate the steps' layers in application order, checking dimensions.
+
+    Parameters
+    ----------
+    steps : sequence of sequences of Layer
+        ``steps[0]`` is applied first (for ``src=k, dst=j``: ``B_k, B_{k-1}, ..., B_{j+1}``).
+    """
+    out: list[Layer] = []
+    d_prev: int | None = None
+    for s, step in enumerate(steps):
+        if isinstance(step, Layer):
+            raise TypeError(f"steps[{s}] is a single Layer; pass a list of steps, each a list of Layers")
+        step = list(step)
+        if not step:
+            raise ValueError(f"steps[{s}] has no layers")
+        for i, layer in enumerate(step):
+            layer = _check(layer, f"steps[{s}][{i}]")
+            if d_prev is not None and layer.d_in != d_prev:
+                raise ValueError(
+                    f"steps[{s}][{i}] expects d_in={layer.d_in} but the previous layer outputs {d_prev} "
+                    f"features; the chain's steps must be ordered newest first (B_k, B_(k-1), ...)")
+            d_prev = layer.d_out
+            out.append(layer)
+    if not out:
+        raise ValueError("the chain has no steps")
+    return out
+
+
+def _w64(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
+    w = np.asarray(layer.weight, dtype=np.float64)
+    b = np.zeros(w.shape[0]) if layer.bias is None else np.asarray(layer.bias, dtype=np.float64)
+    return w, b
+
+
+def _to_layer(w: np.ndarray, b: np.ndarray, activation: str = "none", width: int | None = None) -> Layer:
+    bias = None if not np.any(b) else np.ascontiguousarray(b, dtype=np.float32)
+    return Layer(np.ascontiguousarray(w, dtype=np.float32), bias, activation, width)
+
+
+def fuse_chain(steps: Sequence[Sequence[Layer]], *, fold_into_activation: bool = True) -> list[Layer]:
+    """Fuse a chain of transforms into a short float32 layer program.
+
+    Parameters
+    ----------
+    steps : sequence of sequences of Layer
+        Transforms in application order (``steps[0]`` first). Each is a list of layers.
+    fold_into_activation : bool, default True
+        Fold an affine run into the following activation layer when that costs no
+        more multiply-adds.
+
+    Returns
+    -------
+    list of Layer
+        Equivalent program, composed in float64 and stored as float32. A chain with no
+        activation returns exactly one layer. Zero biases are dropped (``bias=None``).
+    """
+    layers = flatten_chain(steps)
+    program: list[tuple[np.ndarray, np.ndarray, str, int | None]] = []
+    run_w: np.ndarray | None = None  # pending affine run, float64
+    run_b: np.ndarray | None = None
+    for layer in layers:
+        w, b = _w64(layer)
+        if layer.is_affine:
+            if run_w is None:
+                run_w, run_b = w, b
+            else:
+                run_w, run_b = w @ run_w, w @ run_b + b
+            continue
+        if run_w is not None:
+            d_run_in, d_mid = run_w.shape[1], run_w.shape[0]
+            fused_cost = w.shape[0] * d_run_in
+            split_cost = d_mid * d_run_in + w.shape[0] * d_mid
+            if fold_into_activation and fused_cost <= split_cost:
+                w, b = w @ run_w, w @ run_b + b
+            else:
+                program.append((run_w, run_b, "none", None))
+            run_w = run_b = None
+        program.append((w, b, layer.activation, layer.activation_width))
+    if run_w is not None:
+        program.append((run_w, run_b, "none", None))
+    return [_to_layer(*p) for p in program]
+
+
+def chain_flops(layers: Sequence[Layer]) -> int:
+    """Multiply-adds per row of a layer program (``sum d_out * d_in``)."""
+    return int(sum(l.d_out * l.d_in for l in layers))
+
+
+def apply_layers_reference(layers: Sequence[Layer], x: np.ndarray) -> np.ndarray:
+    """Apply a layer program step by step in float64 (the test/verify reference).
+
+    Parameters
+    ----------
+    layers : sequence of Layer
+    x : ndarray of shape (n, d_in)
+
+    Returns
+    -------
+    ndarray of shape (n, d_out), float64
+        ``gelu`` is the exact erf form, as ``torch.nn.functional.gelu``.
+    """
+    y = np.asarray(x, dtype=np.float64)
+    if y.ndim != 2:
+        raise ValueError(f"x must be 2-D (n, d_in), got shape {y.shape}")
+    for i, layer in enumerate(layers):
+        layer = _check(layer, f"layers[{i}]")
+        if y.shape[1] != layer.d_in:
+            raise ValueError(f"layers[{i}] expects {layer.d_in} features, got {y.shape[1]}")
+        w, b = _w64(layer)
+        y = y @ w.T + b
+        if layer.is_affine:
+            continue
+        width = layer.d_out if layer.activation_width is None else int(layer.activation_width)
+        head = y[:, :width]
+        if layer.activation == "relu":
+            y[:, :width] = np.maximum(head, 0.0)
+        else:  # gelu, exact
+            y[:, :width] = 0.5 * head * (1.0 + _erf64(head / math.sqrt(2.0)))
+    return y
