@@ -94,12 +94,13 @@ FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize) : normalize_(nor
 }
 
 int64_t FusedOp::tile_rows(int64_t n) const {
-  // Keep a tile's output (up to 256 KB) in L2 for the epilogue, and cut even mid-size batches
-  // into a few tiles so threads share them. The tiling depends on n and the layer widths only,
-  // never on the thread count, so every thread count gives bit-identical results.
-  const int64_t cache_rows = std::max<int64_t>(16, (65536 / max_width_) / 16 * 16);
+  // Big tiles amortise BLAS packing the weights on every call; a tile's output (up to 512 KB)
+  // should still sit in L2 for the epilogue. Mid-size batches are cut into a few tiles so threads
+  // share them. The tiling depends on n and the layer widths only, never on the thread count,
+  // so every thread count gives bit-identical results.
+  const int64_t cache_rows = std::max<int64_t>(16, (131072 / max_width_) / 16 * 16);
   const int64_t quarter = ((n + 3) / 4 + 15) / 16 * 16;
-  return std::max<int64_t>(16, std::min<int64_t>({cache_rows, 256, quarter}));
+  return std::max<int64_t>(16, std::min<int64_t>({cache_rows, 512, quarter}));
 }
 
 void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType out_type, bool use_blas,
@@ -119,8 +120,12 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
                     Workspace::ensure(ws.pong, static_cast<size_t>(m * max_width_))};
   for (size_t li = 0; li < layers_.size(); ++li) {
     const Layer& l = layers_[li];
-    float* dst = bufs[li % 2];
-    const int64_t ld = l.n_pad;
+    const bool last = li + 1 == layers_.size();
+    // The last layer writes float32 output in place when the kernel can (BLAS takes any row
+    // stride; the packed kernel writes whole panels), saving a pass over the tile.
+    const bool direct = last && out_type == DType::kFloat32 && (use_blas || l.n_pad == l.spec.d_out);
+    float* dst = direct ? static_cast<float*>(out) : bufs[li % 2];
+    const int64_t ld = direct ? l.spec.d_out : l.n_pad;
 #if defined(BC_FAST_HAVE_BLAS)
     if (use_blas) {
       scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m),
@@ -134,21 +139,30 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
       kern.gemm_packed(cur, ld_cur, m, l.spec.d_in, l.packed.data(), l.n_pad, dst, ld);
     }
     const float* bias = l.spec.bias.empty() ? nullptr : l.spec.bias.data();
-    if (bias != nullptr || l.spec.activation != Activation::kNone)
-      for (int64_t r = 0; r < m; ++r) kern.bias_act(dst + r * ld, l.spec.d_out, bias, l.spec.activation,
-                                                     l.spec.activation_width);
-    cur = dst;
-    ld_cur = ld;
-  }
-  const int64_t d = d_out();
-  for (int64_t r = 0; r < m; ++r) {
-    const float* row = cur + r * ld_cur;
-    float scale = 1.0f;
-    if (normalize_) scale = 1.0f / std::max(std::sqrt(kern.sum_squares(row, d)), 1e-12f);
-    if (out_type == DType::kFloat32)
-      kern.store_f32(row, static_cast<float*>(out) + r * d, d, scale);
-    else
-      kern.store_f16(row, static_cast<uint16_t*>(out) + r * d, d, scale);
+    const bool has_epilogue = bias != nullptr || l.spec.activation != Activation::kNone;
+    if (!last) {
+      if (has_epilogue)
+        for (int64_t r = 0; r < m; ++r)
+          kern.bias_act(dst + r * ld, l.spec.d_out, bias, l.spec.activation, l.spec.activation_width);
+      cur = dst;
+      ld_cur = ld;
+      continue;
+    }
+    // Last layer: bias, activation, normalisation and conversion in one pass per row, while the row is in L1.
+    const int64_t d = l.spec.d_out;
+    for (int64_t r = 0; r < m; ++r) {
+      float* row = dst + r * ld;
+      if (has_epilogue) kern.bias_act(row, d, bias, l.spec.activation, l.spec.activation_width);
+      float scale = 1.0f;
+      if (normalize_) scale = 1.0f / std::max(std::sqrt(kern.sum_squares(row, d)), 1e-12f);
+      if (direct) {
+        if (normalize_) kern.store_f32(row, row, d, scale);
+      } else if (out_type == DType::kFloat32) {
+        kern.store_f32(row, static_cast<float*>(out) + r * d, d, scale);
+      } else {
+        kern.store_f16(row, static_cast<uint16_t*>(out) + r * d, d, scale);
+      }
+    }
   }
 }
 
