@@ -266,7 +266,8 @@ def test_resume_after_sigkill(tmp_path, registry):
     np.save(tmp_path / "in.npy", x)
     args = ["convert", str(tmp_path / "in.npy"), str(tmp_path / "out.npy"), "--registry", str(registry.path),
             "--to", "0", "--chunk-rows", "50", "--threads", "1", "--quiet"]
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT] + args, stderr=subprocess.PIPE)
+    # cwd=tmp_path: the child must import the installed bc_fast, not the source checkout.
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT] + args, stderr=subprocess.PIPE, cwd=tmp_path)
     journal = tmp_path / "out.npy.partial.journal.json"
     deadline = time.monotonic() + 30
     done = 0
@@ -279,7 +280,10 @@ def test_resume_after_sigkill(tmp_path, registry):
             if done >= 10:
                 break
         time.sleep(0.02)
-    assert proc.poll() is None, proc.stderr.read().decode()
+    if proc.poll() is not None:
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+        pytest.fail(f"the conversion ended before it could be killed: {err}")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
