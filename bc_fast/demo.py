@@ -4,25 +4,11 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from .eval.report import write_json
-
-
-def _register(path: Path, art: dict, name: str) -> Any:
-    """Put a strategy's versions and backward transforms in a fresh registry at ``path``."""
-    from .registry import Registry
-
-    if (path / "manifest.json").exists():
-        shutil.rmtree(path)  # the demo's own output from an earlier run
-    reg = Registry.create(path, name=f"movielens-{name}")
-    dims = art["dims"]
-    reg.add_version(0, dim=dims[0], metadata={"strategy": name})
-    for k in range(1, len(dims)):
-        reg.add_version(k, dim=dims[k], backward=art["layers"][k - 1], metadata={"strategy": name})
-    return reg
 
 
 def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
@@ -49,7 +35,10 @@ def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
     bc = art["joint-mloss"]
     K = len(bc["dims"]) - 1
 
-    reg = _register(out / "registry", bc, "joint-mloss")
+    reg_path = out / "registry"
+    if (reg_path / "manifest.json").exists():
+        shutil.rmtree(reg_path)  # the demo's own output from an earlier run
+    reg = bc["trainer"].save_registry(reg_path, name="movielens-bc-aligner")
     log("\n" + reg.describe())
     op = reg.operator(K, 0)
     log(f"\nfused chain v{K} -> v0: {K} backward transforms as one operator {op}")

@@ -198,7 +198,8 @@ class FusedTransform:
         -------
         ndarray (or torch tensor, if ``x`` was one) of shape (n, d_out)
         """
-        fast = type(x) is np.ndarray and threads is None and (out is None or type(out) is np.ndarray)
+        fast = (type(x) is np.ndarray and (out is None or type(out) is np.ndarray)
+                and (threads is None or (type(threads) is int and threads > 0)))
         if fast and out_dtype is not None:
             dt = np.dtype(out_dtype)
             fast = dt in _DTYPES and (out is None or out.dtype == dt)
@@ -206,7 +207,8 @@ class FusedTransform:
             # The core checks shape, dtype, contiguity and overlap itself. On any complaint,
             # fall through to the full validation below for a precise message.
             try:
-                res = self._op.apply(x, out, out_dtype is not None and np.dtype(out_dtype) == np.float16, 0)
+                res = self._op.apply(x, out, out_dtype is not None and np.dtype(out_dtype) == np.float16,
+                                     threads or 0)
                 return res if out is None else out
             except (ValueError, TypeError):
                 pass

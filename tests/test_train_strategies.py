@@ -238,3 +238,21 @@ def test_run_demo_end_to_end_on_synthetic_data(tmp_path):
         assert [layers[0].weight.shape for layers in art["layers"]] == [(8, 10), (10, 12)]
     fix = next(r for r in res["rows"] if r["strategy"] == "fix-m0")
     assert fix["unintended_change"] == 0.0 and fix["align_error"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["joint-mloss", "nobc"])
+def test_save_registry_round_trips_the_chain(runs, tmp_path, name):
+    from bc_fast.registry import Registry
+
+    tr = runs[name]
+    tr.save_registry(tmp_path / "reg")
+    reg = Registry.open(tmp_path / "reg", verify=True)
+    assert [v.dim for v in reg.versions()] == tr.dims
+    assert reg.version(1).metadata["strategy"] == name
+    latest = len(tr.versions) - 1
+    z = tr.versions[latest].embeddings["item"]
+    expected = tr.to_version(z, latest, 0).double().numpy()
+    got = reg.operator(latest, 0).apply(np.ascontiguousarray(z.numpy(), dtype=np.float32))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="already|exists"):
+        tr.save_registry(tmp_path / "reg")

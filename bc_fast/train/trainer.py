@@ -208,6 +208,37 @@ class BCTrainer:
             layers.extend(b.export())
         return layers
 
+    def save_registry(self, path: str | Any, *, name: str | None = None,
+                      metadata: Mapping[str, Any] | None = None) -> Any:
+        """Save every version (dim, strategy, score) and its backward transform into a new registry.
+
+        Parameters
+        ----------
+        path : path
+            Directory of the new registry (see :class:`bc_fast.registry.Registry`); must not
+            hold one already.
+        name : str, optional
+            Registry name (default: the strategy name).
+        metadata : mapping, optional
+            Extra JSON metadata stored with every version.
+
+        Returns
+        -------
+        bc_fast.registry.Registry
+        """
+        from ..registry import Registry
+
+        if not self.versions:
+            raise ValueError("no trained versions to save")
+        reg = Registry.create(path, name=name or self.strategy.name)
+        for rec in self.versions:
+            meta = {"strategy": self.strategy.name, **dict(metadata or {})}
+            if rec.score is not None:
+                meta["score"] = float(rec.score)
+            reg.add_version(rec.version, dim=rec.dim, metadata=meta,
+                            backward=rec.transform if rec.version > 0 else None)
+        return reg
+
     def add_trained_version(self, model: nn.Module, *, embed_fn: EmbedFn,
                             transform: BackwardTransform | None = None, score: float | None = None,
                             eval_fn: Callable[[nn.Module], float] | None = None) -> VersionRecord:
