@@ -130,6 +130,19 @@ def test_mlp_program_with_partial_activation_and_normalize(n, activation):
             np.testing.assert_allclose(np.linalg.norm(y.astype(np.float64), axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_activation_accuracy_over_a_wide_range(activation):
+    # Identity weights isolate the activation: exact erf GELU to within float32 rounding.
+    x = np.concatenate([np.linspace(-12, 12, 4001), [-100.0, -30.0, -1e-30, 0.0, 1e-30, 30.0, 100.0]])
+    x = x.astype(np.float32).reshape(-1, 1)
+    layer = Layer(np.ones((1, 1), np.float32), activation=activation)
+    got = FusedTransform([layer]).apply(x).astype(np.float64)
+    ref = reference([layer], x)
+    if activation == "relu":
+        np.testing.assert_array_equal(got, ref)
+    assert np.all(np.abs(got - ref) <= 4e-7 * np.maximum(np.abs(ref), 1.0))
+
+
 def test_residual_block_as_layer_program():
     # P x + W2 relu(W1 x + b1) + b2 written as [W1; P] (relu on the first rows), then [W2, I].
     rng = np.random.default_rng(1)

@@ -54,6 +54,42 @@ void gemm_packed(const float* x, int64_t ldx, int64_t m, int64_t k, const float*
   }
 }
 
+// exp(x) for x in [-88, 88] (Cephes expf: range reduction by ln 2, degree-5 polynomial), ~1 ulp.
+inline __m256 exp_ps(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
+  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+}
+
+// Exact-form GELU 0.5 x (1 + erf(x / sqrt 2)); erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7).
+inline __m256 gelu_ps(__m256 x) {
+  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+  const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f));
+  const __m256 az = _mm256_andnot_ps(sign_mask, z);
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(az, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f)));
+  __m256 p = _mm256_set1_ps(1.061405429f);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+  p = _mm256_mul_ps(p, t);
+  const __m256 e = exp_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), az), az));
+  const __m256 erf_abs = _mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.0f));
+  const __m256 erf = _mm256_or_ps(erf_abs, _mm256_and_ps(sign_mask, z));  // copy the sign of z
+  const __m256 half_x = _mm256_mul_ps(x, _mm256_set1_ps(0.5f));
+  return _mm256_fmadd_ps(half_x, erf, half_x);
+}
+
 void bias_act(float* y, int64_t n, const float* bias, Activation act, int64_t act_width) {
   if (bias != nullptr) {
     int64_t j = 0;
@@ -67,7 +103,9 @@ void bias_act(float* y, int64_t n, const float* bias, Activation act, int64_t ac
     for (; j + 8 <= act_width; j += 8) _mm256_storeu_ps(y + j, _mm256_max_ps(_mm256_loadu_ps(y + j), zero));
     for (; j < act_width; ++j) y[j] = y[j] > 0.0f ? y[j] : 0.0f;
   } else if (act == Activation::kGelu) {
-    for (int64_t j = 0; j < act_width; ++j) y[j] = gelu_exact(y[j]);
+    int64_t j = 0;
+    for (; j + 8 <= act_width; j += 8) _mm256_storeu_ps(y + j, gelu_ps(_mm256_loadu_ps(y + j)));
+    for (; j < act_width; ++j) y[j] = gelu_exact(y[j]);
   }
 }
 
