@@ -38,7 +38,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .ops import FusedTransform
-from .tables import (DTYPES, Chunk, TableReader, TableWriter, fsync_dir, make_writer, open_table,
+from ._fileio import atomic_write_json, fsync_dir
+from .tables import (DTYPES, Chunk, TableReader, TableWriter, make_writer, open_table,
                      remove_path)
 
 __all__ = ["apply_to_table", "convert_table", "ConvertResult", "VerificationError",
@@ -120,18 +121,6 @@ def read_sidecar(table: str | os.PathLike) -> dict | None:
             return json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable sidecar ({e}); delete it if the table is not a converted one") from e
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to ``path`` via a temp file, fsync and os.replace."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def operator_fingerprint(op: FusedTransform) -> str:
@@ -458,7 +447,7 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
         state = {"format": _JOURNAL_FORMAT, "key": key, "job": job, "n_chunks": len(chunks),
                  "done_chunks": start_chunk, "done_rows": chunks[start_chunk - 1].stop if start_chunk else 0,
                  "complete": start_chunk == len(chunks)}
-        _write_json_atomic(journal_path, state)
+        atomic_write_json(journal_path, state)
 
         resumed_rows = state["done_rows"]
         t0 = time.perf_counter()
@@ -485,7 +474,7 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
         if writer.files():
             side["files"] = writer.files()
         side["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        _write_json_atomic(sidecar + ".tmp", side)  # lands at sidecar + ".tmp", renamed below
+        atomic_write_json(sidecar + ".tmp", side)  # lands at sidecar + ".tmp", renamed below
         _publish(writer, temp, output, sidecar)
         remove_path(journal_path)
         fsync_dir(out_parent)
@@ -554,7 +543,7 @@ def _pipeline(op: FusedTransform, reader: TableReader, writer: TableWriter, chun
             writer.sync()
             state.update(done_chunks=chunk.index + 1, done_rows=chunk.stop,
                          complete=chunk.index == len(chunks) - 1)
-            _write_json_atomic(journal_path, state)
+            atomic_write_json(journal_path, state)
             last_sync[0] = now
         bar.update(chunk.rows)
 

@@ -38,7 +38,6 @@ import hashlib
 import json
 import math
 import os
-import secrets
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from .fusion import chain_flops, fuse_chain
+from ._fileio import atomic_write_bytes, fsync_dir
 from .ops import ACTIVATIONS, FusedTransform, Layer
 
 __all__ = ["Registry", "RegistryError", "VersionInfo", "TransformInfo", "as_layers", "show", "KINDS"]
@@ -115,37 +115,6 @@ def _content_checksum(manifest: Mapping[str, Any]) -> str:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, rename, fsync dir)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
 
 
 def _to_numpy(a: Any, where: str) -> np.ndarray:
@@ -424,7 +393,7 @@ class Registry:
         }
         manifest["checksum"] = _content_checksum(manifest)
         (p / TRANSFORM_DIR).mkdir(parents=True, exist_ok=True)
-        _fsync_dir(p)
+        fsync_dir(p)
         atomic_write_bytes(p / MANIFEST, _pretty(manifest))
         return cls(p, manifest, [], [], _private=_TOKEN)
 

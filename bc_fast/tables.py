@@ -28,6 +28,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ._fileio import fsync_dir
+
 DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 FORMATS = ("npy", "npy_dir", "parquet")
 _PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
@@ -46,20 +48,6 @@ def import_pyarrow() -> tuple[Any, Any]:
             "install it with `pip install bc_fast[parquet]` (or `pip install pyarrow`)"
         ) from e
     return pa, pq
-
-
-def fsync_dir(path: str) -> None:
-    """fsync a directory so renames and creations inside it are durable."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _pread_into(fd: int, buf: np.ndarray, offset: int, path: str) -> None:

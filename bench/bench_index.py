@@ -143,9 +143,9 @@ def main() -> None:
             reps = 25 if nq <= 16 else 7
             res = {}
             for thr in (10**9, 0):
-                def run(thr=thr):
+                def run(thr=thr, idx=legacy):
                     with blas_threshold(thr):
-                        legacy.index.search(q, 10)
+                        idx.index.search(q, 10)
                 res[thr] = run
             t_simd, t_blas = interleaved(res[10**9], res[0], reps)
             t_default = t_simd if nq * d < 128000 else t_blas

@@ -4,34 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .._fileio import atomic_write_bytes
+
 __all__ = ["format_table", "write_json", "plot_degradation", "plot_per_version", "atomic_write_bytes"]
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
 
 
 def _jsonable(x: Any) -> Any:
@@ -56,6 +36,7 @@ def _jsonable(x: Any) -> Any:
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON (numpy values converted, NaN -> null), atomically."""
     text = json.dumps(_jsonable(obj), indent=2, sort_keys=False, allow_nan=False)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_bytes(path, (text + "\n").encode())
 
 
@@ -84,6 +65,7 @@ def _save_fig(fig: Any, path: str | Path) -> Path:
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_bytes(path, buf.getvalue())
 
 
