@@ -327,3 +327,31 @@ def print_machine_info(info: dict, file: Any = None) -> None:
 def dump_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, default=str)
+
+
+def threads_from_argv(argv: list[str] | None = None) -> None:
+    """Apply ``--threads N`` to OMP/OpenBLAS/MKL before numpy or torch start their thread pools.
+
+    Call it before importing numpy: thread pools read these variables once, at load.
+    """
+    argv = sys.argv if argv is None else argv
+    for i, a in enumerate(argv):
+        n = a.split("=", 1)[1] if a.startswith("--threads=") else (
+            argv[i + 1] if a == "--threads" and i + 1 < len(argv) else None)
+        if n is not None:
+            for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ[var] = n
+
+
+def machine_line(extra: str = "") -> str:
+    """Two comment lines naming the CPU, load, versions and the bc_fast core's choices."""
+    import numpy as np
+
+    import bc_fast
+
+    info = bc_fast.build_info()
+    return (f"# machine: {cpu_model()}, {os.cpu_count()} cpus, load1={os.getloadavg()[0]:.2f}, python "
+            f"{platform.python_version()}, numpy {np.__version__}{extra}\n# bc_fast core: kernel={info['kernel']} "
+            f"blas={info['blas'].split(' core')[0]} threads={info['max_threads']} "
+            f"small_batch_rows={info['small_batch_rows']}")
+

@@ -22,43 +22,19 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 
 
-def _early_threads() -> None:
-    """--threads N must be set before numpy/torch load their thread pools."""
-    for i, a in enumerate(sys.argv):
-        n = a.split("=", 1)[1] if a.startswith("--threads=") else (sys.argv[i + 1] if a == "--threads" and i + 1 < len(sys.argv) else None)
-        if n is not None:
-            for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-                os.environ[var] = n
+from _common import machine_line, threads_from_argv  # noqa: E402
 
-
-_early_threads()
+threads_from_argv()
 
 import numpy as np  # noqa: E402
 
-import bc_fast  # noqa: E402
 from bc_fast import Layer  # noqa: E402
 from bc_fast.registry import Registry  # noqa: E402
-
-
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = bc_fast.build_info()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"# machine: {cpu}, {os.cpu_count()} cpus, load1={load:.2f}, python {platform.python_version()}, "
-            f"numpy {np.__version__}\n# bc_fast core: kernel={info['kernel']} blas={info['blas'].split(' core')[0]} "
-            f"threads={info['max_threads']} small_batch_rows={info['small_batch_rows']}")
 
 
 def timeit(fn, min_time: float = 0.15, max_reps: int = 400) -> float:
@@ -106,7 +82,7 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    print(machine())
+    print(machine_line())
     print(f"# torch {torch.__version__} threads={torch.get_num_threads()}")
     rng = np.random.default_rng(0)
     d = args.d

@@ -22,43 +22,20 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 
 
-def _early_threads() -> None:
-    for i, a in enumerate(sys.argv):
-        n = a.split("=", 1)[1] if a.startswith("--threads=") else (sys.argv[i + 1] if a == "--threads" and i + 1 < len(sys.argv) else None)
-        if n is not None:
-            for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-                os.environ[var] = n
+from _common import machine_line, threads_from_argv  # noqa: E402
 
-
-_early_threads()
+threads_from_argv()
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-import bc_fast  # noqa: E402
 from bc_fast.index import blas_threshold, blas_threshold_for, build_legacy_index  # noqa: E402
 from bc_fast.registry import Registry  # noqa: E402
-
-
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = bc_fast.build_info()
-    return (f"# machine: {cpu}, {os.cpu_count()} cpus, load1={os.getloadavg()[0]:.2f}, python "
-            f"{platform.python_version()}, numpy {np.__version__}, faiss {faiss.__version__} "
-            f"(omp threads {faiss.omp_get_max_threads()})\n# bc_fast core: kernel={info['kernel']} "
-            f"threads={info['max_threads']}")
 
 
 def interleaved(fa, fb, reps: int, with_min: bool = False) -> tuple[float, ...]:
@@ -95,7 +72,7 @@ def main() -> None:
     ap.add_argument("--build-n", type=int, default=500_000, help="rows of the latest table for the build test")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    print(machine())
+    print(machine_line(f", faiss {faiss.__version__} (omp threads {faiss.omp_get_max_threads()})"))
     rng = np.random.default_rng(0)
     n, d, K = args.n, args.d, 2
     with tempfile.TemporaryDirectory() as tmp:
