@@ -191,8 +191,9 @@ class FusedTransform:
         out_dtype : float32 or float16, optional
             Output dtype when ``out`` is not given (default float32).
         threads : int, optional
-            Worker threads (default: all, as OpenMP sees them). Small batches always
-            run on one thread.
+            Worker threads (default: all, as OpenMP sees them). Batches of at most
+            ``build_info()["small_batch_rows"]`` rows run on the calling thread unless
+            they carry enough work to be worth splitting.
 
         Returns
         -------

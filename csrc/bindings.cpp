@@ -21,9 +21,14 @@ namespace {
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
 DType batch_dtype(const py::array& a, const char* name) {
-  if (a.dtype().is(py::dtype::of<float>())) return DType::kFloat32;
-  if (a.dtype().kind() == 'f' && a.itemsize() == 2) return DType::kFloat16;
-  throw py::type_error(std::string(name) + " must be float32 or float16");
+  const py::dtype dt = a.dtype();
+  const char order = dt.byteorder();
+  const uint16_t probe = 1;
+  const bool little = *reinterpret_cast<const unsigned char*>(&probe) == 1;
+  const bool native = order == '=' || order == '|' || order == (little ? '<' : '>');
+  if (native && dt.kind() == 'f' && dt.itemsize() == 4) return DType::kFloat32;
+  if (native && dt.kind() == 'f' && dt.itemsize() == 2) return DType::kFloat16;
+  throw py::type_error(std::string(name) + " must be native-endian float32 or float16");
 }
 
 void check_batch(const py::array& a, const char* name, int64_t dim) {

@@ -236,6 +236,15 @@ class TestBadInput:
         with pytest.raises(TypeError, match="float32 or float16"):
             self.op.apply(np.ones((2, 3), dtype))
 
+    @pytest.mark.parametrize("dtype", [">f4", ">f2"])
+    def test_byte_swapped(self, dtype):
+        with pytest.raises(TypeError, match="float32 or float16"):
+            self.op.apply(np.ones((2, 3), dtype))
+
+    def test_non_singleton_float32_dtype_is_accepted(self):
+        x = np.ones((2, 3), np.dtype("float32", metadata={"unit": "m"}))
+        np.testing.assert_array_equal(self.op.apply(x), np.full((2, 4), 3.0, np.float32))
+
     def test_non_contiguous(self):
         with pytest.raises(ValueError, match="ascontiguousarray"):
             self.op.apply(np.ones((3, 2), np.float32).T)
