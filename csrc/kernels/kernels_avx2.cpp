@@ -11,20 +11,29 @@ namespace bc_fast {
 namespace {
 
 // acc[MR rows][NV vectors of 8] over k, reading MR rows of x and a k x kPanel panel slice.
+// GCC keeps acc[][] in registers only if the r/v loops are unrolled before scalar replacement,
+// hence the pragmas (without them every FMA result is also stored to the stack).
 template <int MR, int NV>
 inline void micro_kernel(const float* x, int64_t ldx, int64_t k, const float* panel, float* y, int64_t ldy) {
   __m256 acc[MR][NV];
+#pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
   for (int64_t kk = 0; kk < k; ++kk) {
     __m256 b[NV];
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(panel + kk * kPanel + 8 * v);
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m256 a = _mm256_broadcast_ss(x + r * ldx + kk);
+#pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(a, b[v], acc[r][v]);
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(y + r * ldy + 8 * v, acc[r][v]);
 }
 
