@@ -31,6 +31,13 @@ def _cmd_registry_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmark import run_bench_suite
+
+    run_bench_suite(Path(args.out), quick=args.quick)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``bc-fast``."""
     parser = argparse.ArgumentParser(prog="bc-fast", description="Backward-compatible embeddings, fused and fast.")
@@ -57,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_cmd_registry_show)
 
     add_convert_parser(sub)
+
+    p = sub.add_parser("bench", help="benchmark the core against numpy, torch and faiss; table, JSON and PNG")
+    p.add_argument("--quick", action="store_true", help="smaller sizes and fewer samples (under a minute)")
+    p.add_argument("--out", default="bc_fast_bench", help="output directory (bench.json, bench.png)")
+    p.set_defaults(func=_cmd_bench)
 
     return parser
 
