@@ -28,7 +28,7 @@ latency_b16           batch 16, vs the faster of ``x @ W.T + b`` and            
 threads_1to2          large affine 256→256, threads=1 vs threads=2 (cpu/wall shown)  ≥ 1.8x (quiet machine)
 ====================  ==============================================================  ===========================
 
-Timing rules (as bench/_common.py, copied here because bench/ is not installed):
+Timing rules (``bc_fast._benchtools``, shared with the bench/ scripts):
 implementations of a config run round-robin, one sample each per round, so drifting
 background load on the shared machine hits all alike; warm-up calls are dropped;
 outputs go to buffers allocated and first-touched once and reused across configs
@@ -41,16 +41,12 @@ thread count (bc_fast's ``max_threads`` unless ``threads`` is given).
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import io
 import json
 import math
 import os
-import platform
-import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -59,6 +55,9 @@ from typing import Any
 
 import numpy as np
 
+from ._benchtools import Timing, import_faiss, import_torch, numpy_blas_threads, time_interleaved
+from ._benchtools import machine_info as _machine_info
+from ._fileio import atomic_write_bytes
 from .fusion import apply_layers_reference, fuse_chain
 from .ops import FusedTransform, Layer, build_info
 
@@ -105,227 +104,12 @@ SIZES = {
     "tiny": Sizes("tiny", {128: 2048, 256: 2048, 768: 512}, 2048, 1024, 1024, 2048, 256, 128, 0.0, (2, 2), 3, 0.0005, 3, 0.0),
 }
 
-# --------------------------------------------------------------------------- timing (from bench/_common.py)
-
-
-@dataclass
-class Timing:
-    """Seconds per call of one implementation."""
-
-    median_s: float
-    min_s: float
-    max_s: float
-    cpu_over_wall: float
-    samples: int
-    calls_per_sample: int
-    per_sample_s: list = field(default_factory=list, repr=False)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def _calibrate_calls(fn: Callable[[], Any], *, target_s: float, max_calls: int, min_calls: int) -> int:
-    fn()
-    n = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        dt = time.perf_counter() - t0
-        if dt >= target_s / 4 or n >= max_calls:
-            break
-        n = min(max_calls, n * 4)
-    per_call = dt / n
-    for _ in range(2):  # fastest of three trials: a load spike must not shrink the sample
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        per_call = min(per_call, (time.perf_counter() - t0) / n)
-    return int(max(min_calls, min(max_calls, round(target_s / max(per_call, 1e-9)))))
-
-
-def time_interleaved(fns: dict, *, samples: int = 20, calls: int | None = None, warmup_rounds: int = 1,
-                     target_s: float = 0.01, max_calls: int = 2000, min_calls: int = 1,
-                     idle_s: float = 0.0, rewarm: bool = True, group: int = 1) -> dict:
-    """Time several functions round-robin (``group`` samples of each per round, rotating who goes first).
-
-    ``calls`` per sample is fixed, or calibrated per function (None) so a sample lasts
-    about ``target_s``. Before each visit of a function, ``idle_s`` of sleep lets the
-    thread pools of the others (OpenBLAS spins ~0.1 s after a call, OpenMP runtimes
-    too) go to sleep, so they neither steal a core nor count in this one's CPU time;
-    then ``rewarm`` runs one untimed call (which also wakes this function's own pool).
-    """
-    names = list(fns)
-    if calls is None:
-        per_name = {k: _calibrate_calls(fns[k], target_s=target_s, max_calls=max_calls, min_calls=min_calls)
-                    for k in names}
-    else:
-        per_name = {k: int(calls) for k in names}
-    for _ in range(warmup_rounds):
-        for k in names:
-            fns[k]()
-    walls: dict = {k: [] for k in names}
-    cpus: dict = {k: 0.0 for k in names}
-    group = max(1, int(group))
-    for i in range(-(-samples // group)):
-        order = names[i % len(names):] + names[:i % len(names)]
-        for k in order:
-            fn, n = fns[k], per_name[k]
-            if idle_s > 0:
-                time.sleep(idle_s)
-            if rewarm:
-                fn()
-            for _ in range(min(group, samples - i * group)):
-                c0 = time.process_time()
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    fn()
-                t1 = time.perf_counter()
-                c1 = time.process_time()
-                walls[k].append(t1 - t0)
-                cpus[k] += c1 - c0
-    out = {}
-    for k in names:
-        n = per_name[k]
-        per = [w / n for w in walls[k]]
-        total = sum(walls[k])
-        out[k] = Timing(statistics.median(per), min(per), max(per),
-                        cpus[k] / total if total > 0 else float("nan"), samples, n, per)
-    return out
-
-
-# --------------------------------------------------------------------------- machine (from bench/_common.py)
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags(wanted=("avx2", "fma", "f16c", "avx512f", "avx_vnni", "amx_tile")) -> list:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [w for w in wanted if w in have]
-    except OSError:
-        pass
-    return []
-
-
-def _openblas_libs() -> dict:
-    """{label: (ctypes lib, suffix)} for every OpenBLAS loaded in this process."""
-    libs = {}
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
-    except OSError:
-        return libs
-    for p in sorted(paths):
-        if not p.endswith(".so") and ".so." not in p:
-            continue
-        try:
-            lib = ctypes.CDLL(p)
-        except OSError:
-            continue
-        for prefix, suffix in (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "64_"),
-                               ("openblas_", "")):
-            if getattr(lib, f"{prefix}get_num_threads{suffix}", None) is not None:
-                label = os.path.basename(os.path.dirname(os.path.dirname(p))) + "/" + os.path.basename(p)
-                libs[label] = (lib, prefix, suffix, p)
-                break
-    return libs
-
-
-def openblas_threads() -> dict:
-    """Thread count and core of each OpenBLAS loaded in this process (numpy's, bc_fast's, ...)."""
-    found = {}
-    for label, (lib, prefix, suffix, _) in _openblas_libs().items():
-        get = getattr(lib, f"{prefix}get_num_threads{suffix}")
-        get.restype = ctypes.c_int
-        core = getattr(lib, f"{prefix}get_corename{suffix}", None)
-        name = ""
-        if core is not None:
-            core.restype = ctypes.c_char_p
-            name = (core() or b"").decode()
-        found[label] = f"{int(get())} threads, core={name}"
-    return found
-
-
-def _numpy_blas_threads(n: int | None) -> int | None:
-    """Set (n given) and return the thread count of numpy's own OpenBLAS (None if not found)."""
-    np.ones((2, 2), np.float32) @ np.ones((2, 2), np.float32)  # make sure it is loaded
-    for lib, prefix, suffix, path in _openblas_libs().values():
-        if "numpy" not in path:
-            continue
-        get = getattr(lib, f"{prefix}get_num_threads{suffix}")
-        get.restype = ctypes.c_int
-        if n is not None:
-            setter = getattr(lib, f"{prefix}set_num_threads{suffix}", None)
-            if setter is not None:
-                setter.argtypes = [ctypes.c_int]
-                setter(int(n))
-        return int(get())
-    return None
+# --------------------------------------------------------------------------- machine (timing: ._benchtools)
 
 
 def machine_info(extra: dict | None = None) -> dict:
-    """Machine, library versions and thread counts, as a flat-ish dict."""
-    info: dict = {
-        "cpu_model": _cpu_model(),
-        "cpu_flags": " ".join(_cpu_flags()),
-        "cpu_count": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "numpy": np.__version__,
-    }
-    try:
-        from . import __version__
-        info["bc_fast"] = __version__
-        info["bc_fast_build_info"] = build_info()
-        from . import _core
-        info["bc_fast_core"] = f"{os.path.basename(_core.__file__)} built {time.ctime(os.path.getmtime(_core.__file__))}"
-    except Exception as e:  # noqa: BLE001 - report, don't fail
-        info["bc_fast_build_info"] = f"unavailable: {e}"
-    torch, _ = _torch()
-    info["torch"] = torch.__version__ if torch is not None else None
-    if torch is not None:
-        info["torch_threads"] = torch.get_num_threads()
-    faiss = _faiss()
-    info["faiss"] = faiss.__version__ if faiss is not None else None
-    if faiss is not None:
-        info["faiss_omp_threads"] = faiss.omp_get_max_threads()
-    info["openblas"] = openblas_threads()
-    info["env"] = {k: v for k, v in os.environ.items()
-                   if k.startswith(("OMP_", "OPENBLAS_", "MKL_", "GOMP_", "KMP_"))}
-    if extra:
-        info.update(extra)
-    return info
-
-
-def _torch():
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
-        return None, None
-    return torch, F
-
-
-def _faiss():
-    try:
-        import faiss
-    except ImportError:
-        return None
-    return faiss
+    """Machine, versions, bc_fast's core, each OpenBLAS's core and threads: :func:`._benchtools.machine_info`."""
+    return _machine_info(extra, detail=True)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -338,23 +122,6 @@ def _fmt_time(s: float | None) -> str:
     if s < 1.0:
         return f"{s * 1e3:.1f} ms"
     return f"{s:.2f} s"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 class _Buffers:
@@ -460,6 +227,15 @@ def _result(name: str, title: str, rows: int, timings: dict, checks: list, *, fl
             "loadavg1": os.getloadavg()[0]}
 
 
+def _faiss_affine(faiss: Any, W: np.ndarray, b: np.ndarray) -> Any:
+    """A trained ``faiss.LinearTransform`` computing ``x @ W.T + b``."""
+    lt = faiss.LinearTransform(W.shape[1], W.shape[0], True)
+    faiss.copy_array_to_vector(W.ravel(), lt.A)
+    faiss.copy_array_to_vector(b, lt.b)
+    lt.is_trained = True
+    return lt
+
+
 def _max_err(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.max(np.abs(got.astype(np.float64) - ref))) if got.size else 0.0
 
@@ -496,10 +272,7 @@ def _cfg_affine(ctx: _Ctx, d: int) -> dict:
         impls["torch_addmm"] = lambda: torch.addmm(bt, xt, Wt.t(), out=yt)
     if ctx.faiss is not None:
         faiss = ctx.faiss
-        lt = faiss.LinearTransform(d, d, True)
-        faiss.copy_array_to_vector(W.ravel(), lt.A)
-        faiss.copy_array_to_vector(b, lt.b)
-        lt.is_trained = True
+        lt = _faiss_affine(faiss, W, b)
         px, py = faiss.swig_ptr(x), faiss.swig_ptr(y)
         impls["faiss"] = lambda: lt.apply_noalloc(n, px, py)
     # the peak, interleaved with the others: load drifting on the shared box hits it alike
@@ -681,10 +454,7 @@ def _cfg_latency(ctx: _Ctx, n: int) -> dict:
         impls["torch"] = lambda: F.linear(xt, Wt, bt)
     if ctx.faiss is not None:
         faiss = ctx.faiss
-        lt = faiss.LinearTransform(d, d, True)
-        faiss.copy_array_to_vector(W.ravel(), lt.A)
-        faiss.copy_array_to_vector(b, lt.b)
-        lt.is_trained = True
+        lt = _faiss_affine(faiss, W, b)
         impls["faiss"] = lambda: lt.apply(x)
     t = ctx.measure(impls, large=False, min_calls=200 if n == 1 else 20)
     op.apply(x, out=y, threads=T)
@@ -844,8 +614,8 @@ def run_bench_suite(out_dir: Path, quick: bool = False, log: Callable = print, *
     out_dir = Path(out_dir)
     sizes = SIZES["tiny" if tiny else "quick" if quick else "full"]
     T = int(threads or build_info().get("max_threads") or os.cpu_count() or 1)
-    torch, F = _torch()
-    faiss = _faiss()
+    torch, F = import_torch()
+    faiss = import_faiss()
     notes = []
     if torch is None:
         notes.append("torch not installed: torch columns skipped")
@@ -853,12 +623,12 @@ def run_bench_suite(out_dir: Path, quick: bool = False, log: Callable = print, *
         notes.append("faiss not installed: faiss columns skipped")
     prev_torch = torch.get_num_threads() if torch is not None else None
     prev_faiss = faiss.omp_get_max_threads() if faiss is not None else None
-    prev_np = _numpy_blas_threads(None)
+    prev_np = numpy_blas_threads(None)
     if torch is not None:
         torch.set_num_threads(T)
     if faiss is not None:
         faiss.omp_set_num_threads(T)
-    np_threads = _numpy_blas_threads(T)
+    np_threads = numpy_blas_threads(T)
     if np_threads is None:
         notes.append("numpy's OpenBLAS not found: its thread count was not set")
     info = machine_info({"bench_threads": T, "numpy_blas_threads": np_threads, "mode": sizes.name})
@@ -908,7 +678,7 @@ def run_bench_suite(out_dir: Path, quick: bool = False, log: Callable = print, *
         if faiss is not None:
             faiss.omp_set_num_threads(prev_faiss)
         if prev_np is not None:
-            _numpy_blas_threads(prev_np)
+            numpy_blas_threads(prev_np)
 
     total_s = time.perf_counter() - t_start
     cpu_s = time.process_time() - c_start
@@ -934,9 +704,9 @@ def run_bench_suite(out_dir: Path, quick: bool = False, log: Callable = print, *
                               f"peak {ctx.peak_gflops or 0:.0f} GFLOP/s")
     payload["json"] = str(json_path)
     payload["png"] = str(png_path) if png is not None else None
-    _atomic_write(json_path, json.dumps(payload, indent=1, default=str).encode())
+    atomic_write_bytes(json_path, json.dumps(payload, indent=1, default=str).encode())
     if png is not None:
-        _atomic_write(png_path, png)
+        atomic_write_bytes(png_path, png)
         log(f"# wrote {json_path} and {png_path}")
     else:
         log(f"# wrote {json_path} (matplotlib not installed: no PNG)")

@@ -59,7 +59,8 @@ struct FusedOp::Workspace {
   }
 };
 
-FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize) : normalize_(normalize) {
+FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize)
+    : normalize_(normalize), tile_parts_(std::max(2, default_threads())) {
   if (layers.empty()) throw std::invalid_argument("a fused op needs at least one layer");
   for (size_t i = 0; i < layers.size(); ++i) {
     LayerSpec& s = layers[i];
@@ -95,12 +96,12 @@ FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize) : normalize_(nor
 
 int64_t FusedOp::tile_rows(int64_t n) const {
   // Big tiles amortise BLAS packing the weights on every call; a tile's output (up to 512 KB)
-  // should still sit in L2 for the epilogue. Mid-size batches are cut into a few tiles so threads
-  // share them. The tiling depends on n and the layer widths only, never on the thread count,
-  // so every thread count gives bit-identical results.
+  // should still sit in L2 for the epilogue. Mid-size batches are cut into one tile per core.
+  // The tiling depends on n, the layer widths and the core count seen at construction, never
+  // on the threads argument, so every thread count gives bit-identical results.
   const int64_t cache_rows = std::max<int64_t>(16, (131072 / max_width_) / 16 * 16);
-  const int64_t quarter = ((n + 3) / 4 + 15) / 16 * 16;
-  return std::max<int64_t>(16, std::min<int64_t>({cache_rows, 512, quarter}));
+  const int64_t share = ((n + tile_parts_ - 1) / tile_parts_ + 15) / 16 * 16;
+  return std::max<int64_t>(16, std::min<int64_t>({cache_rows, 1024, share}));
 }
 
 void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType out_type, bool use_blas,

@@ -56,6 +56,7 @@ class FusedOp {
   bool normalize_;
   int64_t max_width_ = 0;     // widest padded row any layer writes
   int64_t macs_per_row_ = 0;  // multiply-adds the packed kernel spends on one row
+  int tile_parts_ = 2;        // mid-size batches are cut into this many tiles (cores at construction)
 };
 
 struct BuildInfo {
