@@ -38,6 +38,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .ops import FusedTransform
+from .progress import Progress
 from ._fileio import atomic_write_json, fsync_dir
 from .tables import (DTYPES, Chunk, TableReader, TableWriter, make_writer, open_table,
                      remove_path)
@@ -163,40 +164,6 @@ def _same_or_nested(a: str, b: str) -> bool:
         return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
     except OSError:
         return False
-
-
-class _FallbackProgress:
-    """Rows, rows/s and ETA on stderr when it is a terminal (used if bc_fast.progress is absent)."""
-
-    def __init__(self, total: int, desc: str = "", enabled: bool | None = None) -> None:
-        self.total, self.desc, self.n = total, desc, 0
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.t0 = self._last = time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.n += n
-        now = time.perf_counter()
-        if self.enabled and (now - self._last > 0.2 or self.n >= self.total):
-            self._last = now
-            rate = self.n / max(now - self.t0, 1e-9)
-            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-            pct = 100.0 * self.n / max(self.total, 1)
-            sys.stderr.write(f"\r{self.desc} {self.n:,}/{self.total:,} rows ({pct:5.1f}%) "
-                             f"{rate:,.0f} rows/s ETA {eta:6.1f} s ")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-def _progress(total: int, desc: str, enabled: bool | None) -> Any:
-    try:
-        from .progress import Progress
-    except ImportError:
-        return _FallbackProgress(total, desc, enabled)
-    return Progress(total, desc, enabled=enabled)
 
 
 class _Lock:
@@ -528,8 +495,8 @@ def _pipeline(op: FusedTransform, reader: TableReader, writer: TableWriter, chun
     todo = chunks[start:]
     if not todo:
         return
-    bar = _progress(sum(c.rows for c in todo), f"convert {os.path.basename(output)}"
-                    + (f" (resumed at chunk {start})" if start else ""), progress)
+    bar = Progress(sum(c.rows for c in todo), f"convert {os.path.basename(output)}"
+                   + (f" (resumed at chunk {start})" if start else ""), enabled=progress)
     depth = 2
     buf_rows = max(c.rows for c in todo)
     in_bufs = [np.empty((buf_rows, reader.dim), reader.dtype) for _ in range(depth)]
