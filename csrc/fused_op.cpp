@@ -1,6 +1,7 @@
 #include "fused_op.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -10,6 +11,9 @@
 
 #if defined(BC_FAST_HAVE_OPENMP)
 #include <omp.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
 #endif
 #if defined(BC_FAST_HAVE_BLAS)
 #include <cblas.h>
@@ -31,6 +35,21 @@ int default_threads() {
   return omp_get_max_threads();
 #else
   return 1;
+#endif
+}
+
+// libgomp's thread pool does not survive fork(): a child that enters a parallel region after its
+// parent used one waits forever for threads that no longer exist. Remember which process runs
+// the pool and stay on one thread in any other (a forked worker still computes, serially).
+bool parallel_allowed() {
+#if defined(BC_FAST_HAVE_OPENMP) && (defined(__unix__) || defined(__APPLE__))
+  static std::atomic<pid_t> pool_pid{0};
+  const pid_t me = getpid();
+  pid_t owner = 0;
+  if (pool_pid.compare_exchange_strong(owner, me)) return true;
+  return owner == me;
+#else
+  return true;
 #endif
 }
 
@@ -178,7 +197,7 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
   if (xb < ob + n * d_out() * o_item && ob < xb + n * d_in() * x_item)
     throw std::invalid_argument("output overlaps input");
 
-  const int t = threads > 0 ? threads : default_threads();
+  const int t = !parallel_allowed() ? 1 : threads > 0 ? threads : default_threads();
   bool use_blas = false;
   int64_t tile = n;
   if (n <= kSmallBatchRows) {

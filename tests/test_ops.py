@@ -315,3 +315,34 @@ def test_build_info_reports_choices():
 def test_repr():
     op = FusedTransform([Layer(np.ones((4, 2)), activation="relu"), Layer(np.ones((3, 4)))], normalize=True)
     assert repr(op) == "FusedTransform(2 -> 4(relu) -> 3, normalize)"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Python >= 3.12 warns about fork + threads
+def test_forked_child_does_not_hang_after_parent_used_threads():
+    import multiprocessing as mp
+    import sys as _sys
+
+    if not _sys.platform.startswith("linux"):
+        pytest.skip("fork start method is Linux-only here")
+    rng = np.random.default_rng(7)
+    op = FusedTransform.affine(rand(rng, 64, 64))
+    x = rand(rng, 20_000, 64)
+    expected = op.apply(x, threads=2)  # the parent starts the OpenMP pool
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_apply, args=(op, x, q))
+    p.start()
+    try:
+        got = q.get(timeout=60)  # read before join: a child cannot exit with unread queue data
+    except Exception:  # queue.Empty: the child never answered
+        got = None
+    p.join(10)
+    if p.is_alive():
+        p.kill()
+    assert got is not None, "the forked child hung in the core"
+    assert p.exitcode == 0
+    np.testing.assert_array_equal(got, expected)
+
+
+def _child_apply(op, x, q):
+    q.put(op.apply(x, threads=2))
