@@ -684,7 +684,8 @@ def legacy_retrieval_report(strategies: Mapping[str, Mapping[str, Any]], *, vers
                 b = backward[v]
                 if v > 0 and b is None:
                     b = _identity_layers(dim, items[v - 1].shape[1])
-                    notes.append(f"B_{v}=identity")
+                    notes.append(f"B_{v}=" + ("identity" if dim == items[v - 1].shape[1] else
+                                               f"truncate {dim}->{items[v - 1].shape[1]}"))
                 reg.add_version(dim=dim, backward=b if v > 0 else None, metadata={"strategy": str(name)})
             latest = nv - 1
             t0 = time.perf_counter()
