@@ -39,8 +39,8 @@ int default_threads() {
 }
 
 // libgomp's thread pool does not survive fork(): a child that enters a parallel region after its
-// parent used one waits forever for threads that no longer exist. Remember which process runs
-// the pool and stay on one thread in any other (a forked worker still computes, serially).
+// parent used one waits forever for threads that no longer exist. The first process to apply an
+// operator owns the pool; any other (a fork of it) stays on one thread and still computes.
 bool parallel_allowed() {
 #if defined(BC_FAST_HAVE_OPENMP) && (defined(__unix__) || defined(__APPLE__))
   static std::atomic<pid_t> pool_pid{0};
