@@ -1,0 +1,34 @@
+"""Type stubs for the compiled core (csrc/bindings.cpp)."""
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+class FusedOp:
+    """A layer program; build it through :class:`bc_fast.FusedTransform`."""
+
+    def __init__(
+        self,
+        weights: list[npt.NDArray[np.float32]],
+        biases: list[npt.NDArray[np.float32] | None],
+        activations: list[str],
+        activation_widths: list[int],
+        normalize: bool = False,
+    ) -> None: ...
+    @property
+    def d_in(self) -> int: ...
+    @property
+    def d_out(self) -> int: ...
+    @property
+    def num_layers(self) -> int: ...
+    def apply(
+        self,
+        x: npt.NDArray[Any],
+        out: npt.NDArray[Any] | None = None,
+        out_float16: bool = False,
+        threads: int = 0,
+    ) -> npt.NDArray[Any]: ...
+
+def build_info() -> dict[str, Any]: ...
+def set_simd_level(level: str) -> None: ...
