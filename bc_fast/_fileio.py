@@ -50,3 +50,42 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int = 1) -> Path:
     """Write ``obj`` as sorted, indented JSON with :func:`atomic_write_bytes`."""
     return atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=True) + "\n").encode())
+
+
+class FileLock:
+    """An exclusive advisory lock on a lock file (POSIX ``flock``), released by the OS if the process dies.
+
+    Use as a context manager or call :meth:`release`. With ``blocking=False`` a lock held by another
+    process raises ``RuntimeError(busy_message)`` at once instead of waiting.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, blocking: bool = True,
+                 busy_message: str = "the lock {path} is held by another process") -> None:
+        self.path, self.fd = os.fspath(path), -1
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
+            return
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError as e:
+            os.close(self.fd)
+            self.fd = -1
+            raise RuntimeError(busy_message.format(path=self.path)) from e
+
+    def release(self, *, remove: bool = False) -> None:
+        """Release the lock; with ``remove=True`` delete the lock file first (while still holding it)."""
+        if self.fd < 0:
+            return
+        if remove:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        os.close(self.fd)  # closing the descriptor drops the flock
+        self.fd = -1
+
+    def __enter__(self) -> "FileLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

@@ -59,6 +59,7 @@ from ._benchtools import Timing, import_faiss, import_torch, numpy_blas_threads,
 from ._benchtools import machine_info as _machine_info
 from ._fileio import atomic_write_bytes
 from .fusion import apply_layers_reference, fuse_chain
+from .index import faiss_linear_transform
 from .ops import FusedTransform, Layer, build_info
 
 __all__ = ["SIZES", "Timing", "machine_info", "run_bench_suite", "time_interleaved"]
@@ -227,15 +228,6 @@ def _result(name: str, title: str, rows: int, timings: dict, checks: list, *, fl
             "loadavg1": os.getloadavg()[0]}
 
 
-def _faiss_affine(faiss: Any, W: np.ndarray, b: np.ndarray) -> Any:
-    """A trained ``faiss.LinearTransform`` computing ``x @ W.T + b``."""
-    lt = faiss.LinearTransform(W.shape[1], W.shape[0], True)
-    faiss.copy_array_to_vector(W.ravel(), lt.A)
-    faiss.copy_array_to_vector(b, lt.b)
-    lt.is_trained = True
-    return lt
-
-
 def _max_err(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.max(np.abs(got.astype(np.float64) - ref))) if got.size else 0.0
 
@@ -272,7 +264,7 @@ def _cfg_affine(ctx: _Ctx, d: int) -> dict:
         impls["torch_addmm"] = lambda: torch.addmm(bt, xt, Wt.t(), out=yt)
     if ctx.faiss is not None:
         faiss = ctx.faiss
-        lt = _faiss_affine(faiss, W, b)
+        lt = faiss_linear_transform(W, b)
         px, py = faiss.swig_ptr(x), faiss.swig_ptr(y)
         impls["faiss"] = lambda: lt.apply_noalloc(n, px, py)
     # the peak, interleaved with the others: load drifting on the shared box hits it alike
@@ -454,7 +446,7 @@ def _cfg_latency(ctx: _Ctx, n: int) -> dict:
         impls["torch"] = lambda: F.linear(xt, Wt, bt)
     if ctx.faiss is not None:
         faiss = ctx.faiss
-        lt = _faiss_affine(faiss, W, b)
+        lt = faiss_linear_transform(W, b)
         impls["faiss"] = lambda: lt.apply(x)
     t = ctx.measure(impls, large=False, min_calls=200 if n == 1 else 20)
     op.apply(x, out=y, threads=T)

@@ -39,7 +39,7 @@ import numpy as np
 
 from .ops import FusedTransform
 from .progress import Progress
-from ._fileio import atomic_write_json, fsync_dir
+from ._fileio import FileLock, atomic_write_json, fsync_dir
 from .tables import (DTYPES, Chunk, TableReader, TableWriter, make_writer, open_table,
                      remove_path)
 
@@ -164,32 +164,6 @@ def _same_or_nested(a: str, b: str) -> bool:
         return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
     except OSError:
         return False
-
-
-class _Lock:
-    """An exclusive advisory lock on ``path`` (released by the OS if the process dies)."""
-
-    def __init__(self, path: str, output: str) -> None:
-        self.path, self.fd = path, -1
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX
-            return
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            os.close(self.fd)
-            self.fd = -1
-            raise RuntimeError(f"another conversion is writing {output} (lock {path} is held); "
-                               "wait for it to finish or choose another OUTPUT") from e
-
-    def release(self, remove: bool) -> None:
-        if self.fd >= 0:
-            if remove:
-                remove_path(self.path)
-            os.close(self.fd)
-            self.fd = -1
 
 
 # --------------------------------------------------------------------------- verify
@@ -381,7 +355,9 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
     embedded["operator_sha256"] = op_desc["sha256"]
     writer = make_writer(reader, temp, op.d_out, out_dtype, chunks, embedded)
 
-    lock = _Lock(temp + ".lock", output)
+    lock = FileLock(temp + ".lock", blocking=False, busy_message=(
+        f"another conversion is writing {output} (lock {{path}} is held); "
+        "wait for it to finish or choose another OUTPUT"))
     owned = False  # True once the partial output is ours to clean up on error
     try:
         start_chunk = 0

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .ops import ACTIVATIONS, Layer
+from .ops import Layer, validate_layer
 
 __all__ = ["fuse_chain", "apply_layers_reference", "flatten_chain", "chain_flops"]
 
@@ -33,16 +33,7 @@ def _erf64(x: np.ndarray) -> np.ndarray:
 
 
 def _check(layer: object, where: str) -> Layer:
-    if not isinstance(layer, Layer):
-        raise TypeError(f"{where} must be a bc_fast.Layer, got {type(layer).__name__}")
-    w = np.asarray(layer.weight)
-    if w.ndim != 2:
-        raise ValueError(f"{where}.weight must be 2-D (d_out, d_in), got shape {w.shape}")
-    if layer.bias is not None and np.shape(layer.bias) != (w.shape[0],):
-        raise ValueError(f"{where}.bias must have shape ({w.shape[0]},), got {np.shape(layer.bias)}")
-    if layer.activation not in ACTIVATIONS:
-        raise ValueError(f"{where}.activation must be one of {ACTIVATIONS}, got {layer.activation!r}")
-    return layer
+    return validate_layer(layer, where, keep_float64=True)
 
 
 def flatten_chain(steps: Sequence[Sequence[Layer]]) -> list[Layer]:

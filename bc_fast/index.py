@@ -429,6 +429,18 @@ def _rows_idx(table: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def faiss_linear_transform(weight: np.ndarray, bias: np.ndarray | None = None) -> Any:
+    """A trained ``faiss.LinearTransform`` computing ``x @ weight.T + bias`` (weight: (d_out, d_in))."""
+    faiss = _faiss()
+    d_out, d_in = weight.shape
+    lt = faiss.LinearTransform(int(d_in), int(d_out), True)
+    faiss.copy_array_to_vector(np.ascontiguousarray(weight, np.float32).ravel(), lt.A)
+    b = np.zeros(d_out, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+    faiss.copy_array_to_vector(b, lt.b)
+    lt.is_trained = True
+    return lt
+
+
 def export_faiss_pretransform(registry: Registry | LegacyIndex, index: Any = None, *, src: int | None = None,
                               dst: int | None = None) -> Any:
     """Wrap an index in a faiss ``IndexPreTransform`` that maps ``src`` vectors to ``dst`` first.
@@ -476,11 +488,7 @@ def export_faiss_pretransform(registry: Registry | LegacyIndex, index: Any = Non
     layer = layers[0]
     if int(index.d) != layer.d_out:
         raise ValueError(f"index has d={index.d} but version {dst} has dim {layer.d_out}")
-    lt = faiss.LinearTransform(layer.d_in, layer.d_out, True)
-    faiss.copy_array_to_vector(np.ascontiguousarray(layer.weight, np.float32).ravel(), lt.A)
-    bias = np.zeros(layer.d_out, np.float32) if layer.bias is None else np.asarray(layer.bias, np.float32)
-    faiss.copy_array_to_vector(bias, lt.b)
-    lt.is_trained = True
+    lt = faiss_linear_transform(layer.weight, layer.bias)
     if normalize:
         pre = faiss.IndexPreTransform(faiss.NormalizationTransform(layer.d_out, 2.0), index)
         pre.prepend_transform(lt)

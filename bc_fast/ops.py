@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import _core
+from ._arrays import as_numpy
 
 ACTIVATIONS = ("none", "relu", "gelu")
 _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
@@ -58,56 +59,58 @@ class Layer:
         return self.activation == "none" or self.activation_width == 0
 
 
-def _check_layer(i: int, layer: Layer, d_prev: int | None) -> Layer:
+def _frozen(a: np.ndarray, dtype: Any) -> np.ndarray:
+    """A private, read-only, C-contiguous copy: later edits of the caller's array cannot reach it."""
+    out = np.array(a, dtype=dtype, order="C", copy=True)
+    out.flags.writeable = False
+    return out
+
+
+def validate_layer(layer: Any, where: str, d_prev: int | None = None, *, keep_float64: bool = False) -> Layer:
+    """Check one layer and return it with private, read-only, contiguous copies of its arrays.
+
+    Parameters
+    ----------
+    layer : Layer
+        Its ``weight`` and ``bias`` may be numpy arrays or torch tensors (detached, copied).
+    where : str
+        How error messages name the layer, e.g. ``"layers[2]"``.
+    d_prev : int, optional
+        Output dimension of the previous layer, checked against ``d_in``.
+    keep_float64 : bool, default False
+        Keep float64 weights as float64 (the registry stores them exactly); otherwise float32,
+        the compiled core's weight dtype.
+    """
     if not isinstance(layer, Layer):
-        raise TypeError(f"layers[{i}] must be a bc_fast.Layer, got {type(layer).__name__}")
-    w = np.asarray(layer.weight)
+        raise TypeError(f"{where} must be a bc_fast.Layer, got {type(layer).__name__}")
+    w, _ = as_numpy(layer.weight, f"{where}.weight", copy_from_device=True)
     if w.ndim != 2 or w.shape[0] == 0 or w.shape[1] == 0:
-        raise ValueError(f"layers[{i}].weight must be a non-empty 2-D array (d_out, d_in), got shape {w.shape}")
+        raise ValueError(f"{where}.weight must be a non-empty 2-D array (d_out, d_in), got shape {w.shape}")
     if not np.issubdtype(w.dtype, np.floating):
-        raise TypeError(f"layers[{i}].weight must be a floating-point array, got dtype {w.dtype}")
+        raise TypeError(f"{where}.weight must be a floating-point array, got dtype {w.dtype}")
     if not np.all(np.isfinite(w)):
-        raise ValueError(f"layers[{i}].weight contains NaN or Inf")
+        raise ValueError(f"{where}.weight contains NaN or Inf")
     if d_prev is not None and w.shape[1] != d_prev:
-        raise ValueError(
-            f"layers[{i}].weight has d_in={w.shape[1]} but the previous layer outputs {d_prev} features"
-        )
+        raise ValueError(f"{where}.weight has d_in={w.shape[1]} but the previous layer outputs {d_prev} features")
+    dtype = np.float64 if keep_float64 and w.dtype == np.float64 else np.float32
     b = layer.bias
     if b is not None:
-        b = np.asarray(b)
+        b, _ = as_numpy(b, f"{where}.bias", copy_from_device=True)
         if b.shape != (w.shape[0],):
-            raise ValueError(f"layers[{i}].bias must have shape ({w.shape[0]},), got {b.shape}")
+            raise ValueError(f"{where}.bias must have shape ({w.shape[0]},), got {b.shape}")
         if not np.issubdtype(b.dtype, np.floating):
-            raise TypeError(f"layers[{i}].bias must be a floating-point array, got dtype {b.dtype}")
+            raise TypeError(f"{where}.bias must be a floating-point array, got dtype {b.dtype}")
         if not np.all(np.isfinite(b)):
-            raise ValueError(f"layers[{i}].bias contains NaN or Inf")
-        b = np.ascontiguousarray(b, dtype=np.float32)
+            raise ValueError(f"{where}.bias contains NaN or Inf")
+        b = _frozen(b, dtype)
     if layer.activation not in ACTIVATIONS:
-        raise ValueError(f"layers[{i}].activation must be one of {ACTIVATIONS}, got {layer.activation!r}")
+        raise ValueError(f"{where}.activation must be one of {ACTIVATIONS}, got {layer.activation!r}")
     width = layer.activation_width
-    if width is not None and not (0 <= int(width) <= w.shape[0]):
-        raise ValueError(f"layers[{i}].activation_width must be in [0, {w.shape[0]}], got {width}")
-    return Layer(np.ascontiguousarray(w, dtype=np.float32), b, layer.activation,
-                 None if width is None else int(width))
-
-
-def _as_array(x: Any, name: str) -> tuple[np.ndarray, bool]:
-    """Return a zero-copy numpy view of ``x`` and whether ``x`` was a torch tensor."""
-    if isinstance(x, np.ndarray):
-        return x, False
-    mod = type(x).__module__
-    if mod.startswith("torch"):
-        if getattr(x, "device", None) is not None and x.device.type != "cpu":
-            raise ValueError(f"{name} is a torch tensor on {x.device}; move it to the CPU first (.cpu())")
-        if x.requires_grad:
-            raise ValueError(f"{name} requires grad; pass {name}.detach()")
-        try:
-            return np.from_dlpack(x), True
-        except (TypeError, BufferError, RuntimeError) as e:
-            raise TypeError(f"{name}: cannot view torch tensor of dtype {x.dtype} without a copy: {e}") from e
-    if hasattr(x, "__dlpack__"):
-        return np.from_dlpack(x), False
-    raise TypeError(f"{name} must be a numpy array or a CPU torch tensor, got {type(x).__name__}")
+    if width is not None:
+        if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or not 0 <= int(width) <= w.shape[0]:
+            raise ValueError(f"{where}.activation_width must be an integer in [0, {w.shape[0]}], got {width!r}")
+        width = int(width)
+    return Layer(_frozen(w, dtype), b, layer.activation, width)
 
 
 def _check_batch(a: np.ndarray, name: str, dim: int) -> None:
@@ -147,7 +150,7 @@ class FusedTransform:
         checked: list[Layer] = []
         d_prev = None
         for i, layer in enumerate(layers):
-            checked.append(_check_layer(i, layer, d_prev))
+            checked.append(validate_layer(layer, f"layers[{i}]", d_prev))
             d_prev = checked[-1].d_out
         self.layers: tuple[Layer, ...] = tuple(checked)
         self.normalize = bool(normalize)
@@ -213,7 +216,7 @@ class FusedTransform:
                 return res if out is None else out
             except (ValueError, TypeError):
                 pass
-        xa, x_is_torch = _as_array(x, "x")
+        xa, x_is_torch = as_numpy(x, "x")
         _check_batch(xa, "x", self.d_in)
         if threads is not None and (not isinstance(threads, (int, np.integer)) or threads < 1):
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
@@ -226,7 +229,7 @@ class FusedTransform:
             if x_is_torch:
                 result = sys.modules["torch"].from_numpy(oa)
         else:
-            oa, _ = _as_array(out, "out")
+            oa, _ = as_numpy(out, "out")
             _check_batch(oa, "out", self.d_out)
             if oa.shape[0] != xa.shape[0]:
                 raise ValueError(f"out has {oa.shape[0]} rows but x has {xa.shape[0]}")

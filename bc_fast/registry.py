@@ -46,8 +46,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from .fusion import chain_flops, fuse_chain
-from ._fileio import atomic_write_bytes, fsync_dir
-from .ops import ACTIVATIONS, FusedTransform, Layer
+from ._fileio import FileLock, atomic_write_bytes, fsync_dir
+from ._arrays import as_numpy
+from .ops import ACTIVATIONS, FusedTransform, Layer, validate_layer
 
 __all__ = ["Registry", "RegistryError", "VersionInfo", "TransformInfo", "as_layers", "show", "KINDS"]
 
@@ -118,41 +119,14 @@ def _now() -> str:
 
 
 def _to_numpy(a: Any, where: str) -> np.ndarray:
-    if a is None:
-        return None  # type: ignore[return-value]
-    if type(a).__module__.startswith("torch"):
-        a = a.detach().cpu().numpy()
-    a = np.asarray(a)
-    if not np.issubdtype(a.dtype, np.floating):
-        raise TypeError(f"{where} must be a floating-point array, got dtype {a.dtype}")
-    return a
+    return None if a is None else as_numpy(a, where, copy_from_device=True)[0]  # type: ignore[return-value]
 
 
 def _clean_layer(layer: Layer, where: str) -> Layer:
-    w = _to_numpy(layer.weight, f"{where}.weight")
-    if w.ndim != 2 or 0 in w.shape:
-        raise ValueError(f"{where}.weight must be a non-empty 2-D array (d_out, d_in), got shape {w.shape}")
-    b = _to_numpy(layer.bias, f"{where}.bias")
-    if b is not None:
-        if b.shape != (w.shape[0],):
-            raise ValueError(f"{where}.bias must have shape ({w.shape[0]},), got {b.shape}")
-        if not np.any(b):
-            b = None
-    if layer.activation not in ACTIVATIONS:
-        raise ValueError(f"{where}.activation must be one of {ACTIVATIONS}, got {layer.activation!r}")
-    width = layer.activation_width
-    if width is not None:
-        width = int(width)
-        if not 0 <= width <= w.shape[0]:
-            raise ValueError(f"{where}.activation_width must be in [0, {w.shape[0]}], got {width}")
-    for name, a in (("weight", w), ("bias", b)):
-        if a is not None and not np.all(np.isfinite(a)):
-            raise ValueError(f"{where}.{name} contains NaN or Inf")
-    keep = np.float64 if w.dtype == np.float64 else np.float32
-    w = np.ascontiguousarray(w, dtype=keep)
-    if b is not None:
-        b = np.ascontiguousarray(b, dtype=keep)
-    return Layer(w, b, layer.activation, width)
+    layer = validate_layer(layer, where, keep_float64=True)
+    if layer.bias is not None and not np.any(layer.bias):
+        layer = Layer(layer.weight, None, layer.activation, layer.activation_width)
+    return layer
 
 
 def as_layers(transform: Any) -> list[Layer]:
@@ -755,7 +729,7 @@ class Registry:
         """Lock, check nobody else changed the manifest, apply the edit, validate, write atomically."""
         mpath = self.path / MANIFEST
         try:
-            with _lock(self.path):
+            with FileLock(self.path / ".lock"):
                 if mpath.is_file():
                     try:
                         on_disk = json.loads(mpath.read_bytes()).get("checksum")
@@ -872,23 +846,6 @@ def _load_manifest(mpath: Path, *, allow_edited: bool) -> dict:
         m["checksum"] = _content_checksum(m)
         m["_disk_checksum"] = stored
     return m
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An advisory exclusive lock on ``path/.lock`` (POSIX), serialising writers."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def show(path: str | os.PathLike) -> str:

@@ -282,24 +282,12 @@ def make_transform(kind: str, d_in: int, d_out: int, **options: Any) -> Backward
 
 
 def apply_layers_numpy(layers: list[Any], x: np.ndarray) -> np.ndarray:
-    """Reference (float64 numpy) application of a layer program ``[(W, b, act, width) | Layer, ...]``."""
-    from math import erf, sqrt
+    """Float64 reference application of a layer program ``[(W, b, act, width) | Layer, ...]``.
 
-    y = np.asarray(x, dtype=np.float64)
-    for layer in layers:
-        if isinstance(layer, tuple):
-            w, b, act, width = layer
-        else:
-            w, b, act, width = layer.weight, layer.bias, layer.activation, layer.activation_width
-        y = y @ np.asarray(w, dtype=np.float64).T
-        if b is not None:
-            y = y + np.asarray(b, dtype=np.float64)
-        wd = y.shape[1] if width is None else int(width)
-        if act == "relu":
-            y[:, :wd] = np.maximum(y[:, :wd], 0.0)
-        elif act == "gelu":
-            verf = np.vectorize(erf)
-            y[:, :wd] = 0.5 * y[:, :wd] * (1.0 + verf(y[:, :wd] / sqrt(2.0)))
-        elif act != "none":
-            raise ValueError(f"unknown activation {act!r}")
-    return y
+    A thin front of :func:`bc_fast.fusion.apply_layers_reference` that also takes the tuples of
+    :meth:`BackwardTransform.export_arrays`.
+    """
+    from ..fusion import apply_layers_reference
+    from ..ops import Layer
+
+    return apply_layers_reference([l if isinstance(l, Layer) else Layer(*l) for l in layers], x)

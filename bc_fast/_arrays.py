@@ -1,0 +1,43 @@
+"""One place that turns array-likes (numpy, torch, DLPack producers) into numpy arrays."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def is_torch(x: Any) -> bool:
+    """True for torch tensors (and parameters), without importing torch."""
+    return type(x).__module__.startswith("torch")
+
+
+def as_numpy(x: Any, name: str, *, copy_from_device: bool = False) -> tuple[np.ndarray, bool]:
+    """Return ``x`` as a numpy array and whether it was a torch tensor.
+
+    numpy arrays are returned as they are. CPU torch tensors and other DLPack producers are viewed
+    zero-copy. With ``copy_from_device=False`` (the compiled core's inputs) a GPU tensor or one that
+    requires grad is refused with the fix; with ``copy_from_device=True`` (weights, query batches)
+    the tensor is detached and moved to the CPU first.
+    """
+    if isinstance(x, np.ndarray):
+        return x, False
+    if is_torch(x) and hasattr(x, "detach"):
+        if copy_from_device:
+            x = x.detach().cpu()
+        else:
+            if x.device.type != "cpu":
+                raise ValueError(f"{name} is a torch tensor on {x.device}; move it to the CPU first ({name}.cpu())")
+            if x.requires_grad:
+                raise ValueError(f"{name} requires grad; pass {name}.detach()")
+        try:
+            return np.from_dlpack(x), True
+        except (TypeError, BufferError, RuntimeError) as e:
+            if copy_from_device:
+                return x.numpy(), True
+            raise TypeError(f"{name}: cannot view a torch tensor of dtype {x.dtype} without a copy: {e}") from e
+    if hasattr(x, "__dlpack__"):
+        return np.from_dlpack(x), False
+    if copy_from_device:
+        return np.asarray(x), False
+    raise TypeError(f"{name} must be a numpy array or a CPU torch tensor, got {type(x).__name__}")
