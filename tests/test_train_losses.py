@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="bc_fast.train needs torch (install the train extra)")
 
 from bc_fast.train.losses import alignment_loss, multi_step_loss, single_step_loss  # noqa: E402
 from bc_fast.train.transforms import LinearTransform, ResidualMLPTransform, TruncateTransform  # noqa: E402

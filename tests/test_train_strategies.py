@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="bc_fast.train needs torch (install the train extra)")
 
 from bc_fast.data import synthetic_interactions, time_points  # noqa: E402
+from bc_fast.ops import FusedTransform  # noqa: E402
 from bc_fast.train import (  # noqa: E402
     STRATEGY_NAMES,
     BCTrainer,
@@ -156,10 +157,6 @@ def test_transform_kinds_and_exported_chain(world, kind, opts):
 
     arrays = [a for b in tr.chain(2, 0) for a in b.export_arrays()]
     np.testing.assert_allclose(apply_layers_numpy(arrays, z.numpy()), ref, rtol=1e-4, atol=1e-4)
-    try:
-        from bc_fast.ops import FusedTransform
-    except ImportError:
-        return
     out = FusedTransform(tr.export_chain(2, 0)).apply(np.ascontiguousarray(z.numpy()))
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
@@ -219,7 +216,7 @@ def test_trainer_errors(world):
 
 
 def test_run_demo_end_to_end_on_synthetic_data(tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="run_demo draws its figures with matplotlib")
     import json
 
     from bc_fast.experiment import run_demo
@@ -234,8 +231,8 @@ def test_run_demo_end_to_end_on_synthetic_data(tmp_path):
     assert (tmp_path / "degradation.png").stat().st_size > 1000 and (tmp_path / "per_version.png").exists()
     art = res["artifacts"]["joint-mloss"]
     assert art["dims"] == [8, 10, 12] and art["item"][2].shape[1] == 12
-    if art["layers"] is not None:
-        assert [layers[0].weight.shape for layers in art["layers"]] == [(8, 10), (10, 12)]
+    # bc_fast.ops is always importable (bc_fast imports it), so the exported layers must be there
+    assert [layers[0].weight.shape for layers in art["layers"]] == [(8, 10), (10, 12)]
     fix = next(r for r in res["rows"] if r["strategy"] == "fix-m0")
     assert fix["unintended_change"] == 0.0 and fix["align_error"] == 0.0
 
