@@ -3,7 +3,7 @@
 A registry is a directory::
 
     PATH/manifest.json                      format, versions (dim, metadata), transforms
-    PATH/transforms/backward_2_to_1.safetensors    weights of B_2 (version 2 -> 1)
+    PATH/transforms/backward_2_to_1_<sha12>.safetensors    weights of B_2 (version 2 -> 1)
     ...
 
 ``manifest.json`` lists every version with its dimension and metadata, and every
@@ -11,10 +11,21 @@ transform with its kind, direction, from/to version, weight file, the file's
 sha256 and fit metrics. The manifest carries a sha256 of its own canonical content
 (``checksum``), so a truncated or hand-edited manifest is refused, and the
 registry's :attr:`Registry.checksum` is stable across processes. Weights are
-safetensors (never pickle) and are verified against their sha256 when loaded.
-Every write goes to a temporary file in the same directory, is fsynced and
-renamed into place, and the directory is fsynced: a crash leaves either the old or
-the new registry, never a half-written one.
+safetensors (never pickle) and are verified against their sha256 when loaded. The
+format itself (schema, checksum, transform files) lives in :mod:`bc_fast._manifest`;
+this module is the API: opening, locking, writing, fusing, describing.
+
+Safety on disk:
+
+* Every write holds the registry's lock (``PATH/.lock``), checks that nobody changed
+  the manifest since this handle read it, writes to a temporary file in the same
+  directory, fsyncs and renames it into place: a crash leaves either the old or the
+  new registry. The next successful write removes what a killed writer left behind
+  (bc_fast's own temporary and unreferenced weight files, nothing else).
+* Symlinks that lead out of the registry directory (the manifest, ``transforms/`` or a
+  weight file) are refused on every read and before every write.
+* :meth:`Registry.create` that was killed half-way leaves a directory that the next
+  ``create`` recognises and finishes; ``open`` says so.
 
 Versions are numbered 0, 1, 2, ... in the order they are added. A backward
 transform ``B_k`` maps version ``k`` to ``k - 1``; :meth:`Registry.operator`
@@ -36,83 +47,23 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
-import math
 import os
-import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .fusion import chain_flops, fuse_chain
-from ._fileio import FileLock, atomic_write_bytes, fsync_dir
 from ._arrays import as_numpy
-from .ops import ACTIVATIONS, FusedTransform, Layer, validate_layer
+from ._fileio import FileLock, atomic_write_bytes, fsync_dir  # noqa: F401  (atomic_write_bytes: index.py)
+from ._manifest import (  # noqa: F401  (the format's names stay importable from here)
+    DIRECTIONS, FORMAT, FORMAT_VERSION, KINDS, LOCK, MANIFEST, MANIFEST_TEMP_NAME, MAX_DIM, MAX_MANIFEST_BYTES, TEMP_NAME, TRANSFORM_DIR,
+    WEIGHT_NAME, RegistryError, TransformInfo, VersionInfo, canonical, content_checksum, decode_transform,
+    encode_transform, json_clean, layer_specs, parse_manifest, pretty, validate_manifest, weight_file,
+)
+from .fusion import chain_flops, fuse_chain
+from .ops import FusedTransform, Layer, validate_layer
 
 __all__ = ["Registry", "RegistryError", "VersionInfo", "TransformInfo", "as_layers", "show", "KINDS"]
-
-FORMAT = "bc_fast.registry"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-TRANSFORM_DIR = "transforms"
-#: Transform kinds (descriptive; bc_fast.train's names). All but "mlp" must be affine layer programs.
-KINDS = ("linear", "affine", "lowrank", "orthogonal", "truncate", "identity", "mlp")
-DIRECTIONS = ("backward", "forward")
-_FILE_FORMAT = "bc_fast.transform"
-
-
-class RegistryError(ValueError):
-    """A registry is missing, malformed, inconsistent, or used the wrong way."""
-
-
-# ----------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """One embedding version: its number, dimension and free-form metadata."""
-
-    version: int
-    dim: int
-    metadata: dict = field(default_factory=dict)
-    created: str = ""
-
-
-@dataclass(frozen=True)
-class TransformInfo:
-    """One transform as recorded in the manifest (weights are loaded on demand)."""
-
-    from_version: int
-    to_version: int
-    direction: str
-    kind: str
-    file: str
-    sha256: str
-    layers: tuple[dict, ...]
-    fit_metrics: dict = field(default_factory=dict)
-    created: str = ""
-
-    @property
-    def d_in(self) -> int:
-        return int(self.layers[0]["d_in"])
-
-    @property
-    def d_out(self) -> int:
-        return int(self.layers[-1]["d_out"])
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
-
-
-def _content_checksum(manifest: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in manifest.items() if k != "checksum"}
-    return hashlib.sha256(_canonical(body)).hexdigest()
-
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
@@ -179,147 +130,53 @@ def _infer_kind(layers: Sequence[Layer]) -> str:
     return "mlp"
 
 
-def _layer_specs(layers: Sequence[Layer]) -> list[dict]:
-    return [{"d_in": l.d_in, "d_out": l.d_out, "activation": l.activation,
-             "activation_width": l.activation_width, "bias": l.bias is not None} for l in layers]
+# ----------------------------------------------------------------------------- paths
 
 
-def _json_clean(value: Any, where: str) -> Any:
-    """Check that ``value`` is JSON (finite numbers, str keys); numpy scalars become Python."""
-    if isinstance(value, (np.generic,)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{where} is {value}; JSON has no NaN/Inf, store None or a string instead")
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise TypeError(f"{where} keys must be strings, got {k!r}")
-            out[k] = _json_clean(v, f"{where}[{k!r}]")
-        return out
-    if isinstance(value, (list, tuple)):
-        return [_json_clean(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    raise TypeError(f"{where} must be JSON-serialisable (dict/list/str/number/bool/None), got {type(value).__name__}")
+def _escaping_link(root: Path, rel: str) -> Path | None:
+    """The first symlink on the way from ``root`` to ``root/rel`` that resolves outside ``root``, or None."""
+    real_root = os.path.realpath(root)
+    cur = Path(root)
+    for part in Path(rel).parts:
+        cur = cur / part
+        if os.path.islink(cur):
+            real = os.path.realpath(cur)
+            if os.path.commonpath([real_root, real]) != real_root:
+                return cur
+    return None
 
 
-def _read_safetensors_metadata(data: bytes, where: str) -> dict:
-    if len(data) < 8:
-        raise RegistryError(f"{where}: file is truncated ({len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise RegistryError(f"{where}: header length {n} exceeds the file size; the file is truncated")
-    try:
-        header = json.loads(data[8:8 + n])
-    except ValueError as e:
-        raise RegistryError(f"{where}: safetensors header is not valid JSON: {e}") from e
-    return dict(header.get("__metadata__") or {})
+def _inside(root: Path, rel: str) -> Path:
+    """``root/rel``, refusing a path that a symlink leads out of the registry (reads and writes both)."""
+    link = _escaping_link(root, rel)
+    if link is not None:
+        raise RegistryError(
+            f"{link} is a symlink to {os.readlink(link)!r}, which leads outside the registry {root}; bc_fast "
+            f"refuses to read or write through it. Replace the link with a regular file or folder inside the "
+            f"registry (or open the registry at its real location)")
+    return root / rel
 
 
-# ----------------------------------------------------------------------------- manifest schema
+def _create_leftovers(p: Path) -> list[Path] | None:
+    """What an interrupted :meth:`Registry.create` left in ``p`` (no manifest yet), or None if ``p`` holds more.
 
-
-def _err(where: str, msg: str) -> RegistryError:
-    return RegistryError(f"{where}: {msg}")
-
-
-def _req(d: Mapping, key: str, types: type | tuple, where: str) -> Any:
-    if key not in d:
-        raise _err(where, f"missing field {key!r}")
-    v = d[key]
-    if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise _err(where, f"field {key!r} must be {getattr(types, '__name__', types)}, got bool")
-    if not isinstance(v, types):
-        tname = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
-        raise _err(where, f"field {key!r} must be {tname}, got {type(v).__name__} {v!r}")
-    return v
-
-
-def _validate_manifest(m: Any, src: str) -> tuple[list[VersionInfo], list[TransformInfo]]:
-    if not isinstance(m, dict):
-        raise _err(src, f"the manifest must be a JSON object, got {type(m).__name__}")
-    fmt = _req(m, "format", str, src)
-    if fmt != FORMAT:
-        raise _err(src, f"field 'format' is {fmt!r}, expected {FORMAT!r}; this is not a bc_fast registry")
-    fv = _req(m, "format_version", int, src)
-    if fv > FORMAT_VERSION:
-        raise _err(src, f"format_version {fv} is newer than this bc_fast supports ({FORMAT_VERSION}); upgrade bc_fast")
-    if fv < 1:
-        raise _err(src, f"field 'format_version' must be >= 1, got {fv}")
-    _req(m, "checksum", str, src)
-    _req(m, "metadata", dict, src)
-    raw_versions = _req(m, "versions", list, src)
-    versions: list[VersionInfo] = []
-    for i, v in enumerate(raw_versions):
-        w = f"{src}: versions[{i}]"
-        if not isinstance(v, dict):
-            raise RegistryError(f"{w} must be an object, got {type(v).__name__}")
-        num = _req(v, "version", int, w)
-        if num != i:
-            raise RegistryError(f"{w}.version is {num}, expected {i}: versions must be numbered 0, 1, 2, ... in order")
-        dim = _req(v, "dim", int, w)
-        if dim < 1:
-            raise RegistryError(f"{w}.dim must be a positive integer, got {dim}")
-        versions.append(VersionInfo(num, dim, dict(_req(v, "metadata", dict, w)), str(v.get("created", ""))))
-    transforms: list[TransformInfo] = []
-    seen: set[tuple[int, int]] = set()
-    for i, t in enumerate(_req(m, "transforms", list, src)):
-        w = f"{src}: transforms[{i}]"
-        if not isinstance(t, dict):
-            raise RegistryError(f"{w} must be an object, got {type(t).__name__}")
-        a = _req(t, "from_version", int, w)
-        b = _req(t, "to_version", int, w)
-        direction = _req(t, "direction", str, w)
-        if direction not in DIRECTIONS:
-            raise RegistryError(f"{w}.direction must be one of {DIRECTIONS}, got {direction!r}")
-        for key, num in (("from_version", a), ("to_version", b)):
-            if not 0 <= num < len(versions):
-                raise RegistryError(f"{w}.{key}={num} names an unknown version (the registry has 0..{len(versions) - 1})")
-        want_to = a - 1 if direction == "backward" else a + 1
-        if b != want_to:
-            raise RegistryError(
-                f"{w} is recorded as {direction} from version {a} to version {b}, which is the other direction "
-                f"or skips a version: a {direction} transform maps {a} -> {want_to}")
-        if (a, b) in seen:
-            raise RegistryError(f"{w}: a second transform {a} -> {b}; each pair may have one")
-        seen.add((a, b))
-        kind = _req(t, "kind", str, w)
-        if kind not in KINDS:
-            raise RegistryError(f"{w}.kind must be one of {KINDS}, got {kind!r}")
-        fname = _req(t, "file", str, w)
-        if os.path.isabs(fname) or ".." in Path(fname).parts or not fname.endswith(".safetensors"):
-            raise RegistryError(f"{w}.file must be a relative .safetensors path inside the registry, got {fname!r}")
-        sha = _req(t, "sha256", str, w)
-        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise RegistryError(f"{w}.sha256 must be 64 lowercase hex digits, got {sha!r}")
-        specs = _req(t, "layers", list, w)
-        if not specs:
-            raise RegistryError(f"{w}.layers is empty")
-        d_prev = None
-        for j, s in enumerate(specs):
-            ws = f"{w}.layers[{j}]"
-            if not isinstance(s, dict):
-                raise RegistryError(f"{ws} must be an object")
-            d_in = _req(s, "d_in", int, ws)
-            d_out = _req(s, "d_out", int, ws)
-            act = _req(s, "activation", str, ws)
-            if act not in ACTIVATIONS:
-                raise RegistryError(f"{ws}.activation must be one of {ACTIVATIONS}, got {act!r}")
-            width = s.get("activation_width")
-            if width is not None and (not isinstance(width, int) or isinstance(width, bool) or not 0 <= width <= d_out):
-                raise RegistryError(f"{ws}.activation_width must be null or an integer in [0, {d_out}], got {width!r}")
-            _req(s, "bias", bool, ws)
-            if d_prev is not None and d_in != d_prev:
-                raise RegistryError(f"{ws}.d_in={d_in} but the previous layer outputs {d_prev}")
-            d_prev = d_out
-        if specs[0]["d_in"] != versions[a].dim or specs[-1]["d_out"] != versions[b].dim:
-            raise RegistryError(
-                f"{w} maps {specs[0]['d_in']} -> {specs[-1]['d_out']} features but version {a} has dim "
-                f"{versions[a].dim} and version {b} has dim {versions[b].dim} (dimension mismatch)")
-        transforms.append(TransformInfo(a, b, direction, kind, fname, sha, tuple(specs),
-                                        dict(_req(t, "fit_metrics", dict, w)), str(t.get("created", ""))))
-    return versions, transforms
+    A killed create leaves only bc_fast's own names: the lock file, an empty ``transforms/``
+    folder, temporary manifest files. Anything else (a weight file, a user's file) is not ours.
+    """
+    found: list[Path] = []
+    for e in p.iterdir():
+        if e.name == LOCK and e.is_file() and not e.is_symlink():
+            found.append(e)
+        elif MANIFEST_TEMP_NAME.match(e.name) and not e.is_symlink():
+            found.append(e)
+        elif e.name == TRANSFORM_DIR and e.is_dir() and not e.is_symlink():
+            inner = list(e.iterdir())
+            if any(not TEMP_NAME.match(f.name) or f.is_dir() for f in inner):
+                return None
+            found.extend(inner + [e])
+        else:
+            return None
+    return found
 
 
 # ----------------------------------------------------------------------------- registry
@@ -343,33 +200,46 @@ class Registry:
         manifest.pop("_disk_checksum", None)
         self._layer_cache: dict[tuple[int, int], list[Layer]] = {}
         self._op_cache: dict[tuple[int, int, bool], FusedTransform] = {}
-        self._pending_files: list[Path] = []
 
     # ------------------------------------------------------------------ create / open
 
     @classmethod
     def create(cls, path: str | os.PathLike, *, name: str | None = None,
                metadata: Mapping[str, Any] | None = None) -> "Registry":
-        """Create an empty registry at ``path`` (a new or empty directory)."""
+        """Create an empty registry at ``path`` (a new or empty directory).
+
+        A directory left by a ``create`` that was killed half-way (no manifest, only
+        bc_fast's lock file and an empty ``transforms/`` folder) counts as empty.
+        """
         p = Path(path)
-        if (p / MANIFEST).exists():
-            raise RegistryError(f"{p / MANIFEST} already exists; use Registry.open({str(p)!r})")
-        if p.exists() and (not p.is_dir() or any(p.iterdir())):
-            raise RegistryError(f"{p} exists and is not an empty directory; pick a new path for the registry")
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "name": str(name if name is not None else p.name),
             "created": _now(),
-            "metadata": _json_clean(dict(metadata or {}), "metadata"),
+            "metadata": json_clean(dict(metadata or {}), "metadata"),
             "versions": [],
             "transforms": [],
         }
-        manifest["checksum"] = _content_checksum(manifest)
-        (p / TRANSFORM_DIR).mkdir(parents=True, exist_ok=True)
-        fsync_dir(p)
-        atomic_write_bytes(p / MANIFEST, _pretty(manifest))
+        manifest["checksum"] = content_checksum(manifest)
+        cls._check_creatable(p)
+        p.mkdir(parents=True, exist_ok=True)
+        with FileLock(_inside(p, LOCK)):
+            cls._check_creatable(p)  # again under the lock: another process may have won the race
+            for leftover in _create_leftovers(p) or []:
+                if leftover.name not in (LOCK, TRANSFORM_DIR):
+                    leftover.unlink()
+            _inside(p, TRANSFORM_DIR).mkdir(exist_ok=True)
+            fsync_dir(p)
+            atomic_write_bytes(_inside(p, MANIFEST), pretty(manifest))
         return cls(p, manifest, [], [], _private=_TOKEN)
+
+    @staticmethod
+    def _check_creatable(p: Path) -> None:
+        if (p / MANIFEST).exists() or (p / MANIFEST).is_symlink():
+            raise RegistryError(f"{p / MANIFEST} already exists; use Registry.open({str(p)!r})")
+        if p.exists() and (not p.is_dir() or _create_leftovers(p) is None):
+            raise RegistryError(f"{p} exists and is not an empty directory; pick a new path for the registry")
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, verify: bool = False, allow_edited: bool = False) -> "Registry":
@@ -386,19 +256,31 @@ class Registry:
             the next write re-stamps it.
         """
         p = Path(path)
-        mpath = p / MANIFEST
+        mpath = _inside(p, MANIFEST)
         if not mpath.is_file():
-            hint = "" if p.exists() else " (the directory does not exist)"
-            raise RegistryError(f"{mpath} not found{hint}; create a registry with Registry.create({str(p)!r})")
-        manifest = _load_manifest(mpath, allow_edited=allow_edited)
-        versions, transforms = _validate_manifest(manifest, str(mpath))
+            raise RegistryError(cls._not_found_msg(p))
+        manifest = parse_manifest(_read_manifest_bytes(mpath), str(mpath), allow_edited=allow_edited)
+        versions, transforms = validate_manifest(manifest, str(mpath))
         reg = cls(p, manifest, versions, transforms, _private=_TOKEN)
         for t in transforms:
-            if not (p / t.file).is_file():
+            if not _inside(p, t.file).is_file():
                 raise RegistryError(f"{mpath}: transform {t.from_version} -> {t.to_version} file {t.file} is missing")
         if verify:
             reg.verify()
         return reg
+
+    @staticmethod
+    def _not_found_msg(p: Path) -> str:
+        mpath = p / MANIFEST
+        if not p.exists():
+            return f"{mpath} not found (the directory does not exist); create a registry with Registry.create({str(p)!r})"
+        if p.is_dir() and _create_leftovers(p):
+            return (f"{mpath} not found: {p} holds only what an interrupted Registry.create left (a lock file and an "
+                    f"empty {TRANSFORM_DIR}/ folder); run Registry.create({str(p)!r}) again to finish creating it")
+        if p.is_dir() and (p / TRANSFORM_DIR).is_dir() and any((p / TRANSFORM_DIR).iterdir()):
+            return (f"{mpath} not found, but {p / TRANSFORM_DIR} holds files: the manifest was deleted or lost; "
+                    f"restore manifest.json from a backup")
+        return f"{mpath} not found; {p} is not a bc_fast registry (create one with Registry.create(path))"
 
     # ------------------------------------------------------------------ reading
 
@@ -485,49 +367,30 @@ class Registry:
         return list(self._layer_cache[key])
 
     def _load_transform(self, t: TransformInfo) -> list[Layer]:
-        fpath = self.path / t.file
-        where = str(fpath)
+        fpath = _inside(self.path, t.file)
         try:
-            data = fpath.read_bytes()
-        except OSError as e:
-            raise RegistryError(f"{where}: cannot read transform {t.from_version} -> {t.to_version}: {e}") from e
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != t.sha256:
-            raise RegistryError(
-                f"{where}: checksum mismatch for transform {t.from_version} -> {t.to_version}: manifest says "
-                f"sha256 {t.sha256[:16]}..., file has {digest[:16]}...; the weights were modified or corrupted")
-        meta = _read_safetensors_metadata(data, where)
-        if meta.get("format") != _FILE_FORMAT:
-            raise RegistryError(f"{where}: not a bc_fast transform file (metadata format={meta.get('format')!r})")
-        rec = (meta.get("from_version"), meta.get("to_version"), meta.get("direction"))
-        want = (str(t.from_version), str(t.to_version), t.direction)
-        if rec != want:
-            raise RegistryError(
-                f"{where}: the file records a {rec[2]} transform {rec[0]} -> {rec[1]} but the manifest uses it as "
-                f"{want[2]} {want[0]} -> {want[1]}; the transform is recorded in the other direction or misfiled")
-        from safetensors.numpy import load as _st_load
+            try:
+                data = fpath.read_bytes()
+            except OSError as e:
+                raise RegistryError(
+                    f"{fpath}: cannot read transform {t.from_version} -> {t.to_version}: {e}") from e
+            return decode_transform(data, t, str(fpath))
+        except RegistryError as e:
+            self._raise_if_stale(e)
+            raise
 
+    def _raise_if_stale(self, cause: BaseException) -> None:
+        """Explain a failed read by a manifest that another handle or process changed since this one read it."""
+        mpath = self.path / MANIFEST
         try:
-            tensors = _st_load(data)
-        except Exception as e:  # safetensors raises its own error type
-            raise RegistryError(f"{where}: cannot parse safetensors: {e}") from e
-        layers: list[Layer] = []
-        for j, spec in enumerate(t.layers):
-            w = tensors.get(f"layers.{j}.weight")
-            if w is None:
-                raise RegistryError(f"{where}: tensor 'layers.{j}.weight' is missing")
-            if w.shape != (spec["d_out"], spec["d_in"]):
-                raise RegistryError(f"{where}: layers.{j}.weight has shape {w.shape}, manifest says "
-                                    f"({spec['d_out']}, {spec['d_in']}) (dimension mismatch)")
-            b = tensors.get(f"layers.{j}.bias")
-            if spec["bias"] != (b is not None):
-                raise RegistryError(f"{where}: layers.{j}.bias presence disagrees with the manifest")
-            if b is not None and b.shape != (spec["d_out"],):
-                raise RegistryError(f"{where}: layers.{j}.bias has shape {b.shape}, expected ({spec['d_out']},)")
-            layers.append(Layer(w, b, spec["activation"], spec["activation_width"]))
-        if len(tensors) != sum(1 + s["bias"] for s in t.layers):
-            raise RegistryError(f"{where}: the file holds tensors the manifest does not list: {sorted(tensors)}")
-        return layers
+            on_disk = json.loads(_read_manifest_bytes(mpath)).get("checksum")
+        except (OSError, ValueError, AttributeError, RecursionError, RegistryError):
+            return
+        if on_disk != self._disk_checksum:
+            raise RegistryError(
+                f"this Registry handle is stale: {mpath} changed on disk since it was opened (another handle or "
+                f"process added or replaced transforms), so the file it expects is gone or different ({cause}); "
+                f"reopen with Registry.open({str(self.path)!r})") from cause
 
     def chain_layers(self, src: int, dst: int) -> list[list[Layer]]:
         """The transforms from ``src`` to ``dst`` in application order, each a list of Layer.
@@ -590,7 +453,7 @@ class Registry:
         for v in range(a, b, step):
             shas.append(self.transform_info(v, v + step).sha256)
         body = {"src": a, "dst": b, "dims": [self._versions[v].dim for v in range(a, b + step, step)], "sha256": shas}
-        return hashlib.sha256(_canonical(body)).hexdigest()
+        return hashlib.sha256(canonical(body)).hexdigest()
 
     def verify(self) -> None:
         """Load every transform and check its sha256, shapes and direction; raise RegistryError if any fails."""
@@ -610,7 +473,7 @@ class Registry:
         version : int, optional
             Must be the next number (``len(registry)``); omit it to take the next.
         dim : int
-            Embedding dimension of the new version.
+            Embedding dimension of the new version (at most :data:`bc_fast._manifest.MAX_DIM`).
         metadata : dict, optional
             JSON-serialisable free-form metadata (model name, data cut, ...).
         backward : transform, optional
@@ -624,8 +487,8 @@ class Registry:
         fit_metrics : dict, optional
             JSON-serialisable metrics of the fit (alignment MSE, ...).
         """
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or int(dim) < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= int(dim) <= MAX_DIM:
+            raise ValueError(f"dim must be a positive integer of at most {MAX_DIM}, got {dim!r}")
         nxt = len(self._versions)
         if version is None:
             version = nxt
@@ -637,16 +500,16 @@ class Registry:
             raise RegistryError(f"versions are added in order: the next version of {self.path} is {nxt}, got {int(version)}")
         if version == 0 and backward is not None:
             raise RegistryError("version 0 has no previous version, so it takes no backward transform")
-        meta = _json_clean(dict(metadata or {}), "metadata")
+        meta = json_clean(dict(metadata or {}), "metadata")
         info = {"version": nxt, "dim": int(dim), "metadata": meta, "created": _now()}
         new_versions = self._versions + [VersionInfo(nxt, int(dim), meta, info["created"])]
-        entry = None
+        prepared = None
         if backward is not None:
-            entry = self._write_transform(nxt, nxt - 1, backward, "backward", kind, fit_metrics, new_versions)
+            prepared = self._prepare_transform(nxt, nxt - 1, backward, "backward", kind, fit_metrics, new_versions)
         with self._transaction() as m:
             m["versions"].append(info)
-            if entry is not None:
-                m["transforms"].append(entry)
+            if prepared is not None:
+                m["transforms"].append(self._put_weights(*prepared))
         return self._versions[-1]
 
     def add_transform(self, from_version: int, to_version: int, transform: Any, *, kind: str | None = None,
@@ -670,17 +533,16 @@ class Registry:
         old = self._transforms.get((a, b))
         if old is not None and not replace:
             raise RegistryError(f"{self.path} already has a {direction} transform {a} -> {b}; pass replace=True")
-        entry = self._write_transform(a, b, transform, direction, kind, fit_metrics, self._versions)
-        with self._transaction() as m:
+        prepared = self._prepare_transform(a, b, transform, direction, kind, fit_metrics, self._versions)
+        with self._transaction(obsolete=[] if old is None else [old.file]) as m:
+            entry = self._put_weights(*prepared)
             m["transforms"] = [t for t in m["transforms"] if (t["from_version"], t["to_version"]) != (a, b)]
             m["transforms"].append(entry)
-        if old is not None and old.file != entry["file"]:
-            with contextlib.suppress(OSError):
-                (self.path / old.file).unlink()
         return self._transforms[(a, b)]
 
-    def _write_transform(self, a: int, b: int, transform: Any, direction: str, kind: str | None,
-                         fit_metrics: Mapping[str, Any] | None, versions: list[VersionInfo]) -> dict:
+    def _prepare_transform(self, a: int, b: int, transform: Any, direction: str, kind: str | None,
+                           fit_metrics: Mapping[str, Any] | None, versions: list[VersionInfo]) -> tuple[dict, bytes]:
+        """Check a transform against the versions it connects; return its manifest entry and file bytes."""
         layers = as_layers(transform)
         d_a, d_b = versions[a].dim, versions[b].dim
         d_in, d_out = layers[0].d_in, layers[-1].d_out
@@ -692,6 +554,9 @@ class Registry:
             raise RegistryError(
                 f"dimension mismatch: the {direction} transform {a} -> {b} must map version {a} (dim {d_a}) to "
                 f"version {b} (dim {d_b}), but its layers map {d_in} -> {d_out}")
+        for j, l in enumerate(layers[:-1]):
+            if l.d_out > MAX_DIM:
+                raise ValueError(f"layers[{j}] has {l.d_out} outputs, more than a registry stores ({MAX_DIM})")
         inferred = _infer_kind(layers)
         if kind is None:
             own = getattr(transform, "kind", None)
@@ -702,60 +567,88 @@ class Registry:
             raise ValueError(f"kind={kind!r} but the transform has activation layers; use kind='mlp'")
         if kind == "linear" and inferred == "affine":
             raise ValueError("kind='linear' but the transform has a bias; use kind='affine'")
-        metrics = _json_clean(dict(fit_metrics or {}), "fit_metrics")
-        specs = _layer_specs(layers)
-        tensors: dict[str, np.ndarray] = {}
-        for j, l in enumerate(layers):
-            tensors[f"layers.{j}.weight"] = l.weight
-            if l.bias is not None:
-                tensors[f"layers.{j}.bias"] = l.bias
-        from safetensors.numpy import save as _st_save
-
-        data = _st_save(tensors, metadata={
-            "format": _FILE_FORMAT, "from_version": str(a), "to_version": str(b), "direction": direction,
-            "kind": kind, "layers": json.dumps(specs, sort_keys=True)})
+        metrics = json_clean(dict(fit_metrics or {}), "fit_metrics")
+        data = encode_transform(layers, a, b, direction, kind)
         sha = hashlib.sha256(data).hexdigest()
-        rel = f"{TRANSFORM_DIR}/{direction}_{a}_to_{b}_{sha[:12]}.safetensors"
-        (self.path / TRANSFORM_DIR).mkdir(exist_ok=True)
-        target = self.path / rel
-        if not target.exists():  # same name = same content (sha in the name); never touch a live file
-            atomic_write_bytes(target, data)
+        entry = {"from_version": a, "to_version": b, "direction": direction, "kind": kind,
+                 "file": weight_file(direction, a, b, sha), "sha256": sha, "layers": layer_specs(layers),
+                 "fit_metrics": metrics, "created": _now()}
+        return entry, data
+
+    def _put_weights(self, entry: dict, data: bytes) -> dict:
+        """Write a transform file inside a transaction (under the lock); return its manifest entry."""
+        _inside(self.path, TRANSFORM_DIR).mkdir(exist_ok=True)
+        target = _inside(self.path, entry["file"])
+        if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == entry["sha256"]:
+            return entry  # the same bytes are already there (content-addressed name): never touch a live file
+        existed = target.exists()
+        atomic_write_bytes(target, data)
+        if not existed:
             self._pending_files.append(target)
-        return {"from_version": a, "to_version": b, "direction": direction, "kind": kind, "file": rel,
-                "sha256": sha, "layers": specs, "fit_metrics": metrics, "created": _now()}
+        return entry
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[dict]:
-        """Lock, check nobody else changed the manifest, apply the edit, validate, write atomically."""
-        mpath = self.path / MANIFEST
-        try:
-            with FileLock(self.path / ".lock"):
-                if mpath.is_file():
-                    try:
-                        on_disk = json.loads(mpath.read_bytes()).get("checksum")
-                    except (ValueError, AttributeError):
-                        on_disk = None
-                    if on_disk != self._disk_checksum:
-                        raise RegistryError(
-                            f"{mpath} changed on disk since this Registry was opened; reopen it with Registry.open")
-                m = json.loads(json.dumps(self._manifest))
+    def _transaction(self, *, obsolete: Sequence[str] = ()) -> Iterator[dict]:
+        """Lock, check nobody else changed the manifest, let the caller edit a copy, validate, write atomically.
+
+        Weight files are written by the caller inside the block (still under the lock), so
+        a file that no manifest references is an orphan of a killed writer: after the
+        commit, orphans and ``obsolete`` files that are no longer referenced are removed.
+        """
+        mpath = _inside(self.path, MANIFEST)
+        self._pending_files = []
+        with FileLock(_inside(self.path, LOCK)):
+            self._check_not_stale(mpath)
+            m = json.loads(json.dumps(self._manifest))
+            try:
                 yield m
-                m["checksum"] = _content_checksum(m)
-                versions, transforms = _validate_manifest(m, str(mpath))
-                atomic_write_bytes(mpath, _pretty(m))
-        except BaseException:
-            for f in self._pending_files:  # weight files the failed edit would have referenced
+                m["checksum"] = content_checksum(m)
+                versions, transforms = validate_manifest(m, str(mpath))
+                atomic_write_bytes(_inside(self.path, MANIFEST), pretty(m))
+            except BaseException:
+                for f in self._pending_files:  # weight files the failed edit would have referenced
+                    with contextlib.suppress(OSError):
+                        f.unlink()
+                raise
+            finally:
+                self._pending_files = []
+            self._manifest = m
+            self._disk_checksum = m["checksum"]
+            self._versions = versions
+            self._transforms = {(t.from_version, t.to_version): t for t in transforms}
+            self._layer_cache.clear()
+            self._op_cache.clear()
+            self._remove_orphans(obsolete)
+
+    def _check_not_stale(self, mpath: Path) -> None:
+        if not mpath.is_file():
+            return
+        try:
+            on_disk = json.loads(_read_manifest_bytes(mpath)).get("checksum")
+        except (ValueError, AttributeError, RecursionError):
+            on_disk = None
+        if on_disk != self._disk_checksum:
+            raise RegistryError(
+                f"{mpath} changed on disk since this Registry was opened (another handle or process wrote to it); "
+                f"reopen with Registry.open({str(self.path)!r}) and repeat the change")
+
+    def _remove_orphans(self, obsolete: Sequence[str]) -> None:
+        """Remove bc_fast's own files that the manifest does not reference (call under the lock)."""
+        referenced = {os.path.normpath(t.file) for t in self._transforms.values()}
+        doomed = [self.path / f for f in obsolete if os.path.normpath(f) not in referenced]
+        tdir = self.path / TRANSFORM_DIR
+        if tdir.is_dir():
+            for f in tdir.iterdir():
+                rel = os.path.normpath(f"{TRANSFORM_DIR}/{f.name}")
+                if TEMP_NAME.match(f.name) or (WEIGHT_NAME.match(f.name) and rel not in referenced):
+                    doomed.append(f)
+        doomed += [f for f in self.path.iterdir() if MANIFEST_TEMP_NAME.match(f.name)]
+        for f in doomed:
+            if _escaping_link(self.path, os.path.relpath(f, self.path)) is None and not f.is_dir():
                 with contextlib.suppress(OSError):
                     f.unlink()
-            self._pending_files.clear()
-            raise
-        self._pending_files.clear()
-        self._manifest = m
-        self._disk_checksum = m["checksum"]
-        self._versions = versions
-        self._transforms = {(t.from_version, t.to_version): t for t in transforms}
-        self._layer_cache.clear()
-        self._op_cache.clear()
+        if doomed:
+            fsync_dir(tdir if tdir.is_dir() else self.path)
 
     # ------------------------------------------------------------------ display
 
@@ -817,35 +710,16 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else json.dumps(v)
 
 
-def _pretty(manifest: Mapping[str, Any]) -> bytes:
-    return (json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
-
-
-def _load_manifest(mpath: Path, *, allow_edited: bool) -> dict:
-    raw = mpath.read_bytes()
-    if not raw.strip():
-        raise RegistryError(f"{mpath} is empty (truncated write?); restore it from a backup")
+def _read_manifest_bytes(mpath: Path) -> bytes:
+    """The manifest's bytes, refusing absurd sizes before reading them."""
     try:
-        m = json.loads(raw)
-    except ValueError as e:
-        raise RegistryError(f"{mpath} is not valid JSON (truncated or hand-edited?): {e}") from e
-    if not isinstance(m, dict):
-        raise RegistryError(f"{mpath}: the manifest must be a JSON object, got {type(m).__name__}")
-    stored = m.get("checksum")
-    if not allow_edited and isinstance(stored, str):
-        try:
-            actual = _content_checksum(m)
-        except ValueError as e:
-            raise RegistryError(f"{mpath}: manifest holds values JSON cannot represent canonically: {e}") from e
-        if actual != stored:
-            raise RegistryError(
-                f"{mpath}: content checksum mismatch (field 'checksum' is {stored[:16]}..., content hashes to "
-                f"{actual[:16]}...): the manifest was edited by hand or corrupted. Edit registries through the "
-                f"Python API; to accept a deliberate edit, open with Registry.open(path, allow_edited=True)")
-    elif allow_edited:
-        m["checksum"] = _content_checksum(m)
-        m["_disk_checksum"] = stored
-    return m
+        size = mpath.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise RegistryError(f"{mpath} is {size} bytes, more than a manifest can be ({MAX_MANIFEST_BYTES}); it is "
+                                f"not a bc_fast manifest or is corrupted; restore manifest.json from a backup")
+        return mpath.read_bytes()
+    except OSError as e:
+        raise RegistryError(f"{mpath}: cannot read the manifest: {e}") from e
 
 
 def show(path: str | os.PathLike) -> str:

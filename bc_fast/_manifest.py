@@ -1,0 +1,475 @@
+"""The on-disk format of a bc_fast registry: manifest schema, canonical checksum, transform files.
+
+Everything here is pure (bytes in, records out, or records in, bytes out); opening files,
+locking, symlink checks and crash recovery live in :mod:`bc_fast.registry`.
+
+Manifest (``manifest.json``, UTF-8 JSON object)::
+
+    format          "bc_fast.registry"
+    format_version  1
+    checksum        sha256 of the canonical JSON of every other field
+    name, created   str
+    metadata        object
+    versions        [{version: i, dim, metadata, created}, ...]   numbered 0, 1, 2, ...
+    transforms      [{from_version, to_version, direction, kind, file, sha256, layers: [spec], fit_metrics,
+                      created}, ...]
+
+A transform file (``transforms/<direction>_<a>_to_<b>_<sha12>.safetensors``) holds
+``layers.<j>.weight`` (d_out, d_in) and ``layers.<j>.bias`` (d_out,) and string metadata
+(format, from/to version, direction, kind, layer specs). Files are safetensors only:
+bc_fast never unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .ops import ACTIVATIONS, Layer, validate_layer
+
+FORMAT = "bc_fast.registry"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TRANSFORM_DIR = "transforms"
+LOCK = ".lock"
+#: Transform kinds (descriptive; bc_fast.train's names). All but "mlp" must be affine layer programs.
+KINDS = ("linear", "affine", "lowrank", "orthogonal", "truncate", "identity", "mlp")
+DIRECTIONS = ("backward", "forward")
+FILE_FORMAT = "bc_fast.transform"
+#: Largest embedding / layer dimension a manifest may declare (a 2**20 x 2**20 float32 matrix is 4 TiB).
+MAX_DIM = 1 << 20
+#: Deepest JSON nesting accepted in a manifest (bc_fast itself writes depth <= 4 plus user metadata).
+MAX_DEPTH = 64
+#: Largest manifest file read (a real one is kilobytes).
+MAX_MANIFEST_BYTES = 64 << 20
+#: safetensors' own limit on the JSON header.
+MAX_HEADER_BYTES = 100_000_000
+
+#: Names bc_fast writes and may therefore clean up: weight files and atomic-write temporaries.
+WEIGHT_NAME = re.compile(r"^(backward|forward)_\d+_to_\d+_[0-9a-f]{12}\.safetensors$")
+TEMP_NAME = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")
+MANIFEST_TEMP_NAME = re.compile(r"^\.manifest\.json\.tmp-\d+-[0-9a-f]{8}$")
+
+
+class RegistryError(ValueError):
+    """A registry is missing, malformed, inconsistent, or used the wrong way."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One embedding version: its number, dimension and free-form metadata."""
+
+    version: int
+    dim: int
+    metadata: dict = field(default_factory=dict)
+    created: str = ""
+
+
+@dataclass(frozen=True)
+class TransformInfo:
+    """One transform as recorded in the manifest (weights are loaded on demand)."""
+
+    from_version: int
+    to_version: int
+    direction: str
+    kind: str
+    file: str
+    sha256: str
+    layers: tuple[dict, ...]
+    fit_metrics: dict = field(default_factory=dict)
+    created: str = ""
+
+    @property
+    def d_in(self) -> int:
+        """Input dimension (of version ``from_version``)."""
+        return int(self.layers[0]["d_in"])
+
+    @property
+    def d_out(self) -> int:
+        """Output dimension (of version ``to_version``)."""
+        return int(self.layers[-1]["d_out"])
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def canonical(obj: Any) -> bytes:
+    """The canonical JSON bytes the checksums are computed over (sorted keys, no spaces, ASCII)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def content_checksum(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the manifest's canonical content, excluding its ``checksum`` field."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(canonical(body)).hexdigest()
+
+
+def pretty(manifest: Mapping[str, Any]) -> bytes:
+    """The manifest as written to disk: indented, sorted, ASCII JSON with a final newline."""
+    return (json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def json_depth(obj: Any) -> int:
+    """Nesting depth of a parsed JSON value (scalars 0), computed without recursion."""
+    deepest, stack = 0, [(obj, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            deepest = max(deepest, d + 1)
+            stack.extend((x, d + 1) for x in v)
+    return deepest
+
+
+def json_clean(value: Any, where: str, depth: int = 0) -> Any:
+    """Check that ``value`` is JSON (finite numbers, str keys); numpy scalars become Python."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"{where} is nested more than {MAX_DEPTH} levels deep; flatten it")
+    if isinstance(value, (np.generic,)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value}; JSON has no NaN/Inf, store None or a string instead")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where} keys must be strings, got {k!r}")
+            out[k] = json_clean(v, f"{where}[{k!r}]", depth + 1)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [json_clean(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+    raise TypeError(f"{where} must be JSON-serialisable (dict/list/str/number/bool/None), got {type(value).__name__}")
+
+
+def _strict_json(raw: bytes, subject: str, fix: str) -> Any:
+    """Parse UTF-8 JSON, refusing NaN/Infinity, duplicate keys and nesting deeper than MAX_DEPTH.
+
+    ``subject`` starts every error message (the file, and which part of it).
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RegistryError(f"{subject} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                            f"{fix}") from e
+
+    def no_constant(name: str) -> Any:
+        raise RegistryError(f"{subject} holds {name}, which is not JSON; {fix}")
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            keys = [k for k, _ in pairs]
+            dup = next(k for i, k in enumerate(keys) if k in keys[:i])
+            raise RegistryError(f"{subject} has the key {dup!r} twice in one object; {fix}")
+        return out
+
+    try:
+        obj = json.loads(text, parse_constant=no_constant, object_pairs_hook=no_duplicates)
+    except RecursionError as e:
+        raise RegistryError(f"{subject} is nested too deeply to parse (more than {MAX_DEPTH} levels are never "
+                            f"valid); {fix}") from e
+    except RegistryError:
+        raise
+    except ValueError as e:
+        raise RegistryError(f"{subject} is not valid JSON (truncated or hand-edited?): {e}; {fix}") from e
+    if json_depth(obj) > MAX_DEPTH:
+        raise RegistryError(f"{subject} is nested more than {MAX_DEPTH} levels deep; {fix}")
+    return obj
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+_RESTORE = "restore manifest.json from a backup"
+
+
+def parse_manifest(raw: bytes, where: str, *, allow_edited: bool) -> dict:
+    """Parse manifest bytes and check their content checksum (see :meth:`Registry.open`).
+
+    With ``allow_edited`` a mismatching checksum is accepted: the content is re-stamped and
+    the checksum found on disk is kept under ``"_disk_checksum"``.
+    """
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise RegistryError(f"{where} is {len(raw)} bytes, more than a manifest can be ({MAX_MANIFEST_BYTES}); "
+                            f"it is not a bc_fast manifest or is corrupted; {_RESTORE}")
+    if not raw.strip():
+        raise RegistryError(f"{where} is empty (truncated write?); {_RESTORE}")
+    m = _strict_json(raw, where, _RESTORE)
+    if not isinstance(m, dict):
+        raise RegistryError(f"{where}: the manifest must be a JSON object, got {type(m).__name__}")
+    stored = m.get("checksum")
+    if not allow_edited and isinstance(stored, str):
+        actual = content_checksum(m)
+        if actual != stored:
+            raise RegistryError(
+                f"{where}: content checksum mismatch (field 'checksum' is {stored[:16]}..., content hashes to "
+                f"{actual[:16]}...): the manifest was edited by hand or corrupted. Edit registries through the "
+                f"Python API; to accept a deliberate edit, open with Registry.open(path, allow_edited=True)")
+    elif allow_edited:
+        m["checksum"] = content_checksum(m)
+        m["_disk_checksum"] = stored
+    return m
+
+
+def _err(where: str, msg: str) -> RegistryError:
+    return RegistryError(f"{where}: {msg}")
+
+
+def _req(d: Mapping, key: str, types: type | tuple, where: str) -> Any:
+    if key not in d:
+        raise _err(where, f"missing field {key!r}")
+    v = d[key]
+    if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise _err(where, f"field {key!r} must be {getattr(types, '__name__', types)}, got bool")
+    if not isinstance(v, types):
+        tname = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
+        raise _err(where, f"field {key!r} must be {tname}, got {type(v).__name__} {_short(v)}")
+    return v
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _dim(d: Mapping, key: str, where: str) -> int:
+    v = _req(d, key, int, where)
+    if not 1 <= v <= MAX_DIM:
+        raise RegistryError(f"{where}.{key} must be an integer in [1, {MAX_DIM}], got {_short(v)}; "
+                            f"the manifest is corrupted or hand-edited, {_RESTORE}")
+    return v
+
+
+def _version_num(d: Mapping, key: str, where: str) -> int:
+    v = _req(d, key, int, where)
+    if abs(v) > 1 << 31:
+        raise RegistryError(f"{where}.{key}={_short(v)} is not a plausible version number")
+    return v
+
+
+def validate_manifest(m: Any, src: str) -> tuple[list[VersionInfo], list[TransformInfo]]:
+    """Check a parsed manifest against the schema; return its versions and transforms."""
+    if not isinstance(m, dict):
+        raise _err(src, f"the manifest must be a JSON object, got {type(m).__name__}")
+    fmt = _req(m, "format", str, src)
+    if fmt != FORMAT:
+        raise _err(src, f"field 'format' is {_short(fmt)}, expected {FORMAT!r}; this is not a bc_fast registry")
+    fv = _req(m, "format_version", int, src)
+    if fv > FORMAT_VERSION:
+        raise _err(src, f"format_version {_short(fv)} is newer than this bc_fast supports ({FORMAT_VERSION}); "
+                        f"upgrade bc_fast")
+    if fv < 1:
+        raise _err(src, f"field 'format_version' must be >= 1, got {fv}")
+    _req(m, "checksum", str, src)
+    _req(m, "metadata", dict, src)
+    versions = [_validate_version(v, i, src) for i, v in enumerate(_req(m, "versions", list, src))]
+    transforms: list[TransformInfo] = []
+    seen: set[tuple[int, int]] = set()
+    for i, t in enumerate(_req(m, "transforms", list, src)):
+        info = _validate_transform(t, f"{src}: transforms[{i}]", versions)
+        key = (info.from_version, info.to_version)
+        if key in seen:
+            raise RegistryError(f"{src}: transforms[{i}]: a second transform {key[0]} -> {key[1]}; each pair may "
+                                f"have one (duplicate entry)")
+        seen.add(key)
+        transforms.append(info)
+    return versions, transforms
+
+
+def _validate_version(v: Any, i: int, src: str) -> VersionInfo:
+    w = f"{src}: versions[{i}]"
+    if not isinstance(v, dict):
+        raise RegistryError(f"{w} must be an object, got {type(v).__name__}")
+    num = _version_num(v, "version", w)
+    if num != i:
+        dup = " (a duplicate version)" if num < i else ""
+        raise RegistryError(f"{w}.version is {num}, expected {i}{dup}: versions must be numbered 0, 1, 2, ... in order")
+    dim = _dim(v, "dim", w)
+    return VersionInfo(num, dim, dict(_req(v, "metadata", dict, w)), str(v.get("created", "")))
+
+
+def _validate_transform(t: Any, w: str, versions: list[VersionInfo]) -> TransformInfo:
+    if not isinstance(t, dict):
+        raise RegistryError(f"{w} must be an object, got {type(t).__name__}")
+    a = _version_num(t, "from_version", w)
+    b = _version_num(t, "to_version", w)
+    direction = _req(t, "direction", str, w)
+    if direction not in DIRECTIONS:
+        raise RegistryError(f"{w}.direction must be one of {DIRECTIONS}, got {_short(direction)}")
+    for key, num in (("from_version", a), ("to_version", b)):
+        if not 0 <= num < len(versions):
+            raise RegistryError(f"{w}.{key}={num} names an unknown version (the registry has 0..{len(versions) - 1})")
+    want_to = a - 1 if direction == "backward" else a + 1
+    if b != want_to:
+        raise RegistryError(
+            f"{w} is recorded as {direction} from version {a} to version {b}, which is the other direction "
+            f"or skips a version: a {direction} transform maps {a} -> {want_to}")
+    kind = _req(t, "kind", str, w)
+    if kind not in KINDS:
+        raise RegistryError(f"{w}.kind must be one of {KINDS}, got {_short(kind)}")
+    fname = _req(t, "file", str, w)
+    if (os.path.isabs(fname) or ".." in Path(fname).parts or not fname.endswith(".safetensors")
+            or "\x00" in fname or "\\" in fname):
+        raise RegistryError(f"{w}.file must be a relative .safetensors path inside the registry, got {_short(fname)}")
+    sha = _req(t, "sha256", str, w)
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise RegistryError(f"{w}.sha256 must be 64 lowercase hex digits, got {_short(sha)}")
+    specs = _req(t, "layers", list, w)
+    if not specs:
+        raise RegistryError(f"{w}.layers is empty")
+    d_prev = None
+    for j, s in enumerate(specs):
+        d_prev = _validate_layer_spec(s, f"{w}.layers[{j}]", d_prev)
+    if specs[0]["d_in"] != versions[a].dim or specs[-1]["d_out"] != versions[b].dim:
+        raise RegistryError(
+            f"{w} maps {specs[0]['d_in']} -> {specs[-1]['d_out']} features but version {a} has dim "
+            f"{versions[a].dim} and version {b} has dim {versions[b].dim} (dimension mismatch)")
+    return TransformInfo(a, b, direction, kind, fname, sha, tuple(specs), dict(_req(t, "fit_metrics", dict, w)),
+                         str(t.get("created", "")))
+
+
+def _validate_layer_spec(s: Any, ws: str, d_prev: int | None) -> int:
+    if not isinstance(s, dict):
+        raise RegistryError(f"{ws} must be an object")
+    d_in = _dim(s, "d_in", ws)
+    d_out = _dim(s, "d_out", ws)
+    act = _req(s, "activation", str, ws)
+    if act not in ACTIVATIONS:
+        raise RegistryError(f"{ws}.activation must be one of {ACTIVATIONS}, got {_short(act)}")
+    width = s.get("activation_width")
+    if width is not None and (not isinstance(width, int) or isinstance(width, bool) or not 0 <= width <= d_out):
+        raise RegistryError(f"{ws}.activation_width must be null or an integer in [0, {d_out}], got {_short(width)}")
+    _req(s, "bias", bool, ws)
+    if d_prev is not None and d_in != d_prev:
+        raise RegistryError(f"{ws}.d_in={d_in} but the previous layer outputs {d_prev}")
+    return d_out
+
+
+# ----------------------------------------------------------------------------- transform files
+
+
+def layer_specs(layers: Sequence[Layer]) -> list[dict]:
+    """The manifest's description of a layer program (dims, activation, bias presence)."""
+    return [{"d_in": l.d_in, "d_out": l.d_out, "activation": l.activation,
+             "activation_width": l.activation_width, "bias": l.bias is not None} for l in layers]
+
+
+def weight_file(direction: str, a: int, b: int, sha: str) -> str:
+    """The registry-relative path of a transform file: content-addressed by its sha256."""
+    return f"{TRANSFORM_DIR}/{direction}_{a}_to_{b}_{sha[:12]}.safetensors"
+
+
+def encode_transform(layers: Sequence[Layer], a: int, b: int, direction: str, kind: str) -> bytes:
+    """Serialise a layer program as a bc_fast transform file (safetensors bytes)."""
+    from safetensors.numpy import save as _st_save
+
+    tensors: dict[str, np.ndarray] = {}
+    for j, l in enumerate(layers):
+        tensors[f"layers.{j}.weight"] = l.weight
+        if l.bias is not None:
+            tensors[f"layers.{j}.bias"] = l.bias
+    return _st_save(tensors, metadata={
+        "format": FILE_FORMAT, "from_version": str(a), "to_version": str(b), "direction": direction,
+        "kind": kind, "layers": json.dumps(layer_specs(layers), sort_keys=True)})
+
+
+_REFIX = ("re-add the transform with Registry.add_transform(from_version, to_version, layers, replace=True) "
+          "or restore the file from a backup")
+
+
+def foreign_format(data: bytes) -> str | None:
+    """Name the format of a file that is clearly not safetensors (pickle, zip, .npy), else None."""
+    if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5:
+        return f"a Python pickle (protocol {data[1]})"
+    if data[:4] == b"PK\x03\x04":
+        return "a zip archive (torch.save writes these; they contain pickles)"
+    if data[:6] == b"\x93NUMPY":
+        return "a numpy .npy file"
+    return None
+
+
+def read_header(data: bytes, where: str) -> dict:
+    """The JSON header of safetensors bytes, checked: an object whose ``__metadata__`` maps str to str."""
+    foreign = foreign_format(data)
+    if foreign is not None:
+        raise RegistryError(f"{where} is {foreign}, not safetensors; bc_fast never unpickles files. Export the "
+                            f"weights as safetensors in a trusted environment and {_REFIX}")
+    if len(data) < 8:
+        raise RegistryError(f"{where}: file is truncated ({len(data)} bytes); {_REFIX}")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES:
+        raise RegistryError(f"{where}: safetensors header length {n} is beyond the format's {MAX_HEADER_BYTES} byte "
+                            f"limit: the file is corrupted or not safetensors; {_REFIX}")
+    if n > len(data) - 8:
+        raise RegistryError(f"{where}: header length {n} exceeds the file size; the file is truncated; {_REFIX}")
+    header = _strict_json(data[8:8 + n], f"{where}: the safetensors header", _REFIX)
+    if not isinstance(header, dict):
+        raise RegistryError(f"{where}: the safetensors header must be a JSON object, got {type(header).__name__}; "
+                            f"{_REFIX}")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        found = type(meta).__name__ if not isinstance(meta, dict) else "an object with non-string values"
+        raise RegistryError(f"{where}: safetensors '__metadata__' must be an object of strings, got {found}; "
+                            f"{_REFIX}")
+    return header
+
+
+def decode_transform(data: bytes, t: TransformInfo, where: str) -> list[Layer]:
+    """Check transform file bytes against their manifest record and return the layers (read-only copies)."""
+    foreign = foreign_format(data)
+    if foreign is None:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != t.sha256:
+            raise RegistryError(
+                f"{where}: checksum mismatch for transform {t.from_version} -> {t.to_version}: manifest says "
+                f"sha256 {t.sha256[:16]}..., file has {digest[:16]}...; the weights were modified or corrupted; "
+                f"{_REFIX}")
+    meta = read_header(data, where).get("__metadata__", {})
+    if meta.get("format") != FILE_FORMAT:
+        raise RegistryError(f"{where}: not a bc_fast transform file (metadata format={_short(meta.get('format'))})")
+    rec = (meta.get("from_version"), meta.get("to_version"), meta.get("direction"))
+    want = (str(t.from_version), str(t.to_version), t.direction)
+    if rec != want:
+        raise RegistryError(
+            f"{where}: the file records a {rec[2]} transform {rec[0]} -> {rec[1]} but the manifest uses it as "
+            f"{want[2]} {want[0]} -> {want[1]}; the transform is recorded in the other direction or misfiled")
+    from safetensors.numpy import load as _st_load
+
+    try:
+        tensors = _st_load(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise RegistryError(f"{where}: cannot parse safetensors: {e}; {_REFIX}") from e
+    if len(tensors) != sum(1 + s["bias"] for s in t.layers):
+        raise RegistryError(f"{where}: the file holds tensors the manifest does not list: {sorted(tensors)[:8]}")
+    return [_decode_layer(tensors, j, spec, where) for j, spec in enumerate(t.layers)]
+
+
+def _decode_layer(tensors: Mapping[str, np.ndarray], j: int, spec: Mapping[str, Any], where: str) -> Layer:
+    w = tensors.get(f"layers.{j}.weight")
+    if w is None:
+        raise RegistryError(f"{where}: tensor 'layers.{j}.weight' is missing")
+    if w.shape != (spec["d_out"], spec["d_in"]):
+        raise RegistryError(f"{where}: layers.{j}.weight has shape {w.shape}, manifest says "
+                            f"({spec['d_out']}, {spec['d_in']}) (dimension mismatch)")
+    b = tensors.get(f"layers.{j}.bias")
+    if spec["bias"] != (b is not None):
+        raise RegistryError(f"{where}: layers.{j}.bias presence disagrees with the manifest")
+    if b is not None and b.shape != (spec["d_out"],):
+        raise RegistryError(f"{where}: layers.{j}.bias has shape {b.shape}, expected ({spec['d_out']},)")
+    try:
+        return validate_layer(Layer(w, b, spec["activation"], spec["activation_width"]), f"layers[{j}]",
+                              keep_float64=True)
+    except (ValueError, TypeError) as e:
+        raise RegistryError(f"{where}: {e}; {_REFIX}") from e
