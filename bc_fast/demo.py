@@ -27,7 +27,7 @@ def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
     from .convert import convert_table
     from .data import load_movielens
     from .experiment import run_demo
-    from .index import format_retrieval_report, legacy_retrieval_report
+    from .eval.retrieval import format_retrieval_report, legacy_retrieval_report
 
     out = Path(out_dir)
     res = run_demo(out, seed=seed, quick=quick, log=log)

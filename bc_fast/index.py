@@ -9,7 +9,16 @@ with version-``j`` queries, or with queries of any newer version, transformed on
 the fly by the compiled core. Affine chains can also be exported as a plain faiss
 ``IndexPreTransform`` (:func:`export_faiss_pretransform`).
 
+This module is the faiss adapter only (build, search, save, load, export); retrieval
+metrics and reports live in :mod:`bc_fast.eval.retrieval`.
+
 faiss is imported inside functions, so ``import bc_fast`` stays light.
+
+On disk an index is two files: the faiss index and a JSON sidecar (``path + '.json'``).
+The sidecar carries the sha256 of the index file and a sha256 of its own content
+(``sidecar_sha256``, over the canonical JSON of every other field); :meth:`LegacyIndex.load`
+checks both before faiss reads a byte, then re-derives metric, dimension and size from
+the faiss index and refuses any contradiction with the sidecar.
 
 About ``distance_compute_blas_threshold``: in faiss 1.15 a flat search takes the
 per-query SIMD loop when ``n_queries * d < distance_compute_blas_threshold``
@@ -31,23 +40,21 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
-import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from .ops import FusedTransform, Layer
+from ._arrays import as_numpy
+from ._fileio import atomic_write_bytes
+from .ops import FusedTransform
 from .progress import Progress
-from .registry import Registry, RegistryError, atomic_write_bytes
+from .registry import Registry, RegistryError
 
 __all__ = [
-    "LegacyIndex", "build_legacy_index", "export_faiss_pretransform", "overlap_at_k", "recall_at_k",
+    "LegacyIndex", "build_legacy_index", "export_faiss_pretransform", "faiss_linear_transform", "faiss_metric",
     "blas_threshold", "set_blas_threshold", "blas_threshold_for", "DEFAULT_BLAS_MIN_QUERIES",
-    "legacy_retrieval_report",
-    "format_retrieval_report",
 ]
 
 #: Query-batch size from which faiss uses BLAS for flat distances (faiss's default: 128000).
@@ -56,8 +63,14 @@ __all__ = [
 DEFAULT_BLAS_MIN_QUERIES = 3
 
 _INDEX_FORMAT = "bc_fast.legacy_index"
-_INDEX_FORMAT_VERSION = 1
+#: 2: the sidecar carries ``sidecar_sha256``; 1 (no sidecar checksum) is refused unless allowed.
+_INDEX_FORMAT_VERSION = 2
+_SIDECAR_MAX_BYTES = 1 << 20
 _METRICS = ("ip", "l2")
+_SIDECAR_FIELDS: dict[str, type] = {
+    "version": int, "source_version": int, "d": int, "ntotal": int, "metric": str, "factory": str,
+    "normalize": bool, "registry_checksum": str, "chain_checksum": str, "index_sha256": str,
+}
 
 
 def _faiss() -> Any:
@@ -68,12 +81,19 @@ def _faiss() -> Any:
     return faiss
 
 
-def _metric_const(metric: str) -> int:
+def faiss_metric(metric: str) -> int:
+    """The faiss metric constant for ``"ip"`` (inner product) or ``"l2"``; ValueError otherwise."""
     faiss = _faiss()
-    m = str(metric).lower()
+    m = metric.lower() if isinstance(metric, str) else metric
     if m not in _METRICS:
         raise ValueError(f"metric must be 'ip' (inner product) or 'l2', got {metric!r}")
     return faiss.METRIC_INNER_PRODUCT if m == "ip" else faiss.METRIC_L2
+
+
+def _index_metric(index: Any) -> str | None:
+    """``"ip"``/``"l2"`` read from the faiss index itself (None for any other faiss metric)."""
+    faiss = _faiss()
+    return {faiss.METRIC_INNER_PRODUCT: "ip", faiss.METRIC_L2: "l2"}.get(int(index.metric_type))
 
 
 def blas_threshold_for(d: int, min_queries: int | None = None) -> int:
@@ -117,12 +137,19 @@ def blas_threshold(n: int) -> Iterator[None]:
         _faiss().cvar.distance_compute_blas_threshold = prev
 
 
+# ----------------------------------------------------------------------------- input checks
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def _check_table(table: Any, dim: int, name: str, version: int) -> np.ndarray:
-    if not isinstance(table, np.ndarray):
-        if type(table).__module__.startswith("torch"):
-            table = table.detach().cpu().numpy()
-        else:
-            raise TypeError(f"{name} must be a numpy array or memmap of shape (n, {dim}), got {type(table).__name__}")
+    if not isinstance(table, np.ndarray) and not hasattr(table, "__dlpack__"):
+        raise TypeError(f"{name} must be a numpy array or memmap of shape (n, {dim}), got {type(table).__name__}")
+    table, _ = as_numpy(table, name, copy_from_device=True)
     if table.ndim != 2:
         raise ValueError(f"{name} must be 2-D (n, {dim}), got shape {table.shape}")
     if not np.issubdtype(table.dtype, np.floating):
@@ -133,11 +160,148 @@ def _check_table(table: Any, dim: int, name: str, version: int) -> np.ndarray:
     return table
 
 
+def _check_finite(block: np.ndarray, rows: np.ndarray, what: str) -> None:
+    """Refuse NaN/Inf rows: faiss would index or search them silently and return meaningless hits."""
+    bad = ~np.isfinite(block).all(axis=1)
+    if bad.any():
+        first = int(rows[int(np.argmax(bad))])
+        raise ValueError(f"{what}: row {first} (and {int(bad.sum()) - 1} more in this batch) holds NaN or Inf "
+                         f"after the transform; clean the input (np.isfinite) or check the transform's weights")
+
+
 def _rows(table: np.ndarray, start: int, stop: int) -> np.ndarray:
     x = table[start:stop]
     if x.dtype not in (np.float32, np.float16):
         x = x.astype(np.float32)
     return np.ascontiguousarray(x)
+
+
+def _rows_idx(table: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    x = table[rows]
+    if x.dtype not in (np.float32, np.float16):
+        x = x.astype(np.float32)
+    return np.ascontiguousarray(x)
+
+
+# ----------------------------------------------------------------------------- sidecar
+
+
+def _sidecar(p: Path) -> Path:
+    return p.with_name(p.name + ".json")
+
+
+def _sidecar_checksum(side: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of every sidecar field except the checksum itself."""
+    body = {k: v for k, v in side.items() if k != "sidecar_sha256"}
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _read_sidecar(sp: Path, *, allow_old: bool) -> dict:
+    """Parse and verify a sidecar: JSON object, format, checksum, field types and ranges."""
+    if not sp.is_file():
+        raise ValueError(f"sidecar {sp} not found; a legacy index is saved as two files by LegacyIndex.save "
+                         f"(the index and its '.json' sidecar): copy both, or rebuild and save the index")
+    if sp.stat().st_size > _SIDECAR_MAX_BYTES:
+        raise ValueError(f"{sp} is {sp.stat().st_size} bytes, far larger than a legacy index sidecar "
+                         f"(< {_SIDECAR_MAX_BYTES}); it is not one: re-save the index with LegacyIndex.save")
+    try:
+        side = json.loads(sp.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{sp} is not valid JSON (truncated or hand-edited?): {str(e)[:200]}; "
+                         f"re-save the index with LegacyIndex.save") from None
+    if not isinstance(side, dict):
+        raise ValueError(f"{sp}: expected a JSON object (a bc_fast legacy index sidecar), got a JSON "
+                         f"{type(side).__name__}; re-save the index with LegacyIndex.save")
+    if side.get("format") != _INDEX_FORMAT:
+        raise ValueError(f"{sp}: field 'format' must be {_INDEX_FORMAT!r}, got {side.get('format')!r}; "
+                         f"not a bc_fast legacy index sidecar")
+    fv = side.get("format_version")
+    if not _is_int(fv) or fv < 1:
+        raise ValueError(f"{sp}: field 'format_version' must be a positive int, got {fv!r}")
+    if fv > _INDEX_FORMAT_VERSION:
+        raise ValueError(f"{sp}: format_version {fv} is newer than this bc_fast supports "
+                         f"({_INDEX_FORMAT_VERSION}); upgrade bc_fast")
+    if fv < 2 and not allow_old:
+        raise ValueError(f"{sp}: format_version {fv} sidecars carry no checksum of their own, so edits to "
+                         f"'normalize' or 'metric' cannot be detected. Rebuild the index (build_legacy_index"
+                         f"(...).save(path)), or, if you trust this sidecar, re-save it once with "
+                         f"LegacyIndex.load(path, allow_old_sidecar=True).save(path)")
+    if fv >= 2:
+        want = side.get("sidecar_sha256")
+        if not isinstance(want, str) or want != _sidecar_checksum(side):
+            raise ValueError(f"{sp}: sidecar checksum mismatch: its fields were edited or the file is corrupt; "
+                             f"re-save the index with LegacyIndex.save, or rebuild it")
+    _check_sidecar_fields(sp, side)
+    return side
+
+
+def _check_sidecar_fields(sp: Path, side: Mapping[str, Any]) -> None:
+    for key, typ in _SIDECAR_FIELDS.items():
+        v = side.get(key)
+        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+            raise ValueError(f"{sp}: field {key!r} must be {typ.__name__}, got {v!r}")
+    if side["metric"] not in _METRICS:
+        raise ValueError(f"{sp}: field 'metric' must be 'ip' or 'l2', got {side['metric']!r}")
+    if not 0 <= side["version"] <= side["source_version"]:
+        raise ValueError(f"{sp}: need 0 <= version <= source_version, got version={side['version']}, "
+                         f"source_version={side['source_version']}")
+    if side["d"] < 1 or side["ntotal"] < 0:
+        raise ValueError(f"{sp}: need d >= 1 and ntotal >= 0, got d={side['d']}, ntotal={side['ntotal']}")
+
+
+def _read_index(p: Path, sp: Path, side: Mapping[str, Any]) -> Any:
+    """Check the index file's sha256 against the sidecar, then let faiss read it."""
+    data = p.read_bytes()
+    if hashlib.sha256(data).hexdigest() != side["index_sha256"]:
+        raise ValueError(f"{p}: checksum mismatch with {sp.name}: the index file is truncated or corrupt, was "
+                         f"modified, or a save was interrupted between the two files; rebuild or re-save the index")
+    try:
+        return _faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as e:
+        raise ValueError(f"{p}: faiss cannot read this index file ({str(e).splitlines()[0][:200]}); it may come "
+                         f"from another faiss version (sidecar says {side.get('faiss_version')!r}); rebuild it") from None
+
+
+def _check_index_matches(p: Path, sp: Path, index: Any, side: Mapping[str, Any]) -> None:
+    """Re-derive metric, dimension and size from the faiss index; refuse contradictions with the sidecar."""
+    metric = _index_metric(index)
+    found = {"d": int(index.d), "ntotal": int(index.ntotal), "metric": metric}
+    for key, value in found.items():
+        if value != side[key]:
+            raise ValueError(f"{sp}: says {key}={side[key]!r} but the faiss index {p.name} has {key}={value!r}; "
+                             f"the files do not belong together: rebuild or re-save the index")
+    if not index.is_trained:
+        raise ValueError(f"{p}: the faiss index is not trained; rebuild it with build_legacy_index")
+
+
+def _check_registry(sp: Path, reg: Registry, side: Mapping[str, Any]) -> None:
+    v, s = side["version"], side["source_version"]
+    if v not in reg or s not in reg:
+        raise RegistryError(f"{sp}: the index serves version {v} built from version {s}, but registry "
+                            f"{reg.path} has versions 0..{len(reg) - 1}; pass the registry the index was built with")
+    if reg.dim(v) != side["d"]:
+        raise RegistryError(f"{sp}: dimension mismatch: the index holds d={side['d']} vectors but "
+                            f"version {v} of {reg.path} has dim {reg.dim(v)}")
+    if reg.chain_checksum(s, v) != side["chain_checksum"]:
+        raise RegistryError(
+            f"{sp}: registry {reg.path} maps version {s} -> {v} with different transforms than the ones "
+            f"this index was built with (chain checksum mismatch); rebuild the index from this registry")
+
+
+def _as_registry(registry: Any) -> Registry | None:
+    if registry is None or isinstance(registry, Registry):
+        return registry
+    if isinstance(registry, (str, os.PathLike)):
+        return Registry.open(registry)
+    raise TypeError(f"registry must be a Registry, a registry path or None, got {type(registry).__name__}")
+
+
+# ----------------------------------------------------------------------------- the index
 
 
 class LegacyIndex:
@@ -185,7 +349,10 @@ class LegacyIndex:
                 f"ntotal={self.ntotal}, factory={self.factory!r}, metric={self.metric!r})")
 
     def query_operator(self, query_version: int) -> FusedTransform | None:
-        """The fused operator mapping ``query_version`` queries into this index's version (None if equal)."""
+        """The fused operator mapping ``query_version`` queries into this index's version (None if equal).
+
+        Refuses a registry whose chain ``source_version -> version`` changed since the index was built.
+        """
         if isinstance(query_version, bool) or not isinstance(query_version, (int, np.integer)):
             raise TypeError(f"query_version must be an int version number, got {query_version!r}")
         qv = int(query_version)
@@ -199,6 +366,11 @@ class LegacyIndex:
         if qv < self.version:
             raise RegistryError(f"query_version={qv} is older than the index's version {self.version}; "
                                 f"there are no forward transforms unless fitted")
+        if self.registry.chain_checksum(self.source_version, self.version) != self.chain_checksum:
+            raise RegistryError(
+                f"registry {self.registry.path} now maps version {self.source_version} -> {self.version} with "
+                f"other transforms than the ones this index was built with; queries would land in another "
+                f"space. Rebuild the index from the registry as it is now (build_legacy_index)")
         op = self.registry.operator(qv, self.version, normalize=self.normalize)
         self._ops[qv] = op
         return op
@@ -210,9 +382,9 @@ class LegacyIndex:
         Parameters
         ----------
         queries : ndarray of shape (n, dim(query_version)) or (dim(query_version),)
-            float32 or float16 (other floats are converted). A 1-D query returns 1-D results.
+            float32 or float16 (other floats are converted), finite. A 1-D query returns 1-D results.
         k : int
-            Neighbours per query.
+            Neighbours per query, ``1 <= k <= ntotal``.
         query_version : int
             The version the queries belong to (required: versions of equal dimension
             cannot be told apart from the data).
@@ -226,51 +398,76 @@ class LegacyIndex:
         Returns
         -------
         D : ndarray of shape (n, k), float32
-        I : ndarray of shape (n, k), int64 (row numbers of the source table; -1 if fewer hits)
+        I : ndarray of shape (n, k), int64 (row numbers of the source table; -1 if an
+            approximate index finds fewer hits)
         """
         op = self.query_operator(query_version)
-        q = queries.detach().cpu().numpy() if type(queries).__module__.startswith("torch") else np.asarray(queries)
+        q, single = self._check_queries(queries, op, int(query_version))
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if k > self.ntotal:
+            raise ValueError(f"k={k} is larger than the {self.ntotal} vectors in the index; pass k <= {self.ntotal}")
+        if op is not None:
+            q = op.apply(q, threads=threads)
+            _check_finite(q, np.arange(q.shape[0]), f"queries (version {int(query_version)})")
+        else:
+            q = np.ascontiguousarray(q, dtype=np.float32)
+            if self.normalize:
+                q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        with blas_threshold(blas_threshold_for(self.d, blas_min_queries)):
+            D, I = self.index.search(q, int(k))
+        if single:
+            return D[0], I[0]
+        return D, I
+
+    def _check_queries(self, queries: Any, op: FusedTransform | None, qv: int) -> tuple[np.ndarray, bool]:
+        """Validate shape, dtype and finiteness of a query batch; return it 2-D and whether it was 1-D."""
+        try:
+            q, _ = as_numpy(queries, "queries", copy_from_device=True)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"queries must be a float array of shape (n, d) or (d,), got {type(queries).__name__} "
+                            f"({str(e)[:120]})") from None
         single = q.ndim == 1
         if single:
             q = q.reshape(1, -1)
         if q.ndim != 2:
             raise ValueError(f"queries must be 1-D (one query) or 2-D (n, d), got shape {q.shape}")
         if not np.issubdtype(q.dtype, np.floating):
-            raise TypeError(f"queries must be floating point, got dtype {q.dtype}")
+            raise TypeError(f"queries must be floating point, got dtype {q.dtype}; convert with .astype(np.float32)")
         d_q = self.d if op is None else op.d_in
         if q.shape[1] != d_q:
-            raise ValueError(f"queries have {q.shape[1]} features but version {int(query_version)} has dim {d_q}; "
+            raise ValueError(f"queries have {q.shape[1]} features but version {qv} has dim {d_q}; "
                              f"set query_version to the version the queries come from")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        finite = np.isfinite(q).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"queries: row {int(np.argmin(finite))} holds NaN or Inf "
+                             f"({int((~finite).sum())} such rows); faiss would return meaningless neighbours")
         if q.dtype not in (np.float32, np.float16) or not q.flags.c_contiguous:
             q = np.ascontiguousarray(q, dtype=np.float32)
-        if op is not None:
-            q = op.apply(q, threads=threads)
-        else:
-            q = np.ascontiguousarray(q, dtype=np.float32)
-            if self.normalize:
-                q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        cvar = _faiss().cvar
-        prev = cvar.distance_compute_blas_threshold
-        cvar.distance_compute_blas_threshold = blas_threshold_for(self.d, blas_min_queries)
-        try:
-            D, I = self.index.search(q, int(k))
-        finally:
-            cvar.distance_compute_blas_threshold = prev
-        if single:
-            return D[0], I[0]
-        return D, I
+        return q, single
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the index to ``path`` and its JSON sidecar to ``path + '.json'``, each atomically.
 
         The sidecar records the registry checksum, the chain checksum, versions,
-        metric, factory string and the index file's sha256.
+        metric, factory string, the index file's sha256 and its own checksum
+        (``sidecar_sha256``, over every other field).
         """
         faiss = _faiss()
         p = Path(path)
-        data = faiss.serialize_index(self.index).tobytes()
+        if p.is_dir():
+            raise ValueError(f"{p} is a directory; pass a file path for the index, e.g. {p / 'index.faiss'}")
+        if not p.parent.is_dir():
+            raise FileNotFoundError(f"cannot save the index to {p}: directory {p.parent} does not exist; create it first")
+        metric = _index_metric(self.index)
+        if metric != self.metric:
+            raise ValueError(f"this LegacyIndex says metric={self.metric!r} but its faiss index uses {metric!r}; "
+                             f"build it with build_legacy_index")
+        try:
+            data = faiss.serialize_index(self.index).tobytes()
+        except RuntimeError as e:
+            raise ValueError(f"faiss cannot serialise this index ({str(e).splitlines()[0][:200]}); "
+                             f"GPU indexes must be copied to the CPU first") from None
         side = {
             "format": _INDEX_FORMAT, "format_version": _INDEX_FORMAT_VERSION,
             "version": self.version, "source_version": self.source_version, "d": self.d, "ntotal": self.ntotal,
@@ -281,13 +478,19 @@ class LegacyIndex:
             "faiss_version": faiss.__version__,
             "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         }
+        side["sidecar_sha256"] = _sidecar_checksum(side)
         atomic_write_bytes(p, data)
         atomic_write_bytes(_sidecar(p), (json.dumps(side, indent=2, sort_keys=True) + "\n").encode())
         return p
 
     @classmethod
-    def load(cls, path: str | os.PathLike, registry: Registry | str | os.PathLike | None = None) -> "LegacyIndex":
+    def load(cls, path: str | os.PathLike, registry: Registry | str | os.PathLike | None = None, *,
+             allow_old_sidecar: bool = False) -> "LegacyIndex":
         """Load an index saved with :meth:`save`, checking its sidecar against the file and the registry.
+
+        Checks, in order: the sidecar's own checksum and fields; the index file's sha256
+        (before faiss reads it); metric, dimension and size re-derived from the faiss
+        index; the registry's chain ``source_version -> version``.
 
         Parameters
         ----------
@@ -295,56 +498,24 @@ class LegacyIndex:
         registry : Registry or registry path, optional
             Needed to search with newer-version queries. Refused if its chain
             ``source_version -> version`` differs from the one the index was built with.
+        allow_old_sidecar : bool, default False
+            Accept a format-1 sidecar (written before sidecars carried their own checksum;
+            its ``normalize`` and ``factory`` fields cannot be verified). Re-save the index
+            at once to upgrade it.
         """
-        faiss = _faiss()
         p = Path(path)
         sp = _sidecar(p)
         if not p.is_file():
             raise FileNotFoundError(f"index file {p} not found")
-        if not sp.is_file():
-            raise ValueError(f"sidecar {sp} not found; a legacy index must be saved with LegacyIndex.save")
-        try:
-            side = json.loads(sp.read_bytes())
-        except ValueError as e:
-            raise ValueError(f"{sp} is not valid JSON (truncated or hand-edited?): {e}") from e
-        if not isinstance(side, dict) or side.get("format") != _INDEX_FORMAT:
-            raise ValueError(f"{sp}: field 'format' must be {_INDEX_FORMAT!r}; not a bc_fast legacy index sidecar")
-        need = {"version": int, "source_version": int, "d": int, "ntotal": int, "metric": str, "factory": str,
-                "normalize": bool, "registry_checksum": str, "chain_checksum": str, "index_sha256": str}
-        for key, typ in need.items():
-            if not isinstance(side.get(key), typ) or (typ is int and isinstance(side.get(key), bool)):
-                raise ValueError(f"{sp}: field {key!r} must be {typ.__name__}, got {side.get(key)!r}")
-        if side.get("format_version", 0) > _INDEX_FORMAT_VERSION:
-            raise ValueError(f"{sp}: format_version {side['format_version']} is newer than this bc_fast supports")
-        data = p.read_bytes()
-        if hashlib.sha256(data).hexdigest() != side["index_sha256"]:
-            raise ValueError(f"{p}: checksum mismatch with {sp.name}: the index file was modified, or a save was "
-                             f"interrupted between the two files; rebuild or re-save the index")
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        if index.d != side["d"] or index.ntotal != side["ntotal"]:
-            raise ValueError(f"{p}: index has d={index.d}, ntotal={index.ntotal} but {sp.name} says "
-                             f"d={side['d']}, ntotal={side['ntotal']}")
-        reg = None
-        if registry is not None:
-            reg = registry if isinstance(registry, Registry) else Registry.open(registry)
-            v, s = side["version"], side["source_version"]
-            if v not in reg or s not in reg:
-                raise RegistryError(f"{sp}: the index serves version {v} built from version {s}, but registry "
-                                    f"{reg.path} has versions 0..{len(reg) - 1}")
-            if reg.dim(v) != side["d"]:
-                raise RegistryError(f"{sp}: dimension mismatch: the index holds d={side['d']} vectors but "
-                                    f"version {v} of {reg.path} has dim {reg.dim(v)}")
-            if reg.chain_checksum(s, v) != side["chain_checksum"]:
-                raise RegistryError(
-                    f"{sp}: registry {reg.path} maps version {s} -> {v} with different transforms than the ones "
-                    f"this index was built with (chain checksum mismatch); rebuild the index from this registry")
+        side = _read_sidecar(sp, allow_old=allow_old_sidecar)
+        index = _read_index(p, sp, side)
+        _check_index_matches(p, sp, index, side)
+        reg = _as_registry(registry)
+        if reg is not None:
+            _check_registry(sp, reg, side)
         return cls(index, version=side["version"], source_version=side["source_version"], registry=reg,
                    metric=side["metric"], factory=side["factory"], normalize=side["normalize"],
                    registry_checksum=side["registry_checksum"], chain_checksum=side["chain_checksum"])
-
-
-def _sidecar(p: Path) -> Path:
-    return p.with_name(p.name + ".json")
 
 
 def build_legacy_index(registry: Registry, table: Any, version: int = 0, *, factory: str = "Flat",
@@ -360,7 +531,7 @@ def build_legacy_index(registry: Registry, table: Any, version: int = 0, *, fact
     Parameters
     ----------
     registry : Registry
-    table : ndarray or np.memmap of shape (n, dim(table_version)), float32 or float16
+    table : ndarray or np.memmap of shape (n, dim(table_version)), float32 or float16, finite
     version : int, default 0
         The version the index serves.
     factory : str, default "Flat"
@@ -382,51 +553,67 @@ def build_legacy_index(registry: Registry, table: Any, version: int = 0, *, fact
     Returns
     -------
     LegacyIndex
+
+    Raises
+    ------
+    ValueError
+        On a bad argument, a factory string faiss rejects or cannot train, or NaN/Inf rows.
     """
     faiss = _faiss()
     if not isinstance(registry, Registry):
         raise TypeError(f"registry must be a bc_fast.registry.Registry, got {type(registry).__name__}")
-    src = registry.latest if table_version is None else int(table_version)
-    op = registry.operator(src, version, normalize=normalize)
+    if not isinstance(factory, str):
+        raise TypeError(f"factory must be a faiss index_factory string such as 'Flat', got {factory!r}")
+    if not isinstance(normalize, (bool, np.bool_)):
+        raise TypeError(f"normalize must be True or False, got {normalize!r}")
+    metric_const = faiss_metric(metric)
+    chunk_rows, train_rows = _positive_int(chunk_rows, "chunk_rows"), _positive_int(train_rows, "train_rows")
+    src = registry.latest if table_version is None else table_version
+    op = registry.operator(src, version, normalize=bool(normalize))
+    src = int(src)
     table = _check_table(table, registry.dim(src), "table", src)
-    if chunk_rows < 1 or train_rows < 1:
-        raise ValueError(f"chunk_rows and train_rows must be positive, got {chunk_rows}, {train_rows}")
-    n = table.shape[0]
-    d = op.d_out
+    n, d = table.shape[0], op.d_out
     try:
-        index = faiss.index_factory(d, factory, _metric_const(metric))
+        index = faiss.index_factory(d, factory, metric_const)
     except RuntimeError as e:
-        raise ValueError(f"faiss cannot build index_factory({d}, {factory!r}): {e}") from e
+        raise ValueError(f"faiss cannot build index_factory({d}, {factory!r}): {str(e).splitlines()[0][:200]}") from None
     if not index.is_trained:
-        if n == 0:
-            raise ValueError(f"index_factory string {factory!r} needs training, but the table is empty")
-        m = min(n, int(train_rows))
-        rows = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False)) if m < n else np.arange(n)
-        sample = np.empty((m, d), np.float32)
-        for s in range(0, m, chunk_rows):
-            r = rows[s:s + chunk_rows]
-            op.apply(_rows_idx(table, r), out=sample[s:s + len(r)], threads=threads)
-        with blas_threshold(blas_threshold_for(d)):
-            index.train(sample)
-        del sample
+        _train(index, op, table, factory=factory, train_rows=train_rows, chunk_rows=chunk_rows, seed=seed,
+               threads=threads)
     buf = np.empty((min(chunk_rows, max(n, 1)), d), np.float32)
     with Progress(n, f"legacy index v{version}", enabled=progress) as bar, blas_threshold(blas_threshold_for(d)):
         for start in range(0, n, chunk_rows):
             stop = min(n, start + chunk_rows)
             out = buf[: stop - start]
             op.apply(_rows(table, start, stop), out=out, threads=threads)
+            _check_finite(out, np.arange(start, stop), "table")
             index.add(out)
             bar.update(stop - start)
-    return LegacyIndex(index, version=version, source_version=src, registry=registry, metric=str(metric).lower(),
-                       factory=factory, normalize=normalize, registry_checksum=registry.checksum,
-                       chain_checksum=registry.chain_checksum(src, version))
+    return LegacyIndex(index, version=int(version), source_version=src, registry=registry,
+                       metric=str(metric).lower(), factory=factory, normalize=bool(normalize),
+                       registry_checksum=registry.checksum, chain_checksum=registry.chain_checksum(src, int(version)))
 
 
-def _rows_idx(table: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    x = table[rows]
-    if x.dtype not in (np.float32, np.float16):
-        x = x.astype(np.float32)
-    return np.ascontiguousarray(x)
+def _train(index: Any, op: FusedTransform, table: np.ndarray, *, factory: str, train_rows: int, chunk_rows: int,
+           seed: int, threads: int | None) -> None:
+    """Train ``index`` on up to ``train_rows`` converted rows sampled from ``table``."""
+    n, d = table.shape[0], op.d_out
+    if n == 0:
+        raise ValueError(f"index_factory string {factory!r} needs training, but the table is empty")
+    m = min(n, train_rows)
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False)) if m < n else np.arange(n)
+    sample = np.empty((m, d), np.float32)
+    for s in range(0, m, chunk_rows):
+        r = rows[s:s + chunk_rows]
+        op.apply(_rows_idx(table, r), out=sample[s:s + len(r)], threads=threads)
+        _check_finite(sample[s:s + len(r)], r, "table")
+    try:
+        with blas_threshold(blas_threshold_for(d)):
+            index.train(sample)
+    except RuntimeError as e:
+        raise ValueError(f"faiss cannot train index_factory({d}, {factory!r}) on {m} rows: "
+                         f"{str(e).splitlines()[0][:200]}; use more rows (train_rows, table) or a smaller "
+                         f"factory (fewer IVF lists)") from None
 
 
 def faiss_linear_transform(weight: np.ndarray, bias: np.ndarray | None = None) -> Any:
@@ -495,265 +682,3 @@ def export_faiss_pretransform(registry: Registry | LegacyIndex, index: Any = Non
     else:
         pre = faiss.IndexPreTransform(lt, index)
     return pre
-
-
-# ----------------------------------------------------------------------------- retrieval metrics
-
-
-def overlap_at_k(I_a: np.ndarray, I_b: np.ndarray, k: int | None = None) -> float:
-    """Mean fraction of shared ids in two top-k result lists (retrieval compatibility).
-
-    Parameters
-    ----------
-    I_a, I_b : int arrays of shape (n, >=k)
-        Result ids of the same queries from two indexes; -1 (no hit) never matches.
-    k : int, optional
-        Use the first ``k`` columns (default: all).
-
-    Returns
-    -------
-    float in [0, 1]: mean over queries of ``|top_k(a) & top_k(b)| / k``.
-    """
-    a = np.asarray(I_a)
-    b = np.asarray(I_b)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
-        raise ValueError(f"I_a and I_b must be 2-D with the same number of rows, got {a.shape} and {b.shape}")
-    k = min(a.shape[1], b.shape[1]) if k is None else int(k)
-    if not 1 <= k <= min(a.shape[1], b.shape[1]):
-        raise ValueError(f"k={k} must be in [1, {min(a.shape[1], b.shape[1])}]")
-    if a.shape[0] == 0:
-        raise ValueError("no queries")
-    a, b = a[:, :k], b[:, :k]
-    hits = 0
-    for s in range(0, a.shape[0], 512):
-        aa, bb = a[s:s + 512], b[s:s + 512]
-        eq = (aa[:, :, None] == bb[:, None, :]) & (aa[:, :, None] >= 0)
-        hits += int(eq.any(axis=2).sum())
-    return hits / (a.shape[0] * k)
-
-
-def recall_at_k(users: np.ndarray, items: np.ndarray, train_pairs: np.ndarray, test_pairs: np.ndarray,
-                k: int = 50, *, metric: str = "ip", chunk: int = 1024) -> float:
-    """Recall@k of item recommendation: rank all items per user, training items excluded.
-
-    Parameters
-    ----------
-    users : ndarray of shape (n_users, d)
-    items : ndarray of shape (n_items, d)
-    train_pairs, test_pairs : int arrays of shape (m, 2)
-        ``(user, item)`` rows. Training items are never recommended.
-    k : int, default 50
-    metric : {"ip", "l2"}
-
-    Returns
-    -------
-    float: mean over users with test items of ``|top_k & test| / |test|``.
-    """
-    _metric_const(metric)
-    users = np.asarray(users, dtype=np.float32)
-    items = np.asarray(items, dtype=np.float32)
-    if users.ndim != 2 or items.ndim != 2 or users.shape[1] != items.shape[1]:
-        raise ValueError(f"users (n_users, d) and items (n_items, d) must share d, got {users.shape}, {items.shape}")
-    tr = _pairs(train_pairs, "train_pairs", users.shape[0], items.shape[0])
-    te = _pairs(test_pairs, "test_pairs", users.shape[0], items.shape[0])
-    if te.shape[0] == 0:
-        raise ValueError("test_pairs is empty")
-    n_items = items.shape[0]
-    k = min(int(k), n_items)
-    test_users = np.unique(te[:, 0])
-    order = np.argsort(tr[:, 0], kind="stable")
-    tr = tr[order]
-    tr_start = np.searchsorted(tr[:, 0], np.arange(users.shape[0] + 1))
-    te = te[np.argsort(te[:, 0], kind="stable")]
-    te_start = np.searchsorted(te[:, 0], np.arange(users.shape[0] + 1))
-    sq = (items * items).sum(1) if metric == "l2" else None
-    recalls = []
-    for s in range(0, len(test_users), chunk):
-        us = test_users[s:s + chunk]
-        scores = users[us] @ items.T
-        if sq is not None:
-            scores = 2 * scores - sq[None, :]
-        for r, u in enumerate(us):
-            scores[r, tr[tr_start[u]:tr_start[u + 1], 1]] = -np.inf
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        for r, u in enumerate(us):
-            truth = te[te_start[u]:te_start[u + 1], 1]
-            recalls.append(np.isin(truth, top[r]).sum() / len(truth))
-    return float(np.mean(recalls))
-
-
-def _pairs(p: Any, name: str, n_users: int, n_items: int) -> np.ndarray:
-    a = np.asarray(p)
-    if a.ndim != 2 or a.shape[1] != 2 or not np.issubdtype(a.dtype, np.integer):
-        raise ValueError(f"{name} must be an int array of shape (m, 2) of (user, item) rows, got {a.dtype} {a.shape}")
-    if a.size and (a.min() < 0 or a[:, 0].max() >= n_users or a[:, 1].max() >= n_items):
-        raise ValueError(f"{name} has ids outside [0, {n_users}) x [0, {n_items})")
-    return a.astype(np.int64)
-
-
-# ----------------------------------------------------------------------------- demo report
-
-
-def _backward_list(backward: Any, n_versions: int, name: str) -> list[Any]:
-    """Normalise per-strategy backward transforms to a list indexed by version (entry 0 unused)."""
-    K = n_versions - 1
-    if backward is None:
-        return [None] * n_versions
-    if isinstance(backward, Mapping):
-        bad = [v for v in backward if not (isinstance(v, int) and 1 <= v <= K)]
-        if bad:
-            raise ValueError(f"strategies[{name!r}]['backward'] keys must be versions 1..{K}, got {bad}")
-        return [None] + [backward.get(v) for v in range(1, n_versions)]
-    seq = list(backward)
-    if len(seq) == K:
-        return [None] + seq
-    if len(seq) == n_versions and seq[0] is None:
-        return seq
-    raise ValueError(f"strategies[{name!r}]['backward'] must list B_1..B_{K} ({K} entries) or "
-                     f"[None, B_1, ..., B_{K}]; got {len(seq)} entries")
-
-
-def _identity_layers(d_from: int, d_to: int) -> list[Layer]:
-    return [Layer(np.eye(d_to, d_from, dtype=np.float32))]
-
-
-def legacy_retrieval_report(strategies: Mapping[str, Mapping[str, Any]], *, version: int = 0, k: int = 50,
-                            train_pairs: np.ndarray | None = None, test_pairs: np.ndarray | None = None,
-                            recall_k: int = 50, factory: str = "Flat", metric: str = "ip",
-                            max_queries: int = 2000, seed: int = 0,
-                            workdir: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
-    """Retrieval retention of a legacy index built from the latest embeddings, per strategy.
-
-    For each strategy: put its versions and backward transforms in a registry (in a
-    temporary directory), fuse the chain latest -> ``version``, build a faiss index
-    for ``version`` from the latest item embeddings through the fused core, and
-    compare it with the index of the TRUE version-``version`` item embeddings.
-
-    Parameters
-    ----------
-    strategies : mapping name -> dict with keys
-        ``items``: list of K+1 arrays, item embeddings of versions 0..K, shapes (n_items, d_k);
-        ``users``: optional list of K+1 arrays (n_users, d_k), user embeddings;
-        ``backward``: B_1..B_K as a list of K transforms (or ``[None, B_1, ...]`` or
-        ``{k: B_k}``), each anything :func:`bc_fast.registry.as_layers` accepts (a Layer
-        list from ``export_layers()``, ``(W, b)``). ``None`` (the whole entry, or one
-        step) means no transform: the identity, truncating to the first d_(k-1)
-        features if the dimension grew (what nobc does).
-    version : int, default 0
-        The legacy version j whose consumers are served.
-    k : int, default 50
-        Depth of overlap@k.
-    train_pairs, test_pairs : int arrays of shape (m, 2), optional
-        ``(user, item)`` interactions for Recall@``recall_k`` (needs ``users``).
-    recall_k : int, default 50
-    factory, metric : faiss index_factory string and "ip"/"l2" for the legacy index.
-    max_queries : int
-        Version-j queries used for overlap@k: the true version-j user embeddings (or
-        item embeddings when no users are given), at most this many, sampled.
-    workdir : path, optional
-        Where to put the registries (default: a temporary directory, removed after).
-
-    Returns
-    -------
-    dict name -> dict with
-        ``overlap@k``: mean |top-k(legacy index) & top-k(true v_j index)| / k for version-j queries;
-        ``recall_true``: Recall@recall_k of true v_j users vs true v_j items;
-        ``recall_legacy``: true v_j users vs the legacy (transformed latest) items;
-        ``recall_transformed``: transformed latest users vs transformed latest items;
-        ``recall_retention``: recall_legacy / recall_true; ``recall_k``;
-        ``chain``: the fused operator, ``n_queries``, ``build_s`` (index build seconds),
-        ``rows_per_s``. Recall keys are absent without interactions and users.
-    """
-    import time
-
-    faiss = _faiss()
-    if not strategies:
-        raise ValueError("strategies is empty")
-    own_tmp = workdir is None
-    base = Path(tempfile.mkdtemp(prefix="bc_fast_legacy_")) if own_tmp else Path(workdir)
-    report: dict[str, dict[str, Any]] = {}
-    try:
-        for si, (name, data) in enumerate(strategies.items()):
-            if not isinstance(data, Mapping) or "items" not in data:
-                raise ValueError(f"strategies[{name!r}] must be a dict with 'items' (and optional 'users', 'backward')")
-            items = [np.asarray(x) for x in data["items"]]
-            users = None if data.get("users") is None else [np.asarray(x) for x in data["users"]]
-            nv = len(items)
-            if not 0 <= version < nv - 1:
-                raise ValueError(f"strategies[{name!r}] has versions 0..{nv - 1}; version={version} must be older "
-                                 f"than the latest")
-            if users is not None and len(users) != nv:
-                raise ValueError(f"strategies[{name!r}]: 'users' has {len(users)} versions, 'items' has {nv}")
-            backward = _backward_list(data.get("backward"), nv, name)
-            reg = Registry.create(base / f"{si:02d}_registry", name=str(name))
-            notes = []
-            for v in range(nv):
-                dim = items[v].shape[1]
-                b = backward[v]
-                if v > 0 and b is None:
-                    b = _identity_layers(dim, items[v - 1].shape[1])
-                    notes.append(f"B_{v}=" + ("identity" if dim == items[v - 1].shape[1] else
-                                               f"truncate {dim}->{items[v - 1].shape[1]}"))
-                reg.add_version(dim=dim, backward=b if v > 0 else None, metadata={"strategy": str(name)})
-            latest = nv - 1
-            t0 = time.perf_counter()
-            legacy = build_legacy_index(reg, np.ascontiguousarray(items[latest], np.float32), version,
-                                        factory=factory, metric=metric, progress=False)
-            build_s = time.perf_counter() - t0
-            true_j = np.ascontiguousarray(items[version], np.float32)
-            truth = faiss.index_factory(true_j.shape[1], "Flat", _metric_const(metric))
-            truth.add(true_j)
-            pool = users[version] if users is not None else true_j
-            rng = np.random.default_rng(seed)
-            qi = np.sort(rng.choice(len(pool), size=min(max_queries, len(pool)), replace=False))
-            q = np.ascontiguousarray(pool[qi], np.float32)
-            kk = min(k, legacy.ntotal)
-            _, I_legacy = legacy.search(q, kk, query_version=version)
-            with blas_threshold(blas_threshold_for(true_j.shape[1])):
-                _, I_true = truth.search(q, kk)
-            row: dict[str, Any] = {
-                f"overlap@{k}": overlap_at_k(I_legacy, I_true),
-                "chain": repr(reg.operator(latest, version)),
-                "n_queries": int(len(q)),
-                "build_s": build_s,
-                "rows_per_s": legacy.ntotal / build_s if build_s > 0 else math.inf,
-            }
-            if notes:
-                row["notes"] = ", ".join(notes)
-            if users is not None and train_pairs is not None and test_pairs is not None:
-                op = reg.operator(latest, version)
-                items_t = op.apply(np.ascontiguousarray(items[latest], np.float32))
-                users_t = op.apply(np.ascontiguousarray(users[latest], np.float32))
-                r_true = recall_at_k(users[version], true_j, train_pairs, test_pairs, recall_k, metric=metric)
-                r_legacy = recall_at_k(users[version], items_t, train_pairs, test_pairs, recall_k, metric=metric)
-                r_tr = recall_at_k(users_t, items_t, train_pairs, test_pairs, recall_k, metric=metric)
-                row.update({"recall_k": int(recall_k), "recall_true": r_true, "recall_legacy": r_legacy, "recall_transformed": r_tr,
-                            "recall_retention": r_legacy / r_true if r_true > 0 else math.nan})
-            report[str(name)] = row
-    finally:
-        if own_tmp:
-            import shutil
-
-            shutil.rmtree(base, ignore_errors=True)
-    return report
-
-
-def format_retrieval_report(report: Mapping[str, Mapping[str, Any]], *, version: int = 0) -> str:
-    """Render :func:`legacy_retrieval_report` output as an aligned text table."""
-    if not report:
-        return "(no strategies)"
-    okey = next((key for key in next(iter(report.values())) if key.startswith("overlap@")), "overlap@50")
-    has_recall = any("recall_true" in r for r in report.values())
-    rk = next((r["recall_k"] for r in report.values() if "recall_k" in r), 50)
-    head = f"{'strategy':<20} {okey:>11}"
-    if has_recall:
-        head += (f" {f'R@{rk} true v{version}':>14} {f'R@{rk} legacy':>12} {'retention':>10} "
-                 f"{f'R@{rk} transf.':>13}")
-    lines = [f"legacy retrieval for version {version} (index built from latest embeddings via the fused chain)", head]
-    for name, r in report.items():
-        line = f"{name:<20} {r[okey]:>11.3f}"
-        if has_recall and "recall_true" in r:
-            line += (f" {r['recall_true']:>14.4f} {r['recall_legacy']:>12.4f} {r['recall_retention']:>9.1%} "
-                     f"{r['recall_transformed']:>13.4f}")
-        lines.append(line)
-    return "\n".join(lines)

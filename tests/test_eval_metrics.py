@@ -74,6 +74,35 @@ def test_recall_at_k_known_answers():
     np.testing.assert_allclose(recall_at_k(np.zeros((1, 4)), [np.array([2])], 2), [0.0])
 
 
+def _recall_reference(scores, positives, k, exclude=None):
+    """The former per-row implementation: full stable sort by (-score, item id)."""
+    s = np.array(scores, dtype=np.float64)
+    out = []
+    for r in range(s.shape[0]):
+        if exclude is not None and len(exclude[r]):
+            s[r, exclude[r]] = -np.inf
+        top = np.lexsort((np.arange(s.shape[1]), -s[r]))[:min(k, s.shape[1])]
+        pos = np.unique(positives[r])
+        out.append(np.isin(top, pos).sum() / pos.size)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 40])
+def test_recall_at_k_matches_per_row_reference_with_ties_and_blocks(k, monkeypatch):
+    import bc_fast.eval.metrics as M
+
+    rng = np.random.default_rng(k)
+    scores = rng.integers(0, 4, size=(53, 37)).astype(np.float32)  # many ties at the cut
+    scores[5] = -np.inf
+    positives = [rng.integers(0, 37, size=rng.integers(1, 6)) for _ in range(53)]
+    exclude = [rng.choice(37, size=rng.integers(0, 5), replace=False) for _ in range(53)]
+    want = _recall_reference(scores, positives, k, exclude)
+    np.testing.assert_array_equal(recall_at_k(scores, positives, k, exclude=exclude), want)
+    monkeypatch.setattr(M, "_BLOCK_SCORES", 100)  # several blocks of 2 rows, and a short last one
+    np.testing.assert_array_equal(recall_at_k(scores, positives, k, exclude=exclude), want)
+    assert scores[5, 0] == -np.inf and np.isfinite(scores[0]).all()  # the caller's scores are untouched
+
+
 def test_recall_at_k_errors():
     with pytest.raises(ValueError, match="k must be"):
         recall_at_k(np.zeros((1, 3)), [np.array([0])], 0)
@@ -83,6 +112,14 @@ def test_recall_at_k_errors():
         recall_at_k(np.zeros(3), [np.array([0])], 1)
     with pytest.raises(ValueError, match="positive lists"):
         recall_at_k(np.zeros((2, 3)), [np.array([0])], 1)
+    with pytest.raises(ValueError, match="scores row 1 contains NaN"):
+        recall_at_k(np.array([[0.0, 1.0], [np.nan, 0.0]]), [np.array([0]), np.array([1])], 1)
+    with pytest.raises(ValueError, match=r"positives\[0\] has item id 3 outside \[0, 3\)"):
+        recall_at_k(np.zeros((1, 3)), [np.array([3])], 1)
+    with pytest.raises(ValueError, match=r"exclude\[0\] has item id -1 outside"):
+        recall_at_k(np.zeros((1, 3)), [np.array([0])], 1, exclude=[np.array([-1])])
+    with pytest.raises(ValueError, match=r"positives\[0\] must hold integer item ids"):
+        recall_at_k(np.zeros((1, 3)), [np.array([0.5])], 1)
 
 
 def test_consumer_tasks_labels_and_scoring():

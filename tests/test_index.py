@@ -13,9 +13,10 @@ import pytest
 faiss = pytest.importorskip("faiss")
 
 from bc_fast import Layer  # noqa: E402
+from bc_fast.eval.retrieval import (  # noqa: E402
+    format_retrieval_report, legacy_retrieval_report, overlap_at_k, recall_from_embeddings)
 from bc_fast.index import (  # noqa: E402
-    DEFAULT_BLAS_MIN_QUERIES, LegacyIndex, blas_threshold, blas_threshold_for, build_legacy_index, export_faiss_pretransform,
-    format_retrieval_report, legacy_retrieval_report, overlap_at_k, recall_at_k)
+    DEFAULT_BLAS_MIN_QUERIES, LegacyIndex, blas_threshold, blas_threshold_for, build_legacy_index, export_faiss_pretransform)
 from bc_fast.progress import Progress  # noqa: E402
 from bc_fast.registry import Registry, RegistryError  # noqa: E402
 
@@ -237,10 +238,10 @@ def test_overlap_and_recall_by_hand() -> None:
     train = np.array([[0, 0], [1, 2]])
     test = np.array([[0, 1], [0, 3], [1, 3]])
     # user 0: item 0 excluded, top-1 = item 1 -> 1/2; user 1: item 2 excluded, top-1 = item 3 -> 1
-    assert recall_at_k(users, items, train, test, k=1) == pytest.approx(0.75)
-    assert recall_at_k(users, items, train, test, k=1, metric="l2") == pytest.approx(0.75)
+    assert recall_from_embeddings(users, items, train, test, k=1) == pytest.approx(0.75)
+    assert recall_from_embeddings(users, items, train, test, k=1, metric="l2") == pytest.approx(0.75)
     with pytest.raises(ValueError, match="outside"):
-        recall_at_k(users, items, train, np.array([[0, 9]]), k=1)
+        recall_from_embeddings(users, items, train, np.array([[0, 9]]), k=1)
 
 
 def test_legacy_retrieval_report() -> None:

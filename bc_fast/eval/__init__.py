@@ -1,16 +1,17 @@
-"""Evaluation: metrics (numpy), consumer tasks (torch, imported on use) and reports.
+"""Evaluation: metrics (numpy), consumer tasks (torch, imported on use), retrieval and reports.
 
 ``bc_fast.eval.metrics`` and ``bc_fast.eval.report`` need only numpy (and matplotlib
-for plots); ``bc_fast.eval.consumers`` needs torch and is imported when first used.
+for plots); ``bc_fast.eval.retrieval`` (legacy-index overlap, recall and retention)
+needs faiss and ``bc_fast.eval.consumers`` torch: both are imported when first used.
 """
 
 from .metrics import recall_at_k, roc_auc, roc_auc_macro
 
-__all__ = ["recall_at_k", "roc_auc", "roc_auc_macro", "consumers", "report"]
+__all__ = ["recall_at_k", "roc_auc", "roc_auc_macro", "consumers", "report", "retrieval"]
 
 
 def __getattr__(name: str):
-    if name in ("consumers", "report"):
+    if name in ("consumers", "report", "retrieval"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

@@ -8,6 +8,9 @@ import numpy as np
 
 __all__ = ["roc_auc", "roc_auc_macro", "recall_at_k"]
 
+#: recall_at_k works on blocks of rows holding about this many scores (bounds its temporaries).
+_BLOCK_SCORES = 1 << 22
+
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks, ties receiving the mean of their ranks (as scipy.stats.rankdata)."""
@@ -84,11 +87,16 @@ def recall_at_k(scores: np.ndarray, positives: Sequence[np.ndarray], k: int,
                 exclude: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """Per-row Recall@k: the share of each row's positives found among its top-k scores.
 
+    The one Recall@k of the package, vectorised over rows (in blocks of
+    ``_BLOCK_SCORES`` scores): item recommendation (``bc_fast.train.recommender``) and legacy-index
+    retention (:func:`bc_fast.eval.retrieval.recall_from_embeddings`) both call it.
+
     Parameters
     ----------
     scores : array of shape (n_rows, n_items)
+        Higher is better; ``-inf`` is allowed, NaN is not.
     positives : sequence of n_rows integer arrays
-        Relevant item ids of each row (non-empty).
+        Relevant item ids of each row (non-empty; duplicates count once).
     k : int
         Cut-off, ``1 <= k``; values above ``n_items`` act as ``n_items``.
     exclude : sequence of n_rows integer arrays, optional
@@ -103,28 +111,63 @@ def recall_at_k(scores: np.ndarray, positives: Sequence[np.ndarray], k: int,
     Raises
     ------
     ValueError
-        On shape mismatch, ``k < 1`` or a row without positives.
+        On shape mismatch, ``k < 1``, NaN scores, item ids outside ``[0, n_items)`` or a
+        row without positives.
     """
-    s = np.array(scores, dtype=np.float64, copy=True)
-    if s.ndim != 2:
-        raise ValueError(f"scores must be a 2-D array (n_rows, n_items), got shape {s.shape}")
-    if len(positives) != s.shape[0]:
-        raise ValueError(f"got {len(positives)} positive lists for {s.shape[0]} score rows")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if exclude is not None:
-        if len(exclude) != s.shape[0]:
-            raise ValueError(f"got {len(exclude)} exclude lists for {s.shape[0]} score rows")
-        for r, ex in enumerate(exclude):
-            if len(ex):
-                s[r, np.asarray(ex, dtype=np.int64)] = -np.inf
-    kk = min(int(k), s.shape[1])
-    out = np.empty(s.shape[0], dtype=np.float64)
-    for r in range(s.shape[0]):
-        pos = np.unique(np.asarray(positives[r], dtype=np.int64))
-        if pos.size == 0:
-            raise ValueError(f"row {r} has no positives")
-        # stable descending order: sort by (-score, item id)
-        top = np.lexsort((np.arange(s.shape[1]), -s[r]))[:kk]
-        out[r] = np.isin(top, pos).sum() / pos.size
+    s_all = np.asarray(scores)
+    if s_all.ndim != 2:
+        raise ValueError(f"scores must be a 2-D array (n_rows, n_items), got shape {s_all.shape}")
+    n, m = s_all.shape
+    if len(positives) != n:
+        raise ValueError(f"got {len(positives)} positive lists for {n} score rows")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if exclude is not None and len(exclude) != n:
+        raise ValueError(f"got {len(exclude)} exclude lists for {n} score rows")
+    kk = min(int(k), m)
+    out = np.empty(n, dtype=np.float64)
+    step = max(1, _BLOCK_SCORES // max(m, 1))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        s = np.array(s_all[r0:r1], dtype=np.float64)  # a copy: exclusions never touch the caller's scores
+        if np.isnan(s).any():
+            raise ValueError(f"scores row {r0 + int(np.isnan(s).any(axis=1).argmax())} contains NaN")
+        if exclude is not None:
+            rows, cols = _ragged(exclude[r0:r1], m, "exclude", r0)
+            s[rows, cols] = -np.inf
+        pos = np.zeros(s.shape, dtype=bool)
+        rows, cols = _ragged(positives[r0:r1], m, "positives", r0)
+        pos[rows, cols] = True
+        n_pos = pos.sum(axis=1)
+        if (n_pos == 0).any():
+            raise ValueError(f"row {r0 + int(np.argmin(n_pos))} has no positives")
+        out[r0:r1] = (pos & _top_k_mask(s, kk)).sum(axis=1) / n_pos
     return out
+
+
+def _top_k_mask(s: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of each row's k highest scores, ties at the cut broken by lower column index."""
+    m = s.shape[1]
+    if k >= m:
+        return np.ones(s.shape, dtype=bool)
+    cut = np.partition(s, m - k, axis=1)[:, m - k, None]  # the k-th largest score of each row
+    above = s > cut
+    at = s == cut
+    room = k - above.sum(axis=1, keepdims=True)
+    return above | (at & (np.cumsum(at, axis=1) <= room))
+
+
+def _ragged(lists: Sequence[np.ndarray], m: int, name: str, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) index arrays of a list of per-row integer id arrays, ids checked to lie in [0, m)."""
+    arrs = [np.asarray(a).reshape(-1) for a in lists]
+    for r, a in enumerate(arrs):
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"{name}[{offset + r}] must hold integer item ids, got dtype {a.dtype}")
+    lens = np.array([a.size for a in arrs], dtype=np.int64)
+    cols = np.concatenate(arrs).astype(np.int64) if arrs and lens.sum() else np.zeros(0, np.int64)
+    rows = np.repeat(np.arange(len(arrs)), lens)
+    bad = (cols < 0) | (cols >= m)
+    if bad.any():
+        r = int(rows[int(np.argmax(bad))])
+        raise ValueError(f"{name}[{offset + r}] has item id {int(cols[int(np.argmax(bad))])} outside [0, {m})")
+    return rows, cols

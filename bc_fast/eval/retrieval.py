@@ -1,0 +1,281 @@
+"""Retrieval evaluation of legacy indexes: overlap@k, Recall@k from embeddings, retention reports.
+
+:func:`legacy_retrieval_report` builds, per strategy, a temporary registry and a
+legacy index (:func:`bc_fast.index.build_legacy_index`) from the latest embeddings,
+and compares it with an index of the true legacy-version embeddings. Recall@k
+is :func:`bc_fast.eval.metrics.recall_at_k`, the package's single implementation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..index import blas_threshold, blas_threshold_for, build_legacy_index, faiss_metric
+from ..ops import Layer
+from ..registry import Registry
+from .metrics import recall_at_k
+
+__all__ = ["overlap_at_k", "recall_from_embeddings", "legacy_retrieval_report", "format_retrieval_report"]
+
+
+def overlap_at_k(I_a: np.ndarray, I_b: np.ndarray, k: int | None = None) -> float:
+    """Mean fraction of shared ids in two top-k result lists (retrieval compatibility).
+
+    Parameters
+    ----------
+    I_a, I_b : int arrays of shape (n, >=k)
+        Result ids of the same queries from two indexes; -1 (no hit) never matches.
+    k : int, optional
+        Use the first ``k`` columns (default: all).
+
+    Returns
+    -------
+    float in [0, 1]: mean over queries of ``|top_k(a) & top_k(b)| / k``.
+    """
+    a = np.asarray(I_a)
+    b = np.asarray(I_b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"I_a and I_b must be 2-D with the same number of rows, got {a.shape} and {b.shape}")
+    k = min(a.shape[1], b.shape[1]) if k is None else int(k)
+    if not 1 <= k <= min(a.shape[1], b.shape[1]):
+        raise ValueError(f"k={k} must be in [1, {min(a.shape[1], b.shape[1])}]")
+    if a.shape[0] == 0:
+        raise ValueError("no queries")
+    a, b = a[:, :k], b[:, :k]
+    hits = 0
+    for s in range(0, a.shape[0], 512):
+        aa, bb = a[s:s + 512], b[s:s + 512]
+        eq = (aa[:, :, None] == bb[:, None, :]) & (aa[:, :, None] >= 0)
+        hits += int(eq.any(axis=2).sum())
+    return hits / (a.shape[0] * k)
+
+
+def recall_from_embeddings(users: np.ndarray, items: np.ndarray, train_pairs: np.ndarray,
+                           test_pairs: np.ndarray, k: int = 50, *, metric: str = "ip", chunk: int = 1024) -> float:
+    """Mean Recall@k of item recommendation from embeddings: all items ranked per user, training items excluded.
+
+    Scores ``users @ items.T`` (or ``-||u - i||^2`` for ``metric="l2"``) in blocks of
+    ``chunk`` users and passes them to :func:`bc_fast.eval.metrics.recall_at_k`.
+
+    Parameters
+    ----------
+    users : ndarray of shape (n_users, d)
+    items : ndarray of shape (n_items, d)
+    train_pairs, test_pairs : int arrays of shape (m, 2)
+        ``(user, item)`` rows. Training items are never recommended.
+    k : int, default 50
+    metric : {"ip", "l2"}
+
+    Returns
+    -------
+    float: mean over users with test items of ``|top_k & test| / |test|``.
+    """
+    faiss_metric(metric)
+    users = np.asarray(users, dtype=np.float32)
+    items = np.asarray(items, dtype=np.float32)
+    if users.ndim != 2 or items.ndim != 2 or users.shape[1] != items.shape[1]:
+        raise ValueError(f"users (n_users, d) and items (n_items, d) must share d, got {users.shape}, {items.shape}")
+    tr = _pairs(train_pairs, "train_pairs", users.shape[0], items.shape[0])
+    te = _pairs(test_pairs, "test_pairs", users.shape[0], items.shape[0])
+    if te.shape[0] == 0:
+        raise ValueError("test_pairs is empty")
+    test_users = np.unique(te[:, 0])
+    truth, seen = _group(te, test_users), _group(tr, test_users)
+    sq = (items * items).sum(1) if metric.lower() == "l2" else None
+    recalls = np.empty(len(test_users))
+    for s in range(0, len(test_users), chunk):
+        scores = users[test_users[s:s + chunk]] @ items.T
+        if sq is not None:
+            scores = 2 * scores - sq[None, :]  # -||u - i||^2 up to a per-user constant
+        recalls[s:s + chunk] = recall_at_k(scores, truth[s:s + chunk], k, exclude=seen[s:s + chunk])
+    return float(recalls.mean())
+
+
+def _group(pairs: np.ndarray, users: np.ndarray) -> list[np.ndarray]:
+    """The items of each of ``users`` (sorted ids) in ``(user, item)`` rows."""
+    p = pairs[np.argsort(pairs[:, 0], kind="stable")]
+    lo = np.searchsorted(p[:, 0], users, side="left")
+    hi = np.searchsorted(p[:, 0], users, side="right")
+    return [p[a:b, 1] for a, b in zip(lo, hi)]
+
+
+def _pairs(p: Any, name: str, n_users: int, n_items: int) -> np.ndarray:
+    a = np.asarray(p)
+    if a.ndim != 2 or a.shape[1] != 2 or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must be an int array of shape (m, 2) of (user, item) rows, got {a.dtype} {a.shape}")
+    if a.size and (a.min() < 0 or a[:, 0].max() >= n_users or a[:, 1].max() >= n_items):
+        raise ValueError(f"{name} has ids outside [0, {n_users}) x [0, {n_items})")
+    return a.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- legacy retrieval report
+
+
+def _backward_list(backward: Any, n_versions: int, name: str) -> list[Any]:
+    """Normalise per-strategy backward transforms to a list indexed by version (entry 0 unused)."""
+    K = n_versions - 1
+    if backward is None:
+        return [None] * n_versions
+    if isinstance(backward, Mapping):
+        bad = [v for v in backward if not (isinstance(v, int) and 1 <= v <= K)]
+        if bad:
+            raise ValueError(f"strategies[{name!r}]['backward'] keys must be versions 1..{K}, got {bad}")
+        return [None] + [backward.get(v) for v in range(1, n_versions)]
+    seq = list(backward)
+    if len(seq) == K:
+        return [None] + seq
+    if len(seq) == n_versions and seq[0] is None:
+        return seq
+    raise ValueError(f"strategies[{name!r}]['backward'] must list B_1..B_{K} ({K} entries) or "
+                     f"[None, B_1, ..., B_{K}]; got {len(seq)} entries")
+
+
+def _identity_layers(d_from: int, d_to: int) -> list[Layer]:
+    return [Layer(np.eye(d_to, d_from, dtype=np.float32))]
+
+
+def legacy_retrieval_report(strategies: Mapping[str, Mapping[str, Any]], *, version: int = 0, k: int = 50,
+                            train_pairs: np.ndarray | None = None, test_pairs: np.ndarray | None = None,
+                            recall_k: int = 50, factory: str = "Flat", metric: str = "ip",
+                            max_queries: int = 2000, seed: int = 0,
+                            workdir: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
+    """Retrieval retention of a legacy index built from the latest embeddings, per strategy.
+
+    For each strategy: put its versions and backward transforms in a registry (in a
+    temporary directory), fuse the chain latest -> ``version``, build a faiss index
+    for ``version`` from the latest item embeddings through the fused core, and
+    compare it with the index of the TRUE version-``version`` item embeddings.
+
+    Parameters
+    ----------
+    strategies : mapping name -> dict with keys
+        ``items``: list of K+1 arrays, item embeddings of versions 0..K, shapes (n_items, d_k);
+        ``users``: optional list of K+1 arrays (n_users, d_k), user embeddings;
+        ``backward``: B_1..B_K as a list of K transforms (or ``[None, B_1, ...]`` or
+        ``{k: B_k}``), each anything :func:`bc_fast.registry.as_layers` accepts (a Layer
+        list from ``export_layers()``, ``(W, b)``). ``None`` (the whole entry, or one
+        step) means no transform: the identity, truncating to the first d_(k-1)
+        features if the dimension grew (what nobc does).
+    version : int, default 0
+        The legacy version j whose consumers are served.
+    k : int, default 50
+        Depth of overlap@k.
+    train_pairs, test_pairs : int arrays of shape (m, 2), optional
+        ``(user, item)`` interactions for Recall@``recall_k`` (needs ``users``).
+    recall_k : int, default 50
+    factory, metric : faiss index_factory string and "ip"/"l2" for the legacy index.
+    max_queries : int
+        Version-j queries used for overlap@k: the true version-j user embeddings (or
+        item embeddings when no users are given), at most this many, sampled.
+    workdir : path, optional
+        Where to put the registries (default: a temporary directory, removed after).
+
+    Returns
+    -------
+    dict name -> dict with
+        ``overlap@k``: mean |top-k(legacy index) & top-k(true v_j index)| / k for version-j queries;
+        ``recall_true``: Recall@recall_k of true v_j users vs true v_j items;
+        ``recall_legacy``: true v_j users vs the legacy (transformed latest) items;
+        ``recall_transformed``: transformed latest users vs transformed latest items;
+        ``recall_retention``: recall_legacy / recall_true; ``recall_k``;
+        ``chain``: the fused operator, ``n_queries``, ``build_s`` (index build seconds),
+        ``rows_per_s``. Recall keys are absent without interactions and users.
+    """
+    import faiss
+
+    if not strategies:
+        raise ValueError("strategies is empty")
+    own_tmp = workdir is None
+    base = Path(tempfile.mkdtemp(prefix="bc_fast_legacy_")) if own_tmp else Path(workdir)
+    report: dict[str, dict[str, Any]] = {}
+    try:
+        for si, (name, data) in enumerate(strategies.items()):
+            if not isinstance(data, Mapping) or "items" not in data:
+                raise ValueError(f"strategies[{name!r}] must be a dict with 'items' (and optional 'users', 'backward')")
+            items = [np.asarray(x) for x in data["items"]]
+            users = None if data.get("users") is None else [np.asarray(x) for x in data["users"]]
+            nv = len(items)
+            if not 0 <= version < nv - 1:
+                raise ValueError(f"strategies[{name!r}] has versions 0..{nv - 1}; version={version} must be older "
+                                 f"than the latest")
+            if users is not None and len(users) != nv:
+                raise ValueError(f"strategies[{name!r}]: 'users' has {len(users)} versions, 'items' has {nv}")
+            backward = _backward_list(data.get("backward"), nv, name)
+            reg = Registry.create(base / f"{si:02d}_registry", name=str(name))
+            notes = []
+            for v in range(nv):
+                dim = items[v].shape[1]
+                b = backward[v]
+                if v > 0 and b is None:
+                    b = _identity_layers(dim, items[v - 1].shape[1])
+                    notes.append(f"B_{v}=" + ("identity" if dim == items[v - 1].shape[1] else
+                                               f"truncate {dim}->{items[v - 1].shape[1]}"))
+                reg.add_version(dim=dim, backward=b if v > 0 else None, metadata={"strategy": str(name)})
+            latest = nv - 1
+            t0 = time.perf_counter()
+            legacy = build_legacy_index(reg, np.ascontiguousarray(items[latest], np.float32), version,
+                                        factory=factory, metric=metric, progress=False)
+            build_s = time.perf_counter() - t0
+            true_j = np.ascontiguousarray(items[version], np.float32)
+            truth = faiss.index_factory(true_j.shape[1], "Flat", faiss_metric(metric))
+            truth.add(true_j)
+            pool = users[version] if users is not None else true_j
+            rng = np.random.default_rng(seed)
+            qi = np.sort(rng.choice(len(pool), size=min(max_queries, len(pool)), replace=False))
+            q = np.ascontiguousarray(pool[qi], np.float32)
+            kk = min(k, legacy.ntotal)
+            _, I_legacy = legacy.search(q, kk, query_version=version)
+            with blas_threshold(blas_threshold_for(true_j.shape[1])):
+                _, I_true = truth.search(q, kk)
+            row: dict[str, Any] = {
+                f"overlap@{k}": overlap_at_k(I_legacy, I_true),
+                "chain": repr(reg.operator(latest, version)),
+                "n_queries": int(len(q)),
+                "build_s": build_s,
+                "rows_per_s": legacy.ntotal / build_s if build_s > 0 else math.inf,
+            }
+            if notes:
+                row["notes"] = ", ".join(notes)
+            if users is not None and train_pairs is not None and test_pairs is not None:
+                op = reg.operator(latest, version)
+                items_t = op.apply(np.ascontiguousarray(items[latest], np.float32))
+                users_t = op.apply(np.ascontiguousarray(users[latest], np.float32))
+                r_true = recall_from_embeddings(users[version], true_j, train_pairs, test_pairs, recall_k, metric=metric)
+                r_legacy = recall_from_embeddings(users[version], items_t, train_pairs, test_pairs, recall_k, metric=metric)
+                r_tr = recall_from_embeddings(users_t, items_t, train_pairs, test_pairs, recall_k, metric=metric)
+                row.update({"recall_k": int(recall_k), "recall_true": r_true, "recall_legacy": r_legacy, "recall_transformed": r_tr,
+                            "recall_retention": r_legacy / r_true if r_true > 0 else math.nan})
+            report[str(name)] = row
+    finally:
+        if own_tmp:
+            shutil.rmtree(base, ignore_errors=True)
+    return report
+
+
+def format_retrieval_report(report: Mapping[str, Mapping[str, Any]], *, version: int = 0) -> str:
+    """Render :func:`legacy_retrieval_report` output as an aligned text table."""
+    if not report:
+        return "(no strategies)"
+    okey = next((key for key in next(iter(report.values())) if key.startswith("overlap@")), "overlap@50")
+    has_recall = any("recall_true" in r for r in report.values())
+    rk = next((r["recall_k"] for r in report.values() if "recall_k" in r), 50)
+    head = f"{'strategy':<20} {okey:>11}"
+    if has_recall:
+        head += (f" {f'R@{rk} true v{version}':>14} {f'R@{rk} legacy':>12} {'retention':>10} "
+                 f"{f'R@{rk} transf.':>13}")
+    lines = [f"legacy retrieval for version {version} (index built from latest embeddings via the fused chain)", head]
+    for name, r in report.items():
+        line = f"{name:<20} {r[okey]:>11.3f}"
+        if has_recall and "recall_true" in r:
+            line += (f" {r['recall_true']:>14.4f} {r['recall_legacy']:>12.4f} {r['recall_retention']:>9.1%} "
+                     f"{r['recall_transformed']:>13.4f}")
+        lines.append(line)
+    return "\n".join(lines)
