@@ -1,0 +1,140 @@
+"""A forked child must compute, not hang, whoever started the OpenMP pool in its parent.
+
+torch ships its own libgomp.so.1 (same soname as the system one), so in a process that imported
+torch, OpenMP is torch's runtime whoever initialised it. libgomp's pool does not survive fork():
+a child that enters a parallel region after its parent used one waits forever. Each case runs in
+its own process group with a timeout, so a hang fails the test instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import bc_fast
+from bc_fast import FusedTransform
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork start method is Linux-only here")
+
+HANG_TIMEOUT_S = 20  # a healthy case takes a few seconds
+
+# The parent imports in `order`, lets `first` start the OpenMP pool, forks, and the child applies
+# the operator to 4096 rows. Exit 0: the child's answer was right; 3: the child hung; 4: wrong answer.
+_SCRIPT = textwrap.dedent("""
+    import multiprocessing as mp, queue, sys
+    import numpy as np
+    order, first = sys.argv[1], sys.argv[2]
+    if order == "torch_first":
+        import torch
+        import bc_fast
+    else:
+        import bc_fast
+        import torch
+    torch.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    op = bc_fast.FusedTransform.affine(rng.standard_normal((96, 64)).astype(np.float32),
+                                       rng.standard_normal(96).astype(np.float32))
+    x = rng.standard_normal((4096, 64)).astype(np.float32)
+    ref = x.astype(np.float64) @ np.asarray(op.layers[0].weight, np.float64).T + op.layers[0].bias
+
+    def torch_parallel():
+        a = torch.randn(512, 512)
+        torch.mm(a, a)
+
+    def bc_fast_parallel():
+        op.apply(x[:1000], threads=2)
+
+    steps = {"torch": [torch_parallel], "torch_then_bc_fast": [torch_parallel, bc_fast_parallel],
+             "bc_fast_then_torch": [bc_fast_parallel, torch_parallel]}[first]
+    for step in steps:
+        step()
+
+    def child(q):
+        q.put(op.apply(x, threads=2))
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,), daemon=True)
+    p.start()
+    try:
+        got = q.get(timeout=float(sys.argv[3]))  # read before join: a child cannot exit with unread data
+    except queue.Empty:
+        p.kill()
+        print("the forked child hung in bc_fast", flush=True)
+        sys.exit(3)
+    p.join(10)
+    sys.exit(0 if np.allclose(got, ref, rtol=1e-4, atol=1e-3) else 4)
+""")
+
+
+def _run_isolated(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run the script in its own process group; on timeout kill the whole group (the child too)."""
+    proc = subprocess.Popen([sys.executable, "-c", _SCRIPT, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the parent process hung for {timeout}s: {out[-2000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, out, None)
+
+
+@pytest.mark.parametrize("order", ["torch_first", "bc_fast_first"])
+@pytest.mark.parametrize("first", ["torch", "torch_then_bc_fast", "bc_fast_then_torch"])
+def test_forked_child_computes_whoever_started_openmp(order, first):
+    pytest.importorskip("torch", reason="the hang needs torch's libgomp in the parent")
+    res = _run_isolated([order, first, str(HANG_TIMEOUT_S)], HANG_TIMEOUT_S + 30)
+    assert res.returncode != 3, f"the forked child hung: {res.stdout[-2000:]}"
+    assert res.returncode == 0, f"exit {res.returncode}: {res.stdout[-2000:]}"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Python >= 3.12 warns about fork + threads
+def test_forked_child_does_not_hang_after_parent_used_threads():
+    import multiprocessing as mp
+
+    rng = np.random.default_rng(7)
+    op = FusedTransform.affine(rng.standard_normal((64, 64)).astype(np.float32))
+    x = rng.standard_normal((20_000, 64)).astype(np.float32)
+    expected = op.apply(x, threads=2)  # the parent starts the OpenMP pool
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_apply, args=(op, x, q), daemon=True)
+    p.start()
+    try:
+        got = q.get(timeout=HANG_TIMEOUT_S)  # read before join: a child cannot exit with unread queue data
+    except Exception:  # queue.Empty: the child never answered
+        got = None
+    p.join(10)
+    if p.is_alive():
+        p.kill()
+    assert got is not None, "the forked child hung in the core"
+    assert p.exitcode == 0
+    np.testing.assert_array_equal(got, expected)
+
+
+def _child_apply(op, x, q):
+    q.put(op.apply(x, threads=2))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Python >= 3.12 warns about fork + threads
+def test_build_info_reports_forked_child_in_a_fork():
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave at once, without pytest's teardown
+        try:
+            os.write(w, b"1" if bc_fast.build_info()["forked_child"] else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    got = os.read(r, 1)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert got == b"1"
+    assert bc_fast.build_info()["forked_child"] is False
