@@ -15,11 +15,19 @@ released) computes chunk i and a writer thread ``pwrite``-s chunk i-1, so the ru
 is bound by the slower of disk and compute, and memory by two input and two output
 chunks. Output goes to ``OUTPUT.partial``; a JSON journal next to it
 (``OUTPUT.partial.journal.json``, replaced atomically) records the last chunk made
-durable (fdatasync first), so a killed run resumes with ``resume=True`` and ends
-byte-identical to an uninterrupted one (the chunking is recorded and reused). Only a
-complete (and, if asked, verified) table is renamed to ``OUTPUT``; its sidecar
-``OUTPUT.bcfast.json`` names the embedding version, the registry checksum and chain,
-and the operator's sha256.
+durable (fdatasync first) and the crc32 of every chunk written, and carries a sha256 of
+its own content. A killed run resumes with ``resume=True``: the journal must be intact,
+the chunks it claims are read back and checked against their crc32 (a chunk that does
+not match is converted again), and the run ends byte-identical to an uninterrupted one
+(the chunking is recorded and reused). Only a complete, verified table (a random sample
+of rows against the float64 step-by-step chain, on by default) is renamed to
+``OUTPUT``; its sidecar ``OUTPUT.bcfast.json`` names the embedding version, the
+registry checksum and chain, the operator's sha256 and the chunks' crc32. A run killed
+while publishing is finished by ``resume=True``.
+
+``overwrite=True`` only ever replaces a table bc_fast wrote: one with a bc_fast sidecar
+and, for a directory of shards, no file other than the shards its sidecar lists.
+Anything else (user files, a symlink, a table without a sidecar) is refused.
 """
 
 from __future__ import annotations
@@ -27,13 +35,16 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
 import time
+import warnings
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -44,11 +55,14 @@ from .tables import (DTYPES, Chunk, TableReader, TableWriter, make_writer, open_
                      remove_path)
 
 __all__ = ["apply_to_table", "convert_table", "ConvertResult", "VerificationError",
-           "read_sidecar", "sidecar_path", "SIDECAR_SUFFIX"]
+           "read_sidecar", "sidecar_path", "default_verify_tol", "SIDECAR_SUFFIX", "DEFAULT_VERIFY_ROWS"]
 
 SIDECAR_SUFFIX = ".bcfast.json"
+DEFAULT_VERIFY_ROWS = 256
 _PARTIAL = ".partial"
-_JOURNAL_FORMAT = "bc_fast.convert.journal/1"
+_ASIDE = ".partial.old"  # an overwritten directory table waits here until the new one is in place
+_JOURNAL_FORMAT = "bc_fast.convert.journal/2"
+_MAX_THREADS = 1024
 _SIDECAR_FORMAT = "bc_fast.table/1"
 _CHUNK_BYTES = 16 << 20  # default chunk: ~16 MiB of input or output rows, whichever is larger
 _DISK_MARGIN = 64 << 20
@@ -64,7 +78,9 @@ class ConvertResult:
 
     ``rows_per_s`` counts the rows converted in this run (not the resumed ones).
     ``verify_max_error`` is the largest row-relative error ``||y - ref|| / ||ref||``
-    over the verified rows (None if ``verify=0``).
+    over the verified rows (None if ``verify=0``), ``verify_tol`` the bound it was held to.
+    ``already_complete`` is True when a resumed run found the table already published
+    (killed while finishing) and only completed the bookkeeping.
     """
 
     output: str
@@ -83,6 +99,8 @@ class ConvertResult:
     bytes_written: int
     verified_rows: int = 0
     verify_max_error: float | None = None
+    verify_tol: float | None = None
+    already_complete: bool = False
     provenance: dict = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -91,11 +109,14 @@ class ConvertResult:
         lines = [f"converted {self.rows:,} rows ({self.format}, {self.dim_in} -> {self.dim_out}, {self.dtype}) "
                  f"in {self.seconds:.2f} s: {self.rows_per_s:,.0f} rows/s, "
                  f"read {self.bytes_read / mib:,.1f} MiB, wrote {self.bytes_written / mib:,.1f} MiB"]
-        if self.resumed_rows:
+        if self.already_complete:
+            lines = [f"{self.output} was already complete ({self.rows:,} rows, {self.format}, {self.dim_in} -> "
+                     f"{self.dim_out}, {self.dtype}); finished the interrupted run's bookkeeping"]
+        elif self.resumed_rows:
             lines.append(f"resumed after {self.resumed_rows:,} rows already converted")
         if self.verified_rows:
             lines.append(f"verified {self.verified_rows} random rows against the step-by-step chain: "
-                         f"max relative error {self.verify_max_error:.2e}")
+                         f"max relative error {self.verify_max_error:.2e} (tolerance {self.verify_tol:.1e})")
         prov = self.provenance
         if "to" in prov:
             lines.append(f"version {prov.get('from')} -> {prov['to']}"
@@ -119,9 +140,13 @@ def read_sidecar(table: str | os.PathLike) -> dict | None:
         return None
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
+            side = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
         raise ValueError(f"{path}: unreadable sidecar ({e}); delete it if the table is not a converted one") from e
+    if not isinstance(side, dict):
+        raise ValueError(f"{path}: a bc_fast sidecar is a JSON object, but this file holds a JSON "
+                         f"{type(side).__name__}; delete or rename it if {table} is not a converted table")
+    return side
 
 
 def operator_fingerprint(op: FusedTransform) -> str:
@@ -155,6 +180,11 @@ def _disk_free(path: str) -> int:
     return shutil.disk_usage(path).free
 
 
+def _crc(y: np.ndarray) -> int:
+    """crc32 of an array's bytes: cheap (GB/s, GIL released) and enough to catch lost or edited chunks."""
+    return zlib.crc32(np.ascontiguousarray(y).reshape(-1).view(np.uint8))
+
+
 def _same_or_nested(a: str, b: str) -> bool:
     """True if paths a and b are the same file, or one lies inside the other."""
     ra, rb = os.path.realpath(a), os.path.realpath(b)
@@ -167,6 +197,32 @@ def _same_or_nested(a: str, b: str) -> bool:
 
 
 # --------------------------------------------------------------------------- verify
+
+_U32 = 2.0 ** -24  # unit roundoff of float32: the core computes and accumulates in float32
+_U16 = 2.0 ** -11  # unit roundoff of float16
+
+
+def default_verify_tol(n_layers: int, max_dim: int, out_dtype: Any) -> float:
+    """Largest row-relative error ``||y - ref|| / ||ref||`` a correct conversion shows against the
+    float64 step-by-step chain.
+
+    A float32 dot product of length d has relative error about sqrt(d)·u32 (u32 = 2^-24; d·u32
+    is the worst case); each of the ``n_layers`` steps adds one such error, and fusing them into
+    one operator one more, so we allow 8·(n_layers + 1)·sqrt(max_dim)·u32 (about 2e-5 for two
+    256-d steps, 1e-4 for five 1024-d ones). A float16 output is then rounded once, at most
+    u16 = 2^-11 per element (row-relative at most u16); we count it twice (about 1e-3).
+    A float16 input is exact in both the core and the reference, so it adds nothing.
+    """
+    tol = 8.0 * (max(int(n_layers), 1) + 1) * math.sqrt(max(int(max_dim), 1)) * _U32
+    if np.dtype(out_dtype) == np.float16:
+        tol += 2.0 * _U16
+    return float(tol)
+
+
+def _layers_verify_tol(layers: Sequence[Any], out_dtype: np.dtype) -> float:
+    dims = [d for l in layers for d in (l.d_in, l.d_out)] or [1]
+    return default_verify_tol(len(layers), max(dims), out_dtype)
+
 
 def _verify(reader: TableReader, writer: TableWriter, n: int, seed: int,
             reference: Callable[[np.ndarray], np.ndarray], tol: float) -> tuple[int, float]:
@@ -181,15 +237,174 @@ def _verify(reader: TableReader, writer: TableWriter, n: int, seed: int,
     if ref.shape != y.shape:
         raise VerificationError(f"reference chain returned shape {ref.shape} for {len(rows)} rows, "
                                 f"but the output has shape {y.shape}")
-    err = np.linalg.norm(y - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)
+    with np.errstate(over="ignore", invalid="ignore"):
+        err = np.linalg.norm(y - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)
+    err = np.where(np.isfinite(err), err, np.inf)
     worst = int(np.argmax(err))
     if not np.all(np.isfinite(y)) or err[worst] > tol:
         bad = int(np.sum(~(err <= tol)))
         raise VerificationError(
             f"verification failed: {bad} of {len(rows)} random rows differ from the step-by-step chain by more "
             f"than {tol:.1e} (relative); worst row {int(rows[worst])} has error {err[worst]:.3e}. "
-            "The output was not written; check the registry and the --from version")
+            "The output was not written; check the registry and the --from version "
+            "(or, if the chain is ill-conditioned, raise the tolerance with --verify-tol)")
     return len(rows), float(err[worst])
+
+
+# --------------------------------------------------------------------------- the journal
+
+def _journal_checksum(state: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in state.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _write_journal(path: str, state: dict) -> None:
+    """Write the journal atomically, stamped with a sha256 of its own content."""
+    state["checksum"] = _journal_checksum(state)
+    atomic_write_json(path, state)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _load_journal(path: str, temp: str) -> dict | None:
+    """The journal of a killed run, checked for integrity; None if there is none.
+
+    Raises ValueError naming the journal, what is wrong with it, and the fix.
+    """
+    if not os.path.lexists(path):
+        return None
+    fix = f"delete {temp} and {path} to start the conversion again"
+    if os.path.islink(path) or not os.path.isfile(path):
+        raise ValueError(f"{path}: the conversion journal is not a regular file; {fix}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            j = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: unreadable conversion journal ({e}); {fix}") from e
+    if not isinstance(j, dict):
+        raise ValueError(f"{path}: a conversion journal is a JSON object, this one is a JSON "
+                         f"{type(j).__name__}; {fix}")
+    if j.get("format") != _JOURNAL_FORMAT:
+        raise ValueError(f"{path}: not a bc_fast conversion journal of this version (format "
+                         f"{j.get('format')!r}, expected {_JOURNAL_FORMAT!r}); {fix}")
+    if j.get("checksum") != _journal_checksum(j):
+        raise ValueError(f"{path}: the journal was edited or corrupted (its sha256 does not match its "
+                         f"content), so the partial output cannot be trusted; {fix}")
+    job, n, done, crcs = j.get("job"), j.get("n_chunks"), j.get("done_chunks"), j.get("crcs")
+    problem = None
+    if not isinstance(job, dict) or not _is_int(job.get("chunk_rows")) or job["chunk_rows"] < 1:
+        problem = "its job has no valid chunk_rows"
+    elif not _is_int(n) or not _is_int(done) or not 0 <= done <= n:
+        problem = f"done_chunks={done!r} is not between 0 and n_chunks={n!r}"
+    elif not isinstance(crcs, list) or len(crcs) != done or not all(_is_int(c) for c in crcs):
+        problem = f"it claims {done} chunks done but records {len(crcs) if isinstance(crcs, list) else 'no'} checksums"
+    elif not isinstance(j.get("key"), str) or not isinstance(j.get("publishing", False), bool):
+        problem = "its key or publishing field is malformed"
+    elif j.get("replacing") is not None and not (
+            isinstance(j["replacing"], dict) and isinstance(j["replacing"].get("dir"), bool)
+            and (j["replacing"].get("files") is None or (isinstance(j["replacing"]["files"], list) and all(
+                isinstance(f, str) and os.path.basename(f) == f and f not in ("", ".", "..")
+                for f in j["replacing"]["files"])))):
+        problem = "its replacing field is malformed"
+    if problem:
+        raise ValueError(f"{path}: inconsistent conversion journal: {problem}; {fix}")
+    return j
+
+
+def _first_bad_chunk(read: Callable[[Chunk], np.ndarray], chunks: list[Chunk], crcs: list[int]) -> int | None:
+    """Index of the first chunk whose bytes do not match its recorded crc32 (None if all match)."""
+    for chunk, want in zip(chunks, crcs):
+        try:
+            if _crc(read(chunk)) != want:
+                return chunk.index
+        except (OSError, ValueError):
+            return chunk.index
+    return None
+
+
+def _table_matches(path: str, column: str | None, chunks: list[Chunk], chunk_rows: int,
+                   crcs: list[int]) -> str | None:
+    """None if the table at ``path`` holds exactly the recorded chunks, else what differs."""
+    try:
+        t = open_table(path, column)
+    except (OSError, ValueError, TypeError) as e:
+        return f"it cannot be read ({e})"
+    try:
+        mine = t.chunks(chunk_rows)
+        if t.n_rows != (chunks[-1].stop if chunks else 0) or [(c.start, c.stop) for c in mine] != [
+                (c.start, c.stop) for c in chunks]:
+            return f"it has {t.n_rows} rows in another layout than the journal records"
+        buf = np.empty((max((c.rows for c in chunks), default=0), t.dim), t.dtype)
+        bad = _first_bad_chunk(lambda c: t.read(c, buf)[0], mine, crcs)
+        return None if bad is None else f"its chunk {bad} does not match the journal's checksum"
+    finally:
+        t.close()
+
+
+# --------------------------------------------------------------------------- what may be overwritten
+
+def _owned_output(output: str) -> dict:
+    """Check that ``output`` is a table bc_fast wrote, so ``overwrite`` may replace it.
+
+    Returns ``{"dir": bool, "files": [names] | None}``, the exact files to remove for a
+    directory; raises FileExistsError saying why anything else is refused.
+    """
+    why = None
+    side_path = sidecar_path(output)
+    side: Any = None
+    if os.path.islink(output):
+        why = "it is a symbolic link (bc_fast does not write through links)"
+    elif not os.path.isdir(output) and not os.path.isfile(output):
+        why = "it is not a regular file or directory"
+    elif os.path.islink(side_path) or not os.path.isfile(side_path):
+        why = f"it has no bc_fast sidecar {side_path}, so bc_fast did not write it"
+    else:
+        try:
+            side = read_sidecar(output)
+        except ValueError as e:
+            why = f"its sidecar is not bc_fast's ({e})"
+        else:
+            if side.get("format") != _SIDECAR_FORMAT:
+                why = f"its sidecar {side_path} is not a bc_fast table sidecar (format {side.get('format')!r})"
+    if why is None and os.path.isdir(output):
+        files = side.get("files")
+        table = side.get("table") if isinstance(side.get("table"), dict) else {}
+        if table.get("format") != "npy_dir" or not isinstance(files, list) or not all(
+                isinstance(f, str) and f.endswith(".npy") and os.path.basename(f) == f and f not in (".", "..")
+                for f in files):
+            why = f"it is a directory, but its sidecar {side_path} does not list the shards bc_fast wrote there"
+        else:
+            present = sorted(os.listdir(output))
+            extra = [n for n in present if n not in files or os.path.islink(os.path.join(output, n))
+                     or not os.path.isfile(os.path.join(output, n))]
+            if extra:
+                shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+                why = f"it holds files bc_fast did not write there ({shown})"
+            else:
+                return {"dir": True, "files": present}
+    if why is None:
+        return {"dir": False, "files": None}
+    raise FileExistsError(f"refusing to overwrite {output}: {why}. --overwrite only replaces a table bc_fast "
+                          "wrote itself, and never removes other files; move them out of the way or choose "
+                          "another OUTPUT")
+
+
+def _remove_owned(path: str, replacing: Mapping[str, Any]) -> None:
+    """Remove an overwritten table moved aside: exactly the files bc_fast wrote, then the folder."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        remove_path(path)
+        return
+    for name in replacing.get("files") or []:
+        p = os.path.join(path, name)
+        if os.path.lexists(p) and not os.path.isdir(p):
+            os.unlink(p)
+    try:
+        os.rmdir(path)
+    except OSError:
+        warnings.warn(f"{path}: the table it replaced was removed, but files that appeared in it since are "
+                      "kept there; move them and delete the folder", RuntimeWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------- the core
@@ -205,7 +420,7 @@ def apply_to_table(
     threads: int | None = None,
     chunk_rows: int | None = None,
     resume: bool = False,
-    verify: int = 0,
+    verify: int = DEFAULT_VERIFY_ROWS,
     reference: Callable[[np.ndarray], np.ndarray] | None = None,
     verify_tol: float | None = None,
     seed: int = 0,
@@ -234,27 +449,29 @@ def apply_to_table(
     normalize : bool
         L2-normalise output rows (in the core's epilogue).
     threads : int, optional
-        Core threads (default: all).
+        Core threads, 1 to 1024 (default: all).
     chunk_rows : int, optional
         Rows per chunk (default: ~16 MiB per chunk). Memory is about four chunks.
         A resumed run reuses the chunking of the run it resumes.
     resume : bool
-        Continue a killed run from its journal. Without it an existing partial
-        output is an error.
-    verify : int
-        Check this many random rows against ``reference`` before publishing.
+        Continue a killed run from its journal (or finish one killed while
+        publishing). Without it an existing partial output is an error.
+    verify : int, default 256
+        Check this many random rows against ``reference`` before publishing; 0 turns it off.
     reference : callable, optional
         ``reference(x) -> float64 (n, d_out)``; default: ``op``'s own layers in float64.
     verify_tol : float, optional
-        Largest allowed row-relative error (default 1e-3 for float32 output, 5e-3 for float16).
+        Largest allowed row-relative error (default: :func:`default_verify_tol` for the
+        operator's layer count and dims and the output dtype: ~2e-5 float32, ~1e-3 float16).
     seed : int
         Seed for the verified rows.
     column : str, optional
         Parquet embedding column (default: the only fixed-size-list column).
     overwrite : bool
-        Replace an existing output (and its sidecar) when the new one is complete.
+        Replace an existing output when the new one is complete, but only a table
+        bc_fast wrote (its sidecar present; for a directory, only the shards it lists).
     progress : bool, optional
-        Progress bar on stderr; None: only when stderr is a terminal.
+        Progress bar (tqdm); None: on a terminal or in a notebook.
     journal_interval : float
         Seconds between durable journal updates (data is fdatasync-ed first); 0 means
         after every chunk. A killed run redoes at most this much work.
@@ -265,7 +482,7 @@ def apply_to_table(
 
     Raises
     ------
-    FileNotFoundError, ValueError, TypeError, OSError (ENOSPC), VerificationError
+    FileNotFoundError, FileExistsError, ValueError, TypeError, OSError (ENOSPC), VerificationError
         Before any work where possible; no partial output is left behind on an
         error (a KeyboardInterrupt keeps it for ``resume=True``).
     """
@@ -278,14 +495,18 @@ def apply_to_table(
     if _same_or_nested(input, output) or _same_or_nested(input, output + _PARTIAL):
         raise ValueError(f"output {output} is (or overlaps) the input {input}; write the converted table "
                          "to a new path")
-    if os.path.lexists(output) and not overwrite:
-        raise FileExistsError(f"output {output} already exists; remove it, choose another path, or pass "
-                              "overwrite=True (--overwrite)")
     for name, val in (("chunk_rows", chunk_rows), ("threads", threads)):
         if val is not None and (not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < 1):
             raise ValueError(f"{name} must be a positive integer, got {val!r}")
-    if not isinstance(verify, (int, np.integer)) or verify < 0:
-        raise ValueError(f"verify must be a non-negative number of rows, got {verify!r}")
+    if threads is not None and threads > _MAX_THREADS:
+        raise ValueError(f"threads={threads} is more than bc_fast can use (at most {_MAX_THREADS}); pass the "
+                         f"number of cores to use (this machine has {os.cpu_count()}) or leave it unset for all")
+    if not isinstance(verify, (int, np.integer)) or isinstance(verify, bool) or verify < 0:
+        raise ValueError(f"verify must be a non-negative number of rows (0 turns verification off), "
+                         f"got {verify!r}")
+    if verify_tol is not None and not (isinstance(verify_tol, (int, float, np.floating))
+                                       and math.isfinite(verify_tol) and verify_tol > 0):
+        raise ValueError(f"verify_tol must be a positive finite number, got {verify_tol!r}")
 
     reader = open_table(input, column)
     try:
@@ -308,10 +529,51 @@ def _check_input(op: FusedTransform, reader: TableReader, input: str, prov: dict
                          f"{reader.dtype}), but {which} has dim {op.d_in}; is --from right for this table?")
 
 
-def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov: dict, dtype: Any,
-         normalize: bool, threads: int | None, chunk_rows: int | None, resume: bool, verify: int,
-         reference: Callable[[np.ndarray], np.ndarray] | None, verify_tol: float | None, seed: int,
-         overwrite: bool, progress: bool | None, journal_interval: float) -> ConvertResult:
+@dataclass
+class _Job:
+    """Everything one conversion needs, decided before any output is touched."""
+
+    op: FusedTransform
+    reader: TableReader
+    writer: TableWriter
+    input: str
+    output: str
+    temp: str
+    journal_path: str
+    chunks: list[Chunk]
+    chunk_rows: int
+    out_dtype: np.dtype
+    key: str
+    job: dict
+    side: dict
+    prov: dict
+    column: str | None
+
+    @property
+    def aside(self) -> str:
+        return self.output + _ASIDE
+
+    @property
+    def src(self) -> str:
+        """What gets renamed to the output: the partial file or folder (a merged file for Parquet)."""
+        return getattr(self.writer, "merged", self.temp)
+
+    def result(self, resumed_rows: int, seconds: float, n_ver: int = 0, max_err: float | None = None,
+               tol: float | None = None, already_complete: bool = False) -> ConvertResult:
+        r = self.reader
+        rows_done = r.n_rows - resumed_rows
+        return ConvertResult(output=self.output, sidecar=sidecar_path(self.output), format=r.format,
+                             rows=r.n_rows, dim_in=r.dim, dim_out=self.op.d_out, dtype=str(self.out_dtype),
+                             chunks=len(self.chunks), chunk_rows=self.chunk_rows, resumed_rows=resumed_rows,
+                             seconds=seconds, rows_per_s=rows_done / max(seconds, 1e-9),
+                             bytes_read=rows_done * r.dim * r.dtype.itemsize,
+                             bytes_written=rows_done * self.op.d_out * self.out_dtype.itemsize,
+                             verified_rows=n_ver, verify_max_error=max_err, verify_tol=tol,
+                             already_complete=already_complete, provenance=self.prov)
+
+
+def _plan(op: FusedTransform, reader: TableReader, input: str, output: str, prov: dict, dtype: Any,
+          normalize: bool, chunk_rows: int | None, resume: bool, column: str | None) -> tuple[_Job, dict | None]:
     _check_input(op, reader, input, prov)
     out_dtype = reader.dtype if dtype is None else np.dtype(dtype)
     if out_dtype not in DTYPES:
@@ -324,14 +586,9 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
     if reader.format == "npy" and not output.endswith(".npy"):
         raise ValueError(f"output {output} must end in .npy, like the input {input}")
 
-    temp, journal_path = output + _PARTIAL, output + _PARTIAL + ".journal.json"
-    journal: dict | None = None
-    if os.path.exists(journal_path):
-        try:
-            with open(journal_path) as f:
-                journal = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{journal_path}: unreadable journal ({e}); delete it and {temp} to start again") from e
+    temp = output + _PARTIAL
+    journal_path = temp + ".journal.json"
+    journal = _load_journal(journal_path, temp)
     if resume and journal is not None and chunk_rows is None:
         chunk_rows = int(journal["job"]["chunk_rows"])
     if chunk_rows is None:
@@ -345,39 +602,76 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
     chunks = reader.chunks(chunk_rows)
     side = {"format": _SIDECAR_FORMAT, "version": prov.get("to"), "source_version": prov.get("from"),
             "registry": prov.get("registry"), "registry_checksum": prov.get("registry_checksum"),
-            "chain_checksum": prov.get("chain_checksum"), "chain": prov.get("chain"), "provenance": prov, "operator": op_desc,
+            "chain_checksum": prov.get("chain_checksum"), "chain": prov.get("chain"), "provenance": prov,
+            "operator": op_desc,
             "table": {"format": reader.format, "rows": reader.n_rows, "dim": op.d_out, "dtype": str(out_dtype),
                       "chunk_rows": chunk_rows},
-            "input": reader.describe()}
+            "input": reader.describe(), "job_key": key}
     from . import __version__
     side["bc_fast_version"] = __version__
     embedded = {k: side[k] for k in ("format", "version", "source_version", "registry_checksum", "chain_checksum")}
     embedded["operator_sha256"] = op_desc["sha256"]
     writer = make_writer(reader, temp, op.d_out, out_dtype, chunks, embedded)
+    return _Job(op, reader, writer, input, output, temp, journal_path, chunks, chunk_rows, out_dtype, key, job,
+                side, prov, column), journal
 
+
+def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov: dict, dtype: Any,
+         normalize: bool, threads: int | None, chunk_rows: int | None, resume: bool, verify: int,
+         reference: Callable[[np.ndarray], np.ndarray] | None, verify_tol: float | None, seed: int,
+         overwrite: bool, progress: bool | None, journal_interval: float) -> ConvertResult:
+    j, journal = _plan(op, reader, input, output, prov, dtype, normalize, chunk_rows, resume, None
+                       if reader.format != "parquet" else reader.column)  # type: ignore[attr-defined]
+    op, writer, temp, journal_path = j.op, j.writer, j.temp, j.journal_path
+    out_parent = os.path.dirname(os.path.abspath(output))
     lock = FileLock(temp + ".lock", blocking=False, busy_message=(
         f"another conversion is writing {output} (lock {{path}} is held); "
         "wait for it to finish or choose another OUTPUT"))
     owned = False  # True once the partial output is ours to clean up on error
     try:
-        start_chunk = 0
-        if journal is not None or os.path.lexists(temp):
+        partial = [p for p in (temp, j.aside) if os.path.lexists(p)]
+        if journal is None and not partial:
+            if resume and os.path.lexists(output):
+                done = _already_published(j)
+                if done is not None:
+                    lock.release(remove=True)
+                    return done
+            replacing = _check_output_free(output, overwrite)
+        else:
             if not resume:
-                done = "" if journal is None else f" ({journal.get('done_chunks', 0)}/{len(chunks)} chunks done)"
-                raise FileExistsError(f"a partial conversion to {output} exists at {temp}{done}; pass resume=True "
-                                      f"(--resume) to continue it, or delete {temp} and {journal_path}")
+                done = "" if journal is None else f" ({journal['done_chunks']}/{journal['n_chunks']} chunks done)"
+                raise FileExistsError(f"a partial conversion to {output} exists at {(partial or [temp])[0]}{done}; "
+                                      f"pass resume=True (--resume) to continue it, or delete it and {journal_path}")
             if journal is None:
-                raise ValueError(f"cannot resume: {temp} exists but its journal {journal_path} is missing; "
-                                 f"delete {temp} and start again")
-            if journal.get("format") != _JOURNAL_FORMAT or journal.get("key") != key:
-                old = journal.get("job", {})
-                diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
+                raise ValueError(f"cannot resume: {(partial or [temp])[0]} exists but its journal {journal_path} is "
+                                 f"missing; delete {(partial or [temp])[0]} and start again")
+            if journal["key"] != j.key:
+                old = journal.get("job") or {}
+                diff = sorted(k for k in set(old) | set(j.job) if old.get(k) != j.job.get(k))
                 raise ValueError(f"cannot resume: the partial output {temp} was made by a different conversion "
                                  f"(differs in: {', '.join(diff) or 'format'}); rerun with the same settings, "
                                  f"or delete {temp} and {journal_path} to start again")
-            start_chunk = int(journal["done_chunks"])
-            writer.reopen(start_chunk)
+            if journal["n_chunks"] != len(j.chunks):
+                raise ValueError(f"{journal_path}: inconsistent conversion journal: it records "
+                                 f"{journal['n_chunks']} chunks but the table has {len(j.chunks)}; delete {temp} "
+                                 f"and {journal_path} to start the conversion again")
+            if journal.get("publishing"):
+                result = _finish_publishing(j, journal, overwrite)
+                lock.release(remove=True)
+                return result
+            replacing = _check_output_free(output, overwrite)
+
+        crcs: list[int] = []
+        if journal is not None:
+            crcs = list(journal["crcs"])
+            writer.reopen(len(crcs))
             owned = True
+            bad = _first_bad_chunk(writer.read_chunk, j.chunks, crcs)
+            if bad is not None:
+                warnings.warn(f"{temp}: chunk {bad} of the partial output does not match the checksum its journal "
+                              f"{journal_path} records (the file was changed on disk); converting again from chunk "
+                              f"{bad}", RuntimeWarning, stacklevel=3)
+                crcs = crcs[:bad]
         else:
             need = writer.expected_bytes() + _DISK_MARGIN
             free = _disk_free(out_parent)
@@ -387,18 +681,20 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
                                             "free; free some space or write elsewhere")
             owned = True
             writer.create()
-        state = {"format": _JOURNAL_FORMAT, "key": key, "job": job, "n_chunks": len(chunks),
-                 "done_chunks": start_chunk, "done_rows": chunks[start_chunk - 1].stop if start_chunk else 0,
-                 "complete": start_chunk == len(chunks)}
-        atomic_write_json(journal_path, state)
+        start_chunk = len(crcs)
+        state = {"format": _JOURNAL_FORMAT, "key": j.key, "job": j.job, "n_chunks": len(j.chunks),
+                 "done_chunks": start_chunk, "crcs": crcs,
+                 "done_rows": j.chunks[start_chunk - 1].stop if start_chunk else 0,
+                 "complete": start_chunk == len(j.chunks), "publishing": False, "replacing": None}
+        _write_journal(journal_path, state)
 
         resumed_rows = state["done_rows"]
         t0 = time.perf_counter()
-        _pipeline(op, reader, writer, chunks, start_chunk, chunk_rows, out_dtype, threads, state,
-                  journal_path, journal_interval, progress, output)
+        _pipeline(op, reader, writer, j.chunks, start_chunk, out_dtype=j.out_dtype, threads=threads, state=state,
+                  journal_path=journal_path, journal_interval=journal_interval, progress=progress, output=output)
         seconds = time.perf_counter() - t0
 
-        n_ver, max_err = 0, None
+        n_ver, max_err, tol = 0, None, None
         if verify:
             if reference is None:
                 from .fusion import apply_layers_reference
@@ -408,29 +704,26 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
                     if _op.normalize:
                         y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
                     return y
-            tol = verify_tol if verify_tol is not None else (5e-3 if out_dtype == np.float16 else 1e-3)
+            # a reference that carries its step-by-step layers sets the depth of the default tolerance
+            tol = (float(verify_tol) if verify_tol is not None
+                   else _layers_verify_tol(getattr(reference, "layers", None) or op.layers, j.out_dtype))
             n_ver, max_err = _verify(reader, writer, verify, seed, reference, tol)
 
         writer.seal()
         writer.close()
-        sidecar = sidecar_path(output)
+        j.side["chunk_crc32"] = state["crcs"]
         if writer.files():
-            side["files"] = writer.files()
-        side["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        atomic_write_json(sidecar + ".tmp", side)  # lands at sidecar + ".tmp", renamed below
-        _publish(writer, temp, output, sidecar)
-        remove_path(journal_path)
-        fsync_dir(out_parent)
+            j.side["files"] = writer.files()
+        j.side["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        atomic_write_json(sidecar_path(output) + ".tmp", j.side)  # renamed into place by _publish
+        replacing = _check_output_free(output, overwrite)  # again: OUTPUT may have appeared meanwhile
+        # From here on a failure keeps everything: resume=True finishes the publishing.
+        state.update(publishing=True, replacing=replacing)
+        _write_journal(journal_path, state)
+        owned = False
+        _publish(j, replacing)
         lock.release(remove=True)
-        rows_done = reader.n_rows - resumed_rows
-        in_bytes = rows_done * reader.dim * reader.dtype.itemsize
-        out_bytes = rows_done * op.d_out * out_dtype.itemsize
-        return ConvertResult(output=output, sidecar=sidecar, format=reader.format, rows=reader.n_rows,
-                             dim_in=reader.dim, dim_out=op.d_out, dtype=str(out_dtype), chunks=len(chunks),
-                             chunk_rows=chunk_rows, resumed_rows=resumed_rows, seconds=seconds,
-                             rows_per_s=rows_done / max(seconds, 1e-9), bytes_read=in_bytes,
-                             bytes_written=out_bytes, verified_rows=n_ver, verify_max_error=max_err,
-                             provenance=prov)
+        return j.result(resumed_rows, seconds, n_ver, max_err, tol)
     except KeyboardInterrupt:
         writer.close()
         lock.release(remove=False)
@@ -440,32 +733,87 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
     except BaseException:
         writer.close()
         if owned:
-            for p in (temp, journal_path, journal_path + ".tmp", sidecar_path(output) + ".tmp"):
+            for p in (temp, journal_path, sidecar_path(output) + ".tmp"):
                 remove_path(p)
         lock.release(remove=not (os.path.lexists(temp) or os.path.lexists(journal_path)))
         raise
 
 
-def _publish(writer: TableWriter, temp: str, output: str, sidecar: str) -> None:
-    """Rename the finished table into place, then its sidecar; an old sidecar goes first so an
-    interrupted overwrite can leave a table without a sidecar, never with a wrong one."""
-    src = getattr(writer, "merged", temp)
-    remove_path(sidecar)
-    old = None
-    if os.path.isdir(output) and not os.path.islink(output):
-        old = output + ".old-bcfast"
-        remove_path(old)
-        os.replace(output, old)
-    os.replace(src, output)
-    os.replace(sidecar + ".tmp", sidecar)
-    if src != temp:
-        remove_path(temp)
-    if old is not None:
-        remove_path(old)
+def _check_output_free(output: str, overwrite: bool) -> dict | None:
+    """None if ``output`` does not exist; what overwriting it replaces if it is bc_fast's and allowed."""
+    if not os.path.lexists(output):
+        return None
+    if not overwrite:
+        raise FileExistsError(f"output {output} already exists; remove it, choose another path, or pass "
+                              "overwrite=True (--overwrite) to replace a table bc_fast wrote")
+    return _owned_output(output)
+
+
+def _publish(j: _Job, replacing: Mapping[str, Any] | None) -> None:
+    """Put the finished table and its sidecar in place. Every step can be redone, so a run killed
+    anywhere in here is finished by resume (the journal says ``publishing``). The old sidecar goes
+    first, so an interrupted overwrite leaves a table without a sidecar, never with a wrong one."""
+    output, sidecar, src = j.output, sidecar_path(j.output), j.src
+    if os.path.lexists(src):
+        if replacing is not None and os.path.lexists(output):
+            remove_path(sidecar)
+            if replacing["dir"] or os.path.isdir(src):
+                os.replace(output, j.aside)
+        os.replace(src, output)
+    if os.path.lexists(sidecar + ".tmp"):
+        os.replace(sidecar + ".tmp", sidecar)
+    elif not os.path.isfile(sidecar):
+        atomic_write_json(sidecar, j.side)
+    if os.path.lexists(j.temp):
+        remove_path(j.temp)  # the Parquet parts
+    if os.path.lexists(j.aside):
+        _remove_owned(j.aside, replacing or {})
+    remove_path(j.journal_path)
+    fsync_dir(os.path.dirname(os.path.abspath(output)))
+
+
+def _finish_publishing(j: _Job, journal: Mapping[str, Any], overwrite: bool) -> ConvertResult:
+    """Resume a run killed while publishing: check what is in place against the journal's
+    checksums, then redo the remaining steps."""
+    crcs = journal["crcs"]
+    if not journal.get("complete") or len(crcs) != len(j.chunks):
+        raise ValueError(f"{j.journal_path}: inconsistent conversion journal: publishing an incomplete table; "
+                         f"delete {j.temp} and {j.journal_path} to start the conversion again")
+    where = j.src if os.path.lexists(j.src) else j.output
+    if not os.path.lexists(where):
+        raise ValueError(f"cannot resume: the journal {j.journal_path} says {j.output} was being published, but "
+                         f"neither it nor {j.src} exists; delete {j.journal_path} and start again")
+    why = _table_matches(where, j.column, j.chunks, j.chunk_rows, crcs)
+    if why is not None:
+        raise ValueError(f"cannot resume: {where} does not hold the table the journal {j.journal_path} records: "
+                         f"{why}; delete {j.journal_path} (and {where} if it is not wanted) and start again")
+    j.side["chunk_crc32"] = list(crcs)
+    if j.writer.files():
+        j.side["files"] = j.writer.files()
+    j.side.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    replacing = journal.get("replacing")
+    if replacing is None and os.path.lexists(j.src) and os.path.lexists(j.output):
+        replacing = _check_output_free(j.output, overwrite)  # OUTPUT appeared after the run checked it
+    _publish(j, replacing)
+    return j.result(j.reader.n_rows, 0.0, already_complete=True)
+
+
+def _already_published(j: _Job) -> ConvertResult | None:
+    """A ``resume`` that finds no journal and no partial output, but this exact conversion's table
+    and sidecar in place (a run killed after publishing, before removing its lock): nothing to do."""
+    try:
+        side = read_sidecar(j.output)
+    except ValueError:
+        return None
+    if not side or side.get("job_key") != j.key or not isinstance(side.get("chunk_crc32"), list):
+        return None
+    if _table_matches(j.output, j.column, j.chunks, j.chunk_rows, side["chunk_crc32"]) is not None:
+        return None
+    return j.result(j.reader.n_rows, 0.0, already_complete=True)
 
 
 def _pipeline(op: FusedTransform, reader: TableReader, writer: TableWriter, chunks: list[Chunk],
-              start: int, chunk_rows: int, out_dtype: np.dtype, threads: int | None, state: dict,
+              start: int, *, out_dtype: np.dtype, threads: int | None, state: dict,
               journal_path: str, journal_interval: float, progress: bool | None, output: str) -> None:
     """Read chunk i+1, compute chunk i and write chunk i-1 at the same time."""
     todo = chunks[start:]
@@ -478,15 +826,17 @@ def _pipeline(op: FusedTransform, reader: TableReader, writer: TableWriter, chun
     in_bufs = [np.empty((buf_rows, reader.dim), reader.dtype) for _ in range(depth)]
     out_bufs = [np.empty((buf_rows, op.d_out), out_dtype) for _ in range(depth)]
     last_sync = [time.monotonic()]
+    crcs: list[int] = state["crcs"]
 
     def write(chunk: Chunk, y: np.ndarray, extra: Any) -> None:
         writer.write(chunk, y, extra)
+        crcs.append(_crc(y))  # the writer thread writes chunks in order
         now = time.monotonic()
         if chunk.index == len(chunks) - 1 or now - last_sync[0] >= journal_interval:
             writer.sync()
-            state.update(done_chunks=chunk.index + 1, done_rows=chunk.stop,
+            state.update(done_chunks=chunk.index + 1, done_rows=chunk.stop, crcs=crcs[: chunk.index + 1],
                          complete=chunk.index == len(chunks) - 1)
-            atomic_write_json(journal_path, state)
+            _write_journal(journal_path, state)
             last_sync[0] = now
         bar.update(chunk.rows)
 
@@ -511,6 +861,7 @@ def _pipeline(op: FusedTransform, reader: TableReader, writer: TableWriter, chun
             raise
         finally:
             bar.close()
+        state["crcs"] = crcs
 
 
 # --------------------------------------------------------------------------- registry wrapper
@@ -576,5 +927,6 @@ def convert_table(
                 y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
             return y
 
+        reference.layers = layers  # type: ignore[attr-defined]  # sets the default verify tolerance's depth
         options["reference"] = reference
     return apply_to_table(op, input, output, provenance=prov, normalize=normalize, **options)

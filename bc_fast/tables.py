@@ -121,6 +121,9 @@ def read_npy_header(path: str) -> NpyHeader:
     if len(shape) != 2:
         hint = " (reshape a single vector with a.reshape(1, -1))" if len(shape) == 1 else ""
         raise ValueError(f"{path}: expected a 2-D table (rows, dim), got shape {tuple(shape)}{hint}")
+    if any(int(n) < 0 for n in shape):
+        raise ValueError(f"{path}: corrupt .npy header: it declares the negative shape {tuple(shape)}; "
+                         "the file is damaged or was not written by np.save; write it again with np.save")
     if fortran:
         raise ValueError(f"{path}: array is Fortran-ordered (column-major); rewrite it row-major with "
                          "np.save(path, np.ascontiguousarray(a))")
@@ -477,6 +480,10 @@ class TableWriter:
         """Rows at the sorted global indices ``rows`` of the (complete) temporary output."""
         raise NotImplementedError
 
+    def read_chunk(self, chunk: Chunk) -> np.ndarray:
+        """The converted rows of ``chunk`` as written so far (for checking them against the journal)."""
+        raise NotImplementedError
+
     def seal(self) -> None:
         """Finish the temporary output (merge parts, close files) so it can be renamed."""
 
@@ -549,6 +556,12 @@ class NpyWriter(TableWriter):
             part = int(np.searchsorted(bounds, r, side="right") - 1)
             _pread_into(self.fds[part], out[i], len(self.headers[part]) + int(r - bounds[part]) * row_bytes,
                         self.paths[part])
+        return out
+
+    def read_chunk(self, chunk: Chunk) -> np.ndarray:
+        out = np.empty((chunk.rows, self.dim), self.dtype)
+        off = len(self.headers[chunk.part]) + chunk.local * self.dim * self.dtype.itemsize
+        _pread_into(self.fds[chunk.part], out, off, self.paths[chunk.part])
         return out
 
     def seal(self) -> None:
@@ -629,6 +642,13 @@ class ParquetWriter(TableWriter):
             emb = t.column(col).combine_chunks().flatten().to_numpy(zero_copy_only=False)
             out[sel] = emb.reshape(-1, self.dim)[rows[sel] - starts[ci]]
         return out
+
+    def read_chunk(self, chunk: Chunk) -> np.ndarray:
+        _, pq = import_pyarrow()
+        col = self.reader.column  # type: ignore[attr-defined]
+        t = pq.read_table(self._part(chunk.index), columns=[col])
+        emb = t.column(col).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return np.ascontiguousarray(emb, self.dtype).reshape(-1, self.dim)
 
     def seal(self) -> None:
         """Merge the parts into one file (one row group per chunk, snappy). The parts stay until the

@@ -359,8 +359,14 @@ def test_output_is_input_or_exists(tmp_path, registry):
     (tmp_path / "old.npy").write_bytes(b"x")
     _bad(tmp_path, FileExistsError, "already exists.*--overwrite", tmp_path / "in.npy", tmp_path / "old.npy",
          registry=registry, dst=0)
-    convert_table(tmp_path / "in.npy", tmp_path / "old.npy", registry=registry, dst=0, overwrite=True, **_kw())
-    assert np.load(tmp_path / "old.npy").shape == (10, DIMS[0])
+    # a file bc_fast did not write is never overwritten
+    _bad(tmp_path, FileExistsError, "refusing to overwrite .*old.npy: it has no bc_fast sidecar",
+         tmp_path / "in.npy", tmp_path / "old.npy", registry=registry, dst=0, overwrite=True)
+    assert (tmp_path / "old.npy").read_bytes() == b"x"
+    convert_table(tmp_path / "in.npy", tmp_path / "new.npy", registry=registry, dst=1, **_kw())
+    convert_table(tmp_path / "in.npy", tmp_path / "new.npy", registry=registry, dst=0, overwrite=True, **_kw())
+    assert np.load(tmp_path / "new.npy").shape == (10, DIMS[0])
+    assert read_sidecar(tmp_path / "new.npy")["version"] == 0
 
 
 def test_not_enough_disk(tmp_path, registry, monkeypatch):
