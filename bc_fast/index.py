@@ -90,6 +90,16 @@ def faiss_metric(metric: str) -> int:
     return faiss.METRIC_INNER_PRODUCT if m == "ip" else faiss.METRIC_L2
 
 
+def _faiss_msg(e: Exception) -> str:
+    """The useful tail of a faiss C++ error ("Error in <signature> at <file>: Error: '<cond>' failed: <why>")."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    for marker in ("failed: ", "Error: "):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+            break
+    return text[:200]
+
+
 def _index_metric(index: Any) -> str | None:
     """``"ip"``/``"l2"`` read from the faiss index itself (None for any other faiss metric)."""
     faiss = _faiss()
@@ -169,18 +179,20 @@ def _check_finite(block: np.ndarray, rows: np.ndarray, what: str) -> None:
                          f"after the transform; clean the input (np.isfinite) or check the transform's weights")
 
 
-def _rows(table: np.ndarray, start: int, stop: int) -> np.ndarray:
-    x = table[start:stop]
+def _as_f32(x: np.ndarray) -> np.ndarray:
+    """C-contiguous float32 (float16 kept); values beyond float32 become Inf, which _check_finite reports."""
     if x.dtype not in (np.float32, np.float16):
-        x = x.astype(np.float32)
+        with np.errstate(over="ignore"):
+            x = x.astype(np.float32)
     return np.ascontiguousarray(x)
+
+
+def _rows(table: np.ndarray, start: int, stop: int) -> np.ndarray:
+    return _as_f32(table[start:stop])
 
 
 def _rows_idx(table: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    x = table[rows]
-    if x.dtype not in (np.float32, np.float16):
-        x = x.astype(np.float32)
-    return np.ascontiguousarray(x)
+    return _as_f32(table[rows])
 
 
 # ----------------------------------------------------------------------------- sidecar
@@ -263,7 +275,7 @@ def _read_index(p: Path, sp: Path, side: Mapping[str, Any]) -> Any:
     try:
         return _faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as e:
-        raise ValueError(f"{p}: faiss cannot read this index file ({str(e).splitlines()[0][:200]}); it may come "
+        raise ValueError(f"{p}: faiss cannot read this index file ({_faiss_msg(e)}); it may come "
                          f"from another faiss version (sidecar says {side.get('faiss_version')!r}); rebuild it") from None
 
 
@@ -411,7 +423,7 @@ class LegacyIndex:
             q = op.apply(q, threads=threads)
             _check_finite(q, np.arange(q.shape[0]), f"queries (version {int(query_version)})")
         else:
-            q = np.ascontiguousarray(q, dtype=np.float32)
+            q = q.astype(np.float32, copy=False)
             if self.normalize:
                 q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         with blas_threshold(blas_threshold_for(self.d, blas_min_queries)):
@@ -438,12 +450,11 @@ class LegacyIndex:
         if q.shape[1] != d_q:
             raise ValueError(f"queries have {q.shape[1]} features but version {qv} has dim {d_q}; "
                              f"set query_version to the version the queries come from")
+        q = _as_f32(q)
         finite = np.isfinite(q).all(axis=1)
         if not finite.all():
-            raise ValueError(f"queries: row {int(np.argmin(finite))} holds NaN or Inf "
-                             f"({int((~finite).sum())} such rows); faiss would return meaningless neighbours")
-        if q.dtype not in (np.float32, np.float16) or not q.flags.c_contiguous:
-            q = np.ascontiguousarray(q, dtype=np.float32)
+            raise ValueError(f"queries: row {int(np.argmin(finite))} holds NaN or Inf or a value beyond the float32 "
+                             f"range ({int((~finite).sum())} such rows); faiss would return meaningless neighbours")
         return q, single
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -466,7 +477,7 @@ class LegacyIndex:
         try:
             data = faiss.serialize_index(self.index).tobytes()
         except RuntimeError as e:
-            raise ValueError(f"faiss cannot serialise this index ({str(e).splitlines()[0][:200]}); "
+            raise ValueError(f"faiss cannot serialise this index ({_faiss_msg(e)}); "
                              f"GPU indexes must be copied to the CPU first") from None
         side = {
             "format": _INDEX_FORMAT, "format_version": _INDEX_FORMAT_VERSION,
@@ -576,7 +587,7 @@ def build_legacy_index(registry: Registry, table: Any, version: int = 0, *, fact
     try:
         index = faiss.index_factory(d, factory, metric_const)
     except RuntimeError as e:
-        raise ValueError(f"faiss cannot build index_factory({d}, {factory!r}): {str(e).splitlines()[0][:200]}") from None
+        raise ValueError(f"faiss cannot build index_factory({d}, {factory!r}): {_faiss_msg(e)}") from None
     if not index.is_trained:
         _train(index, op, table, factory=factory, train_rows=train_rows, chunk_rows=chunk_rows, seed=seed,
                threads=threads)
@@ -612,7 +623,7 @@ def _train(index: Any, op: FusedTransform, table: np.ndarray, *, factory: str, t
             index.train(sample)
     except RuntimeError as e:
         raise ValueError(f"faiss cannot train index_factory({d}, {factory!r}) on {m} rows: "
-                         f"{str(e).splitlines()[0][:200]}; use more rows (train_rows, table) or a smaller "
+                         f"{_faiss_msg(e)}; use more rows (train_rows, table) or a smaller "
                          f"factory (fewer IVF lists)") from None
 
 
