@@ -1,7 +1,10 @@
-"""A tiny progress bar for long row-wise jobs (index builds, table conversion).
+"""Progress bars for long row-wise jobs (index builds, table conversion), drawn by ``tqdm``.
 
-On a TTY it redraws one line (rows done, percent, rows/s, ETA) at most ten times a
-second; elsewhere (pipes, CI logs, tests) it is silent unless asked.
+:class:`Progress` is a thin wrapper that keeps the small API the rest of bc_fast uses
+(``Progress(total, desc, enabled=..., stream=..., min_interval=...)``, ``update``,
+``close``, context manager, ``n``) and the one-line look (rows done, percent, rows/s,
+ETA). By default the bar shows on a terminal and in a Jupyter notebook (a widget, via
+``tqdm.auto``); in pipes, CI logs and tests it is silent unless asked.
 """
 
 from __future__ import annotations
@@ -12,25 +15,50 @@ from typing import IO, Any
 
 __all__ = ["Progress"]
 
+_FORMAT = ("{desc}: {n_short}/{total_short} rows ({percentage:5.1f}%) |{bar:20}| {rate_short} rows/s, "
+           "elapsed {elapsed}, ETA {remaining}")
+_FORMAT_UNKNOWN_TOTAL = "{desc}: {n_short} rows {rate_short} rows/s, elapsed {elapsed}"
 
-def _fmt_count(n: float) -> str:
+
+def _fmt_count(n: float | None) -> str:
+    if n is None:
+        return "?"
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= div:
             return f"{n / div:.1f}{unit}"
     return f"{n:.0f}"
 
 
-def _fmt_time(s: float) -> str:
-    if s != s or s == float("inf"):
-        return "?"
-    s = int(round(s))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+def _in_notebook() -> bool:
+    """True inside a Jupyter kernel with widgets, where ``tqdm.auto`` draws a notebook bar."""
+    import tqdm.auto  # noqa: F401  (imports tqdm.autonotebook without its experimental warning)
+    import tqdm.autonotebook
+    import tqdm.std
+    return tqdm.autonotebook.tqdm is not tqdm.std.tqdm
+
+
+def _bar_class(notebook: bool) -> type:
+    """A tqdm class whose format fields include short counts (1.0k, 2.5M) for the bc_fast look."""
+    if notebook:
+        from tqdm.auto import tqdm as base
+    else:
+        from tqdm.std import tqdm as base
+
+    class _Bar(base):  # type: ignore[misc, valid-type]
+        @property
+        def format_dict(self) -> dict:
+            d = super().format_dict
+            elapsed = d.get("elapsed") or 0.0
+            rate = d.get("rate") or (d["n"] / elapsed if elapsed > 0 else 0.0)
+            d.update(n_short=_fmt_count(d["n"]), total_short=_fmt_count(d.get("total")),
+                     rate_short=_fmt_count(rate))
+            return d
+
+    return _Bar
 
 
 class Progress:
-    """Rows done, rows/s and ETA on one redrawn line.
+    """Rows done, percent, rows/s and ETA, drawn by tqdm.
 
     Parameters
     ----------
@@ -39,8 +67,10 @@ class Progress:
     desc : str
         Label printed before the counts.
     enabled : bool or None, default None
-        None shows the bar only when ``stream`` is a TTY.
+        None shows the bar only when ``stream`` is a TTY or the code runs in a Jupyter
+        notebook; False is quiet (counts are still kept in ``n``).
     stream : file, default sys.stderr
+        Where a text bar is drawn (a notebook bar is a widget).
     min_interval : float, default 0.1
         Seconds between redraws.
 
@@ -58,16 +88,23 @@ class Progress:
         self.total = None if total is None else int(total)
         self.desc = desc
         self.stream = sys.stderr if stream is None else stream
+        notebook = stream is None and _in_notebook()
         if enabled is None:
             isatty = getattr(self.stream, "isatty", None)
-            enabled = bool(isatty and isatty())
+            enabled = notebook or bool(isatty and isatty())
         self.enabled = bool(enabled)
-        self.min_interval = float(min_interval)
         self.n = 0
         self.start = time.perf_counter()
-        self._last_draw = 0.0
-        self._closed = False
-        self._width = 0
+        self._bar: Any = None
+        if self.enabled:
+            cls = _bar_class(notebook)
+            self._bar = cls(total=self.total, desc=desc, file=self.stream, mininterval=float(min_interval),
+                            miniters=1, dynamic_ncols=True, leave=True,
+                            bar_format=self._format())
+
+    def _format(self) -> str:
+        fmt = _FORMAT if self.total else _FORMAT_UNKNOWN_TOTAL
+        return fmt if self.desc else fmt.replace("{desc}: ", "")
 
     @property
     def elapsed(self) -> float:
@@ -80,43 +117,17 @@ class Progress:
         e = self.elapsed
         return self.n / e if e > 0 else 0.0
 
-    def format(self) -> str:
-        """The current status line (without carriage return)."""
-        rate = self.rate
-        parts = [f"{self.desc}: " if self.desc else ""]
-        if self.total:
-            pct = 100.0 * self.n / self.total
-            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-            parts.append(f"{_fmt_count(self.n)}/{_fmt_count(self.total)} rows ({pct:5.1f}%) "
-                         f"{_fmt_count(rate)} rows/s, elapsed {_fmt_time(self.elapsed)}, ETA {_fmt_time(eta)}")
-        else:
-            parts.append(f"{_fmt_count(self.n)} rows {_fmt_count(rate)} rows/s, elapsed {_fmt_time(self.elapsed)}")
-        return "".join(parts)
-
-    def _draw(self, final: bool = False) -> None:
-        line = self.format()
-        pad = " " * max(0, self._width - len(line))
-        self._width = len(line)
-        self.stream.write("\r" + line + pad + ("\n" if final else ""))
-        self.stream.flush()
-
     def update(self, n: int = 1) -> None:
-        """Record ``n`` more rows done; redraw if enough time has passed."""
+        """Record ``n`` more rows done; tqdm redraws when enough time has passed."""
         self.n += int(n)
-        if not self.enabled or self._closed:
-            return
-        now = time.perf_counter()
-        if now - self._last_draw >= self.min_interval or (self.total is not None and self.n >= self.total):
-            self._last_draw = now
-            self._draw()
+        if self._bar is not None:
+            self._bar.update(int(n))
 
     def close(self) -> None:
         """Draw the final line and end it with a newline (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self.enabled:
-            self._draw(final=True)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def __enter__(self) -> "Progress":
         return self

@@ -1,4 +1,4 @@
-"""Tests of streaming table conversion (bc_fast.convert, bc_fast.tables, bc_fast.convert_cli)."""
+"""Tests of streaming table conversion (bc_fast.convert, bc_fast.tables; the CLI is in test_cli.py)."""
 
 from __future__ import annotations
 
@@ -251,7 +251,7 @@ def test_resume_is_byte_identical(tmp_path, registry, monkeypatch, form):
 _KILL_SCRIPT = """
 import sys, time
 from bc_fast import tables
-from bc_fast.convert_cli import main
+from bc_fast.cli import main
 orig = tables.NpyWriter.write
 def slow(self, chunk, y, extra):
     orig(self, chunk, y, extra)
@@ -388,7 +388,7 @@ def test_missing_pyarrow(tmp_path, registry, monkeypatch):
 # ------------------------------------------------------------------ CLI
 
 def test_cli(tmp_path, registry, capsys):
-    from bc_fast.convert_cli import main
+    from bc_fast.cli import main
     np.save(tmp_path / "in.npy", _table(300))
     rc = main(["convert", str(tmp_path / "in.npy"), str(tmp_path / "out.npy"), "--registry", str(registry.path),
                "--to", "1", "--dtype", "float32", "--verify", "10", "--threads", "1"])
