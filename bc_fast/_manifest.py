@@ -371,18 +371,36 @@ def weight_file(direction: str, a: int, b: int, sha: str) -> str:
     return f"{TRANSFORM_DIR}/{direction}_{a}_to_{b}_{sha[:12]}.safetensors"
 
 
-def encode_transform(layers: Sequence[Layer], a: int, b: int, direction: str, kind: str) -> bytes:
-    """Serialise a layer program as a bc_fast transform file (safetensors bytes)."""
-    from safetensors.numpy import save as _st_save
+_ST_DTYPES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
 
+
+def encode_transform(layers: Sequence[Layer], a: int, b: int, direction: str, kind: str) -> bytes:
+    """Serialise a layer program as a bc_fast transform file (safetensors bytes).
+
+    The bytes are deterministic (sorted metadata, fixed tensor order), so the same
+    transform always gets the same sha256 and the same content-addressed file name;
+    ``safetensors.numpy.save`` orders metadata differently from run to run.
+    """
     tensors: dict[str, np.ndarray] = {}
     for j, l in enumerate(layers):
         tensors[f"layers.{j}.weight"] = l.weight
         if l.bias is not None:
             tensors[f"layers.{j}.bias"] = l.bias
-    return _st_save(tensors, metadata={
-        "format": FILE_FORMAT, "from_version": str(a), "to_version": str(b), "direction": direction,
-        "kind": kind, "layers": json.dumps(layer_specs(layers), sort_keys=True)})
+    meta = {"format": FILE_FORMAT, "from_version": str(a), "to_version": str(b), "direction": direction,
+            "kind": kind, "layers": json.dumps(layer_specs(layers), sort_keys=True)}
+    header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
+    chunks: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors, key=lambda k: (-tensors[k].dtype.itemsize, k)):  # widest first: aligned
+        arr = tensors[name]
+        raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": _ST_DTYPES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
 
 
 _REFIX = ("re-add the transform with Registry.add_transform(from_version, to_version, layers, replace=True) "

@@ -339,3 +339,31 @@ def test_bc_fast_train_modules_save_into_registry(tmp_path: Path) -> None:
             want = m(want)
     got = r.operator(4, 0).apply(x.numpy())
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_transform_files_are_deterministic_and_old_files_still_load(reg: Registry) -> None:
+    """The same transform always gets the same bytes (safetensors.numpy.save orders metadata at random),
+    and files written by that older writer still load."""
+    w = np.eye(16, dtype=np.float32) * 3
+    sha = [reg.add_transform(2, 1, w, replace=True).sha256 for _ in range(3)]
+    assert len(set(sha)) == 1 and Registry.open(reg.path, verify=True).transform_info(2, 1).sha256 == sha[0]
+    from safetensors.numpy import save
+
+    old_bytes = save({"layers.0.weight": w}, metadata={
+        "format": "bc_fast.transform", "from_version": "2", "to_version": "1", "direction": "backward",
+        "kind": "linear", "layers": json.dumps(registry_mod.layer_specs(as_layers(w)), sort_keys=True)})
+    f = reg.path / reg.transform_info(2, 1).file
+    f.write_bytes(old_bytes)
+    _edit(reg, lambda d: next(t for t in d["transforms"] if t["from_version"] == 2).update(
+        sha256=registry_mod.hashlib.sha256(old_bytes).hexdigest()))
+    old = Registry.open(reg.path, allow_edited=True, verify=True)
+    np.testing.assert_array_equal(old.transform_layers(2, 1)[0].weight, w)
+
+
+def test_registry_api_names_still_importable() -> None:
+    from bc_fast.registry import (  # noqa: F401
+        FORMAT, FORMAT_VERSION, KINDS, MANIFEST, TRANSFORM_DIR, Registry, RegistryError, TransformInfo,
+        VersionInfo, as_layers, atomic_write_bytes, show)
+    from bc_fast import _manifest
+
+    assert registry_mod.RegistryError is _manifest.RegistryError and FORMAT_VERSION == 1
