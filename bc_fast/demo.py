@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -12,7 +12,7 @@ from .eval.report import write_json
 
 
 def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
-                      log: Callable[[str], None] = print) -> dict:
+                      log: Callable[[str], None] = print, *, data: Any = None, **overrides: Any) -> dict:
     """Run the reference experiment, then serve version 0 from the latest BC-Aligner embeddings.
 
     After training (see :func:`bc_fast.experiment.run_demo`) the BC-Aligner chain
@@ -20,6 +20,9 @@ def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
     item table is converted to version 0 through it (``bc_fast.convert``), and a
     version-0 faiss index built from the latest embeddings is compared with the true
     version-0 index, next to nobc (which truncates the latest embeddings instead).
+
+    ``data`` (default: MovieLens latest-small) and ``overrides`` (any
+    :class:`bc_fast.experiment.ExperimentConfig` field) go to :func:`bc_fast.experiment.run_demo`.
 
     Returns the experiment's results with ``pipeline`` (registry, conversion and
     retrieval figures) added; they are also written to ``out_dir/pipeline.json``.
@@ -30,7 +33,8 @@ def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
     from .eval.retrieval import format_retrieval_report, legacy_retrieval_report
 
     out = Path(out_dir)
-    res = run_demo(out, seed=seed, quick=quick, log=log)
+    data = load_movielens() if data is None else data
+    res = run_demo(out, seed=seed, quick=quick, log=log, data=data, **overrides)
     art = res["artifacts"]
     bc = art["joint-mloss"]
     K = len(bc["dims"]) - 1
@@ -57,7 +61,7 @@ def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
     log(f"converted version-0 item table vs the true version-0 embeddings: relative error {rel_err:.3f}")
 
     tp = res["data"]["time_points"]
-    split0 = load_movielens().split(tp[0], tp[1])
+    split0 = data.split(tp[0], tp[1])
     pairs = dict(train_pairs=np.stack([split0.train_user, split0.train_item], 1),
                  test_pairs=np.stack([split0.val_user, split0.val_item], 1))
     strategies = {

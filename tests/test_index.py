@@ -298,6 +298,26 @@ def test_legacy_retrieval_report() -> None:
         legacy_retrieval_report({"x": {"items": [items0, items1], "backward": [None, None, None]}})
 
 
+def test_demo_pipeline_on_synthetic_data(tmp_path: Path) -> None:
+    """The `bc-fast demo` code path (train, registry, convert, legacy index, retrieval report), made small."""
+    pytest.importorskip("torch", reason="the demo trains its models with PyTorch")
+    pytest.importorskip("matplotlib", reason="the demo draws its figures with matplotlib")
+    from bc_fast.data import synthetic_interactions
+    from bc_fast.demo import run_demo_pipeline
+
+    lines: list[str] = []
+    data = synthetic_interactions(num_users=80, num_items=40, num_edges=2500, seed=2)
+    res = run_demo_pipeline(tmp_path, seed=0, log=lines.append, data=data, dims=(8, 10, 12), epochs=2,
+                            batch_size=512, consumer_epochs=2, consumer_seeds=(0,), posthoc_steps=20, degree_bins=4)
+    retrieval = res["pipeline"]["retrieval"]
+    assert set(retrieval) == {"joint-mloss", "nobc"}
+    for row in retrieval.values():
+        assert 0.0 <= row["overlap@50"] <= 1.0 and 0.0 <= row["recall_true"] <= 1.0
+    saved = json.loads((tmp_path / "pipeline.json").read_text())
+    assert saved["retrieval"]["nobc"]["notes"] == "B_1=truncate 10->8, B_2=truncate 12->10"
+    assert any("legacy retrieval for version 0" in line for line in lines)
+
+
 def test_progress_bar() -> None:
     buf = io.StringIO()
     with Progress(1000, "conv", enabled=True, stream=buf, min_interval=0) as bar:
