@@ -302,6 +302,8 @@ def _load_journal(path: str, temp: str) -> dict | None:
         problem = f"it claims {done} chunks done but records {len(crcs) if isinstance(crcs, list) else 'no'} checksums"
     elif not isinstance(j.get("key"), str) or not isinstance(j.get("publishing", False), bool):
         problem = "its key or publishing field is malformed"
+    elif j["key"] != hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest():
+        problem = "its key does not match its job"
     elif j.get("replacing") is not None and not (
             isinstance(j["replacing"], dict) and isinstance(j["replacing"].get("dir"), bool)
             and (j["replacing"].get("files") is None or (isinstance(j["replacing"]["files"], list) and all(
@@ -726,7 +728,7 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
         return j.result(resumed_rows, seconds, n_ver, max_err, tol)
     except KeyboardInterrupt:
         writer.close()
-        lock.release(remove=False)
+        lock.release(remove=True)
         if owned:
             sys.stderr.write(f"\ninterrupted: the partial output {temp} is kept; rerun with --resume to continue\n")
         raise
@@ -735,7 +737,7 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
         if owned:
             for p in (temp, journal_path, sidecar_path(output) + ".tmp"):
                 remove_path(p)
-        lock.release(remove=not (os.path.lexists(temp) or os.path.lexists(journal_path)))
+        lock.release(remove=True)  # only a flock target: removing it never loses state
         raise
 
 
