@@ -1,139 +1,140 @@
 """Fused chain operator vs applying the chain step by step in numpy and in torch.
 
+    python bench/bench_fusion.py [--quick] [--threads N] [--json PATH] [--d 256]
+
 For K = 1..5 backward transforms (affine, or residual ReLU MLP steps), batch sizes 1,
-256 and 8192, d = 256: the registry's fused operator (one matrix for affine chains,
-one layer program for MLP chains, run by the compiled core into a reused output
-buffer) against the reference code's way, ``for B in chain: z = B(z)`` in numpy
-(``z @ W.T + b``) and in torch (``F.linear``, no_grad). For affine chains a numpy
-line with the chain pre-multiplied into one matrix separates the fusion gain from
-the core's.
-
-Prints the machine, then one parseable line per config (medians, microseconds)::
-
-    kind=affine K=3 d=256 batch=256 fused_us=... numpy_us=... torch_us=... numpy1_us=... \
-speedup_vs_numpy=... speedup_vs_torch=...
-
-Run: ``python bench/bench_fusion.py [--quick] [--threads N]`` (about 1.5 minutes on 2 vCPUs). On a
-shared, loaded machine use ``--threads 1``: multithreaded timings there measure the scheduler.
+256 and 8192 (--quick: 1 and 256), d = 256: the registry's fused operator (one matrix
+for affine chains, one layer program for MLP chains, run by the compiled core into a
+reused output buffer) against the reference code's way, ``for B in chain: z = B(z)``,
+in numpy (``np.matmul(out=)``, ``np.add(out=)``, ReLU in place) and in torch
+(``torch.addmm(out=)``, ``relu_``), each step into one of two preallocated buffers in
+turn. For affine chains ``numpy_onematrix`` (the chain pre-multiplied into one matrix,
+``np.matmul(out=)`` + ``np.add(out=)``) separates the fusion gain from the core's. One
+config per (kind, K, batch); check: fused no slower than either step-by-step way.
+Harness: :mod:`bc_fast._benchtools`. On a shared, loaded machine use ``--threads 1``.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import statistics
+import sys
 import tempfile
-import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bc_fast import Layer
+from bc_fast._benchtools import TINY_PLAN, Bench, Config, TimingPlan, result, run_configs, script_args, speedup_check
+from bc_fast.benchmark import affine_impls
+from bc_fast.fusion import apply_layers_reference
+from bc_fast.registry import Registry
 
 
-from _common import machine_line, threads_from_argv  # noqa: E402
-
-threads_from_argv()
-
-import numpy as np  # noqa: E402
-
-from bc_fast import Layer  # noqa: E402
-from bc_fast.registry import Registry  # noqa: E402
-
-
-def timeit(fn, min_time: float = 0.15, max_reps: int = 400) -> float:
-    """Median seconds per call; calls grouped so each timed group lasts >= ~1 ms."""
-    for _ in range(3):
-        fn()
-    t = time.perf_counter()
-    fn()
-    est = max(time.perf_counter() - t, 1e-7)
-    inner = max(1, int(1e-3 / est))
-    groups = max(5, min(max_reps, int(min_time / (est * inner))))
-    times = []
-    for _ in range(groups):
-        t = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        times.append((time.perf_counter() - t) / inner)
-    return statistics.median(times)
-
-
-def make_registry(path: str, kind: str, K: int, d: int, rng: np.random.Generator) -> Registry:
+def make_registry(path: Path, kind: str, K: int, d: int, rng: np.random.Generator) -> Registry:
+    """A registry of K + 1 versions of dim ``d`` with K affine or residual-MLP backward transforms."""
     reg = Registry.create(path)
     reg.add_version(dim=d)
     s = 1 / math.sqrt(d)
     for _ in range(K):
         if kind == "affine":
-            b = ((rng.standard_normal((d, d)) * s).astype(np.float32), (rng.standard_normal(d) * 0.1).astype(np.float32))
+            b: Any = ((rng.standard_normal((d, d)) * s).astype(np.float32),
+                      (rng.standard_normal(d) * 0.1).astype(np.float32))
         else:  # residual MLP P x + W2 relu(W1 x + b1) + b2, hidden = d
-            h = d
-            w1, p, w2 = (rng.standard_normal((h, d)) * s, rng.standard_normal((d, d)) * s, rng.standard_normal((d, h)) * s)
-            b = [Layer(np.vstack([w1, p]).astype(np.float32), np.r_[rng.standard_normal(h) * 0.1, np.zeros(d)].astype(np.float32),
-                       "relu", activation_width=h),
+            w1, p, w2 = (rng.standard_normal((d, d)) * s for _ in range(3))
+            b = [Layer(np.vstack([w1, p]).astype(np.float32),
+                       np.r_[rng.standard_normal(d) * 0.1, np.zeros(d)].astype(np.float32), "relu", activation_width=d),
                  Layer(np.hstack([w2, np.eye(d)]).astype(np.float32), (rng.standard_normal(d) * 0.1).astype(np.float32))]
         reg.add_version(dim=d, backward=b)
     return reg
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer batch sizes")
-    ap.add_argument("--d", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="threads for every engine (sets OMP/OPENBLAS_NUM_THREADS); use 1 on a shared box")
-    args = ap.parse_args()
-    import torch
-    import torch.nn.functional as F
+def step_impls(bench: Bench, x: np.ndarray, steps: list[Layer]) -> dict[str, Callable[[], Any]]:
+    """The chain layer by layer in numpy and torch, each layer into one of two preallocated buffers."""
+    n = len(x)
+    bufs = [bench.buf.get(f"step{i % 2}", (n, layer.weight.shape[0])) for i, layer in enumerate(steps)]
+    relu_width = [layer.activation_width or layer.weight.shape[0] if layer.activation == "relu" else 0
+                  for layer in steps]
 
-    print(machine_line())
-    print(f"# torch {torch.__version__} threads={torch.get_num_threads()}")
-    rng = np.random.default_rng(0)
-    d = args.d
-    batches = [1, 256] if args.quick else [1, 256, 8192]
+    def numpy_steps() -> None:
+        z = x
+        for layer, o, w in zip(steps, bufs, relu_width):
+            np.matmul(z, layer.weight.T, out=o)
+            if layer.bias is not None:
+                np.add(o, layer.bias, out=o)
+            if w:
+                np.maximum(o[:, :w], 0, out=o[:, :w])
+            z = o
+
+    impls = {"numpy_steps": numpy_steps}
+    if bench.torch is not None:
+        torch = bench.torch
+        t_steps = [(torch.from_numpy(layer.weight.copy()).t(),  # copies: the layers are read-only
+                    None if layer.bias is None else torch.from_numpy(layer.bias.copy()),
+                    torch.from_numpy(o), w) for layer, o, w in zip(steps, bufs, relu_width)]
+        xt = torch.from_numpy(x)
+
+        def torch_steps() -> None:
+            z = xt
+            for WT, b, o, w in t_steps:
+                if b is None:
+                    torch.mm(z, WT, out=o)
+                else:
+                    torch.addmm(b, z, WT, out=o)
+                if w:
+                    o[:, :w].relu_()
+                z = o
+        impls["torch_steps"] = torch_steps
+    return impls
+
+
+def cfg_fusion(bench: Bench, kind: str, K: int, d: int, n: int) -> dict:
+    """Fused operator of a K-step chain vs the chain step by step, batch ``n``."""
     with tempfile.TemporaryDirectory() as tmp:
+        reg = make_registry(Path(tmp) / "reg", kind, K, d, bench.rng)
+        op = reg.operator(K, 0)
+        steps = [layer for step in reg.chain_layers(K, 0) for layer in step]
+    x = bench.buf.get("x", (n, d), random=True)
+    out = bench.buf.get("out", (n, op.d_out))
+    T = bench.threads
+    impls: dict[str, Callable[[], Any]] = {"bc_fast": lambda: op.apply(x, out=out, threads=T)}
+    impls.update(step_impls(bench, x, steps))
+    if kind == "affine":
+        W1, b1 = op.layers[0].weight, op.layers[0].bias
+        impls["numpy_onematrix"] = affine_impls(bench, op, x, bench.buf.get("out1", (n, op.d_out)), W1, b1,
+                                                ("numpy_prealloc",))["numpy_prealloc"]
+    t = bench.measure(impls, large=False, min_calls=50 if n == 1 else 1)
+    impls["bc_fast"]()
+    ref = apply_layers_reference(steps, x)
+    err = float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30))
+    checks = [speedup_check("vs numpy steps", t, "numpy_steps", 1.0),
+              speedup_check("vs torch steps", t, "torch_steps", 1.0)]
+    return result(f"{kind}_K{K}_b{n}", f"{kind} chain of K={K} steps, d={d}, batch {n}, fused to "
+                  f"{len(op.layers)} layer(s)", n, t, checks, err=err,
+                  flops_per_call=2.0 * n * sum(layer.weight.size for layer in steps),
+                  note="max_abs_err is relative to max |reference|; flops count the unfused chain")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = script_args(__doc__, argv, quick_help="batch sizes 1 and 256 only",
+                       extra=lambda p: p.add_argument("--d", type=int, default=256, help="embedding dimension"))
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    batches = {"tiny": [1, 64], "quick": [1, 256], "full": [1, 256, 8192]}[mode]
+    ks = range(1, 3) if args.tiny else range(1, 6)
+    plan = TINY_PLAN if args.tiny else TimingPlan(2.0, (3, 5), 10 if args.quick else 20, 0.002, 5, 0.02)
+
+    def configs(bench: Bench) -> Iterator[Config]:
         for kind in ("affine", "mlp"):
-            for K in range(1, 6):
-                reg = make_registry(os.path.join(tmp, f"{kind}{K}"), kind, K, d, rng)
-                op = reg.operator(K, 0)
-                steps = [l for step in reg.chain_layers(K, 0) for l in step]
-                np_steps = [(l.weight, l.bias, l.activation, l.activation_width) for l in steps]
-                t_steps = [(torch.from_numpy(l.weight), None if l.bias is None else torch.from_numpy(l.bias),
-                            l.activation, l.activation_width) for l in steps]
-                W1 = op.layers[0].weight if kind == "affine" else None
-                b1 = op.layers[0].bias if kind == "affine" else None
-
-                def numpy_chain(x):
-                    for w, b, act, width in np_steps:
-                        x = x @ w.T
-                        if b is not None:
-                            x += b
-                        if act == "relu":
-                            np.maximum(x[:, :width], 0, out=x[:, :width])
-                    return x
-
-                def torch_chain(x):
-                    with torch.no_grad():
-                        for w, b, act, width in t_steps:
-                            x = F.linear(x, w, b)
-                            if act == "relu":
-                                x[:, :width].relu_()
-                    return x
-
+            for K in ks:
                 for n in batches:
-                    x = rng.standard_normal((n, d)).astype(np.float32)
-                    xt = torch.from_numpy(x)
-                    out = np.empty((n, op.d_out), np.float32)
-                    ref = numpy_chain(x.copy())
-                    err = float(np.abs(op.apply(x) - ref).max() / max(np.abs(ref).max(), 1e-30))
-                    t_fused = timeit(lambda: op.apply(x, out=out))
-                    t_np = timeit(lambda: numpy_chain(x))
-                    t_t = timeit(lambda: torch_chain(xt))
-                    extra = ""
-                    if W1 is not None:
-                        t_np1 = timeit(lambda: x @ W1.T + b1 if b1 is not None else x @ W1.T)
-                        extra = f" numpy1_us={t_np1 * 1e6:.2f}"
-                    print(f"kind={kind} K={K} d={d} batch={n} layers={len(op.layers)} fused_us={t_fused * 1e6:.2f} "
-                          f"numpy_us={t_np * 1e6:.2f} torch_us={t_t * 1e6:.2f}{extra} "
-                          f"speedup_vs_numpy={t_np / t_fused:.2f} speedup_vs_torch={t_t / t_fused:.2f} "
-                          f"rel_err={err:.1e}", flush=True)
+                    yield cfg_fusion, (kind, K, args.d, n)
+
+    run_configs("bench_fusion", configs, threads=args.threads, plan=plan, mode=mode, json_path=args.json,
+                describe=f"mode={mode}: kinds affine, mlp; K {list(ks)}; d={args.d}; batches {batches}; "
+                         f"{plan.describe()}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
