@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bc_fast import FusedTransform, Layer
-from bc_fast.convert import VerificationError, apply_to_table, convert_table, read_sidecar
+from bc_fast.convert import VerificationError, apply_to_table, convert_table, default_verify_tol, read_sidecar
 from bc_fast.fusion import apply_layers_reference, flatten_chain
 from bc_fast.registry import Registry
 
@@ -188,6 +188,45 @@ def test_verify_failure_leaves_nothing(tmp_path, registry):
         convert_table(tmp_path / "in.npy", tmp_path / "out.npy", registry=registry, dst=0, verify=30,
                       reference=lambda x: np.zeros((len(x), DIMS[0])) + 1.0, **_kw())
     assert _listing(tmp_path) == before
+
+
+def test_verify_is_on_by_default_and_off_with_zero(tmp_path, registry):
+    np.save(tmp_path / "in.npy", _table(300, dtype=np.float32))
+    res = convert_table(tmp_path / "in.npy", tmp_path / "a.npy", registry=registry, dst=0, **_kw())
+    assert res.verified_rows == 256 and res.verify_max_error < 1e-6
+    assert res.verify_tol == pytest.approx(default_verify_tol(2, DIMS[2], np.float32))
+    assert "tolerance" in res.summary()
+    res = convert_table(tmp_path / "in.npy", tmp_path / "b.npy", registry=registry, dst=0, verify=0, **_kw())
+    assert res.verified_rows == 0 and res.verify_max_error is None
+    assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
+
+
+def test_default_verify_tol_from_dtypes():
+    # float32: 8 (L + 1) sqrt(d) u32, about 1e-5 for two 64-d steps
+    assert default_verify_tol(2, 64, np.float32) == pytest.approx(8 * 3 * 8 * 2.0 ** -24)
+    assert 5e-6 < default_verify_tol(2, 256, np.float32) < 5e-5
+    # a float16 output adds two float16 roundings: about 1e-3
+    assert default_verify_tol(2, 256, np.float16) == pytest.approx(2 * 2.0 ** -11, rel=0.05)
+
+
+@pytest.mark.parametrize("out_dtype, scale, fails", [
+    (np.float32, 1e-4, True),   # passed the old fixed 1e-3 tolerance; a real fp32 chain is ~2e-7
+    (np.float32, 1e-6, False),
+    (np.float16, 1e-4, False),
+    (np.float16, 3e-3, True),
+])
+def test_default_tolerance_catches_small_errors(tmp_path, registry, out_dtype, scale, fails):
+    np.save(tmp_path / "in.npy", _table(200, dtype=np.float32))
+    layers = flatten_chain(registry.chain_layers(2, 0))
+    off = lambda x: apply_layers_reference(layers, x) * (1 + scale)  # noqa: E731
+    off.layers = layers  # sets the depth of the default tolerance, as convert_table does
+    kw = dict(registry=registry, dst=0, dtype=out_dtype, reference=off, **_kw())
+    if fails:
+        with pytest.raises(VerificationError, match="verification failed: 200 of 200 random rows"):
+            convert_table(tmp_path / "in.npy", tmp_path / "out.npy", **kw)
+        assert _listing(tmp_path) == ["in.npy"]
+    else:
+        assert convert_table(tmp_path / "in.npy", tmp_path / "out.npy", **kw).verified_rows == 200
 
 
 # ------------------------------------------------------------------ resume
