@@ -65,6 +65,7 @@ from .ops import FusedTransform, Layer, validate_layer
 
 __all__ = ["Registry", "RegistryError", "VersionInfo", "TransformInfo", "as_layers", "show", "KINDS"]
 
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
@@ -200,6 +201,7 @@ class Registry:
         manifest.pop("_disk_checksum", None)
         self._layer_cache: dict[tuple[int, int], list[Layer]] = {}
         self._op_cache: dict[tuple[int, int, bool], FusedTransform] = {}
+        self._pending_files: list[Path] = []  # weight files the running transaction created
 
     # ------------------------------------------------------------------ create / open
 
@@ -596,6 +598,7 @@ class Registry:
         commit, orphans and ``obsolete`` files that are no longer referenced are removed.
         """
         mpath = _inside(self.path, MANIFEST)
+        _inside(self.path, TRANSFORM_DIR)
         self._pending_files = []
         with FileLock(_inside(self.path, LOCK)):
             self._check_not_stale(mpath)
