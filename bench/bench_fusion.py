@@ -45,7 +45,8 @@ def make_registry(path: Path, kind: str, K: int, d: int, rng: np.random.Generato
             w1, p, w2 = (rng.standard_normal((d, d)) * s for _ in range(3))
             b = [Layer(np.vstack([w1, p]).astype(np.float32),
                        np.r_[rng.standard_normal(d) * 0.1, np.zeros(d)].astype(np.float32), "relu", activation_width=d),
-                 Layer(np.hstack([w2, np.eye(d)]).astype(np.float32), (rng.standard_normal(d) * 0.1).astype(np.float32))]
+                 Layer(np.hstack([w2, np.eye(d)]).astype(np.float32),
+                       (rng.standard_normal(d) * 0.1).astype(np.float32))]
         reg.add_version(dim=d, backward=b)
     return reg
 

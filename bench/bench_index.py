@@ -74,7 +74,8 @@ def cfg_overhead(bench: Bench, reg: Registry, legacy, tiny, d: int, nq: int) -> 
              "transform_only": lambda: op.apply(q_latest, out=qbuf, threads=T)}
     t = bench.measure(impls, large=nq > 16)
     added_us = (t["bc_fast_tiny16"].median_s - t["faiss_search_tiny16"].median_s) * 1e6
-    checks = [speedup_check("overhead < 5 %", t, "faiss_search", 1 / 1.05, shown_target="≤ 5 % overhead (≥ 0.952x)")]
+    checks = [speedup_check("overhead < 5 %", t, "faiss_search", 1 / 1.05,
+                            shown_target="≤ 5 % overhead (≥ 0.952x)")]
     return result(f"index_overhead_b{nq}", f"flat IP index {legacy.ntotal:,} x {d}, k=10, batch {nq}: "
                   "transform on the fly + search vs search", nq, t, checks,
                   note=f"on a 16-vector index the wrapper (transform, checks, threshold) adds {added_us:.2f} µs; "
