@@ -60,8 +60,8 @@ from .fusion import apply_layers_reference, fuse_chain
 from .index import faiss_linear_transform
 from .ops import FusedTransform, Layer
 
-__all__ = ["SIZES", "Timing", "affine_impls", "format_table", "machine_info", "run_bench_suite",
-           "suite_configs", "time_interleaved"]
+__all__ = ["SIZES", "Timing", "affine_err", "affine_impls", "best_of", "format_table", "machine_info",
+           "run_bench_suite", "suite_configs", "time_interleaved"]
 
 # --------------------------------------------------------------------------- sizes
 
@@ -148,7 +148,8 @@ def affine_impls(bench: Bench, op: FusedTransform, x: np.ndarray, y: np.ndarray,
     return {k: impls[k] for k in names if k in impls}
 
 
-def _affine_err(y: np.ndarray, x: np.ndarray, W: np.ndarray, b: np.ndarray, rows: int = 256) -> float:
+def affine_err(y: np.ndarray, x: np.ndarray, W: np.ndarray, b: np.ndarray, rows: int = 256) -> float:
+    """Max abs error of the first ``rows`` rows of ``y`` against ``x @ W.T + b`` in float64."""
     m = min(len(x), rows)
     return max_abs_err(y[:m], x[:m].astype(np.float64) @ W.T.astype(np.float64) + b)
 
@@ -197,7 +198,7 @@ def _cfg_affine(bench: Bench, sizes: Sizes, d: int) -> dict:
               check("of peak GFLOP/s", gf / peak, 0.85, "≥ 85 % peak",
                     f"{gf:.0f} GF/s = {100 * gf / peak:.0f} % of {peak:.0f} peak")]
     return result(f"affine_d{d}", f"affine {d}->{d} (+bias), fp32 -> fp32 preallocated", n, t, checks,
-                  flops_per_call=flops, err=_affine_err(y, x, W, b),
+                  flops_per_call=flops, err=affine_err(y, x, W, b),
                   note=f"peak = numpy sgemm {q}x{q} timed in the same rounds: {peak:.1f} GFLOP/s "
                        f"(peak config: {bench.peak_gflops or 0:.1f})",
                   peak_gflops_inline=peak, peak_gflops_used=peak)
@@ -382,7 +383,7 @@ def _cfg_latency(bench: Bench, sizes: Sizes, n: int) -> dict:
         best = best_of(t, "numpy")
         checks = [speedup_check(f"vs {best}", t, best, 1 / 0.9, shown_target="≤ 0.9x numpy time (≥ 1.11x)")]
     return result(f"latency_b{n}", f"affine 256->256 + bias, batch {n}, fp32, preallocated out", n, t, checks,
-                  flops_per_call=2.0 * n * d * d, err=_affine_err(y, x, W, b),
+                  flops_per_call=2.0 * n * d * d, err=affine_err(y, x, W, b),
                   note="numpy_alloc (x @ W.T + b) allocates by definition (the reference code's way); every "
                        "other baseline writes into the preallocated output")
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from bc_fast import FusedTransform
 from bc_fast._benchtools import TINY_PLAN, Bench, TimingPlan, check, result, run_configs, script_args, speedup_check
-from bc_fast.benchmark import affine_impls
+from bc_fast.benchmark import affine_err, affine_impls
 
 SHAPES = [(256, 256), (768, 384)]
 BATCHES = [1, 16, 256, 1_000_000]
@@ -45,8 +45,7 @@ def cfg_core(bench: Bench, d_in: int, d_out: int, n: int) -> dict:
                                            scratch=bench.buf.get("scratch", (n, d_in)))["bc_fast"]
     t = bench.measure(impls, large=large, min_calls={1: 200, 16: 20}.get(n, 1))
     impls["bc_fast"]()
-    m = min(n, 1024)
-    err = float(np.max(np.abs(y[:m] - (x[:m].astype(np.float64) @ W.T.astype(np.float64) + b))))
+    err = affine_err(y, x, W, b, rows=1024)
     v = t["bc_fast"].median_s / t["bc_fast_fp16in"].median_s
     checks = [check("fp16 input vs fp32", v, 0.9, "fp16 in ≥ 0.9x fp32 rows/s", f"fp16 in {v:.2f}x fp32 rows/s")]
     if large:
