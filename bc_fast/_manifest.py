@@ -326,12 +326,12 @@ def _validate_transform(t: Any, w: str, versions: list[VersionInfo]) -> Transfor
     sha = _req(t, "sha256", str, w)
     if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
         raise RegistryError(f"{w}.sha256 must be 64 lowercase hex digits, got {_short(sha)}")
-    specs = _req(t, "layers", list, w)
-    if not specs:
+    raw_specs = _req(t, "layers", list, w)
+    if not raw_specs:
         raise RegistryError(f"{w}.layers is empty")
-    d_prev = None
-    for j, s in enumerate(specs):
-        d_prev = _validate_layer_spec(s, f"{w}.layers[{j}]", d_prev)
+    specs: list[dict] = []
+    for j, s in enumerate(raw_specs):
+        specs.append(_validate_layer_spec(s, f"{w}.layers[{j}]", specs[-1]["d_out"] if specs else None))
     if specs[0]["d_in"] != versions[a].dim or specs[-1]["d_out"] != versions[b].dim:
         raise RegistryError(
             f"{w} maps {specs[0]['d_in']} -> {specs[-1]['d_out']} features but version {a} has dim "
@@ -340,7 +340,8 @@ def _validate_transform(t: Any, w: str, versions: list[VersionInfo]) -> Transfor
                          str(t.get("created", "")))
 
 
-def _validate_layer_spec(s: Any, ws: str, d_prev: int | None) -> int:
+def _validate_layer_spec(s: Any, ws: str, d_prev: int | None) -> dict:
+    """Check one layer spec; return it normalised (exactly the five fields, width None when absent)."""
     if not isinstance(s, dict):
         raise RegistryError(f"{ws} must be an object")
     d_in = _dim(s, "d_in", ws)
@@ -351,10 +352,10 @@ def _validate_layer_spec(s: Any, ws: str, d_prev: int | None) -> int:
     width = s.get("activation_width")
     if width is not None and (not isinstance(width, int) or isinstance(width, bool) or not 0 <= width <= d_out):
         raise RegistryError(f"{ws}.activation_width must be null or an integer in [0, {d_out}], got {_short(width)}")
-    _req(s, "bias", bool, ws)
+    bias = _req(s, "bias", bool, ws)
     if d_prev is not None and d_in != d_prev:
         raise RegistryError(f"{ws}.d_in={d_in} but the previous layer outputs {d_prev}")
-    return d_out
+    return {"d_in": d_in, "d_out": d_out, "activation": act, "activation_width": width, "bias": bias}
 
 
 # ----------------------------------------------------------------------------- transform files

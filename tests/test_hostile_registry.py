@@ -606,3 +606,10 @@ def test_fuzz_transform_bytes_raise_registry_error_only(cut: int, flips: list[tu
         return
     assert layers[0].weight.shape == (3, 4) and np.all(np.isfinite(layers[0].weight))
 
+
+
+def test_layer_spec_without_activation_width(reg: Registry) -> None:
+    # a spec missing the optional key used to pass validation and raise KeyError when the weights loaded
+    _edit(reg, lambda m: [s.pop("activation_width") for t in m["transforms"] for s in t["layers"]])
+    r = Registry.open(reg.path, verify=True)
+    assert r.operator(2, 0).d_out == 8 and "v2 -> v1" in r.describe()
