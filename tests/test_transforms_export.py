@@ -91,3 +91,27 @@ def test_transform_errors():
     with pytest.raises(ValueError, match=r"shape \(n, 4\)"):
         t(torch.zeros(3, 5))
     assert set(TRANSFORM_KINDS) == {"linear", "affine", "lowrank", "orthogonal", "mlp", "truncate", "identity"}
+
+
+def _silent_import_skips(path) -> list[int]:
+    """Lines of ``except ImportError`` handlers (or ModuleNotFoundError) that ``return`` or ``pass``."""
+    import ast
+
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.ExceptHandler) or node.type is None:
+            continue
+        names = {n.id for n in ast.walk(node.type) if isinstance(n, ast.Name)}
+        if names & {"ImportError", "ModuleNotFoundError"} and any(
+                isinstance(n, (ast.Return, ast.Pass)) for n in ast.walk(node)):
+            bad.append(node.lineno)
+    return bad
+
+
+def test_no_test_passes_silently_on_a_missing_import():
+    """A missing module must fail a test or skip it visibly (pytest.importorskip with a reason)."""
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    found = {p.name: lines for p in sorted(tests.glob("test_*.py")) if (lines := _silent_import_skips(p))}
+    assert not found, f"tests that return/pass on ImportError (use pytest.importorskip(..., reason=...)): {found}"
