@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import tokenize
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -108,8 +109,10 @@ def read_npy_header(path: str) -> NpyHeader:
                 shape, fortran, dtype = fmt.read_array_header_2_0(f)
             else:
                 raise ValueError(f"unsupported .npy format version {version}")
-        except (ValueError, OSError, SyntaxError, EOFError) as e:
-            raise ValueError(f"{path}: not a readable .npy file ({e})") from e
+        except (ValueError, OSError, SyntaxError, EOFError, TypeError, RecursionError, MemoryError,
+                tokenize.TokenError) as e:  # numpy parses the header with tokenize + literal_eval
+            raise ValueError(f"{path}: not a readable .npy file ({type(e).__name__}: {e}); write it with "
+                             "np.save") from e
         offset = f.tell()
     dtype = np.dtype(dtype)
     if dtype.kind == "f" and dtype.byteorder == ">" and dtype.newbyteorder("<") in DTYPES:

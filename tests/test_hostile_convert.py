@@ -511,3 +511,11 @@ def test_verify_failure_leaves_nothing(tmp_path, registry):
     _refused(tmp_path, convert.VerificationError, r"verification failed: \d+ of 50 random rows .*--verify-tol",
              tmp_path / "in.npy", tmp_path / "out.npy",
              **_kw(registry, reference=lambda x: np.ones((len(x), DIMS[0]))))
+
+
+@pytest.mark.parametrize("old, new", [(b"(3, 16)", b"((3, 16)"), (b"'<f4'", b"5"), (b"(3, 16)", b"(3.5, 16)")])
+def test_malformed_npy_header(tmp_path, registry, old, new):
+    np.save(tmp_path / "in.npy", _table(3))
+    (tmp_path / "in.npy").write_bytes((tmp_path / "in.npy").read_bytes().replace(old, new))
+    _refused(tmp_path, ValueError, r"in.npy: not a readable .npy file .*write it with np.save",
+             tmp_path / "in.npy", tmp_path / "out.npy", **_kw(registry))
