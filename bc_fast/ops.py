@@ -20,6 +20,8 @@ from ._arrays import as_numpy
 
 ACTIVATIONS = ("none", "relu", "gelu")
 _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
+_INT_MAX = 2**31 - 1  # the core takes thread counts as C ints
+MAX_THREADS = 1024  # the core runs at most this many worker threads per call
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,32 @@ def validate_layer(layer: Any, where: str, d_prev: int | None = None, *, keep_fl
     return Layer(_frozen(w, dtype), b, layer.activation, width)
 
 
+def _check_threads(threads: Any, name: str = "threads", upper: int = _INT_MAX) -> int:
+    """``threads`` as a plain int in [1, upper]; a clear ValueError for anything else (bools too)."""
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
+        raise ValueError(f"{name} must be a positive integer or None, got {type(threads).__name__} {threads!r}")
+    t = int(threads)
+    if not 1 <= t <= upper:
+        raise ValueError(f"{name} must be an integer in [1, {upper}], got {t}; "
+                         f"pass e.g. {name}={min(max(t, 1), upper)} or None for bc_fast.get_num_threads()")
+    return t
+
+
+def _out_dtype(out_dtype: Any) -> np.dtype:
+    """``out_dtype`` as float32 or float16; TypeError naming the argument otherwise."""
+    try:
+        dt = np.dtype(out_dtype)
+    except TypeError as e:
+        raise TypeError(f"out_dtype must be float32 or float16, got {out_dtype!r}") from e
+    if dt not in _DTYPES:
+        raise TypeError(f"out_dtype must be float32 or float16, got {dt}")
+    return dt
+
+
 def _check_batch(a: np.ndarray, name: str, dim: int) -> None:
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array, whose mask the core would ignore; "
+                        f"pass {name}.filled(value) or {name}.data")
     if a.ndim != 2:
         hint = " Reshape your data with x.reshape(1, -1) for a single vector." if a.ndim == 1 else ""
         raise ValueError(f"Expected {name} to be a 2-D array (n, {dim}), got {a.ndim}-D array of shape {a.shape}.{hint}")
@@ -123,6 +150,8 @@ def _check_batch(a: np.ndarray, name: str, dim: int) -> None:
         raise ValueError(f"{name} has {a.shape[1]} features per row, expected {dim}")
     if not a.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (row-major); pass np.ascontiguousarray({name})")
+    if not a.flags.aligned:
+        raise ValueError(f"{name} is not aligned to its {a.dtype} item size; pass {name}.copy()")
 
 
 class FusedTransform:
@@ -194,22 +223,26 @@ class FusedTransform:
         out_dtype : float32 or float16, optional
             Output dtype when ``out`` is not given (default float32).
         threads : int, optional
-            Worker threads (default: all, as OpenMP sees them). Batches of at most
-            ``build_info()["small_batch_rows"]`` rows run on the calling thread unless
-            they carry enough work to be worth splitting.
+            Worker threads for this call, in [1, 2**31 - 1] (at most 1024 are used).
+            Default: :func:`get_num_threads` (bc_fast's own setting, not OpenMP's or
+            torch's). Batches of at most ``build_info()["small_batch_rows"]`` rows run
+            on the calling thread unless they carry enough work to be worth splitting.
+            Results are bit-identical for every thread count. In a process forked from
+            one that had imported bc_fast, the core always runs on the calling thread
+            (the parent's OpenMP pool does not survive ``fork``).
 
         Returns
         -------
         ndarray (or torch tensor, if ``x`` was one) of shape (n, d_out)
         """
         fast = (type(x) is np.ndarray and (out is None or type(out) is np.ndarray)
-                and (threads is None or (type(threads) is int and threads > 0)))
+                and (threads is None or (type(threads) is int and 0 < threads <= _INT_MAX)))
         if fast and out_dtype is not None:
-            dt = np.dtype(out_dtype)
-            fast = dt in _DTYPES and (out is None or out.dtype == dt)
+            dt = _out_dtype(out_dtype)
+            fast = out is None or out.dtype == dt
         if fast:
-            # The core checks shape, dtype, contiguity and overlap itself. On any complaint,
-            # fall through to the full validation below for a precise message.
+            # The core checks shape, dtype, contiguity, alignment and overlap itself. On any
+            # complaint, fall through to the full validation below for a precise message.
             try:
                 res = self._op.apply(x, out, out_dtype is not None and np.dtype(out_dtype) == np.float16,
                                      threads or 0)
@@ -218,12 +251,9 @@ class FusedTransform:
                 pass
         xa, x_is_torch = as_numpy(x, "x")
         _check_batch(xa, "x", self.d_in)
-        if threads is not None and (not isinstance(threads, (int, np.integer)) or threads < 1):
-            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        n_threads = 0 if threads is None else _check_threads(threads)
         if out is None:
-            dt = np.dtype(np.float32 if out_dtype is None else out_dtype)
-            if dt not in _DTYPES:
-                raise TypeError(f"out_dtype must be float32 or float16, got {dt}")
+            dt = np.dtype(np.float32) if out_dtype is None else _out_dtype(out_dtype)
             oa = np.empty((xa.shape[0], self.d_out), dtype=dt)
             result: Any = oa
             if x_is_torch:
@@ -233,26 +263,50 @@ class FusedTransform:
             _check_batch(oa, "out", self.d_out)
             if oa.shape[0] != xa.shape[0]:
                 raise ValueError(f"out has {oa.shape[0]} rows but x has {xa.shape[0]}")
-            if out_dtype is not None and np.dtype(out_dtype) != oa.dtype:
+            if out_dtype is not None and _out_dtype(out_dtype) != oa.dtype:
                 raise ValueError(f"out_dtype={np.dtype(out_dtype)} disagrees with out.dtype={oa.dtype}")
             if not oa.flags.writeable:
-                raise ValueError("out is read-only")
+                raise ValueError("out is read-only; pass a writeable array (e.g. np.empty_like)")
             if np.may_share_memory(xa, oa):
                 raise ValueError("out must not overlap x; the transform is not computed in place")
             result = out
         if xa.shape[0]:
-            self._op.apply(xa, oa, False, 0 if threads is None else int(threads))
+            self._op.apply(xa, oa, False, n_threads)
         return result
 
     __call__ = apply
+
+
+def get_num_threads() -> int:
+    """bc_fast's default thread count for :meth:`FusedTransform.apply`.
+
+    The value given to :func:`set_num_threads` if it was called; else the environment
+    variable ``BC_FAST_NUM_THREADS``; else the number of CPUs this process may run on
+    (``os.sched_getaffinity``). It does not follow ``torch.set_num_threads`` or
+    ``OMP_NUM_THREADS``. Raises ValueError if ``BC_FAST_NUM_THREADS`` is not an integer
+    in [1, 1024].
+    """
+    return int(_core.get_num_threads())
+
+
+def set_num_threads(n: int) -> None:
+    """Set bc_fast's default thread count (an integer in [1, 1024]) for this process.
+
+    Overrides ``BC_FAST_NUM_THREADS``; an explicit ``apply(threads=...)`` still wins.
+    Results are bit-identical for every thread count.
+    """
+    _core.set_num_threads(_check_threads(n, "n", MAX_THREADS))
 
 
 def build_info() -> dict:
     """How the compiled core was built and what it chose at run time.
 
     Keys: ``kernel`` (SIMD level picked after the CPU check), ``cpu`` (features
-    found), ``blas`` (library and its core), ``openmp``, ``max_threads``,
-    ``small_batch_rows`` (largest batch served by the single-thread path),
-    ``compiler``.
+    found), ``blas`` (library and its core), ``openmp``, ``max_threads`` (the default
+    thread count, :func:`get_num_threads`), ``cpus`` (CPUs this process may run on),
+    ``blas_threads`` (the BLAS library's own thread setting, which the core keeps at 1:
+    it parallelises over row tiles itself), ``forked_child`` (True in a process forked
+    from one that had loaded the core: it runs single-threaded), ``small_batch_rows``
+    (largest batch served by the single-thread path), ``compiler``.
     """
     return dict(_core.build_info())

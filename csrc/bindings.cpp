@@ -37,6 +37,8 @@ void check_batch(const py::array& a, const char* name, int64_t dim) {
     throw std::invalid_argument(std::string(name) + " has " + std::to_string(a.shape(1)) + " columns, expected " +
                                 std::to_string(dim));
   if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(std::string(name) + " must be C-contiguous");
+  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+    throw std::invalid_argument(std::string(name) + " is not aligned to its item size");
 }
 
 FusedOp make_op(const std::vector<FloatArray>& weights, const std::vector<std::optional<FloatArray>>& biases,
@@ -65,7 +67,7 @@ FusedOp make_op(const std::vector<FloatArray>& weights, const std::vector<std::o
   return FusedOp(std::move(specs), normalize);
 }
 
-py::object apply(const FusedOp& op, const py::array& x, py::object out, bool out_float16, int threads) {
+py::object apply(const FusedOp& op, const py::array& x, py::object out, bool out_float16, int64_t threads) {
   check_batch(x, "x", op.d_in());
   const DType xt = batch_dtype(x, "x");
   const int64_t n = x.shape(0);
@@ -110,7 +112,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("threads") = 0,
            "out[n, d_out] = program(x[n, d_in]) for C-contiguous float32/float16 arrays, GIL released; "
            "allocates out (float32, or float16 if out_float16) when None and returns it. "
-           "threads <= 0 uses the OpenMP default.");
+           "threads <= 0 uses get_num_threads(); a forked child always runs on one thread.");
 
   m.def("build_info", [] {
     const bc_fast::BuildInfo info = bc_fast::build_info();
@@ -120,10 +122,18 @@ PYBIND11_MODULE(_core, m) {
     d["blas"] = info.blas;
     d["openmp"] = info.openmp;
     d["max_threads"] = info.max_threads;
+    d["cpus"] = info.cpus;
+    d["blas_threads"] = info.blas_threads;
+    d["forked_child"] = info.forked_child;
     d["small_batch_rows"] = FusedOp::kSmallBatchRows;
     d["compiler"] = info.compiler;
     return d;
   }, "How the core was built and which kernel it picked.");
+  m.def("get_num_threads", &bc_fast::num_threads,
+        "The core's default thread count: set_num_threads() if called, else BC_FAST_NUM_THREADS, else the "
+        "CPUs this process may run on. Independent of OpenMP's and torch's settings.");
+  m.def("set_num_threads", &bc_fast::set_num_threads, py::arg("n"),
+        "Set the core's default thread count for this process (1..1024).");
   m.def("set_simd_level", &bc_fast::set_simd_level, py::arg("level"),
         "Select the kernel set: 'generic' or 'avx2' (testing and benchmarking).");
 }

@@ -12,8 +12,15 @@
 #if defined(BC_FAST_HAVE_OPENMP)
 #include <omp.h>
 #endif
+#include <cctype>
+#include <cerrno>
+#include <cstdlib>
 #if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
 #include <unistd.h>
+#endif
+#if defined(__linux__)
+#include <sched.h>
 #endif
 #if defined(BC_FAST_HAVE_BLAS)
 #include <cblas.h>
@@ -30,38 +37,82 @@ Activation parse_activation(const std::string& name) {
 
 namespace {
 
-int default_threads() {
-#if defined(BC_FAST_HAVE_OPENMP)
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
+// Set by the pthread_atfork child handler (registered when the core is loaded, as torch does):
+// libgomp's thread pool does not survive fork(), and a child that enters a parallel region after
+// its parent used one waits forever. The parent's pool may be torch's (torch ships its own
+// libgomp.so.1 with the same soname), so "has this process used OpenMP?" cannot be answered
+// here; "is this a fork?" can.
+std::atomic<bool> g_forked_child{false};
+std::atomic<int> g_num_threads{0};  // 0: not resolved yet
 
-// libgomp's thread pool does not survive fork(): a child that enters a parallel region after its
-// parent used one waits forever for threads that no longer exist. The first process to apply an
-// operator owns the pool; any other (a fork of it) stays on one thread and still computes.
-bool parallel_allowed() {
-#if defined(BC_FAST_HAVE_OPENMP) && (defined(__unix__) || defined(__APPLE__))
-  static std::atomic<pid_t> pool_pid{0};
-  const pid_t me = getpid();
-  pid_t owner = 0;
-  if (pool_pid.compare_exchange_strong(owner, me)) return true;
-  return owner == me;
-#else
-  return true;
+#if defined(__unix__) || defined(__APPLE__)
+[[maybe_unused]] const bool kAtforkRegistered = [] {
+  return pthread_atfork(nullptr, nullptr, [] { g_forked_child.store(true, std::memory_order_relaxed); }) == 0;
+}();
 #endif
-}
 
 #if defined(BC_FAST_HAVE_BLAS)
-// We parallelise over row tiles ourselves; each BLAS call runs on its caller's thread.
+// We parallelise over row tiles ourselves, so each BLAS call must run on its caller's thread:
+// with OpenBLAS's own pool awake as well, 2 cores ran large batches up to 10x slower. This
+// scipy-openblas32 build has no per-thread setting (openblas_set_num_threads_local is neither
+// exported nor thread-local in pthread builds), so this sets the library instance's count. A
+// wheel repaired by auditwheel carries a private copy of the library; only a development install
+// shares the scipy-openblas32 package's copy (numpy and scipy ship their own).
 [[maybe_unused]] const bool kBlasSingleThreaded = [] {
   scipy_openblas_set_num_threads(1);
   return true;
 }();
 #endif
 
+int threads_from_env() {
+  const char* env = std::getenv("BC_FAST_NUM_THREADS");
+  if (env == nullptr || *env == '\0') return 0;
+  errno = 0;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  while (end != nullptr && std::isspace(static_cast<unsigned char>(*end))) ++end;
+  if (errno != 0 || end == env || *end != '\0' || v < 1 || v > kMaxThreads)
+    throw std::invalid_argument("environment variable BC_FAST_NUM_THREADS='" + std::string(env) +
+                                "' is not an integer in [1, " + std::to_string(kMaxThreads) +
+                                "]; set it to a thread count such as 4, or unset it to use all available CPUs");
+  return static_cast<int>(v);
+}
+
 }  // namespace
+
+int available_cpus() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+  const long n = sysconf(_SC_NPROCESSORS_ONLN);
+  if (n > 0) return static_cast<int>(std::min<long>(n, kMaxThreads));
+#endif
+  return 1;
+}
+
+int num_threads() {
+  int t = g_num_threads.load(std::memory_order_relaxed);
+  if (t > 0) return t;
+  t = threads_from_env();
+  if (t == 0) t = std::min(available_cpus(), kMaxThreads);
+  int expected = 0;
+  // A concurrent set_num_threads() wins over the default.
+  return g_num_threads.compare_exchange_strong(expected, t) ? t : expected;
+}
+
+void set_num_threads(int64_t n) {
+  if (n < 1 || n > kMaxThreads)
+    throw std::invalid_argument("threads must be an integer in [1, " + std::to_string(kMaxThreads) + "], got " +
+                                std::to_string(n));
+  g_num_threads.store(static_cast<int>(n), std::memory_order_relaxed);
+}
+
+bool in_forked_child() { return g_forked_child.load(std::memory_order_relaxed); }
 
 // Per-thread scratch space, grown on first use and reused afterwards.
 struct FusedOp::Workspace {
@@ -79,7 +130,7 @@ struct FusedOp::Workspace {
 };
 
 FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize)
-    : normalize_(normalize), tile_parts_(std::max(2, default_threads())) {
+    : normalize_(normalize), tile_parts_(std::max(2, std::min(available_cpus(), kMaxThreads))) {
   if (layers.empty()) throw std::invalid_argument("a fused op needs at least one layer");
   for (size_t i = 0; i < layers.size(); ++i) {
     LayerSpec& s = layers[i];
@@ -186,7 +237,7 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
   }
 }
 
-void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out_type, int threads) const {
+void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out_type, int64_t threads) const {
   if (n < 0) throw std::invalid_argument("negative number of rows");
   if (n == 0) return;
   if (x == nullptr || out == nullptr) throw std::invalid_argument("null data pointer");
@@ -197,7 +248,7 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
   if (xb < ob + n * d_out() * o_item && ob < xb + n * d_in() * x_item)
     throw std::invalid_argument("output overlaps input");
 
-  const int t = !parallel_allowed() ? 1 : threads > 0 ? threads : default_threads();
+  const int64_t t = in_forked_child() ? 1 : threads > 0 ? std::min<int64_t>(threads, kMaxThreads) : num_threads();
   bool use_blas = false;
   int64_t tile = n;
   if (n <= kSmallBatchRows) {
@@ -217,16 +268,24 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
     tile = tile_rows(n);
   }
   const int64_t tiles = (n + tile - 1) / tile;
+  auto run_tile = [&](int64_t i) {
+    const int64_t r0 = i * tile;
+    const int64_t m = std::min(tile, n - r0);
+    run_block(xb + r0 * d_in() * x_item, x_type, m, ob + r0 * d_out() * o_item, out_type, use_blas,
+              Workspace::local());
+  };
+  const int workers = static_cast<int>(std::min<int64_t>(t, tiles));
+  if (workers <= 1) {  // never touch the OpenMP runtime: in a forked child its pool is gone
+    for (int64_t i = 0; i < tiles; ++i) run_tile(i);
+    return;
+  }
   std::exception_ptr error;
 #if defined(BC_FAST_HAVE_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1) num_threads(static_cast<int>(std::min<int64_t>(t, tiles))) if (t > 1 && tiles > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(workers)
 #endif
   for (int64_t i = 0; i < tiles; ++i) {
     try {
-      const int64_t r0 = i * tile;
-      const int64_t m = std::min(tile, n - r0);
-      run_block(xb + r0 * d_in() * x_item, x_type, m, ob + r0 * d_out() * o_item, out_type, use_blas,
-                Workspace::local());
+      run_tile(i);
     } catch (...) {
 #if defined(BC_FAST_HAVE_OPENMP)
 #pragma omp critical(bc_fast_error)
@@ -250,7 +309,12 @@ BuildInfo build_info() {
 #if defined(BC_FAST_HAVE_OPENMP)
   info.openmp = true;
 #endif
-  info.max_threads = default_threads();
+  info.max_threads = num_threads();
+  info.cpus = available_cpus();
+  info.forked_child = in_forked_child();
+#if defined(BC_FAST_HAVE_BLAS)
+  info.blas_threads = scipy_openblas_get_num_threads();
+#endif
 #if defined(__clang__)
   info.compiler = "clang " __clang_version__;
 #elif defined(__GNUC__)

@@ -37,8 +37,9 @@ class FusedOp {
   size_t num_layers() const { return layers_.size(); }
 
   // out[n x d_out] = program(x[n x d_in]); both C-contiguous, must not overlap.
-  // threads <= 0 means the OpenMP default. Throws std::invalid_argument on bad sizes.
-  void apply(const void* x, DType x_type, int64_t n, void* out, DType out_type, int threads) const;
+  // threads <= 0 means num_threads(); more than kMaxThreads count as kMaxThreads; a forked child
+  // always runs on its calling thread. Throws std::invalid_argument on bad sizes.
+  void apply(const void* x, DType x_type, int64_t n, void* out, DType out_type, int64_t threads) const;
 
  private:
   struct Layer {
@@ -56,15 +57,33 @@ class FusedOp {
   bool normalize_;
   int64_t max_width_ = 0;     // widest padded row any layer writes
   int64_t macs_per_row_ = 0;  // multiply-adds the packed kernel spends on one row
-  int tile_parts_ = 2;        // mid-size batches are cut into this many tiles (cores at construction)
+  int tile_parts_ = 2;        // mid-size batches are cut into this many tiles (CPUs at construction)
 };
+
+// Upper bound on worker threads for one apply (more only adds idle threads and scratch memory).
+constexpr int kMaxThreads = 1024;
+
+// CPUs this process may run on (sched_getaffinity), at least 1.
+int available_cpus();
+// The core's default thread count: set_num_threads() if called, else BC_FAST_NUM_THREADS, else
+// available_cpus(). Independent of OpenMP's and torch's settings. Throws std::invalid_argument
+// when BC_FAST_NUM_THREADS is not a positive integer.
+int num_threads();
+// Overrides the default thread count for this process (1..kMaxThreads, else invalid_argument).
+void set_num_threads(int64_t n);
+// True in a process forked (after the core was loaded) from one that loaded it: such a process
+// never enters an OpenMP parallel region, since its parent's thread pool did not survive fork().
+bool in_forked_child();
 
 struct BuildInfo {
   std::string kernel;
   std::string cpu;
   std::string blas;
   bool openmp = false;
-  int max_threads = 1;
+  int max_threads = 1;  // num_threads()
+  int cpus = 1;         // available_cpus()
+  int blas_threads = 0; // the BLAS library's own (process-global) setting, read only; 0 without BLAS
+  bool forked_child = false;
   std::string compiler;
 };
 
