@@ -285,8 +285,8 @@ def _read_index(p: Path, sp: Path, side: Mapping[str, Any]) -> Any:
     try:
         return _faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as e:
-        raise ValueError(f"{p}: faiss cannot read this index file ({_faiss_msg(e)}); it may come "
-                         f"from another faiss version (sidecar says {side.get('faiss_version')!r}); rebuild it") from None
+        raise ValueError(f"{p}: faiss cannot read this index file ({_faiss_msg(e)}); it may come from another "
+                         f"faiss version (sidecar says {side.get('faiss_version')!r}); rebuild it") from None
 
 
 def _check_index_matches(p: Path, sp: Path, index: Any, side: Mapping[str, Any]) -> None:
@@ -484,7 +484,8 @@ class LegacyIndex:
         if p.is_dir():
             raise ValueError(f"{p} is a directory; pass a file path for the index, e.g. {p / 'index.faiss'}")
         if not p.parent.is_dir():
-            raise FileNotFoundError(f"cannot save the index to {p}: directory {p.parent} does not exist; create it first")
+            raise FileNotFoundError(f"cannot save the index to {p}: directory {p.parent} does not exist; "
+                                    f"create it first")
         metric = _index_metric(self.index)
         if metric != self.metric:
             raise ValueError(f"this LegacyIndex says metric={self.metric!r} but its faiss index uses {metric!r}; "

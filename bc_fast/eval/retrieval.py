@@ -189,8 +189,6 @@ def legacy_retrieval_report(strategies: Mapping[str, Mapping[str, Any]], *, vers
         ``chain``: the fused operator, ``n_queries``, ``build_s`` (index build seconds),
         ``rows_per_s``. Recall keys are absent without interactions and users.
     """
-    import faiss
-
     if not strategies:
         raise ValueError("strategies is empty")
     own_tmp = workdir is None
@@ -198,66 +196,97 @@ def legacy_retrieval_report(strategies: Mapping[str, Mapping[str, Any]], *, vers
     report: dict[str, dict[str, Any]] = {}
     try:
         for si, (name, data) in enumerate(strategies.items()):
-            if not isinstance(data, Mapping) or "items" not in data:
-                raise ValueError(f"strategies[{name!r}] must be a dict with 'items' (and optional 'users', 'backward')")
-            items = [np.asarray(x) for x in data["items"]]
-            users = None if data.get("users") is None else [np.asarray(x) for x in data["users"]]
-            nv = len(items)
-            if not 0 <= version < nv - 1:
-                raise ValueError(f"strategies[{name!r}] has versions 0..{nv - 1}; version={version} must be older "
-                                 f"than the latest")
-            if users is not None and len(users) != nv:
-                raise ValueError(f"strategies[{name!r}]: 'users' has {len(users)} versions, 'items' has {nv}")
-            backward = _backward_list(data.get("backward"), nv, name)
-            reg = Registry.create(base / f"{si:02d}_registry", name=str(name))
-            notes = []
-            for v in range(nv):
-                dim = items[v].shape[1]
-                b = backward[v]
-                if v > 0 and b is None:
-                    b = _identity_layers(dim, items[v - 1].shape[1])
-                    notes.append(f"B_{v}=" + ("identity" if dim == items[v - 1].shape[1] else
-                                               f"truncate {dim}->{items[v - 1].shape[1]}"))
-                reg.add_version(dim=dim, backward=b if v > 0 else None, metadata={"strategy": str(name)})
-            latest = nv - 1
-            t0 = time.perf_counter()
-            legacy = build_legacy_index(reg, np.ascontiguousarray(items[latest], np.float32), version,
-                                        factory=factory, metric=metric, progress=False)
-            build_s = time.perf_counter() - t0
-            true_j = np.ascontiguousarray(items[version], np.float32)
-            truth = faiss.index_factory(true_j.shape[1], "Flat", faiss_metric(metric))
-            truth.add(true_j)
-            pool = users[version] if users is not None else true_j
-            rng = np.random.default_rng(seed)
-            qi = np.sort(rng.choice(len(pool), size=min(max_queries, len(pool)), replace=False))
-            q = np.ascontiguousarray(pool[qi], np.float32)
-            kk = min(k, legacy.ntotal)
-            _, I_legacy = legacy.search(q, kk, query_version=version)
-            with blas_threshold(blas_threshold_for(true_j.shape[1])):
-                _, I_true = truth.search(q, kk)
-            row: dict[str, Any] = {
-                f"overlap@{k}": overlap_at_k(I_legacy, I_true),
-                "chain": repr(reg.operator(latest, version)),
-                "n_queries": int(len(q)),
-                "build_s": build_s,
-                "rows_per_s": legacy.ntotal / build_s if build_s > 0 else math.inf,
-            }
+            items, users = _strategy_arrays(name, data, version)
+            reg, notes = _strategy_registry(base / f"{si:02d}_registry", str(name), items, data.get("backward"))
+            row = _overlap_row(reg, items, users, version=version, k=k, factory=factory, metric=metric,
+                               max_queries=max_queries, seed=seed)
             if notes:
                 row["notes"] = ", ".join(notes)
             if users is not None and train_pairs is not None and test_pairs is not None:
-                op = reg.operator(latest, version)
-                items_t = op.apply(np.ascontiguousarray(items[latest], np.float32))
-                users_t = op.apply(np.ascontiguousarray(users[latest], np.float32))
-                r_true = recall_from_embeddings(users[version], true_j, train_pairs, test_pairs, recall_k, metric=metric)
-                r_legacy = recall_from_embeddings(users[version], items_t, train_pairs, test_pairs, recall_k, metric=metric)
-                r_tr = recall_from_embeddings(users_t, items_t, train_pairs, test_pairs, recall_k, metric=metric)
-                row.update({"recall_k": int(recall_k), "recall_true": r_true, "recall_legacy": r_legacy, "recall_transformed": r_tr,
-                            "recall_retention": r_legacy / r_true if r_true > 0 else math.nan})
+                row.update(_recall_row(reg, items, users, version, train_pairs, test_pairs, recall_k, metric))
             report[str(name)] = row
     finally:
         if own_tmp:
             shutil.rmtree(base, ignore_errors=True)
     return report
+
+
+def _strategy_arrays(name: Any, data: Any, version: int) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """The per-version item (and user) arrays of one strategy, checked."""
+    if not isinstance(data, Mapping) or "items" not in data:
+        raise ValueError(f"strategies[{name!r}] must be a dict with 'items' (and optional 'users', 'backward')")
+    items = [np.asarray(x) for x in data["items"]]
+    users = None if data.get("users") is None else [np.asarray(x) for x in data["users"]]
+    nv = len(items)
+    if not 0 <= version < nv - 1:
+        raise ValueError(f"strategies[{name!r}] has versions 0..{nv - 1}; version={version} must be older "
+                         f"than the latest")
+    if users is not None and len(users) != nv:
+        raise ValueError(f"strategies[{name!r}]: 'users' has {len(users)} versions, 'items' has {nv}")
+    return items, users
+
+
+def _strategy_registry(path: Path, name: str, items: list[np.ndarray], backward: Any) -> tuple[Registry, list[str]]:
+    """A registry of the strategy's versions; missing steps become identity/truncation (listed in the notes)."""
+    steps = _backward_list(backward, len(items), name)
+    reg = Registry.create(path, name=name)
+    notes = []
+    for v, x in enumerate(items):
+        dim, b = x.shape[1], steps[v]
+        if v > 0 and b is None:
+            d_prev = items[v - 1].shape[1]
+            b = _identity_layers(dim, d_prev)
+            notes.append(f"B_{v}=" + ("identity" if dim == d_prev else f"truncate {dim}->{d_prev}"))
+        reg.add_version(dim=dim, backward=b if v > 0 else None, metadata={"strategy": name})
+    return reg, notes
+
+
+def _overlap_row(reg: Registry, items: list[np.ndarray], users: list[np.ndarray] | None, *, version: int, k: int,
+                 factory: str, metric: str, max_queries: int, seed: int) -> dict[str, Any]:
+    """overlap@k of the legacy index (built from the latest items) with a flat index of the true items."""
+    import faiss
+
+    latest = len(items) - 1
+    t0 = time.perf_counter()
+    legacy = build_legacy_index(reg, np.ascontiguousarray(items[latest], np.float32), version,
+                                factory=factory, metric=metric, progress=False)
+    build_s = time.perf_counter() - t0
+    true_j = np.ascontiguousarray(items[version], np.float32)
+    truth = faiss.index_factory(true_j.shape[1], "Flat", faiss_metric(metric))
+    truth.add(true_j)
+    pool = users[version] if users is not None else true_j
+    rng = np.random.default_rng(seed)
+    qi = np.sort(rng.choice(len(pool), size=min(max_queries, len(pool)), replace=False))
+    q = np.ascontiguousarray(pool[qi], np.float32)
+    kk = min(k, legacy.ntotal)
+    _, I_legacy = legacy.search(q, kk, query_version=version)
+    with blas_threshold(blas_threshold_for(true_j.shape[1])):
+        _, I_true = truth.search(q, kk)
+    return {
+        f"overlap@{k}": overlap_at_k(I_legacy, I_true),
+        "chain": repr(reg.operator(latest, version)),
+        "n_queries": int(len(q)),
+        "build_s": build_s,
+        "rows_per_s": legacy.ntotal / build_s if build_s > 0 else math.inf,
+    }
+
+
+def _recall_row(reg: Registry, items: list[np.ndarray], users: list[np.ndarray], version: int,
+                train_pairs: np.ndarray, test_pairs: np.ndarray, recall_k: int, metric: str) -> dict[str, Any]:
+    """Recall@recall_k of true version-j users against true, legacy and transformed embeddings."""
+    latest = len(items) - 1
+    op = reg.operator(latest, version)
+    items_t = op.apply(np.ascontiguousarray(items[latest], np.float32))
+    users_t = op.apply(np.ascontiguousarray(users[latest], np.float32))
+
+    def recall(u: np.ndarray, i: np.ndarray) -> float:
+        return recall_from_embeddings(u, i, train_pairs, test_pairs, recall_k, metric=metric)
+
+    r_true = recall(users[version], np.asarray(items[version], np.float32))
+    r_legacy = recall(users[version], items_t)
+    return {"recall_k": int(recall_k), "recall_true": r_true, "recall_legacy": r_legacy,
+            "recall_transformed": recall(users_t, items_t),
+            "recall_retention": r_legacy / r_true if r_true > 0 else math.nan}
 
 
 def format_retrieval_report(report: Mapping[str, Mapping[str, Any]], *, version: int = 0) -> str:
