@@ -183,6 +183,13 @@ def test_sidecar_that_is_not_a_sidecar(saved: Path, content: bytes, match: str) 
     assert "v0.faiss.json" in str(e.value) and len(str(e.value)) < 600
 
 
+def test_sidecar_with_nan_value(saved: Path) -> None:
+    text = _side_path(saved).read_text().replace('"ntotal": 300', '"ntotal": NaN')
+    _side_path(saved).write_text(text)
+    with pytest.raises(ValueError, match=r"v0\.faiss\.json: sidecar checksum mismatch"):
+        LegacyIndex.load(saved)
+
+
 def test_huge_sidecar_is_refused_without_parsing(saved: Path) -> None:
     _side_path(saved).write_bytes(b" " * (2 << 20))
     with pytest.raises(ValueError, match="far larger than a legacy index sidecar"):
