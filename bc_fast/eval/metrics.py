@@ -125,23 +125,25 @@ def recall_at_k(scores: np.ndarray, positives: Sequence[np.ndarray], k: int,
     if exclude is not None and len(exclude) != n:
         raise ValueError(f"got {len(exclude)} exclude lists for {n} score rows")
     kk = min(int(k), m)
+    # float32/float64 kept (exact for ties); anything else compared in float64
+    dt = s_all.dtype if s_all.dtype in (np.float32, np.float64) else np.float64
     out = np.empty(n, dtype=np.float64)
     step = max(1, _BLOCK_SCORES // max(m, 1))
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        s = np.array(s_all[r0:r1], dtype=np.float64)  # a copy: exclusions never touch the caller's scores
+        s = np.array(s_all[r0:r1], dtype=dt)  # a copy: exclusions never touch the caller's scores
         if np.isnan(s).any():
             raise ValueError(f"scores row {r0 + int(np.isnan(s).any(axis=1).argmax())} contains NaN")
         if exclude is not None:
             rows, cols = _ragged(exclude[r0:r1], m, "exclude", r0)
             s[rows, cols] = -np.inf
-        pos = np.zeros(s.shape, dtype=bool)
         rows, cols = _ragged(positives[r0:r1], m, "positives", r0)
-        pos[rows, cols] = True
-        n_pos = pos.sum(axis=1)
+        codes = np.unique(rows * m + cols)  # (row, item) pairs, duplicates counted once
+        n_pos = np.bincount(codes // m, minlength=r1 - r0)
         if (n_pos == 0).any():
             raise ValueError(f"row {r0 + int(np.argmin(n_pos))} has no positives")
-        out[r0:r1] = (pos & _top_k_mask(s, kk)).sum(axis=1) / n_pos
+        hits = np.bincount(codes // m, weights=_top_k_mask(s, kk).ravel()[codes], minlength=r1 - r0)
+        out[r0:r1] = hits / n_pos
     return out
 
 
@@ -151,10 +153,14 @@ def _top_k_mask(s: np.ndarray, k: int) -> np.ndarray:
     if k >= m:
         return np.ones(s.shape, dtype=bool)
     cut = np.partition(s, m - k, axis=1)[:, m - k, None]  # the k-th largest score of each row
-    above = s > cut
+    mask = s > cut
     at = s == cut
-    room = k - above.sum(axis=1, keepdims=True)
-    return above | (at & (np.cumsum(at, axis=1) <= room))
+    room = k - np.count_nonzero(mask, axis=1)
+    tied = np.flatnonzero(np.count_nonzero(at, axis=1) > room)  # rows where the cut splits a tie
+    mask |= at
+    if tied.size:
+        mask[tied] &= ~at[tied] | (np.cumsum(at[tied], axis=1) <= room[tied, None])
+    return mask
 
 
 def _ragged(lists: Sequence[np.ndarray], m: int, name: str, offset: int) -> tuple[np.ndarray, np.ndarray]:
