@@ -536,6 +536,8 @@ class LegacyIndex:
         """
         p = Path(path)
         sp = _sidecar(p)
+        if p.is_dir():
+            raise ValueError(f"{p} is a directory; pass the index file written by LegacyIndex.save")
         if not p.is_file():
             raise FileNotFoundError(f"index file {p} not found")
         side = _read_sidecar(sp, allow_old=allow_old_sidecar)

@@ -202,6 +202,8 @@ def test_missing_sidecar_or_index(saved: Path) -> None:
         LegacyIndex.load(saved)
     with pytest.raises(FileNotFoundError, match=r"index file .*nothing\.faiss not found"):
         LegacyIndex.load(saved.with_name("nothing.faiss"))
+    with pytest.raises(ValueError, match="is a directory; pass the index file"):
+        LegacyIndex.load(saved.parent)
 
 
 # ----------------------------------------------------------------------------- damaged index files
