@@ -640,6 +640,9 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
                     return done
             replacing = _check_output_free(output, overwrite)
         else:
+            if not resume and journal is not None and journal.get("publishing"):
+                raise FileExistsError(f"a conversion to {output} was interrupted while publishing its finished "
+                                      f"table (journal {journal_path}); pass resume=True (--resume) to finish it")
             if not resume:
                 done = "" if journal is None else f" ({journal['done_chunks']}/{journal['n_chunks']} chunks done)"
                 raise FileExistsError(f"a partial conversion to {output} exists at {(partial or [temp])[0]}{done}; "

@@ -318,7 +318,7 @@ def test_killed_while_publishing_resume_finishes(tmp_path, registry, monkeypatch
             convert_table(inp, out, **kw)
     assert (tmp_path / (out.name + ".partial.journal.json")).exists()
     # a rerun without --resume is told what to do
-    with pytest.raises(FileExistsError, match=r"partial conversion .*\(--resume\)"):
+    with pytest.raises(FileExistsError, match=r"interrupted while publishing .*\(--resume\) to finish it"):
         convert_table(inp, out, **kw)
     res = convert_table(inp, out, resume=True, **kw)
     assert res.already_complete and res.rows == 300 and "already complete" in res.summary()
