@@ -387,6 +387,10 @@ def _owned_output(output: str) -> dict:
             else:
                 return {"dir": True, "files": present}
     if why is None:
+        table = side.get("table") if isinstance(side.get("table"), dict) else {}
+        if table.get("format") not in ("npy", "parquet"):
+            why = f"its sidecar {side_path} does not describe a single-file table"
+    if why is None:
         return {"dir": False, "files": None}
     raise FileExistsError(f"refusing to overwrite {output}: {why}. --overwrite only replaces a table bc_fast "
                           "wrote itself, and never removes other files; move them out of the way or choose "
@@ -734,6 +738,8 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
         lock.release(remove=True)
         if owned:
             sys.stderr.write(f"\ninterrupted: the partial output {temp} is kept; rerun with --resume to continue\n")
+        elif os.path.lexists(journal_path):
+            sys.stderr.write(f"\ninterrupted while publishing {output}; rerun with --resume to finish\n")
         raise
     except BaseException:
         writer.close()

@@ -120,6 +120,9 @@ def test_overwrite_refuses_a_forged_or_foreign_sidecar(tmp_path, registry):
     (tmp_path / "out.npy.bcfast.json").write_text("[1, 2]")
     _refused(tmp_path, FileExistsError, "sidecar is not bc_fast's", tmp_path / "in.npy", tmp_path / "out.npy",
              **_kw(registry, overwrite=True))
+    (tmp_path / "out.npy.bcfast.json").write_text('{"format": "bc_fast.table/1", "table": {"format": "npy_dir"}}')
+    _refused(tmp_path, FileExistsError, "does not describe a single-file table", tmp_path / "in.npy",
+             tmp_path / "out.npy", **_kw(registry, overwrite=True))
     (tmp_path / "out.npy.bcfast.json").write_text('{"format": "someone-else/1"}')
     _refused(tmp_path, FileExistsError, "not a bc_fast table sidecar", tmp_path / "in.npy", tmp_path / "out.npy",
              **_kw(registry, overwrite=True))
@@ -519,3 +522,38 @@ def test_malformed_npy_header(tmp_path, registry, old, new):
     (tmp_path / "in.npy").write_bytes((tmp_path / "in.npy").read_bytes().replace(old, new))
     _refused(tmp_path, ValueError, r"in.npy: not a readable .npy file .*write it with np.save",
              tmp_path / "in.npy", tmp_path / "out.npy", **_kw(registry))
+
+
+_KILL_ON_SIDECAR_RENAME = """
+import os, signal, sys
+import bc_fast.convert as convert
+from bc_fast.cli import main
+real = os.replace
+def replace(src, dst):
+    if str(src).endswith(".bcfast.json.tmp"):
+        os.kill(os.getpid(), signal.SIGKILL)  # the table is in place, its sidecar not yet
+    return real(src, dst)
+convert.os.replace = replace
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_just_after_the_final_rename(tmp_path, registry, capsys):
+    import subprocess
+    import sys
+    np.save(tmp_path / "in.npy", _table(500, dtype=np.float16))
+    args = ["convert", str(tmp_path / "in.npy"), str(tmp_path / "out.npy"), "-r", str(registry.path), "--to", "0",
+            "--threads", "1", "--chunk-rows", "64", "--quiet"]
+    # cwd=tmp_path: the child imports the installed bc_fast, not the source checkout
+    proc = subprocess.run([sys.executable, "-c", _KILL_ON_SIDECAR_RENAME] + args, cwd=tmp_path,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert (tmp_path / "out.npy").exists() and not (tmp_path / "out.npy.bcfast.json").exists()
+    assert main(args) == 1  # a plain rerun says how to finish
+    assert "interrupted while publishing" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0
+    convert_table(tmp_path / "in.npy", tmp_path / "clean.npy", **_kw(registry, chunk_rows=64))
+    assert (tmp_path / "out.npy").read_bytes() == (tmp_path / "clean.npy").read_bytes()
+    assert read_sidecar(tmp_path / "out.npy")["version"] == 0
+    assert sorted(os.listdir(tmp_path)) == ["clean.npy", "clean.npy.bcfast.json", "in.npy", "out.npy",
+                                            "out.npy.bcfast.json"]
