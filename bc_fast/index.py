@@ -435,7 +435,8 @@ class LegacyIndex:
             raise ValueError(f"k={k} is larger than the {self.ntotal} vectors in the index; pass k <= {self.ntotal}")
         if op is not None:
             q = op.apply(q, threads=threads)
-            _check_finite(q, f"queries (version {int(query_version)})")
+            if not _all_finite(q):
+                _check_finite(q, f"queries (version {int(query_version)})")
         else:
             q = q.astype(np.float32, copy=False)
             if self.normalize:
@@ -463,7 +464,7 @@ class LegacyIndex:
             q = q.reshape(1, -1)
         if q.ndim != 2:
             raise ValueError(f"queries must be 1-D (one query) or 2-D (n, d), got shape {q.shape}")
-        if not np.issubdtype(q.dtype, np.floating):
+        if q.dtype.kind != "f":  # not np.issubdtype: 1 us per call on the search path
             raise TypeError(f"queries must be floating point, got dtype {q.dtype}; convert with .astype(np.float32)")
         d_q = self.d if op is None else op.d_in
         if q.shape[1] != d_q:
