@@ -31,6 +31,8 @@ def _fmt_count(n: float | None) -> str:
 
 def _in_notebook() -> bool:
     """True inside a Jupyter kernel with widgets, where ``tqdm.auto`` draws a notebook bar."""
+    if "IPython" not in sys.modules:  # a kernel has imported it; do not pay for importing it here
+        return False
     import tqdm.auto  # noqa: F401  (imports tqdm.autonotebook without its experimental warning)
     import tqdm.autonotebook
     import tqdm.std
@@ -88,7 +90,7 @@ class Progress:
         self.total = None if total is None else int(total)
         self.desc = desc
         self.stream = sys.stderr if stream is None else stream
-        notebook = stream is None and _in_notebook()
+        notebook = enabled is not False and stream is None and _in_notebook()
         if enabled is None:
             isatty = getattr(self.stream, "isatty", None)
             enabled = notebook or bool(isatty and isatty())

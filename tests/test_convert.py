@@ -438,3 +438,21 @@ def test_cli(tmp_path, registry, capsys):
     rc = main(["convert", str(tmp_path / "in.npy"), str(tmp_path / "out.npy"), "--registry", str(registry.path),
                "--to", "1", "--quiet"])
     assert rc == 1 and "already exists" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ progress
+
+def test_progress_bar_is_drawn_by_tqdm(tmp_path, registry, capsys):
+    import tqdm
+
+    from bc_fast.progress import Progress
+    np.save(tmp_path / "in.npy", _table(1000))
+    convert_table(tmp_path / "in.npy", tmp_path / "out.npy", registry=registry, dst=0, chunk_rows=256,
+                  threads=THREADS, progress=True)
+    err = capsys.readouterr().err
+    assert "convert out.npy: 1.0k/1.0k rows (100.0%) |####################|" in err and "rows/s" in err
+    with Progress(5, "q", enabled=False) as bar:  # quiet: nothing drawn, still counted, no tqdm object
+        bar.update(5)
+    assert bar.n == 5 and bar._bar is None and capsys.readouterr().err == ""
+    with Progress(5, "t", enabled=True) as bar:
+        assert isinstance(bar._bar, tqdm.tqdm)
