@@ -450,7 +450,7 @@ def test_progress_bar_is_drawn_by_tqdm(tmp_path, registry, capsys):
     convert_table(tmp_path / "in.npy", tmp_path / "out.npy", registry=registry, dst=0, chunk_rows=256,
                   threads=THREADS, progress=True)
     err = capsys.readouterr().err
-    assert "convert out.npy: 1.0k/1.0k rows (100.0%) |####################|" in err and "rows/s" in err
+    assert "convert out.npy: 1.0k/1.0k rows (100.0%) |" in err and "rows/s" in err and err.endswith("\n")
     with Progress(5, "q", enabled=False) as bar:  # quiet: nothing drawn, still counted, no tqdm object
         bar.update(5)
     assert bar.n == 5 and bar._bar is None and capsys.readouterr().err == ""
