@@ -557,3 +557,48 @@ def test_sigkill_just_after_the_final_rename(tmp_path, registry, capsys):
     assert read_sidecar(tmp_path / "out.npy")["version"] == 0
     assert sorted(os.listdir(tmp_path)) == ["clean.npy", "clean.npy.bcfast.json", "in.npy", "out.npy",
                                             "out.npy.bcfast.json"]
+
+
+def test_input_changed_before_resume(tmp_path, registry, monkeypatch):
+    kw, journal = _killed_run(tmp_path, registry, monkeypatch)
+    x = np.load(tmp_path / "in.npy")
+    x[0, 0] += 1
+    np.save(tmp_path / "in.npy", x)
+    os.utime(tmp_path / "in.npy", ns=(1, 1))
+    _refused(tmp_path, ValueError, r"different conversion \(differs in: input\)", tmp_path / "in.npy",
+             tmp_path / "out.npy", resume=True, **kw)
+
+
+def test_journal_that_is_a_symlink_or_a_folder(tmp_path, registry, monkeypatch):
+    kw, journal = _killed_run(tmp_path, registry, monkeypatch)
+    journal.rename(tmp_path / "elsewhere.json")
+    os.symlink(tmp_path / "elsewhere.json", journal)
+    _refused(tmp_path, ValueError, "journal.json: the conversion journal is not a regular file", tmp_path / "in.npy",
+             tmp_path / "out.npy", resume=True, **kw)
+    journal.unlink()
+    journal.mkdir()
+    _refused(tmp_path, ValueError, "not a regular file", tmp_path / "in.npy", tmp_path / "out.npy", resume=True, **kw)
+
+
+def test_disk_full_mid_run_leaves_nothing(tmp_path, registry, monkeypatch):
+    import errno
+
+    from bc_fast import tables
+    np.save(tmp_path / "in.npy", _table(400))
+    orig, calls = tables.NpyWriter.write, [0]
+
+    def write(self, chunk, y, extra):
+        calls[0] += 1
+        if calls[0] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        orig(self, chunk, y, extra)
+    monkeypatch.setattr(tables.NpyWriter, "write", write)
+    _refused(tmp_path, OSError, "No space left on device", tmp_path / "in.npy", tmp_path / "out.npy",
+             **_kw(registry, chunk_rows=50))
+
+
+def test_input_is_the_outputs_partial(tmp_path, registry):
+    with open(tmp_path / "x.npy.partial", "wb") as f:
+        np.save(f, _table(10))
+    _refused(tmp_path, ValueError, r"is \(or overlaps\) the input", tmp_path / "x.npy.partial",
+             tmp_path / "x.npy", **_kw(registry))
