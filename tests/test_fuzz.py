@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import bc_fast
@@ -39,11 +39,14 @@ from bc_fast.fusion import apply_layers_reference
 from bc_fast.ops import Layer
 from bc_fast.registry import Registry, RegistryError
 
+# Derandomized: CI sees the same examples every run. No shrinking, so a failure stays fast too
+# (rerun locally with phases including Phase.shrink for a minimal example).
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None, print_blob=True,
+                phases=[Phase.explicit, Phase.generate],
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
 _UNCLEAN = (UnicodeError, json.JSONDecodeError)
-_MAX_MSG = 2000
+_MAX_MSG = 1500
 _counter = itertools.count()
 
 
@@ -97,16 +100,16 @@ json_values = st.recursive(_scalars, lambda c: st.one_of(st.lists(c, max_size=4)
 _deep_values = st.builds(_deep, st.sampled_from([2, 63, 64, 65, 200, 900, 2500]), st.sampled_from(["list", "dict"]))
 
 
-def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
-    """Every path (tuple of keys / indices) into a JSON value."""
-    out = [prefix]
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out += _paths(v, prefix + (k,))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            out += _paths(v, prefix + (i,))
-    return out
+def _paths(obj: Any, max_depth: int = 8) -> list[tuple]:
+    """Paths (tuples of keys / indices) into a JSON value, down to ``max_depth`` (iterative: values may be deep)."""
+    out, stack = [], [((), obj)]
+    while stack:
+        prefix, v = stack.pop()
+        out.append(prefix)
+        if len(prefix) < max_depth:
+            items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+            stack.extend((prefix + (k,), c) for k, c in items)
+    return sorted(out, key=repr)
 
 
 @st.composite
@@ -144,8 +147,10 @@ def _check_clean(e: BaseException, allowed: tuple, names: list[str]) -> None:
     what = f"{type(e).__module__}.{type(e).__name__}: {str(e)[:500]}"
     assert isinstance(e, allowed) and not isinstance(e, _UNCLEAN), f"unclean exception {what}"
     msg = str(e)
-    assert len(msg) < _MAX_MSG, f"message of {len(msg)} chars (a dumped value?): {what}"
     assert any(n in msg for n in names), f"message does not name the file ({names}): {what}"
+    for n in sorted(names, key=len, reverse=True):
+        msg = msg.replace(n, "<file>")
+    assert len(msg) < _MAX_MSG, f"message of {len(msg)} chars besides file names (a dumped value?): {what}"
 
 
 def _fresh(root: Path, template: Path) -> Path:
@@ -217,8 +222,6 @@ def test_fuzz_manifest_bytes(registry_template: Any, tmp_path: Path, data: st.Da
     _exercise_registry(d, x, want, allow_edited=data.draw(st.booleans()))
 
 
-@pytest.mark.xfail(strict=False, reason="open finding (bc_fast/_manifest.py _decode_layer): a manifest layer spec "
-                   "without 'activation_width' passes validation, then Registry.open(verify=True) raises KeyError")
 @FUZZ
 @given(data=st.data())
 def test_fuzz_manifest_fields(registry_template: Any, tmp_path: Path, data: st.DataObject) -> None:
@@ -318,8 +321,6 @@ def npy_files(draw: Callable) -> bytes:
     return _npy_bytes(text, (body + b"\0" * 8)[:cut], draw(st.sampled_from([1, 1, 2])))
 
 
-@pytest.mark.xfail(strict=False, reason="open finding (bc_fast/tables.py read_npy_header): a .npy header with "
-                   "unbalanced '(' raises tokenize.TokenError from numpy's header parser")
 @FUZZ
 @given(raw=npy_files())
 def test_fuzz_npy_headers(tmp_path: Path, raw: bytes) -> None:
@@ -469,6 +470,8 @@ def index_template(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "reg": reg, "index": p.read_bytes(), "side": json.loads(Path(str(p) + ".json").read_bytes())}
 
 
+@pytest.mark.xfail(strict=False, reason="open finding (bc_fast/index.py _read_sidecar/_check_sidecar_fields): "
+                   "a sidecar field holding a deeply nested value is echoed whole into the error (1,800+ chars)")
 @FUZZ
 @given(data=st.data())
 def test_fuzz_index_sidecar(index_template: dict, data: st.DataObject) -> None:
