@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from . import _core
-from ._arrays import as_numpy
+from ._arrays import as_numpy, is_torch
 
 ACTIVATIONS = ("none", "relu", "gelu")
 _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
@@ -68,6 +68,30 @@ def _frozen(a: np.ndarray, dtype: Any) -> np.ndarray:
     return out
 
 
+def _param_numpy(value: Any, name: str) -> np.ndarray:
+    """A weight or bias (numpy, torch on any device, array-like) as a numpy array, or a clear error."""
+    if is_torch(value) and hasattr(value, "detach"):
+        if value.device.type == "meta":
+            raise ValueError(f"{name} is a torch tensor on the meta device, which holds no values; "
+                             "load or materialise the weights first")
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.detach().float()  # numpy has no bfloat16; float32 holds it exactly
+    try:
+        a, _ = as_numpy(value, name, copy_from_device=True)
+    except (RuntimeError, NotImplementedError) as e:
+        raise ValueError(f"{name}: cannot read this tensor's values on the CPU ({e})") from e
+    return a
+
+
+def _check_float32_range(a: np.ndarray, name: str, dtype: Any) -> None:
+    """Finite float64 values beyond float32's range would silently become Inf in the core."""
+    if dtype == np.float32 and a.dtype.itemsize > 4 and a.size:
+        big = float(np.max(np.abs(a)))
+        if big > float(np.finfo(np.float32).max):
+            raise ValueError(f"{name} has values beyond float32 range (max |value| = {big:.3g}); "
+                             "the core computes in float32: rescale the weights")
+
+
 def validate_layer(layer: Any, where: str, d_prev: int | None = None, *, keep_float64: bool = False) -> Layer:
     """Check one layer and return it with private, read-only, contiguous copies of its arrays.
 
@@ -85,7 +109,7 @@ def validate_layer(layer: Any, where: str, d_prev: int | None = None, *, keep_fl
     """
     if not isinstance(layer, Layer):
         raise TypeError(f"{where} must be a bc_fast.Layer, got {type(layer).__name__}")
-    w, _ = as_numpy(layer.weight, f"{where}.weight", copy_from_device=True)
+    w = _param_numpy(layer.weight, f"{where}.weight")
     if w.ndim != 2 or w.shape[0] == 0 or w.shape[1] == 0:
         raise ValueError(f"{where}.weight must be a non-empty 2-D array (d_out, d_in), got shape {w.shape}")
     if not np.issubdtype(w.dtype, np.floating):
@@ -95,15 +119,17 @@ def validate_layer(layer: Any, where: str, d_prev: int | None = None, *, keep_fl
     if d_prev is not None and w.shape[1] != d_prev:
         raise ValueError(f"{where}.weight has d_in={w.shape[1]} but the previous layer outputs {d_prev} features")
     dtype = np.float64 if keep_float64 and w.dtype == np.float64 else np.float32
+    _check_float32_range(w, f"{where}.weight", dtype)
     b = layer.bias
     if b is not None:
-        b, _ = as_numpy(b, f"{where}.bias", copy_from_device=True)
+        b = _param_numpy(b, f"{where}.bias")
         if b.shape != (w.shape[0],):
             raise ValueError(f"{where}.bias must have shape ({w.shape[0]},), got {b.shape}")
         if not np.issubdtype(b.dtype, np.floating):
             raise TypeError(f"{where}.bias must be a floating-point array, got dtype {b.dtype}")
         if not np.all(np.isfinite(b)):
             raise ValueError(f"{where}.bias contains NaN or Inf")
+        _check_float32_range(b, f"{where}.bias", dtype)
         b = _frozen(b, dtype)
     if layer.activation not in ACTIVATIONS:
         raise ValueError(f"{where}.activation must be one of {ACTIVATIONS}, got {layer.activation!r}")
@@ -173,6 +199,11 @@ class FusedTransform:
     """
 
     def __init__(self, layers: Sequence[Layer], *, normalize: bool = False) -> None:
+        if isinstance(layers, Layer) or not isinstance(layers, Iterable) or isinstance(layers, (str, bytes, dict)):
+            raise TypeError(f"layers must be a sequence of bc_fast.Layer, got {type(layers).__name__}; "
+                            "wrap a single layer as [layer]")
+        if not isinstance(normalize, (bool, np.bool_)):
+            raise TypeError(f"normalize must be True or False, got {normalize!r}")
         layers = list(layers)
         if not layers:
             raise ValueError("a FusedTransform needs at least one layer")
@@ -183,13 +214,18 @@ class FusedTransform:
             d_prev = checked[-1].d_out
         self.layers: tuple[Layer, ...] = tuple(checked)
         self.normalize = bool(normalize)
-        self._op = _core.FusedOp(
-            [l.weight for l in checked],
-            [l.bias for l in checked],
-            [l.activation for l in checked],
-            [l.d_out if l.activation_width is None else l.activation_width for l in checked],
-            self.normalize,
-        )
+        try:
+            self._op = _core.FusedOp(
+                [l.weight for l in checked],
+                [l.bias for l in checked],
+                [l.activation for l in checked],
+                [l.d_out if l.activation_width is None else l.activation_width for l in checked],
+                self.normalize,
+            )
+        except MemoryError as e:
+            nbytes = sum(2 * 4 * l.weight.size for l in checked)  # the core's copy and its packed panels
+            raise MemoryError(f"not enough memory to build the operator: its weights need about {nbytes:,} bytes "
+                              "in the core") from e
 
     @classmethod
     def affine(cls, weight: np.ndarray, bias: np.ndarray | None = None, *, normalize: bool = False) -> "FusedTransform":
