@@ -219,6 +219,15 @@ def _sidecar_checksum(side: Mapping[str, Any]) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
+def _short(v: Any, limit: int = 60) -> str:
+    """repr of a sidecar value, cut to ``limit`` characters (a hostile value may be huge or deeply nested)."""
+    try:
+        r = repr(v)
+    except (RecursionError, ValueError):  # absurd nesting, ints beyond Python's str conversion limit
+        return f"<{type(v).__name__}>"
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -240,11 +249,11 @@ def _read_sidecar(sp: Path, *, allow_old: bool) -> dict:
         raise ValueError(f"{sp}: expected a JSON object (a bc_fast legacy index sidecar), got a JSON "
                          f"{type(side).__name__}; re-save the index with LegacyIndex.save")
     if side.get("format") != _INDEX_FORMAT:
-        raise ValueError(f"{sp}: field 'format' must be {_INDEX_FORMAT!r}, got {side.get('format')!r}; "
+        raise ValueError(f"{sp}: field 'format' must be {_INDEX_FORMAT!r}, got {_short(side.get('format'))}; "
                          f"not a bc_fast legacy index sidecar")
     fv = side.get("format_version")
     if not _is_int(fv) or fv < 1:
-        raise ValueError(f"{sp}: field 'format_version' must be a positive int, got {fv!r}")
+        raise ValueError(f"{sp}: field 'format_version' must be a positive int, got {_short(fv)}")
     if fv > _INDEX_FORMAT_VERSION:
         raise ValueError(f"{sp}: format_version {fv} is newer than this bc_fast supports "
                          f"({_INDEX_FORMAT_VERSION}); upgrade bc_fast")
@@ -270,9 +279,12 @@ def _check_sidecar_fields(sp: Path, side: Mapping[str, Any]) -> None:
     for key, typ in _SIDECAR_FIELDS.items():
         v = side.get(key)
         if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
-            raise ValueError(f"{sp}: field {key!r} must be {typ.__name__}, got {v!r}")
+            raise ValueError(f"{sp}: field {key!r} must be {typ.__name__}, got {_short(v)}")
+    for key in ("version", "source_version", "d", "ntotal"):
+        if not -1 < side[key] < 2**63:
+            raise ValueError(f"{sp}: field {key!r} must be in [0, 2**63), got {_short(side[key])}")
     if side["metric"] not in _METRICS:
-        raise ValueError(f"{sp}: field 'metric' must be 'ip' or 'l2', got {side['metric']!r}")
+        raise ValueError(f"{sp}: field 'metric' must be 'ip' or 'l2', got {_short(side['metric'])}")
     if not 0 <= side["version"] <= side["source_version"]:
         raise ValueError(f"{sp}: need 0 <= version <= source_version, got version={side['version']}, "
                          f"source_version={side['source_version']}")
@@ -290,7 +302,7 @@ def _read_index(p: Path, sp: Path, side: Mapping[str, Any]) -> Any:
         return _faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as e:
         raise ValueError(f"{p}: faiss cannot read this index file ({_faiss_msg(e)}); it may come from another "
-                         f"faiss version (sidecar says {side.get('faiss_version')!r}); rebuild it") from None
+                         f"faiss version (sidecar says {_short(side.get('faiss_version'))}); rebuild it") from None
 
 
 def _check_index_matches(p: Path, sp: Path, index: Any, side: Mapping[str, Any]) -> None:
