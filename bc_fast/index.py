@@ -255,7 +255,7 @@ def _read_sidecar(sp: Path, *, allow_old: bool) -> dict:
     if not _is_int(fv) or fv < 1:
         raise ValueError(f"{sp}: field 'format_version' must be a positive int, got {_short(fv)}")
     if fv > _INDEX_FORMAT_VERSION:
-        raise ValueError(f"{sp}: format_version {fv} is newer than this bc_fast supports "
+        raise ValueError(f"{sp}: format_version {_short(fv)} is newer than this bc_fast supports "
                          f"({_INDEX_FORMAT_VERSION}); upgrade bc_fast")
     if fv < 2 and not allow_old:
         raise ValueError(f"{sp}: format_version {fv} sidecars carry no checksum of their own, so edits to "
