@@ -273,6 +273,12 @@ def test_overlap_and_recall_by_hand() -> None:
     assert recall_from_embeddings(users, items, train, test, k=1, metric="l2") == pytest.approx(0.75)
     with pytest.raises(ValueError, match="outside"):
         recall_from_embeddings(users, items, train, np.array([[0, 9]]), k=1)
+    # scored one user at a time, duplicate test pairs count once: the same answer
+    assert recall_from_embeddings(users, items, train, np.vstack([test, test]), k=1, chunk=1) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="chunk must be a positive integer"):
+        recall_from_embeddings(users, items, train, test, k=1, chunk=0)
+    with pytest.raises(ValueError, match="metric must be"):
+        recall_from_embeddings(users, items, train, test, k=1, metric="cos")
 
 
 def test_legacy_retrieval_report() -> None:

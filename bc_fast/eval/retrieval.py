@@ -79,6 +79,8 @@ def recall_from_embeddings(users: np.ndarray, items: np.ndarray, train_pairs: np
     float: mean over users with test items of ``|top_k & test| / |test|``.
     """
     faiss_metric(metric)
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer (users scored at once), got {chunk!r}")
     users = np.asarray(users, dtype=np.float32)
     items = np.asarray(items, dtype=np.float32)
     if users.ndim != 2 or items.ndim != 2 or users.shape[1] != items.shape[1]:
