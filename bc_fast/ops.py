@@ -148,7 +148,7 @@ def _check_threads(threads: Any, name: str = "threads", upper: int = _INT_MAX) -
     t = int(threads)
     if not 1 <= t <= upper:
         raise ValueError(f"{name} must be an integer in [1, {upper}], got {t}; "
-                         f"pass e.g. {name}={min(max(t, 1), upper)} or None for bc_fast.get_num_threads()")
+                         "bc_fast.get_num_threads() is the default (the CPUs this process may use)")
     return t
 
 
@@ -265,7 +265,8 @@ class FusedTransform:
             on the calling thread unless they carry enough work to be worth splitting.
             Results are bit-identical for every thread count. In a process forked from
             one that had imported bc_fast, the core always runs on the calling thread
-            (the parent's OpenMP pool does not survive ``fork``).
+            (the parent's OpenMP pool, possibly torch's, does not survive ``fork``):
+            import bc_fast before forking workers that use it.
 
         Returns
         -------
