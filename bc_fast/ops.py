@@ -18,6 +18,30 @@ import numpy as np
 from . import _core
 from ._arrays import as_numpy, is_torch
 
+def _forked_before_import() -> bool:
+    """True in a multiprocessing child started by fork, i.e. not a fresh interpreter.
+
+    The core's pthread_atfork handler marks forks that happen after it is loaded. A worker forked
+    earlier (a DataLoader worker that imports bc_fast lazily) inherits its parent's OpenMP state,
+    possibly torch's pool, whose threads did not survive the fork: it must stay single-threaded too.
+    Spawned children are fresh interpreters (``--multiprocessing-fork`` on their command line), as
+    is the forkserver their siblings are forked from.
+    """
+    mp = sys.modules.get("multiprocessing")
+    if mp is None:
+        return False
+    try:
+        parent = mp.parent_process()
+    except Exception:  # an unusual multiprocessing: keep the default
+        return False
+    argv = getattr(sys, "orig_argv", sys.argv)  # spawn's prepare() replaces sys.argv with the parent's
+    fresh = "--multiprocessing-fork" in argv or any("multiprocessing.forkserver" in a for a in argv)
+    return parent is not None and not fresh
+
+
+if _forked_before_import():
+    _core._mark_forked_child()
+
 ACTIVATIONS = ("none", "relu", "gelu")
 _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
 _INT_MAX = 2**31 - 1  # the core takes thread counts as C ints

@@ -114,6 +114,8 @@ void set_num_threads(int64_t n) {
 
 bool in_forked_child() { return g_forked_child.load(std::memory_order_relaxed); }
 
+void mark_forked_child() { g_forked_child.store(true, std::memory_order_relaxed); }
+
 // Per-thread scratch space, grown on first use and reused afterwards.
 struct FusedOp::Workspace {
   std::vector<float> input;  // fp16 input converted to fp32

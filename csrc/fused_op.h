@@ -74,6 +74,9 @@ void set_num_threads(int64_t n);
 // True in a process forked (after the core was loaded) from one that loaded it: such a process
 // never enters an OpenMP parallel region, since its parent's thread pool did not survive fork().
 bool in_forked_child();
+// Marks this process as a forked child: for a fork that happened before the core was loaded,
+// which the atfork handler cannot see (the Python layer detects multiprocessing fork children).
+void mark_forked_child();
 
 struct BuildInfo {
   std::string kernel;

@@ -73,9 +73,58 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_isolated(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run the script in its own process group; on timeout kill the whole group (the child too)."""
-    proc = subprocess.Popen([sys.executable, "-c", _SCRIPT, *args], stdout=subprocess.PIPE,
+# The parent uses torch's OpenMP pool and forks before bc_fast is ever imported; the child (a
+# DataLoader-style worker) imports bc_fast lazily. Exit codes as above.
+_LATE_IMPORT_SCRIPT = textwrap.dedent("""
+    import multiprocessing as mp, queue, sys
+    import numpy as np
+    import torch
+    torch.set_num_threads(2)
+    a = torch.randn(512, 512)
+    torch.mm(a, a)
+
+    def child(q):
+        import bc_fast
+        w = np.ones((96, 64), np.float32)
+        q.put((bc_fast.FusedTransform.affine(w).apply(np.ones((4096, 64), np.float32), threads=2),
+               bc_fast.build_info()["forked_child"]))
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,), daemon=True)
+    p.start()
+    try:
+        got, forked = q.get(timeout=float(sys.argv[1]))
+    except queue.Empty:
+        p.kill()
+        print("the forked child hung in bc_fast", flush=True)
+        sys.exit(3)
+    p.join(10)
+    sys.exit(0 if forked and np.all(got == 64.0) else 4)
+""")
+
+# Which multiprocessing children count as forked when they import bc_fast themselves.
+_START_METHOD_SCRIPT = textwrap.dedent("""
+    import multiprocessing as mp
+
+    def report(q):
+        import bc_fast
+        q.put(bc_fast.build_info()["forked_child"])
+
+    if __name__ == "__main__":
+        for method in ("spawn", "fork", "forkserver"):
+            ctx = mp.get_context(method)
+            q = ctx.Queue()
+            p = ctx.Process(target=report, args=(q,))
+            p.start()
+            print(method, q.get(timeout=60))
+            p.join(10)
+""")
+
+
+def _run_isolated(args: list[str], timeout: float, script: str = _SCRIPT) -> subprocess.CompletedProcess:
+    """Run a script in its own process group; on timeout kill the whole group (the child too)."""
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -93,6 +142,21 @@ def test_forked_child_computes_whoever_started_openmp(order, first):
     res = _run_isolated([order, first, str(HANG_TIMEOUT_S)], HANG_TIMEOUT_S + 30)
     assert res.returncode != 3, f"the forked child hung: {res.stdout[-2000:]}"
     assert res.returncode == 0, f"exit {res.returncode}: {res.stdout[-2000:]}"
+
+
+def test_child_importing_bc_fast_after_the_fork_computes():
+    pytest.importorskip("torch", reason="the hang needs torch's libgomp in the parent")
+    res = _run_isolated([str(HANG_TIMEOUT_S)], HANG_TIMEOUT_S + 30, _LATE_IMPORT_SCRIPT)
+    assert res.returncode != 3, f"the forked child hung: {res.stdout[-2000:]}"
+    assert res.returncode == 0, f"exit {res.returncode}: {res.stdout[-2000:]}"
+
+
+def test_only_fork_started_children_are_marked(tmp_path):
+    script = tmp_path / "start_methods.py"  # spawn and forkserver re-import __main__ from a file
+    script.write_text(_START_METHOD_SCRIPT)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=HANG_TIMEOUT_S + 60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split("\n")[:3] == ["spawn False", "fork True", "forkserver False"]
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Python >= 3.12 warns about fork + threads
