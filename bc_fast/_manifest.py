@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ._text import short_repr
 from .ops import ACTIVATIONS, Layer, validate_layer
 
 FORMAT = "bc_fast.registry"
@@ -235,19 +236,14 @@ def _req(d: Mapping, key: str, types: type | tuple, where: str) -> Any:
         raise _err(where, f"field {key!r} must be {getattr(types, '__name__', types)}, got bool")
     if not isinstance(v, types):
         tname = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
-        raise _err(where, f"field {key!r} must be {tname}, got {type(v).__name__} {_short(v)}")
+        raise _err(where, f"field {key!r} must be {tname}, got {type(v).__name__} {short_repr(v)}")
     return v
-
-
-def _short(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _dim(d: Mapping, key: str, where: str) -> int:
     v = _req(d, key, int, where)
     if not 1 <= v <= MAX_DIM:
-        raise RegistryError(f"{where}.{key} must be an integer in [1, {MAX_DIM}], got {_short(v)}; "
+        raise RegistryError(f"{where}.{key} must be an integer in [1, {MAX_DIM}], got {short_repr(v)}; "
                             f"the manifest is corrupted or hand-edited, {_RESTORE}")
     return v
 
@@ -255,7 +251,7 @@ def _dim(d: Mapping, key: str, where: str) -> int:
 def _version_num(d: Mapping, key: str, where: str) -> int:
     v = _req(d, key, int, where)
     if abs(v) > 1 << 31:
-        raise RegistryError(f"{where}.{key}={_short(v)} is not a plausible version number")
+        raise RegistryError(f"{where}.{key}={short_repr(v)} is not a plausible version number")
     return v
 
 
@@ -265,10 +261,10 @@ def validate_manifest(m: Any, src: str) -> tuple[list[VersionInfo], list[Transfo
         raise _err(src, f"the manifest must be a JSON object, got {type(m).__name__}")
     fmt = _req(m, "format", str, src)
     if fmt != FORMAT:
-        raise _err(src, f"field 'format' is {_short(fmt)}, expected {FORMAT!r}; this is not a bc_fast registry")
+        raise _err(src, f"field 'format' is {short_repr(fmt)}, expected {FORMAT!r}; this is not a bc_fast registry")
     fv = _req(m, "format_version", int, src)
     if fv > FORMAT_VERSION:
-        raise _err(src, f"format_version {_short(fv)} is newer than this bc_fast supports ({FORMAT_VERSION}); "
+        raise _err(src, f"format_version {short_repr(fv)} is newer than this bc_fast supports ({FORMAT_VERSION}); "
                         f"upgrade bc_fast")
     if fv < 1:
         raise _err(src, f"field 'format_version' must be >= 1, got {fv}")
@@ -307,7 +303,7 @@ def _validate_transform(t: Any, w: str, versions: list[VersionInfo]) -> Transfor
     b = _version_num(t, "to_version", w)
     direction = _req(t, "direction", str, w)
     if direction not in DIRECTIONS:
-        raise RegistryError(f"{w}.direction must be one of {DIRECTIONS}, got {_short(direction)}")
+        raise RegistryError(f"{w}.direction must be one of {DIRECTIONS}, got {short_repr(direction)}")
     for key, num in (("from_version", a), ("to_version", b)):
         if not 0 <= num < len(versions):
             raise RegistryError(f"{w}.{key}={num} names an unknown version (the registry has 0..{len(versions) - 1})")
@@ -318,14 +314,14 @@ def _validate_transform(t: Any, w: str, versions: list[VersionInfo]) -> Transfor
             f"or skips a version: a {direction} transform maps {a} -> {want_to}")
     kind = _req(t, "kind", str, w)
     if kind not in KINDS:
-        raise RegistryError(f"{w}.kind must be one of {KINDS}, got {_short(kind)}")
+        raise RegistryError(f"{w}.kind must be one of {KINDS}, got {short_repr(kind)}")
     fname = _req(t, "file", str, w)
     if (os.path.isabs(fname) or ".." in Path(fname).parts or not fname.endswith(".safetensors")
             or "\x00" in fname or "\\" in fname):
-        raise RegistryError(f"{w}.file must be a relative .safetensors path inside the registry, got {_short(fname)}")
+        raise RegistryError(f"{w}.file must be a relative .safetensors path inside the registry, got {short_repr(fname)}")
     sha = _req(t, "sha256", str, w)
     if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-        raise RegistryError(f"{w}.sha256 must be 64 lowercase hex digits, got {_short(sha)}")
+        raise RegistryError(f"{w}.sha256 must be 64 lowercase hex digits, got {short_repr(sha)}")
     raw_specs = _req(t, "layers", list, w)
     if not raw_specs:
         raise RegistryError(f"{w}.layers is empty")
@@ -348,10 +344,10 @@ def _validate_layer_spec(s: Any, ws: str, d_prev: int | None) -> dict:
     d_out = _dim(s, "d_out", ws)
     act = _req(s, "activation", str, ws)
     if act not in ACTIVATIONS:
-        raise RegistryError(f"{ws}.activation must be one of {ACTIVATIONS}, got {_short(act)}")
+        raise RegistryError(f"{ws}.activation must be one of {ACTIVATIONS}, got {short_repr(act)}")
     width = s.get("activation_width")
     if width is not None and (not isinstance(width, int) or isinstance(width, bool) or not 0 <= width <= d_out):
-        raise RegistryError(f"{ws}.activation_width must be null or an integer in [0, {d_out}], got {_short(width)}")
+        raise RegistryError(f"{ws}.activation_width must be null or an integer in [0, {d_out}], got {short_repr(width)}")
     bias = _req(s, "bias", bool, ws)
     if d_prev is not None and d_in != d_prev:
         raise RegistryError(f"{ws}.d_in={d_in} but the previous layer outputs {d_prev}")
@@ -457,7 +453,7 @@ def decode_transform(data: bytes, t: TransformInfo, where: str) -> list[Layer]:
                 f"{_REFIX}")
     meta = read_header(data, where).get("__metadata__", {})
     if meta.get("format") != FILE_FORMAT:
-        raise RegistryError(f"{where}: not a bc_fast transform file (metadata format={_short(meta.get('format'))})")
+        raise RegistryError(f"{where}: not a bc_fast transform file (metadata format={short_repr(meta.get('format'))})")
     rec = (meta.get("from_version"), meta.get("to_version"), meta.get("direction"))
     want = (str(t.from_version), str(t.to_version), t.direction)
     if rec != want:
@@ -470,9 +466,28 @@ def decode_transform(data: bytes, t: TransformInfo, where: str) -> list[Layer]:
         tensors = _st_load(data)
     except Exception as e:  # safetensors raises its own error types
         raise RegistryError(f"{where}: cannot parse safetensors: {e}; {_REFIX}") from e
+    _check_recorded_specs(meta, t, where)
     if len(tensors) != sum(1 + s["bias"] for s in t.layers):
         raise RegistryError(f"{where}: the file holds tensors the manifest does not list: {sorted(tensors)[:8]}")
     return [_decode_layer(tensors, j, spec, where) for j, spec in enumerate(t.layers)]
+
+
+def _check_recorded_specs(meta: Mapping[str, Any], t: TransformInfo, where: str) -> None:
+    """The layer program the file records (activations, widths, bias) must be the manifest's.
+
+    The chain checksum covers the files' sha256, so this ties the manifest's activations to it: an
+    edited manifest cannot silently change what an operator computes.
+    """
+    try:
+        recorded = json.loads(meta.get("layers", "null"))
+        specs = [_validate_layer_spec(s, f"{where}: recorded layers[{j}]", None) for j, s in enumerate(recorded)]
+    except (ValueError, TypeError, RegistryError) as e:
+        raise RegistryError(f"{where}: the file's recorded layer program is unreadable ({short_repr(str(e))}); "
+                            f"{_REFIX}") from e
+    if specs != [dict(s) for s in t.layers]:
+        raise RegistryError(
+            f"{where}: the manifest describes transform {t.from_version} -> {t.to_version} as {short_repr(t.layers)} "
+            f"but the weight file records {short_repr(specs)}; the manifest was edited by hand. Restore it, or {_REFIX}")
 
 
 def _decode_layer(tensors: Mapping[str, np.ndarray], j: int, spec: Mapping[str, Any], where: str) -> Layer:

@@ -51,6 +51,7 @@ import numpy as np
 from .ops import FusedTransform
 from .progress import Progress
 from ._fileio import FileLock, atomic_write_json, fsync_dir
+from ._text import short_repr
 from .tables import (DTYPES, Chunk, TableReader, TableWriter, make_writer, open_table,
                      remove_path)
 
@@ -288,7 +289,7 @@ def _load_journal(path: str, temp: str) -> dict | None:
                          f"{type(j).__name__}; {fix}")
     if j.get("format") != _JOURNAL_FORMAT:
         raise ValueError(f"{path}: not a bc_fast conversion journal of this version (format "
-                         f"{j.get('format')!r}, expected {_JOURNAL_FORMAT!r}); {fix}")
+                         f"{short_repr(j.get('format'))}, expected {_JOURNAL_FORMAT!r}); {fix}")
     if j.get("checksum") != _journal_checksum(j):
         raise ValueError(f"{path}: the journal was edited or corrupted (its sha256 does not match its "
                          f"content), so the partial output cannot be trusted; {fix}")
@@ -297,7 +298,7 @@ def _load_journal(path: str, temp: str) -> dict | None:
     if not isinstance(job, dict) or not _is_int(job.get("chunk_rows")) or job["chunk_rows"] < 1:
         problem = "its job has no valid chunk_rows"
     elif not _is_int(n) or not _is_int(done) or not 0 <= done <= n:
-        problem = f"done_chunks={done!r} is not between 0 and n_chunks={n!r}"
+        problem = f"done_chunks={short_repr(done)} is not between 0 and n_chunks={short_repr(n)}"
     elif not isinstance(crcs, list) or len(crcs) != done or not all(_is_int(c) for c in crcs):
         problem = f"it claims {done} chunks done but records {len(crcs) if isinstance(crcs, list) else 'no'} checksums"
     elif not isinstance(j.get("key"), str) or not isinstance(j.get("publishing", False), bool):
@@ -369,7 +370,7 @@ def _owned_output(output: str) -> dict:
             why = f"its sidecar is not bc_fast's ({e})"
         else:
             if side.get("format") != _SIDECAR_FORMAT:
-                why = f"its sidecar {side_path} is not a bc_fast table sidecar (format {side.get('format')!r})"
+                why = f"its sidecar {side_path} is not a bc_fast table sidecar (format {short_repr(side.get('format'))})"
     if why is None and os.path.isdir(output):
         files = side.get("files")
         table = side.get("table") if isinstance(side.get("table"), dict) else {}

@@ -47,6 +47,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from ._arrays import as_numpy
+from ._text import short_repr
 from ._fileio import atomic_write_bytes
 from .ops import FusedTransform
 from .progress import Progress
@@ -219,15 +220,6 @@ def _sidecar_checksum(side: Mapping[str, Any]) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
-def _short(v: Any, limit: int = 60) -> str:
-    """repr of a sidecar value, cut to ``limit`` characters (a hostile value may be huge or deeply nested)."""
-    try:
-        r = repr(v)
-    except (RecursionError, ValueError):  # absurd nesting, ints beyond Python's str conversion limit
-        return f"<{type(v).__name__}>"
-    return r if len(r) <= limit else r[:limit - 3] + "..."
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -249,13 +241,13 @@ def _read_sidecar(sp: Path, *, allow_old: bool) -> dict:
         raise ValueError(f"{sp}: expected a JSON object (a bc_fast legacy index sidecar), got a JSON "
                          f"{type(side).__name__}; re-save the index with LegacyIndex.save")
     if side.get("format") != _INDEX_FORMAT:
-        raise ValueError(f"{sp}: field 'format' must be {_INDEX_FORMAT!r}, got {_short(side.get('format'))}; "
+        raise ValueError(f"{sp}: field 'format' must be {_INDEX_FORMAT!r}, got {short_repr(side.get('format'))}; "
                          f"not a bc_fast legacy index sidecar")
     fv = side.get("format_version")
     if not _is_int(fv) or fv < 1:
-        raise ValueError(f"{sp}: field 'format_version' must be a positive int, got {_short(fv)}")
+        raise ValueError(f"{sp}: field 'format_version' must be a positive int, got {short_repr(fv)}")
     if fv > _INDEX_FORMAT_VERSION:
-        raise ValueError(f"{sp}: format_version {_short(fv)} is newer than this bc_fast supports "
+        raise ValueError(f"{sp}: format_version {short_repr(fv)} is newer than this bc_fast supports "
                          f"({_INDEX_FORMAT_VERSION}); upgrade bc_fast")
     if fv < 2 and not allow_old:
         raise ValueError(f"{sp}: format_version {fv} sidecars carry no checksum of their own, so edits to "
@@ -279,12 +271,12 @@ def _check_sidecar_fields(sp: Path, side: Mapping[str, Any]) -> None:
     for key, typ in _SIDECAR_FIELDS.items():
         v = side.get(key)
         if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
-            raise ValueError(f"{sp}: field {key!r} must be {typ.__name__}, got {_short(v)}")
+            raise ValueError(f"{sp}: field {key!r} must be {typ.__name__}, got {short_repr(v)}")
     for key in ("version", "source_version", "d", "ntotal"):
         if not -1 < side[key] < 2**63:
-            raise ValueError(f"{sp}: field {key!r} must be in [0, 2**63), got {_short(side[key])}")
+            raise ValueError(f"{sp}: field {key!r} must be in [0, 2**63), got {short_repr(side[key])}")
     if side["metric"] not in _METRICS:
-        raise ValueError(f"{sp}: field 'metric' must be 'ip' or 'l2', got {_short(side['metric'])}")
+        raise ValueError(f"{sp}: field 'metric' must be 'ip' or 'l2', got {short_repr(side['metric'])}")
     if not 0 <= side["version"] <= side["source_version"]:
         raise ValueError(f"{sp}: need 0 <= version <= source_version, got version={side['version']}, "
                          f"source_version={side['source_version']}")
@@ -302,7 +294,7 @@ def _read_index(p: Path, sp: Path, side: Mapping[str, Any]) -> Any:
         return _faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as e:
         raise ValueError(f"{p}: faiss cannot read this index file ({_faiss_msg(e)}); it may come from another "
-                         f"faiss version (sidecar says {_short(side.get('faiss_version'))}); rebuild it") from None
+                         f"faiss version (sidecar says {short_repr(side.get('faiss_version'))}); rebuild it") from None
 
 
 def _check_index_matches(p: Path, sp: Path, index: Any, side: Mapping[str, Any]) -> None:

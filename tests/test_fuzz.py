@@ -293,10 +293,6 @@ def test_fuzz_safetensors_transform_files(registry_template: Any, tmp_path: Path
     _exercise_registry(d, x, want, allow_edited=False)
 
 
-@pytest.mark.xfail(strict=False, reason="open finding (bc_fast/_manifest.py decode_transform, registry.chain_checksum): "
-                   "the manifest's layer activation/activation_width are not checked against the spec the transform "
-                   "file records, nor covered by the chain checksum, so an edited manifest (allow_edited=True, or a "
-                   "re-stamped checksum) silently changes the operator while indexes/tables still match")
 @pytest.mark.parametrize("edit", ["activation", "activation_width"])
 def test_edited_layer_spec_is_refused_or_changes_the_chain_checksum(
         registry_template: Any, tmp_path: Path, edit: str) -> None:
@@ -579,9 +575,7 @@ def _deep_index_sidecar(t: dict) -> tuple[Path, Callable[[], Any]]:
 
 
 @pytest.mark.parametrize("case", [
-    pytest.param("journal", marks=pytest.mark.xfail(
-        strict=False, reason="open finding (bc_fast/convert.py _load_journal): a journal field holding a nested "
-                             "value is echoed whole (repr) into the error; index and registry shorten it")),
+    "journal",
     "index_sidecar"])
 def test_errors_do_not_echo_deep_values(request: pytest.FixtureRequest, case: str) -> None:
     """A field holding a 900-deep list is refused with a short message, not the value's repr."""
