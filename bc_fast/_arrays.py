@@ -23,8 +23,13 @@ def as_numpy(x: Any, name: str, *, copy_from_device: bool = False) -> tuple[np.n
     if isinstance(x, np.ndarray):
         return x, False
     if is_torch(x) and hasattr(x, "detach"):
+        # Negative and conjugate views carry a lazy bit that DLPack does not export: resolve it
+        # (a copy) or refuse, never drop it silently.
+        lazy = x.is_neg() or x.is_conj()
         if copy_from_device:
-            x = x.detach().cpu()
+            x = x.detach().cpu().resolve_conj().resolve_neg()
+        elif lazy:
+            raise ValueError(f"{name} is a torch negative/conjugate view; pass {name}.resolve_neg().resolve_conj()")
         else:
             if x.device.type != "cpu":
                 raise ValueError(f"{name} is a torch tensor on {x.device}; move it to the CPU first ({name}.cpu())")

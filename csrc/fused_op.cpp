@@ -55,9 +55,9 @@ std::atomic<int> g_num_threads{0};  // 0: not resolved yet
 // We parallelise over row tiles ourselves, so each BLAS call must run on its caller's thread:
 // with OpenBLAS's own pool awake as well, 2 cores ran large batches up to 10x slower. This
 // scipy-openblas32 build has no per-thread setting (openblas_set_num_threads_local is neither
-// exported nor thread-local in pthread builds), so this sets the library instance's count. A
-// wheel repaired by auditwheel carries a private copy of the library; only a development install
-// shares the scipy-openblas32 package's copy (numpy and scipy ship their own).
+// exported nor thread-local in pthread builds), so this sets the count of the library instance the
+// core links: the scipy-openblas32 package's copy. numpy and scipy bundle their own OpenBLAS and
+// torch its own BLAS, so they are not affected; other code that loads scipy-openblas32 itself is.
 [[maybe_unused]] const bool kBlasSingleThreaded = [] {
   scipy_openblas_set_num_threads(1);
   return true;
