@@ -25,8 +25,9 @@ FLOOR = {"core": 92, "convert": 64, "registry": 64, "index": 106}
 
 
 def _collected(module: Path) -> int:
+    # cwd=tests/: no bc_fast/ source folder there to shadow the installed package.
     res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                          str(module)], capture_output=True, text=True, cwd=HERE, timeout=120)  # no bc_fast/ in cwd to shadow the install
+                          str(module)], capture_output=True, text=True, cwd=HERE, timeout=120)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     return sum(1 for line in res.stdout.splitlines() if "::" in line)
 
