@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     batches = {"tiny": [1, 64], "quick": [1, 256], "full": [1, 256, 8192]}[mode]
     ks = range(1, 3) if args.tiny else range(1, 6)
-    plan = TINY_PLAN if args.tiny else TimingPlan(2.0, (3, 5), 10 if args.quick else 20, 0.002, 5, 0.02)
+    plan = TINY_PLAN if args.tiny else TimingPlan(2.0, (3, 5), 10 if args.quick else 20)  # idle 0.1 s per visit
 
     def configs(bench: Bench) -> Iterator[Config]:
         for kind in ("affine", "mlp"):

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     n, d = (2000, 32) if args.tiny else (args.n, args.d)
     nb = 5000 if args.tiny else min(args.build_n, 200_000) if args.quick else args.build_n
-    plan = TINY_PLAN if args.tiny else TimingPlan(2.0, (3, 5), 15 if args.quick else 40, 0.002, 5, 0.05)
+    plan = TINY_PLAN if args.tiny else TimingPlan(2.0, (3, 5), 15 if args.quick else 40)
 
     def configs(bench: Bench) -> Iterator[Config]:
         with tempfile.TemporaryDirectory() as tmp:
