@@ -320,7 +320,7 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
                 "dims": list(trainers[name].dims),
                 "user": [e[0] for e in _raw(trainers[name])],
                 "item": [e[1] for e in _raw(trainers[name])],
-                "layers": [b.export() for b in trainers[name].transforms] if _ops_available() else None,
+                "layers": [b.export() for b in trainers[name].transforms],
                 "trainer": trainers[name],
             }
             for name in cfg.keep if name in trainers
@@ -332,14 +332,6 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
 
 def _raw(trainer: Any) -> list:
     return [(r.embeddings["user"].numpy(), r.embeddings["item"].numpy()) for r in trainer.versions]
-
-
-def _ops_available() -> bool:
-    try:
-        from . import ops  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def summarize(strategies: dict[str, dict], tasks: Any, cfg: ExperimentConfig) -> dict:
