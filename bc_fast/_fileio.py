@@ -89,3 +89,22 @@ class FileLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def read_json_object(path: str | os.PathLike, *, what: str, fix: str) -> dict:
+    """Read a file that must hold one JSON object (a sidecar, a journal).
+
+    Raises ValueError naming ``path``, saying it should be a ``what`` and giving ``fix``, when the file
+    cannot be read, is not valid JSON (truncated, hand-edited, absurdly nested) or holds another type.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        reason = "nesting too deep" if isinstance(e, RecursionError) else str(e)[:200]
+        raise ValueError(f"{path}: unreadable {what}, not valid JSON (truncated or hand-edited?): {reason}; "
+                         f"{fix}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: a {what} is a JSON object, but this file holds a JSON {type(obj).__name__}; "
+                         f"{fix}")
+    return obj

@@ -50,7 +50,7 @@ import numpy as np
 
 from .ops import FusedTransform
 from .progress import Progress
-from ._fileio import FileLock, atomic_write_json, fsync_dir
+from ._fileio import FileLock, atomic_write_json, fsync_dir, read_json_object
 from ._text import short_repr
 from .tables import (DTYPES, Chunk, TableReader, TableWriter, make_writer, open_table,
                      remove_path)
@@ -139,15 +139,8 @@ def read_sidecar(table: str | os.PathLike) -> dict | None:
     path = sidecar_path(table)
     if not os.path.exists(path):
         return None
-    try:
-        with open(path) as f:
-            side = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: unreadable sidecar ({e}); delete it if the table is not a converted one") from e
-    if not isinstance(side, dict):
-        raise ValueError(f"{path}: a bc_fast sidecar is a JSON object, but this file holds a JSON "
-                         f"{type(side).__name__}; delete or rename it if {table} is not a converted table")
-    return side
+    return read_json_object(path, what="bc_fast sidecar",
+                            fix=f"delete or rename it if {table} is not a converted table")
 
 
 def operator_fingerprint(op: FusedTransform) -> str:
@@ -279,14 +272,7 @@ def _load_journal(path: str, temp: str) -> dict | None:
     fix = f"delete {temp} and {path} to start the conversion again"
     if os.path.islink(path) or not os.path.isfile(path):
         raise ValueError(f"{path}: the conversion journal is not a regular file; {fix}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            j = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: unreadable conversion journal ({e}); {fix}") from e
-    if not isinstance(j, dict):
-        raise ValueError(f"{path}: a conversion journal is a JSON object, this one is a JSON "
-                         f"{type(j).__name__}; {fix}")
+    j = read_json_object(path, what="conversion journal", fix=fix)
     if j.get("format") != _JOURNAL_FORMAT:
         raise ValueError(f"{path}: not a bc_fast conversion journal of this version (format "
                          f"{short_repr(j.get('format'))}, expected {_JOURNAL_FORMAT!r}); {fix}")

@@ -48,7 +48,7 @@ import numpy as np
 
 from ._arrays import as_numpy
 from ._text import short_repr
-from ._fileio import atomic_write_bytes
+from ._fileio import atomic_write_bytes, read_json_object
 from .ops import FusedTransform
 from .progress import Progress
 from .registry import Registry, RegistryError
@@ -232,14 +232,7 @@ def _read_sidecar(sp: Path, *, allow_old: bool) -> dict:
     if sp.stat().st_size > _SIDECAR_MAX_BYTES:
         raise ValueError(f"{sp} is {sp.stat().st_size} bytes, far larger than a legacy index sidecar "
                          f"(< {_SIDECAR_MAX_BYTES}); it is not one: re-save the index with LegacyIndex.save")
-    try:
-        side = json.loads(sp.read_bytes())
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"{sp} is not valid JSON (truncated or hand-edited?): {str(e)[:200]}; "
-                         f"re-save the index with LegacyIndex.save") from None
-    if not isinstance(side, dict):
-        raise ValueError(f"{sp}: expected a JSON object (a bc_fast legacy index sidecar), got a JSON "
-                         f"{type(side).__name__}; re-save the index with LegacyIndex.save")
+    side = read_json_object(sp, what="bc_fast legacy index sidecar", fix="re-save the index with LegacyIndex.save")
     if side.get("format") != _INDEX_FORMAT:
         raise ValueError(f"{sp}: field 'format' must be {_INDEX_FORMAT!r}, got {short_repr(side.get('format'))}; "
                          f"not a bc_fast legacy index sidecar")

@@ -15,22 +15,14 @@ import pytest
 from bc_fast import FusedTransform, Layer
 from bc_fast.convert import VerificationError, apply_to_table, convert_table, default_verify_tol, read_sidecar
 from bc_fast.fusion import apply_layers_reference, flatten_chain
-from bc_fast.registry import Registry
 
 THREADS = 1
 DIMS = (24, 40, 64)  # versions 0, 1, 2
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("reg") / "registry"
-    reg = Registry.create(path)
-    reg.add_version(dim=DIMS[0])
-    reg.add_version(dim=DIMS[1], backward=(rng.standard_normal((DIMS[0], DIMS[1])).astype(np.float32) / 6,
-                                           rng.standard_normal(DIMS[0]).astype(np.float32)))
-    reg.add_version(dim=DIMS[2], backward=rng.standard_normal((DIMS[1], DIMS[2])).astype(np.float32) / 8)
-    return Registry.open(path)
+def registry(tmp_path_factory, make_chain_registry):
+    return make_chain_registry(tmp_path_factory.mktemp("reg") / "registry", DIMS, (6, 8))
 
 
 def _table(n: int, d: int = DIMS[2], dtype=np.float16, seed: int = 1) -> np.ndarray:

@@ -124,8 +124,10 @@ _START_METHOD_SCRIPT = textwrap.dedent("""
 
 def _run_isolated(args: list[str], timeout: float, script: str = _SCRIPT) -> subprocess.CompletedProcess:
     """Run a script in its own process group; on timeout kill the whole group (the child too)."""
+    # cwd=tests/: `python -c` puts cwd on sys.path, and the source bc_fast/ must not shadow the install.
     proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__)))
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -13,21 +13,13 @@ import pytest
 import bc_fast.convert as convert
 from bc_fast.cli import main
 from bc_fast.convert import _journal_checksum, convert_table, read_sidecar
-from bc_fast.registry import Registry
 
 DIMS = (8, 12, 16)  # versions 0, 1, 2
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("reg") / "registry"
-    reg = Registry.create(path)
-    reg.add_version(dim=DIMS[0])
-    reg.add_version(dim=DIMS[1], backward=(rng.standard_normal((DIMS[0], DIMS[1])).astype(np.float32) / 4,
-                                           rng.standard_normal(DIMS[0]).astype(np.float32)))
-    reg.add_version(dim=DIMS[2], backward=rng.standard_normal((DIMS[1], DIMS[2])).astype(np.float32) / 4)
-    return Registry.open(path)
+def registry(tmp_path_factory, make_chain_registry):
+    return make_chain_registry(tmp_path_factory.mktemp("reg") / "registry", DIMS, (4, 4))
 
 
 def _table(n: int, d: int = DIMS[2], dtype=np.float32, seed: int = 1) -> np.ndarray:
@@ -221,7 +213,7 @@ def test_lowered_done_chunks_is_byte_identical(tmp_path, registry, monkeypatch):
 
 @pytest.mark.parametrize("text, match", [
     ("{}", r"not a bc_fast conversion journal .*format None"),
-    ("[1, 2]", "a conversion journal is a JSON object, this one is a JSON list"),
+    ("[1, 2]", "a conversion journal is a JSON object, but this file holds a JSON list"),
     ("{not json", "unreadable conversion journal"),
     ("", "unreadable conversion journal"),
 ])
@@ -392,8 +384,8 @@ def test_negative_shape_npy_header(tmp_path, registry):
 @pytest.mark.parametrize("text, match", [
     ("[1, 2]", r"in.npy.bcfast.json: a bc_fast sidecar is a JSON object, but this file holds a JSON list"),
     ('"v2"', "holds a JSON str"),
-    ("{oops", "unreadable sidecar"),
-    ("[" * 100000 + "]" * 100000, "unreadable sidecar"),
+    ("{oops", "unreadable bc_fast sidecar"),
+    ("[" * 100000 + "]" * 100000, "unreadable bc_fast sidecar"),
 ])
 def test_bad_input_sidecar(tmp_path, registry, text, match):
     np.save(tmp_path / "in.npy", _table(10))

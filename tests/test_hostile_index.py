@@ -24,12 +24,7 @@ from bc_fast.registry import Registry, RegistryError  # noqa: E402
 N = 300
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 
 
 def _affine(rng: np.random.Generator, d_in: int, d_out: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,8 +171,8 @@ def test_old_sidecar_without_checksum_refused_then_resaved(saved: Path, table: n
 
 
 @pytest.mark.parametrize("content, match", [
-    (b"[1, 2]", r"expected a JSON object .* got a JSON list"),
-    (b'"a string"', "got a JSON str"),
+    (b"[1, 2]", r"a bc_fast legacy index sidecar is a JSON object, but this file holds a JSON list"),
+    (b'"a string"', "holds a JSON str"),
     (b"{\"format\": ", "not valid JSON"),
     (b"[" * 100_000, "not valid JSON"),  # deep nesting: RecursionError inside json
     (b"\xff\xfe\x00garbage", "not valid JSON"),

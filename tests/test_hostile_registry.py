@@ -466,8 +466,9 @@ raise SystemExit("not killed")
 
 
 def _run_killer(path: Path, point: str) -> None:
+    # cwd=tmp folder: `python -c` puts cwd on sys.path, and the source bc_fast/ must not shadow the install.
     proc = subprocess.run([sys.executable, "-c", _KILLER, str(path), point], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, cwd=path.parent)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
 

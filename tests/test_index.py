@@ -23,12 +23,7 @@ from bc_fast.registry import Registry, RegistryError  # noqa: E402
 N = 3000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 
 
 def _affine(rng, d_in, d_out):

@@ -435,7 +435,9 @@ def test_torch_set_num_threads_does_not_change_bc_fast(restore_num_threads):
 def _in_fresh_python(code: str, **env: str) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k != "BC_FAST_NUM_THREADS"}
     full.update(env)
-    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120)
+    # cwd=tests/: `python -c` puts cwd on sys.path, and the source bc_fast/ must not shadow the install.
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_default_thread_count_is_available_cpus_not_omp():
