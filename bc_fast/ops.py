@@ -18,6 +18,7 @@ import numpy as np
 from . import _core
 from ._arrays import as_numpy, is_torch
 
+
 def _forked_before_import() -> bool:
     """True in a multiprocessing child started by fork, i.e. not a fresh interpreter.
 
