@@ -291,11 +291,21 @@ class FusedTransform:
             Results are bit-identical for every thread count. In a process forked from
             one that had imported bc_fast, the core always runs on the calling thread
             (the parent's OpenMP pool, possibly torch's, does not survive ``fork``):
-            import bc_fast before forking workers that use it.
+            import bc_fast before forking workers that use it. Ignored on the GPU.
 
         Returns
         -------
         ndarray (or torch tensor, if ``x`` was one) of shape (n, d_out)
+
+        Notes
+        -----
+        A CUDA array ``x`` (torch CUDA tensor, ``__cuda_array_interface__`` object such as a
+        CuPy array, DLPack producer on a CUDA device) runs on its device and current stream,
+        zero-copy, through the optional ``bc_fast._cuda`` module: float32, float16 or bfloat16
+        in and out, ``out_dtype`` defaulting to x's dtype, the result of x's kind (a torch
+        tensor for other DLPack producers), queued without waiting. See
+        :func:`bc_fast.cuda.apply_fused`. Without that module a clear RuntimeError says how
+        to build it.
         """
         fast = (type(x) is np.ndarray and (out is None or type(out) is np.ndarray)
                 and (threads is None or (type(threads) is int and 0 < threads <= _INT_MAX)))
@@ -311,6 +321,11 @@ class FusedTransform:
                 return res if out is None else out
             except (ValueError, TypeError):
                 pass
+        if not isinstance(x, np.ndarray) or (out is not None and not isinstance(out, np.ndarray)):
+            from . import cuda  # only here: host arrays never import the GPU path
+
+            if cuda.is_cuda_array(x) or cuda.is_cuda_array(out):
+                return cuda.apply_fused(self, x, out=out, out_dtype=out_dtype, threads=threads)
         xa, x_is_torch = as_numpy(x, "x")
         _check_batch(xa, "x", self.d_in)
         n_threads = 0 if threads is None else _check_threads(threads)
@@ -369,6 +384,12 @@ def build_info() -> dict:
     ``blas_threads`` (the BLAS library's own thread setting, which the core keeps at 1:
     it parallelises over row tiles itself), ``forked_child`` (True in a process forked
     from one that had loaded the core: it runs single-threaded), ``small_batch_rows``
-    (largest batch served by the single-thread path), ``compiler``.
+    (largest batch served by the single-thread path), ``compiler``, ``cuda`` (the GPU path:
+    :func:`bc_fast.cuda.cuda_info`; whether ``bc_fast._cuda`` is built, the GPUs, driver and
+    runtime versions; it never imports torch).
     """
-    return dict(_core.build_info())
+    from .cuda import cuda_info
+
+    info = dict(_core.build_info())
+    info["cuda"] = cuda_info()
+    return info
