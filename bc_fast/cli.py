@@ -12,8 +12,13 @@ from typing import Any
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from . import __version__, build_info
+    from .cuda import cuda_summary
 
-    print(json.dumps({"bc_fast": __version__, **build_info()}, indent=2))
+    info = build_info()
+    print(json.dumps({"bc_fast": __version__, **info}, indent=2))
+    # The CUDA section in words goes to stderr, so that stdout stays one JSON document.
+    for line in cuda_summary(info["cuda"]):
+        print(line, file=sys.stderr)
     return 0
 
 
@@ -98,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bc-fast", description="Backward-compatible embeddings, fused and fast.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("info", help="print how the compiled core was built and what it picked")
+    p = sub.add_parser("info", help="print how the compiled core was built and what it picked (JSON on stdout), "
+                                     "and the CUDA module, GPUs and driver (also in words on stderr)")
     p.set_defaults(func=_cmd_info)
 
     for name, full, help_ in (
