@@ -53,7 +53,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                 args.input, args.output, registry=args.registry, src=args.src, dst=args.dst,
                 normalize=args.normalize, dtype=args.dtype, threads=args.threads, chunk_rows=args.chunk_rows,
                 resume=args.resume, verify=args.verify, verify_tol=args.verify_tol, column=args.column,
-                overwrite=args.overwrite, progress=False if args.quiet else None)
+                overwrite=args.overwrite, progress=False if args.quiet else None, device=args.device)
         finally:
             for w in caught:
                 print(f"bc-fast convert: warning: {w.message}", file=sys.stderr)
@@ -94,6 +94,10 @@ def _add_convert_parser(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUTPUT when the new one is complete; only a table bc_fast wrote "
                         "(with its sidecar; for a folder, only the shards it lists) is ever replaced")
+    p.add_argument("--device", default="cpu", metavar="DEV",
+                   help="where the transform runs: cpu (default), cuda or cuda:N (needs the CUDA build: "
+                        "pip install . -C cmake.define.BC_FAST_CUDA=ON); float16 tables use float16 tensor-core "
+                        "GEMMs with float32 accumulation, within the verification tolerance")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
     p.set_defaults(func=_cmd_convert)
 

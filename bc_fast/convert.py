@@ -421,6 +421,7 @@ def apply_to_table(
     overwrite: bool = False,
     progress: bool | None = None,
     journal_interval: float = 1.0,
+    device: Any = "cpu",
 ) -> ConvertResult:
     """Stream a table through a fused operator into a new table of the same form.
 
@@ -468,6 +469,11 @@ def apply_to_table(
     journal_interval : float
         Seconds between durable journal updates (data is fdatasync-ed first); 0 means
         after every chunk. A killed run redoes at most this much work.
+    device : "cpu", "cuda" or "cuda:N"
+        Where the operator runs. On a GPU (:mod:`bc_fast.convert_gpu`) chunks flow through
+        pinned buffers and separate copy and compute streams; the journal, resume and
+        verification are the same, the tolerance is :func:`bc_fast.convert_gpu.gpu_verify_tol`
+        and the sidecar records the device. A run resumes only on the kind of device it started on.
 
     Returns
     -------
@@ -500,11 +506,15 @@ def apply_to_table(
     if verify_tol is not None and not (isinstance(verify_tol, (int, float, np.floating))
                                        and math.isfinite(verify_tol) and verify_tol > 0):
         raise ValueError(f"verify_tol must be a positive finite number, got {verify_tol!r}")
+    dev = None
+    if device is not None and device != "cpu":
+        from .convert_gpu import open_device
+        dev = open_device(device)
 
     reader = open_table(input, column)
     try:
         return _run(op, reader, input, output, prov, dtype, normalize, threads, chunk_rows, resume, int(verify),
-                    reference, verify_tol, seed, overwrite, progress, journal_interval)
+                    reference, verify_tol, seed, overwrite, progress, journal_interval, dev)
     finally:
         reader.close()
 
@@ -566,7 +576,8 @@ class _Job:
 
 
 def _plan(op: FusedTransform, reader: TableReader, input: str, output: str, prov: dict, dtype: Any,
-          normalize: bool, chunk_rows: int | None, resume: bool, column: str | None) -> tuple[_Job, dict | None]:
+          normalize: bool, chunk_rows: int | None, resume: bool, column: str | None,
+          device: str = "cpu") -> tuple[_Job, dict | None]:
     _check_input(op, reader, input, prov)
     out_dtype = reader.dtype if dtype is None else np.dtype(dtype)
     if out_dtype not in DTYPES:
@@ -591,6 +602,8 @@ def _plan(op: FusedTransform, reader: TableReader, input: str, output: str, prov
     op_desc = _describe_op(op)
     job = {"input": reader.fingerprint(), "operator": op_desc["sha256"], "dtype": str(out_dtype),
            "chunk_rows": chunk_rows, "provenance": prov}
+    if device != "cpu":  # GPU bytes differ from the CPU's within the tolerance: never mix them in one table
+        job["device"] = device
     key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
     chunks = reader.chunks(chunk_rows)
     side = {"format": _SIDECAR_FORMAT, "version": prov.get("to"), "source_version": prov.get("from"),
@@ -612,9 +625,10 @@ def _plan(op: FusedTransform, reader: TableReader, input: str, output: str, prov
 def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov: dict, dtype: Any,
          normalize: bool, threads: int | None, chunk_rows: int | None, resume: bool, verify: int,
          reference: Callable[[np.ndarray], np.ndarray] | None, verify_tol: float | None, seed: int,
-         overwrite: bool, progress: bool | None, journal_interval: float) -> ConvertResult:
+         overwrite: bool, progress: bool | None, journal_interval: float, dev: Any = None) -> ConvertResult:
     j, journal = _plan(op, reader, input, output, prov, dtype, normalize, chunk_rows, resume, None
-                       if reader.format != "parquet" else reader.column)  # type: ignore[attr-defined]
+                       if reader.format != "parquet" else reader.column,  # type: ignore[attr-defined]
+                       "cpu" if dev is None else "cuda")
     op, writer, temp, journal_path = j.op, j.writer, j.temp, j.journal_path
     out_parent = os.path.dirname(os.path.abspath(output))
     lock = FileLock(temp + ".lock", blocking=False, busy_message=(
@@ -687,7 +701,8 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
         resumed_rows = state["done_rows"]
         t0 = time.perf_counter()
         _pipeline(op, reader, writer, j.chunks, start_chunk, out_dtype=j.out_dtype, threads=threads, state=state,
-                  journal_path=journal_path, journal_interval=journal_interval, progress=progress, output=output)
+                  journal_path=journal_path, journal_interval=journal_interval, progress=progress, output=output,
+                  dev=dev)
         seconds = time.perf_counter() - t0
 
         n_ver, max_err, tol = 0, None, None
@@ -703,7 +718,12 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
             # a reference that carries its step-by-step layers sets the depth of the default tolerance
             tol = (float(verify_tol) if verify_tol is not None
                    else _layers_verify_tol(getattr(reference, "layers", None) or op.layers, j.out_dtype))
+            if dev is not None and verify_tol is None:
+                from .convert_gpu import gpu_verify_tol
+                tol = gpu_verify_tol(tol, len(op.layers), reader.dtype)
             n_ver, max_err = _verify(reader, writer, verify, seed, reference, tol)
+        if dev is not None:
+            j.side["device"] = {**dev.describe(reader.dtype), "verify_tol": tol}
 
         writer.seal()
         writer.close()
@@ -810,19 +830,10 @@ def _already_published(j: _Job) -> ConvertResult | None:
     return j.result(j.reader.n_rows, 0.0, already_complete=True)
 
 
-def _pipeline(op: FusedTransform, reader: TableReader, writer: TableWriter, chunks: list[Chunk],
-              start: int, *, out_dtype: np.dtype, threads: int | None, state: dict,
-              journal_path: str, journal_interval: float, progress: bool | None, output: str) -> None:
-    """Read chunk i+1, compute chunk i and write chunk i-1 at the same time."""
-    todo = chunks[start:]
-    if not todo:
-        return
-    bar = Progress(sum(c.rows for c in todo), f"convert {os.path.basename(output)}"
-                   + (f" (resumed at chunk {start})" if start else ""), enabled=progress)
-    depth = 2
-    buf_rows = max(c.rows for c in todo)
-    in_bufs = [np.empty((buf_rows, reader.dim), reader.dtype) for _ in range(depth)]
-    out_bufs = [np.empty((buf_rows, op.d_out), out_dtype) for _ in range(depth)]
+def _journaled_writer(writer: TableWriter, chunks: list[Chunk], state: dict, journal_path: str,
+                      journal_interval: float, bar: Progress) -> Callable[[Chunk, np.ndarray, Any], None]:
+    """``write(chunk, y, extra)``: write a chunk, record its crc32 and, every ``journal_interval``
+    seconds (and after the last chunk), make the data durable and then the journal. Chunks come in order."""
     last_sync = [time.monotonic()]
     crcs: list[int] = state["crcs"]
 
@@ -837,6 +848,35 @@ def _pipeline(op: FusedTransform, reader: TableReader, writer: TableWriter, chun
             _write_journal(journal_path, state)
             last_sync[0] = now
         bar.update(chunk.rows)
+
+    return write
+
+
+def _pipeline(op: FusedTransform, reader: TableReader, writer: TableWriter, chunks: list[Chunk],
+              start: int, *, out_dtype: np.dtype, threads: int | None, state: dict,
+              journal_path: str, journal_interval: float, progress: bool | None, output: str,
+              dev: Any = None) -> None:
+    """Read chunk i+1, compute chunk i and write chunk i-1 at the same time (on a GPU: see
+    :func:`bc_fast.convert_gpu.gpu_pipeline`)."""
+    todo = chunks[start:]
+    if not todo:
+        return
+    bar = Progress(sum(c.rows for c in todo), f"convert {os.path.basename(output)}"
+                   + (f" (resumed at chunk {start})" if start else ""), enabled=progress)
+    crcs: list[int] = state["crcs"]
+    write = _journaled_writer(writer, chunks, state, journal_path, journal_interval, bar)
+    if dev is not None:
+        from .convert_gpu import gpu_pipeline
+        try:
+            gpu_pipeline(op, reader, chunks, start, out_dtype=out_dtype, dev=dev, sink=write)
+        finally:
+            bar.close()
+        state["crcs"] = crcs
+        return
+    depth = 2
+    buf_rows = max(c.rows for c in todo)
+    in_bufs = [np.empty((buf_rows, reader.dim), reader.dtype) for _ in range(depth)]
+    out_bufs = [np.empty((buf_rows, op.d_out), out_dtype) for _ in range(depth)]
 
     with ThreadPoolExecutor(1, "bcfast-read") as rpool, ThreadPoolExecutor(1, "bcfast-write") as wpool:
         writes: list[Future] = []
@@ -890,7 +930,8 @@ def convert_table(
         L2-normalise the output rows.
     **options
         ``dtype, threads, chunk_rows, resume, verify, verify_tol, seed, column,
-        overwrite, progress, journal_interval`` as in :func:`apply_to_table`.
+        overwrite, progress, journal_interval, device`` (``"cpu"``, ``"cuda"``,
+        ``"cuda:N"``) as in :func:`apply_to_table`.
 
     Returns
     -------
@@ -900,6 +941,9 @@ def convert_table(
     from .fusion import apply_layers_reference, flatten_chain
     from .registry import Registry
 
+    if options.get("device") not in (None, "cpu"):
+        from .convert_gpu import parse_device
+        parse_device(options["device"])  # a bad device string fails before the registry is opened
     if not hasattr(registry, "operator"):
         registry = Registry.open(os.fspath(registry))
     reg_path = os.path.abspath(os.fspath(registry.path))

@@ -1,0 +1,242 @@
+"""GPU table conversion: the compute step of :mod:`bc_fast.convert` on a CUDA device.
+
+Everything else (readers, writers, the journal, resume, verification, the sidecar,
+publishing) is :mod:`bc_fast.convert`'s, unchanged; this module only replaces the
+pipeline that turns input chunks into output chunks.
+
+How a run works, with ``depth`` slots (default 4), each a pinned host input buffer, a
+pinned host output buffer and one device buffer of each:
+
+- a reader thread ``pread``-s chunk i straight into pinned slot ``i % depth`` (after the
+  host->device copy of chunk ``i - depth`` has left that slot: an event);
+- the main thread enqueues, without waiting, the host->device copy on the copy-in
+  stream, the fused operator on the compute stream (after an event of that copy), and
+  the device->host copy on the copy-out stream (after an event of the compute);
+- a writer thread waits for the device->host event of its chunk, then writes and
+  journals it exactly as the CPU path does.
+
+So reading, both copies, compute and writing of different chunks overlap; host memory
+is bounded by ``depth`` input and output chunks. All device work is ordered by
+events, never by a device-wide synchronisation.
+
+Precision (the documented tolerance): a float32 table is computed with float32 GEMMs
+(cuBLAS, float32 accumulation, no TF32), so the CPU path's tolerance holds. A float16
+table is computed with float16 tensor-core GEMMs with float32 accumulation: weights and
+each layer's input are rounded to float16 on the device, where the CPU path computes
+in float32 throughout. :func:`gpu_verify_tol` adds ``4 * L * 2^-11`` (L fused layers)
+to the CPU tolerance for that. Outputs differ from the CPU path's bytes within it.
+
+The CUDA calls go through the ``bc_fast._cuda`` module's small API (pinned and device
+buffers, streams, events, async copies, ``CudaFusedOp``); the tests pass a fake
+module with the same API that executes queued work lazily on the CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import numpy as np
+
+from .ops import FusedTransform
+from .tables import Chunk, TableReader
+
+__all__ = ["parse_device", "CudaDevice", "open_device", "gpu_verify_tol", "gpu_pipeline", "DEFAULT_DEPTH"]
+
+#: Pipeline slots: chunks in flight between the reader and the writer.
+DEFAULT_DEPTH = 4
+_U16 = 2.0 ** -11
+_DEVICE_RE = re.compile(r"cuda(?::(\d{1,6}))?")
+_INSTALL = ("build bc_fast with its CUDA module: pip install . -C cmake.define.BC_FAST_CUDA=ON "
+            "(and pip install bc_fast[cuda] for the CUDA runtime libraries)")
+
+
+def parse_device(device: Any) -> int | None:
+    """None for ``"cpu"``, the GPU index for ``"cuda"`` (0) or ``"cuda:N"``.
+
+    Also accepts a ``torch.device``. Raises ValueError for anything else.
+    """
+    if device is None:
+        return None
+    text = str(device) if type(device).__module__.startswith("torch") else device
+    if isinstance(text, str):
+        if text == "cpu":
+            return None
+        m = _DEVICE_RE.fullmatch(text)
+        if m:
+            return int(m.group(1) or 0)
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (N = GPU index), got {device!r}")
+
+
+def _cuda_module() -> Any:
+    """The ``bc_fast._cuda`` extension, or RuntimeError saying how to build it."""
+    try:
+        from .cuda import cuda_module
+    except ImportError:  # the dispatch module is missing: load the extension directly
+        try:
+            from . import _cuda  # type: ignore[attr-defined]
+        except ImportError as e:
+            raise RuntimeError(f"device='cuda' needs bc_fast's CUDA module (bc_fast._cuda), which is not "
+                               f"installed; {_INSTALL}") from e
+        return _cuda
+    return cuda_module()
+
+
+class CudaDevice:
+    """One CUDA device, checked to exist, and the module that drives it."""
+
+    def __init__(self, module: Any, index: int) -> None:
+        self.module = module
+        self.index = int(index)
+        info = dict(module.device_info())
+        if not info.get("available"):
+            why = info.get("error") or "no device found"
+            raise RuntimeError(f"device='cuda:{index}': no CUDA GPU visible ({why}); "
+                               "run on a machine with an NVIDIA GPU and driver, or use device='cpu'")
+        count = int(info.get("device_count", 0))
+        if not 0 <= self.index < count:
+            raise ValueError(f"device='cuda:{index}' is out of range: this machine has {count} CUDA GPU(s) "
+                             f"(cuda:0 to cuda:{count - 1}); pick one of them")
+        devices = info.get("devices") or []
+        self.properties = dict(devices[self.index]) if self.index < len(devices) else {}
+
+    @property
+    def name(self) -> str:
+        """``cuda:N``."""
+        return f"cuda:{self.index}"
+
+    def describe(self, in_dtype: np.dtype) -> dict:
+        """The device and the arithmetic it uses, for the sidecar."""
+        compute = ("float16 tensor-core GEMMs, float32 accumulation (weights rounded to float16)"
+                   if np.dtype(in_dtype) == np.float16 else "float32 GEMMs, float32 accumulation, no TF32")
+        return {"type": "cuda", "index": self.index, "name": self.properties.get("name"),
+                "compute_capability": self.properties.get("compute_capability"), "compute": compute}
+
+
+def open_device(device: Any) -> CudaDevice | None:
+    """None for the CPU, else the checked :class:`CudaDevice` (clear errors before any work)."""
+    index = parse_device(device)
+    if index is None:
+        return None
+    return CudaDevice(_cuda_module(), index)
+
+
+def gpu_verify_tol(cpu_tol: float, n_layers: int, in_dtype: Any) -> float:
+    """The verification tolerance of a GPU run: the CPU path's, plus ``4 * L * 2^-11`` for a float16
+    table (each of the L layers rounds its weights and its input to float16: two roundings of at
+    most 2^-11 each per element, counted twice)."""
+    if np.dtype(in_dtype) == np.float16:
+        return float(cpu_tol + 4.0 * max(int(n_layers), 1) * _U16)
+    return float(cpu_tol)
+
+
+def _host_view(buf: Any, nbytes: int) -> np.ndarray:
+    """A writeable uint8 numpy view of a pinned buffer (its buffer protocol, else its pointer)."""
+    try:
+        v = np.frombuffer(buf, np.uint8)
+        if v.flags.writeable and v.size >= nbytes:
+            return v[:nbytes]
+    except (TypeError, ValueError, BufferError):
+        pass
+    return np.frombuffer((ctypes.c_char * nbytes).from_address(int(buf.ptr)), np.uint8)
+
+
+def _cuda_op(module: Any, op: FusedTransform) -> Any:
+    return module.CudaFusedOp([l.weight for l in op.layers], [l.bias for l in op.layers],
+                              [l.activation for l in op.layers],
+                              [l.d_out if l.activation_width is None else l.activation_width for l in op.layers],
+                              op.normalize)
+
+
+class _Slots:
+    """``depth`` sets of pinned host buffers, device buffers and events, and the three streams."""
+
+    def __init__(self, dev: CudaDevice, depth: int, rows: int, dim_in: int, in_dtype: np.dtype,
+                 dim_out: int, out_dtype: np.dtype) -> None:
+        m, d = dev.module, dev.index
+        in_bytes, out_bytes = rows * dim_in * in_dtype.itemsize, rows * dim_out * out_dtype.itemsize
+        self.pin_in = [m.PinnedBuffer(in_bytes) for _ in range(depth)]
+        self.pin_out = [m.PinnedBuffer(out_bytes) for _ in range(depth)]
+        self.x = [_host_view(b, in_bytes).view(in_dtype).reshape(rows, dim_in) for b in self.pin_in]
+        self.y = [_host_view(b, out_bytes).view(out_dtype).reshape(rows, dim_out) for b in self.pin_out]
+        self.dev_in = [m.DeviceBuffer(in_bytes, d) for _ in range(depth)]
+        self.dev_out = [m.DeviceBuffer(out_bytes, d) for _ in range(depth)]
+        self.copy_in, self.compute, self.copy_out = m.Stream(d), m.Stream(d), m.Stream(d)
+        self.copied_in = [m.Event(d) for _ in range(depth)]
+        self.computed = [m.Event(d) for _ in range(depth)]
+        self.copied_out = [m.Event(d) for _ in range(depth)]
+
+    def synchronize(self) -> None:
+        """Wait for all queued work (on the error path: errors here are dropped, the first one counts)."""
+        for s in (self.copy_in, self.compute, self.copy_out):
+            try:
+                s.synchronize()
+            except Exception:  # noqa: BLE001 - an earlier error is already being raised
+                pass
+
+
+def gpu_pipeline(op: FusedTransform, reader: TableReader, chunks: list[Chunk], start: int, *,
+                 out_dtype: np.dtype, dev: CudaDevice, sink: Callable[[Chunk, np.ndarray, Any], None],
+                 depth: int = DEFAULT_DEPTH) -> None:
+    """Convert ``chunks[start:]`` on ``dev``; ``sink(chunk, y, extra)`` writes and journals each
+    chunk in order on a writer thread (``y`` is a view of a pinned buffer, valid during the call)."""
+    todo = chunks[start:]
+    if not todo:
+        return
+    m = dev.module
+    depth = max(2, min(int(depth), len(todo)))
+    in_dtype, out_dtype = np.dtype(reader.dtype), np.dtype(out_dtype)
+    cop = _cuda_op(m, op)
+    sl = _Slots(dev, depth, max(c.rows for c in todo), reader.dim, in_dtype, op.d_out, out_dtype)
+
+    def read(i: int) -> Any:
+        s = i % depth
+        if i >= depth:
+            sl.copied_in[s].synchronize()  # chunk i - depth has left this pinned buffer
+        buf = sl.x[s][: todo[i].rows]
+        x, extra = reader.read(todo[i], buf)
+        if not np.shares_memory(x, buf):  # Parquet decodes into its own array
+            np.copyto(buf, x)
+        return extra
+
+    def write(i: int, extra: Any) -> None:
+        s = i % depth
+        sl.copied_out[s].synchronize()
+        sink(todo[i], sl.y[s][: todo[i].rows], extra)
+
+    with ThreadPoolExecutor(1, "bcfast-read") as rpool, ThreadPoolExecutor(1, "bcfast-write") as wpool:
+        reads: dict[int, Future] = {i: rpool.submit(read, i) for i in range(min(depth, len(todo)))}
+        writes: list[Future] = []
+        try:
+            for i, chunk in enumerate(todo):
+                s, n = i % depth, chunk.rows
+                extra = reads.pop(i).result()
+                if i >= depth:  # the device input buffer is free once chunk i - depth was computed
+                    m.stream_wait_event(sl.copy_in.ptr, sl.computed[s])
+                m.memcpy_async(sl.dev_in[s].ptr, sl.pin_in[s].ptr, n * reader.dim * in_dtype.itemsize, "h2d",
+                               sl.copy_in.ptr)
+                sl.copied_in[s].record(sl.copy_in.ptr)
+                if i + depth < len(todo):
+                    reads[i + depth] = rpool.submit(read, i + depth)
+                m.stream_wait_event(sl.compute.ptr, sl.copied_in[s])
+                if i >= depth:  # the device output buffer is free once chunk i - depth was copied out
+                    m.stream_wait_event(sl.compute.ptr, sl.copied_out[s])
+                cop.apply(sl.dev_in[s].ptr, in_dtype.name, n, sl.dev_out[s].ptr, out_dtype.name, dev.index,
+                          sl.compute.ptr)
+                sl.computed[s].record(sl.compute.ptr)
+                if i >= depth:
+                    writes[i - depth].result()  # the pinned output buffer is free once its chunk is written
+                m.stream_wait_event(sl.copy_out.ptr, sl.computed[s])
+                m.memcpy_async(sl.pin_out[s].ptr, sl.dev_out[s].ptr, n * op.d_out * out_dtype.itemsize, "d2h",
+                               sl.copy_out.ptr)
+                sl.copied_out[s].record(sl.copy_out.ptr)
+                writes.append(wpool.submit(write, i, extra))
+            for w in writes[-depth:]:
+                w.result()
+        except BaseException:
+            for f in [*writes, *reads.values()]:
+                f.cancel()
+            sl.synchronize()  # no copy may still target a buffer that is about to be freed
+            raise
