@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -43,7 +44,8 @@ import numpy as np
 from .ops import FusedTransform
 from .tables import Chunk, TableReader
 
-__all__ = ["parse_device", "CudaDevice", "open_device", "gpu_verify_tol", "gpu_pipeline", "DEFAULT_DEPTH"]
+__all__ = ["parse_device", "CudaDevice", "open_device", "gpu_verify_tol", "gpu_pipeline", "DeviceTransform",
+           "DEFAULT_DEPTH"]
 
 #: Pipeline slots: chunks in flight between the reader and the writer.
 DEFAULT_DEPTH = 4
@@ -240,3 +242,45 @@ def gpu_pipeline(op: FusedTransform, reader: TableReader, chunks: list[Chunk], s
                 f.cancel()
             sl.synchronize()  # no copy may still target a buffer that is about to be freed
             raise
+
+
+class DeviceTransform:
+    """Apply a :class:`~bc_fast.FusedTransform` to host (numpy) rows on a GPU: copy in, compute, copy
+    out on one stream of its own, then wait. Device buffers are kept and grown as needed; calls are
+    serialised by a lock. Used for legacy-index builds and query batches (:mod:`bc_fast.index`)."""
+
+    def __init__(self, op: FusedTransform, dev: CudaDevice) -> None:
+        self.op, self.dev = op, dev
+        self._cop = _cuda_op(dev.module, op)
+        self._stream = dev.module.Stream(dev.index)
+        self._bufs: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def _buffer(self, which: str, nbytes: int) -> Any:
+        b = self._bufs.get(which)
+        if b is None or b.nbytes < nbytes:
+            self._bufs.pop(which, None)  # free the old one first
+            b = self._bufs[which] = self.dev.module.DeviceBuffer(nbytes, self.dev.index)
+        return b
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``op(x)`` computed on the GPU into ``out`` (float32 (n, d_out) by default), returned."""
+        x = np.ascontiguousarray(x)
+        if x.dtype not in (np.float32, np.float16) or x.ndim != 2 or x.shape[1] != self.op.d_in:
+            raise ValueError(f"expected float32/float16 rows of shape (n, {self.op.d_in}), got {x.dtype} "
+                             f"{x.shape}")
+        n = x.shape[0]
+        if out is None:
+            out = np.empty((n, self.op.d_out), np.float32)
+        if out.shape != (n, self.op.d_out) or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"out must be a writeable C-contiguous ({n}, {self.op.d_out}) array")
+        if n == 0:
+            return out
+        m, s = self.dev.module, self._stream
+        with self._lock:
+            d_x, d_y = self._buffer("in", x.nbytes), self._buffer("out", out.nbytes)
+            m.memcpy_async(d_x.ptr, x.ctypes.data, x.nbytes, "h2d", s.ptr)
+            self._cop.apply(d_x.ptr, x.dtype.name, n, d_y.ptr, out.dtype.name, self.dev.index, s.ptr)
+            m.memcpy_async(out.ctypes.data, d_y.ptr, out.nbytes, "d2h", s.ptr)
+            s.synchronize()
+        return out

@@ -82,6 +82,33 @@ def _faiss() -> Any:
     return faiss
 
 
+def _faiss_gpu(device: str) -> Any:
+    """faiss, checked to be a GPU build that sees a GPU; RuntimeError naming the install otherwise."""
+    faiss = _faiss()
+    n = int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+    if not hasattr(faiss, "StandardGpuResources") or n == 0:
+        what = ("has no GPU support" if not hasattr(faiss, "StandardGpuResources")
+                else "is a GPU build but sees no GPU (faiss.get_num_gpus() == 0)")
+        raise RuntimeError(f"device={device!r} builds a faiss GPU index, but this faiss "
+                           f"({getattr(faiss, '__version__', '?')}) {what}; install a faiss GPU build "
+                           "(pip install bc_fast[gpu], or faiss-gpu from conda-forge/pytorch) on a machine with "
+                           "an NVIDIA GPU, or use device='cpu'")
+    return faiss
+
+
+def _open_device(device: Any) -> Any:
+    """None for the CPU, else the checked :class:`bc_fast.convert_gpu.CudaDevice`."""
+    from .convert_gpu import open_device, parse_device
+
+    if parse_device(device) is None:
+        return None
+    return open_device(device)
+
+
+def _is_gpu_index(index: Any) -> bool:
+    return type(index).__name__.startswith("Gpu")
+
+
 def faiss_metric(metric: str) -> int:
     """The faiss metric constant for ``"ip"`` (inner product) or ``"l2"``; ValueError otherwise."""
     faiss = _faiss()
@@ -356,6 +383,9 @@ class LegacyIndex:
         self.registry_checksum = registry_checksum
         self.chain_checksum = chain_checksum
         self._ops: dict[int, FusedTransform | None] = {}
+        #: where query transforms run by default ("cpu", or "cuda:N" for an index built with device=)
+        self.device = "cpu"
+        self._gpu: dict[tuple[int, str], Any] = {}
 
     @property
     def d(self) -> int:
@@ -398,8 +428,18 @@ class LegacyIndex:
         self._ops[qv] = op
         return op
 
+    def _transform_on(self, device: Any, qv: int, op: FusedTransform) -> Any:
+        """The cached :class:`bc_fast.convert_gpu.DeviceTransform` of ``op`` on ``device``."""
+        from .convert_gpu import DeviceTransform, parse_device
+
+        key = (qv, f"cuda:{parse_device(device)}")
+        t = self._gpu.get(key)
+        if t is None:
+            t = self._gpu[key] = DeviceTransform(op, _open_device(device))
+        return t
+
     def search(self, queries: Any, k: int, *, query_version: int, blas_min_queries: int | None = None,
-               threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               threads: int | None = None, device: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """Search with queries of ``query_version``, transformed on the fly when newer than the index.
 
         Parameters
@@ -417,6 +457,10 @@ class LegacyIndex:
             for this call only.
         threads : int, optional
             Threads for the query transform (the core picks one thread for small batches).
+        device : "cpu", "cuda" or "cuda:N", optional
+            Where the query transform runs (default: :attr:`device`, the one the index was built
+            with). On a GPU the (host) query batch is copied in, transformed by the fused CUDA
+            operator and copied back for faiss; a CUDA tensor is first copied to the host.
 
         Returns
         -------
@@ -430,8 +474,12 @@ class LegacyIndex:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if k > self.ntotal:
             raise ValueError(f"k={k} is larger than the {self.ntotal} vectors in the index; pass k <= {self.ntotal}")
+        device = self.device if device is None else device
         if op is not None:
-            q = op.apply(q, threads=threads)
+            if device != "cpu":
+                q = self._transform_on(device, int(query_version), op)(q)
+            else:
+                q = op.apply(q, threads=threads)
             if not _all_finite(q):
                 _check_finite(q, f"queries (version {int(query_version)})")
         else:
@@ -492,8 +540,9 @@ class LegacyIndex:
         if metric != self.metric:
             raise ValueError(f"this LegacyIndex says metric={self.metric!r} but its faiss index uses {metric!r}; "
                              f"build it with build_legacy_index")
+        index = faiss.index_gpu_to_cpu(self.index) if _is_gpu_index(self.index) else self.index
         try:
-            data = faiss.serialize_index(self.index).tobytes()
+            data = faiss.serialize_index(index).tobytes()
         except RuntimeError as e:
             raise ValueError(f"faiss cannot serialise this index ({_faiss_msg(e)}); "
                              f"GPU indexes must be copied to the CPU first") from None
@@ -552,7 +601,8 @@ class LegacyIndex:
 def build_legacy_index(registry: Registry, table: Any, version: int = 0, *, factory: str = "Flat",
                        metric: str = "ip", table_version: int | None = None, normalize: bool = False,
                        chunk_rows: int = 65536, train_rows: int = 100_000, seed: int = 0,
-                       progress: bool | None = None, threads: int | None = None) -> LegacyIndex:
+                       progress: bool | None = None, threads: int | None = None,
+                       device: Any = "cpu") -> LegacyIndex:
     """Build a faiss index for ``version`` from a table of newer (default: latest) embeddings.
 
     The table is converted ``chunk_rows`` rows at a time through
@@ -580,6 +630,11 @@ def build_legacy_index(registry: Registry, table: Any, version: int = 0, *, fact
         Show a progress bar (default: only on a TTY).
     threads : int, optional
         Threads for the conversion.
+    device : "cpu", "cuda" or "cuda:N"
+        On a GPU the chunks are transformed by the fused CUDA operator and the index is a
+        faiss GPU index on that device (``faiss.index_cpu_to_gpu``), trained and filled
+        there; queries are then transformed on it too. Needs a faiss GPU build
+        (``pip install bc_fast[gpu]``); :meth:`LegacyIndex.save` writes a CPU copy.
 
     Returns
     -------
@@ -598,6 +653,12 @@ def build_legacy_index(registry: Registry, table: Any, version: int = 0, *, fact
     if not isinstance(normalize, (bool, np.bool_)):
         raise TypeError(f"normalize must be True or False, got {normalize!r}")
     metric_const = faiss_metric(metric)
+    from .convert_gpu import parse_device
+
+    gpu_index = parse_device(device)  # ValueError for a bad device string
+    if gpu_index is not None:
+        faiss = _faiss_gpu(str(device))
+    dev = _open_device(device)
     chunk_rows, train_rows = _positive_int(chunk_rows, "chunk_rows"), _positive_int(train_rows, "train_rows")
     src = registry.latest if table_version is None else table_version
     op = registry.operator(src, version, normalize=bool(normalize))
@@ -608,27 +669,42 @@ def build_legacy_index(registry: Registry, table: Any, version: int = 0, *, fact
         index = faiss.index_factory(d, factory, metric_const)
     except RuntimeError as e:
         raise ValueError(f"faiss cannot build index_factory({d}, {factory!r}): {_faiss_msg(e)}") from None
+    if dev is None:
+        def apply(x: np.ndarray, out: np.ndarray) -> Any:
+            return op.apply(x, out=out, threads=threads)
+    else:
+        from .convert_gpu import DeviceTransform
+
+        apply = DeviceTransform(op, dev)
+        try:
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), dev.index, index)
+        except RuntimeError as e:
+            raise ValueError(f"faiss cannot put index_factory({d}, {factory!r}) on GPU {dev.index}: "
+                             f"{_faiss_msg(e)}; use a factory string faiss supports on GPUs (Flat, IVF...)") from None
     if not index.is_trained:
-        _train(index, op, table, factory=factory, train_rows=train_rows, chunk_rows=chunk_rows, seed=seed,
-               threads=threads)
+        _train(index, apply, table, d, factory=factory, train_rows=train_rows, chunk_rows=chunk_rows, seed=seed)
     buf = np.empty((min(chunk_rows, max(n, 1)), d), np.float32)
     with Progress(n, f"legacy index v{version}", enabled=progress) as bar, blas_threshold(blas_threshold_for(d)):
         for start in range(0, n, chunk_rows):
             stop = min(n, start + chunk_rows)
             out = buf[: stop - start]
-            op.apply(_rows(table, start, stop), out=out, threads=threads)
+            apply(_rows(table, start, stop), out)
             _check_finite(out, "table", offset=start)
             index.add(out)
             bar.update(stop - start)
-    return LegacyIndex(index, version=int(version), source_version=src, registry=registry,
-                       metric=str(metric).lower(), factory=factory, normalize=bool(normalize),
-                       registry_checksum=registry.checksum, chain_checksum=registry.chain_checksum(src, int(version)))
+    legacy = LegacyIndex(index, version=int(version), source_version=src, registry=registry,
+                         metric=str(metric).lower(), factory=factory, normalize=bool(normalize),
+                         registry_checksum=registry.checksum, chain_checksum=registry.chain_checksum(src, int(version)))
+    if dev is not None:
+        legacy.device = dev.name
+        legacy._gpu[(src, dev.name)] = apply
+    return legacy
 
 
-def _train(index: Any, op: FusedTransform, table: np.ndarray, *, factory: str, train_rows: int, chunk_rows: int,
-           seed: int, threads: int | None) -> None:
-    """Train ``index`` on up to ``train_rows`` converted rows sampled from ``table``."""
-    n, d = table.shape[0], op.d_out
+def _train(index: Any, apply: Any, table: np.ndarray, d: int, *, factory: str, train_rows: int, chunk_rows: int,
+           seed: int) -> None:
+    """Train ``index`` on up to ``train_rows`` rows sampled from ``table``, converted by ``apply(x, out)``."""
+    n = table.shape[0]
     if n == 0:
         raise ValueError(f"index_factory string {factory!r} needs training, but the table is empty")
     m = min(n, train_rows)
@@ -636,7 +712,7 @@ def _train(index: Any, op: FusedTransform, table: np.ndarray, *, factory: str, t
     sample = np.empty((m, d), np.float32)
     for s in range(0, m, chunk_rows):
         r = rows[s:s + chunk_rows]
-        op.apply(_rows_idx(table, r), out=sample[s:s + len(r)], threads=threads)
+        apply(_rows_idx(table, r), sample[s:s + len(r)])
         _check_finite(sample[s:s + len(r)], "table", rows=r)
     try:
         with blas_threshold(blas_threshold_for(d)):

@@ -13,6 +13,7 @@ without a GPU.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import signal
@@ -162,7 +163,9 @@ class FakeCuda:
                 if b.device != device:
                     raise ValueError(f"pointer {ptr:#x} is on {b.device}, expected {device}")
                 return b.arr[ptr - b.ptr: ptr - b.ptr + nbytes]
-        raise ValueError(f"pointer {ptr:#x} (+{nbytes}) is not inside any buffer")
+        if device is None:  # pageable host memory (a numpy array), as cudaMemcpyAsync accepts
+            return np.frombuffer((ctypes.c_char * nbytes).from_address(ptr), np.uint8)
+        raise ValueError(f"pointer {ptr:#x} (+{nbytes}) is not inside any device buffer")
 
     def _enqueue(self, s: _Stream, kind: str, fn: Any) -> None:
         s.queue.append((kind, fn))
@@ -516,3 +519,90 @@ def test_gpu_huge_chunks(tmp_path: Path) -> None:
                                rng.standard_normal(256).astype(np.float32), normalize=True)
     r = apply_to_table(op, inp, tmp_path / "gpu.npy", chunk_rows=131072, device="cuda", verify=2000)
     assert r.chunks == 4 and r.verify_max_error <= r.verify_tol
+
+
+# --------------------------------------------------------------------------- legacy indexes on the GPU
+
+
+@pytest.fixture
+def chain(tmp_path: Path, make_chain_registry: Any) -> Any:
+    return make_chain_registry(tmp_path / "reg", [16, 24], [5.0])
+
+
+@pytest.fixture
+def fake_faiss_gpu(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """faiss-cpu dressed up as a GPU build: the index stays on the CPU, the plumbing is exercised."""
+    faiss = pytest.importorskip("faiss", reason="faiss is needed for index tests")
+    moved: list[int] = []
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, dev, index: moved.append(dev) or index,
+                        raising=False)
+    return moved
+
+
+def test_gpu_index_without_faiss_gpu_names_the_install(chain: Any, fake: FakeCuda) -> None:
+    faiss = pytest.importorskip("faiss", reason="faiss is needed for index tests")
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        pytest.skip("a faiss GPU build with a GPU is installed: the error cannot be shown")
+    from bc_fast.index import build_legacy_index
+    table = np.random.default_rng(0).standard_normal((50, 24)).astype(np.float32)
+    with pytest.raises(RuntimeError, match=r"device='cuda' builds a faiss GPU index, but this faiss .* "
+                                           r"install a faiss GPU build \(pip install bc_fast\[gpu\]"):
+        build_legacy_index(chain, table, 0, device="cuda")
+
+
+def test_gpu_index_bad_device(chain: Any) -> None:
+    pytest.importorskip("faiss", reason="faiss is needed for index tests")
+    from bc_fast.index import build_legacy_index
+    with pytest.raises(ValueError, match=r"device must be 'cpu', 'cuda' or 'cuda:N'"):
+        build_legacy_index(chain, np.zeros((5, 24), np.float32), 0, device="gpu0")
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat"])
+def test_gpu_index_plumbing_matches_cpu(chain: Any, fake: FakeCuda, fake_faiss_gpu: list, faiss_one_thread: None,
+                                        tmp_path: Path, factory: str) -> None:
+    from bc_fast.index import LegacyIndex, build_legacy_index
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((500, 24)).astype(np.float32)
+    q = rng.standard_normal((7, 24)).astype(np.float32)
+    cpu = build_legacy_index(chain, table, 0, factory=factory, normalize=True, chunk_rows=64, train_rows=200)
+    g = build_legacy_index(chain, table, 0, factory=factory, normalize=True, chunk_rows=64, train_rows=200,
+                           device="cuda")
+    assert fake_faiss_gpu == [0] and g.device == "cuda:0" and fake.executed.count("compute") >= 8
+    D0, I0 = cpu.search(q, 5, query_version=1)
+    before = fake.executed.count("compute")
+    D1, I1 = g.search(q, 5, query_version=1)
+    assert fake.executed.count("compute") == before + 1  # the queries were transformed on the device
+    assert np.array_equal(I0, I1) and np.array_equal(D0, D1)  # the fake computes with the CPU core
+    D2, I2 = cpu.search(q, 5, query_version=1, device="cuda")  # a CPU index, queries on the GPU
+    assert np.array_equal(I0, I2)
+    g.save(tmp_path / "g.faiss")
+    assert LegacyIndex.load(tmp_path / "g.faiss", chain).search(q, 5, query_version=1)[1].tolist() == I0.tolist()
+
+
+def _faiss_gpus() -> int:
+    try:
+        import faiss
+    except ImportError:
+        return 0
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "StandardGpuResources") else 0
+
+
+@gpu
+@pytest.mark.skipif(_faiss_gpus() == 0, reason="no faiss GPU build: GPU index tests not run")
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
+def test_gpu_index_real(chain: Any, tmp_path: Path, factory: str) -> None:
+    from bc_fast.index import LegacyIndex, build_legacy_index
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((5000, 24)).astype(np.float32)
+    q = rng.standard_normal((50, 24)).astype(np.float32)
+    cpu = build_legacy_index(chain, table, 0, factory="Flat", normalize=True)
+    g = build_legacy_index(chain, table, 0, factory=factory, normalize=True, device="cuda")
+    assert type(g.index).__name__.startswith("Gpu")
+    I0 = cpu.search(q, 10, query_version=1)[1]
+    I1 = g.search(q, 10, query_version=1)[1]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I0, I1)])
+    assert recall >= (0.99 if factory == "Flat" else 0.5)
+    g.save(tmp_path / "g.faiss")
+    assert LegacyIndex.load(tmp_path / "g.faiss", chain).ntotal == 5000
