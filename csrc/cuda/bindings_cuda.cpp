@@ -1,0 +1,156 @@
+// The only file of bc_fast._cuda that knows Python: converts arguments and translates errors.
+// Importing the module makes no CUDA call (device_info() and every class do, when called).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cuda_op.h"
+
+namespace py = pybind11;
+namespace bcc = bc_fast::cuda;
+
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+bcc::FusedOpCuda* make_op(const std::vector<FloatArray>& weights, const std::vector<std::optional<FloatArray>>& biases,
+                          const std::vector<std::string>& activations, const std::vector<int64_t>& activation_widths,
+                          bool normalize) {
+  const size_t n = weights.size();
+  if (biases.size() != n || activations.size() != n || activation_widths.size() != n)
+    throw std::invalid_argument("weights, biases, activations and activation_widths must have the same length, got " +
+                                std::to_string(n) + ", " + std::to_string(biases.size()) + ", " +
+                                std::to_string(activations.size()) + " and " +
+                                std::to_string(activation_widths.size()));
+  std::vector<bcc::LayerSpec> specs(n);
+  for (size_t i = 0; i < n; ++i) {
+    const FloatArray& w = weights[i];
+    const std::string where = "layer " + std::to_string(i);
+    if (w.ndim() != 2)
+      throw std::invalid_argument(where + ": weight must be 2-D (d_out, d_in), got " + std::to_string(w.ndim()) +
+                                  "-D");
+    bcc::LayerSpec& s = specs[i];
+    s.d_out = w.shape(0);
+    s.d_in = w.shape(1);
+    s.weight.assign(w.data(), w.data() + w.size());
+    if (biases[i]) {
+      const FloatArray& b = *biases[i];
+      if (b.ndim() != 1 || b.shape(0) != s.d_out)
+        throw std::invalid_argument(where + ": bias must have shape (" + std::to_string(s.d_out) + ",)");
+      s.bias.assign(b.data(), b.data() + b.size());
+    }
+    s.act = bcc::parse_act(activations[i], where);
+    s.act_width = activation_widths[i];
+  }
+  return new bcc::FusedOpCuda(std::move(specs), normalize);
+}
+
+void apply(const bcc::FusedOpCuda& op, uintptr_t x_ptr, const std::string& x_dtype, int64_t n, uintptr_t out_ptr,
+           const std::string& out_dtype, int device, uintptr_t stream) {
+  const bcc::DType xt = bcc::parse_dtype(x_dtype, "x_dtype");
+  const bcc::DType ot = bcc::parse_dtype(out_dtype, "out_dtype");
+  py::gil_scoped_release release;
+  op.apply(x_ptr, xt, n, out_ptr, ot, device, stream);
+}
+
+py::dict device_info_dict() {
+  bcc::DeviceInfo info;
+  {
+    py::gil_scoped_release release;
+    info = bcc::device_info();
+  }
+  py::dict d;
+  d["available"] = info.available;
+  d["error"] = info.error;
+  d["device_count"] = info.device_count;
+  d["driver_version"] = info.driver_version;
+  d["runtime_version"] = info.runtime_version;
+  d["cublas_version"] = info.cublas_version;
+  py::list devices;
+  for (const auto& p : info.devices) {
+    py::dict e;
+    e["index"] = p.index;
+    e["name"] = p.name;
+    e["compute_capability"] = p.compute_capability;
+    e["total_memory"] = p.total_memory;
+    devices.append(e);
+  }
+  d["devices"] = devices;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "bc_fast CUDA module: fused embedding transforms on NVIDIA GPUs (cuBLASLt + fused epilogues).";
+
+  // Out of GPU memory is a MemoryError; any other CUDA/cuBLASLt failure a RuntimeError naming the call.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const bcc::CudaOutOfMemory& e) {
+      PyErr_SetString(PyExc_MemoryError, e.what());
+    } catch (const bcc::CudaError& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+
+  m.def("device_info", &device_info_dict,
+        "CUDA runtime/driver versions and visible devices; never raises for a missing GPU or driver "
+        "(available=False, error says why).");
+
+  py::class_<bcc::FusedOpCuda>(m, "CudaFusedOp")
+      .def(py::init(&make_op), py::arg("weights"), py::arg("biases"), py::arg("activations"),
+           py::arg("activation_widths"), py::arg("normalize") = false,
+           "Layer program from float32 (d_out, d_in) weights, optional biases, activations ('none', 'relu', "
+           "'gelu' exact), the leading outputs each activation applies to, and final L2 normalisation. "
+           "Validates on the host; makes no CUDA call.")
+      .def_property_readonly("d_in", &bcc::FusedOpCuda::d_in)
+      .def_property_readonly("d_out", &bcc::FusedOpCuda::d_out)
+      .def_property_readonly("num_layers", &bcc::FusedOpCuda::num_layers)
+      .def("apply", &apply, py::arg("x_ptr"), py::arg("x_dtype"), py::arg("n"), py::arg("out_ptr"),
+           py::arg("out_dtype"), py::arg("device"), py::arg("stream"),
+           "out[n, d_out] = program(x[n, d_in]) for C-contiguous device arrays on `device` (dtypes 'float32', "
+           "'float16', 'bfloat16'), enqueued asynchronously on `stream` (cudaStream_t as int, 0 = legacy "
+           "default stream). fp32 accumulation always; fp32 inputs use fp32 GEMMs (no TF32), fp16/bf16 inputs "
+           "tensor cores with intermediates stored in the input dtype. GIL released.");
+
+  py::class_<bcc::PinnedBuffer>(m, "PinnedBuffer", py::buffer_protocol())
+      .def(py::init<int64_t>(), py::arg("nbytes"))
+      .def_property_readonly("ptr", [](const bcc::PinnedBuffer& b) { return reinterpret_cast<uintptr_t>(b.data()); })
+      .def_property_readonly("nbytes", &bcc::PinnedBuffer::nbytes)
+      .def_buffer([](bcc::PinnedBuffer& b) {
+        return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.nbytes())}, {static_cast<py::ssize_t>(1)});
+      });
+
+  py::class_<bcc::DeviceBuffer>(m, "DeviceBuffer")
+      .def(py::init<int64_t, int>(), py::arg("nbytes"), py::arg("device"))
+      .def_property_readonly("ptr", &bcc::DeviceBuffer::ptr)
+      .def_property_readonly("nbytes", &bcc::DeviceBuffer::nbytes)
+      .def_property_readonly("device", &bcc::DeviceBuffer::device);
+
+  py::class_<bcc::Stream>(m, "Stream")
+      .def(py::init<int>(), py::arg("device"))
+      .def_property_readonly("ptr", &bcc::Stream::ptr)
+      .def_property_readonly("device", &bcc::Stream::device)
+      .def("synchronize", &bcc::Stream::synchronize, py::call_guard<py::gil_scoped_release>());
+
+  py::class_<bcc::Event>(m, "Event")
+      .def(py::init<int>(), py::arg("device"))
+      .def_property_readonly("device", &bcc::Event::device)
+      .def("record", &bcc::Event::record, py::arg("stream_ptr"))
+      .def("synchronize", &bcc::Event::synchronize, py::call_guard<py::gil_scoped_release>())
+      .def("query", &bcc::Event::query);
+
+  m.def("memcpy_async", &bcc::memcpy_async, py::arg("dst_ptr"), py::arg("src_ptr"), py::arg("nbytes"),
+        py::arg("kind"), py::arg("stream_ptr"), py::call_guard<py::gil_scoped_release>(),
+        "cudaMemcpyAsync; kind 'h2d' | 'd2h' | 'd2d'.");
+  m.def("stream_wait_event", &bcc::stream_wait_event, py::arg("stream_ptr"), py::arg("event"),
+        py::call_guard<py::gil_scoped_release>(), "cudaStreamWaitEvent(stream, event).");
+}

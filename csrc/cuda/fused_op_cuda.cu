@@ -1,0 +1,474 @@
+// The layer program on the GPU: cuBLASLt GEMMs plus one fused epilogue kernel per layer where
+// cuBLASLt's epilogues do not fit.
+//
+// Precision (documented in the README via bc_fast.cuda):
+// - float32 input: A/B/D float32, CUBLAS_COMPUTE_32F (true fp32 FMA; no TF32), intermediates float32.
+// - float16/bfloat16 input: weights converted to the input dtype, A/B in that dtype on tensor cores,
+//   CUBLAS_COMPUTE_32F (fp32 accumulation), fp32 scale. Bias, activation and normalisation run in
+//   fp32 on the fp32 GEMM result; activations BETWEEN layers are stored in the input dtype (the
+//   next GEMM's A/B type), as torch autocast does. The last layer's epilogue is fp32 until the cast.
+//
+// Row-major <-> column-major (cuBLASLt is column-major): a row-major r x c matrix with row stride c
+// is, read column-major, the c x r matrix with leading dimension c (its transpose). So
+//   X (m x k, row-major)      = column-major X^T (k x m, ld k)        -> B, op N
+//   W (d_out x k, row-major)  = column-major W^T (k x d_out, ld k)    -> A, op T gives W (d_out x k)
+//   Y = X W^T (m x d_out)     = column-major Y^T (d_out x m, ld d_out) = op(A) * B = W * X^T  -> D
+// i.e. one column-major GEMM with M = d_out, N = m, K = k, TRANSA = T, TRANSB = N. The epilogue's
+// bias vector has M = d_out entries broadcast over the N = m columns, i.e. one bias per output feature.
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cuda_check.h"
+#include "cuda_op.h"
+
+namespace bc_fast::cuda {
+namespace {
+
+constexpr size_t kLtWorkspaceBytes = size_t{32} << 20;  // cuBLASLt's recommendation for Hopper
+constexpr size_t kScratchBudgetBytes = size_t{128} << 20;  // intermediates per (device, stream)
+constexpr int64_t kMaxChunkRows = int64_t{1} << 22;
+constexpr size_t kMaxPlans = 512;
+constexpr int kWarpsPerBlock = 8;
+
+void check_lt(cublasStatus_t st, const char* call) {
+  if (st == CUBLAS_STATUS_SUCCESS) return;
+  (void)cudaGetLastError();
+  const std::string msg = std::string(call) + " failed: " + cublasLtGetStatusName(st) + " (" +
+                          cublasLtGetStatusString(st) + ")";
+  if (st == CUBLAS_STATUS_ALLOC_FAILED) throw CudaOutOfMemory("out of CUDA memory: " + msg);
+  throw CudaError(msg);
+}
+#define BC_LT_CHECK(expr) check_lt((expr), #expr)
+
+cudaDataType_t cuda_type(DType t) {
+  switch (t) {
+    case DType::kFloat16: return CUDA_R_16F;
+    case DType::kBFloat16: return CUDA_R_16BF;
+    default: return CUDA_R_32F;
+  }
+}
+
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::kFloat16: return "float16";
+    case DType::kBFloat16: return "bfloat16";
+    default: return "float32";
+  }
+}
+
+// ---- the fused epilogue kernel ----
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ float layer_value(const float* y, int j, const float* bias, int act, int width) {
+  float v = y[j];
+  if (bias != nullptr) v += bias[j];
+  if (j < width) {
+    if (act == static_cast<int>(Act::kRelu)) {
+      v = v > 0.0f ? v : 0.0f;
+    } else if (act == static_cast<int>(Act::kGelu)) {
+      v = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));  // exact (erf) gelu, as torch's default
+    }
+  }
+  return v;
+}
+
+// One warp per row: out[r] = finish(y[r] + bias), finish = activation on the leading `width`
+// outputs, then (if normalize) v / max(||v||, 1e-12), cast to TOut. `out` may alias `y` (TOut =
+// float): each lane reads every element it later writes, before writing it.
+template <typename TOut>
+__global__ void epilogue_kernel(const float* y, int64_t rows, int d, const float* bias, int act, int width,
+                                int normalize, TOut* out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (row >= rows) return;  // row is uniform over the warp, so the full-mask shuffles below are safe
+  const float* yr = y + row * d;
+  TOut* orow = out + row * d;
+  float scale = 1.0f;
+  if (normalize) {
+    float ss = 0.0f;
+    for (int j = lane; j < d; j += 32) {
+      const float v = layer_value(yr, j, bias, act, width);
+      ss += v * v;
+    }
+    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    scale = 1.0f / fmaxf(sqrtf(ss), 1e-12f);
+  }
+  for (int j = lane; j < d; j += 32) orow[j] = from_float<TOut>(layer_value(yr, j, bias, act, width) * scale);
+}
+
+void launch_epilogue(const float* y, int64_t rows, int64_t d, const float* bias, Act act, int64_t width,
+                     bool normalize, void* out, DType out_type, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  const dim3 grid(blocks), block(32 * kWarpsPerBlock);
+  const int a = static_cast<int>(act), w = static_cast<int>(width), dd = static_cast<int>(d), nz = normalize ? 1 : 0;
+  switch (out_type) {
+    case DType::kFloat32:
+      epilogue_kernel<float><<<grid, block, 0, stream>>>(y, rows, dd, bias, a, w, nz, static_cast<float*>(out));
+      break;
+    case DType::kFloat16:
+      epilogue_kernel<__half><<<grid, block, 0, stream>>>(y, rows, dd, bias, a, w, nz, static_cast<__half*>(out));
+      break;
+    case DType::kBFloat16:
+      epilogue_kernel<__nv_bfloat16>
+          <<<grid, block, 0, stream>>>(y, rows, dd, bias, a, w, nz, static_cast<__nv_bfloat16*>(out));
+      break;
+  }
+  check(cudaGetLastError(), "epilogue_kernel<<<...>>> launch");
+}
+
+// ---- per-device cuBLASLt handles and per-(device, stream) scratch ----
+
+cublasLtHandle_t lt_handle(int device) {
+  static std::mutex mu;
+  static auto* handles = new std::map<int, cublasLtHandle_t>();  // leaked: never torn down at exit
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = handles->find(device);
+  if (it != handles->end()) return it->second;
+  cublasLtHandle_t h = nullptr;
+  BC_LT_CHECK(cublasLtCreate(&h));
+  handles->emplace(device, h);
+  return h;
+}
+
+struct Workspace {
+  std::mutex mu;  // held by the call that is enqueueing work using these buffers
+  cudaStream_t stream = nullptr;
+  void* act[2] = {nullptr, nullptr};
+  size_t act_bytes[2] = {0, 0};
+  void* d32 = nullptr;
+  size_t d32_bytes = 0;
+  void* lt = nullptr;
+  size_t lt_bytes = 0;
+
+  // Grows a buffer. Earlier work queued on this stream may still read the old buffer, so wait for
+  // the stream before freeing it (rare: buffers only grow, and the budget caps them).
+  void ensure(void** p, size_t* have, size_t bytes) {
+    if (*have >= bytes) return;
+    if (*p != nullptr) {
+      BC_CUDA_CHECK(cudaStreamSynchronize(stream));
+      BC_CUDA_CHECK(cudaFree(*p));
+      *p = nullptr;
+      *have = 0;
+    }
+    BC_CUDA_CHECK(cudaMalloc(p, bytes));
+    *have = bytes;
+  }
+};
+
+// Scratch lives as long as the process (a cache per stream handle ever used, at most
+// kScratchBudgetBytes + kLtWorkspaceBytes each). Work on one stream runs in order on the GPU, so
+// calls sharing a stream may share its scratch; calls on different streams never do.
+Workspace& workspace_for(int device, uintptr_t stream) {
+  static std::mutex mu;
+  static auto* cache = new std::map<std::pair<int, uintptr_t>, std::unique_ptr<Workspace>>();
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = (*cache)[{device, stream}];
+  if (!slot) {
+    slot = std::make_unique<Workspace>();
+    slot->stream = reinterpret_cast<cudaStream_t>(stream);
+  }
+  return *slot;
+}
+
+int pointer_alignment(uintptr_t p) {
+  int a = 1;
+  while (a < 256 && (p & static_cast<uintptr_t>(2 * a - 1)) == 0) a *= 2;
+  return a;
+}
+
+void check_device_pointer(uintptr_t p, int device, const char* name) {
+  cudaPointerAttributes attr{};
+  BC_CUDA_CHECK(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(p)));
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    throw std::invalid_argument(std::string(name) + " is not CUDA device memory (host or unknown pointer); pass a "
+                                "pointer to memory on device " + std::to_string(device));
+  if (attr.type == cudaMemoryTypeDevice && attr.device != device)
+    throw std::invalid_argument(std::string(name) + " points to memory on device " + std::to_string(attr.device) +
+                                ", not device " + std::to_string(device));
+}
+
+void host_convert(const float* src, size_t n, DType t, std::vector<unsigned char>& dst) {
+  dst.resize(n * dtype_size(t));
+  if (t == DType::kFloat32) {
+    std::memcpy(dst.data(), src, n * 4);
+  } else if (t == DType::kFloat16) {
+    auto* h = reinterpret_cast<__half*>(dst.data());
+    for (size_t i = 0; i < n; ++i) h[i] = __float2half_rn(src[i]);
+  } else {
+    auto* h = reinterpret_cast<__nv_bfloat16*>(dst.data());
+    for (size_t i = 0; i < n; ++i) h[i] = __float2bfloat16_rn(src[i]);
+  }
+}
+
+}  // namespace
+
+int64_t cublaslt_version() { return static_cast<int64_t>(cublasLtGetVersion()); }
+
+// Weights or biases of every layer on one device in one dtype (null entries: layers without bias).
+struct FusedOpCuda::DeviceWeights {
+  int device = 0;
+  std::vector<void*> ptrs;
+  ~DeviceWeights() {
+    try {
+      DeviceGuard guard(device);
+      // The op may be dropped while work that reads these arrays is still queued.
+      (void)cudaDeviceSynchronize();
+      for (void* p : ptrs)
+        if (p != nullptr) (void)cudaFree(p);
+    } catch (...) {  // never throw from a destructor; at interpreter exit the runtime may be gone
+    }
+    (void)cudaGetLastError();
+  }
+};
+
+struct FusedOpCuda::Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  bool ok = false;  // false: cuBLASLt has no algorithm for this configuration
+  ~Plan() {
+    if (d != nullptr) (void)cublasLtMatrixLayoutDestroy(d);
+    if (b != nullptr) (void)cublasLtMatrixLayoutDestroy(b);
+    if (a != nullptr) (void)cublasLtMatrixLayoutDestroy(a);
+    if (desc != nullptr) (void)cublasLtMatmulDescDestroy(desc);
+  }
+};
+
+FusedOpCuda::FusedOpCuda(std::vector<LayerSpec> layers, bool normalize) : normalize_(normalize) {
+  if (layers.empty()) throw std::invalid_argument("a fused op needs at least one layer");
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const LayerSpec& s = layers[i];
+    const std::string where = "layer " + std::to_string(i);
+    if (s.d_in <= 0 || s.d_out <= 0) throw std::invalid_argument(where + ": dimensions must be positive");
+    if (s.d_in > INT_MAX || s.d_out > INT_MAX) throw std::invalid_argument(where + ": dimensions must be < 2^31");
+    if (i > 0 && s.d_in != layers[i - 1].d_out)
+      throw std::invalid_argument(where + " has d_in " + std::to_string(s.d_in) + " but the previous layer outputs " +
+                                  std::to_string(layers[i - 1].d_out));
+    if (static_cast<int64_t>(s.weight.size()) != s.d_in * s.d_out)
+      throw std::invalid_argument(where + ": weight has the wrong number of values");
+    if (!s.bias.empty() && static_cast<int64_t>(s.bias.size()) != s.d_out)
+      throw std::invalid_argument(where + ": bias has the wrong number of values");
+    if (s.act_width < 0 || s.act_width > s.d_out)
+      throw std::invalid_argument(where + ": activation width " + std::to_string(s.act_width) + " is not in [0, " +
+                                  std::to_string(s.d_out) + "]");
+    for (float w : s.weight)
+      if (!std::isfinite(w)) throw std::invalid_argument(where + ": weight contains NaN or Inf");
+    for (float b : s.bias)
+      if (!std::isfinite(b)) throw std::invalid_argument(where + ": bias contains NaN or Inf");
+    if (i + 1 < layers.size()) max_hidden_ = std::max(max_hidden_, s.d_out);
+    max_d_out_ = std::max(max_d_out_, s.d_out);
+  }
+  layers_ = std::move(layers);
+}
+
+FusedOpCuda::~FusedOpCuda() { free_device_memory(); }
+
+void FusedOpCuda::free_device_memory() noexcept {
+  std::lock_guard<std::mutex> lock(mu_);
+  plans_.clear();
+  weights_.clear();
+}
+
+// Weights or biases of every layer in dtype `t` on `device`, uploaded on first use. The upload runs
+// on the caller's stream and is waited for before the arrays are published, so calls on any other
+// stream only ever see complete data. The host copies stay in layers_.
+const FusedOpCuda::DeviceWeights& FusedOpCuda::arrays_on(int device, DType t, bool biases, uintptr_t stream) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const std::pair<int, int> key{device, static_cast<int>(t) + (biases ? kNumDTypes : 0)};
+  auto it = weights_.find(key);
+  if (it != weights_.end()) return *it->second;
+  auto w = std::make_unique<DeviceWeights>();
+  w->device = device;
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  std::vector<std::vector<unsigned char>> staged(layers_.size());  // alive until the stream is synchronised
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const std::vector<float>& src = biases ? layers_[i].bias : layers_[i].weight;
+    w->ptrs.push_back(nullptr);
+    if (src.empty()) continue;
+    host_convert(src.data(), src.size(), t, staged[i]);
+    BC_CUDA_CHECK(cudaMalloc(&w->ptrs.back(), staged[i].size()));
+    BC_CUDA_CHECK(cudaMemcpyAsync(w->ptrs.back(), staged[i].data(), staged[i].size(), cudaMemcpyHostToDevice, s));
+  }
+  BC_CUDA_CHECK(cudaStreamSynchronize(s));
+  return *weights_.emplace(key, std::move(w)).first->second;
+}
+
+std::shared_ptr<const FusedOpCuda::Plan> FusedOpCuda::plan_for(int device, size_t layer, int64_t m, DType ab,
+                                                               DType d, int epilogue, const void* bias,
+                                                               int align_b, int align_d) const {
+  const PlanKey key{device, layer, m, static_cast<int>(ab) * kNumDTypes + static_cast<int>(d), epilogue,
+                    align_b, align_d, 0};
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = plans_.find(key);
+  if (it != plans_.end()) return it->second;
+  if (plans_.size() >= kMaxPlans) plans_.clear();  // calls in flight hold their own shared_ptr
+
+  const LayerSpec& l = layers_[layer];
+  auto p = std::make_shared<Plan>();
+  // See the comment at the top: column-major D (d_out x m) = op_T(A = W, k x d_out) * B (X^T, k x m).
+  BC_LT_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t op_t = CUBLAS_OP_T, op_n = CUBLAS_OP_N;
+  BC_LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t)));
+  BC_LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
+  const auto epi = static_cast<cublasLtEpilogue_t>(epilogue);
+  BC_LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
+  if (bias != nullptr)  // in D's dtype (the default bias type), d_out values
+    BC_LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+  const auto k = static_cast<uint64_t>(l.d_in), n_out = static_cast<uint64_t>(l.d_out);
+  BC_LT_CHECK(cublasLtMatrixLayoutCreate(&p->a, cuda_type(ab), k, n_out, static_cast<int64_t>(k)));
+  BC_LT_CHECK(cublasLtMatrixLayoutCreate(&p->b, cuda_type(ab), k, static_cast<uint64_t>(m), static_cast<int64_t>(k)));
+  BC_LT_CHECK(cublasLtMatrixLayoutCreate(&p->d, cuda_type(d), n_out, static_cast<uint64_t>(m),
+                                         static_cast<int64_t>(n_out)));
+
+  struct Pref {
+    cublasLtMatmulPreference_t p = nullptr;
+    ~Pref() {
+      if (p != nullptr) (void)cublasLtMatmulPreferenceDestroy(p);
+    }
+  } pref_owner;
+  BC_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref_owner.p));
+  const cublasLtMatmulPreference_t pref = pref_owner.p;
+  const uint64_t ws_bytes = kLtWorkspaceBytes;
+  const uint32_t al_a = 256, al_b = static_cast<uint32_t>(align_b), al_d = static_cast<uint32_t>(align_d);
+  BC_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
+                                                   sizeof(ws_bytes)));
+  // The heuristic assumes 256-byte aligned buffers unless told otherwise; chunks and user tensors may not be.
+  BC_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a,
+                                                   sizeof(al_a)));
+  BC_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b,
+                                                   sizeof(al_b)));
+  BC_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_d,
+                                                   sizeof(al_d)));
+  BC_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d,
+                                                   sizeof(al_d)));
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(lt_handle(device)), p->desc,
+                                                           p->a, p->b, p->d, p->d, pref, 1, &result, &found);
+  if (st != CUBLAS_STATUS_NOT_SUPPORTED) check_lt(st, "cublasLtMatmulAlgoGetHeuristic");
+  p->ok = st == CUBLAS_STATUS_SUCCESS && found > 0;
+  if (p->ok) p->algo = result.algo;
+  plans_.emplace(key, p);
+  return p;
+}
+
+void FusedOpCuda::run_chunk(const void* x, int64_t m, void* out, DType ct, DType out_type, int device,
+                            uintptr_t stream, void* lt, void* workspace) const {
+  auto& ws = *static_cast<Workspace*>(workspace);
+  const auto handle = static_cast<cublasLtHandle_t>(lt);
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  const float alpha = 1.0f, beta = 0.0f;
+  const void* in = x;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const LayerSpec& l = layers_[i];
+    const bool last = i + 1 == layers_.size();
+    const bool has_bias = !l.bias.empty();
+    const int64_t width = l.act == Act::kNone ? 0 : l.act_width;
+    const Act act = width > 0 ? l.act : Act::kNone;
+    void* dst = last ? out : ws.act[i % 2];  // the layer's final values, in dst_type
+    const DType dst_type = last ? out_type : ct;
+    const void* w = arrays_on(device, ct, false, stream).ptrs[i];
+    const int align_in = pointer_alignment(reinterpret_cast<uintptr_t>(in));
+
+    // 1. cuBLASLt does the whole layer when its epilogue fits (bias, relu on every output; its GELU is
+    //    the tanh approximation, so never used) and D may be dst's dtype (ct, or fp32 from fp16/bf16).
+    const bool epilogue_fits = act == Act::kNone || (act == Act::kRelu && width == l.d_out);
+    if (epilogue_fits && !(last && normalize_) && (dst_type == ct || dst_type == DType::kFloat32)) {
+      const cublasLtEpilogue_t epi = act == Act::kRelu ? (has_bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU)
+                                                       : (has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT);
+      const void* bias = has_bias ? arrays_on(device, dst_type, true, stream).ptrs[i] : nullptr;
+      auto plan = plan_for(device, i, m, ct, dst_type, static_cast<int>(epi), bias, align_in,
+                           pointer_alignment(reinterpret_cast<uintptr_t>(dst)));
+      if (plan->ok) {
+        BC_LT_CHECK(cublasLtMatmul(handle, plan->desc, &alpha, w, plan->a, in, plan->b, &beta, dst, plan->d, dst,
+                                   plan->d, &plan->algo, ws.lt, kLtWorkspaceBytes, s));
+        in = dst;
+        continue;
+      }
+    }
+    // 2. Otherwise an fp32 GEMM result (straight into dst when dst is fp32), then one pass of the
+    //    fused epilogue kernel: bias, activation on the leading `width` outputs, L2, cast.
+    float* y = dst_type == DType::kFloat32 ? static_cast<float*>(dst) : static_cast<float*>(ws.d32);
+    auto plan = plan_for(device, i, m, ct, DType::kFloat32, static_cast<int>(CUBLASLT_EPILOGUE_DEFAULT), nullptr,
+                         align_in, pointer_alignment(reinterpret_cast<uintptr_t>(y)));
+    if (!plan->ok)
+      throw CudaError("cublasLtMatmulAlgoGetHeuristic found no algorithm for layer " + std::to_string(i) + " (" +
+                      std::to_string(l.d_out) + " x " + std::to_string(l.d_in) + ", " + std::to_string(m) +
+                      " rows, " + dtype_name(ct) + " in, float32 out)");
+    BC_LT_CHECK(cublasLtMatmul(handle, plan->desc, &alpha, w, plan->a, in, plan->b, &beta, y, plan->d, y, plan->d,
+                               &plan->algo, ws.lt, kLtWorkspaceBytes, s));
+    const bool norm = last && normalize_;
+    if (has_bias || act != Act::kNone || norm || static_cast<void*>(y) != dst) {
+      const auto* bias = has_bias ? static_cast<const float*>(arrays_on(device, DType::kFloat32, true, stream).ptrs[i])
+                                  : nullptr;
+      launch_epilogue(y, m, l.d_out, bias, act, width, norm, dst, dst_type, s);
+    }
+    in = dst;
+  }
+}
+
+void FusedOpCuda::apply(uintptr_t x, DType x_type, int64_t n, uintptr_t out, DType out_type, int device,
+                        uintptr_t stream) const {
+  // Argument checks first: none of them touches CUDA.
+  if (n < 0) throw std::invalid_argument("n must be >= 0, got " + std::to_string(n));
+  if (device < 0) throw std::invalid_argument("device must be >= 0, got " + std::to_string(device));
+  const int64_t widest = std::max(d_in(), max_d_out_);
+  if (n > std::numeric_limits<int64_t>::max() / 4 / widest)
+    throw std::invalid_argument("n=" + std::to_string(n) + " rows overflow the byte size of the batch");
+  if (n == 0) return;
+  if (x == 0 || out == 0) throw std::invalid_argument("x_ptr and out_ptr must not be null");
+  const auto x_bytes = static_cast<uintptr_t>(n * d_in() * static_cast<int64_t>(dtype_size(x_type)));
+  const auto o_bytes = static_cast<uintptr_t>(n * d_out() * static_cast<int64_t>(dtype_size(out_type)));
+  if (x < out + o_bytes && out < x + x_bytes) throw std::invalid_argument("the output overlaps the input");
+
+  check_device(device);
+  DeviceGuard guard(device);
+  check_device_pointer(x, device, "x_ptr");
+  check_device_pointer(out, device, "out_ptr");
+
+  const DType ct = x_type;  // compute dtype: the GEMMs' A/B type
+  const int64_t bytes_per_row = (layers_.size() > 1 ? 2 * max_hidden_ * static_cast<int64_t>(dtype_size(ct)) : 0) +
+                                max_d_out_ * 4;
+  const int64_t chunk = std::clamp<int64_t>(static_cast<int64_t>(kScratchBudgetBytes) / bytes_per_row, 1,
+                                            std::min(n, kMaxChunkRows));
+  Workspace& ws = workspace_for(device, stream);
+  std::lock_guard<std::mutex> lock(ws.mu);
+  ws.ensure(&ws.lt, &ws.lt_bytes, kLtWorkspaceBytes);
+  ws.ensure(&ws.d32, &ws.d32_bytes, static_cast<size_t>(chunk * max_d_out_ * 4));
+  if (layers_.size() > 1)
+    for (int b = 0; b < 2; ++b)
+      ws.ensure(&ws.act[b], &ws.act_bytes[b], static_cast<size_t>(chunk * max_hidden_) * dtype_size(ct));
+  cublasLtHandle_t handle = lt_handle(device);
+  const auto* xb = reinterpret_cast<const unsigned char*>(x);
+  auto* ob = reinterpret_cast<unsigned char*>(out);
+  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+    const int64_t m = std::min(chunk, n - r0);
+    run_chunk(xb + r0 * d_in() * static_cast<int64_t>(dtype_size(x_type)), m,
+              ob + r0 * d_out() * static_cast<int64_t>(dtype_size(out_type)), ct, out_type, device, stream, handle,
+              &ws);
+  }
+}
+
+}  // namespace bc_fast::cuda
