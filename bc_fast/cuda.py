@@ -227,6 +227,16 @@ def _pointer_device(x: Any, ptr: int, name: str) -> int:
                        "install torch or cupy, or pass a torch tensor")
 
 
+def _cupy_stream(device: int) -> int:
+    """CuPy's current stream on ``device`` (its current device when -1), as a cudaStream_t int."""
+    import cupy  # type: ignore[import-not-found]
+
+    try:
+        return int(cupy.cuda.get_current_stream(device).ptr)  # per-device current streams (CuPy >= 13)
+    except TypeError:
+        return int(cupy.cuda.get_current_stream().ptr)
+
+
 def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -245,12 +255,10 @@ def _describe_cai(x: Any, name: str) -> CudaArray:
         raise ValueError(f"{name} must be C-contiguous (row-major), got strides {tuple(d['strides'])} for shape "
                          f"{shape}; pass a contiguous copy (cupy.ascontiguousarray({name}))")
     stream = _cai_stream(d, name)
-    if _is_cupy(x):
-        import cupy  # type: ignore[import-not-found]
-
-        stream = int(cupy.cuda.get_current_stream().ptr)
     ptr = int(ptr or 0)
     device = _pointer_device(x, ptr, name) if ptr else -1
+    if _is_cupy(x):
+        stream = _cupy_stream(device)
     return CudaArray(ptr, shape, dtype, device, stream, True, bool(readonly), "cai", x)
 
 

@@ -188,6 +188,11 @@ def _out_dtype(out_dtype: Any) -> np.dtype:
     return dt
 
 
+def _on_host(a: Any) -> bool:
+    """True for numpy arrays and CPU torch tensors: cheap, so that they skip the GPU dispatch."""
+    return isinstance(a, np.ndarray) or (is_torch(a) and getattr(a, "is_cuda", True) is False)
+
+
 def _check_batch(a: np.ndarray, name: str, dim: int) -> None:
     if isinstance(a, np.ma.MaskedArray):
         raise TypeError(f"{name} is a masked array, whose mask the core would ignore; "
@@ -321,7 +326,7 @@ class FusedTransform:
                 return res if out is None else out
             except (ValueError, TypeError):
                 pass
-        if not isinstance(x, np.ndarray) or (out is not None and not isinstance(out, np.ndarray)):
+        if not _on_host(x) or (out is not None and not _on_host(out)):
             from . import cuda  # only here: host arrays never import the GPU path
 
             if cuda.is_cuda_array(x) or cuda.is_cuda_array(out):

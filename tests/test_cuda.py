@@ -444,6 +444,25 @@ def test_numpy_inputs_never_import_the_gpu_path():
     assert res.stdout.strip() == "[]"
 
 
+def test_cpu_torch_tensors_never_import_the_gpu_path():
+    pytest.importorskip("torch", reason="torch is needed for this check")
+    code = ("import sys, numpy as np, torch, bc_fast\n"
+            "op = bc_fast.FusedTransform.affine(np.eye(4, dtype=np.float32))\n"
+            "op.apply(torch.ones(2, 4)); op.apply(torch.ones(2, 4), out=torch.empty(2, 4))\n"
+            "try:\n    op.apply(torch.ones(2, 4, device='meta'))\nexcept ValueError:\n    pass\n"
+            "print('bc_fast.cuda' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+
+
+def test_host_x_with_cuda_out_tensor_refused(fake):
+    torch = pytest.importorskip("torch", reason="torch is needed for this check")
+    with pytest.raises(ValueError, match="out is a CUDA array but x is a Tensor on the host"):
+        _op().apply(torch.ones(3, 4), out=FakeCAI((3, 5)))
+
+
 # ----------------------------------------------------------------------------------------------
 # Part 2: a real GPU (skipped, with the reason in the summary, where there is none)
 # ----------------------------------------------------------------------------------------------
