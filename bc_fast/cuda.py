@@ -222,6 +222,10 @@ def _pointer_device(x: Any, ptr: int, name: str) -> int:
     if "torch" in sys.modules or _importable("torch"):
         import torch
 
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"cannot tell which GPU holds {name} (a __cuda_array_interface__ object): torch "
+                               "sees no CUDA GPU here (torch.cuda.is_available() is False); install a CUDA "
+                               "build of torch, or cupy")
         return int(torch.as_tensor(x).device.index)  # torch reads the pointer's device, zero-copy
     raise RuntimeError(f"cannot tell which GPU holds {name} (a __cuda_array_interface__ object): "
                        "install torch or cupy, or pass a torch tensor")
@@ -443,12 +447,21 @@ def _version_text(v: Any) -> str:
     return f"{v // 1000}.{(v % 1000) // 10}" if v > 0 else ""
 
 
+def _cublas_version_text(v: Any) -> str:
+    """A cuBLAS version int (131000) as "13.1.0"; "" when unknown."""
+    try:
+        v = int(v)
+    except (TypeError, ValueError):
+        return ""
+    return f"{v // 10000}.{(v // 100) % 100}.{v % 100}" if v > 0 else ""
+
+
 def cuda_info() -> dict:
     """What the GPU path can do here: ``bc_fast.build_info()["cuda"]``. Never imports torch, never raises.
 
     Keys: ``module`` (bc_fast._cuda built and loadable), ``available`` (a usable GPU), ``devices``
     (index, name, compute_capability, total_memory), ``device_count``, ``driver_version``,
-    ``runtime_version``, ``cublas_version`` (as "13.0" strings, "" when unknown) and ``error``
+    ``runtime_version``, ``cublas_version`` (as "13.0" / "13.1.0" strings, "" when unknown) and ``error``
     (why not available, "" if it is).
     """
     info: dict = {"module": False, "available": False, "device_count": 0, "devices": [], "driver_version": "",
@@ -466,7 +479,7 @@ def cuda_info() -> dict:
             devices=[dict(dev) for dev in d.get("devices", [])],
             driver_version=_version_text(d.get("driver_version")),
             runtime_version=_version_text(d.get("runtime_version")),
-            cublas_version=str(d.get("cublas_version") or ""), error=str(d.get("error", "")))
+            cublas_version=_cublas_version_text(d.get("cublas_version")), error=str(d.get("error", "")))
     except Exception as e:  # build_info must not fail because a driver misbehaves
         info["error"] = f"bc_fast._cuda.device_info() failed: {type(e).__name__}: {e}"
     return info

@@ -378,7 +378,7 @@ def test_torch_error_paths_before_any_cuda_call():
 def test_cuda_info_with_module(fake):
     info = bccuda.cuda_info()
     assert info["module"] is True and info["available"] is True and info["error"] == ""
-    assert info["driver_version"] == "13.0" and info["runtime_version"] == "13.0"
+    assert info["driver_version"] == "13.0" and info["runtime_version"] == "13.0" and info["cublas_version"] == "13.0.0"
     assert info["devices"][0]["compute_capability"] == "9.0"
     lines = bccuda.cuda_summary(info)
     assert lines[0] == "CUDA: module built (runtime 13.0, driver 13.0), 1 GPU(s)"
@@ -461,6 +461,40 @@ def test_host_x_with_cuda_out_tensor_refused(fake):
     torch = pytest.importorskip("torch", reason="torch is needed for this check")
     with pytest.raises(ValueError, match="out is a CUDA array but x is a Tensor on the host"):
         _op().apply(torch.ones(3, 4), out=FakeCAI((3, 5)))
+
+
+def _real_module() -> Any:
+    try:
+        return bccuda.cuda_module()
+    except RuntimeError:
+        pytest.skip("bc_fast._cuda not built (no -DBC_FAST_CUDA=ON): tests of the real module's binding not run")
+
+
+def test_real_module_binding_contract():
+    """Runs wherever the CUDA module is built, GPU or not (the CI build with nvcc)."""
+    mod = _real_module()
+    info = mod.device_info()
+    assert {"available", "error", "device_count", "driver_version", "runtime_version", "cublas_version",
+            "devices"} <= set(info)
+    assert info["available"] == (info["error"] == "")
+    rng = np.random.default_rng(2)
+    op = FusedTransform([Layer(rng.standard_normal((8, 4)), rng.standard_normal(8), "gelu", 3),
+                         Layer(rng.standard_normal((5, 8)))], normalize=True)
+    cop = bccuda._cuda_op(op)
+    assert (cop.d_in, cop.d_out, cop.num_layers) == (4, 5, 2) and bccuda._cuda_op(op) is cop
+    with pytest.raises(ValueError, match="same length"):
+        mod.CudaFusedOp([np.ones((2, 2), np.float32)], [], ["none"], [2], False)
+    with pytest.raises(ValueError):
+        cop.apply(0, "float64", 1, 0, "float32", 0, 0)
+
+
+def test_real_module_without_gpu_clear_error(monkeypatch):
+    mod = _real_module()
+    if mod.device_info()["available"]:
+        pytest.skip("a GPU is visible: the no-GPU error path is not exercised")
+    monkeypatch.setattr(mod, "pointer_device", lambda ptr: 0, raising=False)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        _op().apply(FakeCAI(), out=FakeCAI((3, 5), ptr=0x20000))
 
 
 # ----------------------------------------------------------------------------------------------
