@@ -153,4 +153,6 @@ PYBIND11_MODULE(_cuda, m) {
         "cudaMemcpyAsync; kind 'h2d' | 'd2h' | 'd2d'.");
   m.def("stream_wait_event", &bcc::stream_wait_event, py::arg("stream_ptr"), py::arg("event"),
         py::call_guard<py::gil_scoped_release>(), "cudaStreamWaitEvent(stream, event).");
+  m.def("pointer_device", &bcc::pointer_device, py::arg("ptr"),
+        "The CUDA device holding the device/managed memory at ptr (cudaPointerGetAttributes).");
 }

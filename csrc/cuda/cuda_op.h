@@ -173,5 +173,7 @@ class Event {
 // kind: "h2d" | "d2h" | "d2d" (anything else -> invalid_argument).
 void memcpy_async(uintptr_t dst, uintptr_t src, int64_t nbytes, const std::string& kind, uintptr_t stream);
 void stream_wait_event(uintptr_t stream, const Event& event);
+// The device holding device (or managed) memory at `ptr`; invalid_argument for host/unknown pointers.
+int pointer_device(uintptr_t ptr);
 
 }  // namespace bc_fast::cuda

@@ -211,4 +211,13 @@ void stream_wait_event(uintptr_t stream, const Event& event) {
                                     reinterpret_cast<cudaEvent_t>(event.handle()), 0));
 }
 
+int pointer_device(uintptr_t ptr) {
+  if (ptr == 0) throw std::invalid_argument("pointer_device: null pointer");
+  cudaPointerAttributes attr{};
+  BC_CUDA_CHECK(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr)));
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    throw std::invalid_argument("pointer " + std::to_string(ptr) + " is not CUDA device memory");
+  return attr.device;
+}
+
 }  // namespace bc_fast::cuda

@@ -29,6 +29,8 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -180,11 +182,14 @@ struct Workspace {
 // Scratch lives as long as the process (a cache per stream handle ever used, at most
 // kScratchBudgetBytes + kLtWorkspaceBytes each). Work on one stream runs in order on the GPU, so
 // calls sharing a stream may share its scratch; calls on different streams never do.
+// cudaStreamPerThread (2) names a different stream in every host thread: key it by thread too.
 Workspace& workspace_for(int device, uintptr_t stream) {
   static std::mutex mu;
-  static auto* cache = new std::map<std::pair<int, uintptr_t>, std::unique_ptr<Workspace>>();
+  static auto* cache = new std::map<std::tuple<int, uintptr_t, std::thread::id>, std::unique_ptr<Workspace>>();
+  const bool per_thread = stream == reinterpret_cast<uintptr_t>(cudaStreamPerThread);
+  const std::thread::id owner = per_thread ? std::this_thread::get_id() : std::thread::id();
   std::lock_guard<std::mutex> lock(mu);
-  auto& slot = (*cache)[{device, stream}];
+  auto& slot = (*cache)[{device, stream, owner}];
   if (!slot) {
     slot = std::make_unique<Workspace>();
     slot->stream = reinterpret_cast<cudaStream_t>(stream);

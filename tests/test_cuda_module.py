@@ -1,0 +1,386 @@
+"""bc_fast._cuda, the compiled CUDA module, tested directly (built only with -DBC_FAST_CUDA=ON; .ci/cuda).
+
+Without a GPU: device_info, argument checking before any CUDA call, clear errors instead of crashes.
+With a GPU (and torch with CUDA): CudaFusedOp.apply against the float64 reference for every dtype,
+layer kind and odd shape, streams, threads, and the memory/stream primitives.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import zlib
+
+import numpy as np
+import pytest
+
+from bc_fast.fusion import apply_layers_reference
+from bc_fast.ops import Layer
+
+cu = pytest.importorskip("bc_fast._cuda", reason="bc_fast._cuda is built only with BC_FAST_CUDA=ON (.ci/cuda)")
+
+INFO = cu.device_info()
+HAVE_GPU = bool(INFO["available"])
+no_gpu_only = pytest.mark.skipif(HAVE_GPU, reason="checks the no-GPU error path; a GPU is visible")
+
+
+def _torch_cuda():
+    """torch with a usable CUDA device, or skip saying why."""
+    if not HAVE_GPU:
+        pytest.skip(f"no CUDA GPU visible: GPU tests not run ({INFO['error']})")
+    torch = pytest.importorskip("torch", reason="the GPU tests allocate device memory with torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA support here: GPU tests not run")
+    return torch
+
+
+def _op_args(layers: list[Layer], normalize: bool = False) -> tuple:
+    return ([np.asarray(l.weight, np.float32) for l in layers],
+            [None if l.bias is None else np.asarray(l.bias, np.float32) for l in layers],
+            [l.activation for l in layers],
+            [l.d_out if l.activation_width is None else int(l.activation_width) for l in layers],
+            normalize)
+
+
+def _op(layers: list[Layer], normalize: bool = False):
+    return cu.CudaFusedOp(*_op_args(layers, normalize))
+
+
+def _affine(d_in: int = 4, d_out: int = 3) -> list[Layer]:
+    return [Layer(np.ones((d_out, d_in), np.float32))]
+
+
+# ---------------------------------------------------------------- without a GPU
+
+
+def test_device_info_shape():
+    info = cu.device_info()
+    assert set(info) == {"available", "error", "device_count", "driver_version", "runtime_version",
+                         "cublas_version", "devices"}
+    assert isinstance(info["available"], bool) and isinstance(info["error"], str)
+    assert info["runtime_version"] >= 13000 and info["cublas_version"] > 0
+    if info["available"]:
+        assert info["error"] == "" and info["device_count"] == len(info["devices"]) >= 1
+        for i, d in enumerate(info["devices"]):
+            assert d["index"] == i and d["name"] and d["total_memory"] > 0
+            major, minor = d["compute_capability"].split(".")
+            assert int(major) >= 1 and int(minor) >= 0
+    else:
+        assert info["error"] and info["devices"] == [] and info["device_count"] == 0
+
+
+def test_import_bc_fast_does_not_load_the_cuda_module():
+    code = "import sys, bc_fast; assert 'bc_fast._cuda' not in sys.modules; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_properties():
+    op = _op([Layer(np.ones((5, 4), np.float32), None, "relu"), Layer(np.ones((3, 5), np.float32))])
+    assert (op.d_in, op.d_out, op.num_layers) == (4, 3, 2)
+
+
+@pytest.mark.parametrize("args, match", [
+    (([], [], [], [], False), "at least one layer"),
+    (([np.ones(4, np.float32)], [None], ["none"], [0], False), r"layer 0: weight must be 2-D \(d_out, d_in\), got 1-D"),
+    (([np.ones((0, 4), np.float32)], [None], ["none"], [0], False), "layer 0: dimensions must be positive"),
+    (([np.ones((3, 4), np.float32)], [None, None], ["none"], [3], False), "must have the same length, got 1, 2, 1 and 1"),
+    (([np.ones((3, 4), np.float32)], [None], ["tanh"], [3], False), "layer 0: unknown activation 'tanh'"),
+    (([np.ones((3, 4), np.float32)], [np.ones(4, np.float32)], ["none"], [3], False), r"layer 0: bias must have shape \(3,\)"),
+    (([np.ones((3, 4), np.float32)], [None], ["relu"], [4], False), r"activation width 4 is not in \[0, 3\]"),
+    (([np.ones((3, 4), np.float32)], [None], ["relu"], [-1], False), r"activation width -1 is not in \[0, 3\]"),
+    (([np.ones((3, 4), np.float32), np.ones((2, 4), np.float32)], [None, None], ["none", "none"], [3, 2], False),
+     "layer 1 has d_in 4 but the previous layer outputs 3"),
+    (([np.full((3, 4), np.nan, np.float32)], [None], ["none"], [3], False), "layer 0: weight contains NaN or Inf"),
+    (([np.ones((3, 4), np.float32)], [np.array([0, np.inf, 0], np.float32)], ["none"], [3], False),
+     "layer 0: bias contains NaN or Inf"),
+])
+def test_constructor_validation(args, match):
+    with pytest.raises(ValueError, match=match):
+        cu.CudaFusedOp(*args)
+
+
+def test_constructor_refuses_non_numeric_weights():
+    with pytest.raises(TypeError):
+        cu.CudaFusedOp(["not an array"], [None], ["none"], [0], False)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"x_dtype": "float64"}, "x_dtype must be 'float32', 'float16' or 'bfloat16', got 'float64'"),
+    ({"out_dtype": "half"}, "out_dtype must be 'float32', 'float16' or 'bfloat16', got 'half'"),
+    ({"n": -1}, "n must be >= 0, got -1"),
+    ({"device": -1}, "device must be >= 0, got -1"),
+    ({"x_ptr": 0}, "x_ptr and out_ptr must not be null"),
+    ({"out_ptr": 0}, "x_ptr and out_ptr must not be null"),
+    ({"out_ptr": 0x100000 + 8}, "the output overlaps the input"),
+    ({"n": 2 ** 62}, "overflow the byte size"),
+])
+def test_apply_argument_errors_come_before_any_cuda_call(kw, match):
+    # Without a GPU these would otherwise fail with "CUDA is not available": a ValueError proves the order.
+    args = {"x_ptr": 0x100000, "x_dtype": "float32", "n": 4, "out_ptr": 0x200000, "out_dtype": "float32",
+            "device": 0, "stream": 0, **kw}
+    with pytest.raises(ValueError, match=match):
+        _op(_affine()).apply(**args)
+
+
+def test_apply_empty_batch_is_a_no_op():
+    assert _op(_affine()).apply(0, "float32", 0, 0, "float16", 0, 0) is None
+
+
+@no_gpu_only
+def test_apply_without_gpu_is_a_clear_runtime_error():
+    with pytest.raises(RuntimeError, match="CUDA is not available: cudaGetDeviceCount failed"):
+        _op(_affine()).apply(0x100000, "float32", 1, 0x200000, "float32", 0, 0)
+
+
+@no_gpu_only
+@pytest.mark.parametrize("make", [lambda: cu.DeviceBuffer(16, 0), lambda: cu.Stream(0), lambda: cu.Event(0)],
+                         ids=["DeviceBuffer", "Stream", "Event"])
+def test_primitives_without_gpu_raise_runtime_error(make):
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        make()
+
+
+@no_gpu_only
+def test_pinned_buffer_without_gpu_raises_runtime_error():
+    with pytest.raises(RuntimeError, match="cudaHostAlloc"):
+        cu.PinnedBuffer(1024)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"kind": "h2h"}, "kind must be 'h2d', 'd2h' or 'd2d', got 'h2h'"),
+    ({"nbytes": -1}, "nbytes must be >= 0, got -1"),
+    ({"dst_ptr": 0}, "null pointer"),
+])
+def test_memcpy_async_argument_errors(kw, match):
+    args = {"dst_ptr": 0x1000, "src_ptr": 0x2000, "nbytes": 8, "kind": "h2d", "stream_ptr": 0, **kw}
+    with pytest.raises(ValueError, match=match):
+        cu.memcpy_async(**args)
+
+
+def test_memcpy_async_zero_bytes_is_a_no_op():
+    assert cu.memcpy_async(0, 0, 0, "d2d", 0) is None
+
+
+@pytest.mark.parametrize("make", [lambda: cu.PinnedBuffer(-1), lambda: cu.DeviceBuffer(-5, 0)],
+                         ids=["PinnedBuffer", "DeviceBuffer"])
+def test_negative_sizes_refused(make):
+    with pytest.raises(ValueError, match="nbytes must be >= 0"):
+        make()
+
+
+def test_pointer_device_null_refused():
+    with pytest.raises(ValueError, match="null pointer"):
+        cu.pointer_device(0)
+
+
+# ---------------------------------------------------------------- with a GPU
+
+TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+# Max error relative to max |reference|: fp32 GEMMs (no TF32) vs fp16/bf16 weights, inputs and intermediates.
+TOL = {"float32": 2e-5, "float16": 5e-3, "bfloat16": 3e-2}
+
+
+def _program(kind: str, d_in: int, d_out: int, rng: np.random.Generator) -> list[Layer]:
+    def w(o: int, i: int) -> np.ndarray:
+        return (rng.standard_normal((o, i)) / np.sqrt(i)).astype(np.float32)
+
+    def b(o: int) -> np.ndarray:
+        return rng.standard_normal(o).astype(np.float32)
+
+    hidden = 2 * d_out + 1
+    return {
+        "affine": [Layer(w(d_out, d_in))],
+        "affine_bias": [Layer(w(d_out, d_in), b(d_out))],
+        "relu_bias": [Layer(w(d_out, d_in), b(d_out), "relu")],
+        "relu_partial": [Layer(w(d_out, d_in), b(d_out), "relu", d_out // 2)],
+        "gelu": [Layer(w(d_out, d_in), None, "gelu")],
+        "gelu_partial": [Layer(w(d_out, d_in), b(d_out), "gelu", (d_out + 1) // 2)],
+        "mlp": [Layer(w(hidden, d_in), b(hidden), "gelu"), Layer(w(d_out, hidden), b(d_out))],
+        "mlp3": [Layer(w(hidden, d_in), b(hidden), "relu"), Layer(w(hidden, hidden), None, "gelu", 3),
+                 Layer(w(d_out, hidden), b(d_out), "relu")],
+    }[kind]
+
+
+def _reference(layers: list[Layer], x64: np.ndarray, normalize: bool) -> np.ndarray:
+    y = apply_layers_reference(layers, x64)
+    if normalize:
+        y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    return y
+
+
+def _run(torch, op, x, out_dtype: str, stream: int = 0):
+    out = torch.empty((x.shape[0], op.d_out), dtype=getattr(torch, out_dtype), device=x.device)
+    op.apply(x.data_ptr(), str(x.dtype).removeprefix("torch."), x.shape[0], out.data_ptr(), out_dtype,
+             x.device.index, stream)
+    return out
+
+
+def _check(torch, layers, normalize, x, out, x_dtype: str, out_dtype: str) -> None:
+    torch.cuda.synchronize()
+    ref = _reference(layers, x.float().cpu().numpy().astype(np.float64), normalize)
+    got = out.float().cpu().numpy().astype(np.float64)
+    assert got.shape == ref.shape
+    if ref.size == 0:
+        return
+    tol = max(TOL[x_dtype], TOL[out_dtype])
+    err = np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-6)
+    assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
+
+
+@pytest.mark.parametrize("kind", ["affine", "affine_bias", "relu_bias", "relu_partial", "gelu", "gelu_partial",
+                                  "mlp", "mlp3"])
+@pytest.mark.parametrize("out_dtype", list(TORCH_DTYPES))
+@pytest.mark.parametrize("x_dtype", list(TORCH_DTYPES))
+def test_apply_matches_float64_reference(x_dtype, out_dtype, kind):
+    torch = _torch_cuda()
+    rng = np.random.default_rng(zlib.crc32(f"{x_dtype}/{out_dtype}/{kind}".encode()))
+    layers = _program(kind, 59, 111, rng)
+    for normalize in (False, True):
+        op = _op(layers, normalize)
+        for n in (0, 1, 7, 1000):
+            x = torch.from_numpy(rng.standard_normal((n, 59)).astype(np.float32)).to(
+                device="cuda", dtype=getattr(torch, x_dtype))
+            _check(torch, layers, normalize, x, _run(torch, op, x, out_dtype), x_dtype, out_dtype)
+
+
+@pytest.mark.parametrize("d_in, d_out", [(1, 1), (1, 3), (3, 1), (3, 59), (59, 3), (111, 111), (111, 1)])
+@pytest.mark.parametrize("x_dtype", list(TORCH_DTYPES))
+def test_odd_shapes(x_dtype, d_in, d_out):
+    torch = _torch_cuda()
+    rng = np.random.default_rng(d_in * 1000 + d_out)
+    for kind in ("affine_bias", "gelu_partial", "mlp"):
+        layers = _program(kind, d_in, d_out, rng)
+        # A 1-wide output normalises to +-1: rows near 0 flip sign under rounding, so no reference there.
+        for normalize in (False, True) if d_out > 1 else (False,):
+            op = _op(layers, normalize)
+            for n in (1, 7, 1000):
+                x = torch.from_numpy(rng.standard_normal((n, d_in)).astype(np.float32)).to(
+                    device="cuda", dtype=getattr(torch, x_dtype))
+                _check(torch, layers, normalize, x, _run(torch, op, x, x_dtype), x_dtype, x_dtype)
+
+
+@pytest.mark.parametrize("x_dtype", list(TORCH_DTYPES))
+def test_unaligned_pointers(x_dtype):
+    # Rows of an odd width start at addresses that are not 16-byte aligned: cuBLASLt must be told.
+    torch = _torch_cuda()
+    rng = np.random.default_rng(7)
+    layers = _program("relu_bias", 59, 3, rng)
+    op = _op(layers)
+    base = torch.from_numpy(rng.standard_normal((101, 59)).astype(np.float32)).to("cuda", getattr(torch, x_dtype))
+    out_base = torch.empty((101, 3), dtype=getattr(torch, x_dtype), device="cuda")
+    x, out = base[1:], out_base[1:]
+    op.apply(x.data_ptr(), x_dtype, 100, out.data_ptr(), x_dtype, 0, 0)
+    _check(torch, layers, False, x, out, x_dtype, x_dtype)
+
+
+def test_batch_larger_than_one_chunk():
+    # 128 MiB of scratch per stream: an fp32 GEMM result of 300k x 256 (and a 70k-row MLP with a
+    # 513-wide hidden layer) takes several chunks.
+    torch = _torch_cuda()
+    rng = np.random.default_rng(3)
+    layers = _program("affine_bias", 256, 256, rng)
+    x = torch.randn((300_000, 256), device="cuda", dtype=torch.float16)
+    _check(torch, layers, True, x, _run(torch, _op(layers, normalize=True), x, "float16"), "float16", "float16")
+    mlp = [Layer((rng.standard_normal((513, 256)) / 16).astype(np.float32), rng.standard_normal(513).astype(np.float32),
+                 "relu"),
+           Layer((rng.standard_normal((256, 513)) / 23).astype(np.float32), None, "relu", 100)]
+    x = torch.randn((70_000, 256), device="cuda", dtype=torch.float16)
+    _check(torch, mlp, False, x, _run(torch, _op(mlp), x, "float32"), "float16", "float32")
+
+
+def test_non_default_stream():
+    torch = _torch_cuda()
+    rng = np.random.default_rng(5)
+    layers = _program("mlp", 64, 32, rng)
+    op = _op(layers, normalize=True)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        x = torch.randn((5000, 64), device="cuda")
+        out = _run(torch, op, x, "float32", stream=s.cuda_stream)
+    s.synchronize()
+    _check(torch, layers, True, x, out, "float32", "float32")
+
+
+def test_two_threads_concurrently():
+    torch = _torch_cuda()
+    rng = np.random.default_rng(11)
+    layers = _program("mlp3", 128, 64, rng)
+    op = _op(layers, normalize=True)
+    errors: list[BaseException] = []
+
+    def work(seed: int, use_per_thread_default: bool) -> None:
+        try:
+            s = torch.cuda.Stream()
+            g = torch.Generator(device="cuda").manual_seed(seed)
+            with torch.cuda.stream(s):
+                for i in range(10):
+                    x = torch.randn((2000 + 37 * i, 128), device="cuda", dtype=torch.float16, generator=g)
+                    stream = 2 if use_per_thread_default else s.cuda_stream
+                    if use_per_thread_default:
+                        s.synchronize()  # x was produced on s; the per-thread default stream must see it
+                    out = _run(torch, op, x, "float32", stream=stream)
+                    _check(torch, layers, True, x, out, "float16", "float32")
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(seed, seed % 2 == 1)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_host_pointer_refused():
+    _torch_cuda()
+    x = np.ones((4, 4), np.float32)
+    out = np.empty((4, 3), np.float32)
+    with pytest.raises(ValueError, match="x_ptr is not CUDA device memory"):
+        _op(_affine()).apply(x.ctypes.data, "float32", 4, out.ctypes.data, "float32", 0, 0)
+
+
+def test_pointer_on_another_device_refused():
+    torch = _torch_cuda()
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    x = torch.ones((4, 4), device="cuda:1")
+    out = torch.empty((4, 3), device="cuda:1")
+    with pytest.raises(ValueError, match="x_ptr points to memory on device 1, not device 0"):
+        _op(_affine()).apply(x.data_ptr(), "float32", 4, out.data_ptr(), "float32", 0, 0)
+    assert cu.pointer_device(x.data_ptr()) == 1
+
+
+def test_bad_device_index_refused():
+    _torch_cuda()
+    with pytest.raises(ValueError, match=r"device must be in \[0, "):
+        _op(_affine()).apply(0x100000, "float32", 1, 0x200000, "float32", 1000, 0)
+
+
+def test_out_of_memory_is_memory_error():
+    _torch_cuda()
+    with pytest.raises(MemoryError, match="out of CUDA memory: cudaMalloc"):
+        cu.DeviceBuffer(1 << 50, 0)
+
+
+def test_primitives_round_trip():
+    _torch_cuda()
+    n = 1 << 20
+    src, dst = cu.PinnedBuffer(n), cu.PinnedBuffer(n)
+    a = np.frombuffer(src, dtype=np.uint8)
+    a[:] = np.arange(n, dtype=np.uint64).astype(np.uint8)
+    d1, d2 = cu.DeviceBuffer(n, 0), cu.DeviceBuffer(n, 0)
+    assert (d1.nbytes, d1.device, src.nbytes) == (n, 0, n) and cu.pointer_device(d1.ptr) == 0
+    s1, s2 = cu.Stream(0), cu.Stream(0)
+    ev = cu.Event(0)
+    cu.memcpy_async(d1.ptr, src.ptr, n, "h2d", s1.ptr)
+    ev.record(s1.ptr)
+    cu.stream_wait_event(s2.ptr, ev)  # s2 copies only after s1's upload
+    cu.memcpy_async(d2.ptr, d1.ptr, n, "d2d", s2.ptr)
+    cu.memcpy_async(dst.ptr, d2.ptr, n, "d2h", s2.ptr)
+    s2.synchronize()
+    ev.synchronize()
+    assert ev.query() is True
+    np.testing.assert_array_equal(np.frombuffer(dst, dtype=np.uint8), a)
