@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# The prepared GPU check (issue 10): on a fresh GPU machine, build bc_fast with its CUDA module, run the
+# GPU tests and the GPU benchmark (--quick), and print one summary table. Meant to finish within 8 minutes.
+#
+# Needs: Python 3.12 with PyTorch (CUDA 13), nvcc, CMake, pybind11, scikit-build-core, numpy, safetensors,
+# pytest. No network: nothing is downloaded. Optional: scipy-openblas32 (else the CPU core is built with
+# -DBC_FAST_BLAS=OFF), faiss with GPU support (else the GPU index tests skip), pyarrow, tqdm.
+# cuBLASLt comes from the CUDA toolkit, or else from the nvidia-cublas wheel torch depends on.
+#
+# Usage: bench/gpu_check.sh            (PYTHON=python3.12 to pick the interpreter)
+# Exit status: 0 all steps ran and passed (benchmark targets may still show MISS), 1 a step failed,
+# 2 no GPU here (nothing was built).
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/bc_fast_gpu_check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+ROWS=()
+
+elapsed() { echo $(( $(date +%s) - START )); }
+left() { local l=$(( BUDGET - $(elapsed) )); (( l < 30 )) && l=30; echo "$l"; }
+say() { echo "== gpu_check [$(elapsed)s]: $*"; }
+row() { ROWS+=("| $1 | $2 | $3 | $4 |"); }  # step | status | seconds | detail
+
+summary() {
+  echo
+  echo "## bc_fast GPU check summary ($(elapsed) s in all)"
+  echo
+  echo "| step | status | s | detail |"
+  echo "|---|---|---|---|"
+  printf '%s\n' "${ROWS[@]}"
+  if [[ -f $WORK/bench.table ]]; then
+    echo
+    cat "$WORK/bench.table"
+  fi
+}
+
+# ---------------------------------------------------------------- 0. is there a GPU at all?
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  echo "gpu_check: no GPU: nvidia-smi is missing or lists no NVIDIA GPU on this machine; nothing was built or run" >&2
+  exit 2
+fi
+GPU_NAME=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_check: no GPU: nvidia-smi lists '$GPU_NAME' but torch cannot use it (torch.cuda.is_available() is False, or no torch)" >&2
+  exit 2
+fi
+say "GPU: $GPU_NAME; $("$PY" -c 'import sys, torch; print(f"Python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda})")')"
+row "gpu" PASS "$(elapsed)" "$GPU_NAME"
+
+# ---------------------------------------------------------------- 1. toolchain, BLAS, cuBLAS, libraries
+if ! command -v nvcc >/dev/null; then
+  for d in /usr/local/cuda/bin /usr/local/cuda-13*/bin; do [[ -x "$d/nvcc" ]] && PATH="$d:$PATH" && break; done
+fi
+if ! command -v nvcc >/dev/null; then
+  row "toolchain" FAIL "$(elapsed)" "nvcc not found (PATH, /usr/local/cuda/bin)"; summary; exit 1
+fi
+export CUDACXX=${CUDACXX:-$(command -v nvcc)}
+NVCC_VER=$(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')
+BLAS=ON
+"$PY" -c "import scipy_openblas32" 2>/dev/null || BLAS=OFF
+# cuBLASLt: the toolkit's, else a wheel's (nvidia/cu13 for CUDA 13 wheels, nvidia/cublas for older ones).
+CUBLAS_ARGS=()
+CUDA_INC=""
+for d in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")/include" "${CUDA_HOME:-/usr/local/cuda}/include" \
+         /usr/local/cuda/targets/x86_64-linux/include; do
+  [[ -f $d/cublasLt.h ]] && CUDA_INC=$d && break
+done
+if [[ -n $CUDA_INC ]]; then
+  CUBLAS_FROM="toolkit $CUDA_INC"
+else
+  CUBLAS_ROOT=$("$PY" - <<'PY'
+import glob, os, sys
+for d in sys.path:
+    for sub in ("nvidia/cu13", "nvidia/cublas"):
+        p = os.path.join(d, sub)
+        if os.path.isfile(os.path.join(p, "include", "cublasLt.h")) and glob.glob(os.path.join(p, "lib", "libcublasLt.so*")):
+            print(p); sys.exit(0)
+sys.exit(1)
+PY
+  ) || { row "toolchain" FAIL "$(elapsed)" "no cublasLt.h in the CUDA toolkit nor in an nvidia-cublas wheel (pip install nvidia-cublas)"; summary; exit 1; }
+  CUBLAS_FROM="wheel $CUBLAS_ROOT"
+  CUBLAS_ARGS=(-C "cmake.define.BC_FAST_CUBLAS_ROOT=$CUBLAS_ROOT")
+fi
+# The wheels' shared libraries (libcudart, libcublasLt) for the extension, wherever pip put them.
+NV_LIBS=$("$PY" -c "import glob, os, sys; print(':'.join(sorted({os.path.dirname(p) for d in sys.path for p in glob.glob(os.path.join(d, 'nvidia', '*', 'lib', 'lib*.so*'))})))")
+export LD_LIBRARY_PATH="${NV_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+say "nvcc $NVCC_VER, BC_FAST_BLAS=$BLAS, cuBLASLt from $CUBLAS_FROM"
+row "toolchain" PASS "$(elapsed)" "nvcc $NVCC_VER; BLAS=$BLAS; cuBLASLt: $CUBLAS_FROM"
+
+# ---------------------------------------------------------------- 2. build and install with CUDA
+say "building (log: $WORK/build.log)"
+T=$(elapsed)
+PIP=("$PY" -m pip install --no-build-isolation --no-deps --no-index -v . -C cmake.define.BC_FAST_CUDA=ON
+     -C "cmake.define.BC_FAST_BLAS=$BLAS" -C build-dir=build/gpu_check "${CUBLAS_ARGS[@]}")
+timeout "$(left)" "${PIP[@]}" >"$WORK/build.log" 2>&1
+RC=$?
+if (( RC != 0 )) && grep -q "externally-managed-environment" "$WORK/build.log"; then
+  timeout "$(left)" "${PIP[@]}" --break-system-packages >"$WORK/build.log" 2>&1
+  RC=$?
+fi
+if (( RC != 0 )); then
+  tail -40 "$WORK/build.log"
+  row "build" FAIL $(( $(elapsed) - T )) "pip install exited $RC (last lines above)"; summary; exit 1
+fi
+# Import the installed package from outside the source tree.
+INFO=$(cd "$WORK" && "$PY" -c "
+import bc_fast, bc_fast._cuda as c
+i = c.device_info()
+d = i['devices'][0] if i['devices'] else {}
+print(f\"{bc_fast.__file__.rsplit('/', 2)[0]}; available={i['available']} {d.get('name')} cc {d.get('compute_capability')}; runtime {i['runtime_version']} cublas {i['cublas_version']} {i['error']}\")
+" 2>&1 | tail -1)
+if [[ $INFO != *"available=True"* ]]; then
+  echo "$INFO"
+  row "build" FAIL $(( $(elapsed) - T )) "installed, but bc_fast._cuda does not see the GPU: $INFO"; summary; exit 1
+fi
+say "installed: $INFO"
+row "build" PASS $(( $(elapsed) - T )) "BC_FAST_CUDA=ON; $INFO"
+
+# ---------------------------------------------------------------- 3. GPU tests
+FAILED=0
+T=$(elapsed)
+TESTS=()
+for f in tests/test_*cuda*.py tests/test_*gpu*.py; do [[ -f $f ]] && TESTS+=("$ROOT/$f"); done
+say "tests: ${TESTS[*]##*/}"
+# cwd outside the tree: the tests import the installed bc_fast, not the source folder.
+(cd "$WORK" && timeout "$(( $(left) - 120 > 60 ? $(left) - 120 : 60 ))" "$PY" -m pytest -q -rs -p no:cacheprovider \
+  -c "$ROOT/pyproject.toml" --rootdir "$ROOT" "${TESTS[@]}") >"$WORK/tests.log" 2>&1
+RC=$?
+tail -25 "$WORK/tests.log"
+LINE=$(grep -E "^(=+ )?[0-9]+ (passed|failed)|error" "$WORK/tests.log" | tail -1 | sed 's/=//g; s/^ *//')
+NOGPU=$(grep -c "no CUDA GPU visible" "$WORK/tests.log")
+if (( RC == 0 && NOGPU == 0 )); then
+  row "gpu tests" PASS $(( $(elapsed) - T )) "$LINE"
+else
+  FAILED=1
+  row "gpu tests" FAIL $(( $(elapsed) - T )) "pytest exit $RC: $LINE; 'no CUDA GPU visible' skips: $NOGPU"
+fi
+
+# ---------------------------------------------------------------- 4. GPU benchmark
+T=$(elapsed)
+say "benchmark (bench/bench_gpu.py --quick)"
+(cd "$WORK" && timeout "$(left)" "$PY" "$ROOT/bench/bench_gpu.py" --quick --json "$WORK/bench.json" --tmp "$WORK") \
+  2>&1 | tee "$WORK/bench.log"
+RC=${PIPESTATUS[0]}
+sed -n '/^| config/,/^# [0-9]*\/[0-9]* targets met/p' "$WORK/bench.log" >"$WORK/bench.table"
+MET=$(grep -E "^# [0-9]+/[0-9]+ targets met" "$WORK/bench.log" | tail -1 | sed 's/^# //')
+if (( RC == 0 )); then
+  row "gpu benchmark" PASS $(( $(elapsed) - T )) "${MET:-no summary line}"
+else
+  FAILED=1
+  row "gpu benchmark" FAIL $(( $(elapsed) - T )) "exit $RC (124: out of time); ${MET:-no summary line}"
+fi
+
+summary
+(( $(elapsed) > BUDGET )) && echo "gpu_check: took $(elapsed) s, over the ${BUDGET} s budget"
+exit "$FAILED"
