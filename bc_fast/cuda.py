@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import sys
 import threading
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ def cuda_module() -> Any:
     return _load_module()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CudaArray:
     """What the GPU path needs to know about one CUDA array.
 
@@ -92,7 +93,7 @@ class CudaArray:
     @property
     def nbytes(self) -> int:
         """Bytes spanned by the array (C-contiguous)."""
-        return int(np.prod(self.shape, dtype=np.int64)) * _ITEMSIZE[self.dtype]
+        return math.prod(self.shape) * _ITEMSIZE[self.dtype]
 
 
 def _is_cupy(x: Any) -> bool:
@@ -167,11 +168,21 @@ def _describe_torch(x: Any, name: str) -> CudaArray:
     if not x.is_contiguous():
         raise ValueError(f"{name} must be C-contiguous (row-major), got strides {tuple(x.stride())}; "
                          f"pass {name}.contiguous()")
-    torch = sys.modules["torch"]
-    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    stream = int(torch.cuda.current_stream(device).cuda_stream)
-    return CudaArray(int(x.data_ptr()), tuple(int(s) for s in x.shape), dtype, int(device), stream,
-                     True, False, "torch", x)
+    device = x.get_device()
+    return CudaArray(x.data_ptr(), tuple(x.shape), dtype, device, _torch_stream(device), True, False, "torch", x)
+
+
+_raw_stream: Any = None
+
+
+def _torch_stream(device: int) -> int:
+    """torch's current stream on ``device`` as a cudaStream_t int (the raw getter skips a Stream object)."""
+    global _raw_stream
+    if _raw_stream is None:
+        torch = sys.modules["torch"]
+        _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+            lambda d: torch.cuda.current_stream(d).cuda_stream)
+    return int(_raw_stream(device))
 
 
 def _cai_dtype(typestr: Any, name: str) -> str:
@@ -247,15 +258,17 @@ def _importable(module: str) -> bool:
 
 def _describe_cai(x: Any, name: str) -> CudaArray:
     d = x.__cuda_array_interface__
-    if not isinstance(d, dict) or "data" not in d or "shape" not in d or "typestr" not in d:
-        raise TypeError(f"{name}.__cuda_array_interface__ must be a dict with 'data', 'shape' and 'typestr', "
-                        f"got {type(d).__name__}")
+    try:
+        ptr, readonly = d["data"]
+        shape = tuple(map(int, d["shape"]))
+        typestr = d["typestr"]
+    except (KeyError, TypeError, ValueError):
+        raise TypeError(f"{name}.__cuda_array_interface__ must be a dict with 'data' (ptr, readonly), 'shape' and "
+                        f"'typestr', got {d!r:.200}") from None
     if d.get("mask") is not None:
         raise ValueError(f"{name} is a masked array (__cuda_array_interface__ 'mask'), whose mask would be ignored")
-    ptr, readonly = d["data"]
-    shape = tuple(int(s) for s in d["shape"])
-    dtype = _cai_dtype(d["typestr"], name)
-    if not _c_contiguous(shape, d.get("strides"), _ITEMSIZE[dtype]):
+    dtype = _TYPESTRS.get(typestr) or _cai_dtype(typestr, name)
+    if d.get("strides") is not None and not _c_contiguous(shape, d["strides"], _ITEMSIZE[dtype]):
         raise ValueError(f"{name} must be C-contiguous (row-major), got strides {tuple(d['strides'])} for shape "
                          f"{shape}; pass a contiguous copy (cupy.ascontiguousarray({name}))")
     stream = _cai_stream(d, name)
@@ -308,7 +321,8 @@ def empty_like_kind(x: CudaArray, shape: tuple[int, ...], dtype: str) -> Any:
     """
     if x.kind in ("torch", "dlpack"):
         torch = _torch()
-        return torch.empty(shape, dtype=getattr(torch, dtype), device=torch.device("cuda", x.device))
+        device = x.obj.device if is_torch(x.obj) else torch.device("cuda", x.device)
+        return torch.empty(shape, dtype=getattr(torch, dtype), device=device)
     if _is_cupy(x.obj):
         if dtype == "bfloat16":
             raise TypeError("CuPy has no bfloat16 arrays; pass out_dtype='float16' or 'float32', or use torch tensors")
@@ -417,21 +431,24 @@ def apply_fused(fused: Any, x: Any, *, out: Any = None, out_dtype: Any = None, t
                          "x's device, or no out")
     xd = describe_cuda_array(x, "x")
     _check_2d(xd, "x", fused.d_in)
+    n = xd.shape[0]
+    if n and not xd.ptr:
+        raise ValueError(f"x has {n} rows but a null device pointer (its __cuda_array_interface__ 'data' is 0)")
     want = None if out_dtype is None else _dtype_name(out_dtype, "out_dtype")
     if out is None:
-        result = empty_like_kind(xd, (xd.shape[0], fused.d_out), want or xd.dtype)
-        od = describe_cuda_array(result, "out")
-        if od.kind == "cai":  # a fresh CuPy array shares x's stream by construction
-            od = CudaArray(od.ptr, od.shape, od.dtype, od.device, xd.stream, True, False, od.kind, od.obj)
+        dtype = want or xd.dtype
+        result = empty_like_kind(xd, (n, fused.d_out), dtype)
+        # fresh, C-contiguous, on x's device and (torch, CuPy) allocated on x's stream: nothing to check
+        ptr = result.data_ptr() if hasattr(result, "data_ptr") else int(result.data.ptr)
+        od = CudaArray(ptr, (n, fused.d_out), dtype, xd.device, xd.stream, True, False, xd.kind, result)
     else:
         result = out
         od = describe_cuda_array(out, "out")
-    _check_out(xd, od, fused.d_out, want)
-    n = xd.shape[0]
+        if n and not od.ptr:
+            raise ValueError("out has a null device pointer (its __cuda_array_interface__ 'data' is 0)")
+        _check_out(xd, od, fused.d_out, want)
     if n == 0:
         return result
-    if xd.device < 0:
-        raise ValueError("x has no device pointer (its __cuda_array_interface__ data pointer is 0)")
     op = _cuda_op(fused)
     stream = xd.stream if xd.stream is not None else (od.stream if od.stream is not None else 0)
     op.apply(xd.ptr, xd.dtype, n, od.ptr, od.dtype, xd.device, stream)
