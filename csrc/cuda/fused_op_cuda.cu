@@ -339,7 +339,8 @@ std::shared_ptr<const FusedOpCuda::Plan> FusedOpCuda::plan_for(int device, size_
   BC_LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
   const auto epi = static_cast<cublasLtEpilogue_t>(epilogue);
   BC_LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
-  if (bias != nullptr)  // in D's dtype (the default bias type), d_out values
+  // d_out bias values in D's dtype: CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE's default (-1) for fp32/fp16/bf16 D.
+  if (bias != nullptr)
     BC_LT_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
   const auto k = static_cast<uint64_t>(l.d_in), n_out = static_cast<uint64_t>(l.d_out);
   BC_LT_CHECK(cublasLtMatrixLayoutCreate(&p->a, cuda_type(ab), k, n_out, static_cast<int64_t>(k)));
@@ -372,7 +373,10 @@ std::shared_ptr<const FusedOpCuda::Plan> FusedOpCuda::plan_for(int device, size_
   int found = 0;
   const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(lt_handle(device)), p->desc,
                                                            p->a, p->b, p->d, p->d, pref, 1, &result, &found);
-  if (st != CUBLAS_STATUS_NOT_SUPPORTED) check_lt(st, "cublasLtMatmulAlgoGetHeuristic");
+  // NOT_SUPPORTED / INVALID_VALUE: no kernel for this type/epilogue/alignment combination. The caller
+  // then falls back to the plain fp32 GEMM + own epilogue kernel (or reports the layer).
+  if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE)
+    check_lt(st, "cublasLtMatmulAlgoGetHeuristic");
   p->ok = st == CUBLAS_STATUS_SUCCESS && found > 0;
   if (p->ok) p->algo = result.algo;
   plans_.emplace(key, p);
