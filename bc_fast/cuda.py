@@ -47,7 +47,8 @@ def _load_module() -> Any:
             _cuda = importlib.import_module("bc_fast._cuda")
         except ModuleNotFoundError as e:
             if e.name != "bc_fast._cuda":
-                raise RuntimeError(f"the CUDA module bc_fast._cuda could not be imported ({e}); {INSTALL_HINT}") from None
+                raise RuntimeError(f"the CUDA module bc_fast._cuda could not be imported ({e}); "
+                                   f"{INSTALL_HINT}") from None
             raise RuntimeError("this bc_fast was built without its CUDA module (bc_fast._cuda), so CUDA arrays "
                                f"cannot be transformed; {INSTALL_HINT}. Or move the data to the CPU "
                                "(x.cpu() / cupy.asnumpy(x))") from None

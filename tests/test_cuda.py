@@ -271,6 +271,22 @@ def test_masked_cai_refused(fake):
         _op().apply(FakeCAI(mask=FakeCAI()), out=FakeCAI((3, 5), ptr=0x20000))
 
 
+def test_null_pointer_with_rows_refused(fake):
+    with pytest.raises(ValueError, match="x has 3 rows but a null device pointer"):
+        _op().apply(FakeCAI(ptr=0), out=FakeCAI((3, 5), ptr=0x20000))
+    with pytest.raises(ValueError, match="out has a null device pointer"):
+        _op().apply(FakeCAI(), out=FakeCAI((3, 5), ptr=0))
+
+
+@pytest.mark.parametrize("interface", [{"shape": (3, 4), "typestr": "<f4"},
+                                       {"data": 5, "shape": (3, 4), "typestr": "<f4"}, "not a dict"])
+def test_malformed_cai_explained(fake, interface):
+    x = FakeCAI()
+    x.d = interface
+    with pytest.raises(TypeError, match=r"x\.__cuda_array_interface__ must be a dict with 'data' \(ptr, readonly\)"):
+        _op().apply(x, out=FakeCAI((3, 5), ptr=0x20000))
+
+
 def test_plain_cai_needs_out(fake):
     with pytest.raises(ValueError, match="bc_fast cannot allocate an output: pass out=, a C-contiguous float32 array "
                                          r"of shape \(3, 5\)"):
