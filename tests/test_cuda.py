@@ -521,7 +521,8 @@ def _gpu_skip_reason() -> str:
     try:
         mod = bccuda.cuda_module()
     except RuntimeError:
-        return "bc_fast._cuda not built (no -DBC_FAST_CUDA=ON): GPU tests not run"
+        # same words as a missing GPU: bench/gpu_check.sh counts these skips as a failed GPU check
+        return "no CUDA GPU visible: GPU tests not run (bc_fast._cuda is not built: no -DBC_FAST_CUDA=ON)"
     info = mod.device_info()
     if not info["available"]:
         return f"no CUDA GPU visible: GPU tests not run ({info['error']})"
