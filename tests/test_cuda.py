@@ -536,7 +536,7 @@ gpu = pytest.mark.skipif(bool(_REASON), reason=_REASON or "GPU present")
 def _torch_cuda():
     torch = pytest.importorskip("torch", reason="torch is needed for the torch GPU tests")
     if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA here: torch GPU tests not run")
+        pytest.skip("no CUDA GPU visible to torch (torch.cuda.is_available() is False): torch GPU tests not run")
     return torch
 
 
