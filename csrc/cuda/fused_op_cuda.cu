@@ -6,7 +6,9 @@
 // - float16/bfloat16 input: weights converted to the input dtype, A/B in that dtype on tensor cores,
 //   CUBLAS_COMPUTE_32F (fp32 accumulation), fp32 scale. Bias, activation and normalisation run in
 //   fp32 on the fp32 GEMM result; activations BETWEEN layers are stored in the input dtype (the
-//   next GEMM's A/B type), as torch autocast does. The last layer's epilogue is fp32 until the cast.
+//   next GEMM's A/B type), as torch autocast does. The last layer's epilogue is fp32 until the cast,
+//   except: normalisation of a 16-bit output whose layer cuBLASLt finishes (bias/relu) reads the
+//   16-bit row back (one extra rounding before the scale; values must fit the 16-bit range).
 //
 // Row-major <-> column-major (cuBLASLt is column-major): a row-major r x c matrix with row stride c
 // is, read column-major, the c x r matrix with leading dimension c (its transpose). So
@@ -83,8 +85,13 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-__device__ __forceinline__ float layer_value(const float* y, int j, const float* bias, int act, int width) {
-  float v = y[j];
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename TIn>
+__device__ __forceinline__ float layer_value(const TIn* y, int j, const float* bias, int act, int width) {
+  float v = to_float(y[j]);
   if (bias != nullptr) v += bias[j];
   if (j < width) {
     if (act == static_cast<int>(Act::kRelu)) {
@@ -97,15 +104,15 @@ __device__ __forceinline__ float layer_value(const float* y, int j, const float*
 }
 
 // One warp per row: out[r] = finish(y[r] + bias), finish = activation on the leading `width`
-// outputs, then (if normalize) v / max(||v||, 1e-12), cast to TOut. `out` may alias `y` (TOut =
-// float): each lane reads every element it later writes, before writing it.
-template <typename TOut>
-__global__ void epilogue_kernel(const float* y, int64_t rows, int d, const float* bias, int act, int width,
+// outputs, then (if normalize) v / max(||v||, 1e-12), cast to TOut; all arithmetic in fp32.
+// `out` may alias `y` (TIn = TOut): each lane reads every element it later writes, before writing it.
+template <typename TIn, typename TOut>
+__global__ void epilogue_kernel(const TIn* y, int64_t rows, int d, const float* bias, int act, int width,
                                 int normalize, TOut* out) {
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (row >= rows) return;  // row is uniform over the warp, so the full-mask shuffles below are safe
-  const float* yr = y + row * d;
+  const TIn* yr = y + row * d;
   TOut* orow = out + row * d;
   float scale = 1.0f;
   if (normalize) {
@@ -120,24 +127,34 @@ __global__ void epilogue_kernel(const float* y, int64_t rows, int d, const float
   for (int j = lane; j < d; j += 32) orow[j] = from_float<TOut>(layer_value(yr, j, bias, act, width) * scale);
 }
 
+template <typename TIn, typename TOut>
+void launch(const void* y, int64_t rows, int64_t d, const float* bias, Act act, int64_t width, bool normalize,
+            void* out, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  epilogue_kernel<TIn, TOut><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(
+      static_cast<const TIn*>(y), rows, static_cast<int>(d), bias, static_cast<int>(act), static_cast<int>(width),
+      normalize ? 1 : 0, static_cast<TOut*>(out));
+  check(cudaGetLastError(), "epilogue_kernel<<<...>>> launch");
+}
+
+// y (fp32 GEMM result) -> out in out_type.
 void launch_epilogue(const float* y, int64_t rows, int64_t d, const float* bias, Act act, int64_t width,
                      bool normalize, void* out, DType out_type, cudaStream_t stream) {
-  const unsigned blocks = static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  const dim3 grid(blocks), block(32 * kWarpsPerBlock);
-  const int a = static_cast<int>(act), w = static_cast<int>(width), dd = static_cast<int>(d), nz = normalize ? 1 : 0;
   switch (out_type) {
-    case DType::kFloat32:
-      epilogue_kernel<float><<<grid, block, 0, stream>>>(y, rows, dd, bias, a, w, nz, static_cast<float*>(out));
-      break;
-    case DType::kFloat16:
-      epilogue_kernel<__half><<<grid, block, 0, stream>>>(y, rows, dd, bias, a, w, nz, static_cast<__half*>(out));
-      break;
-    case DType::kBFloat16:
-      epilogue_kernel<__nv_bfloat16>
-          <<<grid, block, 0, stream>>>(y, rows, dd, bias, a, w, nz, static_cast<__nv_bfloat16*>(out));
-      break;
+    case DType::kFloat32: return launch<float, float>(y, rows, d, bias, act, width, normalize, out, stream);
+    case DType::kFloat16: return launch<float, __half>(y, rows, d, bias, act, width, normalize, out, stream);
+    case DType::kBFloat16: return launch<float, __nv_bfloat16>(y, rows, d, bias, act, width, normalize, out, stream);
   }
-  check(cudaGetLastError(), "epilogue_kernel<<<...>>> launch");
+}
+
+// In-place L2 normalisation of rows already holding their final values in dtype t.
+void launch_normalize_inplace(void* y, int64_t rows, int64_t d, DType t, cudaStream_t stream) {
+  switch (t) {
+    case DType::kFloat32: return launch<float, float>(y, rows, d, nullptr, Act::kNone, 0, true, y, stream);
+    case DType::kFloat16: return launch<__half, __half>(y, rows, d, nullptr, Act::kNone, 0, true, y, stream);
+    case DType::kBFloat16:
+      return launch<__nv_bfloat16, __nv_bfloat16>(y, rows, d, nullptr, Act::kNone, 0, true, y, stream);
+  }
 }
 
 // ---- per-device cuBLASLt handles and per-(device, stream) scratch ----
@@ -403,8 +420,12 @@ void FusedOpCuda::run_chunk(const void* x, int64_t m, void* out, DType ct, DType
 
     // 1. cuBLASLt does the whole layer when its epilogue fits (bias, relu on every output; its GELU is
     //    the tanh approximation, so never used) and D may be dst's dtype (ct, or fp32 from fp16/bf16).
+    //    With normalisation and a 16-bit output, cuBLASLt writes the output dtype and one in-place pass
+    //    normalises it (2 + 2 bytes per value instead of 4 + 4 through an fp32 buffer; the row is
+    //    rounded to 16 bits once before scaling). An fp32 output takes path 2 (same traffic, one rounding).
+    const bool norm = last && normalize_;
     const bool epilogue_fits = act == Act::kNone || (act == Act::kRelu && width == l.d_out);
-    if (epilogue_fits && !(last && normalize_) && (dst_type == ct || dst_type == DType::kFloat32)) {
+    if (epilogue_fits && (dst_type == ct || dst_type == DType::kFloat32) && !(norm && dst_type == DType::kFloat32)) {
       const cublasLtEpilogue_t epi = act == Act::kRelu ? (has_bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU)
                                                        : (has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT);
       const void* bias = has_bias ? arrays_on(device, dst_type, true, stream).ptrs[i] : nullptr;
@@ -413,6 +434,7 @@ void FusedOpCuda::run_chunk(const void* x, int64_t m, void* out, DType ct, DType
       if (plan->ok) {
         BC_LT_CHECK(cublasLtMatmul(handle, plan->desc, &alpha, w, plan->a, in, plan->b, &beta, dst, plan->d, dst,
                                    plan->d, &plan->algo, ws.lt, kLtWorkspaceBytes, s));
+        if (norm) launch_normalize_inplace(dst, m, l.d_out, dst_type, s);
         in = dst;
         continue;
       }
@@ -428,7 +450,6 @@ void FusedOpCuda::run_chunk(const void* x, int64_t m, void* out, DType ct, DType
                       " rows, " + dtype_name(ct) + " in, float32 out)");
     BC_LT_CHECK(cublasLtMatmul(handle, plan->desc, &alpha, w, plan->a, in, plan->b, &beta, y, plan->d, y, plan->d,
                                &plan->algo, ws.lt, kLtWorkspaceBytes, s));
-    const bool norm = last && normalize_;
     if (has_bias || act != Act::kNone || norm || static_cast<void*>(y) != dst) {
       const auto* bias = has_bias ? static_cast<const float*>(arrays_on(device, DType::kFloat32, true, stream).ptrs[i])
                                   : nullptr;
