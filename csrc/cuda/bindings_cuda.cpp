@@ -121,7 +121,7 @@ PYBIND11_MODULE(_cuda, m) {
            "tensor cores with intermediates stored in the input dtype. GIL released.");
 
   py::class_<bcc::PinnedBuffer>(m, "PinnedBuffer", py::buffer_protocol())
-      .def(py::init<int64_t>(), py::arg("nbytes"))
+      .def(py::init<int64_t>(), py::arg("nbytes"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("ptr", [](const bcc::PinnedBuffer& b) { return reinterpret_cast<uintptr_t>(b.data()); })
       .def_property_readonly("nbytes", &bcc::PinnedBuffer::nbytes)
       .def_buffer([](bcc::PinnedBuffer& b) {
@@ -130,29 +130,29 @@ PYBIND11_MODULE(_cuda, m) {
       });
 
   py::class_<bcc::DeviceBuffer>(m, "DeviceBuffer")
-      .def(py::init<int64_t, int>(), py::arg("nbytes"), py::arg("device"))
+      .def(py::init<int64_t, int>(), py::arg("nbytes"), py::arg("device"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("ptr", &bcc::DeviceBuffer::ptr)
       .def_property_readonly("nbytes", &bcc::DeviceBuffer::nbytes)
       .def_property_readonly("device", &bcc::DeviceBuffer::device);
 
   py::class_<bcc::Stream>(m, "Stream")
-      .def(py::init<int>(), py::arg("device"))
+      .def(py::init<int>(), py::arg("device"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("ptr", &bcc::Stream::ptr)
       .def_property_readonly("device", &bcc::Stream::device)
       .def("synchronize", &bcc::Stream::synchronize, py::call_guard<py::gil_scoped_release>());
 
   py::class_<bcc::Event>(m, "Event")
-      .def(py::init<int>(), py::arg("device"))
+      .def(py::init<int>(), py::arg("device"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("device", &bcc::Event::device)
-      .def("record", &bcc::Event::record, py::arg("stream_ptr"))
+      .def("record", &bcc::Event::record, py::arg("stream_ptr"), py::call_guard<py::gil_scoped_release>())
       .def("synchronize", &bcc::Event::synchronize, py::call_guard<py::gil_scoped_release>())
-      .def("query", &bcc::Event::query);
+      .def("query", &bcc::Event::query, py::call_guard<py::gil_scoped_release>());
 
   m.def("memcpy_async", &bcc::memcpy_async, py::arg("dst_ptr"), py::arg("src_ptr"), py::arg("nbytes"),
         py::arg("kind"), py::arg("stream_ptr"), py::call_guard<py::gil_scoped_release>(),
         "cudaMemcpyAsync; kind 'h2d' | 'd2h' | 'd2d'.");
   m.def("stream_wait_event", &bcc::stream_wait_event, py::arg("stream_ptr"), py::arg("event"),
         py::call_guard<py::gil_scoped_release>(), "cudaStreamWaitEvent(stream, event).");
-  m.def("pointer_device", &bcc::pointer_device, py::arg("ptr"),
+  m.def("pointer_device", &bcc::pointer_device, py::arg("ptr"), py::call_guard<py::gil_scoped_release>(),
         "The CUDA device holding the device/managed memory at ptr (cudaPointerGetAttributes).");
 }
