@@ -182,9 +182,12 @@ struct Workspace {
   size_t lt_bytes = 0;
 
   // Grows a buffer. Earlier work queued on this stream may still read the old buffer, so wait for
-  // the stream before freeing it (rare: buffers only grow, and the budget caps them).
-  void ensure(void** p, size_t* have, size_t bytes) {
-    if (*have >= bytes) return;
+  // the stream before freeing it. Rare: buffers only grow, to powers of two (>= 1 MiB), so slowly
+  // growing batches do not synchronise on every call; the chunking caps them (< 2x the budget).
+  void ensure(void** p, size_t* have, size_t need) {
+    if (*have >= need) return;
+    size_t bytes = size_t{1} << 20;
+    while (bytes < need) bytes *= 2;
     if (*p != nullptr) {
       BC_CUDA_CHECK(cudaStreamSynchronize(stream));
       BC_CUDA_CHECK(cudaFree(*p));
@@ -196,8 +199,8 @@ struct Workspace {
   }
 };
 
-// Scratch lives as long as the process (a cache per stream handle ever used, at most
-// kScratchBudgetBytes + kLtWorkspaceBytes each). Work on one stream runs in order on the GPU, so
+// Scratch lives as long as the process (a cache per stream handle ever used, under
+// 2 x kScratchBudgetBytes + kLtWorkspaceBytes each). Work on one stream runs in order on the GPU, so
 // calls sharing a stream may share its scratch; calls on different streams never do.
 // cudaStreamPerThread (2) names a different stream in every host thread: key it by thread too.
 Workspace& workspace_for(int device, uintptr_t stream) {
