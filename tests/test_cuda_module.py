@@ -384,3 +384,13 @@ def test_primitives_round_trip():
     ev.synchronize()
     assert ev.query() is True
     np.testing.assert_array_equal(np.frombuffer(dst, dtype=np.uint8), a)
+
+
+def test_weights_beyond_float16_range_refused_for_float16_input():
+    torch = _torch_cuda()
+    layers = [Layer(np.full((3, 4), 1e5, np.float32))]
+    x = torch.ones((2, 4), device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"layer 0 weight: value 100000\.0+ exceeds the float16 range"):
+        _run(torch, _op(layers), x, "float16")
+    x32 = x.float()  # float32 (and bfloat16) inputs keep such weights
+    _check(torch, layers, False, x32, _run(torch, _op(layers), x32, "float32"), "float32", "float32")

@@ -240,7 +240,13 @@ void host_convert(const float* src, size_t n, DType t, std::vector<unsigned char
     std::memcpy(dst.data(), src, n * 4);
   } else if (t == DType::kFloat16) {
     auto* h = reinterpret_cast<__half*>(dst.data());
-    for (size_t i = 0; i < n; ++i) h[i] = __float2half_rn(src[i]);
+    for (size_t i = 0; i < n; ++i) {
+      h[i] = __float2half_rn(src[i]);
+      if (std::isinf(__half2float(h[i])))
+        throw std::invalid_argument("value " + std::to_string(src[i]) +
+                                    " exceeds the float16 range (65504); apply the transform to float32 or bfloat16 "
+                                    "input instead");
+    }
   } else {
     auto* h = reinterpret_cast<__nv_bfloat16*>(dst.data());
     for (size_t i = 0; i < n; ++i) h[i] = __float2bfloat16_rn(src[i]);
@@ -326,17 +332,29 @@ const FusedOpCuda::DeviceWeights& FusedOpCuda::arrays_on(int device, DType t, bo
   if (it != weights_.end()) return *it->second;
   auto w = std::make_unique<DeviceWeights>();
   w->device = device;
+  w->ptrs.assign(layers_.size(), nullptr);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  std::vector<std::vector<unsigned char>> staged(layers_.size());  // alive until the stream is synchronised
+  // 1. Convert on the host (may refuse values out of the float16 range), 2. allocate, 3. copy: the
+  // staged host copies must outlive the asynchronous copies, so nothing throws between 3 and the sync.
+  std::vector<std::vector<unsigned char>> staged(layers_.size());
   for (size_t i = 0; i < layers_.size(); ++i) {
     const std::vector<float>& src = biases ? layers_[i].bias : layers_[i].weight;
-    w->ptrs.push_back(nullptr);
     if (src.empty()) continue;
-    host_convert(src.data(), src.size(), t, staged[i]);
-    BC_CUDA_CHECK(cudaMalloc(&w->ptrs.back(), staged[i].size()));
-    BC_CUDA_CHECK(cudaMemcpyAsync(w->ptrs.back(), staged[i].data(), staged[i].size(), cudaMemcpyHostToDevice, s));
+    try {
+      host_convert(src.data(), src.size(), t, staged[i]);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument("layer " + std::to_string(i) + (biases ? " bias: " : " weight: ") + e.what());
+    }
   }
-  BC_CUDA_CHECK(cudaStreamSynchronize(s));
+  for (size_t i = 0; i < layers_.size(); ++i)
+    if (!staged[i].empty()) BC_CUDA_CHECK(cudaMalloc(&w->ptrs[i], staged[i].size()));
+  cudaError_t copy_err = cudaSuccess;
+  for (size_t i = 0; i < layers_.size() && copy_err == cudaSuccess; ++i)
+    if (!staged[i].empty())
+      copy_err = cudaMemcpyAsync(w->ptrs[i], staged[i].data(), staged[i].size(), cudaMemcpyHostToDevice, s);
+  const cudaError_t sync_err = cudaStreamSynchronize(s);
+  check(copy_err, "cudaMemcpyAsync(weights, host, bytes, cudaMemcpyHostToDevice, stream)");
+  check(sync_err, "cudaStreamSynchronize(stream) after the weight upload");
   return *weights_.emplace(key, std::move(w)).first->second;
 }
 
