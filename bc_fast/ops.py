@@ -391,7 +391,9 @@ def build_info() -> dict:
     from one that had loaded the core: it runs single-threaded), ``small_batch_rows``
     (largest batch served by the single-thread path), ``compiler``, ``cuda`` (the GPU path:
     :func:`bc_fast.cuda.cuda_info`; whether ``bc_fast._cuda`` is built, the GPUs, driver and
-    runtime versions; it never imports torch).
+    runtime versions; it never imports torch). Where ``bc_fast._cuda`` is built, asking for the
+    GPUs initialises the CUDA runtime in this process, like any CUDA call: a process that will
+    fork CUDA workers afterwards should not call it first.
     """
     from .cuda import cuda_info
 
