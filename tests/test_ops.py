@@ -20,9 +20,16 @@ _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
 def _levels() -> list[str]:
-    levels = ["generic"]
-    if "avx2" in bc_fast.build_info()["cpu"]:
-        levels.append("avx2")
+    """The SIMD levels this build can run on this CPU (set_simd_level refuses the others)."""
+    before = bc_fast.build_info()["kernel"]
+    levels = []
+    for level in ("generic", "avx2", "avx512"):
+        try:
+            _core.set_simd_level(level)
+        except ValueError:
+            continue
+        levels.append(level)
+    _core.set_simd_level(before)
     return levels
 
 
@@ -343,9 +350,9 @@ class TestBadInput:
             FusedTransform([Layer(np.ones(4))])
 
 
-def test_build_info_reports_choices():
+def test_build_info_reports_choices(simd_level):
     info = bc_fast.build_info()
-    assert info["kernel"] in ("generic", "avx2")
+    assert info["kernel"] == simd_level
     assert info["max_threads"] >= 1 and info["small_batch_rows"] >= 1
     assert info["max_threads"] == bc_fast.get_num_threads()
     assert info["cpus"] >= 1 and info["forked_child"] is False

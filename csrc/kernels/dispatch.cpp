@@ -14,6 +14,10 @@ std::string cpu_features() {
   if (__builtin_cpu_supports("fma")) s += "fma ";
   if (__builtin_cpu_supports("f16c")) s += "f16c ";
   if (__builtin_cpu_supports("avx512f")) s += "avx512f ";
+  if (__builtin_cpu_supports("avx512dq")) s += "avx512dq ";
+  if (__builtin_cpu_supports("avx512bw")) s += "avx512bw ";
+  if (__builtin_cpu_supports("avx512vl")) s += "avx512vl ";
+  if (__builtin_cpu_supports("avx512bf16")) s += "avx512bf16 ";
 #endif
   if (!s.empty()) s.pop_back();
   return s;
@@ -29,15 +33,44 @@ bool avx2_usable() {
 #endif
 }
 
+bool avx512_usable() {
+#if defined(BC_FAST_HAVE_AVX512) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  // libgcc reports AVX-512 features only where XCR0 shows the OS saves the opmask and ZMM state.
+  return avx2_usable() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+std::vector<std::string> usable_simd_levels() {
+  std::vector<std::string> levels{"generic"};
+  if (avx2_usable()) levels.emplace_back("avx2");
+  if (avx512_usable()) levels.emplace_back("avx512");
+  return levels;
+}
+
 namespace {
+
+// The kernel set for a level name, or null if the name is unknown or the level unusable here.
+const KernelSet* kernels_for(const std::string& level) {
+  if (level == "generic") return &generic_kernels();
+#if defined(BC_FAST_HAVE_AVX2)
+  if (level == "avx2" && avx2_usable()) return &avx2_kernels();
+#endif
+#if defined(BC_FAST_HAVE_AVX512)
+  if (level == "avx512" && avx512_usable()) return &avx512_kernels();
+#endif
+  return nullptr;
+}
 
 const KernelSet* best_kernels() {
   const char* env = std::getenv("BC_FAST_SIMD");
-  if (env != nullptr && std::string(env) == "generic") return &generic_kernels();
-#if defined(BC_FAST_HAVE_AVX2)
-  if (avx2_usable()) return &avx2_kernels();
-#endif
-  return &generic_kernels();
+  if (env != nullptr && *env != '\0') {
+    if (const KernelSet* forced = kernels_for(env)) return forced;
+  }
+  return kernels_for(usable_simd_levels().back());
 }
 
 std::atomic<const KernelSet*>& active_slot() {
@@ -45,25 +78,27 @@ std::atomic<const KernelSet*>& active_slot() {
   return slot;
 }
 
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const std::string& e : v) s += (s.empty() ? "" : ", ") + e;
+  return s;
+}
+
 }  // namespace
 
 const KernelSet& active_kernels() { return *active_slot().load(std::memory_order_relaxed); }
 
 void set_simd_level(const std::string& level) {
-  if (level == "generic") {
-    active_slot().store(&generic_kernels());
+  if (const KernelSet* k = kernels_for(level)) {
+    active_slot().store(k);
     return;
   }
-  if (level == "avx2") {
-#if defined(BC_FAST_HAVE_AVX2)
-    if (avx2_usable()) {
-      active_slot().store(&avx2_kernels());
-      return;
-    }
-#endif
-    throw std::invalid_argument("SIMD level 'avx2' is not usable on this CPU or build");
-  }
-  throw std::invalid_argument("unknown SIMD level '" + level + "'; expected 'generic' or 'avx2'");
+  const std::string usable = join(usable_simd_levels());
+  if (level == "avx2" || level == "avx512")
+    throw std::invalid_argument("SIMD level '" + level + "' is not usable on this CPU or build; usable levels: " +
+                                usable);
+  throw std::invalid_argument("unknown SIMD level '" + level +
+                              "'; expected 'generic', 'avx2' or 'avx512' (usable levels: " + usable + ")");
 }
 
 }  // namespace bc_fast

@@ -30,6 +30,9 @@ const KernelSet& generic_kernels();
 #if defined(BC_FAST_HAVE_AVX2)
 const KernelSet& avx2_kernels();
 #endif
+#if defined(BC_FAST_HAVE_AVX512)
+const KernelSet& avx512_kernels();
+#endif
 
 // Scalar helpers shared by the kernels (defined in kernels_generic.cpp).
 float half_bits_to_float(uint16_t h);
