@@ -30,6 +30,9 @@ latency_b16           batch 16, vs the faster of ``x @ W.T + b`` and            
                       ``matmul(out=); add(out=)``; torch ``addmm(out=)``, faiss
                       apply_noalloc
 threads_1to2          large affine 256→256, threads=1 vs threads=2 (cpu/wall shown)  ≥ 1.8x (quiet machine)
+concurrency           the same large affine 256→256 split over 1, 2 and 4 Python     aggregate rows/s ≥ 0.9x
+                      threads calling ``apply`` at once (one slice each); bc_fast      one caller's, for 2 and
+                      against itself with one caller                                  for 4 callers
 ====================  ==============================================================  ===========================
 
 Every baseline writes into a preallocated output where its API allows; the allocating
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,7 +87,7 @@ class Sizes:
     def describe(self) -> str:
         aff = ", ".join(f"d={d}: {n:,}" for d, n in self.affine_rows.items())
         return (f"mode={self.name}: affine rows {aff}; l2_fp16 {self.l2_rows:,}; mlp_large {self.mlp_rows:,}; "
-                f"chain_k4 {self.chain_rows:,}; threads_1to2 {self.scaling_rows:,}; peak sgemm {self.peak_n}² "
+                f"chain_k4 {self.chain_rows:,}; threads_1to2 and concurrency {self.scaling_rows:,}; peak sgemm {self.peak_n}² "
                 f"(inside affine configs {self.peak_n_inline}²); {self.plan.describe()}")
 
 
@@ -409,6 +413,34 @@ def _cfg_scaling(bench: Bench, sizes: Sizes) -> dict:
                   flops_per_call=2.0 * n * d * d, note=note)
 
 
+def _cfg_concurrency(bench: Bench, sizes: Sizes) -> dict:
+    d, n, T = 256, sizes.scaling_rows, bench.threads
+    x = bench.buf.get("x", (n, d), random=True)
+    y = bench.buf.get("out", (n, d))
+    W, b = bench.weights(d, d)
+    op = FusedTransform.affine(W, b)
+    callers = (1, 2, 4)
+    with ThreadPoolExecutor(max(callers), thread_name_prefix="bc_fast_bench") as pool:
+        def split_over(k: int) -> Callable[[], None]:
+            bounds = [n * i // k for i in range(k + 1)]
+
+            def run() -> None:  # k callers at once, one slice each; every caller asks for T threads
+                futures = [pool.submit(op.apply, x[lo:hi], out=y[lo:hi], threads=T)
+                           for lo, hi in zip(bounds, bounds[1:])]
+                for f in futures:
+                    f.result()
+            return run
+        impls = {("bc_fast" if k == 1 else f"bc_fast_{k}callers"): split_over(k) for k in callers}
+        t = bench.measure(impls, large=True)
+        impls["bc_fast"]()
+    checks = [speedup_check(f"{k} callers vs 1", t, "bc_fast", 0.9, bc=f"bc_fast_{k}callers",
+                            shown_target="≥ 0.9x one caller's rows/s") for k in callers[1:]]
+    return result("concurrency", f"affine 256->256 + bias, {n:,} rows split over 1/2/4 Python threads", n, t, checks,
+                  flops_per_call=2.0 * n * d * d, err=affine_err(y, x, W, b),
+                  note=f"each caller asks for threads={T}; concurrent calls share the core's thread budget "
+                       f"(build_info()['max_threads']), so k callers do not open k full OpenMP teams")
+
+
 # --------------------------------------------------------------------------- entry point
 
 def suite_configs(sizes: Sizes) -> Callable[[Bench], Iterator[Config]]:
@@ -425,6 +457,8 @@ def suite_configs(sizes: Sizes) -> Callable[[Bench], Iterator[Config]]:
         yield _cfg_mlp, (sizes, sizes.mlp_rows, layers, op)
         yield _cfg_chain, (sizes,)
         yield _cfg_scaling, (sizes,)
+        if sizes.name != "tiny":  # tests/test_benchmark.py pins the tiny suite's configs; tests/test_concurrency.py runs it
+            yield _cfg_concurrency, (sizes,)
     return configs
 
 

@@ -134,6 +134,8 @@ PYBIND11_MODULE(_core, m) {
         "CPUs this process may run on. Independent of OpenMP's and torch's settings.");
   m.def("set_num_threads", &bc_fast::set_num_threads, py::arg("n"),
         "Set the core's default thread count for this process (1..1024).");
+  m.def("_threads_in_use", &bc_fast::threads_in_use,
+        "Private, for tests: threads held now by running parallel applies (0 when none runs).");
   m.def("_mark_forked_child", &bc_fast::mark_forked_child,
         "Run single-threaded from now on: this process was forked before the core was loaded.");
   m.def("set_simd_level", &bc_fast::set_simd_level, py::arg("level"),

@@ -44,6 +44,8 @@ namespace {
 // here; "is this a fork?" can.
 std::atomic<bool> g_forked_child{false};
 std::atomic<int> g_num_threads{0};  // 0: not resolved yet
+// Threads the parallel applies now running hold (callers included); see ThreadClaim.
+std::atomic<int> g_threads_in_use{0};
 
 #if defined(__unix__) || defined(__APPLE__)
 [[maybe_unused]] const bool kAtforkRegistered = [] {
@@ -78,7 +80,34 @@ int threads_from_env() {
   return static_cast<int>(v);
 }
 
+// A process-wide thread budget shared by concurrent apply calls, so that several Python threads
+// calling apply at once do not each open a full team (libgomp gives every calling thread its own
+// pool: k callers x num_threads() workers on num_threads() cores). A parallel apply claims up to
+// the threads it wants, never waits: with the budget spent it gets 1, its own calling thread,
+// which still counts, so a later claim sees the core it occupies. Capacity: num_threads(), or a
+// larger explicit request (an explicit threads= is honoured when the cores are free). Returned
+// on destruction, so an exception cannot leak threads from the budget.
+class ThreadClaim {
+ public:
+  explicit ThreadClaim(int want) {
+    const int capacity = std::max(num_threads(), want);
+    int used = g_threads_in_use.load(std::memory_order_relaxed);
+    do {
+      granted_ = std::max(1, std::min(want, capacity - used));
+    } while (!g_threads_in_use.compare_exchange_weak(used, used + granted_, std::memory_order_relaxed));
+  }
+  ~ThreadClaim() { g_threads_in_use.fetch_sub(granted_, std::memory_order_relaxed); }
+  ThreadClaim(const ThreadClaim&) = delete;
+  ThreadClaim& operator=(const ThreadClaim&) = delete;
+  int granted() const { return granted_; }
+
+ private:
+  int granted_ = 1;
+};
+
 }  // namespace
+
+int threads_in_use() { return g_threads_in_use.load(std::memory_order_relaxed); }
 
 int available_cpus() {
 #if defined(__linux__)
@@ -276,8 +305,14 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
     run_block(xb + r0 * d_in() * x_item, x_type, m, ob + r0 * d_out() * o_item, out_type, use_blas,
               Workspace::local());
   };
-  const int workers = static_cast<int>(std::min<int64_t>(t, tiles));
-  if (workers <= 1) {  // never touch the OpenMP runtime: in a forked child its pool is gone
+  const int wanted = static_cast<int>(std::min<int64_t>(t, tiles));
+  if (wanted <= 1) {  // never touch the OpenMP runtime: in a forked child its pool is gone
+    for (int64_t i = 0; i < tiles; ++i) run_tile(i);
+    return;
+  }
+  const ThreadClaim claim(wanted);  // the tiling is fixed above: any grant gives the same bits
+  const int workers = claim.granted();
+  if (workers <= 1) {
     for (int64_t i = 0; i < tiles; ++i) run_tile(i);
     return;
   }

@@ -69,6 +69,10 @@ int available_cpus();
 // available_cpus(). Independent of OpenMP's and torch's settings. Throws std::invalid_argument
 // when BC_FAST_NUM_THREADS is not a positive integer.
 int num_threads();
+// Threads held right now by parallel apply calls from all calling threads (callers included;
+// 0 when none runs). Concurrent applies share a budget of num_threads() threads: each claims up
+// to what it wants without waiting, at least its own thread, and returns them when it ends.
+int threads_in_use();
 // Overrides the default thread count for this process (1..kMaxThreads, else invalid_argument).
 void set_num_threads(int64_t n);
 // True in a process forked (after the core was loaded) from one that loaded it: such a process
