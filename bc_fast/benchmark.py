@@ -31,8 +31,8 @@ latency_b16           batch 16, vs the faster of ``x @ W.T + b`` and            
                       apply_noalloc
 threads_1to2          large affine 256→256, threads=1 vs threads=2 (cpu/wall shown)  ≥ 1.8x (quiet machine)
 concurrency           the same large affine 256→256 split over 1, 2 and 4 Python     aggregate rows/s ≥ 0.9x
-                      threads calling ``apply`` at once (one slice each); bc_fast      one caller's, for 2 and
-                      against itself with one caller                                  for 4 callers
+                      threads calling ``apply`` at once (one call per slice, and      one caller's, for 2 and
+                      calls of 4096 rows); bc_fast against itself with one caller     for 4 callers
 ====================  ==============================================================  ===========================
 
 Every baseline writes into a preallocated output where its API allows; the allocating
@@ -413,6 +413,9 @@ def _cfg_scaling(bench: Bench, sizes: Sizes) -> dict:
                   flops_per_call=2.0 * n * d * d, note=note)
 
 
+CONCURRENCY_BATCH = 4096  # rows per call when callers stream their slice in batches
+
+
 def _cfg_concurrency(bench: Bench, sizes: Sizes) -> dict:
     d, n, T = 256, sizes.scaling_rows, bench.threads
     x = bench.buf.get("x", (n, d), random=True)
@@ -420,24 +423,35 @@ def _cfg_concurrency(bench: Bench, sizes: Sizes) -> dict:
     W, b = bench.weights(d, d)
     op = FusedTransform.affine(W, b)
     callers = (1, 2, 4)
+
+    def stream(lo: int, hi: int, batch: int) -> None:
+        for s in range(lo, hi, batch):
+            op.apply(x[s:min(s + batch, hi)], out=y[s:min(s + batch, hi)], threads=T)
+
     with ThreadPoolExecutor(max(callers), thread_name_prefix="bc_fast_bench") as pool:
-        def split_over(k: int) -> Callable[[], None]:
+        def split_over(k: int, batch: int) -> Callable[[], None]:
             bounds = [n * i // k for i in range(k + 1)]
 
-            def run() -> None:  # k callers at once, one slice each; every caller asks for T threads
-                futures = [pool.submit(op.apply, x[lo:hi], out=y[lo:hi], threads=T)
-                           for lo, hi in zip(bounds, bounds[1:])]
+            def run() -> None:  # k callers at once, one slice each; every call asks for T threads
+                futures = [pool.submit(stream, lo, hi, batch) for lo, hi in zip(bounds, bounds[1:])]
                 for f in futures:
                     f.result()
             return run
-        impls = {("bc_fast" if k == 1 else f"bc_fast_{k}callers"): split_over(k) for k in callers}
+
+        def name(k: int, batch: int) -> str:
+            return ("bc_fast" if k == 1 else f"bc_fast_{k}callers") + ("" if batch == n else f"_b{batch}")
+
+        batches = (n, min(n, CONCURRENCY_BATCH))
+        impls = {name(k, bt): split_over(k, bt) for bt in batches for k in callers}
         t = bench.measure(impls, large=True)
         impls["bc_fast"]()
-    checks = [speedup_check(f"{k} callers vs 1", t, "bc_fast", 0.9, bc=f"bc_fast_{k}callers",
-                            shown_target="≥ 0.9x one caller's rows/s") for k in callers[1:]]
-    return result("concurrency", f"affine 256->256 + bias, {n:,} rows split over 1/2/4 Python threads", n, t, checks,
+    checks = [speedup_check(f"{k} callers vs 1{'' if bt == n else f', batches of {bt}'}", t, name(1, bt), 0.9,
+                            bc=name(k, bt), shown_target="≥ 0.9x one caller's rows/s")
+              for bt in batches for k in callers[1:]]
+    return result("concurrency", f"affine 256->256 + bias, {n:,} rows split over 1/2/4 Python threads "
+                                 f"(one call each, or calls of {batches[1]} rows)", n, t, checks,
                   flops_per_call=2.0 * n * d * d, err=affine_err(y, x, W, b),
-                  note=f"each caller asks for threads={T}; concurrent calls share the core's thread budget "
+                  note=f"every call asks for threads={T}; concurrent calls share the core's thread budget "
                        f"(build_info()['max_threads']), so k callers do not open k full OpenMP teams")
 
 

@@ -293,6 +293,10 @@ class FusedTransform:
             Default: :func:`get_num_threads` (bc_fast's own setting, not OpenMP's or
             torch's). Batches of at most ``build_info()["small_batch_rows"]`` rows run
             on the calling thread unless they carry enough work to be worth splitting.
+            Calls running at once from several Python threads share one budget of
+            :func:`get_num_threads` threads (or of ``threads``, if larger): each takes up
+            to ``threads`` of what is free, never waits, and always has its own calling
+            thread, so k callers do not start k full thread teams on the same cores.
             Results are bit-identical for every thread count. In a process forked from
             one that had imported bc_fast, the core always runs on the calling thread
             (the parent's OpenMP pool, possibly torch's, does not survive ``fork``):
@@ -365,7 +369,8 @@ def get_num_threads() -> int:
     The value given to :func:`set_num_threads` if it was called; else the environment
     variable ``BC_FAST_NUM_THREADS``; else the number of CPUs this process may run on
     (``os.sched_getaffinity``). It does not follow ``torch.set_num_threads`` or
-    ``OMP_NUM_THREADS``. Raises ValueError if ``BC_FAST_NUM_THREADS`` is not an integer
+    ``OMP_NUM_THREADS``. It is also the budget that concurrent ``apply`` calls from
+    several Python threads share (see :meth:`FusedTransform.apply`). Raises ValueError if ``BC_FAST_NUM_THREADS`` is not an integer
     in [1, 1024].
     """
     return int(_core.get_num_threads())

@@ -84,7 +84,7 @@ int threads_from_env() {
 // calling apply at once do not each open a full team (libgomp gives every calling thread its own
 // pool: k callers x num_threads() workers on num_threads() cores). A parallel apply claims up to
 // the threads it wants, never waits: with the budget spent it gets 1, its own calling thread,
-// which still counts, so a later claim sees the core it occupies. Capacity: num_threads(), or a
+// which still counts, so a later claim sees the core it occupies (and asks again per tile). Capacity: num_threads(), or a
 // larger explicit request (an explicit threads= is honoured when the cores are free). Returned
 // on destruction, so an exception cannot leak threads from the budget.
 class ThreadClaim {
@@ -305,32 +305,36 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
     run_block(xb + r0 * d_in() * x_item, x_type, m, ob + r0 * d_out() * o_item, out_type, use_blas,
               Workspace::local());
   };
-  const int wanted = static_cast<int>(std::min<int64_t>(t, tiles));
-  if (wanted <= 1) {  // never touch the OpenMP runtime: in a forked child its pool is gone
+  if (std::min<int64_t>(t, tiles) <= 1) {  // never touch the OpenMP runtime: in a forked child its pool is gone
     for (int64_t i = 0; i < tiles; ++i) run_tile(i);
     return;
   }
-  const ThreadClaim claim(wanted);  // the tiling is fixed above: any grant gives the same bits
-  const int workers = claim.granted();
-  if (workers <= 1) {
-    for (int64_t i = 0; i < tiles; ++i) run_tile(i);
-    return;
-  }
-  std::exception_ptr error;
+  // The tiling is fixed above, so any grant gives the same bits. A caller granted only its own
+  // thread runs one tile and asks again: when another call returns its threads, the rest of
+  // this batch goes parallel instead of finishing alone on one core while others sit idle.
+  for (int64_t next = 0; next < tiles;) {
+    const ThreadClaim claim(static_cast<int>(std::min<int64_t>(t, tiles - next)));
+    if (claim.granted() <= 1) {
+      run_tile(next++);
+      continue;
+    }
+    std::exception_ptr error;
 #if defined(BC_FAST_HAVE_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1) num_threads(workers)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(claim.granted())
 #endif
-  for (int64_t i = 0; i < tiles; ++i) {
-    try {
-      run_tile(i);
-    } catch (...) {
+    for (int64_t i = next; i < tiles; ++i) {
+      try {
+        run_tile(i);
+      } catch (...) {
 #if defined(BC_FAST_HAVE_OPENMP)
 #pragma omp critical(bc_fast_error)
 #endif
-      if (!error) error = std::current_exception();
+        if (!error) error = std::current_exception();
+      }
     }
+    if (error) std::rethrow_exception(error);
+    next = tiles;
   }
-  if (error) std::rethrow_exception(error);
 }
 
 BuildInfo build_info() {

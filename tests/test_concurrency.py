@@ -179,7 +179,7 @@ def test_concurrency_bench_config_runs_at_toy_size():
                       log=lambda _line: None, out_dir=None)
     (r,) = res["results"]
     assert r["config"] == "concurrency"
-    assert set(r["impls"]) == {"bc_fast", "bc_fast_2callers", "bc_fast_4callers"}
-    assert [c["label"] for c in r["checks"]] == ["2 callers vs 1", "4 callers vs 1"]
+    assert {"bc_fast", "bc_fast_2callers", "bc_fast_4callers"} <= set(r["impls"])
+    assert [c["label"] for c in r["checks"]][:2] == ["2 callers vs 1", "4 callers vs 1"]
     assert r["max_abs_err"] < 1e-3
     assert _core._threads_in_use() == 0
