@@ -41,3 +41,8 @@ def set_simd_level(level: str) -> None:
     run it. The starting level is the best usable one, or the one ``BC_FAST_SIMD`` forces (an
     unusable or unknown ``BC_FAST_SIMD`` falls back to the best usable level).
     """
+def usable_simd_levels() -> list[str]:
+    """The kernel sets this build can run on this CPU, lowest first ('generic', then 'avx2', 'avx512')."""
+
+def _threads_in_use() -> int:
+    """Worker threads currently claimed from the process-wide budget by running applies (private, for tests)."""

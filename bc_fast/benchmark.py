@@ -471,8 +471,7 @@ def suite_configs(sizes: Sizes) -> Callable[[Bench], Iterator[Config]]:
         yield _cfg_mlp, (sizes, sizes.mlp_rows, layers, op)
         yield _cfg_chain, (sizes,)
         yield _cfg_scaling, (sizes,)
-        if sizes.name != "tiny":  # tests/test_benchmark.py pins the tiny suite's configs; tests/test_concurrency.py runs it
-            yield _cfg_concurrency, (sizes,)
+        yield _cfg_concurrency, (sizes,)
     return configs
 
 

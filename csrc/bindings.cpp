@@ -139,5 +139,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("_mark_forked_child", &bc_fast::mark_forked_child,
         "Run single-threaded from now on: this process was forked before the core was loaded.");
   m.def("set_simd_level", &bc_fast::set_simd_level, py::arg("level"),
-        "Select the kernel set: 'generic' or 'avx2' (testing and benchmarking).");
+        "Select the kernel set: 'generic', 'avx2' or 'avx512' (testing and benchmarking); ValueError lists "
+        "the usable levels.");
+  m.def("usable_simd_levels", &bc_fast::usable_simd_levels,
+        "The kernel sets this build can run on this CPU, lowest first.");
 }

@@ -8,6 +8,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pytest
 
+import bc_fast
+
 
 @pytest.fixture(scope="session")
 def make_chain_registry() -> Callable[..., object]:
@@ -39,3 +41,12 @@ def faiss_one_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(before)
+
+
+@pytest.fixture(params=bc_fast._core.usable_simd_levels())
+def simd_level(request):
+    """Run the test once per kernel set this CPU can run (generic, avx2, avx512), then restore the default."""
+    before = bc_fast.build_info()["kernel"]
+    bc_fast._core.set_simd_level(request.param)
+    yield request.param
+    bc_fast._core.set_simd_level(before)

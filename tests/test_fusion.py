@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-import bc_fast
 from bc_fast import FusedTransform, Layer
 from bc_fast.fusion import apply_layers_reference, chain_flops, flatten_chain, fuse_chain
 
@@ -50,24 +49,6 @@ def naive_f32(layers: list[Layer], x: np.ndarray) -> np.ndarray:
             else:
                 y[:, :w] = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
     return y
-
-
-def _levels() -> list[str]:
-    if not hasattr(bc_fast._core, "set_simd_level"):
-        return ["default"]
-    return ["generic"] + (["avx2"] if "avx2" in bc_fast.build_info()["cpu"] else [])
-
-
-@pytest.fixture(params=_levels())
-def simd_level(request):
-    """Run the core once per usable kernel set, then restore the default."""
-    if request.param == "default":
-        yield request.param
-        return
-    before = bc_fast.build_info()["kernel"]
-    bc_fast._core.set_simd_level(request.param)
-    yield request.param
-    bc_fast._core.set_simd_level(before)
 
 
 @pytest.mark.parametrize("length", [1, 2, 3, 4, 5, 6])

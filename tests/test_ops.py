@@ -19,27 +19,7 @@ U16 = 2.0**-11  # unit roundoff of float16
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
-def _levels() -> list[str]:
-    """The SIMD levels this build can run on this CPU (set_simd_level refuses the others)."""
-    before = bc_fast.build_info()["kernel"]
-    levels = []
-    for level in ("generic", "avx2", "avx512"):
-        try:
-            _core.set_simd_level(level)
-        except ValueError:
-            continue
-        levels.append(level)
-    _core.set_simd_level(before)
-    return levels
-
-
-@pytest.fixture(params=_levels(), autouse=True)
-def simd_level(request):
-    """Run every test once per usable kernel set, then restore the default."""
-    before = bc_fast.build_info()["kernel"]
-    _core.set_simd_level(request.param)
-    yield request.param
-    _core.set_simd_level(before)
+pytestmark = pytest.mark.usefixtures("simd_level")  # every test at every usable kernel set (conftest)
 
 
 def reference(layers: list[Layer], x: np.ndarray, normalize: bool = False) -> np.ndarray:

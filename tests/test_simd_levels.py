@@ -19,30 +19,7 @@ ALL_LEVELS = ("generic", "avx2", "avx512")
 TESTS_DIR = Path(__file__).resolve().parent
 
 
-def usable_levels() -> list[str]:
-    """Levels set_simd_level accepts here, lowest first."""
-    before = bc_fast.build_info()["kernel"]
-    levels = []
-    for level in ALL_LEVELS:
-        try:
-            _core.set_simd_level(level)
-        except ValueError:
-            continue
-        levels.append(level)
-    _core.set_simd_level(before)
-    return levels
-
-
-LEVELS = usable_levels()
-
-
-@pytest.fixture(params=LEVELS)
-def level(request):
-    """Run a test once per usable kernel set, then restore the default."""
-    before = bc_fast.build_info()["kernel"]
-    _core.set_simd_level(request.param)
-    yield request.param
-    _core.set_simd_level(before)
+LEVELS = _core.usable_simd_levels()
 
 
 def expected_levels(cpu: str) -> list[str]:
@@ -116,7 +93,7 @@ WIDTHS = [1, 2, 15, 16, 17, 31, 33, 63, 64, 65, 100, 129]
 
 @pytest.mark.parametrize("d", WIDTHS)
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 13])
-def test_tails_match_float64_reference(level, d, n):
+def test_tails_match_float64_reference(simd_level, d, n):
     rng = np.random.default_rng(1000 * d + n)
     # Hidden width d, partial GELU (act tail), fp16 in and out, normalized: every epilogue kernel.
     layers = [Layer(rand(rng, d, 19, scale=0.5), rand(rng, d), "gelu", activation_width=max(1, d - 3)),
@@ -132,7 +109,7 @@ def test_tails_match_float64_reference(level, d, n):
 
 
 @pytest.mark.parametrize("d_out", [64, 100, 200, 256])
-def test_row_result_does_not_depend_on_its_block(level, d_out):
+def test_row_result_does_not_depend_on_its_block(simd_level, d_out):
     # The packed kernel takes 1-2 rows over two panels at once and longer batches in 6-row blocks;
     # each row must come out bit-identical either way (what keeps thread counts bit-identical).
     rng = np.random.default_rng(d_out)
