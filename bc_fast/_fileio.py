@@ -108,3 +108,8 @@ def read_json_object(path: str | os.PathLike, *, what: str, fix: str) -> dict:
         raise ValueError(f"{path}: a {what} is a JSON object, but this file holds a JSON {type(obj).__name__}; "
                          f"{fix}")
     return obj
+
+
+def is_json_int(v: Any) -> bool:
+    """True for a JSON integer read by ``json`` (an int that is not a bool)."""
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -50,7 +50,7 @@ import numpy as np
 
 from .ops import FusedTransform
 from .progress import Progress
-from ._fileio import FileLock, atomic_write_json, fsync_dir, read_json_object
+from ._fileio import FileLock, atomic_write_json, fsync_dir, is_json_int, read_json_object
 from ._text import short_repr
 from .tables import (DTYPES, Chunk, TableReader, TableWriter, make_writer, open_table,
                      remove_path)
@@ -258,10 +258,6 @@ def _write_journal(path: str, state: dict) -> None:
     atomic_write_json(path, state)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _load_journal(path: str, temp: str) -> dict | None:
     """The journal of a killed run, checked for integrity; None if there is none.
 
@@ -281,11 +277,11 @@ def _load_journal(path: str, temp: str) -> dict | None:
                          f"content), so the partial output cannot be trusted; {fix}")
     job, n, done, crcs = j.get("job"), j.get("n_chunks"), j.get("done_chunks"), j.get("crcs")
     problem = None
-    if not isinstance(job, dict) or not _is_int(job.get("chunk_rows")) or job["chunk_rows"] < 1:
+    if not isinstance(job, dict) or not is_json_int(job.get("chunk_rows")) or job["chunk_rows"] < 1:
         problem = "its job has no valid chunk_rows"
-    elif not _is_int(n) or not _is_int(done) or not 0 <= done <= n:
+    elif not is_json_int(n) or not is_json_int(done) or not 0 <= done <= n:
         problem = f"done_chunks={short_repr(done)} is not between 0 and n_chunks={short_repr(n)}"
-    elif not isinstance(crcs, list) or len(crcs) != done or not all(_is_int(c) for c in crcs):
+    elif not isinstance(crcs, list) or len(crcs) != done or not all(is_json_int(c) for c in crcs):
         problem = f"it claims {done} chunks done but records {len(crcs) if isinstance(crcs, list) else 'no'} checksums"
     elif not isinstance(j.get("key"), str) or not isinstance(j.get("publishing", False), bool):
         problem = "its key or publishing field is malformed"

@@ -48,7 +48,7 @@ import numpy as np
 
 from ._arrays import as_numpy
 from ._text import short_repr
-from ._fileio import atomic_write_bytes, read_json_object
+from ._fileio import atomic_write_bytes, is_json_int, read_json_object
 from .ops import FusedTransform
 from .progress import Progress
 from .registry import Registry, RegistryError
@@ -247,10 +247,6 @@ def _sidecar_checksum(side: Mapping[str, Any]) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _read_sidecar(sp: Path, *, allow_old: bool) -> dict:
     """Parse and verify a sidecar: JSON object, format, checksum, field types and ranges."""
     if not sp.is_file():
@@ -264,7 +260,7 @@ def _read_sidecar(sp: Path, *, allow_old: bool) -> dict:
         raise ValueError(f"{sp}: field 'format' must be {_INDEX_FORMAT!r}, got {short_repr(side.get('format'))}; "
                          f"not a bc_fast legacy index sidecar")
     fv = side.get("format_version")
-    if not _is_int(fv) or fv < 1:
+    if not is_json_int(fv) or fv < 1:
         raise ValueError(f"{sp}: field 'format_version' must be a positive int, got {short_repr(fv)}")
     if fv > _INDEX_FORMAT_VERSION:
         raise ValueError(f"{sp}: format_version {short_repr(fv)} is newer than this bc_fast supports "
