@@ -15,7 +15,11 @@ class FusedOp:
         activations: list[str],
         activation_widths: list[int],
         normalize: bool = False,
+        precision: str = "fp32",
     ) -> None: ...
+    @property
+    def precision(self) -> str:
+        """'fp32', or 'bf16' (bf16 operands, fp32 accumulation)."""
     @property
     def d_in(self) -> int: ...
     @property
@@ -41,6 +45,9 @@ def set_simd_level(level: str) -> None:
     run it. The starting level is the best usable one, or the one ``BC_FAST_SIMD`` forces (an
     unusable or unknown ``BC_FAST_SIMD`` falls back to the best usable level).
     """
+def bf16_unavailable_reason() -> str:
+    """Why precision='bf16' cannot run now (CPU without AVX512_BF16, SIMD level forced below avx512, or a
+    build without the kernels), or '' where it can."""
 def usable_simd_levels() -> list[str]:
     """The kernel sets this build can run on this CPU, lowest first ('generic', then 'avx2', 'avx512')."""
 

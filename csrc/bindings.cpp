@@ -43,7 +43,7 @@ void check_batch(const py::array& a, const char* name, int64_t dim) {
 
 FusedOp make_op(const std::vector<FloatArray>& weights, const std::vector<std::optional<FloatArray>>& biases,
                 const std::vector<std::string>& activations, const std::vector<int64_t>& activation_widths,
-                bool normalize) {
+                bool normalize, const std::string& precision) {
   const size_t n = weights.size();
   if (biases.size() != n || activations.size() != n || activation_widths.size() != n)
     throw std::invalid_argument("weights, biases, activations and activation_widths must have the same length");
@@ -64,7 +64,7 @@ FusedOp make_op(const std::vector<FloatArray>& weights, const std::vector<std::o
     s.activation = bc_fast::parse_activation(activations[i]);
     s.activation_width = activation_widths[i];
   }
-  return FusedOp(std::move(specs), normalize);
+  return FusedOp(std::move(specs), normalize, bc_fast::parse_precision(precision));
 }
 
 py::object apply(const FusedOp& op, const py::array& x, py::object out, bool out_float16, int64_t threads) {
@@ -101,10 +101,14 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<FusedOp>(m, "FusedOp")
       .def(py::init(&make_op), py::arg("weights"), py::arg("biases"), py::arg("activations"),
-           py::arg("activation_widths"), py::arg("normalize") = false,
+           py::arg("activation_widths"), py::arg("normalize") = false, py::arg("precision") = "fp32",
            "Build a layer program from float32 (d_out, d_in) weights, optional biases, activations "
-           "('none', 'relu', 'gelu'), the number of leading outputs each activation applies to, and whether "
-           "to L2-normalise the output rows.")
+           "('none', 'relu', 'gelu'), the number of leading outputs each activation applies to, whether "
+           "to L2-normalise the output rows, and the GEMM precision ('fp32', or 'bf16': bf16 operands with "
+           "fp32 accumulation; RuntimeError naming the missing CPU feature where it cannot run).")
+      .def_property_readonly("precision", [](const FusedOp& op) {
+        return op.precision() == bc_fast::Precision::kBFloat16 ? "bf16" : "fp32";
+      })
       .def_property_readonly("d_in", &FusedOp::d_in)
       .def_property_readonly("d_out", &FusedOp::d_out)
       .def_property_readonly("num_layers", &FusedOp::num_layers)
@@ -127,6 +131,9 @@ PYBIND11_MODULE(_core, m) {
     d["forked_child"] = info.forked_child;
     d["small_batch_rows"] = FusedOp::kSmallBatchRows;
     d["compiler"] = info.compiler;
+    const std::string why = bc_fast::bf16_unavailable_reason();
+    d["bf16"] = why.empty();
+    d["bf16_unavailable"] = why;
     return d;
   }, "How the core was built and which kernel it picked.");
   m.def("get_num_threads", &bc_fast::num_threads,
@@ -141,6 +148,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_simd_level", &bc_fast::set_simd_level, py::arg("level"),
         "Select the kernel set: 'generic', 'avx2' or 'avx512' (testing and benchmarking); ValueError lists "
         "the usable levels.");
+  m.def("bf16_unavailable_reason", &bc_fast::bf16_unavailable_reason,
+        "Why precision='bf16' cannot run now (missing AVX512_BF16, SIMD level forced below avx512, or "
+        "a build without the kernels), or '' where it can.");
   m.def("usable_simd_levels", &bc_fast::usable_simd_levels,
         "The kernel sets this build can run on this CPU, lowest first.");
 }

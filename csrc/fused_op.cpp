@@ -35,6 +35,12 @@ Activation parse_activation(const std::string& name) {
   throw std::invalid_argument("unknown activation '" + name + "'; expected 'none', 'relu' or 'gelu'");
 }
 
+Precision parse_precision(const std::string& name) {
+  if (name == "fp32") return Precision::kFloat32;
+  if (name == "bf16") return Precision::kBFloat16;
+  throw std::invalid_argument("precision must be one of 'fp32', 'bf16', got '" + name + "'");
+}
+
 namespace {
 
 // Set by the pthread_atfork child handler (registered when the core is loaded, as torch does):
@@ -149,20 +155,23 @@ void mark_forked_child() { g_forked_child.store(true, std::memory_order_relaxed)
 struct FusedOp::Workspace {
   std::vector<float> input;  // fp16 input converted to fp32
   std::vector<float> ping, pong;
+  std::vector<uint32_t> pairs;  // bf16 mode: the layer input rounded to bf16 pairs
 
   static Workspace& local() {
     thread_local Workspace ws;
     return ws;
   }
-  static float* ensure(std::vector<float>& v, size_t n) {
+  template <class T>
+  static T* ensure(std::vector<T>& v, size_t n) {
     if (v.size() < n) v.resize(n);
     return v.data();
   }
 };
 
-FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize)
+FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize, Precision precision)
     : normalize_(normalize), tile_parts_(std::max(2, std::min(available_cpus(), kMaxThreads))) {
   if (layers.empty()) throw std::invalid_argument("a fused op needs at least one layer");
+  if (precision == Precision::kBFloat16) bf16_ = &bf16_kernels();  // throws where the CPU lacks it
   for (size_t i = 0; i < layers.size(); ++i) {
     LayerSpec& s = layers[i];
     if (s.d_in <= 0 || s.d_out <= 0) throw std::invalid_argument("layer dimensions must be positive");
@@ -181,17 +190,34 @@ FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize)
       if (!std::isfinite(b)) throw std::invalid_argument("layer " + std::to_string(i) + " bias has NaN or Inf");
 
     Layer l;
-    l.n_pad = (s.d_out + kPanel - 1) / kPanel * kPanel;
-    l.packed.assign(static_cast<size_t>(l.n_pad * s.d_in), 0.0f);
-    for (int64_t o = 0; o < s.d_out; ++o) {
-      float* panel = l.packed.data() + (o / kPanel) * s.d_in * kPanel + (o % kPanel);
-      const float* w = s.weight.data() + o * s.d_in;
-      for (int64_t k = 0; k < s.d_in; ++k) panel[k * kPanel] = w[k];
+    if (bf16_ != nullptr) {
+      pack_bf16(s, l);
+    } else {
+      l.n_pad = (s.d_out + kPanel - 1) / kPanel * kPanel;
+      l.packed.assign(static_cast<size_t>(l.n_pad * s.d_in), 0.0f);
+      for (int64_t o = 0; o < s.d_out; ++o) {
+        float* panel = l.packed.data() + (o / kPanel) * s.d_in * kPanel + (o % kPanel);
+        const float* w = s.weight.data() + o * s.d_in;
+        for (int64_t k = 0; k < s.d_in; ++k) panel[k * kPanel] = w[k];
+      }
     }
     max_width_ = std::max(max_width_, l.n_pad);
     macs_per_row_ += s.d_in * l.n_pad;
     l.spec = std::move(s);
     layers_.push_back(std::move(l));
+  }
+}
+
+void FusedOp::pack_bf16(const LayerSpec& s, Layer& l) const {
+  // Rounded by the same instruction as the inputs (vcvtne2ps2bf16), once per operator.
+  l.k_pairs = (s.d_in + 1) / 2;
+  l.n_pad = (s.d_out + kBf16Panel - 1) / kBf16Panel * kBf16Panel;
+  l.packed_bf16.assign(static_cast<size_t>(l.n_pad * l.k_pairs), 0u);
+  std::vector<uint32_t> row(static_cast<size_t>(l.k_pairs));
+  for (int64_t o = 0; o < s.d_out; ++o) {
+    bf16_->convert_rows(s.weight.data() + o * s.d_in, s.d_in, 1, s.d_in, row.data(), l.k_pairs);
+    uint32_t* panel = l.packed_bf16.data() + (o / kBf16Panel) * l.k_pairs * kBf16Panel + (o % kBf16Panel);
+    for (int64_t j = 0; j < l.k_pairs; ++j) panel[j * kBf16Panel] = row[static_cast<size_t>(j)];
   }
 }
 
@@ -228,6 +254,11 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
     const bool direct = last && out_type == DType::kFloat32 && (use_blas || l.n_pad == l.spec.d_out);
     float* dst = direct ? static_cast<float*>(out) : bufs[li % 2];
     const int64_t ld = direct ? l.spec.d_out : l.n_pad;
+    if (bf16_ != nullptr) {
+      uint32_t* a = Workspace::ensure(ws.pairs, static_cast<size_t>(m * l.k_pairs));
+      bf16_->convert_rows(cur, ld_cur, m, l.spec.d_in, a, l.k_pairs);
+      bf16_->gemm(a, l.k_pairs, m, l.k_pairs, l.packed_bf16.data(), l.n_pad, dst, ld);
+    } else
 #if defined(BC_FAST_HAVE_BLAS)
     if (use_blas) {
       scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m),
@@ -294,7 +325,7 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
     tile = (n + parts - 1) / parts;
   } else {
 #if defined(BC_FAST_HAVE_BLAS)
-    use_blas = true;
+    use_blas = bf16_ == nullptr;
 #endif
     tile = tile_rows(n);
   }

@@ -11,6 +11,9 @@
 namespace bc_fast {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1 };
+// Arithmetic of the GEMMs: fp32, or bf16 operands (inputs and weights rounded to nearest even) with
+// fp32 accumulation (AVX512-BF16). Bias, activations, normalisation and output are fp32 either way.
+enum class Precision : int { kFloat32 = 0, kBFloat16 = 1 };
 
 struct LayerSpec {
   int64_t d_in = 0;
@@ -22,6 +25,8 @@ struct LayerSpec {
 };
 
 Activation parse_activation(const std::string& name);
+// "fp32" or "bf16"; std::invalid_argument listing the choices otherwise.
+Precision parse_precision(const std::string& name);
 
 class FusedOp {
  public:
@@ -30,11 +35,14 @@ class FusedOp {
   // A small batch is split over threads only above this many multiply-adds (~10 us on one core).
   static constexpr int64_t kMinParallelMacs = int64_t{1} << 19;
 
-  FusedOp(std::vector<LayerSpec> layers, bool normalize);
+  // Precision::kBFloat16 throws std::runtime_error naming the missing CPU feature where the bf16
+  // kernels cannot run (see bf16_unavailable_reason()); its weights are rounded and packed here, once.
+  FusedOp(std::vector<LayerSpec> layers, bool normalize, Precision precision = Precision::kFloat32);
 
   int64_t d_in() const { return layers_.front().spec.d_in; }
   int64_t d_out() const { return layers_.back().spec.d_out; }
   size_t num_layers() const { return layers_.size(); }
+  Precision precision() const { return bf16_ != nullptr ? Precision::kBFloat16 : Precision::kFloat32; }
 
   // out[n x d_out] = program(x[n x d_in]); both C-contiguous, must not overlap.
   // threads <= 0 means num_threads(); more than kMaxThreads count as kMaxThreads; a forked child
@@ -44,17 +52,21 @@ class FusedOp {
  private:
   struct Layer {
     LayerSpec spec;
-    std::vector<float> packed;  // W^T in panels of kPanel columns (see kernels.h)
-    int64_t n_pad = 0;          // d_out rounded up to kPanel
+    std::vector<float> packed;  // fp32: W^T in panels of kPanel columns (see kernels.h)
+    std::vector<uint32_t> packed_bf16;  // bf16: W in panels of kBf16Panel columns of k pairs (kernels.h)
+    int64_t k_pairs = 0;                // bf16: ceil(d_in / 2)
+    int64_t n_pad = 0;                  // d_out rounded up to the panel width
   };
   struct Workspace;
 
   void run_block(const void* x, DType x_type, int64_t m, void* out, DType out_type, bool use_blas,
                  Workspace& ws) const;
   int64_t tile_rows(int64_t n) const;
+  void pack_bf16(const LayerSpec& s, Layer& l) const;
 
   std::vector<Layer> layers_;
   bool normalize_;
+  const Bf16Kernels* bf16_ = nullptr;  // set for Precision::kBFloat16
   int64_t max_width_ = 0;     // widest padded row any layer writes
   int64_t macs_per_row_ = 0;  // multiply-adds the packed kernel spends on one row
   int tile_parts_ = 2;        // mid-size batches are cut into this many tiles (CPUs at construction)

@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 
 namespace bc_fast {
@@ -99,6 +100,32 @@ void set_simd_level(const std::string& level) {
                                 usable);
   throw std::invalid_argument("unknown SIMD level '" + level +
                               "'; expected 'generic', 'avx2' or 'avx512' (usable levels: " + usable + ")");
+}
+
+std::string bf16_unavailable_reason() {
+#if defined(BC_FAST_HAVE_AVX512BF16) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  if (!avx512_usable() || !__builtin_cpu_supports("avx512bf16"))
+    return "this CPU lacks the AVX512_BF16 instruction set extension (it has: " + cpu_features() + ")";
+  const char* level = active_kernels().name;
+  if (std::strcmp(level, "avx512") != 0)
+    return std::string("the SIMD level is forced to '") + level +
+           "' (BC_FAST_SIMD or set_simd_level), below the 'avx512' level that AVX512_BF16 needs";
+  return "";
+#else
+  return "this build of bc_fast has no AVX512_BF16 kernels (not x86-64, or the compiler lacks -mavx512bf16)";
+#endif
+}
+
+const Bf16Kernels& bf16_kernels() {
+  const std::string why = bf16_unavailable_reason();
+  if (!why.empty())
+    throw std::runtime_error("precision='bf16' is not available: " + why + "; use precision='fp32'");
+#if defined(BC_FAST_HAVE_AVX512BF16)
+  return avx512bf16_kernels();
+#else
+  throw std::runtime_error("unreachable");
+#endif
 }
 
 }  // namespace bc_fast

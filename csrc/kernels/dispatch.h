@@ -22,4 +22,11 @@ const KernelSet& active_kernels();
 // Select "generic", "avx2" or "avx512"; throws std::invalid_argument if unknown or unusable.
 void set_simd_level(const std::string& level);
 
+// Why precision="bf16" cannot run now, or "" if it can: the AVX512-BF16 kernels must be compiled in,
+// the CPU must have AVX512_BF16 (and the AVX-512 level), and the active level must be avx512 (not
+// forced lower by BC_FAST_SIMD or set_simd_level).
+std::string bf16_unavailable_reason();
+// The bf16 kernels; throws std::runtime_error with bf16_unavailable_reason() where they cannot run.
+const Bf16Kernels& bf16_kernels();
+
 }  // namespace bc_fast

@@ -34,6 +34,25 @@ const KernelSet& avx2_kernels();
 const KernelSet& avx512_kernels();
 #endif
 
+// bf16 compute (precision="bf16"): bf16 operands, fp32 accumulation. A row of k values becomes
+// k_pairs = ceil(k / 2) dwords, each two bf16 (value 2j in the low half, 2j + 1 in the high half, the
+// odd tail padded with +0). Packed weights for d_out outputs hold ceil(d_out / kBf16Panel) panels of
+// k_pairs x kBf16Panel dwords: panel p, pair j, column c holds W[32 p + c][2j], W[32 p + c][2j + 1]
+// (zero padded), the layout vdpbf16ps multiplies against a broadcast pair of x.
+constexpr int kBf16Panel = 32;
+
+struct Bf16Kernels {
+  const char* name;
+  // a[m x k_pairs] (row stride lda dwords) = x[m x k] (row stride ldx) rounded to bf16 (nearest even).
+  void (*convert_rows)(const float* x, int64_t ldx, int64_t m, int64_t k, uint32_t* a, int64_t lda);
+  // y[m x n_pad] (row stride ldy) = a[m x k_pairs] @ packed, fp32 accumulation.
+  void (*gemm)(const uint32_t* a, int64_t lda, int64_t m, int64_t k_pairs, const uint32_t* packed, int64_t n_pad,
+               float* y, int64_t ldy);
+};
+#if defined(BC_FAST_HAVE_AVX512BF16)
+const Bf16Kernels& avx512bf16_kernels();
+#endif
+
 // Scalar helpers shared by the kernels (defined in kernels_generic.cpp).
 float half_bits_to_float(uint16_t h);
 uint16_t float_to_half_bits(float f);
