@@ -1,0 +1,639 @@
+"""Table conversion on a Ray cluster (optional extra: ``pip install bc_fast[ray]``).
+
+:func:`convert_dataset_ray` converts a *dataset* -- a directory of Parquet files (fixed-size-list
+embedding column, other columns carried through) or of ``.npy`` shards -- from version ``src`` to
+version ``dst``, one output file per input file, with the same bytes as the single-process
+converter (:func:`bc_fast.convert.convert_table`) on each file.
+
+How the work is cut. Ray Data schedules one *task per input file*: the dataset handed to
+``map_batches`` holds the file names (numpy batch format, ``batch_size=1``), and a callable class
+-- one actor per worker, ``concurrency=num_workers``, ``num_cpus=threads_per_worker`` -- loads the
+registry and builds the fused operator ONCE in its constructor, then converts each file it is
+given with :func:`bc_fast.convert.apply_to_table`: pyarrow reads the file in chunks inside the
+actor, each chunk goes zero-copy into the core (threads = the CPUs Ray assigned to the actor),
+and the file is written to a temporary path, fsync-ed, verified against the float64 chain and
+renamed. The embeddings never travel through Ray's object store (only file names and small JSON
+results do), the output is byte-identical to the single-process path (same chunking, same writer),
+and a retried file resumes from its chunk journal. Ray Data's own Parquet writer would re-block
+rows, name files itself and could publish a file no journal vouches for.
+
+Atomicity and restarts. Files are converted into ``OUTPUT.partial/`` (same names). The driver
+records each finished file (its sha256, rows and per-file sidecar) in a journal
+``OUTPUT.partial.journal.json`` (atomic, self-checksummed). When every file is in, one dataset
+sidecar ``OUTPUT.bcfast.json`` (the same provenance fields as ``bc-fast convert``, plus a ``parts``
+entry per file) is written and ``OUTPUT.partial`` is renamed to ``OUTPUT``: a reader never sees
+a partial dataset, nor a partial file. A rerun after a crash or a killed worker skips every file
+whose staged output still has the sha256 the journal recorded (checked by the workers), resumes a
+half-converted file from its chunk journal and converts the rest. Ray itself restarts a dead
+actor and retries its file up to ``max_retries`` times within a run.
+
+Mixed-version inputs (a file's sidecar, its Parquet ``bc_fast`` metadata or the dataset's sidecar
+naming another version, or rows whose dim is not the source version's) are refused before any
+work starts.
+
+``ray`` is imported lazily: ``import bc_fast.distributed`` works without it, and every entry point
+says ``pip install bc_fast[ray]`` when it is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from ._fileio import FileLock, atomic_write_json, read_json_object
+from ._text import short_repr
+from .convert import (SIDECAR_SUFFIX, VerificationError, _check_output_free, _journal_checksum, _publish,
+                      _write_journal, apply_to_table, read_sidecar, registry_job, sidecar_path)
+from .tables import _PARQUET_SUFFIXES, open_table, remove_path, sha256_file
+
+__all__ = ["convert_dataset_ray", "DatasetResult", "import_ray", "RAY_INSTALL_HINT"]
+
+RAY_INSTALL_HINT = "install it with pip install bc_fast[ray]"
+_JOURNAL_FORMAT = "bc_fast.distributed.journal/1"
+_PARTIAL = ".partial"
+_ERRORS = {c.__name__: c for c in (ValueError, TypeError, OSError, FileNotFoundError, FileExistsError,
+                                     RuntimeError, ImportError, VerificationError)}
+
+
+def import_ray() -> Any:
+    """Import ``ray`` and ``ray.data`` lazily; ImportError with the install command if missing."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"the Ray engine needs ray[data], which is not installed ({e.msg}); "
+                          f"{RAY_INSTALL_HINT}") from None
+    return ray
+
+
+@dataclass
+class DatasetResult:
+    """What :func:`convert_dataset_ray` did.
+
+    ``skipped`` lists files whose verified outputs a previous run had already made, ``resumed`` files
+    continued from a partial output; ``rows_per_s`` counts the rows converted in this run over its
+    wall time (Ray start excluded). ``peak_rss`` maps each worker (``node:pid``) to its peak RSS in bytes.
+    """
+
+    output: str
+    sidecar: str
+    files: list[str]
+    converted: list[str]
+    skipped: list[str]
+    resumed: list[str]
+    rows: int
+    rows_converted: int
+    seconds: float
+    rows_per_s: float
+    workers: int
+    threads_per_worker: int
+    peak_rss: dict[str, int] = field(default_factory=dict)
+    already_complete: bool = False
+
+    def summary(self) -> str:
+        """A human-readable one-paragraph summary."""
+        if self.already_complete:
+            return f"{self.output} was already complete ({len(self.files)} files, {self.rows:,} rows)"
+        rss = max(self.peak_rss.values(), default=0) / 2**20
+        lines = [f"converted {len(self.converted)} of {len(self.files)} files ({self.rows_converted:,} rows) on "
+                 f"{self.workers} Ray workers x {self.threads_per_worker} threads in {self.seconds:.2f} s: "
+                 f"{self.rows_per_s:,.0f} rows/s; peak RSS per worker {rss:,.0f} MiB"]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} files already converted and verified by an earlier run")
+        if self.resumed:
+            lines.append(f"resumed {len(self.resumed)} half-converted files: {', '.join(self.resumed[:5])}")
+        lines.append(f"output: {self.output}\nsidecar: {self.sidecar}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- inputs
+
+def _list_inputs(input: str) -> tuple[str, list[str]]:
+    """(``"parquet"`` or ``"npy"``, sorted file names) of a dataset directory."""
+    if not os.path.isdir(input):
+        raise ValueError(f"the Ray engine converts a dataset directory (Parquet files or .npy shards), but "
+                         f"{input} is not a directory; convert a single table with the default engine")
+    names = sorted(n for n in os.listdir(input)
+                   if not n.startswith((".", "_")) and os.path.isfile(os.path.join(input, n)))
+    pq = [n for n in names if n.lower().endswith(_PARQUET_SUFFIXES)]
+    npy = [n for n in names if n.endswith(".npy")]
+    if pq and npy:
+        raise ValueError(f"{input} holds both Parquet files ({pq[0]}, ...) and .npy shards ({npy[0]}, ...); "
+                         "a dataset is one or the other: move one kind to its own directory")
+    if not pq and not npy:
+        raise ValueError(f"{input} holds no Parquet files (.parquet, .pq, .parq) and no .npy shards; "
+                         "nothing to convert")
+    return ("parquet" if pq else "npy"), (pq or npy)
+
+
+def _embedded_version(reader: Any) -> Any:
+    """The version a bc_fast-written Parquet file names in its ``bc_fast`` metadata (None if none)."""
+    meta = (getattr(reader, "schema", None) and reader.schema.metadata) or {}
+    raw = meta.get(b"bc_fast")
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw).get("version")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _scan_inputs(input: str, names: list[str], column: str | None, src: int, dim: int,
+                 dtype: Any) -> tuple[list[dict], int, str]:
+    """Open every input file's header: fingerprints, total rows and the common dtype.
+
+    Refuses mixed versions, wrong dims and (without ``dtype``) mixed dtypes, naming the files.
+    """
+    side = read_sidecar(input)
+    if side is not None and side.get("version") is not None and side["version"] != src:
+        raise ValueError(f"{input} is a version-{side['version']} dataset (per its sidecar "
+                         f"{sidecar_path(input)}), but the conversion starts from version {src}; "
+                         f"use --from {side['version']}")
+    versions: dict[Any, list[str]] = {}
+    dims: dict[int, list[str]] = {}
+    dtypes: dict[str, list[str]] = {}
+    prints, rows = [], 0
+    for name in names:
+        path = os.path.join(input, name)
+        reader = open_table(path, column)
+        try:
+            file_side = read_sidecar(path)
+            v = file_side.get("version") if file_side else None
+            v = _embedded_version(reader) if v is None else v
+            versions.setdefault(v, []).append(name)
+            dims.setdefault(reader.dim, []).append(name)
+            dtypes.setdefault(str(reader.dtype), []).append(name)
+            prints.append(reader.fingerprint())
+            rows += reader.n_rows
+        finally:
+            reader.close()
+
+    def shown(groups: dict) -> str:
+        return "; ".join(f"{k}: {', '.join(v[:3])}{' and %d more' % (len(v) - 3) if len(v) > 3 else ''}"
+                         for k, v in groups.items())
+
+    stamped = {v: f for v, f in versions.items() if v is not None}
+    if len(stamped) > 1 or (stamped and src not in stamped):
+        raise ValueError(f"mixed-version input: files of {input} are stamped with versions ({shown(stamped)}), "
+                         f"but the conversion starts from version {src}; convert each version's files "
+                         "separately (with its own --from)")
+    if set(dims) != {dim}:
+        bad = {d: f for d, f in dims.items() if d != dim}
+        raise ValueError(f"files of {input} have {'/'.join(map(str, bad))} features per row ({shown(bad)}), but "
+                         f"version {src} has dim {dim}; they are not version-{src} embeddings (mixed versions?): "
+                         "check --from, or move those files out")
+    if dtype is None and len(dtypes) > 1:
+        raise ValueError(f"files of {input} mix dtypes ({shown(dtypes)}); pass dtype= (--dtype) to choose the "
+                         "output dtype")
+    return prints, rows, next(iter(dtypes))
+
+
+# --------------------------------------------------------------------------- the journal
+
+def _load_journal(path: str, staging: str, key: str, job: dict) -> dict | None:
+    """The journal of an earlier run of this same job (None if there is none)."""
+    if not os.path.lexists(path):
+        return None
+    fix = f"delete {staging} and {path} to start the conversion again"
+    j = read_json_object(path, what="distributed conversion journal", fix=fix)
+    if j.get("format") != _JOURNAL_FORMAT:
+        raise ValueError(f"{path}: not a bc_fast distributed conversion journal (format "
+                         f"{short_repr(j.get('format'))}, expected {_JOURNAL_FORMAT!r}); {fix}")
+    if j.get("checksum") != _journal_checksum(j) or not isinstance(j.get("files"), dict):
+        raise ValueError(f"{path}: the journal was edited or corrupted (its sha256 does not match its content); "
+                         f"{fix}")
+    if j.get("key") != key:
+        old = j.get("job") if isinstance(j.get("job"), dict) else {}
+        diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
+        raise ValueError(f"cannot resume: {staging} was made by a different conversion (differs in: "
+                         f"{', '.join(diff) or 'format'}); rerun with the same inputs and settings, or {fix}")
+    return j
+
+
+def _job_key(job: dict) -> str:
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- the worker
+
+def _assigned_cpus() -> int:
+    """CPUs Ray assigned to this actor (bc_fast's thread count), at least 1."""
+    try:
+        import ray
+        return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    except Exception:  # outside Ray (a unit test calling the class directly)
+        return 1
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set (VmHWM), bytes; 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class _FileConverter:
+    """The per-worker callable class for ``map_batches``: builds the operator once, converts whole files."""
+
+    def __init__(self, registry: str, src: int, dst: int, normalize: bool, options: dict, expect: dict,
+                 fault: dict | None = None) -> None:
+        self.options, self.fault, self.error = dict(options), fault, None
+        self.threads = _assigned_cpus()
+        try:
+            self.op, self.prov, self.reference = registry_job(registry, src, dst, normalize)
+            from .convert import operator_fingerprint
+            got = {"registry_checksum": self.prov["registry_checksum"], "operator": operator_fingerprint(self.op)}
+            if got != expect:
+                raise ValueError(f"the registry {registry} as this worker sees it (checksum "
+                                 f"{got['registry_checksum'][:12]}) is not the one the driver planned with "
+                                 f"({expect['registry_checksum'][:12]}); every node must see the same registry "
+                                 "(a shared filesystem), and it must not change during the run")
+        except (ValueError, TypeError, OSError) as e:
+            self.error = {"type": type(e).__name__, "message": str(e)}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = [json.dumps(self._one(str(n), str(p), str(s), str(w)))
+               for n, p, s, w in zip(batch["name"], batch["path"], batch["staged"], batch["sha256"])]
+        return {"name": batch["name"], "result": np.array(out, dtype=object)}
+
+    def _one(self, name: str, path: str, staged: str, want: str) -> dict:
+        if self.error is not None:
+            return {"name": name, "error": self.error}
+        if want and os.path.isfile(staged):
+            if sha256_file(staged) == want:
+                return {"name": name, "skipped": True}
+            remove_path(staged)  # the journal vouched for other bytes: convert it again
+            remove_path(sidecar_path(staged))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                res = self._convert(name, path, staged)
+                side = read_sidecar(staged)
+            except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
+                return {"name": name, "error": {"type": type(e).__name__, "message": str(e)}}
+        return {"name": name, "rows": res.rows, "resumed_rows": res.resumed_rows,
+                "already_complete": res.already_complete, "seconds": res.seconds,
+                "verify_max_error": res.verify_max_error, "sha256": sha256_file(staged),
+                "size": os.path.getsize(staged), "side": side, "warnings": [str(w.message) for w in caught],
+                "worker": f"{os.uname().nodename}:{os.getpid()}", "peak_rss": _peak_rss()}
+
+    def _convert(self, name: str, path: str, staged: str) -> Any:
+        op = self.op
+        if self.fault and self.fault.get("file") == name:
+            op = _crashing(op, int(self.fault.get("after_chunks", 1)))
+        return apply_to_table(op, path, staged, provenance=self.prov, reference=self.reference,
+                              threads=self.threads, resume=True, progress=False, **self.options)
+
+
+def _crashing(op: Any, after: int) -> Any:
+    """Fault injection for tests: a copy of ``op`` whose process dies (``os._exit``) on chunk ``after``."""
+    import copy
+
+    calls = [0]
+    bad = copy.copy(op)
+    apply = op.apply
+
+    def crash_apply(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] > after:
+            time.sleep(0.2)  # let the writer thread make the earlier chunks durable: a real partial file
+            os._exit(1)
+        return apply(*args, **kwargs)
+
+    bad.apply = crash_apply
+    return bad
+
+
+# --------------------------------------------------------------------------- the driver
+
+def _start_ray(ray: Any, address: str | None) -> bool:
+    """Connect to ``address`` or start a local Ray; True if this call started it (and must stop it)."""
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="warning",
+                 configure_logging=True)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise RuntimeError(f"cannot start or reach {where}: {e}; check the address (ray status) or omit "
+                           "--address for a local Ray") from None
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_ray_deprecations() -> Iterator[None]:
+    """Hide Ray's own deprecation warnings about its internals (errors under ``-W error``); ours pass."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\.|$)")
+        warnings.filterwarnings("ignore", message=r".*ray_remote_args.*deprecated")
+        yield
+
+
+def _plan_workers(ray: Any, n_todo: int, num_workers: int | None, threads: int | None) -> tuple[int, int]:
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    for name, v in (("num_workers", num_workers), ("threads_per_worker", threads)):
+        if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if threads is None:
+        threads = max(1, cpus // max(1, min(num_workers or n_todo, cpus)))
+    if num_workers is None:
+        num_workers = max(1, min(n_todo, cpus // threads))
+    if num_workers * threads > cpus:
+        raise ValueError(f"{num_workers} workers x {threads} threads need {num_workers * threads} CPUs, but the "
+                         f"Ray cluster has {cpus}; pass fewer --workers (or threads_per_worker)")
+    return int(num_workers), int(threads)
+
+
+def _raise_worker_error(errors: list[dict]) -> None:
+    first = errors[0]
+    cls = _ERRORS.get(first["error"]["type"], RuntimeError)
+    more = f" (and {len(errors) - 1} more files failed)" if len(errors) > 1 else ""
+    raise cls(f"{first['name']}: {first['error']['message']}{more}")
+
+
+def convert_dataset_ray(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    registry: Any,
+    dst: int,
+    src: int | None = None,
+    dtype: Any = None,
+    normalize: bool = False,
+    column: str | None = None,
+    batch_rows: int | None = None,
+    num_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    address: str | None = None,
+    overwrite: bool = False,
+    verify: int = 256,
+    seed: int = 0,
+    max_retries: int = 3,
+    progress: bool = False,
+    _fault: dict | None = None,
+) -> DatasetResult:
+    """Convert a dataset directory from version ``src`` to ``dst`` on Ray, one task per input file.
+
+    Parameters
+    ----------
+    input : path
+        A directory of Parquet files (fixed-size-list embedding column; other columns are carried
+        through) or of ``.npy`` shards, all of version ``src``. Every worker must see it at this path.
+    output : path
+        The output directory (must not exist unless ``overwrite``): the same file names, each
+        byte-identical to ``bc-fast convert`` on that file; its sidecar is ``output + '.bcfast.json'``.
+    registry : Registry or path
+        The version registry; workers open it by path (shared filesystem on a cluster).
+    dst, src, dtype, normalize, column, verify, seed
+        As in :func:`bc_fast.convert.convert_table` (``verify`` rows are checked per file).
+    batch_rows : int, optional
+        Rows per chunk (default: the single-process default, ~16 MiB); a worker holds about four chunks.
+    num_workers : int, optional
+        Ray actors (default: as many as fit, at most one per file).
+    threads_per_worker : int, optional
+        CPUs per actor, which become the core's threads (default: the cluster's CPUs / workers).
+    address : str, optional
+        An existing Ray cluster (``ray://...`` or ``host:port``); default: a local Ray started and
+        stopped by this call. A Ray already initialised in this process is used as it is.
+    overwrite : bool
+        Replace an existing output, but only a dataset bc_fast wrote (its sidecar lists its files).
+    max_retries : int
+        Times Ray restarts a dead worker and retries its file within this run (resuming it).
+    progress : bool
+        Ray Data's progress bars.
+
+    Returns
+    -------
+    DatasetResult
+
+    Raises
+    ------
+    ImportError
+        ray is not installed (the message says ``pip install bc_fast[ray]``).
+    ValueError, TypeError, FileNotFoundError, FileExistsError, OSError, VerificationError
+        Bad arguments, mixed-version inputs, a failed file (named); finished files are kept for a rerun.
+    RuntimeError
+        A worker died more than ``max_retries`` times; rerun the same call to resume.
+    """
+    ray = import_ray()
+    input, output = os.path.abspath(os.fspath(input)), os.path.abspath(os.fspath(output))
+    if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+        raise ValueError(f"max_retries must be a non-negative integer, got {max_retries!r}")
+    if batch_rows is not None and (not isinstance(batch_rows, (int, np.integer)) or isinstance(batch_rows, bool)
+                                   or batch_rows < 1):
+        raise ValueError(f"batch_rows must be a positive integer, got {batch_rows!r}")
+    if not os.path.exists(input):
+        raise FileNotFoundError(f"input dataset {input} does not exist")
+    if os.path.realpath(input) == os.path.realpath(output) or output.startswith(os.path.realpath(input) + os.sep):
+        raise ValueError(f"output {output} is (or is inside) the input {input}; write to a new path")
+    if not os.path.isdir(os.path.dirname(output)):
+        raise FileNotFoundError(f"output directory {os.path.dirname(output)} does not exist; create it first")
+    kind, names = _list_inputs(input)
+    op, prov, _ = registry_job(registry, src, dst, normalize)
+    from .convert import operator_fingerprint
+    src = prov["from"]
+    prints, rows, in_dtype = _scan_inputs(input, names, column, src, prov["dims"]["from"], dtype)
+    out_dtype = str(np.dtype(dtype)) if dtype is not None else in_dtype
+    options = {"dtype": dtype, "normalize": normalize, "chunk_rows": batch_rows, "verify": int(verify),
+               "seed": seed, "column": column}
+    job = {"inputs": prints, "operator": operator_fingerprint(op), "provenance": prov, "dtype": out_dtype,
+           "options": {k: v for k, v in options.items() if k != "dtype"}, "format": kind}
+    key = _job_key(job)
+    staging, journal_path = output + _PARTIAL, output + _PARTIAL + ".journal.json"
+    lock = FileLock(output + _PARTIAL + ".lock", blocking=False, busy_message=(
+        f"another conversion is writing {output} (lock {{path}} is held); wait for it or choose another OUTPUT"))
+    try:
+        journal = _load_journal(journal_path, staging, key, job)
+        done = _already_done(output, key, journal, names)
+        if done is not None:
+            return done
+        if journal is not None and journal.get("publishing"):
+            _finish(output, staging, journal_path, journal, None)
+            return _result_from_sidecar(output, names, already=True)
+        replacing = _check_output_free(output, overwrite)
+        if journal is None:
+            if os.path.lexists(staging):
+                raise FileExistsError(f"{staging} exists but its journal {journal_path} does not; it is not this "
+                                      f"run's partial output: delete it (or move it) and start again")
+            journal = {"format": _JOURNAL_FORMAT, "key": key, "job": job, "files": {}, "publishing": False}
+            os.mkdir(staging)
+            _write_journal(journal_path, journal)
+        result = _run_ray(ray, input, staging, names, journal, journal_path, options, registry, prov, op,
+                          dst, normalize, num_workers, threads_per_worker, address, max_retries, progress, _fault)
+        side = _dataset_sidecar(journal, names, kind, input, rows, prov, key, result)
+        _finish(output, staging, journal_path, journal, replacing, side)
+        result.output, result.sidecar = output, sidecar_path(output)
+        return result
+    finally:
+        lock.release(remove=True)
+
+
+def _run_ray(ray: Any, input: str, staging: str, names: list[str], journal: dict, journal_path: str,
+             options: dict, registry: Any, prov: dict, op: Any, dst: int, normalize: bool,
+             num_workers: int | None, threads: int | None, address: str | None, max_retries: int,
+             progress: bool, fault: dict | None) -> DatasetResult:
+    """Schedule one Ray Data task per file, record each finished file in the journal as it comes back."""
+    from .convert import operator_fingerprint
+
+    files = journal["files"]
+    items = [{"name": n, "path": os.path.join(input, n), "staged": os.path.join(staging, n),
+              "sha256": (files.get(n) or {}).get("sha256", "")} for n in names]
+    started = _start_ray(ray, address)
+    try:
+        workers, threads = _plan_workers(ray, len(items), num_workers, threads)
+        with _quiet_ray_deprecations():
+            ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = bool(progress)
+        ctx.print_on_execution_start = bool(progress)
+        kwargs = {"registry": prov["registry"], "src": prov["from"], "dst": dst, "normalize": normalize,
+                  "options": options, "fault": fault,
+                  "expect": {"registry_checksum": prov["registry_checksum"], "operator": operator_fingerprint(op)}}
+
+        with _quiet_ray_deprecations():
+            # Ray Data documents max_restarts/max_task_retries as map_batches keywords (its default is to
+            # retry forever, which would hang on a file that always kills its worker), but 2.60 flags every
+            # extra keyword as deprecated
+            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                _FileConverter, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=threads,
+                compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
+                max_restarts=max_retries, max_task_retries=max_retries)
+        t0 = time.perf_counter()
+        with _quiet_ray_deprecations():
+            results, errors = _collect(ray, ds, journal, journal_path)
+        seconds = time.perf_counter() - t0
+    finally:
+        if started:
+            ray.shutdown()
+    if errors:
+        _raise_worker_error(errors)
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise RuntimeError(f"Ray returned no result for {len(missing)} files ({', '.join(missing[:3])}); rerun "
+                           "the same command to convert them")
+    done = [r for r in results if not r.get("skipped") and not r.get("already_complete")]
+    n_conv = sum(r["rows"] - r["resumed_rows"] for r in done)
+    rss: dict[str, int] = {}
+    for r in results:
+        if "worker" in r:
+            rss[r["worker"]] = max(rss.get(r["worker"], 0), r["peak_rss"])
+    return DatasetResult(
+        output="", sidecar="", files=list(names), converted=sorted(r["name"] for r in done),
+        skipped=sorted(r["name"] for r in results if r.get("skipped") or r.get("already_complete")),
+        resumed=sorted(r["name"] for r in done if r["resumed_rows"]), rows=sum(f["rows"] for f in files.values()),
+        rows_converted=n_conv, seconds=seconds, rows_per_s=n_conv / max(seconds, 1e-9), workers=workers,
+        threads_per_worker=threads, peak_rss=rss)
+
+
+def _collect(ray: Any, ds: Any, journal: dict, journal_path: str) -> tuple[list[dict], list[dict]]:
+    """Stream the per-file results, journaling each finished file before the next one is read."""
+    results, errors = [], []
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for raw in batch["result"]:
+                r = json.loads(raw)
+                for msg in r.get("warnings", []):
+                    warnings.warn(f"{r['name']}: {msg}", RuntimeWarning, stacklevel=4)
+                if "error" in r:
+                    errors.append(r)
+                    continue
+                results.append(r)
+                if not r.get("skipped"):
+                    journal["files"][r["name"]] = {k: r[k] for k in ("rows", "sha256", "size", "side",
+                                                                     "verify_max_error")}
+                    _write_journal(journal_path, journal)
+    except ray.exceptions.RayError as e:
+        done = len(journal["files"])
+        raise RuntimeError(f"a Ray worker died or failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                           f"{done} files are converted and kept; rerun the same command to resume (finished "
+                           "files are skipped, a half-converted one continues from its journal)") from None
+    return results, errors
+
+
+_COMMON = ("format", "version", "source_version", "registry", "registry_checksum", "chain_checksum", "chain",
+           "provenance", "operator", "bc_fast_version")
+
+
+def _dataset_sidecar(journal: dict, names: list[str], kind: str, input: str, rows: int, prov: dict, key: str,
+                     result: DatasetResult) -> dict:
+    """One sidecar for the dataset: the per-file sidecars' common provenance fields, then the parts."""
+    sides = [journal["files"][n]["side"] for n in names]
+    first = sides[0]
+    for n, s in zip(names, sides):
+        diff = [k for k in _COMMON if k != "bc_fast_version" and s.get(k) != first.get(k)]
+        if diff:
+            raise ValueError(f"{n}: its conversion differs from {names[0]}'s in {', '.join(diff)}, so the staged "
+                             "files mix conversions; delete the partial output (OUTPUT.partial and its journal) "
+                             "and start again")
+    side = {k: first.get(k) for k in _COMMON}
+    table = dict(first["table"])
+    table.update(format=f"{kind}_dir", rows=rows, files=len(names))
+    side.update(table=table, files=list(names), job_key=key,
+                input={"format": f"{kind}_dir", "path": input, "rows": rows, "dim": prov["dims"]["from"],
+                       "files": len(names)},
+                parts={n: {"rows": journal["files"][n]["rows"], "sha256": journal["files"][n]["sha256"],
+                           "size": journal["files"][n]["size"], "job_key": s.get("job_key"),
+                           "chunk_crc32": s.get("chunk_crc32"), "input": s.get("input"),
+                           "verify_max_error": journal["files"][n]["verify_max_error"]}
+                       for n, s in zip(names, sides)},
+                engine={"name": "ray", "ray_version": _ray_version(), "workers": result.workers,
+                        "threads_per_worker": result.threads_per_worker},
+                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return side
+
+
+def _ray_version() -> str:
+    import ray
+    return str(ray.__version__)
+
+
+def _finish(output: str, staging: str, journal_path: str, journal: dict, replacing: dict | None,
+            side: dict | None = None) -> None:
+    """Publish: per-file sidecars folded into the dataset sidecar, then ``OUTPUT.partial`` -> ``OUTPUT``
+    (convert's ``_publish``: every step can be redone, so a run killed here is finished by a rerun)."""
+    if side is not None:
+        atomic_write_json(sidecar_path(output) + ".tmp", side)
+        journal.update(publishing=True, replacing=replacing)
+        _write_journal(journal_path, journal)
+    replacing = journal.get("replacing")
+    if os.path.isdir(staging):
+        for name in os.listdir(staging):
+            if name.endswith(SIDECAR_SUFFIX):
+                os.unlink(os.path.join(staging, name))
+    j = SimpleNamespace(output=output, src=staging, temp=staging, aside=output + _PARTIAL + ".old",
+                        journal_path=journal_path, side=side or {})
+    _publish(j, replacing)  # type: ignore[arg-type]
+
+
+def _already_done(output: str, key: str, journal: dict | None, names: list[str]) -> DatasetResult | None:
+    """This exact job's dataset already published (and no journal left): nothing to do."""
+    if journal is not None or not os.path.isdir(output):
+        return None
+    try:
+        side = read_sidecar(output)
+    except ValueError:
+        return None
+    if not side or side.get("job_key") != key:
+        return None
+    return _result_from_sidecar(output, names, already=True)
+
+
+def _result_from_sidecar(output: str, names: Iterable[str], *, already: bool) -> DatasetResult:
+    side = read_sidecar(output) or {}
+    names = list(names)
+    return DatasetResult(output=output, sidecar=sidecar_path(output), files=names, converted=[], skipped=names,
+                         resumed=[], rows=int((side.get("table") or {}).get("rows", 0)), rows_converted=0,
+                         seconds=0.0, rows_per_s=0.0, workers=0, threads_per_worker=0, already_complete=already)
