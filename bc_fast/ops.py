@@ -44,6 +44,7 @@ if _forked_before_import():
     _core._mark_forked_child()
 
 ACTIVATIONS = ("none", "relu", "gelu")
+PRECISIONS = ("fp32", "bf16")
 _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
 _INT_MAX = 2**31 - 1  # the core takes thread counts as C ints
 MAX_THREADS = 1024  # the core runs at most this many worker threads per call
@@ -219,6 +220,20 @@ class FusedTransform:
         Applied in order; ``layers[i+1].d_in == layers[i].d_out``.
     normalize : bool, default False
         L2-normalise every output row (``y / max(||y||, 1e-12)``).
+    precision : {"fp32", "bf16"}, default "fp32"
+        Arithmetic of the matrix products. ``"bf16"`` (opt in) rounds the weights (once, here) and
+        each layer's input rows to bfloat16, round-to-nearest-even, and multiplies them with fp32
+        accumulation (AVX512-BF16 ``vdpbf16ps``); bias, activations, normalisation and the output
+        stay fp32 (or fp16 on request). Inputs and outputs keep their dtypes. Per output of a layer,
+        ``|y - y_exact| <= (2**-7 + 2**-16 + (d_in + 2) * 2**-24) * sum_k |x_k| |w_k|`` plus a term
+        below ``1e-37`` from subnormals flushed to zero: each operand carries a relative rounding error
+        of at most ``2**-8``, so each product at most ``2 * 2**-8 + 2**-16``, and the fp32 sum adds at
+        most ``d_in + 2`` roundings of ``2**-24``. Typical errors are far smaller (random signs
+        cancel). Needs a CPU with AVX512_BF16 (AMD Zen 4 and later, Intel Cooper Lake and Sapphire
+        Rapids and later) and the avx512 kernel level: elsewhere, or with ``BC_FAST_SIMD`` forcing a
+        lower level, it raises RuntimeError naming the missing feature
+        (``build_info()["bf16"]`` says beforehand). Applies to the CPU core; on a GPU the dtype of
+        ``x`` chooses the arithmetic.
 
     Examples
     --------
@@ -228,12 +243,14 @@ class FusedTransform:
     (2, 4)
     """
 
-    def __init__(self, layers: Sequence[Layer], *, normalize: bool = False) -> None:
+    def __init__(self, layers: Sequence[Layer], *, normalize: bool = False, precision: str = "fp32") -> None:
         if isinstance(layers, Layer) or not isinstance(layers, Iterable) or isinstance(layers, (str, bytes, dict)):
             raise TypeError(f"layers must be a sequence of bc_fast.Layer, got {type(layers).__name__}; "
                             "wrap a single layer as [layer]")
         if not isinstance(normalize, (bool, np.bool_)):
             raise TypeError(f"normalize must be True or False, got {normalize!r}")
+        if not isinstance(precision, str) or precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         layers = list(layers)
         if not layers:
             raise ValueError("a FusedTransform needs at least one layer")
@@ -251,6 +268,7 @@ class FusedTransform:
                 [l.activation for l in checked],
                 [l.d_out if l.activation_width is None else l.activation_width for l in checked],
                 self.normalize,
+                precision,
             )
         except MemoryError as e:
             nbytes = sum(2 * 4 * l.weight.size for l in checked)  # the core's copy and its packed panels
@@ -258,9 +276,15 @@ class FusedTransform:
                               "in the core") from e
 
     @classmethod
-    def affine(cls, weight: np.ndarray, bias: np.ndarray | None = None, *, normalize: bool = False) -> "FusedTransform":
+    def affine(cls, weight: np.ndarray, bias: np.ndarray | None = None, *, normalize: bool = False,
+               precision: str = "fp32") -> "FusedTransform":
         """One affine layer ``y = x @ weight.T + bias``."""
-        return cls([Layer(weight, bias)], normalize=normalize)
+        return cls([Layer(weight, bias)], normalize=normalize, precision=precision)
+
+    @property
+    def precision(self) -> str:
+        """Arithmetic of the matrix products: ``"fp32"``, or ``"bf16"`` (bf16 operands, fp32 accumulation)."""
+        return str(self._op.precision)
 
     @property
     def d_in(self) -> int:
@@ -275,7 +299,8 @@ class FusedTransform:
     def __repr__(self) -> str:
         shape = " -> ".join([str(self.d_in)] + [
             f"{l.d_out}{'' if l.is_affine else '(' + l.activation + ')'}" for l in self.layers])
-        return f"FusedTransform({shape}{', normalize' if self.normalize else ''})"
+        bf16 = ", precision='bf16'" if self.precision == "bf16" else ""
+        return f"FusedTransform({shape}{', normalize' if self.normalize else ''}{bf16})"
 
     def apply(self, x: Any, *, out: Any = None, out_dtype: Any = None, threads: int | None = None) -> Any:
         """Apply the program to a batch of rows.
@@ -394,7 +419,8 @@ def build_info() -> dict:
     ``blas_threads`` (the BLAS library's own thread setting, which the core keeps at 1:
     it parallelises over row tiles itself), ``forked_child`` (True in a process forked
     from one that had loaded the core: it runs single-threaded), ``small_batch_rows``
-    (largest batch served by the single-thread path), ``compiler``, ``cuda`` (the GPU path:
+    (largest batch served by the single-thread path), ``compiler``, ``bf16`` (True where
+    ``precision="bf16"`` can run now) and ``bf16_unavailable`` (why not, else ""), ``cuda`` (the GPU path:
     :func:`bc_fast.cuda.cuda_info`; whether ``bc_fast._cuda`` is built, the GPUs, driver and
     runtime versions; it never imports torch). Where ``bc_fast._cuda`` is built, asking for the
     GPUs initialises the CUDA runtime in this process, like any CUDA call: a process that will

@@ -1,0 +1,238 @@
+"""precision="bf16": bf16 operands, fp32 accumulation, against float64 with a derived error bound."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bc_fast
+from bc_fast import FusedTransform, Layer
+from bc_fast.fusion import apply_layers_reference
+
+_WHY = bc_fast._core.bf16_unavailable_reason()
+needs_bf16 = pytest.mark.skipif(bool(_WHY), reason=f"precision='bf16' cannot run here: {_WHY}")
+
+U_BF16 = 2.0**-8   # unit roundoff of bf16 (8 significant bits), round to nearest even
+U_F32 = 2.0**-24
+GELU_LIP = 1.13    # max |gelu'(z)| = 1.1289 (at z = sqrt 2)
+TINY = 2.0**-126   # subnormals flushed to zero by vdpbf16ps
+
+
+def layer_bound(x: np.ndarray, e_in: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-output bound on |y - y_exact| for one bf16 layer, given an input error bound e_in.
+
+    Both operands rounded to bf16: each product's relative error <= 2 u + u^2 (u = 2^-8); the fp32
+    accumulation adds at most (d_in + 2) roundings of 2^-24 (bias add included), 1.01 for gamma_n's
+    denominator; a propagated input error costs |W| e_in; flushed subnormals a tiny absolute term.
+    """
+    aw = np.abs(w)
+    s = (np.abs(x) + e_in) @ aw.T
+    d_in = w.shape[1]
+    return (e_in @ aw.T + (2 * U_BF16 + U_BF16**2) * s + 1.01 * (d_in + 2) * U_F32 * (s + np.abs(b))
+            + (d_in + 1) * TINY * (1 + aw.max()))
+
+
+def program_bound(layers: list[Layer], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 reference before normalisation, per-output error bound) through a layer program."""
+    y = x.astype(np.float64)
+    e = np.zeros_like(y)
+    for layer in layers:
+        w = layer.weight.astype(np.float64)
+        b = np.zeros(w.shape[0]) if layer.bias is None else layer.bias.astype(np.float64)
+        e = layer_bound(y, e, w, b)
+        if layer.activation == "gelu":
+            # Lipschitz factor, plus the kernel's erf approximation (|err| < 1.5e-7) and fp32 steps.
+            z = apply_layers_reference([Layer(layer.weight, layer.bias)], y)
+            e = GELU_LIP * e + 1e-6 * (1 + np.abs(z))
+        y = apply_layers_reference([layer], y)  # relu is 1-Lipschitz: e carries over
+    return y, e
+
+
+def rand_layers(rng: np.random.Generator, dims: list[int], acts: list[str], bias: bool = True) -> list[Layer]:
+    layers = []
+    for d_in, d_out, act in zip(dims[:-1], dims[1:], acts):
+        w = (rng.standard_normal((d_out, d_in)) / np.sqrt(d_in)).astype(np.float32)
+        b = rng.standard_normal(d_out).astype(np.float32) if bias else None
+        layers.append(Layer(w, b, act))
+    return layers
+
+
+def check_within_bound(op: FusedTransform, layers: list[Layer], x: np.ndarray, out_dtype=np.float32) -> None:
+    y = op.apply(x, out_dtype=out_dtype).astype(np.float64)
+    ref, e = program_bound(layers, x.astype(np.float64))
+    if op.normalize:
+        norm = np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
+        ref = ref / norm
+        # ||a/|a| - b/|b| || <= 2 ||a - b|| / |b|, per row.
+        e = np.broadcast_to(2 * np.linalg.norm(e, axis=1, keepdims=True) / norm + 1e-6, ref.shape)
+    if np.dtype(out_dtype) == np.float16:
+        e = e * (1 + 2.0**-11) + 2.0**-11 * np.abs(ref) + 2.0**-24
+    err = np.abs(y - ref)
+    assert np.all(err <= e), f"max err/bound {np.max(err / e):.3g}"
+
+
+@needs_bf16
+@pytest.mark.parametrize("n,d_in,d_out", [(1, 256, 256), (3, 77, 45), (17, 33, 100), (1000, 768, 768),
+                                          (64, 31, 1), (65, 256, 96), (1000, 1, 7)])
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+def test_single_layer_within_bound(n: int, d_in: int, d_out: int, act: str) -> None:
+    rng = np.random.default_rng(n * 1000 + d_in)
+    layers = rand_layers(rng, [d_in, d_out], [act])
+    op = FusedTransform(layers, precision="bf16")
+    assert op.precision == "bf16" and "precision='bf16'" in repr(op)
+    check_within_bound(op, layers, rng.standard_normal((n, d_in)).astype(np.float32))
+
+
+@needs_bf16
+@pytest.mark.parametrize("n", [1, 3, 17, 1000])
+def test_bound_is_not_vacuous(n: int) -> None:
+    """bf16 really differs from fp32 and the error is of the bf16 order, not something far smaller."""
+    rng = np.random.default_rng(n)
+    layers = rand_layers(rng, [200, 130], ["none"], bias=False)
+    x = rng.standard_normal((n, 200)).astype(np.float32)
+    y16 = FusedTransform(layers, precision="bf16").apply(x).astype(np.float64)
+    ref = apply_layers_reference(layers, x)
+    s = np.abs(x.astype(np.float64)) @ np.abs(layers[0].weight.astype(np.float64)).T
+    rel = np.abs(y16 - ref) / s
+    assert rel.max() <= 2 * U_BF16 + U_BF16**2 + 1.01 * 202 * U_F32
+    assert rel.max() > 1e-5  # fp32 arithmetic alone would stay near 1e-7
+
+
+@needs_bf16
+@pytest.mark.parametrize("out_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_mlp_program_normalize_fp16(out_dtype, normalize: bool) -> None:
+    rng = np.random.default_rng(7)
+    layers = rand_layers(rng, [96, 200, 50, 64], ["gelu", "relu", "none"])
+    op = FusedTransform(layers, normalize=normalize, precision="bf16")
+    for n in (1, 3, 17, 1000):
+        check_within_bound(op, layers, rng.standard_normal((n, 96)).astype(np.float32), out_dtype)
+
+
+@needs_bf16
+def test_residual_activation_width_and_fp16_input() -> None:
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((48, 40)) / 6).astype(np.float32)
+    layers = [Layer(w, rng.standard_normal(48).astype(np.float32), "gelu", activation_width=20),
+              Layer((rng.standard_normal((24, 48)) / 7).astype(np.float32), None)]
+    op = FusedTransform(layers, precision="bf16")
+    x16 = rng.standard_normal((33, 40)).astype(np.float16)
+    check_within_bound(op, layers, x16)  # fp16 x is exact in fp32, then rounded to bf16 like fp32 x
+
+
+@needs_bf16
+@pytest.mark.parametrize("n", [1, 3, 64, 65, 1000, 4099])
+def test_bit_identical_across_thread_counts(n: int) -> None:
+    rng = np.random.default_rng(n)
+    layers = rand_layers(rng, [130, 257, 96], ["gelu", "none"])
+    op = FusedTransform(layers, normalize=True, precision="bf16")
+    x = rng.standard_normal((n, 130)).astype(np.float32)
+    one = op.apply(x, threads=1)
+    assert np.array_equal(one, op.apply(x, threads=2))
+    assert np.array_equal(one, op.apply(x, threads=3))
+    assert np.array_equal(one[:1], op.apply(x[:1], threads=2))  # a row's result does not depend on its batch
+
+
+@needs_bf16
+def test_weights_are_rounded_once_to_nearest_even() -> None:
+    """Exactly representable operands give exact results; a tie rounds to even, as documented."""
+    w = np.array([[1.0, 2.0**-8 + 2.0**-9, 1 + 2.0**-8, 3.0]], np.float32)  # 1+2^-8 is a tie: -> 1.0
+    x = np.array([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]], np.float32)
+    y = FusedTransform([Layer(w)], precision="bf16").apply(x)
+    # 2^-8 + 2^-9 has 2 significant bits, exact in bf16; 1 + 2^-8 ties to 1.0 (even).
+    assert y[0, 0] == np.float32(1.0 + 2.0**-8 + 2.0**-9 + 1.0)
+    assert y[1, 0] == np.float32(1.0)
+    assert np.array_equal(FusedTransform([Layer(w)]).apply(x)[1], [1 + 2.0**-8])  # fp32 keeps it
+
+
+@needs_bf16
+@pytest.mark.parametrize("act", ["none", "relu"])
+def test_nan_and_inf_rows_as_fp32(act: str) -> None:
+    """Where NaN/Inf appear matches the fp32 path (whose ReLU, max(y, 0), maps NaN to 0)."""
+    rng = np.random.default_rng(5)
+    layers = rand_layers(rng, [40, 70], [act])
+    x = rng.standard_normal((5, 40)).astype(np.float32)
+    x[1, 3] = np.nan
+    x[3, 0] = np.inf
+    y16 = FusedTransform(layers, precision="bf16").apply(x)
+    y32 = FusedTransform(layers).apply(x)
+    assert np.array_equal(np.isnan(y16), np.isnan(y32))
+    assert np.array_equal(np.isinf(y16), np.isinf(y32))
+    assert np.isfinite(y16[[0, 2, 4]]).all()
+    if act == "none":
+        assert np.isnan(y16[1]).all() and not np.isfinite(y16[3]).any()
+
+
+@pytest.mark.parametrize("bad", ["bf32", "BF16", "", None, 16])
+def test_bad_precision_lists_choices(bad) -> None:
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\)"):
+        FusedTransform([Layer(np.eye(3, dtype=np.float32))], precision=bad)
+
+
+def test_default_is_fp32_and_build_info_reports_bf16() -> None:
+    op = FusedTransform.affine(np.eye(3, dtype=np.float32))
+    assert op.precision == "fp32" and "precision" not in repr(op)
+    info = bc_fast.build_info()
+    assert info["bf16"] is (not _WHY) and info["bf16_unavailable"] == _WHY
+    assert (not _WHY) == ("avx512bf16" in info["cpu"].split() and info["kernel"] == "avx512")
+
+
+_REFUSAL = """
+import numpy as np, bc_fast
+from bc_fast import FusedTransform, Layer
+info = bc_fast.build_info()
+assert info["kernel"] == "avx2" and info["bf16"] is False, info
+try:
+    FusedTransform([Layer(np.eye(4, dtype=np.float32))], precision="bf16")
+except RuntimeError as e:
+    print("REFUSED:", e)
+print("FP32:", FusedTransform([Layer(np.eye(4, dtype=np.float32))]).apply(np.ones((2, 4), np.float32)).sum())
+"""
+
+
+@pytest.mark.skipif("avx2" not in bc_fast._core.usable_simd_levels(), reason="this CPU cannot run the avx2 level")
+def test_refused_below_avx512_with_clear_error(tmp_path) -> None:
+    env = {**os.environ, "BC_FAST_SIMD": "avx2"}
+    res = subprocess.run([sys.executable, "-c", _REFUSAL], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "REFUSED: precision='bf16' is not available: " in res.stdout
+    assert "AVX512_BF16" in res.stdout and "use precision='fp32'" in res.stdout
+    assert "FP32: 8.0" in res.stdout
+
+
+@pytest.mark.skipif(not _WHY, reason="this CPU runs precision='bf16'; the refusal is tested with BC_FAST_SIMD=avx2")
+def test_refused_on_this_cpu() -> None:
+    with pytest.raises(RuntimeError, match=r"precision='bf16' is not available: .*use precision='fp32'"):
+        FusedTransform([Layer(np.eye(4, dtype=np.float32))], precision="bf16")
+
+
+@needs_bf16
+def test_set_simd_level_below_avx512_refuses_new_bf16_ops() -> None:
+    op = FusedTransform([Layer(np.eye(4, dtype=np.float32))], precision="bf16")
+    before = bc_fast.build_info()["kernel"]
+    bc_fast._core.set_simd_level("generic")
+    try:
+        with pytest.raises(RuntimeError, match="SIMD level is forced to 'generic'.*AVX512_BF16"):
+            FusedTransform([Layer(np.eye(4, dtype=np.float32))], precision="bf16")
+        # An operator built before keeps its bf16 kernels (the CPU has them); its epilogue follows the level.
+        assert np.array_equal(op.apply(np.ones((2, 4), np.float32)), np.ones((2, 4), np.float32))
+    finally:
+        bc_fast._core.set_simd_level(before)
+
+
+@needs_bf16
+def test_registry_operator_passes_precision(tmp_path, make_chain_registry) -> None:
+    reg = make_chain_registry(tmp_path / "reg", [24, 40, 56], [6.0, 7.0])
+    op16 = reg.operator(2, 0, normalize=True, precision="bf16")
+    op32 = reg.operator(2, 0, normalize=True)
+    assert op16.precision == "bf16" and op32.precision == "fp32" and op16 is not op32
+    assert reg.operator(2, 0, normalize=True, precision="bf16") is op16
+    x = np.random.default_rng(0).standard_normal((9, 56)).astype(np.float32)
+    check_within_bound(op16, list(op16.layers), x)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        reg.operator(2, 0, precision="fp16")
