@@ -8,6 +8,16 @@ the next slice) and growing dimensions; version k is evaluated (Recall@50) on th
 trained once on version-0 embeddings and scored on every later version's embeddings as
 mapped back to version 0 by the strategy's backward transforms.
 
+Held-out protocol (:mod:`bc_fast.train.protocol`): each slice's evaluation users are split
+once, deterministically, into a selection half and a test half. The best epoch of every
+model is chosen on the selection half only; every reported number (Recall@K per user, the
+consumer AUCs of user and edge tasks) is computed on the test half. The intended metric is
+Recall@K of the LATEST version (as the paper reports it), per-version values beside it.
+``seeds > 1`` runs paired seeds (every strategy sees the same seeds and data); every table
+number is a mean with a 95 % CI from a paired bootstrap over test users/examples and seeds
+(:mod:`bc_fast.eval.bootstrap`), and the raw per-seed, per-user values are returned under
+``raw`` (schema: :func:`raw_schema`).
+
 ``run_demo()`` is the quick end-to-end run (a few minutes on 2 cores); ``run_experiment``
 runs any :class:`ExperimentConfig` (``ExperimentConfig.quick()`` / ``.full()``).
 """
@@ -15,13 +25,14 @@ runs any :class:`ExperimentConfig` (``ExperimentConfig.quick()`` / ``.full()``).
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["ExperimentConfig", "run_experiment", "run_demo", "summarize"]
+__all__ = ["ExperimentConfig", "run_experiment", "run_demo", "summarize", "raw_schema"]
 
 ALL_STRATEGIES = ("fix-m0", "nobc", "finetune-m0", "posthoc-sloss", "posthoc-mloss",
                   "joint-notrans", "joint-sloss", "joint-mloss")
@@ -63,6 +74,12 @@ class ExperimentConfig:
     recall_k : int
     seed : int
         Seeds everything; all strategies share M_0, the per-version initialisations and samples.
+    seeds : int
+        Number of paired seeds ``seed, seed + 1, ...`` (each a full run of every strategy).
+    selection_frac, split_seed : the held-out protocol: the share of each slice's evaluation users
+        used for model selection, and the seed of the (training-seed independent) user split.
+    n_boot : int
+        Bootstrap replicates of the CIs.
     threads : int
         torch intra-op threads (1 is fastest on a busy 2-core machine).
     keep : tuple of str
@@ -93,6 +110,10 @@ class ExperimentConfig:
     consumer_dropout: float = 0.0
     recall_k: int = 50
     seed: int = 0
+    seeds: int = 1
+    selection_frac: float = 0.5
+    split_seed: int = 0
+    n_boot: int = 1000
     threads: int = 1
     keep: tuple[str, ...] = ("joint-mloss", "nobc")
     name: str = "quick"
@@ -110,8 +131,8 @@ class ExperimentConfig:
                    consumer_seeds=tuple(range(10)), consumer_epochs=60, name="full")
         return replace(base, **overrides)
 
-    def validate(self) -> None:
-        """Raise ValueError on inconsistent settings."""
+    def validate(self, data: Any = None) -> None:
+        """Raise ValueError on inconsistent settings (and, given ``data``, settings the data cannot serve)."""
         from .train.strategies import get_strategy
 
         for s in self.strategies:
@@ -134,6 +155,18 @@ class ExperimentConfig:
             raise ValueError(f"unknown consumer task(s) {unknown}; expected some of {ALL_TASKS}")
         if not self.consumer_seeds:
             raise ValueError("consumer_seeds is empty")
+        if self.seeds < 1 or self.n_boot < 1:
+            raise ValueError(f"seeds and n_boot must be >= 1, got seeds={self.seeds}, n_boot={self.n_boot}")
+        if not 0.0 < self.selection_frac < 1.0:
+            raise ValueError(f"selection_frac must be in (0, 1), got {self.selection_frac}")
+        if data is not None and "item-genre" in self.consumer_tasks and getattr(data, "item_labels", None) is None:
+            raise ValueError(f"consumer task 'item-genre' needs item labels, but data {getattr(data, 'name', '')!r} has "
+                             "none: give a label column (from_dataframe(label_attribute=...), `--columns label=...`) "
+                             "or leave 'item-genre' out of consumer_tasks")
+
+    def seed_list(self) -> list[int]:
+        """The paired training seeds."""
+        return [int(self.seed) + i for i in range(int(self.seeds))]
 
     def layers(self) -> tuple[int, ...]:
         """GNN layers of each version."""
@@ -146,9 +179,27 @@ def _pct(x: float, ref: float) -> float:
     return float((x - ref) / ref * 100.0) if ref and np.isfinite(ref) and np.isfinite(x) else float("nan")
 
 
+def raw_schema() -> dict[str, str]:
+    """What the ``raw`` part of the results (``results_raw.json``) holds, key by key."""
+    return {
+        "seeds": "list of the paired training seeds, in order (index s below)",
+        "strategies": "list of strategy names, in order",
+        "selection_users[k] / test_users[k]": "dense user ids of version k's evaluation users in each half",
+        "recall_test[strategy][s][k]": "Recall@K of every test user of version k (in test_users[k] order), seed s",
+        "recall_selection[strategy][s][k]": "mean Recall@K on the selection half (what model selection saw)",
+        "selected_epoch[strategy][s][k]": "epoch kept for version k (null: not trained by this strategy)",
+        "auc_units[task][k]": "the examples scored for task at version k: {'entity', 'ids' (user or item ids, "
+                              "or [users, items] for edges), 'weight' (its share of the unintended score)}",
+        "auc_values[strategy][s][task][k]": "per-example AUC placement values (mean = ROC-AUC averaged over "
+                                           "consumer seeds; see bc_fast.eval.bootstrap.auc_placements)",
+        "align[strategy][s][k]": "mean row L2 distance of version k's embeddings (as version-0 consumers see "
+                                 "them) to M_0's",
+    }
+
+
 def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
                    log: Callable[[str], None] | None = print) -> dict:
-    """Run the experiment and return its results.
+    """Run the experiment (every seed, every strategy) and return its results.
 
     Parameters
     ----------
@@ -161,19 +212,20 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
     Returns
     -------
     dict
-        JSON-ready keys ``config``, ``data``, ``rows`` (the table), ``per_version``, ``per_task``,
-        ``timing``, ``table`` (printable string), and ``artifacts`` (not JSON: per kept strategy,
-        ``user``/``item`` embedding arrays per version, ``dims`` and ``layers`` -- the exported
-        :class:`bc_fast.ops.Layer` list of every B_k, ``layers[k-1]`` for B_k).
+        JSON-ready keys ``config``, ``data``, ``rows`` (the table, with CIs), ``per_version``,
+        ``per_task``, ``timing``, ``table`` (printable string), ``raw`` (every per-seed,
+        per-user value, see :func:`raw_schema`), and ``artifacts`` (not JSON: per kept
+        strategy, of the first seed, ``user``/``item`` embedding arrays per version, ``dims``
+        and ``layers`` -- the exported :class:`bc_fast.ops.Layer` list of every B_k,
+        ``layers[k-1]`` for B_k).
     """
     import torch
 
     from .data.movielens import load_movielens, time_points
     from .eval import consumers as C
     from .eval.report import format_table
-    from .train.recommender import BPRSampler, PinSAGE, bpr_loss, build_graph, evaluate_recall, graph_attr_sizes
-    from .train.strategies import get_strategy
-    from .train.trainer import BCTrainer
+    from .train.protocol import held_out_split
+    from .train.recommender import build_graph, graph_attr_sizes
 
     cfg = config or ExperimentConfig.quick()
     cfg.validate()
@@ -184,122 +236,38 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
     try:
         if data is None:
             data = load_movielens()
+        cfg.validate(data)
         K = len(cfg.dims)
         tp = time_points(K, cfg.start)
         splits = [data.split(tp[k], tp[k + 1]) for k in range(K)]
+        held = [held_out_split(s, num_users=data.num_users, frac=cfg.selection_frac, split_seed=cfg.split_seed)
+                for s in splits]
         graphs = [build_graph(data, s, degree_bins=cfg.degree_bins) for s in splits]
         attr_sizes = graph_attr_sizes(data, degree_bins=cfg.degree_bins)
-        layers = cfg.layers()
-        say(f"[bc_fast] {data!r}; versions at t={tp[:-1]}, dims={cfg.dims}, strategies={list(cfg.strategies)}")
-
-        def new_model(k: int) -> Any:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed * 1000 + k)
-                return PinSAGE(cfg.dims[k], layers[k], attr_sizes)
-
-        def version_fns(k: int):
-            g, s = graphs[k], splits[k]
-            rng = np.random.default_rng([cfg.seed, k])
-            sampler = BPRSampler(s.train_user, s.train_item, s.num_items, cfg.batch_size, rng)
-
-            def step_fn(model, batch):
-                u, p, n = batch
-                xu, xi = model(g)
-                loss = bpr_loss(xu, xi, u, p, n, cfg.weight_decay)
-                return loss, [("user", u, xu[u]), ("item", p, xi[p]), ("item", n, xi[n])]
-
-            def embed_fn(model):
-                xu, xi = model(g)
-                return {"user": xu, "item": xi}
-
-            def eval_fn(model):
-                xu, xi = model(g)
-                return evaluate_recall(xu, xi, s, cfg.recall_k)
-
-            # every strategy sees the same negative samples at version k
-            def batches():
-                return sampler.epoch()
-
-            def reset():
-                sampler.rng = np.random.default_rng([cfg.seed, k])
-
-            return step_fn, batches, embed_fn, eval_fn, reset
-
-        fns = [version_fns(k) for k in range(K)]
-        timing: dict[str, float] = {}
-
-        # ---- M_0, shared by every strategy
-        t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed)
-        base = BCTrainer("nobc", lr=cfg.lr, seed=cfg.seed, log=say)
-        step_fn, batches, embed_fn, eval_fn, reset = fns[0]
-        reset()
-        rec0 = base.fit_version(new_model(0), step_fn=step_fn, batches=batches, embed_fn=embed_fn,
-                                epochs=cfg.epochs, eval_fn=eval_fn, eval_every=cfg.eval_every)
-        timing["M0"] = time.perf_counter() - t0
-        say(f"[bc_fast] M_0 (d={cfg.dims[0]}): Recall@{cfg.recall_k}={rec0.score:.4f} ({timing['M0']:.1f}s)")
-
-        # ---- strategies (nobc before the post-hoc ones, which reuse its models)
-        order = sorted(cfg.strategies, key=lambda n: (0 if n == "nobc" else 1, ALL_STRATEGIES.index(get_strategy(n).name)))
-        trainers: dict[str, BCTrainer] = {}
-        for name in order:
-            strat = get_strategy(name)
+        # consumer examples depend on the data only (split_seed), never on the training seed
+        tasks = C.build_consumer_tasks(data, splits, cfg.consumer_tasks, seed=cfg.split_seed)
+        test_tasks = [C.restrict_examples(t, [h.selection_users for h in held]) for t in tasks]
+        say(f"[bc_fast] {data!r}; versions at t={tp[:-1]}, dims={cfg.dims}, strategies={list(cfg.strategies)}, "
+            f"seeds={cfg.seed_list()}; test users per version {[int(h.test_users.size) for h in held]}")
+        ctx = _Context(cfg, data, splits, held, graphs, attr_sizes, tasks, test_tasks, say)
+        per_seed, timing, artifacts = [], {}, {}
+        for i, seed in enumerate(cfg.seed_list()):
             t0 = time.perf_counter()
-            tr = BCTrainer(strat, transform=cfg.transform, lam=cfg.lam, lr=cfg.lr, transform_lr=cfg.transform_lr,
-                           posthoc_steps=cfg.posthoc_steps, posthoc_lr=cfg.posthoc_lr, seed=cfg.seed, log=lambda s: None)
-            tr.add_trained_version(rec0.model, embed_fn=fns[0][2], score=rec0.score)
-            reuse = trainers.get("nobc") if strat.fit == "posthoc" else None
-            for k in range(1, K):
-                step_fn, batches, embed_fn, eval_fn, reset = fns[k]
-                reset()
-                torch.manual_seed(cfg.seed * 1000 + 100 + k)
-                epochs = cfg.epochs if strat.model != "finetune" else (cfg.finetune_epochs or max(1, cfg.epochs // 2))
-                select_after = int(cfg.select_after_frac * cfg.epochs) if strat.fit == "joint" else 0
-                if reuse is not None:
-                    model, trained = reuse.versions[k].model, True
-                elif strat.model == "fresh":
-                    model, trained = new_model(k), False
-                else:
-                    model, trained = None, False
-                tr.fit_version(model, step_fn=step_fn, batches=batches, embed_fn=embed_fn, epochs=epochs,
-                               eval_fn=eval_fn, eval_every=cfg.eval_every, select_after=select_after, trained=trained)
-            trainers[strat.name] = tr
-            timing[strat.name] = time.perf_counter() - t0
-            say(f"[bc_fast] {strat.name:<14} Recall@{cfg.recall_k} per version "
-                f"{[round(r.score, 4) for r in tr.versions]} ({timing[strat.name]:.1f}s)")
+            out, trainers = _run_seed(ctx, seed, timing)
+            per_seed.append(out)
+            if i == 0:
+                artifacts = {name: {"dims": list(trainers[name].dims),
+                                    "user": [e[0] for e in _raw(trainers[name])],
+                                    "item": [e[1] for e in _raw(trainers[name])],
+                                    "layers": [b.export() for b in trainers[name].transforms],
+                                    "trainer": trainers[name]}
+                             for name in cfg.keep if name in trainers}
+            timing[f"seed{seed}"] = time.perf_counter() - t0
+            say(f"[bc_fast] seed {seed} done ({timing[f'seed{seed}']:.1f}s)")
 
-        # ---- consumers, trained once on version-0 embeddings
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            ref = []
-            for k in range(K):
-                rec0.model.eval()
-                xu, xi = rec0.model(graphs[k])
-                ref.append((xu.numpy(), xi.numpy()))
-        tasks = C.build_consumer_tasks(data, splits, cfg.consumer_tasks, seed=cfg.seed)
-        heads = C.train_consumers(tasks, ref, seeds=cfg.consumer_seeds, epochs=cfg.consumer_epochs,
-                                  hidden=cfg.consumer_hidden, dropout=cfg.consumer_dropout)
-        timing["consumers_train"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        strategies_out: dict[str, dict] = {}
-        bc_emb_all: dict[str, list] = {}
-        for name, tr in trainers.items():
-            bc = []
-            for k in range(K):
-                e = tr.bc_embeddings(k, 0)
-                bc.append((e["user"].numpy(), e["item"].numpy()))
-            bc_emb_all[name] = bc
-            scores = C.score_consumers(tasks, heads, bc)
-            align = []
-            for k in range(K):
-                a = np.vstack(bc[k])
-                b = np.vstack(ref[k])
-                align.append(float(np.mean(np.linalg.norm(a - b, axis=1))))
-            strategies_out[name] = {"recall": [float(r.score) for r in tr.versions], "auc": scores, "align": align}
-        timing["consumers_score"] = time.perf_counter() - t0
-
-        results = summarize(strategies_out, tasks, cfg)
+        raw = _raw_results(ctx, per_seed)
+        results = summarize(raw, test_tasks, cfg)
+        results["raw"] = raw
         results["timing"] = {k: round(v, 2) for k, v in timing.items()}
         results["timing"]["total"] = round(time.perf_counter() - t_start, 2)
         results["data"] = {
@@ -307,85 +275,327 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
             "time_points": tp,
             "versions": [{"k": k, "t_train": s.t_train, "t_val": s.t_val, "users": s.num_users, "items": s.num_items,
                           "train_edges": s.num_train, "val_edges": s.num_val,
-                          "recall_users": int(np.unique(s.val_user).size)} for k, s in enumerate(splits)],
+                          "recall_users": int(np.unique(s.val_user).size),
+                          "selection_users": int(h.selection_users.size), "test_users": int(h.test_users.size)}
+                         for k, (s, h) in enumerate(zip(splits, held))],
             "consumer_tasks": {t.name: {"train_examples": int(len(t.train_y)),
                                         "eval_examples": [int(len(y)) for _, y in t.examples],
                                         "stop_version": t.stop_version, "score_versions": t.score_versions}
-                               for t in tasks},
+                               for t in test_tasks},
         }
         results["config"] = asdict(cfg)
-        results["table"] = format_table(results["rows"])
-        results["artifacts"] = {
-            name: {
-                "dims": list(trainers[name].dims),
-                "user": [e[0] for e in _raw(trainers[name])],
-                "item": [e[1] for e in _raw(trainers[name])],
-                "layers": [b.export() for b in trainers[name].transforms],
-                "trainer": trainers[name],
-            }
-            for name in cfg.keep if name in trainers
-        }
+        results["table"] = format_table(results["rows"], recall_k=cfg.recall_k, seeds=cfg.seeds,
+                                        latest=K - 1)
+        results["artifacts"] = artifacts
         return results
     finally:
         torch.set_num_threads(old_threads)
+
+
+@dataclass
+class _Context:
+    """What every seed shares: config, data, splits and their halves, graphs, consumer tasks."""
+
+    cfg: ExperimentConfig
+    data: Any
+    splits: list
+    held: list
+    graphs: list
+    attr_sizes: dict
+    tasks: list
+    test_tasks: list
+    say: Callable[[str], None]
+
+
+def _version_fns(ctx: _Context, seed: int, k: int):
+    """Training closures of version k: BPR step, batches, embeddings, selection-half Recall."""
+    from .train.recommender import BPRSampler, bpr_loss, evaluate_recall
+
+    cfg, g, s = ctx.cfg, ctx.graphs[k], ctx.splits[k]
+    selection = ctx.held[k].selection
+    sampler = BPRSampler(s.train_user, s.train_item, s.num_items, cfg.batch_size, np.random.default_rng([seed, k]))
+
+    def step_fn(model, batch):
+        u, p, n = batch
+        xu, xi = model(g)
+        loss = bpr_loss(xu, xi, u, p, n, cfg.weight_decay)
+        return loss, [("user", u, xu[u]), ("item", p, xi[p]), ("item", n, xi[n])]
+
+    def embed_fn(model):
+        xu, xi = model(g)
+        return {"user": xu, "item": xi}
+
+    def eval_fn(model):  # model selection: the selection half ONLY
+        xu, xi = model(g)
+        return evaluate_recall(xu, xi, selection, cfg.recall_k)
+
+    def batches():  # every strategy sees the same negative samples at version k
+        return sampler.epoch()
+
+    def reset():
+        sampler.rng = np.random.default_rng([seed, k])
+
+    return step_fn, batches, embed_fn, eval_fn, reset
+
+
+def _run_seed(ctx: _Context, seed: int, timing: dict[str, float]) -> tuple[dict, dict]:
+    """Train M_0 and every strategy for one seed; score them on the test halves."""
+    import torch
+
+    from .eval import consumers as C
+    from .train.recommender import PinSAGE, recall_per_user
+    from .train.strategies import get_strategy
+    from .train.trainer import BCTrainer
+
+    cfg, say, K = ctx.cfg, ctx.say, len(ctx.cfg.dims)
+    layers = cfg.layers()
+
+    def new_model(k: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + k)
+            return PinSAGE(cfg.dims[k], layers[k], ctx.attr_sizes)
+
+    fns = [_version_fns(ctx, seed, k) for k in range(K)]
+
+    def add(key: str, t0: float) -> float:
+        dt = time.perf_counter() - t0
+        timing[key] = timing.get(key, 0.0) + dt
+        return dt
+
+    # ---- M_0, shared by every strategy
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    base = BCTrainer("nobc", lr=cfg.lr, seed=seed, log=lambda s: None)
+    step_fn, batches, embed_fn, eval_fn, reset = fns[0]
+    reset()
+    rec0 = base.fit_version(new_model(0), step_fn=step_fn, batches=batches, embed_fn=embed_fn,
+                            epochs=cfg.epochs, eval_fn=eval_fn, eval_every=cfg.eval_every)
+    dt = add("M0", t0)
+    say(f"[bc_fast] seed {seed} M_0 (d={cfg.dims[0]}): selection Recall@{cfg.recall_k}={rec0.score:.4f}, "
+        f"best epoch {rec0.selected_epoch}/{cfg.epochs} ({dt:.1f}s)")
+
+    # ---- strategies (nobc before the post-hoc ones, which reuse its models)
+    order = sorted(cfg.strategies, key=lambda n: (0 if get_strategy(n).name == "nobc" else 1,
+                                                  ALL_STRATEGIES.index(get_strategy(n).name)))
+    trainers: dict[str, Any] = {}
+    for name in order:
+        strat = get_strategy(name)
+        t0 = time.perf_counter()
+        tr = BCTrainer(strat, transform=cfg.transform, lam=cfg.lam, lr=cfg.lr, transform_lr=cfg.transform_lr,
+                       posthoc_steps=cfg.posthoc_steps, posthoc_lr=cfg.posthoc_lr, seed=seed, log=lambda s: None)
+        tr.add_trained_version(rec0.model, embed_fn=fns[0][2], score=rec0.score)
+        tr.versions[0].selected_epoch = rec0.selected_epoch
+        reuse = trainers.get("nobc") if strat.fit == "posthoc" else None
+        for k in range(1, K):
+            step_fn, batches, embed_fn, eval_fn, reset = fns[k]
+            reset()
+            torch.manual_seed(seed * 1000 + 100 + k)
+            epochs = cfg.epochs if strat.model != "finetune" else (cfg.finetune_epochs or max(1, cfg.epochs // 2))
+            select_after = int(cfg.select_after_frac * cfg.epochs) if strat.fit == "joint" else 0
+            if reuse is not None:
+                model, trained = reuse.versions[k].model, True
+            elif strat.model == "fresh":
+                model, trained = new_model(k), False
+            else:
+                model, trained = None, False
+            rec = tr.fit_version(model, step_fn=step_fn, batches=batches, embed_fn=embed_fn, epochs=epochs,
+                                 eval_fn=eval_fn, eval_every=cfg.eval_every, select_after=select_after,
+                                 trained=trained)
+            if reuse is not None:
+                rec.selected_epoch = reuse.versions[k].selected_epoch
+        trainers[strat.name] = tr
+        dt = add(strat.name, t0)
+        say(f"[bc_fast] seed {seed} {strat.name:<14} selection Recall@{cfg.recall_k} per version "
+            f"{[round(r.score, 4) for r in tr.versions]}, epochs {[r.selected_epoch for r in tr.versions]} ({dt:.1f}s)")
+
+    # ---- consumers, trained once on version-0 embeddings (M_0 of this seed)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        rec0.model.eval()
+        ref = []
+        for k in range(K):
+            xu, xi = rec0.model(ctx.graphs[k])
+            ref.append((xu.numpy(), xi.numpy()))
+    heads = C.train_consumers(ctx.tasks, ref, seeds=cfg.consumer_seeds, epochs=cfg.consumer_epochs,
+                              hidden=cfg.consumer_hidden, dropout=cfg.consumer_dropout)
+    add("consumers_train", t0)
+
+    t0 = time.perf_counter()
+    out: dict[str, dict] = {}
+    for name, tr in trainers.items():
+        bc = []
+        for k in range(K):
+            e = tr.bc_embeddings(k, 0)
+            bc.append((e["user"].numpy(), e["item"].numpy()))
+        recall_test = []
+        for k in range(K):
+            emb = tr.versions[k].embeddings
+            recall_test.append(recall_per_user(emb["user"], emb["item"], ctx.held[k].test, cfg.recall_k))
+        align = [float(np.mean(np.linalg.norm(np.vstack(bc[k]) - np.vstack(ref[k]), axis=1))) for k in range(K)]
+        out[name] = {
+            "recall_test": recall_test,
+            "recall_selection": [float(r.score) for r in tr.versions],
+            "selected_epoch": [r.selected_epoch for r in tr.versions],
+            "auc": C.score_consumers(ctx.test_tasks, heads, bc),
+            "auc_values": C.consumer_placements(ctx.test_tasks, heads, bc),
+            "align": align,
+        }
+    add("consumers_score", t0)
+    return out, trainers
 
 
 def _raw(trainer: Any) -> list:
     return [(r.embeddings["user"].numpy(), r.embeddings["item"].numpy()) for r in trainer.versions]
 
 
-def summarize(strategies: dict[str, dict], tasks: Any, cfg: ExperimentConfig) -> dict:
-    """Aggregate per-strategy raw results into the paper's table and per-version curves.
+def _raw_results(ctx: _Context, per_seed: list[dict]) -> dict:
+    """Per-seed results rearranged into the ``raw`` schema (see :func:`raw_schema`)."""
+    names = list(per_seed[0])
+    units: dict[str, dict[int, dict]] = {}
+    n_tasks = sum(1 for t in ctx.test_tasks if per_seed[0][names[0]]["auc_values"][t.name])
+    for t in ctx.test_tasks:
+        versions = sorted(per_seed[0][names[0]]["auc_values"][t.name])
+        units[t.name] = {}
+        for k in versions:
+            idx = t.examples[k][0]
+            units[t.name][k] = {"entity": t.entity, "ids": idx, "weight": 1.0 / (n_tasks * len(versions))}
+    return {
+        "seeds": ctx.cfg.seed_list(),
+        "strategies": names,
+        "selection_users": [h.selection_users for h in ctx.held],
+        "test_users": [h.test_users for h in ctx.held],
+        "recall_test": {n: [s[n]["recall_test"] for s in per_seed] for n in names},
+        "recall_selection": {n: [s[n]["recall_selection"] for s in per_seed] for n in names},
+        "selected_epoch": {n: [s[n]["selected_epoch"] for s in per_seed] for n in names},
+        "auc_units": units,
+        "auc_values": {n: [s[n]["auc_values"] for s in per_seed] for n in names},
+        "auc": {n: [s[n]["auc"] for s in per_seed] for n in names},
+        "align": {n: [s[n]["align"] for s in per_seed] for n in names},
+    }
 
-    Intended: mean Recall@K over all versions, % change vs nobc. Unintended: per task, ROC-AUC
-    averaged over seeds and the task's scored versions, then over tasks, % change vs fix-m0.
-    Alignment error: mean over versions of the mean row L2 distance to fix-m0's embeddings.
+
+def _ci(cmp: dict, name: str, prefix: str) -> dict:
+    c = cmp.get(name) if cmp else None
+    if c is None:
+        nan = float("nan")
+        return {f"{prefix}": nan, f"{prefix}_lo": nan, f"{prefix}_hi": nan}
+    return {prefix: c["mean"], f"{prefix}_lo": c["lo"], f"{prefix}_hi": c["hi"]}
+
+
+def _diff(cmp: dict, name: str, prefix: str) -> dict:
+    c = cmp.get(name) if cmp else None
+    if c is None:
+        nan = float("nan")
+        return {prefix: nan, f"{prefix}_lo": nan, f"{prefix}_hi": nan, f"{prefix}_significant": False}
+    return {prefix: c["diff"], f"{prefix}_lo": c["diff_lo"], f"{prefix}_hi": c["diff_hi"],
+            f"{prefix}_significant": c["significant"]}
+
+
+def _rel_samples(res: Any, j: int, r: int) -> np.ndarray:
+    return 100.0 * (res.samples[:, j] - res.samples[:, r]) / res.samples[:, r]
+
+
+def summarize(raw: dict, tasks: Any, cfg: ExperimentConfig) -> dict:
+    """The paper's table with CIs, per-version curves and per-task AUCs from the ``raw`` results.
+
+    Intended: Recall@K of the LATEST version on its test users, % change vs nobc. Unintended:
+    ROC-AUC on the test examples averaged over consumer seeds, each task's scored versions and
+    the tasks, % change vs fix-m0. Every value is a mean over the paired seeds with a 95 % CI
+    from a paired bootstrap over test users / examples and seeds (``cfg.n_boot`` replicates,
+    seeded by ``cfg.split_seed``); ``*_significant`` means the CI of the difference to the
+    reference excludes 0. ``total`` adds the two changes replicate by replicate (seeds are
+    drawn identically for both; units independently). Alignment error: mean over seeds and
+    versions of the mean row L2 distance to M_0's embeddings (no CI).
     """
+    from .eval.bootstrap import Block, compare, paired_bootstrap
+
+    names = list(raw["strategies"])
+    n_seeds = len(raw["seeds"])
     K = len(cfg.dims)
-    task_list = list(tasks)
+    latest = K - 1
+    boot = dict(n_boot=cfg.n_boot, seed=cfg.split_seed)
 
-    def unintended(auc: dict, versions: list[int] | None = None) -> float:
-        per_task = []
-        for t in task_list:
-            vs = [v for v in t.score_versions if versions is None or v in versions]
-            if vs:
-                per_task.append(np.nanmean(auc[t.name][:, vs]))
-        return float(np.mean(per_task)) if per_task else float("nan")
+    def recall_block(k: int) -> Block:
+        return Block(np.array([[np.asarray(raw["recall_test"][n][s][k]) for s in range(n_seeds)] for n in names]))
 
-    recall = {n: float(np.mean(d["recall"])) for n, d in strategies.items()}
-    auc = {n: unintended(d["auc"]) for n, d in strategies.items()}
-    ref_recall = recall.get("nobc", float("nan"))
-    ref_auc = auc.get("fix-m0", float("nan"))
-    if not np.isfinite(ref_auc) and strategies:  # fix-m0 not run: its AUC is not available
-        ref_auc = float("nan")
+    def auc_blocks(only: list[int] | None = None) -> list[Block]:
+        blocks = []
+        for task, per_v in raw["auc_units"].items():
+            vs = [k for k in per_v if only is None or k in only]
+            for k in vs:
+                vals = np.array([[raw["auc_values"][n][s][task][k] for s in range(n_seeds)] for n in names])
+                w = per_v[k]["weight"] if only is None else 1.0 / (len([t for t, pv in raw["auc_units"].items()
+                                                                        if any(v in only for v in pv)]) * len(vs))
+                blocks.append(Block(vals, w))
+        return blocks
+
+    intended_res = paired_bootstrap([recall_block(latest)], **boot)
+    unintended_blocks = auc_blocks()
+    unintended_res = paired_bootstrap(unintended_blocks, **boot) if unintended_blocks else None
+    ic = compare(intended_res, names, "nobc") if "nobc" in names else {}
+    uc = compare(unintended_res, names, "fix-m0") if unintended_res is not None and "fix-m0" in names else {}
+    ic_abs = compare(intended_res, names, names[0])
+    uc_abs = compare(unintended_res, names, names[0]) if unintended_res is not None else {}
+
     rows = []
-    for n, d in strategies.items():
-        ic, uc = _pct(recall[n], ref_recall), _pct(auc[n], ref_auc)
-        rows.append({"strategy": n, "intended_change": ic, "unintended_change": uc,
-                     "total": ic + uc if np.isfinite(ic) and np.isfinite(uc) else float("nan"),
-                     "align_error": float(np.mean(d["align"])), "recall": recall[n], "auc": auc[n]})
-    per_version = {}
-    for n, d in strategies.items():
-        ref_r = strategies.get("nobc", {}).get("recall")
-        ref_a = strategies.get("fix-m0", {}).get("auc")
-        iv, uv, av = [], [], []
-        for k in range(K):
-            iv.append(_pct(d["recall"][k], ref_r[k]) if ref_r else None)
-            a_k = unintended(d["auc"], [k])
-            uv.append(_pct(a_k, unintended(ref_a, [k])) if ref_a is not None and np.isfinite(a_k) else None)
-            av.append(a_k if np.isfinite(a_k) else None)
-        per_version[n] = {"recall": d["recall"], "intended_change": iv, "auc": av, "unintended_change": uv,
-                          "align_error": d["align"]}
-    per_task = {t.name: {n: {"auc_mean": np.nanmean(d["auc"][t.name], axis=0).tolist(),
-                             "auc_std": np.nanstd(d["auc"][t.name], axis=0).tolist(),
-                             "score": float(np.nanmean(d["auc"][t.name][:, t.score_versions]))}
-                         for n, d in strategies.items()} for t in task_list}
+    for j, n in enumerate(names):
+        row: dict[str, Any] = {"strategy": n}
+        row.update(_diff(ic, n, "intended_change"))
+        row.update(_diff(uc, n, "unintended_change"))
+        if ic and uc:
+            tot = _rel_samples(intended_res, j, names.index("nobc")) + _rel_samples(unintended_res, j, names.index("fix-m0"))
+            lo, hi = np.quantile(tot, [0.025, 0.975])
+            row.update(total=row["intended_change"] + row["unintended_change"], total_lo=float(lo), total_hi=float(hi))
+        else:
+            row.update(total=float("nan"), total_lo=float("nan"), total_hi=float("nan"))
+        row.update(_ci(ic_abs, n, "recall"))
+        row.update(_ci(uc_abs, n, "auc"))
+        row["align_error"] = float(np.mean(raw["align"][n]))
+        rows.append(row)
+
+    per_version: dict[str, dict] = {n: {"recall": [], "recall_lo": [], "recall_hi": [], "intended_change": [],
+                                        "intended_change_lo": [], "intended_change_hi": [], "auc": [],
+                                        "unintended_change": [], "align_error": [],
+                                        "selected_epoch": raw["selected_epoch"][n]} for n in names}
+    for k in range(K):
+        res_k = paired_bootstrap([recall_block(k)], **boot)
+        abs_k = compare(res_k, names, names[0])
+        rel_k = compare(res_k, names, "nobc") if "nobc" in names else {}
+        blocks_k = auc_blocks([k])
+        ures_k = paired_bootstrap(blocks_k, n_boot=1, seed=0) if blocks_k else None
+        for j, n in enumerate(names):
+            pv = per_version[n]
+            pv["recall"].append(abs_k[n]["mean"])
+            pv["recall_lo"].append(abs_k[n]["lo"])
+            pv["recall_hi"].append(abs_k[n]["hi"])
+            d = _diff(rel_k, n, "d")
+            pv["intended_change"].append(d["d"] if rel_k else None)
+            pv["intended_change_lo"].append(d["d_lo"] if rel_k else None)
+            pv["intended_change_hi"].append(d["d_hi"] if rel_k else None)
+            a_k = float(ures_k.point[j]) if ures_k is not None else None
+            pv["auc"].append(a_k)
+            ref_a = float(ures_k.point[names.index("fix-m0")]) if ures_k is not None and "fix-m0" in names else None
+            pv["unintended_change"].append(_pct(a_k, ref_a) if a_k is not None and ref_a is not None else None)
+            pv["align_error"].append(float(np.mean([a[k] for a in raw["align"][n]])))
+
+    per_task = {}
+    for t in tasks:
+        per_task[t.name] = {}
+        for n in names:
+            a = np.concatenate([np.asarray(s[t.name]) for s in raw["auc"][n]], axis=0)  # (seeds*cseeds, K)
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                per_task[t.name][n] = {"auc_mean": np.nanmean(a, axis=0).tolist(), "auc_std": np.nanstd(a, axis=0).tolist(),
+                                       "score": float(np.nanmean(a[:, t.score_versions]))}
     return {"rows": rows, "per_version": per_version, "per_task": per_task}
 
 
 def run_demo(out_dir: str | Path, seed: int = 0, quick: bool = True, log: Callable[[str], None] | None = print,
              *, data: Any = None, **overrides: Any) -> dict:
-    """Run the experiment end to end and write ``results.json``, ``degradation.png`` and ``per_version.png``.
+    """Run the experiment end to end; write ``results.json``, ``results_raw.json`` and two PNG plots.
+
+    ``results.json`` holds the table with CIs, per-version and per-task values and the schema
+    of ``results_raw.json`` (compact JSON: every per-seed, per-user value, :func:`raw_schema`).
 
     Parameters
     ----------
@@ -405,18 +615,21 @@ def run_demo(out_dir: str | Path, seed: int = 0, quick: bool = True, log: Callab
     dict
         As :func:`run_experiment`, plus ``files`` (written paths); ``results["table"]`` is printable.
     """
-    from .eval.report import plot_degradation, plot_per_version, write_json
+    from .eval.report import plot_degradation, plot_per_version, write_json, write_raw_json
 
     cfg = (ExperimentConfig.quick if quick else ExperimentConfig.full)(seed=seed, **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = run_experiment(cfg, data=data, log=log)
-    json_part = {k: v for k, v in res.items() if k != "artifacts"}
-    files = {"json": str(write_json(out / "results.json", json_part))}
+    json_part = {k: v for k, v in res.items() if k not in ("artifacts", "raw")}
+    json_part["raw_file"] = "results_raw.json"
+    json_part["raw_schema"] = raw_schema()
+    files = {"json": str(write_json(out / "results.json", json_part)),
+             "raw_json": str(write_raw_json(out / "results_raw.json", res["raw"]))}
     pv = res["per_version"]
     files["degradation_png"] = str(plot_degradation(
         out / "degradation.png", pv,
-        title=f"bc_fast on {res['data']['name']} ({cfg.name}, seed {seed}): degradation per version"))
+        title=f"bc_fast on {res['data']['name']} ({cfg.name}, seeds {cfg.seed_list()}): change per version (test users)"))
     per_task = {t: {n: d["auc_mean"] for n, d in v.items()} for t, v in res["per_task"].items()}
     files["per_version_png"] = str(plot_per_version(
         out / "per_version.png", per_task, {n: d["recall"] for n, d in pv.items()},

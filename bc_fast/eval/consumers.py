@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..data.movielens import InteractionData, VersionSplit
+from .bootstrap import auc_placements
 from .metrics import roc_auc, roc_auc_macro
 
 __all__ = [
@@ -43,6 +44,8 @@ __all__ = [
     "task_features",
     "train_consumers",
     "score_consumers",
+    "restrict_examples",
+    "consumer_placements",
 ]
 
 CONSUMER_TASKS = ("edge-rating", "user-activity", "user-positive-activity", "item-rating-avg",
@@ -267,4 +270,53 @@ def score_consumers(tasks: Sequence[ConsumerTask], models: dict[str, list[Consum
             for j, model in enumerate(models[task.name]):
                 res[j, k] = _auc(task, y, _predict(model, xk))
         out[task.name] = res
+    return out
+
+
+def restrict_examples(task: ConsumerTask, excluded_users: Sequence[np.ndarray]) -> ConsumerTask:
+    """``task`` with the examples of ``excluded_users[k]`` dropped from version k (user and edge tasks).
+
+    The held-out protocol scores consumers only on users outside each slice's selection half;
+    item tasks are returned unchanged (no item takes part in model selection).
+    """
+    if task.entity == "item":
+        return task
+    if len(excluded_users) != len(task.examples):
+        raise ValueError(f"got excluded users for {len(excluded_users)} versions, task {task.name!r} has {len(task.examples)}")
+    examples = []
+    for (idx, y), ex in zip(task.examples, excluded_users):
+        users = idx[0] if task.entity == "edge" else idx
+        keep = ~np.isin(users, ex)
+        examples.append((idx[:, keep] if task.entity == "edge" else idx[keep], y[keep]))
+    return ConsumerTask(task.name, task.entity, task.out_dim, task.train_idx, task.train_y, examples,
+                        task.stop_version, task.score_versions)
+
+
+def consumer_placements(tasks: Sequence[ConsumerTask], models: dict[str, list[ConsumerMLP]],
+                        embeddings: Sequence["tuple[np.ndarray, np.ndarray]"]) -> dict[str, dict[int, np.ndarray]]:
+    """Per-example AUC placement values of every task's scored versions, averaged over consumer seeds.
+
+    ``{task: {version: values (n_examples,)}}``: the plain mean of ``values`` is the seed-averaged
+    ROC-AUC (macro over label columns for multi-label tasks); resampling the examples gives the
+    linearised AUC of the resample (see :func:`bc_fast.eval.bootstrap.auc_placements`). A version
+    where the AUC is undefined (one class only) is left out.
+    """
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for task in tasks:
+        out[task.name] = {}
+        for k in task.score_versions:
+            idx, y = task.examples[k]
+            if len(y) == 0:
+                continue
+            xk = task_features(task, embeddings[k], idx)
+            y2 = y.reshape(len(y), -1)
+            cols = [j for j in range(y2.shape[1]) if 0 < y2[:, j].sum() < y2.shape[0]]
+            if not cols:
+                continue
+            acc = np.zeros(len(y))
+            for model in models[task.name]:
+                pred = _predict(model, xk).reshape(len(y), -1)
+                for j in cols:
+                    acc += auc_placements(y2[:, j], pred[:, j])[0] / len(cols)
+            out[task.name][k] = acc / len(models[task.name])
     return out

@@ -11,7 +11,7 @@ import numpy as np
 
 from .._fileio import atomic_write_bytes
 
-__all__ = ["format_table", "write_json", "plot_degradation", "plot_per_version", "atomic_write_bytes"]
+__all__ = ["format_table", "write_json", "write_raw_json", "plot_degradation", "plot_per_version", "atomic_write_bytes"]
 
 
 def _jsonable(x: Any) -> Any:
@@ -40,23 +40,71 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_bytes(path, (text + "\n").encode())
 
 
+def write_raw_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as compact JSON (floats to 6 significant digits, NaN -> null), atomically.
+
+    For large per-user / per-example arrays; keys are strings, so integer keys come back as str.
+    """
+    text = json.dumps(_jsonable(_round(obj)), separators=(",", ":"), allow_nan=False)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(path, (text + "\n").encode())
+
+
+def _round(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {k: _round(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_round(v) for v in x]
+    if isinstance(x, np.ndarray):
+        if np.issubdtype(x.dtype, np.floating):
+            return [float(f"{v:.6g}") if math.isfinite(v) else None for v in x.ravel().tolist()] if x.ndim == 1 \
+                else [_round(r) for r in x]
+        return x.tolist()
+    if isinstance(x, (float, np.floating)):
+        v = float(x)
+        return float(f"{v:.6g}") if math.isfinite(v) else None
+    return x
+
+
 def _fmt(v: float | None, spec: str) -> str:
     return "n/a" if v is None or not math.isfinite(v) else format(v, spec)
 
 
-def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The paper's Table 3 form, one row per strategy.
+def _ci_cell(r: Mapping[str, Any], key: str, spec: str, sig: bool = False) -> str:
+    v = r.get(key)
+    lo, hi = r.get(f"{key}_lo"), r.get(f"{key}_hi")
+    cell = _fmt(v, spec)
+    if lo is not None and hi is not None and cell != "n/a" and math.isfinite(lo) and math.isfinite(hi):
+        cell += f" [{format(lo, spec)}, {format(hi, spec)}]"
+    if sig and r.get(f"{key}_significant"):
+        cell += " *"
+    return cell
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], *, recall_k: int = 50, seeds: int | None = None,
+                 latest: int | None = None) -> str:
+    """The paper's Table 3 form, one row per strategy, every number with its 95 % CI when present.
 
     Each row needs ``strategy``, ``intended_change`` (% Recall@K vs nobc), ``unintended_change``
-    (% ROC-AUC vs fix-m0), ``total`` and ``align_error``; ``recall`` and ``auc`` are shown if present.
+    (% ROC-AUC vs fix-m0), ``total`` and ``align_error``; ``recall`` and ``auc`` are shown if
+    present. ``<key>_lo`` / ``<key>_hi`` give the CI shown in brackets, ``<key>_significant``
+    marks a change whose CI excludes 0 with ``*``.
     """
-    head = f"{'strategy':<15} {'intended %':>10} {'unintended %':>12} {'total %':>8} {'align err':>9} {'Recall@50':>9} {'AUC':>6}"
+    cols = [("strategy", 15), ("intended % vs nobc", 27), ("unintended % vs fix-m0", 27), ("total %", 25),
+            (f"Recall@{recall_k}", 25), ("AUC", 25), ("align err", 9)]
+    head = " ".join(f"{n:<{w}}" if i == 0 else f"{n:>{w}}" for i, (n, w) in enumerate(cols))
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(
-            f"{r['strategy']:<15} {_fmt(r.get('intended_change'), '+.2f'):>10} {_fmt(r.get('unintended_change'), '+.2f'):>12} "
-            f"{_fmt(r.get('total'), '+.2f'):>8} {_fmt(r.get('align_error'), '.3f'):>9} "
-            f"{_fmt(r.get('recall'), '.4f'):>9} {_fmt(r.get('auc'), '.4f'):>6}")
+        cells = [r["strategy"], _ci_cell(r, "intended_change", "+.2f", True),
+                 _ci_cell(r, "unintended_change", "+.2f", True), _ci_cell(r, "total", "+.2f"),
+                 _ci_cell(r, "recall", ".4f"), _ci_cell(r, "auc", ".4f"), _fmt(r.get("align_error"), ".3f")]
+        lines.append(" ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, (_, w)) in enumerate(zip(cells, cols))))
+    if any(r.get("intended_change_lo") is not None for r in rows):
+        where = f"latest version (v{latest})" if latest is not None else "latest version"
+        n = f"{seeds} paired seed(s) x " if seeds else ""
+        lines.append(f"intended: Recall@{recall_k} of the {where} on held-out test users; unintended: consumer "
+                     f"ROC-AUC on test examples. Mean [95% CI], paired bootstrap over {n}test users/examples; "
+                     "* = CI of the change excludes 0.")
     return "\n".join(lines)
 
 

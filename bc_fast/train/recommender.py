@@ -31,6 +31,7 @@ __all__ = [
     "build_graph",
     "graph_attr_sizes",
     "evaluate_recall",
+    "recall_per_user",
 ]
 
 
@@ -220,6 +221,13 @@ class BPRSampler:
 def evaluate_recall(x_user: torch.Tensor | np.ndarray, x_item: torch.Tensor | np.ndarray,
                     split: VersionSplit, k: int = 50) -> float:
     """Mean Recall@k over users with validation edges; their training items are excluded (reference)."""
+    per_user = recall_per_user(x_user, x_item, split, k)
+    return float(np.mean(per_user)) if per_user.size else float("nan")
+
+
+def recall_per_user(x_user: torch.Tensor | np.ndarray, x_item: torch.Tensor | np.ndarray,
+                    split: VersionSplit, k: int = 50) -> np.ndarray:
+    """Recall@k of every user with validation edges (sorted by user id), training items excluded."""
     xu = x_user.detach().cpu().numpy() if isinstance(x_user, torch.Tensor) else np.asarray(x_user)
     xi = x_item.detach().cpu().numpy() if isinstance(x_item, torch.Tensor) else np.asarray(x_item)
     if xu.shape[0] != split.num_users or xi.shape[0] != split.num_items:
@@ -227,11 +235,11 @@ def evaluate_recall(x_user: torch.Tensor | np.ndarray, x_item: torch.Tensor | np
                          f"the split has {split.num_users} / {split.num_items}")
     users = np.unique(split.val_user)
     if users.size == 0:
-        return float("nan")
+        return np.zeros(0, dtype=np.float64)
     truth = _group(split.val_user, split.val_item, users)
     seen = _group(split.train_user, split.train_item, users)
     scores = xu[users] @ xi.T
-    return float(np.mean(recall_at_k(scores, truth, k, exclude=seen)))
+    return recall_at_k(scores, truth, k, exclude=seen)
 
 
 def _group(user: np.ndarray, item: np.ndarray, users: np.ndarray) -> list[np.ndarray]:

@@ -63,6 +63,8 @@ class VersionRecord:
         Best ``eval_fn`` value (intended task), if an eval_fn was given.
     history : list of dict
         Per-evaluation log: epoch, intended loss, alignment loss, score.
+    selected_epoch : int or None
+        The epoch whose state was kept (None when the version was not trained here).
     """
 
     version: int
@@ -72,6 +74,7 @@ class VersionRecord:
     embeddings: dict[str, torch.Tensor]
     score: float | None = None
     history: list[dict] = field(default_factory=list)
+    selected_epoch: int | None = None
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -161,6 +164,7 @@ class BCTrainer:
         self.log = log or (lambda s: None)
         self.versions: list[VersionRecord] = []
         self._last_history: list[dict] = []
+        self._last_selected: int | None = None
 
     # -- bookkeeping ----------------------------------------------------------------------------
     @property
@@ -344,8 +348,9 @@ class BCTrainer:
         if transform is not None and (transform.d_in != dim or transform.d_out != self.versions[-1].dim):
             raise ValueError(f"B_{k} maps {transform.d_in} -> {transform.d_out}, expected {dim} -> {self.versions[-1].dim}")
         rec = VersionRecord(k, dim, _freeze(copy.deepcopy(model)), None if transform is None else _freeze(transform),
-                            emb, _evaluate(model, eval_fn), self._last_history)
+                            emb, _evaluate(model, eval_fn), self._last_history, self._last_selected)
         self._last_history = []
+        self._last_selected = None
         self.versions.append(rec)
         return rec
 
@@ -361,7 +366,7 @@ class BCTrainer:
         if align and transform.trainable:
             transform.train()
             opt_t = torch.optim.Adam(transform.parameters(), lr=self.transform_lr)
-        best_score, best_state, history = -math.inf, None, []
+        best_score, best_state, best_epoch, history = -math.inf, None, None, []
         for epoch in range(1, epochs + 1):
             sum_task = sum_align = 0.0
             n = 0
@@ -397,7 +402,7 @@ class BCTrainer:
                 eligible = epoch > select_after or epoch == epochs
                 cand = score if score is not None else float(epoch)
                 if eligible and (best_state is None or cand > best_score):
-                    best_score = cand
+                    best_score, best_epoch = cand, epoch
                     best_state = (copy.deepcopy(model.state_dict()),
                                   copy.deepcopy(transform.state_dict()) if transform is not None else None)
         if best_state is not None:
@@ -405,6 +410,7 @@ class BCTrainer:
             if transform is not None and best_state[1] is not None:
                 transform.load_state_dict(best_state[1])
         self._last_history = history
+        self._last_selected = best_epoch
         model.eval()
         return (model, transform) if return_transform else model
 

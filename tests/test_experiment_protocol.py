@@ -1,0 +1,103 @@
+"""The held-out protocol of bc_fast.experiment: selection never sees the test half; CIs and raw values."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch", reason="the experiment trains with PyTorch")
+
+from bc_fast.data import synthetic_interactions, time_points  # noqa: E402
+from bc_fast.experiment import ExperimentConfig, run_demo, run_experiment  # noqa: E402
+from bc_fast.train.protocol import held_out_split  # noqa: E402
+
+TINY = dict(dims=(8, 10, 12), epochs=4, eval_every=1, batch_size=512, consumer_epochs=2, consumer_seeds=(0,),
+            posthoc_steps=20, degree_bins=4, n_boot=200,
+            strategies=("fix-m0", "nobc", "posthoc-sloss", "joint-mloss"), keep=("joint-mloss",))
+
+
+def _data():
+    return synthetic_interactions(num_users=90, num_items=150, num_edges=3000, seed=4)
+
+
+def test_held_out_split_is_a_fixed_partition_of_the_evaluation_users() -> None:
+    data = _data()
+    s = data.split(0.5, 0.75)
+    h = held_out_split(s, num_users=data.num_users, frac=0.5, split_seed=0)
+    users = np.unique(s.val_user)
+    assert np.intersect1d(h.selection_users, h.test_users).size == 0
+    np.testing.assert_array_equal(np.union1d(h.selection_users, h.test_users), users)
+    assert abs(h.selection_users.size - h.test_users.size) <= 1
+    assert set(np.unique(h.selection.val_user)) == set(h.selection_users.tolist())
+    assert set(np.unique(h.test.val_user)) == set(h.test_users.tolist())
+    np.testing.assert_array_equal(h.test.train_user, s.train_user)  # training edges untouched
+    again = held_out_split(s, num_users=data.num_users, frac=0.5, split_seed=0)
+    np.testing.assert_array_equal(again.test_users, h.test_users)
+    other = held_out_split(s, num_users=data.num_users, frac=0.5, split_seed=1)
+    assert not np.array_equal(other.test_users, h.test_users)
+    with pytest.raises(ValueError, match=r"selection fraction must be in \(0, 1\)"):
+        held_out_split(s, num_users=data.num_users, frac=1.0)
+
+
+def _perturb_last_test_half(data, cfg: ExperimentConfig):
+    """Move the last slice's test-half validation edges to other (old) items; nothing else changes."""
+    K = len(cfg.dims)
+    tp = time_points(K, cfg.start)
+    last = data.split(tp[K - 1], 1.0)
+    h = held_out_split(last, num_users=data.num_users, frac=cfg.selection_frac, split_seed=cfg.split_seed)
+    ratio = np.linspace(0.0, 1.0, data.num_edges)
+    # edges of existing users in the window are all validation edges (never training edges)
+    m = ((ratio > tp[K - 1]) & np.isin(data.user, h.test_users) & (data.user < last.num_users_prev)
+         & (data.item < last.num_items_prev))
+    assert m.sum() > 10
+    item = data.item.copy()
+    item[m] = (item[m] + 17) % last.num_items_prev
+    return dataclasses.replace(data, item=item)
+
+
+def test_selected_epochs_do_not_depend_on_the_test_half() -> None:
+    cfg = ExperimentConfig.quick(**TINY)
+    data = _data()
+    a = run_experiment(cfg, data=data, log=None)
+    b = run_experiment(cfg, data=_perturb_last_test_half(data, cfg), log=None)
+    assert a["raw"]["selected_epoch"] == b["raw"]["selected_epoch"]
+    assert a["raw"]["recall_selection"] == b["raw"]["recall_selection"]
+    # ... while the reported (test-half) numbers did see the change
+    latest = len(cfg.dims) - 1
+    assert not np.allclose(a["raw"]["recall_test"]["nobc"][0][latest], b["raw"]["recall_test"]["nobc"][0][latest])
+    epochs = [e for s in a["raw"]["selected_epoch"]["joint-mloss"] for e in s[1:]]
+    assert all(1 <= e <= cfg.epochs for e in epochs)
+
+
+def test_paired_seeds_table_and_raw_values_recompute(tmp_path) -> None:
+    res = run_demo(tmp_path, seed=3, log=None, data=_data(), seeds=2, **TINY)
+    assert res["raw"]["seeds"] == [3, 4]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    raw = json.loads((tmp_path / "results_raw.json").read_text())
+    assert saved["raw_file"] == "results_raw.json" and "recall_test[strategy][s][k]" in saved["raw_schema"]
+    latest = 2
+    mean = {n: np.mean([np.mean(raw["recall_test"][n][s][latest]) for s in range(2)]) for n in raw["strategies"]}
+    rows = {r["strategy"]: r for r in saved["rows"]}
+    for n in raw["strategies"]:
+        assert rows[n]["recall"] == pytest.approx(mean[n], rel=1e-5)
+        assert rows[n]["intended_change"] == pytest.approx(100 * (mean[n] - mean["nobc"]) / mean["nobc"], rel=1e-4,
+                                                           abs=1e-6)
+        assert rows[n]["recall_lo"] <= rows[n]["recall"] <= rows[n]["recall_hi"]
+    # unintended: the weighted mean of the per-example placement values is the AUC
+    auc = {n: sum(u["weight"] * np.mean([np.mean(raw["auc_values"][n][s][t][k]) for s in range(2)])
+                  for t, per_v in raw["auc_units"].items() for k, u in per_v.items()) for n in raw["strategies"]}
+    for n in raw["strategies"]:
+        assert rows[n]["auc"] == pytest.approx(auc[n], rel=1e-4)
+    assert rows["fix-m0"]["unintended_change"] == 0.0 and rows["nobc"]["intended_change"] == 0.0
+    assert "[" in res["table"] and "held-out test users" in res["table"]
+
+
+def test_item_genre_without_labels_is_refused_before_training() -> None:
+    data = dataclasses.replace(_data(), item_labels=None)
+    with pytest.raises(ValueError, match="'item-genre' needs item labels"):
+        run_experiment(ExperimentConfig.quick(**TINY), data=data, log=None)
+    with pytest.raises(ValueError, match="seeds and n_boot must be >= 1"):
+        ExperimentConfig.quick(seeds=0).validate()
