@@ -1,0 +1,237 @@
+"""Conversion and legacy IVF index building on Ray (bc_fast.distributed, bc_fast.index_build).
+
+One local Ray (2 CPUs) serves the whole module. Every output is compared byte for byte with the
+single-process converter on the same file, and its values with the float64 step-by-step chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="ray[data] is needed for the Ray engine (pip install bc_fast[ray])")
+pa = pytest.importorskip("pyarrow", reason="pyarrow is needed for Parquet datasets")
+pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is needed for Parquet datasets")
+
+from bc_fast.convert import convert_table, read_sidecar  # noqa: E402
+from bc_fast.distributed import convert_dataset_ray  # noqa: E402
+from bc_fast.fusion import apply_layers_reference, flatten_chain  # noqa: E402
+
+# Ray Data warns about its own deprecated internals while it starts (warnings are errors here)
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
+
+DIMS = (24, 40)
+ROWS = (700, 1000, 513, 900)
+CHUNK = 256
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, make_chain_registry):
+    return make_chain_registry(tmp_path_factory.mktemp("reg") / "registry", DIMS, (6.0,))
+
+
+def _write(path, x: np.ndarray, start: int = 0, metadata: dict | None = None) -> None:
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+    t = pa.table({"id": np.arange(start, start + len(x), dtype=np.int64) * 3,
+                  "name": [f"item{i}" for i in range(start, start + len(x))], "emb": emb})
+    if metadata is not None:
+        t = t.replace_schema_metadata({b"bc_fast": json.dumps(metadata).encode()})
+    pq.write_table(t, path, row_group_size=300)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data") / "in"
+    d.mkdir()
+    rng = np.random.default_rng(3)
+    start = 0
+    for i, n in enumerate(ROWS):
+        _write(d / f"part-{i}.parquet", rng.standard_normal((n, DIMS[1])).astype(np.float16), start)
+        start += n
+    return d
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, registry, dataset):
+    """The single-process converter on each file: {name: (bytes, sidecar)}."""
+    d = tmp_path_factory.mktemp("single")
+    out = {}
+    for name in sorted(os.listdir(dataset)):
+        convert_table(dataset / name, d / name, registry=registry, dst=0, chunk_rows=CHUNK, threads=1,
+                      progress=False)
+        out[name] = ((d / name).read_bytes(), read_sidecar(d / name))
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(ray_cluster, tmp_path_factory, registry, dataset):
+    out = tmp_path_factory.mktemp("ray") / "out"
+    res = convert_dataset_ray(dataset, out, registry=registry, dst=0, batch_rows=CHUNK, num_workers=2,
+                              threads_per_worker=1)
+    return out, res
+
+
+def _reference(registry, x: np.ndarray) -> np.ndarray:
+    return apply_layers_reference(flatten_chain(registry.chain_layers(1, 0)), x.astype(np.float64))
+
+
+def test_same_bytes_and_sidecar_as_single_process(converted, single, registry, dataset):
+    out, res = converted
+    names = sorted(single)
+    assert sorted(os.listdir(out)) == names  # no per-file sidecars, no partial files
+    assert res.files == names and res.converted == names and res.skipped == [] and res.rows == sum(ROWS)
+    assert res.workers == 2 and res.threads_per_worker == 1 and len(res.peak_rss) >= 1
+    side = read_sidecar(out)
+    for name in names:
+        data, one = single[name]
+        assert (out / name).read_bytes() == data
+        for k in ("format", "version", "source_version", "registry", "registry_checksum", "chain_checksum",
+                  "chain", "provenance", "operator", "bc_fast_version"):
+            assert side[k] == one[k], k
+        part = side["parts"][name]
+        assert part["chunk_crc32"] == one["chunk_crc32"] and part["job_key"] == one["job_key"]
+        assert part["sha256"] == hashlib.sha256(data).hexdigest()
+        # the values themselves, against the float64 chain; the ids and names carried through
+        t, src = pq.read_table(out / name), pq.read_table(dataset / name)
+        y = t.column("emb").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, DIMS[0])
+        x = src.column("emb").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, DIMS[1])
+        ref = _reference(registry, x)
+        assert np.max(np.abs(y - ref) / np.abs(ref).max()) < 2e-3
+        assert t.column("id").equals(src.column("id")) and t.column("name").equals(src.column("name"))
+    assert side["version"] == 0 and side["source_version"] == 1
+    assert side["table"] == {**single[names[0]][1]["table"], "format": "parquet_dir", "rows": sum(ROWS),
+                             "files": len(names)}
+    assert side["files"] == names and side["engine"]["name"] == "ray"
+
+
+def test_rerun_is_a_no_op_and_overwrite_rules(converted, registry, dataset):
+    out, _ = converted
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    again = convert_dataset_ray(dataset, out, registry=registry, dst=0, batch_rows=CHUNK)
+    assert again.already_complete and again.converted == []
+    with pytest.raises(FileExistsError, match="already exists; remove it, choose another path, or pass"):
+        convert_dataset_ray(dataset, out, registry=registry, dst=0, batch_rows=CHUNK // 2)
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+
+
+def test_killed_worker_then_rerun(ray_cluster, tmp_path, registry, dataset, single):
+    out, staging = tmp_path / "out", tmp_path / "out.partial"
+    names = sorted(single)
+    crash = names[2]
+    with pytest.raises(RuntimeError, match="rerun the same command to resume"):
+        convert_dataset_ray(dataset, out, registry=registry, dst=0, batch_rows=CHUNK // 2, num_workers=1,
+                            threads_per_worker=1, max_retries=0, _fault={"file": crash, "after_chunks": 2})
+    assert not out.exists()  # nothing published
+    journal = json.loads((tmp_path / "out.partial.journal.json").read_text())
+    done = sorted(journal["files"])
+    assert crash not in done
+    assert not (staging / crash).exists() and (staging / (crash + ".partial")).is_dir()
+    # every file under its final name is complete: the single-process bytes (chunking differs: reconvert)
+    expect = {}
+    for n in names:
+        p = tmp_path / "single" / n
+        p.parent.mkdir(exist_ok=True)
+        convert_table(dataset / n, p, registry=registry, dst=0, chunk_rows=CHUNK // 2, threads=1, progress=False)
+        expect[n] = p.read_bytes()
+    finished = [n for n in names if (staging / n).exists()]
+    assert set(done) <= set(finished)
+    for n in finished:
+        assert (staging / n).read_bytes() == expect[n]
+
+    res = convert_dataset_ray(dataset, out, registry=registry, dst=0, batch_rows=CHUNK // 2, num_workers=2,
+                              threads_per_worker=1)
+    assert set(done) <= set(res.skipped) and crash in res.converted
+    assert sorted(res.skipped + res.converted) == names
+    assert sorted(os.listdir(out)) == names and not staging.exists()
+    assert not (tmp_path / "out.partial.journal.json").exists()
+    for n in names:
+        assert (out / n).read_bytes() == expect[n]
+
+
+def test_mixed_versions_refused(ray_cluster, tmp_path, registry):
+    rng = np.random.default_rng(0)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    _write(mixed / "a.parquet", rng.standard_normal((10, DIMS[1])).astype(np.float16))
+    _write(mixed / "b.parquet", rng.standard_normal((10, DIMS[1])).astype(np.float16), metadata={"version": 2})
+    with pytest.raises(ValueError, match=r"mixed-version input: .* versions \(2: b.parquet\), but the "
+                                         r"conversion starts from version 1"):
+        convert_dataset_ray(mixed, tmp_path / "out", registry=registry, dst=0)
+    dims = tmp_path / "dims"
+    dims.mkdir()
+    _write(dims / "a.parquet", rng.standard_normal((10, DIMS[1])).astype(np.float16))
+    _write(dims / "b.parquet", rng.standard_normal((10, DIMS[0])).astype(np.float16))
+    with pytest.raises(ValueError, match=r"have 24 features per row \(24: b.parquet\), but version 1 has dim 40"):
+        convert_dataset_ray(dims, tmp_path / "out", registry=registry, dst=0)
+    assert sorted(os.listdir(tmp_path)) == ["dims", "mixed"]  # nothing written
+
+
+def test_ray_missing_is_a_clear_error(tmp_path, registry, dataset, monkeypatch, capsys):
+    from bc_fast import cli
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ImportError, match=r"install it with pip install bc_fast\[ray\]"):
+        convert_dataset_ray(dataset, tmp_path / "out", registry=registry, dst=0)
+    rc = cli.main(["convert", str(dataset), str(tmp_path / "out"), "-r", str(registry.path), "--to", "0",
+                   "--engine", "ray"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("bc-fast convert: error: the Ray engine needs ray[data]")
+    assert "install it with pip install bc_fast[ray]" in err and "Traceback" not in err
+
+
+def test_sharded_ivf_equals_one_process(converted, tmp_path, registry):
+    faiss = pytest.importorskip("faiss", reason="faiss-cpu is needed for index tests")
+    from bc_fast.index import LegacyIndex
+    from bc_fast.index_build import build_ivf_index_sharded, train_ivf
+
+    out, _ = converted
+    faiss.omp_set_num_threads(1)
+    trained = train_ivf(out, factory="IVF8,Flat", metric="l2", train_rows=800)
+    legacy = build_ivf_index_sharded(out, tmp_path / "ivf.faiss", factory="IVF8,Flat", metric="l2",
+                                     trained=trained, registry=registry, chunk_rows=200, engine="ray")
+    rows = np.concatenate([pq.read_table(out / n).column("emb").combine_chunks().flatten()
+                           .to_numpy(zero_copy_only=False).reshape(-1, DIMS[0]) for n in sorted(os.listdir(out))])
+    rows = rows.astype(np.float32)
+    one = faiss.clone_index(trained)
+    one.add(rows)
+    q = np.random.default_rng(5).standard_normal((20, DIMS[0])).astype(np.float32)
+    for nprobe in (2, 8):
+        faiss.extract_index_ivf(one).nprobe = nprobe
+        faiss.extract_index_ivf(legacy.index).nprobe = nprobe
+        d1, i1 = one.search(q, 10)
+        d2, i2 = legacy.index.search(q, 10)
+        assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
+    # probing every list is exact: the numpy brute force top-10
+    dist = ((q[:, None, :].astype(np.float64) - rows[None].astype(np.float64)) ** 2).sum(-1)
+    assert np.array_equal(np.sort(i2, 1), np.sort(np.argsort(dist, 1)[:, :10], 1))
+    loaded = LegacyIndex.load(tmp_path / "ivf.faiss", registry)
+    assert loaded.version == 0 and loaded.source_version == 1 and loaded.ntotal == sum(ROWS)
+    local = build_ivf_index_sharded(out, factory="IVF8,Flat", metric="l2", trained=trained, engine="local")
+    faiss.extract_index_ivf(local.index).nprobe = 8
+    assert np.array_equal(local.index.search(q, 10)[1], i2)
+
+
+def test_cli_engine_ray_end_to_end(tmp_path, registry, dataset, single):
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    cmd = [sys.executable, "-m", "bc_fast.cli", "convert", str(dataset), str(tmp_path / "out"), "-r",
+           str(registry.path), "--from", "1", "--to", "0", "--chunk-rows", str(CHUNK), "--engine", "ray",
+           "--workers", "1", "--threads", "1"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "converted 4 of 4 files" in p.stderr and "on 1 Ray workers x 1 threads" in p.stderr
+    for name, (data, _) in single.items():
+        assert (tmp_path / "out" / name).read_bytes() == data
+    assert read_sidecar(tmp_path / "out")["version"] == 0
