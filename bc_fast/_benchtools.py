@@ -531,6 +531,10 @@ def format_table(results: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in results:
         bc = r["bc_impl"]
+        if bc not in r["impls"]:  # a config skipped on this machine (e.g. bf16 without AVX512_BF16)
+            lines.append("| " + " | ".join([r["config"], f"{r['rows']:,}", "-", "-", r.get("note") or "-", "-",
+                                            r["status"]]) + " |")
+            continue
         b = r["impls"][bc]
         bc_cell = f"{fmt_time(b['median_s'])} ({b['cpu_over_wall']:.2f})"
         if r["config"] == "peak":

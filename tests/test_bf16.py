@@ -236,3 +236,22 @@ def test_registry_operator_passes_precision(tmp_path, make_chain_registry) -> No
     check_within_bound(op16, list(op16.layers), x)
     with pytest.raises(ValueError, match="precision must be one of"):
         reg.operator(2, 0, precision="fp16")
+
+
+def test_bf16_bench_configs_tiny(tmp_path) -> None:
+    """The suite's bf16 configs at toy sizes: every impl timed, the result checked, or a visible skip."""
+    pytest.importorskip("threadpoolctl", reason="the benchmark harness needs threadpoolctl")
+    from bc_fast.benchmark import run_bf16_bench
+
+    lines: list[str] = []
+    res = run_bf16_bench(tmp_path / "out", tiny=True, threads=2, log=lines.append)
+    assert [r["config"] for r in res["results"]] == ["bf16_d256", "bf16_d768"]
+    assert (tmp_path / "out" / "bench.json").is_file()
+    for r in res["results"]:
+        if _WHY:
+            assert r["status"] == "SKIP" and _WHY in r["note"]
+            continue
+        assert {"bc_fast_bf16", "bc_fast_fp32"} <= set(r["impls"]) and r["bc_impl"] == "bc_fast_bf16"
+        assert 1e-4 < r["max_abs_err"] < 0.1  # bf16-sized error on N(0,1) inputs, W ~ N(0, 1/d)
+        assert {c["label"] for c in r["checks"]} == {"vs torch bf16 addmm(out=)", "vs bc_fast fp32"}
+    assert "| bf16_d256 |" in "\n".join(lines)
