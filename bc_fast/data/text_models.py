@@ -23,6 +23,7 @@ outside the repository (see :mod:`bc_fast.data.text_cache`).
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata as md
 import os
 from dataclasses import dataclass, field
@@ -189,7 +190,7 @@ def model_info(name: str) -> dict[str, Any]:
 
 
 def load_encoder(name: str) -> TextEncoder:
-    """Load one of :data:`TEXT_MODELS` from its installed wheel, offline.
+    """Load one of :data:`TEXT_MODELS` from its installed wheel, offline (once per process).
 
     Raises
     ------
@@ -199,6 +200,13 @@ def load_encoder(name: str) -> TextEncoder:
         If its package (or runtime) is missing: ``pip install bc_fast[text]``.
     """
     info = model_info(name)
+    return _load_cached(name, info["package_version"])
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cached(name: str, package_version: str) -> TextEncoder:
+    # one loaded model per process (the MiniLM-L6 load alone takes seconds); encoders are stateless
     _offline_env()
     enc, config = _LOADERS[name](name)
-    return TextEncoder(name, info["dim"], info["package"], info["package_version"], config, enc)
+    dist, dim, _ = TEXT_MODELS[name]
+    return TextEncoder(name, dim, dist, package_version, config, enc)
