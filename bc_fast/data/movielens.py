@@ -17,6 +17,7 @@ MovieLens latest-small is read at run time from the installed PyPI package
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -215,7 +216,7 @@ def _bags(values: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     return flat, offsets
 
 
-def _tokenize(col: np.ndarray, sep: str, n_bins: int) -> tuple[list[list[int]], list[str]]:
+def _tokenize(col: np.ndarray, sep: str, n_bins: int, name: str = "") -> tuple[list[list[int]], list[str]]:
     """Turn one item column into bags of token ids (strings split on ``sep``; numbers binned)."""
     is_num = np.issubdtype(np.asarray(col).dtype, np.number)
     if is_num:
@@ -224,6 +225,10 @@ def _tokenize(col: np.ndarray, sep: str, n_bins: int) -> tuple[list[list[int]], 
         if not finite.any():
             return [[] for _ in x], []
         edges = np.unique(np.quantile(x[finite], np.linspace(0, 1, n_bins + 1)[1:-1]))
+        if edges.size + 1 < n_bins:
+            warnings.warn(f"item attribute {name!r}: {n_bins} quantile bins collapse to {edges.size + 1} "
+                          f"(only {np.unique(x[finite]).size} distinct values or heavy ties); "
+                          "pass a smaller n_bins to silence this", UserWarning, stacklevel=3)
         b = np.searchsorted(edges, x, side="right")
         names = [f"bin{i}" for i in range(len(edges) + 1)]
         return [[int(bi)] if ok else [] for bi, ok in zip(b, finite)], names
@@ -242,6 +247,64 @@ def _tokenize(col: np.ndarray, sep: str, n_bins: int) -> tuple[list[list[int]], 
                 bag.append(vocab[t])
         bags.append(sorted(set(bag)))
     return bags, list(vocab)
+
+
+def _column_list(value: Any, arg: str) -> tuple[str, ...]:
+    """A sequence of column names; a bare string is refused (it would be read letter by letter)."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{arg} must be a list of column names, got the string {value!r}; "
+                        f"write {arg}=({value!r},) for one column")
+    try:
+        cols = tuple(value)
+    except TypeError:
+        raise TypeError(f"{arg} must be a list of column names, got {type(value).__name__}") from None
+    bad = [c for c in cols if not isinstance(c, str)]
+    if bad:
+        raise TypeError(f"{arg} must hold column names (str), got {bad!r}")
+    return cols
+
+
+def _numeric(series: Any, column: str, *, allow_datetime: bool = False) -> np.ndarray:
+    """A column as float64; junk values become NaN, with a warning naming how many."""
+    import pandas as pd
+
+    if allow_datetime and pd.api.types.is_datetime64_any_dtype(series):
+        return series.astype("int64").to_numpy().astype(np.float64)
+    if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+        return series.to_numpy(dtype=np.float64, na_value=np.nan)
+    x = pd.to_numeric(series, errors="coerce")
+    bad = int((x.isna() & series.notna()).sum())
+    if allow_datetime and bad > len(series) // 2:  # mostly not numbers: try dates (ISO strings ...)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pandas' "could not infer format"
+            dt = pd.to_datetime(series, errors="coerce", utc=True)
+        dt_bad = int((dt.isna() & series.notna()).sum())
+        if dt_bad < bad:
+            out = dt.astype("int64").to_numpy().astype(np.float64)
+            out[dt.isna().to_numpy()] = np.nan
+            if dt_bad:
+                warnings.warn(f"column {column!r}: {dt_bad} value(s) are neither numbers nor dates; "
+                              "their rows are dropped", UserWarning, stacklevel=3)
+            return out
+    if bad:
+        examples = series[x.isna() & series.notna()].astype(str).unique()[:3].tolist()
+        warnings.warn(f"column {column!r}: {bad} value(s) are not numbers (e.g. {examples}); "
+                      "they are treated as missing", UserWarning, stacklevel=3)
+    return x.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _mostly_numeric(series: Any) -> bool:
+    """An object column whose non-missing values are numbers, bar a few junk entries (<= 10 %)."""
+    import pandas as pd
+
+    if pd.api.types.is_numeric_dtype(series) or not (pd.api.types.is_object_dtype(series)
+                                                     or pd.api.types.is_string_dtype(series)):
+        return False
+    vals = series.dropna()
+    if vals.empty:
+        return False
+    ok = pd.to_numeric(vals, errors="coerce").notna()
+    return bool(ok.mean() >= 0.9 and not ok.all()) or bool(ok.all() and not vals.map(type).eq(str).all())
 
 
 def from_dataframe(
@@ -275,17 +338,42 @@ def from_dataframe(
         A string item column giving multi-hot labels for the item-label consumer task
         (MovieLens: genres). Tokens in ``label_exclude`` are dropped.
 
+    Rating and timestamp must be numeric (timestamps may also be dates); junk values
+    (strings that are not numbers) are coerced to missing with a warning naming their
+    count, and rows missing a user, item, rating or timestamp are dropped with a warning.
+    An object item-attribute column of numbers with a few junk entries (<= 10 %) is treated
+    as numeric the same way. A numeric attribute whose quantile bins collapse (ties) warns.
+
     Raises
     ------
     ValueError
-        If a column is missing or the table is empty.
+        If a column is missing or the table is empty (also after dropping unusable rows).
+    TypeError
+        If ``item_attributes`` or ``label_exclude`` is a string instead of a list of names.
     """
+    item_attributes = _column_list(item_attributes, "item_attributes")
+    label_exclude = _column_list(label_exclude, "label_exclude")
+    if label_attribute is not None and not isinstance(label_attribute, str):
+        raise TypeError(f"label_attribute must be one column name (str), got {label_attribute!r}")
     cols = [user, item, rating, timestamp, *item_attributes] + ([label_attribute] if label_attribute else [])
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise ValueError(f"interactions table lacks column(s) {missing}; it has {list(df.columns)}")
     if len(df) == 0:
         raise ValueError("interactions table is empty")
+    df = df.copy()
+    df[rating] = _numeric(df[rating], rating)
+    df[timestamp] = _numeric(df[timestamp], timestamp, allow_datetime=True)
+    for c in item_attributes:
+        if _mostly_numeric(df[c]):
+            df[c] = _numeric(df[c], c)
+    unusable = df[[user, item, rating, timestamp]].isna().any(axis=1).to_numpy()
+    if unusable.any():
+        warnings.warn(f"{int(unusable.sum())} of {len(df)} interaction(s) lack a user, item, rating or timestamp "
+                      "and are dropped", UserWarning, stacklevel=2)
+        df = df[~unusable]
+        if len(df) == 0:
+            raise ValueError("interactions table is empty after dropping rows without user, item, rating or timestamp")
     order = np.argsort(df[timestamp].to_numpy(), kind="stable")
     d = df.iloc[order].reset_index(drop=True)
     u_codes, u_uniq = _first_appearance_codes(d[user].to_numpy())
@@ -295,12 +383,14 @@ def from_dataframe(
     item_attrs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     attr_sizes: dict[str, int] = {}
     for c in item_attributes:
-        bags, vocab = _tokenize(d[c].to_numpy()[first_row], sep, n_bins)
+        bags, vocab = _tokenize(d[c].to_numpy()[first_row], sep, n_bins, c)
         item_attrs[c] = _bags(bags)
         attr_sizes[c] = max(len(vocab), 1)
     labels, label_names = None, []
     if label_attribute:
-        bags, vocab = _tokenize(d[label_attribute].astype(str).to_numpy()[first_row], sep, n_bins)
+        lab_col = d[label_attribute].to_numpy()[first_row]
+        bags, vocab = _tokenize(np.array([v if isinstance(v, str) else (None if v is None or v != v else str(v))
+                                          for v in lab_col], dtype=object), sep, n_bins, label_attribute)
         keep = [j for j, v in enumerate(vocab) if v not in set(label_exclude)]
         remap = {j: k for k, j in enumerate(keep)}
         labels = np.zeros((len(i_uniq), len(keep)), dtype=np.float32)
