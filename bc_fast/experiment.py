@@ -28,11 +28,11 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["ExperimentConfig", "run_experiment", "run_demo", "summarize", "raw_schema"]
+__all__ = ["ExperimentConfig", "run_experiment", "run_demo", "run_lambda_sweep", "summarize", "raw_schema"]
 
 ALL_STRATEGIES = ("fix-m0", "nobc", "finetune-m0", "posthoc-sloss", "posthoc-mloss",
                   "joint-notrans", "joint-sloss", "joint-mloss")
@@ -187,6 +187,8 @@ def raw_schema() -> dict[str, str]:
         "selection_users[k] / test_users[k]": "dense user ids of version k's evaluation users in each half",
         "recall_test[strategy][s][k]": "Recall@K of every test user of version k (in test_users[k] order), seed s",
         "recall_selection[strategy][s][k]": "mean Recall@K on the selection half (what model selection saw)",
+        "auc_selection[strategy][s]": "consumer ROC-AUC of the user and edge tasks on the selection users only "
+                                      "(what a lambda choice may look at)",
         "selected_epoch[strategy][s][k]": "epoch kept for version k (null: not trained by this strategy)",
         "auc_units[task][k]": "the examples scored for task at version k: {'entity', 'ids' (user or item ids, "
                               "or [users, items] for edges), 'weight' (its share of the unintended score)}",
@@ -247,9 +249,12 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
         # consumer examples depend on the data only (split_seed), never on the training seed
         tasks = C.build_consumer_tasks(data, splits, cfg.consumer_tasks, seed=cfg.split_seed)
         test_tasks = [C.restrict_examples(t, [h.selection_users for h in held]) for t in tasks]
+        # user/edge examples of the selection users only: what a lambda choice may look at
+        sel_tasks = [C.restrict_examples(t, [np.setdiff1d(np.arange(s.num_users), h.selection_users)
+                                             for s, h in zip(splits, held)]) for t in tasks if t.entity != "item"]
         say(f"[bc_fast] {data!r}; versions at t={tp[:-1]}, dims={cfg.dims}, strategies={list(cfg.strategies)}, "
             f"seeds={cfg.seed_list()}; test users per version {[int(h.test_users.size) for h in held]}")
-        ctx = _Context(cfg, data, splits, held, graphs, attr_sizes, tasks, test_tasks, say)
+        ctx = _Context(cfg, data, splits, held, graphs, attr_sizes, tasks, test_tasks, sel_tasks, say)
         per_seed, timing, artifacts = [], {}, {}
         for i, seed in enumerate(cfg.seed_list()):
             t0 = time.perf_counter()
@@ -304,6 +309,7 @@ class _Context:
     attr_sizes: dict
     tasks: list
     test_tasks: list
+    sel_tasks: list
     say: Callable[[str], None]
 
 
@@ -432,7 +438,12 @@ def _run_seed(ctx: _Context, seed: int, timing: dict[str, float]) -> tuple[dict,
             emb = tr.versions[k].embeddings
             recall_test.append(recall_per_user(emb["user"], emb["item"], ctx.held[k].test, cfg.recall_k))
         align = [float(np.mean(np.linalg.norm(np.vstack(bc[k]) - np.vstack(ref[k]), axis=1))) for k in range(K)]
+        sel_auc = C.score_consumers(ctx.sel_tasks, heads, bc)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            per_task = [np.nanmean(sel_auc[t.name][:, t.score_versions]) for t in ctx.sel_tasks]
         out[name] = {
+            "auc_selection": float(np.nanmean(per_task)) if per_task and np.isfinite(per_task).any() else None,
             "recall_test": recall_test,
             "recall_selection": [float(r.score) for r in tr.versions],
             "selected_epoch": [r.selected_epoch for r in tr.versions],
@@ -466,6 +477,7 @@ def _raw_results(ctx: _Context, per_seed: list[dict]) -> dict:
         "test_users": [h.test_users for h in ctx.held],
         "recall_test": {n: [s[n]["recall_test"] for s in per_seed] for n in names},
         "recall_selection": {n: [s[n]["recall_selection"] for s in per_seed] for n in names},
+        "auc_selection": {n: [s[n]["auc_selection"] for s in per_seed] for n in names},
         "selected_epoch": {n: [s[n]["selected_epoch"] for s in per_seed] for n in names},
         "auc_units": units,
         "auc_values": {n: [s[n]["auc_values"] for s in per_seed] for n in names},
@@ -639,3 +651,102 @@ def run_demo(out_dir: str | Path, seed: int = 0, quick: bool = True, log: Callab
         log(res["table"])
         log(f"[bc_fast] total {res['timing']['total']:.1f}s; wrote {', '.join(files.values())}")
     return res
+
+
+LAMBDA_STRATEGIES = ("joint-notrans", "joint-sloss", "joint-mloss")
+
+
+def run_lambda_sweep(out_dir: str | Path, lams: Sequence[float], config: ExperimentConfig | None = None, *,
+                     data: Any = None, strategies: Sequence[str] = ("joint-mloss",),
+                     log: Callable[[str], None] | None = print) -> dict:
+    """Sweep the alignment weight lambda per strategy; choose it on the selection split; plot the Pareto front.
+
+    For every ``lam`` the experiment runs ``fix-m0``, ``nobc``, ``posthoc-sloss`` (references,
+    independent of lambda) and ``strategies``. The chosen lambda of a strategy maximises its
+    SELECTION-split total: % change of selection-half Recall@K (latest version) vs nobc plus %
+    change of the consumer AUC on selection users (user and edge tasks) vs fix-m0 -- never a
+    test-half number. Reported per (strategy, lambda): the test-half table values with CIs and
+    the legacy retrieval retention of the version-0 index served from the latest embeddings
+    (test users of version 0, first seed). Writes ``lambda_sweep.json`` and ``pareto.png``.
+
+    Returns
+    -------
+    dict with ``points`` (one per strategy and lambda), ``chosen`` ({strategy: lambda}),
+    ``references`` (rows of fix-m0, nobc, posthoc-sloss at the first lambda) and ``files``.
+    """
+    from .eval.report import plot_pareto, write_json
+    from .eval.retrieval import legacy_retrieval_report
+    from .train.strategies import get_strategy
+
+    base = config or ExperimentConfig.quick()
+    names = [get_strategy(s).name for s in strategies]
+    bad = [n for n in names if n not in LAMBDA_STRATEGIES]
+    if bad:
+        raise ValueError(f"lambda only changes the joint strategies {LAMBDA_STRATEGIES}, got {bad}")
+    if not lams or any(not np.isfinite(x) or x < 0 for x in lams):
+        raise ValueError(f"lams must be a non-empty list of finite values >= 0, got {list(lams)}")
+    if data is None:
+        from .data.movielens import load_movielens
+
+        data = load_movielens()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    points, refs = [], None
+    for lam in lams:
+        cfg = replace(base, lam=float(lam), strategies=("fix-m0", "nobc", "posthoc-sloss", *names),
+                      keep=("nobc", *names))
+        res = run_experiment(cfg, data=data, log=log)
+        raw, rows = res["raw"], {r["strategy"]: r for r in res["rows"]}
+        if refs is None:
+            refs = [rows[n] for n in ("fix-m0", "nobc", "posthoc-sloss")]
+        K = len(cfg.dims)
+        split0 = data.split(res["data"]["time_points"][0], res["data"]["time_points"][1])
+        test0 = np.isin(split0.val_user, np.asarray(raw["test_users"][0]))
+        art = res["artifacts"]
+        ret = legacy_retrieval_report(
+            {n: {"items": art[n]["item"], "users": art[n]["user"], "backward": art[n]["layers"]} for n in names},
+            version=0, k=50, seed=cfg.seed, train_pairs=np.stack([split0.train_user, split0.train_item], 1),
+            test_pairs=np.stack([split0.val_user[test0], split0.val_item[test0]], 1))
+
+        def sel(n: str, what: str) -> float:
+            if what == "recall":
+                return float(np.mean([r[K - 1] for r in raw["recall_selection"][n]]))
+            vals = [v for v in raw["auc_selection"][n] if v is not None]
+            return float(np.mean(vals)) if vals else float("nan")
+
+        for n in names:
+            si, su = _pct(sel(n, "recall"), sel("nobc", "recall")), _pct(sel(n, "auc"), sel("fix-m0", "auc"))
+            points.append({"strategy": n, "lam": float(lam), **{k: v for k, v in rows[n].items() if k != "strategy"},
+                           "selection_intended": si, "selection_unintended": su,
+                           "selection_total": si + su if np.isfinite(si) and np.isfinite(su) else float("nan"),
+                           "retention": float(ret[n].get("recall_retention", float("nan"))),
+                           "overlap@50": float(ret[n].get("overlap@50", float("nan")))})
+    chosen = {}
+    for n in names:
+        cand = [p for p in points if p["strategy"] == n and np.isfinite(p["selection_total"])]
+        if cand:
+            chosen[n] = max(cand, key=lambda p: p["selection_total"])["lam"]
+    for p in points:
+        p["chosen"] = chosen.get(p["strategy"]) == p["lam"]
+    result = {"points": points, "chosen": chosen, "references": refs, "config": asdict(base), "lams": list(lams)}
+    files = {"json": str(write_json(out / "lambda_sweep.json", result))}
+    files["pareto_png"] = str(plot_pareto(out / "pareto.png", points, refs or [],
+                                          title=f"lambda sweep on {data.name} ({base.name}, seeds {base.seed_list()})"))
+    result["files"] = files
+    if log:
+        log(format_sweep(points))
+    return result
+
+
+def format_sweep(points: Sequence[dict]) -> str:
+    """The lambda sweep as a table: test-half changes with CIs, retention, the selection-split total."""
+    head = (f"{'strategy':<13} {'lambda':>7} {'intended % [95% CI]':>26} {'unintended % [95% CI]':>26} "
+            f"{'retention':>9} {'sel. total':>10}")
+    lines = [head, "-" * len(head)]
+    for p in points:
+        lines.append(f"{p['strategy']:<13} {p['lam']:>7g} "
+                     f"{p['intended_change']:>+7.2f} [{p['intended_change_lo']:+.2f}, {p['intended_change_hi']:+.2f}]"
+                     f"{'':>2} {p['unintended_change']:>+7.2f} [{p['unintended_change_lo']:+.2f}, "
+                     f"{p['unintended_change_hi']:+.2f}]{'':>2} {p['retention']:>9.1%} {p['selection_total']:>+10.2f}"
+                     + ("  <- chosen on selection split" if p.get("chosen") else ""))
+    return "\n".join(lines)

@@ -120,3 +120,22 @@ def test_cli_rejects_columns_without_data(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "bc_fast.cli", "experiment", "--data", str(tmp_path / "none.csv"),
                         "--out", str(tmp_path / "o")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "none.csv' does not exist" in r.stderr
+
+
+def test_experiment_runs_on_a_csv_file(tmp_path) -> None:
+    pytest.importorskip("torch", reason="the experiment trains with PyTorch")
+    from bc_fast.data import synthetic_interactions
+    from bc_fast.experiment import ExperimentConfig, run_experiment
+
+    syn = synthetic_interactions(num_users=70, num_items=60, num_edges=2000, seed=1)
+    df = pd.DataFrame({"who": syn.user_ids[syn.user], "what": syn.item_ids[syn.item], "stars": syn.rating,
+                       "when": syn.timestamp})
+    df.to_csv(tmp_path / "inter.csv", index=False)
+    data = load_interactions(tmp_path / "inter.csv", columns="user=who,item=what,time=when,rating=stars")
+    assert data.item_labels is None and data.attr_sizes == {}
+    cfg = ExperimentConfig.quick(dims=(8, 10), epochs=2, batch_size=512, consumer_epochs=2, consumer_seeds=(0,),
+                                 posthoc_steps=10, degree_bins=4, n_boot=50, strategies=("fix-m0", "nobc", "joint-mloss"),
+                                 keep=(), consumer_tasks=("edge-rating", "item-rating-avg"))
+    res = run_experiment(cfg, data=data, log=None)
+    assert [r["strategy"] for r in res["rows"]] == ["nobc", "fix-m0", "joint-mloss"]
+    assert res["data"]["name"] == "inter" and res["data"]["interactions"] == data.num_edges

@@ -101,3 +101,21 @@ def test_item_genre_without_labels_is_refused_before_training() -> None:
         run_experiment(ExperimentConfig.quick(**TINY), data=data, log=None)
     with pytest.raises(ValueError, match="seeds and n_boot must be >= 1"):
         ExperimentConfig.quick(seeds=0).validate()
+
+
+def test_lambda_sweep_chooses_on_the_selection_split(tmp_path) -> None:
+    pytest.importorskip("matplotlib", reason="the sweep draws its Pareto plot with matplotlib")
+    from bc_fast.experiment import run_lambda_sweep
+
+    cfg = ExperimentConfig.quick(**{**TINY, "epochs": 2})
+    res = run_lambda_sweep(tmp_path, [0.0, 16.0], cfg, data=_data(), log=None)
+    pts = res["points"]
+    assert [(p["strategy"], p["lam"]) for p in pts] == [("joint-mloss", 0.0), ("joint-mloss", 16.0)]
+    best = max(pts, key=lambda p: p["selection_total"])
+    assert res["chosen"] == {"joint-mloss": best["lam"]} and best["chosen"]
+    for p in pts:
+        assert 0.0 <= p["retention"] and p["intended_change_lo"] <= p["intended_change"] <= p["intended_change_hi"]
+    assert {r["strategy"] for r in res["references"]} == {"fix-m0", "nobc", "posthoc-sloss"}
+    assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "lambda_sweep.json").exists()
+    with pytest.raises(ValueError, match="lambda only changes the joint strategies"):
+        run_lambda_sweep(tmp_path, [1.0], cfg, data=_data(), strategies=("nobc",), log=None)

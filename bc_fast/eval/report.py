@@ -11,7 +11,7 @@ import numpy as np
 
 from .._fileio import atomic_write_bytes
 
-__all__ = ["format_table", "write_json", "write_raw_json", "plot_degradation", "plot_per_version", "atomic_write_bytes"]
+__all__ = ["format_table", "write_json", "write_raw_json", "plot_degradation", "plot_per_version", "plot_pareto", "atomic_write_bytes"]
 
 
 def _jsonable(x: Any) -> Any:
@@ -178,6 +178,51 @@ def plot_per_version(path: str | Path, per_task: Mapping[str, Mapping[str, Seque
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
+    out = _save_fig(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_pareto(path: str | Path, points: Sequence[Mapping[str, Any]], references: Sequence[Mapping[str, Any]] = (),
+                *, title: str = "") -> Path:
+    """Pareto front of a lambda sweep: unintended vs intended change (95 % CI bars), colour = legacy retention.
+
+    ``points`` have ``strategy``, ``lam``, ``intended_change(_lo/_hi)``, ``unintended_change(_lo/_hi)``,
+    ``retention`` and ``chosen``; ``references`` (rows of fixed strategies) are drawn as grey crosses.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    markers = "osD^v"
+    sc = None
+    for si, name in enumerate(dict.fromkeys(p["strategy"] for p in points)):
+        ps = sorted((p for p in points if p["strategy"] == name), key=lambda p: p["lam"])
+        x = np.array([p["unintended_change"] for p in ps], dtype=float)
+        y = np.array([p["intended_change"] for p in ps], dtype=float)
+        xerr = np.array([[p["unintended_change"] - p["unintended_change_lo"] for p in ps],
+                         [p["unintended_change_hi"] - p["unintended_change"] for p in ps]], dtype=float)
+        yerr = np.array([[p["intended_change"] - p["intended_change_lo"] for p in ps],
+                         [p["intended_change_hi"] - p["intended_change"] for p in ps]], dtype=float)
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor="lightgrey", lw=0.8, zorder=1)
+        ax.plot(x, y, "-", color="grey", lw=0.8, zorder=2)
+        sc = ax.scatter(x, y, c=[p["retention"] for p in ps], cmap="viridis", vmin=0.5, vmax=1.0,
+                        marker=markers[si % len(markers)], s=60, zorder=3, label=name, edgecolors="k")
+        for p, xi, yi in zip(ps, x, y):
+            ax.annotate(f"λ={p['lam']:g}" + (" (chosen)" if p.get("chosen") else ""), (xi, yi), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+    for r in references:
+        ax.scatter([r["unintended_change"]], [r["intended_change"]], marker="x", color="grey", zorder=3)
+        ax.annotate(r["strategy"], (r["unintended_change"], r["intended_change"]), fontsize=7, color="grey",
+                    xytext=(4, -8), textcoords="offset points")
+    ax.axhline(0.0, color="grey", lw=0.6)
+    ax.axvline(0.0, color="grey", lw=0.6)
+    ax.set_xlabel("unintended ROC-AUC change vs fix-m0 (%), test half")
+    ax.set_ylabel("intended Recall@50 change vs nobc (%), latest version, test half")
+    if sc is not None:
+        fig.colorbar(sc, ax=ax, label="legacy retrieval retention (v0 index from latest)")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
     out = _save_fig(fig, path)
     plt.close(fig)
     return out
