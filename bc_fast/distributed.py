@@ -53,6 +53,7 @@ from ._fileio import FileLock, atomic_write_json, read_json_object
 from ._text import short_repr
 from .convert import (SIDECAR_SUFFIX, VerificationError, _check_output_free, _journal_checksum, _publish,
                       _write_journal, apply_to_table, read_sidecar, registry_job, sidecar_path)
+from .progress import Progress
 from .tables import _PARQUET_SUFFIXES, open_table, remove_path, sha256_file
 
 __all__ = ["convert_dataset_ray", "DatasetResult", "import_ray", "RAY_INSTALL_HINT"]
@@ -383,7 +384,7 @@ def convert_dataset_ray(
     verify: int = 256,
     seed: int = 0,
     max_retries: int = 3,
-    progress: bool = False,
+    progress: bool | None = False,
     _fault: dict | None = None,
 ) -> DatasetResult:
     """Convert a dataset directory from version ``src`` to ``dst`` on Ray, one task per input file.
@@ -413,8 +414,8 @@ def convert_dataset_ray(
         Replace an existing output, but only a dataset bc_fast wrote (its sidecar lists its files).
     max_retries : int
         Times Ray restarts a dead worker and retries its file within this run (resuming it).
-    progress : bool
-        Ray Data's progress bars.
+    progress : bool, optional
+        A progress bar of rows converted, file by file (None: on a terminal).
 
     Returns
     -------
@@ -473,7 +474,8 @@ def convert_dataset_ray(
             os.mkdir(staging)
             _write_journal(journal_path, journal)
         result = _run_ray(ray, input, staging, names, journal, journal_path, options, registry, prov, op,
-                          dst, normalize, num_workers, threads_per_worker, address, max_retries, progress, _fault)
+                          dst, normalize, num_workers, threads_per_worker, address, max_retries, progress, _fault,
+                          rows)
         side = _dataset_sidecar(journal, names, kind, input, rows, prov, key, result)
         _finish(output, staging, journal_path, journal, replacing, side)
         result.output, result.sidecar = output, sidecar_path(output)
@@ -485,7 +487,7 @@ def convert_dataset_ray(
 def _run_ray(ray: Any, input: str, staging: str, names: list[str], journal: dict, journal_path: str,
              options: dict, registry: Any, prov: dict, op: Any, dst: int, normalize: bool,
              num_workers: int | None, threads: int | None, address: str | None, max_retries: int,
-             progress: bool, fault: dict | None) -> DatasetResult:
+             progress: bool | None, fault: dict | None, total_rows: int) -> DatasetResult:
     """Schedule one Ray Data task per file, record each finished file in the journal as it comes back."""
     from .convert import operator_fingerprint
 
@@ -497,8 +499,8 @@ def _run_ray(ray: Any, input: str, staging: str, names: list[str], journal: dict
         workers, threads = _plan_workers(ray, len(items), num_workers, threads)
         with _quiet_ray_deprecations():
             ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = bool(progress)
-        ctx.print_on_execution_start = bool(progress)
+        ctx.enable_progress_bars = False  # ours counts rows; Ray Data's count blocks (= files)
+        ctx.print_on_execution_start = False
         kwargs = {"registry": prov["registry"], "src": prov["from"], "dst": dst, "normalize": normalize,
                   "options": options, "fault": fault,
                   "expect": {"registry_checksum": prov["registry_checksum"], "operator": operator_fingerprint(op)}}
@@ -512,8 +514,9 @@ def _run_ray(ray: Any, input: str, staging: str, names: list[str], journal: dict
                 compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
                 max_restarts=max_retries, max_task_retries=max_retries)
         t0 = time.perf_counter()
+        bar = Progress(total_rows, f"convert {os.path.basename(input)} on Ray", enabled=progress)
         with _quiet_ray_deprecations():
-            results, errors = _collect(ray, ds, journal, journal_path)
+            results, errors = _collect(ray, ds, journal, journal_path, bar)
         seconds = time.perf_counter() - t0
     finally:
         if started:
@@ -538,61 +541,67 @@ def _run_ray(ray: Any, input: str, staging: str, names: list[str], journal: dict
         threads_per_worker=threads, peak_rss=rss)
 
 
-def _collect(ray: Any, ds: Any, journal: dict, journal_path: str) -> tuple[list[dict], list[dict]]:
-    """Stream the per-file results, journaling each finished file before the next one is read."""
-    results, errors = [], []
+def _collect(ray: Any, ds: Any, journal: dict, journal_path: str, bar: Any) -> tuple[list[dict], list[dict]]:
+    """Stream the per-file results into the journal (made durable at most once a second and at the end: a
+    file finished but not yet journaled is found complete by its own sidecar on a rerun)."""
+    results, errors, last = [], [], time.monotonic()
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for raw in batch["result"]:
                 r = json.loads(raw)
                 for msg in r.get("warnings", []):
                     warnings.warn(f"{r['name']}: {msg}", RuntimeWarning, stacklevel=4)
-                if "error" in r:
-                    errors.append(r)
-                    continue
-                results.append(r)
-                if not r.get("skipped"):
-                    journal["files"][r["name"]] = {k: r[k] for k in ("rows", "sha256", "size", "side",
-                                                                     "verify_max_error")}
+                if "error" not in r and not r.get("skipped"):
+                    _record(journal, r)
+                (errors if "error" in r else results).append(r)
+                bar.update(r.get("rows", journal["files"].get(r["name"], {}).get("rows", 0)))
+                if time.monotonic() - last >= 1.0:
                     _write_journal(journal_path, journal)
+                    last = time.monotonic()
     except ray.exceptions.RayError as e:
-        done = len(journal["files"])
         raise RuntimeError(f"a Ray worker died or failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
-                           f"{done} files are converted and kept; rerun the same command to resume (finished "
-                           "files are skipped, a half-converted one continues from its journal)") from None
+                           f"{len(journal['files'])} files are converted and kept; rerun the same command to resume "
+                           "(finished files are skipped, a half-converted one continues from its journal)") from None
+    finally:
+        _write_journal(journal_path, journal)
+        bar.close()
     return results, errors
 
 
+# the provenance every file of a dataset shares (and ``bc-fast convert`` writes in its sidecar)
 _COMMON = ("format", "version", "source_version", "registry", "registry_checksum", "chain_checksum", "chain",
            "provenance", "operator", "bc_fast_version")
 
 
+def _record(journal: dict, r: dict) -> None:
+    """Journal one converted file: its own fields, and the shared provenance once (checked for every file)."""
+    side = r["side"] or {}
+    common = {k: side.get(k) for k in _COMMON}
+    common["table"] = {k: (side.get("table") or {}).get(k) for k in ("dim", "dtype", "chunk_rows")}
+    first = journal.setdefault("common", common)
+    diff = [k for k in common if common[k] != first[k]]
+    if diff:
+        r["error"] = {"type": "ValueError", "message": (
+            f"its conversion differs from the other files' in {', '.join(diff)}, so the staged files mix "
+            "conversions; delete the partial output (OUTPUT.partial and its journal) and start again")}
+        return
+    journal["files"][r["name"]] = {"rows": r["rows"], "sha256": r["sha256"], "size": r["size"],
+                                   "verify_max_error": r["verify_max_error"], "job_key": side.get("job_key"),
+                                   "chunk_crc32": side.get("chunk_crc32"), "input": side.get("input")}
+
+
 def _dataset_sidecar(journal: dict, names: list[str], kind: str, input: str, rows: int, prov: dict, key: str,
                      result: DatasetResult) -> dict:
-    """One sidecar for the dataset: the per-file sidecars' common provenance fields, then the parts."""
-    sides = [journal["files"][n]["side"] for n in names]
-    first = sides[0]
-    for n, s in zip(names, sides):
-        diff = [k for k in _COMMON if k != "bc_fast_version" and s.get(k) != first.get(k)]
-        if diff:
-            raise ValueError(f"{n}: its conversion differs from {names[0]}'s in {', '.join(diff)}, so the staged "
-                             "files mix conversions; delete the partial output (OUTPUT.partial and its journal) "
-                             "and start again")
-    side = {k: first.get(k) for k in _COMMON}
-    table = dict(first["table"])
-    table.update(format=f"{kind}_dir", rows=rows, files=len(names))
-    side.update(table=table, files=list(names), job_key=key,
-                input={"format": f"{kind}_dir", "path": input, "rows": rows, "dim": prov["dims"]["from"],
-                       "files": len(names)},
-                parts={n: {"rows": journal["files"][n]["rows"], "sha256": journal["files"][n]["sha256"],
-                           "size": journal["files"][n]["size"], "job_key": s.get("job_key"),
-                           "chunk_crc32": s.get("chunk_crc32"), "input": s.get("input"),
-                           "verify_max_error": journal["files"][n]["verify_max_error"]}
-                       for n, s in zip(names, sides)},
-                engine={"name": "ray", "ray_version": _ray_version(), "workers": result.workers,
-                        "threads_per_worker": result.threads_per_worker},
-                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    return side
+    """One sidecar for the dataset: the provenance its files share, then one entry per file."""
+    common = dict(journal["common"])
+    table = {"format": f"{kind}_dir", "rows": rows, **common.pop("table"), "files": len(names)}
+    return {**common, "table": table, "files": list(names), "job_key": key,
+            "input": {"format": f"{kind}_dir", "path": input, "rows": rows, "dim": prov["dims"]["from"],
+                      "files": len(names)},
+            "parts": {n: journal["files"][n] for n in names},
+            "engine": {"name": "ray", "ray_version": _ray_version(), "workers": result.workers,
+                       "threads_per_worker": result.threads_per_worker},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def _ray_version() -> str:
@@ -610,9 +619,13 @@ def _finish(output: str, staging: str, journal_path: str, journal: dict, replaci
         _write_journal(journal_path, journal)
     replacing = journal.get("replacing")
     if os.path.isdir(staging):
-        for name in os.listdir(staging):
-            if name.endswith(SIDECAR_SUFFIX):
-                os.unlink(os.path.join(staging, name))
+        for name in sorted(os.listdir(staging)):
+            if name in journal["files"]:
+                continue
+            if not name.endswith((SIDECAR_SUFFIX, _PARTIAL + ".lock")):
+                raise ValueError(f"{staging} holds {name}, which no finished file accounts for; move it out and "
+                                 "rerun to publish the dataset")
+            os.unlink(os.path.join(staging, name))  # folded into the dataset sidecar / a dead worker's flock
     j = SimpleNamespace(output=output, src=staging, temp=staging, aside=output + _PARTIAL + ".old",
                         journal_path=journal_path, side=side or {})
     _publish(j, replacing)  # type: ignore[arg-type]

@@ -160,6 +160,38 @@ def test_killed_worker_then_rerun(ray_cluster, tmp_path, registry, dataset, sing
     for n in names:
         assert (out / n).read_bytes() == expect[n]
 
+    # --overwrite replaces only a dataset bc_fast wrote, and never a file it did not write
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds files bc_fast did not write there \(notes.txt\)"):
+        convert_dataset_ray(dataset, out, registry=registry, dst=0, batch_rows=CHUNK, overwrite=True)
+    (out / "notes.txt").unlink()
+    convert_dataset_ray(dataset, out, registry=registry, dst=0, batch_rows=CHUNK, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["out", "out.bcfast.json", "single"]
+    for n in names:
+        assert (out / n).read_bytes() == single[n][0]
+
+
+def test_npy_shards_match_the_npy_dir_converter(ray_cluster, tmp_path, registry):
+    from bc_fast.tables import open_table
+
+    shards = tmp_path / "in"
+    shards.mkdir()
+    rng = np.random.default_rng(7)
+    for i, n in enumerate((300, 451)):
+        np.save(shards / f"s{i}.npy", rng.standard_normal((n, DIMS[1])).astype(np.float32))
+    kw = dict(registry=registry, dst=0, dtype=np.float16)
+    convert_table(shards, tmp_path / "one", chunk_rows=100, threads=1, progress=False, **kw)
+    res = convert_dataset_ray(shards, tmp_path / "ray", batch_rows=100, **kw)
+    side = read_sidecar(tmp_path / "ray")
+    assert res.rows == 751 and side["table"]["format"] == "npy_dir" and side["files"] == ["s0.npy", "s1.npy"]
+    for n in ("s0.npy", "s1.npy"):
+        assert (tmp_path / "ray" / n).read_bytes() == (tmp_path / "one" / n).read_bytes()
+    assert open_table(str(tmp_path / "ray")).n_rows == 751
+    # a dataset the Ray engine wrote is one the single-process converter may overwrite (float32 this time)
+    convert_table(shards, tmp_path / "ray", registry=registry, dst=0, chunk_rows=100, threads=1, progress=False,
+                  overwrite=True)
+    assert np.load(tmp_path / "ray" / "s1.npy").dtype == np.float32
+
 
 def test_mixed_versions_refused(ray_cluster, tmp_path, registry):
     rng = np.random.default_rng(0)
