@@ -213,6 +213,8 @@ void FusedOp::pack_bf16(const LayerSpec& s, Layer& l) const {
   l.k_pairs = (s.d_in + 1) / 2;
   l.n_pad = (s.d_out + kBf16Panel - 1) / kBf16Panel * kBf16Panel;
   l.packed_bf16.assign(static_cast<size_t>(l.n_pad * l.k_pairs), 0u);
+  l.bias_bf16.assign(static_cast<size_t>(l.n_pad), 0.0f);
+  std::copy(s.bias.begin(), s.bias.end(), l.bias_bf16.begin());
   std::vector<uint32_t> row(static_cast<size_t>(l.k_pairs));
   for (int64_t o = 0; o < s.d_out; ++o) {
     bf16_->convert_rows(s.weight.data() + o * s.d_in, s.d_in, 1, s.d_in, row.data(), l.k_pairs);
@@ -257,7 +259,7 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
     if (bf16_ != nullptr) {
       uint32_t* a = Workspace::ensure(ws.pairs, static_cast<size_t>(m * l.k_pairs));
       bf16_->convert_rows(cur, ld_cur, m, l.spec.d_in, a, l.k_pairs);
-      bf16_->gemm(a, l.k_pairs, m, l.k_pairs, l.packed_bf16.data(), l.n_pad, dst, ld);
+      bf16_->gemm(a, l.k_pairs, m, l.k_pairs, l.packed_bf16.data(), l.n_pad, l.bias_bf16.data(), dst, ld);
     } else
 #if defined(BC_FAST_HAVE_BLAS)
     if (use_blas) {
@@ -271,7 +273,8 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
       (void)use_blas;
       kern.gemm_packed(cur, ld_cur, m, l.spec.d_in, l.packed.data(), l.n_pad, dst, ld);
     }
-    const float* bias = l.spec.bias.empty() ? nullptr : l.spec.bias.data();
+    // The bf16 GEMM starts its sums from the bias.
+    const float* bias = l.spec.bias.empty() || bf16_ != nullptr ? nullptr : l.spec.bias.data();
     const bool has_epilogue = bias != nullptr || l.spec.activation != Activation::kNone;
     if (!last) {
       if (has_epilogue)

@@ -54,6 +54,7 @@ class FusedOp {
     LayerSpec spec;
     std::vector<float> packed;  // fp32: W^T in panels of kPanel columns (see kernels.h)
     std::vector<uint32_t> packed_bf16;  // bf16: W in panels of kBf16Panel columns of k pairs (kernels.h)
+    std::vector<float> bias_bf16;       // bf16: the bias (or zeros), padded to n_pad; the GEMM starts from it
     int64_t k_pairs = 0;                // bf16: ceil(d_in / 2)
     int64_t n_pad = 0;                  // d_out rounded up to the panel width
   };

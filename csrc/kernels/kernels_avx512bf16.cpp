@@ -47,22 +47,25 @@ void convert_rows(const float* x, int64_t ldx, int64_t m, int64_t k, uint32_t* a
 // acc[MR rows][NV vectors] (+)= a[MR rows, kp pairs] . b[kp pairs, NV * 16 columns], one vdpbf16ps
 // chain per output over k in order, from zero or from y. Which rows share the block does not change a
 // row's result, so results are bit-identical across thread counts. MR * NV + NV + 1 <= 32 zmm.
+// init: null starts the chains from y (a later K block), else from init[0, NV * 16) (the bias, or zeros).
 template <int MR, int NV>
 inline void micro_kernel(const uint32_t* a, int64_t lda, int64_t kp, const uint32_t* b, int64_t panel_stride,
-                         float* y, int64_t ldy, bool accumulate) {
+                         float* y, int64_t ldy, const float* init) {
   static_assert(MR * NV + NV + 1 <= 32, "register blocking must fit 32 zmm registers");
   __m512 acc[MR][NV];
-  if (accumulate) {
+  if (init == nullptr) {
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v)
         acc[r][v] = _mm512_loadu_ps(y + r * ldy + (v / kPanelVecs) * kBf16Panel + kVec * (v % kPanelVecs));
   } else {
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[0][v] = _mm512_loadu_ps(init + (v / kPanelVecs) * kBf16Panel + kVec * (v % kPanelVecs));
+#pragma GCC unroll 16
+    for (int r = 1; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = acc[0][v];
   }
   for (int64_t kk = 0; kk < kp; ++kk) {
     __m512bh bv[NV];
@@ -90,7 +93,7 @@ constexpr int kRows = 12;  // 12 rows x 2 zmm: 24 accumulators, 2 B loads + 12 b
 
 template <int NV>
 void rows_block(const uint32_t* a, int64_t lda, int64_t m, int64_t kp, const uint32_t* b, int64_t panel_stride,
-                float* y, int64_t ldy, bool acc) {
+                float* y, int64_t ldy, const float* acc) {
   int64_t i = 0;
   for (; i + kRows <= m; i += kRows)
     micro_kernel<kRows, NV>(a + i * lda, lda, kp, b, panel_stride, y + i * ldy, ldy, acc);
@@ -112,11 +115,12 @@ void rows_block(const uint32_t* a, int64_t lda, int64_t m, int64_t kp, const uin
   }
 }
 
-// y[m x n_pad] (row stride ldy) = a[m x kp pairs] (row stride lda dwords) @ packed, where packed holds
-// n_pad / 32 panels of kp x 32 dwords (see kernels.h). Per 32-column panel, K in blocks of kBlockPairs
-// (the B block stays in L1 while all m rows stream past it from L2), rows in blocks of kRows.
-void gemm(const uint32_t* a, int64_t lda, int64_t m, int64_t kp, const uint32_t* packed, int64_t n_pad, float* y,
-          int64_t ldy) {
+// y[m x n_pad] (row stride ldy) = bias + a[m x kp pairs] (row stride lda dwords) @ packed, where packed
+// holds n_pad / 32 panels of kp x 32 dwords (see kernels.h) and bias n_pad values. Per 32-column panel,
+// K in blocks of kBlockPairs (the B block stays in L1 while all m rows stream past it from L2), rows in
+// blocks of kRows. Each output is one chain: bias, then the pairs of k in order.
+void gemm(const uint32_t* a, int64_t lda, int64_t m, int64_t kp, const uint32_t* packed, int64_t n_pad,
+          const float* bias, float* y, int64_t ldy) {
   const int64_t panels = n_pad / kBf16Panel;
   const int64_t stride = kp * kBf16Panel;
   if (m <= 2) {
@@ -127,11 +131,12 @@ void gemm(const uint32_t* a, int64_t lda, int64_t m, int64_t kp, const uint32_t*
       const uint32_t* b = packed + p * stride;
       float* yp = y + p * kBf16Panel;
       if (m == 2)
-        micro_kernel<2, 8>(a, lda, kp, b, stride, yp, ldy, false);
+        micro_kernel<2, 8>(a, lda, kp, b, stride, yp, ldy, bias + p * kBf16Panel);
       else
-        micro_kernel<1, 8>(a, lda, kp, b, stride, yp, ldy, false);
+        micro_kernel<1, 8>(a, lda, kp, b, stride, yp, ldy, bias + p * kBf16Panel);
     }
-    for (; p < panels; ++p) rows_block<kPanelVecs>(a, lda, m, kp, packed + p * stride, stride, y + p * kBf16Panel, ldy, false);
+    for (; p < panels; ++p)
+      rows_block<kPanelVecs>(a, lda, m, kp, packed + p * stride, stride, y + p * kBf16Panel, ldy, bias + p * kBf16Panel);
     return;
   }
   for (int64_t p = 0; p < panels; ++p) {
@@ -139,7 +144,8 @@ void gemm(const uint32_t* a, int64_t lda, int64_t m, int64_t kp, const uint32_t*
     float* yp = y + p * kBf16Panel;
     for (int64_t k0 = 0; k0 < kp; k0 += kBlockPairs) {
       const int64_t kb = kp - k0 < kBlockPairs ? kp - k0 : kBlockPairs;
-      rows_block<kPanelVecs>(a + k0, lda, m, kb, b + k0 * kBf16Panel, stride, yp, ldy, k0 > 0);
+      rows_block<kPanelVecs>(a + k0, lda, m, kb, b + k0 * kBf16Panel, stride, yp, ldy,
+                             k0 > 0 ? nullptr : bias + p * kBf16Panel);
     }
   }
 }
