@@ -258,8 +258,8 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
     const int64_t ld = direct ? l.spec.d_out : l.n_pad;
     if (bf16_ != nullptr) {
       uint32_t* a = Workspace::ensure(ws.pairs, static_cast<size_t>(m * l.k_pairs));
-      bf16_->convert_rows(cur, ld_cur, m, l.spec.d_in, a, l.k_pairs);
-      bf16_->gemm(a, l.k_pairs, m, l.k_pairs, l.packed_bf16.data(), l.n_pad, l.bias_bf16.data(), dst, ld);
+      bf16_->gemm(cur, ld_cur, m, l.spec.d_in, a, l.k_pairs, l.packed_bf16.data(), l.n_pad, l.bias_bf16.data(), dst,
+                  ld);
     } else
 #if defined(BC_FAST_HAVE_BLAS)
     if (use_blas) {

@@ -45,10 +45,11 @@ struct Bf16Kernels {
   const char* name;
   // a[m x k_pairs] (row stride lda dwords) = x[m x k] (row stride ldx) rounded to bf16 (nearest even).
   void (*convert_rows)(const float* x, int64_t ldx, int64_t m, int64_t k, uint32_t* a, int64_t lda);
-  // y[m x n_pad] (row stride ldy) = bias[n_pad] + a[m x k_pairs] @ packed, fp32 accumulation starting
-  // from the bias, then the pairs of k in order.
-  void (*gemm)(const uint32_t* a, int64_t lda, int64_t m, int64_t k_pairs, const uint32_t* packed, int64_t n_pad,
-               const float* bias, float* y, int64_t ldy);
+  // y[m x n_pad] (row stride ldy) = bias[n_pad] + bf16(x[m x k]) @ packed, fp32 accumulation starting
+  // from the bias, then the pairs of k in order; a[m x k_pairs] (row stride lda) is scratch that receives
+  // x rounded by convert_rows, block by block as the GEMM first needs it.
+  void (*gemm)(const float* x, int64_t ldx, int64_t m, int64_t k, uint32_t* a, int64_t lda, const uint32_t* packed,
+               int64_t n_pad, const float* bias, float* y, int64_t ldy);
 };
 #if defined(BC_FAST_HAVE_AVX512BF16)
 const Bf16Kernels& avx512bf16_kernels();

@@ -91,12 +91,17 @@ inline void micro_kernel(const uint32_t* a, int64_t lda, int64_t kp, const uint3
 
 constexpr int kRows = 12;  // 12 rows x 2 zmm: 24 accumulators, 2 B loads + 12 broadcasts per pair of k
 
+// x: null, or the fp32 rows (stride ldx, k values) that a holds, rounded into a block by block just
+// before the block's first use, so reading x from memory overlaps the arithmetic.
 template <int NV>
-void rows_block(const uint32_t* a, int64_t lda, int64_t m, int64_t kp, const uint32_t* b, int64_t panel_stride,
-                float* y, int64_t ldy, const float* acc) {
+void rows_block(uint32_t* a, int64_t lda, int64_t m, int64_t kp, const uint32_t* b, int64_t panel_stride, float* y,
+                int64_t ldy, const float* acc, const float* x = nullptr, int64_t ldx = 0, int64_t k = 0) {
   int64_t i = 0;
-  for (; i + kRows <= m; i += kRows)
+  for (; i + kRows <= m; i += kRows) {
+    if (x != nullptr) convert_rows(x + i * ldx, ldx, kRows, k, a + i * lda, lda);
     micro_kernel<kRows, NV>(a + i * lda, lda, kp, b, panel_stride, y + i * ldy, ldy, acc);
+  }
+  if (x != nullptr && i < m) convert_rows(x + i * ldx, ldx, m - i, k, a + i * lda, lda);
   a += i * lda;
   y += i * ldy;
   switch (m - i) {
@@ -115,15 +120,18 @@ void rows_block(const uint32_t* a, int64_t lda, int64_t m, int64_t kp, const uin
   }
 }
 
-// y[m x n_pad] (row stride ldy) = bias + a[m x kp pairs] (row stride lda dwords) @ packed, where packed
-// holds n_pad / 32 panels of kp x 32 dwords (see kernels.h) and bias n_pad values. Per 32-column panel,
-// K in blocks of kBlockPairs (the B block stays in L1 while all m rows stream past it from L2), rows in
-// blocks of kRows. Each output is one chain: bias, then the pairs of k in order.
-void gemm(const uint32_t* a, int64_t lda, int64_t m, int64_t kp, const uint32_t* packed, int64_t n_pad,
-          const float* bias, float* y, int64_t ldy) {
+// y[m x n_pad] (row stride ldy) = bias + bf16(x[m x k]) @ packed, where packed holds n_pad / 32 panels of
+// kp = ceil(k / 2) x 32 dwords (see kernels.h) and bias n_pad values; a (row stride lda >= kp dwords)
+// receives x rounded to bf16 pairs. Per 32-column panel, K in blocks of kBlockPairs (the B block stays in
+// L1 while all m rows stream past it from L2), rows in blocks of kRows. Each output is one chain: bias,
+// then the pairs of k in order.
+void gemm(const float* x, int64_t ldx, int64_t m, int64_t k, uint32_t* a, int64_t lda, const uint32_t* packed,
+          int64_t n_pad, const float* bias, float* y, int64_t ldy) {
   const int64_t panels = n_pad / kBf16Panel;
+  const int64_t kp = (k + 1) / 2;
   const int64_t stride = kp * kBf16Panel;
   if (m <= 2) {
+    convert_rows(x, ldx, m, k, a, lda);
     // One or two rows: 2 zmm per panel give too few independent chains to hide vdpbf16ps latency;
     // take four panels (8 chains per row) at once.
     int64_t p = 0;
@@ -145,7 +153,7 @@ void gemm(const uint32_t* a, int64_t lda, int64_t m, int64_t kp, const uint32_t*
     for (int64_t k0 = 0; k0 < kp; k0 += kBlockPairs) {
       const int64_t kb = kp - k0 < kBlockPairs ? kp - k0 : kBlockPairs;
       rows_block<kPanelVecs>(a + k0, lda, m, kb, b + k0 * kBf16Panel, stride, yp, ldy,
-                             k0 > 0 ? nullptr : bias + p * kBf16Panel);
+                             k0 > 0 ? nullptr : bias + p * kBf16Panel, p == 0 && k0 == 0 ? x : nullptr, ldx, k);
     }
   }
 }
