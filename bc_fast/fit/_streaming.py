@@ -1,0 +1,87 @@
+"""Streaming fits: pair sets larger than memory, one chunk at a time (closed-form kinds only)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from ._checks import check_int
+from ._gram import accumulate_pairs
+
+STREAMING_KINDS = ("auto", "ridge", "procrustes", "lowrank")
+
+
+def make_closed_form(kind: str, **params: Any) -> Any:
+    """A closed-form adapter (or an AutoAdapter restricted to closed-form kinds) by name."""
+    from ._auto import AutoAdapter, make_adapter
+
+    if kind not in STREAMING_KINDS:
+        raise ValueError(f"kind={kind!r} cannot be fitted by streaming; choose one of {STREAMING_KINDS} "
+                         "(the mlp kind needs the pairs in memory: use fit_adapter(X_src, X_dst, kind='mlp'))")
+    if kind == "auto":
+        params.setdefault("kinds", ("ridge", "procrustes", "lowrank"))
+        return AutoAdapter(**params)
+    return make_adapter(kind, **params)
+
+
+def fit_streaming(pairs: Iterable[tuple[np.ndarray, np.ndarray]], kind: str = "ridge", **params: Any) -> Any:
+    """Fit a closed-form adapter from an iterable of chunks ``(X_src_chunk, X_dst_chunk)``.
+
+    Only the float64 sums of :mod:`bc_fast.fit._gram` are kept (O(d^2) memory, never the pairs).
+    The validation split hashes the global row index, so the result equals the in-memory fit of
+    the concatenated chunks (up to float64 rounding of the sums).
+
+    Parameters
+    ----------
+    pairs : iterable of (ndarray (m, d_src), ndarray (m, d_dst))
+    kind : {"ridge", "procrustes", "lowrank", "auto"}
+    **params : the adapter's parameters (alpha, rank, val_fraction, random_state, ...)
+    """
+    t0 = time.perf_counter()
+    est = make_closed_form(kind, **params)
+    stats = accumulate_pairs(pairs, val_fraction=est.val_fraction, random_state=est.random_state)
+    est.fit_stats(stats)
+    est.fit_time_s_ = time.perf_counter() - t0
+    return est
+
+
+def open_npy(path: str | os.PathLike, name: str) -> np.ndarray:
+    """A 2-D .npy file memory-mapped read-only (never unpickled)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{name}: no such file {p}")
+    try:
+        a = np.load(p, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"{name}: {p} is not a plain numeric .npy array ({e}); save it with np.save(path, "
+                         "array.astype(np.float32))") from e
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name}: {p} holds an archive (.npz?), expected one 2-D .npy array")
+    if a.ndim != 2:
+        raise ValueError(f"{name}: {p} holds an array of shape {a.shape}; expected 2-D (n_pairs, dim)")
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: {p} holds dtype {a.dtype}; expected float32/float64 embeddings")
+    return a
+
+
+def npy_pair_chunks(src_path: str | os.PathLike, dst_path: str | os.PathLike,
+                    chunk_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Row chunks of two memory-mapped .npy files of paired embeddings (rows checked to match)."""
+    chunk_rows = check_int(chunk_rows, "chunk_rows", 1)
+    xs, ys = open_npy(src_path, "SRC"), open_npy(dst_path, "DST")
+    if xs.shape[0] != ys.shape[0]:
+        raise ValueError(f"{src_path} has {xs.shape[0]} rows but {dst_path} has {ys.shape[0]}: the files must hold "
+                         "the same items in the same order")
+    for s in range(0, xs.shape[0], chunk_rows):
+        yield np.asarray(xs[s:s + chunk_rows]), np.asarray(ys[s:s + chunk_rows])
+
+
+def fit_streaming_npy(src_path: str | os.PathLike, dst_path: str | os.PathLike, *, kind: str = "ridge",
+                      chunk_rows: int = 65536, **params: Any) -> Any:
+    """:func:`fit_streaming` over two .npy files read with mmap, ``chunk_rows`` rows at a time."""
+    make_closed_form(kind, **params)  # refuse a bad kind before opening the files
+    return fit_streaming(npy_pair_chunks(src_path, dst_path, chunk_rows), kind=kind, **params)
