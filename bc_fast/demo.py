@@ -33,6 +33,12 @@ def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
     from .experiment import run_demo
     from .eval.retrieval import format_retrieval_report, legacy_retrieval_report
 
+    from .train.strategies import get_strategy
+
+    names = {get_strategy(x).name for x in overrides.get("strategies", ("nobc", "joint-mloss"))}
+    if not {"nobc", "joint-mloss"} <= names:
+        raise ValueError(f"the demo serves a legacy index from joint-mloss next to nobc; strategies "
+                         f"{sorted(names)} lack {sorted({'nobc', 'joint-mloss'} - names)}: add them")
     out = Path(out_dir)
     data = load_movielens() if data is None else data
     res = run_demo(out, seed=seed, quick=quick, log=log, data=data, **overrides)

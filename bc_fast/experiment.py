@@ -90,7 +90,7 @@ class ExperimentConfig:
     dims: tuple[int, ...] = (32, 40, 48, 56, 64)
     num_layers: tuple[int, ...] | int = 2
     start: float = 0.5
-    epochs: int = 8
+    epochs: int = 30
     finetune_epochs: int | None = None
     batch_size: int = 4096
     lr: float = 5e-3
@@ -120,7 +120,12 @@ class ExperimentConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> "ExperimentConfig":
-        """The demo preset: dims 32..64, 8 epochs per version, 3 consumer seeds (a few minutes)."""
+        """The demo preset: dims 32..64, 30 epochs per version at lr 5e-3, 3 consumer seeds.
+
+        30 epochs: M_0's Recall@50 on the selection half (mean of 3 seeds, 5-epoch moving
+        average) plateaus at epochs 25-30 with lr 5e-3 (0.157, up from 0.067 at epoch 8);
+        with lr 2e-3 it still rises at epoch 60.
+        """
         return replace(cls(), **overrides)
 
     @classmethod
@@ -225,7 +230,7 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
 
     from .data.movielens import load_movielens, time_points
     from .eval import consumers as C
-    from .eval.report import format_table
+    from .eval.report import format_per_version, format_table
     from .train.protocol import held_out_split
     from .train.recommender import build_graph, graph_attr_sizes
 
@@ -289,8 +294,8 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
                                for t in test_tasks},
         }
         results["config"] = asdict(cfg)
-        results["table"] = format_table(results["rows"], recall_k=cfg.recall_k, seeds=cfg.seeds,
-                                        latest=K - 1)
+        results["table"] = (format_table(results["rows"], recall_k=cfg.recall_k, seeds=cfg.seeds, latest=K - 1)
+                            + "\n\n" + format_per_version(results["per_version"], recall_k=cfg.recall_k))
         results["artifacts"] = artifacts
         return results
     finally:

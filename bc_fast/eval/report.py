@@ -11,7 +11,7 @@ import numpy as np
 
 from .._fileio import atomic_write_bytes
 
-__all__ = ["format_table", "write_json", "write_raw_json", "plot_degradation", "plot_per_version", "plot_pareto", "atomic_write_bytes"]
+__all__ = ["format_table", "format_per_version", "write_json", "write_raw_json", "plot_degradation", "plot_per_version", "plot_pareto", "atomic_write_bytes"]
 
 
 def _jsonable(x: Any) -> Any:
@@ -105,6 +105,26 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, recall_k: int = 50, seeds
         lines.append(f"intended: Recall@{recall_k} of the {where} on held-out test users; unintended: consumer "
                      f"ROC-AUC on test examples. Mean [95% CI], paired bootstrap over {n}test users/examples; "
                      "* = CI of the change excludes 0.")
+    return "\n".join(lines)
+
+
+def format_per_version(per_version: Mapping[str, Mapping[str, Sequence[Any]]], *, recall_k: int = 50) -> str:
+    """Intended change per version (% Recall@K vs nobc on the test users, [95 % CI]) next to the table."""
+    names = list(per_version)
+    if not names:
+        return ""
+    K = len(per_version[names[0]]["recall"])
+    head = f"{'strategy':<15}" + "".join(f"{f'v{k} intended %':>24}" for k in range(1, K))
+    lines = [f"per version (Recall@{recall_k} % vs nobc, test users):", head, "-" * len(head)]
+    for n in names:
+        d = per_version[n]
+        cells = []
+        for k in range(1, K):
+            v, lo, hi = (d.get(key, [None] * K)[k] for key in ("intended_change", "intended_change_lo",
+                                                                "intended_change_hi"))
+            cells.append("n/a" if v is None or lo is None or hi is None or not math.isfinite(v)
+                         else f"{v:+.1f} [{lo:+.1f}, {hi:+.1f}]")
+        lines.append(f"{n:<15}" + "".join(f"{c:>24}" for c in cells))
     return "\n".join(lines)
 
 
