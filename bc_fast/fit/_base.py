@@ -65,7 +65,7 @@ class BaseAdapter:
     def fit(self, X_src: Any, X_dst: Any) -> "BaseAdapter":
         """Fit the map from ``X_src`` (n, d_src) to ``X_dst`` (n, d_dst): row i of both is the same item."""
         t0 = time.perf_counter()
-        x, y = check_pair_chunk(X_src, X_dst)
+        x, y = check_pair_chunk(X_src, X_dst, finite=False)  # _fit_arrays checks NaN/Inf (chunk by chunk)
         if x.shape[0] == 0:
             raise ValueError("no pairs: X_src and X_dst have 0 rows")
         self._fit_arrays(x, y)
@@ -73,6 +73,7 @@ class BaseAdapter:
         return self
 
     def _fit_arrays(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Fit on checked 2-D arrays with equal row counts; must refuse NaN/Inf rows itself."""
         raise NotImplementedError
 
     def _set_program(self, layers: Sequence[Layer]) -> None:

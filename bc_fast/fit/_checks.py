@@ -46,8 +46,12 @@ def check_finite(x: np.ndarray, name: str, offset: int = 0) -> None:
 
 
 def check_pair_chunk(x: Any, y: Any, offset: int = 0, dims: tuple[int, int] | None = None,
-                     names: tuple[str, str] = ("X_src", "X_dst")) -> tuple[np.ndarray, np.ndarray]:
-    """Check one chunk of pairs (rows ``offset ...``); return both as 2-D numpy arrays."""
+                     names: tuple[str, str] = ("X_src", "X_dst"), *, finite: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Check one chunk of pairs (rows ``offset ...``); return both as 2-D numpy arrays.
+
+    ``finite=False`` leaves the NaN/Inf check to the caller (the chunked accumulation does it
+    chunk by chunk, so a large array is not scanned twice).
+    """
     xs, ys = as_matrix(x, names[0]), as_matrix(y, names[1])
     if xs.shape[0] != ys.shape[0]:
         where = f" in the chunk starting at row {offset}" if offset else ""
@@ -56,8 +60,9 @@ def check_pair_chunk(x: Any, y: Any, offset: int = 0, dims: tuple[int, int] | No
     if dims is not None and (xs.shape[1], ys.shape[1]) != dims:
         raise ValueError(f"the chunk starting at row {offset} has dims ({xs.shape[1]}, {ys.shape[1]}) but the "
                          f"first chunk had {dims}; every chunk must have the same two dimensions")
-    check_finite(xs, names[0], offset)
-    check_finite(ys, names[1], offset)
+    if finite:
+        check_finite(xs, names[0], offset)
+        check_finite(ys, names[1], offset)
     return xs, ys
 
 

@@ -17,6 +17,7 @@ scales the chosen alpha by ``n_all / n_train`` so the penalty per row stays the 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,11 @@ class RidgePath:
         lam, v = np.linalg.eigh((c + c.T) / 2)
         lam = np.maximum(lam, 0.0)
         return cls(lam, v, v.T @ cxy, gram.mean_x, gram.mean_y, gram.n)
+
+    @functools.cached_property
+    def gram(self) -> np.ndarray:
+        """The centred ``X^T X`` again (``V diag(lam) V^T``), for the low-rank projection."""
+        return (self.v * self.lam) @ self.v.T
 
     def coef(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
         """``(wt, b)`` of the ridge fit with penalty ``alpha``."""

@@ -162,8 +162,7 @@ class LowRankAdapter(RidgeAdapter):
 
     def _candidate(self, path: RidgePath, alpha: float) -> tuple[np.ndarray, np.ndarray, Any]:
         wt, _ = path.coef(alpha)
-        c = (path.v * path.lam) @ path.v.T
-        wt_r, vr = lowrank_project(wt, c, int(self.rank))
+        wt_r, vr = lowrank_project(wt, path.gram, int(self.rank))
         return wt_r, path.mean_y - path.mean_x @ wt_r, vr
 
     def _layers(self, wt: np.ndarray, b: np.ndarray, vr: Any) -> list[Layer]:

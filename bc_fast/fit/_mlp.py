@@ -4,7 +4,10 @@ The module is :class:`bc_fast.train.transforms.ResidualMLPTransform` (the same e
 trained transforms: two layers, the activation on the leading ``hidden`` outputs of the first,
 so the compiled core runs it as one fused program). ``P`` and ``b`` start at the ridge solution
 of the training rows, ``W2`` at zero: training starts from the ridge map and can only improve
-it on the validation rows (the best epoch is kept).
+it on the validation rows (the best epoch is kept). ``W1`` starts at PyTorch's default
+initialisation rescaled to the spread of the training inputs and ``b1`` centres them (plus a
+uniform offset of the pre-activations' own spread, so the units bend at different places): the
+pre-activations start at unit scale whatever the embedding norm.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ._base import BaseAdapter, r2_uniform
-from ._checks import check_alpha, check_fraction, check_int
+from ._checks import check_alpha, check_finite, check_fraction, check_int
 from ._estimators import RidgeAdapter
 from ._gram import val_mask
 
@@ -94,6 +97,8 @@ class MLPAdapter(BaseAdapter):
 
     def _fit_arrays(self, x: np.ndarray, y: np.ndarray) -> None:
         self._check_params()
+        check_finite(x, "X_src")
+        check_finite(y, "X_dst")
         torch = _torch()
         from ..train.transforms import ResidualMLPTransform
 
@@ -106,9 +111,17 @@ class MLPAdapter(BaseAdapter):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(self.random_state))
             net = ResidualMLPTransform(x.shape[1], y.shape[1], hidden=int(self.hidden), activation=self.activation)
+            offsets = (torch.rand(int(self.hidden), dtype=torch.float64) * 2 - 1) / np.sqrt(3.0)
+        xtr = x[~mask]
+        mean, scale = xtr.mean(axis=0, dtype=np.float64), float(np.sqrt(xtr.var(axis=0, dtype=np.float64).sum()))
         with torch.no_grad():
             net.p.weight.copy_(torch.from_numpy(self.ridge_.coef_.astype(np.float32)))
             net.w2.bias.copy_(torch.from_numpy(self.ridge_.intercept_.astype(np.float32)))
+            # Embeddings have small coordinates: scale W1 so the pre-activations start at O(1) spread
+            # around zero (the default init assumes unit-variance features), where gelu bends.
+            w1 = net.w1.weight.double() * (np.sqrt(x.shape[1]) / max(scale, 1e-12))
+            net.w1.weight.copy_(w1.float())
+            net.w1.bias.copy_((offsets - w1 @ torch.from_numpy(mean)).float())
         f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
         xt, yt, xv, yv = f32(x[~mask]), f32(y[~mask]), f32(x[mask]), f32(y[mask])
         before = torch.get_num_threads()
