@@ -52,7 +52,8 @@ import numpy as np
 from ._fileio import FileLock, atomic_write_json, read_json_object
 from ._text import short_repr
 from .convert import (SIDECAR_SUFFIX, VerificationError, _check_output_free, _journal_checksum, _publish,
-                      _write_journal, apply_to_table, read_sidecar, registry_job, sidecar_path)
+                      _write_journal, apply_to_table, operator_fingerprint, read_sidecar, registry_job,
+                      sidecar_path)
 from .progress import Progress
 from .tables import _PARQUET_SUFFIXES, open_table, remove_path, sha256_file
 
@@ -256,7 +257,6 @@ class _FileConverter:
         self.threads = _assigned_cpus()
         try:
             self.op, self.prov, self.reference = registry_job(registry, src, dst, normalize)
-            from .convert import operator_fingerprint
             got = {"registry_checksum": self.prov["registry_checksum"], "operator": operator_fingerprint(self.op)}
             if got != expect:
                 raise ValueError(f"the registry {registry} as this worker sees it (checksum "
@@ -326,8 +326,8 @@ def _start_ray(ray: Any, address: str | None) -> bool:
     if ray.is_initialized():
         return False
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="warning",
-                 configure_logging=True)
+        local = {} if address else {"include_dashboard": False}  # a cluster keeps its own settings
+        ray.init(address=address, log_to_driver=False, logging_level="warning", **local)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise RuntimeError(f"cannot start or reach {where}: {e}; check the address (ray status) or omit "
@@ -445,7 +445,6 @@ def convert_dataset_ray(
         raise FileNotFoundError(f"output directory {os.path.dirname(output)} does not exist; create it first")
     kind, names = _list_inputs(input)
     op, prov, _ = registry_job(registry, src, dst, normalize)
-    from .convert import operator_fingerprint
     src = prov["from"]
     prints, rows, in_dtype = _scan_inputs(input, names, column, src, prov["dims"]["from"], dtype)
     out_dtype = str(np.dtype(dtype)) if dtype is not None else in_dtype
@@ -489,8 +488,6 @@ def _run_ray(ray: Any, input: str, staging: str, names: list[str], journal: dict
              num_workers: int | None, threads: int | None, address: str | None, max_retries: int,
              progress: bool | None, fault: dict | None, total_rows: int) -> DatasetResult:
     """Schedule one Ray Data task per file, record each finished file in the journal as it comes back."""
-    from .convert import operator_fingerprint
-
     files = journal["files"]
     items = [{"name": n, "path": os.path.join(input, n), "staged": os.path.join(staging, n),
               "sha256": (files.get(n) or {}).get("sha256", "")} for n in names]
