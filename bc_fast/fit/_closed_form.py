@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._gram import Gram
+from ._gram import Gram, PairStats
 
 ALPHA_GRID_EXPONENTS = np.arange(-8.0, 2.0 + 1e-9, 0.5)
 
@@ -66,6 +66,15 @@ class RidgePath:
         """The candidate penalties (see the module docstring)."""
         scale = float(self.lam.mean()) if self.lam.size and self.lam.mean() > 0 else 1.0
         return np.concatenate([[0.0], scale * 10.0 ** ALPHA_GRID_EXPONENTS])
+
+
+def ridge_path(stats: PairStats, part: str) -> RidgePath:
+    """The decomposition of ``stats.train`` (part="train") or of all rows ("both"), computed once
+    per PairStats and shared by the adapters fitted from it (ridge, lowrank, auto's candidates)."""
+    key = f"ridge_path_{part}"
+    if key not in stats.cache:
+        stats.cache[key] = RidgePath.of(stats.train if part == "train" else stats.both())
+    return stats.cache[key]
 
 
 def lowrank_project(wt: np.ndarray, c: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import numpy as np
 from ..ops import Layer
 from ._base import BaseAdapter
 from ._checks import check_alpha, check_fraction, check_int
-from ._closed_form import RidgePath, lowrank_project, procrustes
+from ._closed_form import RidgePath, lowrank_project, procrustes, ridge_path
 from ._gram import PairStats, accumulate_pairs, array_chunks
 
 DEFAULT_CHUNK_ROWS = 16384
@@ -100,6 +100,10 @@ class RidgeAdapter(_ClosedFormAdapter):
         wt, b = path.coef(alpha)
         return wt, b, None
 
+    def _grid_order(self, stats: PairStats, path: RidgePath, grid: np.ndarray) -> list[int]:
+        """The grid points to evaluate (all of them for ridge: each costs one scaling)."""
+        return list(range(grid.shape[0]))
+
     def _layers(self, wt: np.ndarray, b: np.ndarray, extra: Any) -> list[Layer]:
         return [Layer(np.ascontiguousarray(wt.T), b)]
 
@@ -117,12 +121,15 @@ class RidgeAdapter(_ClosedFormAdapter):
             raise ValueError(f"alpha=None is chosen on validation rows, but none of the {stats.n} pairs is one "
                              f"(val_fraction={self.val_fraction}); pass more pairs, a larger val_fraction, or "
                              "alpha=<value>")
-        path = RidgePath.of(stats.train)
+        path = ridge_path(stats, "train")
         grid = path.alpha_grid() if alpha is None else np.array([alpha])
-        fits = [self._candidate(path, float(a)) for a in grid]
-        mses = [self._val_scores(stats, wt, b).get("mse", np.nan) for wt, b, _ in fits]
+        fits: dict[int, tuple[np.ndarray, np.ndarray, Any]] = {}
+        mses = np.full(grid.shape[0], np.nan)
+        for i in self._grid_order(stats, path, grid):
+            fits[i] = self._candidate(path, float(grid[i]))
+            mses[i] = self._val_scores(stats, fits[i][0], fits[i][1]).get("mse", np.nan)
         best = int(np.nanargmin(mses)) if alpha is None else 0
-        self.alphas_, self.val_mse_path_ = grid, np.asarray(mses)
+        self.alphas_, self.val_mse_path_ = grid, mses
         self.val_metrics_ = self._val_scores(stats, fits[best][0], fits[best][1])
         a = float(grid[best])
         wt, b, extra = fits[best]
@@ -130,7 +137,7 @@ class RidgeAdapter(_ClosedFormAdapter):
             both = stats.both()
             if alpha is None:  # a chosen penalty keeps its size per row; a given one is used as given
                 a = a * both.n / stats.train.n
-            wt, b, extra = self._candidate(RidgePath.of(both), a)
+            wt, b, extra = self._candidate(ridge_path(stats, "both"), a)
         self.alpha_ = a
         self._finish(self._layers(wt, b, extra), wt, b, n_fit)
 
@@ -140,7 +147,8 @@ class LowRankAdapter(RidgeAdapter):
     fitted values, exported as two layers ``U (V x) + b`` (rank x d_src, then d_dst x rank).
 
     ``rank = min(d_src, d_dst)`` gives the ridge map itself. alpha is chosen by the validation
-    MSE of the projected map. Other parameters and attributes as :class:`RidgeAdapter`, plus
+    MSE of the projected map, tried at the ridge grid's best point and its neighbours within one
+    decade (``val_mse_path_`` is NaN elsewhere). Other parameters and attributes as :class:`RidgeAdapter`, plus
     ``components_`` (d_dst, rank): the output directions kept.
     """
 
@@ -160,6 +168,15 @@ class LowRankAdapter(RidgeAdapter):
                              f"{stats.d_dst} map, got {self.rank!r}; pass rank=<= {top}")
         super()._solve(stats)
 
+    def _grid_order(self, stats: PairStats, path: RidgePath, grid: np.ndarray) -> list[int]:
+        """Only the ridge optimum and its neighbours within one decade: each low-rank point costs
+        a d_dst x d_dst eigendecomposition, and the projection rarely moves the best alpha further."""
+        if grid.shape[0] == 1 or stats.val.n == 0:
+            return list(range(grid.shape[0]))
+        ridge = [stats.val.scores(*path.coef(float(a)))["mse"] for a in grid]
+        best = int(np.argmin(ridge))
+        return [i for i in range(grid.shape[0]) if abs(i - best) <= 2]
+
     def _candidate(self, path: RidgePath, alpha: float) -> tuple[np.ndarray, np.ndarray, Any]:
         wt, _ = path.coef(alpha)
         wt_r, vr = lowrank_project(wt, path.gram, int(self.rank))
@@ -177,6 +194,10 @@ class ProcrustesAdapter(_ClosedFormAdapter):
     (an orthogonal projection then a rotation); with d_src < d_dst, orthonormal columns (an
     isometric embedding into a d_src-dimensional subspace of the target). This is exactly the
     square Procrustes problem with the smaller side zero-padded, keeping the d_dst x d_src block.
+    Q recovers an exact orthogonal map when d_src <= d_dst; with d_src > d_dst it is the
+    zero-padded solution, the least-squares partial isometry only for isotropic inputs. Any
+    number of pairs >= 2 is accepted (the orthogonality is the regularisation); directions the
+    pairs do not span are completed orthonormally but arbitrarily.
 
     Parameters
     ----------

@@ -158,6 +158,7 @@ class PairStats:
     val: Gram
     val_fraction: float
     random_state: int
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # decompositions shared by adapters
 
     @property
     def d_src(self) -> int:
@@ -176,7 +177,9 @@ class PairStats:
 
     def both(self) -> Gram:
         """Training and validation rows together."""
-        return self.train + self.val
+        if "both" not in self.cache:
+            self.cache["both"] = self.train + self.val
+        return self.cache["both"]
 
 
 def accumulate_pairs(chunks: Iterable[tuple[np.ndarray, np.ndarray]], *, val_fraction: float = 0.1,
