@@ -346,3 +346,21 @@ def test_streaming_bad_input_names_global_rows():
         fit_streaming(iter([(x, y)]), kind="mlp")
     with pytest.raises(ValueError, match="no pairs: the input is empty"):
         fit_streaming(iter([]))
+
+
+def test_npy_inputs_are_checked_without_unpickling(tmp_path):
+    x = np.ones((20, 3), np.float32)
+    np.save(tmp_path / "ok.npy", x)
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}] * 4, dtype=object), allow_pickle=True)
+    np.save(tmp_path / "flat.npy", np.ones(20, np.float32))
+    np.save(tmp_path / "short.npy", x[:5])
+    with pytest.raises(ValueError, match="obj.npy is not a plain numeric .npy array"):
+        fit_streaming_npy(tmp_path / "obj.npy", tmp_path / "ok.npy", alpha=1.0)
+    with pytest.raises(ValueError, match=r"flat.npy holds an array of shape \(20,\); expected 2-D"):
+        fit_streaming_npy(tmp_path / "flat.npy", tmp_path / "ok.npy", alpha=1.0)
+    with pytest.raises(ValueError, match="ok.npy has 20 rows but .*short.npy has 5"):
+        fit_streaming_npy(tmp_path / "ok.npy", tmp_path / "short.npy", alpha=1.0)
+    with pytest.raises(FileNotFoundError, match="no such file .*missing.npy"):
+        fit_streaming_npy(tmp_path / "missing.npy", tmp_path / "ok.npy")
+    with pytest.raises(ValueError, match="kind='mlp' cannot be fitted by streaming"):
+        fit_streaming_npy(tmp_path / "missing.npy", tmp_path / "ok.npy", kind="mlp")
