@@ -325,6 +325,8 @@ def _start_ray(ray: Any, address: str | None) -> bool:
     """Connect to ``address`` or start a local Ray; True if this call started it (and must stop it)."""
     if ray.is_initialized():
         return False
+    if address:
+        _check_reachable(address)
     try:
         local = {} if address else {"include_dashboard": False}  # a cluster keeps its own settings
         ray.init(address=address, log_to_driver=False, logging_level="warning", **local)
@@ -333,6 +335,22 @@ def _start_ray(ray: Any, address: str | None) -> bool:
         raise RuntimeError(f"cannot start or reach {where}: {e}; check the address (ray status) or omit "
                            "--address for a local Ray") from None
     return True
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a cluster address nobody listens at (ray.init would retry for minutes)."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return  # "auto" and other forms: Ray resolves them itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(f"no Ray cluster answers at --address {address} ({e}); start one with "
+                              "`ray start --head` and pass the address it prints, or omit --address for a "
+                              "local Ray") from None
 
 
 @contextlib.contextmanager
@@ -456,6 +474,7 @@ def convert_dataset_ray(
     staging, journal_path = output + _PARTIAL, output + _PARTIAL + ".journal.json"
     lock = FileLock(output + _PARTIAL + ".lock", blocking=False, busy_message=(
         f"another conversion is writing {output} (lock {{path}} is held); wait for it or choose another OUTPUT"))
+    started = False
     try:
         journal = _load_journal(journal_path, staging, key, job)
         done = _already_done(output, key, journal, names)
@@ -465,62 +484,70 @@ def convert_dataset_ray(
             _finish(output, staging, journal_path, journal, None)
             return _result_from_sidecar(output, names, already=True)
         replacing = _check_output_free(output, overwrite)
-        if journal is None:
-            if os.path.lexists(staging):
-                raise FileExistsError(f"{staging} exists but its journal {journal_path} does not; it is not this "
-                                      f"run's partial output: delete it (or move it) and start again")
+        if journal is None and os.path.lexists(staging):
+            raise FileExistsError(f"{staging} exists but its journal {journal_path} does not; it is not this "
+                                  f"run's partial output: delete it (or move it) and start again")
+        started = _start_ray(ray, address)
+        workers, threads = _plan_workers(ray, len(names), num_workers, threads_per_worker)
+        if journal is None:  # only now, so a run that cannot start leaves nothing behind
             journal = {"format": _JOURNAL_FORMAT, "key": key, "job": job, "files": {}, "publishing": False}
             os.mkdir(staging)
             _write_journal(journal_path, journal)
-        result = _run_ray(ray, input, staging, names, journal, journal_path, options, registry, prov, op,
-                          dst, normalize, num_workers, threads_per_worker, address, max_retries, progress, _fault,
-                          rows)
+        worker_kwargs = {"registry": prov["registry"], "src": src, "dst": dst, "normalize": normalize,
+                         "options": options, "fault": _fault,
+                         "expect": {"registry_checksum": prov["registry_checksum"], "operator": job["operator"]}}
+        plan = _Plan(input, staging, names, journal, journal_path, rows, workers, threads, max_retries, progress)
+        result = _run_ray(ray, plan, worker_kwargs)
         side = _dataset_sidecar(journal, names, kind, input, rows, prov, key, result)
         _finish(output, staging, journal_path, journal, replacing, side)
         result.output, result.sidecar = output, sidecar_path(output)
         return result
     finally:
+        if started:
+            ray.shutdown()
         lock.release(remove=True)
 
 
-def _run_ray(ray: Any, input: str, staging: str, names: list[str], journal: dict, journal_path: str,
-             options: dict, registry: Any, prov: dict, op: Any, dst: int, normalize: bool,
-             num_workers: int | None, threads: int | None, address: str | None, max_retries: int,
-             progress: bool | None, fault: dict | None, total_rows: int) -> DatasetResult:
+@dataclass
+class _Plan:
+    """One run's files, journal and Ray shape."""
+
+    input: str
+    staging: str
+    names: list[str]
+    journal: dict
+    journal_path: str
+    rows: int
+    workers: int
+    threads: int
+    max_retries: int
+    progress: bool | None
+
+
+def _run_ray(ray: Any, plan: _Plan, worker_kwargs: dict) -> DatasetResult:
     """Schedule one Ray Data task per file, record each finished file in the journal as it comes back."""
-    files = journal["files"]
-    items = [{"name": n, "path": os.path.join(input, n), "staged": os.path.join(staging, n),
-              "sha256": (files.get(n) or {}).get("sha256", "")} for n in names]
-    started = _start_ray(ray, address)
-    try:
-        workers, threads = _plan_workers(ray, len(items), num_workers, threads)
-        with _quiet_ray_deprecations():
-            ctx = ray.data.DataContext.get_current()
+    files = plan.journal["files"]
+    items = [{"name": n, "path": os.path.join(plan.input, n), "staged": os.path.join(plan.staging, n),
+              "sha256": (files.get(n) or {}).get("sha256", "")} for n in plan.names]
+    with _quiet_ray_deprecations():
+        ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # ours counts rows; Ray Data's count blocks (= files)
         ctx.print_on_execution_start = False
-        kwargs = {"registry": prov["registry"], "src": prov["from"], "dst": dst, "normalize": normalize,
-                  "options": options, "fault": fault,
-                  "expect": {"registry_checksum": prov["registry_checksum"], "operator": operator_fingerprint(op)}}
-
-        with _quiet_ray_deprecations():
-            # Ray Data documents max_restarts/max_task_retries as map_batches keywords (its default is to
-            # retry forever, which would hang on a file that always kills its worker), but 2.60 flags every
-            # extra keyword as deprecated
-            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                _FileConverter, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy", num_cpus=threads,
-                compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
-                max_restarts=max_retries, max_task_retries=max_retries)
+        # Ray Data documents max_restarts/max_task_retries as map_batches keywords (its default is to
+        # retry forever, which would hang on a file that always kills its worker), but 2.60 flags every
+        # extra keyword as deprecated
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _FileConverter, fn_constructor_kwargs=worker_kwargs, batch_size=1, batch_format="numpy",
+            num_cpus=plan.threads,
+            compute=ray.data.ActorPoolStrategy(size=plan.workers, max_tasks_in_flight_per_actor=1),
+            max_restarts=plan.max_retries, max_task_retries=plan.max_retries)
         t0 = time.perf_counter()
-        bar = Progress(total_rows, f"convert {os.path.basename(input)} on Ray", enabled=progress)
-        with _quiet_ray_deprecations():
-            results, errors = _collect(ray, ds, journal, journal_path, bar)
+        bar = Progress(plan.rows, f"convert {os.path.basename(plan.input)} on Ray", enabled=plan.progress)
+        results, errors = _collect(ray, ds, plan.journal, plan.journal_path, bar)
         seconds = time.perf_counter() - t0
-    finally:
-        if started:
-            ray.shutdown()
     if errors:
         _raise_worker_error(errors)
-    missing = [n for n in names if n not in files]
+    missing = [n for n in plan.names if n not in files]
     if missing:
         raise RuntimeError(f"Ray returned no result for {len(missing)} files ({', '.join(missing[:3])}); rerun "
                            "the same command to convert them")
@@ -531,11 +558,11 @@ def _run_ray(ray: Any, input: str, staging: str, names: list[str], journal: dict
         if "worker" in r:
             rss[r["worker"]] = max(rss.get(r["worker"], 0), r["peak_rss"])
     return DatasetResult(
-        output="", sidecar="", files=list(names), converted=sorted(r["name"] for r in done),
+        output="", sidecar="", files=list(plan.names), converted=sorted(r["name"] for r in done),
         skipped=sorted(r["name"] for r in results if r.get("skipped") or r.get("already_complete")),
         resumed=sorted(r["name"] for r in done if r["resumed_rows"]), rows=sum(f["rows"] for f in files.values()),
-        rows_converted=n_conv, seconds=seconds, rows_per_s=n_conv / max(seconds, 1e-9), workers=workers,
-        threads_per_worker=threads, peak_rss=rss)
+        rows_converted=n_conv, seconds=seconds, rows_per_s=n_conv / max(seconds, 1e-9), workers=plan.workers,
+        threads_per_worker=plan.threads, peak_rss=rss)
 
 
 def _collect(ray: Any, ds: Any, journal: dict, journal_path: str, bar: Any) -> tuple[list[dict], list[dict]]:
