@@ -319,6 +319,8 @@ def test_bad_input_messages():
         LowRankAdapter(rank=5).fit(x, y)
     with pytest.raises(ValueError, match="alpha=None is chosen on validation rows, but none of the 3 pairs"):
         RidgeAdapter().fit(x[:3], y[:3])
+    with pytest.raises(ValueError, match="the auto adapter chooses on validation rows, but none of the 3 pairs"):
+        AutoAdapter(kinds=("procrustes",)).fit(x[:3], y[:3])
     with pytest.raises(ValueError, match="alpha must be None .* or a finite number >= 0, got -1"):
         RidgeAdapter(alpha=-1).fit(x, y)
     with pytest.raises(ValueError, match="unknown adapter kind 'pca'"):

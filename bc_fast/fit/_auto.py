@@ -49,7 +49,7 @@ class AutoAdapter(BaseAdapter):
     Attributes
     ----------
     chosen_ : the kind picked;  best_estimator_ : its fitted adapter
-    candidates_ : {kind: {"val_mse", "val_r2", "fit_time_s"}} for every kind tried (or {"skipped": why})
+    candidates_ : {kind: {"val_mse", "val_r2", "fit_time_s"(, "alpha")}} for every kind tried (or {"skipped": why})
     layers_, operator_, n_features_in_, n_features_out_, val_metrics_, fit_time_s_ (of the whole search)
 
     Ties (within a relative 1e-9) go to the earlier kind in ``kinds``. The mlp kind is skipped (and says so in
@@ -117,6 +117,9 @@ class AutoAdapter(BaseAdapter):
         return self
 
     def _search(self, kinds: tuple[str, ...], stats: PairStats | None, arrays: Any) -> None:
+        if stats is not None and stats.val.n == 0:
+            raise ValueError(f"the auto adapter chooses on validation rows, but none of the {stats.n} pairs is one "
+                             f"(val_fraction={self.val_fraction}); pass more pairs, a larger val_fraction, or one kind")
         d_src, d_dst = (stats.d_src, stats.d_dst) if stats is not None else (arrays[0].shape[1], arrays[1].shape[1])
         self.candidates_: dict[str, dict[str, Any]] = {}
         fitted: dict[str, BaseAdapter] = {}
@@ -138,6 +141,8 @@ class AutoAdapter(BaseAdapter):
             vm = est.val_metrics_
             self.candidates_[kind] = {"val_mse": vm["mse"], "val_r2": vm["r2"],
                                       "fit_time_s": time.perf_counter() - t0}
+            if getattr(est, "alpha_", None) is not None:
+                self.candidates_[kind]["alpha"] = float(est.alpha_)
         if not fitted:
             raise ValueError(f"no adapter kind could be fitted: {self.candidates_}")
         best = min(self.candidates_[k]["val_mse"] for k in fitted)
