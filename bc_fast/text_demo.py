@@ -277,8 +277,15 @@ def _fit_and_score(s: _Setup, kind: str, old: str, new: str, f: float, base: dic
     row["fit_s"] = float(getattr(est, "fit_time_s_", time.perf_counter() - t0))
     row.update(_score_backward(s, est, old, new, base, latency_calls))
     row["test_metrics"] = fit_metrics(est, s.queries(new), s.queries(old), k=s.k)
-    row["chosen"] = getattr(est, "chosen_", None)
+    row["fitted"] = _fitted_attrs(est)
     return row
+
+
+def _fitted_attrs(est: Any) -> dict[str, Any]:
+    """The estimator's choices worth reporting (chosen alpha, kept epoch, validation scores)."""
+    names = ("chosen_", "alpha_", "rank_", "best_epoch_", "n_epochs_", "val_metrics_")
+    return {n.rstrip("_"): getattr(est, n) for n in names
+            if isinstance(getattr(est, n, None), (int, float, str, dict, np.integer, np.floating))}
 
 
 def _forward(s: _Setup, kind: str, old: str, new: str, f: float, base: dict, params: Mapping,
@@ -375,23 +382,36 @@ def _plot(path: Path, results: Mapping[str, Any]) -> Path | None:
     except ImportError:
         return None
     pairs = list(results["pairs"].items())
-    fig, axes = plt.subplots(2, len(pairs), figsize=(5.5 * len(pairs), 7), squeeze=False)
+    panels = (("retention", "Recall@10 retention vs full re-embed"),
+              ("label_retention", "label precision@10 retention vs full re-embed"),
+              ("acc_retention", "classifier accuracy retention"))
+    fig, axes = plt.subplots(len(panels), len(pairs), figsize=(5.5 * len(pairs), 3.4 * len(panels)), squeeze=False)
+    colours = {kind: f"C{i}" for i, kind in enumerate(dict.fromkeys(
+        r["kind"] for p in results["pairs"].values() for r in p["backward"]))}
+    fracs = sorted({100 * r["fraction"] for p in results["pairs"].values() for r in p["backward"]})
     for j, (name, p) in enumerate(pairs):
-        for i, (key, label) in enumerate((("retention", "Recall@10 retention vs full re-embed"),
-                                          ("acc_retention", "classifier accuracy retention"))):
+        for i, (key, label) in enumerate(panels):
             ax = axes[i, j]
-            for kind in dict.fromkeys(r["kind"] for r in p["backward"]):
+            for kind in colours:
                 rs = [r for r in p["backward"] if r["kind"] == kind and key in r]
-                ax.plot([100 * r["fraction"] for r in rs], [r[key] for r in rs], "o-", label=kind)
+                ax.plot([100 * r["fraction"] for r in rs], [r[key] for r in rs], "o-", color=colours[kind], label=kind)
+            fw = [r for r in p.get("forward", []) if key in r]
+            if fw:
+                ax.plot([100 * r["fraction"] for r in fw], [r[key] for r in fw], "*", ms=10, color="k",
+                        label="forward: old queries -> new index")
             ch = results.get("chain")
             if ch and (p["old"], p["new"]) == (ch["models"][0], ch["models"][-1]):
-                for kind in dict.fromkeys(r["kind"] for r in ch["rows"]):
+                for kind in colours:
                     rs = [r for r in ch["rows"] if r["kind"] == kind and key in r]
-                    ax.plot([100 * r["fraction"] for r in rs], [r[key] for r in rs], "x--", label=f"chain {kind}")
-            if key == "retention":
-                ax.axhline(p["baseline"]["recall_old"] / p["baseline"]["recall_full"], color="grey", ls=":",
+                    ax.plot([100 * r["fraction"] for r in rs], [r[key] for r in rs], "x--", color=colours[kind],
+                            label=f"chain {kind}")
+            ref = {"retention": ("recall_old", "recall_full"), "label_retention": ("label_p_old", "label_p_full")}
+            if key in ref and p["baseline"][ref[key][1]] > 0:
+                ax.axhline(p["baseline"][ref[key][0]] / p["baseline"][ref[key][1]], color="grey", ls=":",
                            label="old model's own queries")
             ax.set_xscale("log")
+            ax.set_xticks(fracs, [f"{v:g}" for v in fracs])
+            ax.minorticks_off()
             ax.set_xlabel("fitting pairs (% of corpus)")
             ax.set_title(f"{name}: {p['new']} -> {p['old']}\n{label}", fontsize=9)
             ax.grid(alpha=0.3)
