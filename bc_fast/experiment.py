@@ -509,7 +509,8 @@ def _diff(cmp: dict, name: str, prefix: str) -> dict:
 
 
 def _rel_samples(res: Any, j: int, r: int) -> np.ndarray:
-    return 100.0 * (res.samples[:, j] - res.samples[:, r]) / res.samples[:, r]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 100.0 * (res.samples[:, j] - res.samples[:, r]) / res.samples[:, r]
 
 
 def summarize(raw: dict, tasks: Any, cfg: ExperimentConfig) -> dict:
@@ -561,7 +562,8 @@ def summarize(raw: dict, tasks: Any, cfg: ExperimentConfig) -> dict:
         row.update(_diff(uc, n, "unintended_change"))
         if ic and uc:
             tot = _rel_samples(intended_res, j, names.index("nobc")) + _rel_samples(unintended_res, j, names.index("fix-m0"))
-            lo, hi = np.quantile(tot, [0.025, 0.975])
+            tot = tot[np.isfinite(tot)]
+            lo, hi = np.quantile(tot, [0.025, 0.975]) if tot.size else (float("nan"), float("nan"))
             row.update(total=row["intended_change"] + row["unintended_change"], total_lo=float(lo), total_hi=float(hi))
         else:
             row.update(total=float("nan"), total_lo=float("nan"), total_hi=float("nan"))

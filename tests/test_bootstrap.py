@@ -76,3 +76,10 @@ def test_auc_placements_mean_is_the_auc() -> None:
     assert vals.mean() == pytest.approx(auc)
     with pytest.raises(ValueError, match="both classes"):
         auc_placements(np.ones(3), np.arange(3.0))
+
+
+def test_relative_change_with_a_zero_reference_is_nan_not_an_error() -> None:
+    vals = np.zeros((2, 1, 5))
+    vals[0] = 1.0
+    cmp = compare(paired_bootstrap([Block(vals)], n_boot=20), ["a", "ref"], "ref", relative=True)
+    assert np.isnan(cmp["a"]["diff_lo"]) and not cmp["a"]["significant"]

@@ -122,7 +122,11 @@ def _counts(rng: np.random.Generator, n_boot: int, n: int) -> np.ndarray:
 
 
 def _interval(x: np.ndarray, level: float) -> tuple[float, float]:
+    """Percentile interval; replicates where a relative change is undefined (reference 0) are skipped."""
     a = (1.0 - level) / 2.0
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return float("nan"), float("nan")
     lo, hi = np.quantile(x, [a, 1.0 - a])
     return float(lo), float(hi)
 
@@ -162,8 +166,9 @@ def compare(result: BootstrapResult, names: Sequence[str], reference: str, *, le
     for j, n in enumerate(names):
         lo, hi = _interval(result.samples[:, j], level)
         if relative:
-            d_point = 100.0 * (result.point[j] - result.point[r]) / result.point[r]
-            d_samp = 100.0 * (result.samples[:, j] - result.samples[:, r]) / result.samples[:, r]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                d_point = 100.0 * (result.point[j] - result.point[r]) / result.point[r]
+                d_samp = 100.0 * (result.samples[:, j] - result.samples[:, r]) / result.samples[:, r]
         else:
             d_point = result.point[j] - result.point[r]
             d_samp = result.samples[:, j] - result.samples[:, r]
