@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata as md
+import importlib.util
 import json
 import sys
 
@@ -252,7 +253,8 @@ def test_demo_known_answers_on_synthetic_embeddings(tmp_path):
                             log=lambda m: None)
     saved = json.loads((tmp_path / "out" / "text_demo.json").read_text())
     assert saved["pairs"]["rot"]["baseline"] == pytest.approx(res["pairs"]["rot"]["baseline"])
-    assert (tmp_path / "out" / "text_demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if importlib.util.find_spec("matplotlib") is not None:  # the PNG is skipped, with a log line, without it
+        assert (tmp_path / "out" / "text_demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     proto = saved["protocol"]
     assert proto["n_queries"] == 150 and proto["n_indexed"] == 1350 and proto["k"] == 10
     assert proto["corpus"]["sha256"] == corpus_fingerprint(corpus.texts)
