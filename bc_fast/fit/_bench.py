@@ -9,10 +9,12 @@ arrays already loaded. Prints one line per timing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-rows", type=int, default=65536)
     ap.add_argument("--dir", default=os.environ.get("TMPDIR", "/tmp"), help="where the .npy files go")
     ap.add_argument("--in-memory", action="store_true", help="also time fit_adapter on loaded arrays")
+    ap.add_argument("--blas-threads", type=int, default=None,
+                    help="limit numpy's BLAS threads (needs threadpoolctl): on a machine shared with other "
+                         "busy processes, 1 thread can beat 2")
     args = ap.parse_args(argv)
+    limit = contextlib.nullcontext()
+    if args.blas_threads is not None:
+        from threadpoolctl import threadpool_limits
+
+        limit = threadpool_limits(args.blas_threads, user_api="blas")
+    with limit:
+        return _run(args, fit_adapter, fit_streaming_npy)
+
+
+def _run(args: argparse.Namespace, fit_adapter: Any, fit_streaming_npy: Any) -> int:
     d = Path(args.dir)
     src, dst = d / f"bcfast_fit_src_{args.pairs}x{args.dim}.npy", d / f"bcfast_fit_dst_{args.pairs}x{args.dim}.npy"
     if not (src.exists() and dst.exists()):
@@ -65,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     est = fit_streaming_npy(src, dst, kind=args.kind, chunk_rows=args.chunk_rows)
     dt = time.perf_counter() - t0
     cpu = time.process_time() - c0
+    r2 = est.val_metrics_.get("r2", float("nan"))
     print(f"fit_streaming_npy kind={args.kind} pairs={args.pairs} dim={args.dim}->{args.dim} "
-          f"chunk_rows={args.chunk_rows}: {dt:.2f} s wall, {cpu:.2f} s CPU (val R^2 {est.val_metrics_.get('r2', float('nan')):.4f})")
+          f"chunk_rows={args.chunk_rows} blas_threads={args.blas_threads or 'default'}: "
+          f"{dt:.2f} s wall, {cpu:.2f} s CPU (val R^2 {r2:.4f}, load average now {os.getloadavg()[0]:.2f})")
     if args.in_memory:
         x, y = np.load(src), np.load(dst)
         t0 = time.perf_counter()
