@@ -23,6 +23,12 @@ constexpr int64_t kBlockPairs = 128;  // K block: 256 values of k; a 32-column B
 
 inline __mmask16 mask16(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
 
+// Offset of vector v of a block of adjacent panels: within a row of y or bias (panel_stride = kBf16Panel),
+// or within one pair of k of packed weights (panel_stride = k_pairs * kBf16Panel).
+constexpr int64_t vec_offset(int v, int64_t panel_stride) {
+  return (v / kPanelVecs) * panel_stride + kVec * (v % kPanelVecs);
+}
+
 // Rows of x (fp32, row stride ldx, k values) to bf16 pairs (row stride lda dwords, k_pairs = ceil(k / 2)
 // of them, the odd tail padded with +0), rounded to nearest even by vcvtne2ps2bf16.
 void convert_rows(const float* x, int64_t ldx, int64_t m, int64_t k, uint32_t* a, int64_t lda) {
@@ -58,10 +64,10 @@ inline void micro_kernel(const uint32_t* a, int64_t lda, int64_t kp, const uint3
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v)
-        acc[r][v] = _mm512_loadu_ps(y + r * ldy + (v / kPanelVecs) * kBf16Panel + kVec * (v % kPanelVecs));
+        acc[r][v] = _mm512_loadu_ps(y + r * ldy + vec_offset(v, kBf16Panel));
   } else {
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[0][v] = _mm512_loadu_ps(init + (v / kPanelVecs) * kBf16Panel + kVec * (v % kPanelVecs));
+    for (int v = 0; v < NV; ++v) acc[0][v] = _mm512_loadu_ps(init + vec_offset(v, kBf16Panel));
 #pragma GCC unroll 16
     for (int r = 1; r < MR; ++r)
 #pragma GCC unroll 8
@@ -71,7 +77,7 @@ inline void micro_kernel(const uint32_t* a, int64_t lda, int64_t kp, const uint3
     __m512bh bv[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      const __m512i w = _mm512_loadu_si512(b + (v / kPanelVecs) * panel_stride + kk * kBf16Panel + kVec * (v % kPanelVecs));
+      const __m512i w = _mm512_loadu_si512(b + kk * kBf16Panel + vec_offset(v, panel_stride));
       bv[v] = reinterpret_cast<const __m512bh&>(w);
     }
 #pragma GCC unroll 16
@@ -86,7 +92,7 @@ inline void micro_kernel(const uint32_t* a, int64_t lda, int64_t kp, const uint3
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v)
-      _mm512_storeu_ps(y + r * ldy + (v / kPanelVecs) * kBf16Panel + kVec * (v % kPanelVecs), acc[r][v]);
+      _mm512_storeu_ps(y + r * ldy + vec_offset(v, kBf16Panel), acc[r][v]);
 }
 
 constexpr int kRows = 12;  // 12 rows x 2 zmm: 24 accumulators, 2 B loads + 12 broadcasts per pair of k
@@ -143,8 +149,10 @@ void gemm(const float* x, int64_t ldx, int64_t m, int64_t k, uint32_t* a, int64_
       else
         micro_kernel<1, 8>(a, lda, kp, b, stride, yp, ldy, bias + p * kBf16Panel);
     }
-    for (; p < panels; ++p)
-      rows_block<kPanelVecs>(a, lda, m, kp, packed + p * stride, stride, y + p * kBf16Panel, ldy, bias + p * kBf16Panel);
+    for (; p < panels; ++p) {
+      const int64_t col = p * kBf16Panel;
+      rows_block<kPanelVecs>(a, lda, m, kp, packed + p * stride, stride, y + col, ldy, bias + col);
+    }
     return;
   }
   for (int64_t p = 0; p < panels; ++p) {
