@@ -417,7 +417,8 @@ class Registry:
             return [Layer(np.eye(d, dtype=np.float32))]
         return fuse_chain(self.chain_layers(a, b))
 
-    def operator(self, src: int | None = None, dst: int = 0, *, normalize: bool = False) -> FusedTransform:
+    def operator(self, src: int | None = None, dst: int = 0, *, normalize: bool = False,
+                 precision: str = "fp32") -> FusedTransform:
         """A fused operator mapping version ``src`` embeddings to version ``dst``.
 
         Parameters
@@ -426,6 +427,8 @@ class Registry:
         dst : int, default 0
         normalize : bool, default False
             L2-normalise the output rows.
+        precision : {"fp32", "bf16"}, default "fp32"
+            GEMM arithmetic, as :class:`FusedTransform`'s ``precision``.
 
         Returns
         -------
@@ -435,10 +438,10 @@ class Registry:
         """
         a = self.latest if src is None else self._check_version(src, "src")
         b = self._check_version(dst, "dst")
-        key = (a, b, bool(normalize))
+        key = (a, b, bool(normalize), str(precision))
         op = self._op_cache.get(key)
         if op is None:
-            op = FusedTransform(self.fused_layers(a, b), normalize=normalize)
+            op = FusedTransform(self.fused_layers(a, b), normalize=normalize, precision=precision)
             self._op_cache[key] = op
         return op
 

@@ -12,7 +12,9 @@ from .movielens import (
     synthetic_interactions,
     time_points,
 )
+from .text import TextCorpus, load_text_corpus
 
 __all__ = [
     "InteractionData", "VersionSplit", "from_dataframe", "load_movielens", "synthetic_interactions", "time_points",
+    "TextCorpus", "load_text_corpus",
 ]
