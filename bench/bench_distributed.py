@@ -1,22 +1,24 @@
-"""Ray engine vs the single-process converter on the same Parquet dataset, and a scaling model.
+"""Ray engine vs the single-process converter on the same Parquet dataset, and the scaling model's inputs.
 
-    python bench/bench_distributed.py [--rows 2000000] [--files 8] [--dim 256] [--repeats 2] [--dir /tmp]
-                                      [--json PATH]
+    python bench/bench_distributed.py [--quick] [--threads N] [--json PATH] [--rows 2000000] [--files 8]
+                                      [--dim 256] [--repeats 1] [--methods single,ray_2x1,ray_1x2] [--dir /tmp]
 
 Generates a dataset of ``--files`` Parquet files (``id`` int64 + a fixed_size_list<float16>[dim]
-embedding column, 64k-row row groups) of version-2 embeddings and a registry with two dim -> dim
-affine backward transforms, then converts it to version 0 (float16) with, round-robin, each run
-in its own subprocess (warm page cache, first round dropped when ``--repeats`` > 1):
+embedding column, 64k-row row groups; default 2M x 256, ~1 GB; --quick: 500k) of version-2
+embeddings and a registry with two dim -> dim affine backward transforms, and converts it to
+version 0 (float16), each run in its own subprocess, the methods round-robin, one warm-up round
+dropped (warm page cache):
 
-- ``single``: ``convert_table`` on each file in turn, one process, all cores (what ``bc-fast convert``
-  does per file);
+- ``single``: ``convert_table`` on each file in turn, one process, ``--threads`` threads (what
+  ``bc-fast convert`` does per file);
 - ``ray_2x1``: ``convert_dataset_ray`` on a local Ray (num_cpus = all cores), 2 workers x 1 thread;
 - ``ray_1x2``: the same, 1 worker x 2 threads.
 
-Ray's start-up (``ray.init``, ~5 s) is timed apart from the conversion. Peak RSS: VmHWM of the
-single process, and of each Ray worker (from the run's result). Also measured, for the scaling
-model: the core's compute-only rate (one thread, fp16 in/out, in-memory chunks) at ``dim`` and at
-768. Prints one ``key=value`` line per method and the model's inputs; ``--json`` writes them all.
+Ray's start (``ray.init``) is timed apart and not counted. Peak RSS (VmHWM): the single process,
+and each Ray worker (reported by the run). For the scaling model it also times the core alone
+(one thread, float16 in and out, in-memory 64k-row chunks, one dim x dim affine layer) at ``dim``
+and at 768. Checks: Ray >= 0.7x the single-process rows/s; peak RSS per Ray worker < 1 GB.
+The temporary directory is deleted. Harness: :mod:`bc_fast._benchtools`.
 """
 
 from __future__ import annotations
@@ -25,25 +27,25 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
+from bc_fast._benchtools import TINY_PLAN, Bench, Stopwatch, check, result, run_configs, script_args, speedup_check
+from bc_fast._benchtools import timing_from_samples
+
 ROW_GROUP = 65536
 
 
-def _make(root: Path, rows: int, files: int, dim: int) -> str:
+def _make(root: Path, rows: int, files: int, dim: int, rng: np.random.Generator) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from bc_fast.registry import Registry
 
-    rng = np.random.default_rng(0)
     reg = Registry.create(root / "registry")
     reg.add_version(dim=dim)
     for _ in range(2):
@@ -51,9 +53,9 @@ def _make(root: Path, rows: int, files: int, dim: int) -> str:
         reg.add_version(dim=dim, backward=(q.astype(np.float32), (0.01 * rng.standard_normal(dim)).astype(np.float32)))
     (root / "in").mkdir()
     per = -(-rows // files)
+    schema = pa.schema([("id", pa.int64()), ("emb", pa.list_(pa.float16(), dim))])
     for f in range(files):
-        n = min(per, rows - f * per)
-        schema = pa.schema([("id", pa.int64()), ("emb", pa.list_(pa.float16(), dim))])
+        n = max(0, min(per, rows - f * per))
         with pq.ParquetWriter(root / "in" / f"part-{f:04d}.parquet", schema) as w:
             for s in range(0, n, ROW_GROUP):
                 m = min(ROW_GROUP, n - s)
@@ -64,50 +66,53 @@ def _make(root: Path, rows: int, files: int, dim: int) -> str:
     return str(reg.path)
 
 
-def _vmhwm() -> int:
+def _vmhwm_mb() -> float:
     with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+        return next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmHWM:"))
 
 
-def _worker(method: str, root: str, registry: str) -> dict:
-    """One timed run, in a fresh process."""
-    out = Path(root) / f"out_{method}"
-    shutil.rmtree(out, ignore_errors=True)
-    for p in Path(root).glob(f"out_{method}*"):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+def _worker(method: str, root: str, registry: str, threads: int) -> dict:
+    """One timed run in this (fresh) process."""
+    out = Path(root) / "out"
+    for p in Path(root).glob("out*"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
     names = sorted(os.listdir(Path(root) / "in"))
     if method == "single":
         from bc_fast.convert import convert_table
 
         out.mkdir()
-        t0 = time.perf_counter()
-        rows = 0
-        for n in names:
-            rows += convert_table(Path(root) / "in" / n, out / n, registry=registry, dst=0, progress=False).rows
-        wall = time.perf_counter() - t0
-        return {"method": method, "rows": rows, "seconds": wall, "rows_per_s": rows / wall,
-                "peak_rss_mb": _vmhwm() / 2**20, "startup_s": 0.0}
+        with Stopwatch() as sw:
+            for n in names:
+                convert_table(Path(root) / "in" / n, out / n, registry=registry, dst=0, progress=False,
+                              threads=threads)
+        return {"seconds": sw.wall, "cpu": sw.cpu, "peak_rss_mb": [_vmhwm_mb()], "start_s": 0.0}
     import ray
 
     from bc_fast.distributed import convert_dataset_ray
 
-    workers, threads = (2, 1) if method == "ray_2x1" else (1, 2)
-    t0 = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="error")
-    startup = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    res = convert_dataset_ray(Path(root) / "in", out, registry=registry, dst=0, num_workers=workers,
-                              threads_per_worker=threads)
-    wall = time.perf_counter() - t0
+    workers, per = (2, 1) if method == "ray_2x1" else (1, 2)
+    with Stopwatch() as start:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="error")
+    with Stopwatch() as sw:
+        res = convert_dataset_ray(Path(root) / "in", out, registry=registry, dst=0, num_workers=workers,
+                                  threads_per_worker=per)
     ray.shutdown()
-    return {"method": method, "rows": res.rows, "seconds": wall, "rows_per_s": res.rows / wall,
-            "inner_rows_per_s": res.rows_per_s, "startup_s": startup,
-            "peak_rss_mb_per_worker": sorted(v / 2**20 for v in res.peak_rss.values()),
-            "driver_peak_rss_mb": _vmhwm() / 2**20}
+    return {"seconds": sw.wall, "cpu": sw.cpu, "start_s": start.wall,
+            "peak_rss_mb": sorted(v / 2**20 for v in res.peak_rss.values())}
 
 
-def _compute_rate(dim: int, rows: int = 65536, reps: int = 5) -> dict:
-    """The core alone, one thread, float16 in and out, one dim x dim affine layer: rows/s and GFLOP/s."""
+def _run_worker(method: str, root: Path, registry: str, threads: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--root", str(root), "--registry",
+           registry, "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"bench_distributed: the {method} worker failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _compute_rate(dim: int, reps: int = 5, rows: int = ROW_GROUP) -> dict:
+    """The core alone, one thread: rows/s per core and GFLOP/s (best of ``reps``)."""
     from bc_fast import FusedTransform, Layer
 
     rng = np.random.default_rng(1)
@@ -116,76 +121,80 @@ def _compute_rate(dim: int, rows: int = 65536, reps: int = 5) -> dict:
     x = rng.standard_normal((rows, dim)).astype(np.float16)
     y = np.empty((rows, dim), np.float16)
     op.apply(x, out=y, threads=1)
-    best = min(_timed(lambda: op.apply(x, out=y, threads=1)) for _ in range(reps))
+    walls = []
+    for _ in range(reps):
+        with Stopwatch() as sw:
+            op.apply(x, out=y, threads=1)
+        walls.append(sw.wall)
+    best = timing_from_samples(walls, sum(walls)).min_s
     return {"dim": dim, "rows_per_s_per_core": rows / best, "gflops_per_core": 2 * rows * dim * dim / best / 1e9}
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def cfg_distributed(bench: Bench, rows: int, files: int, dim: int, repeats: int, methods: list[str],
+                    tmp_dir: str | None) -> dict:
+    """Every method, round-robin, ``repeats`` rounds after a dropped warm-up round."""
+    root = Path(tempfile.mkdtemp(prefix="bench_distributed_", dir=tmp_dir))
+    try:
+        registry = _make(root, rows, files, dim, bench.rng)
+        in_bytes = sum(f.stat().st_size for f in (root / "in").iterdir())
+        runs: dict[str, list[dict]] = {m: [] for m in methods}
+        for r in range(repeats + 1):
+            for m in methods[r % len(methods):] + methods[:r % len(methods)]:
+                res = _run_worker(m, root, registry, bench.threads)
+                if r:
+                    runs[m].append(res)
+        out_bytes = sum(f.stat().st_size for f in (root / "out").iterdir())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    t = {m: timing_from_samples([x["seconds"] for x in rs], sum(x["cpu"] for x in rs)) for m, rs in runs.items()}
+    rss = {m: max(v for x in rs for v in x["peak_rss_mb"]) for m, rs in runs.items()}
+    ray_m = [m for m in methods if m.startswith("ray")]
+    best = min(ray_m, key=lambda m: t[m].median_s) if ray_m else methods[0]
+    checks = []
+    if ray_m and "single" in t:
+        checks.append(speedup_check("Ray vs single process", t, "single", 0.7, bc=best,
+                                    shown_target="≥ 0.7x single-process rows/s"))
+        worst = max(rss[m] for m in ray_m)
+        checks.append(check("peak RSS per Ray worker", 1000 / worst, 1.0, "< 1 GB", f"{worst:.0f} MB"))
+    compute = [_compute_rate(dim), _compute_rate(768)]
+    rates = ", ".join(f"{m} {rows / t[m].median_s:,.0f} rows/s" for m in methods)
+    starts = ", ".join(f"{m} {np.median([x['start_s'] for x in runs[m]]):.1f} s" for m in ray_m)
+    return result("distributed", f"{rows:,} x {dim} float16 in {files} Parquet files, version 2 -> 0",
+                  rows, t, checks, bc=best, peak_rss_mb=rss, compute=compute, runs=runs,
+                  bytes_per_row={"read": in_bytes / rows, "written": out_bytes / rows},
+                  note=f"{rates}; peak RSS MB " + ", ".join(f"{m} {v:.0f}" for m, v in rss.items())
+                       + f" (Ray: per worker); ray.init {starts or '-'} (not counted); bytes/row read "
+                       f"{in_bytes / rows:.0f}, written {out_bytes / rows:.0f}; core alone, 1 thread: "
+                       + ", ".join(f"{c['dim']}-d {c['rows_per_s_per_core']:,.0f} rows/s "
+                                   f"({c['gflops_per_core']:.1f} GFLOP/s)" for c in compute))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=2_000_000)
-    p.add_argument("--files", type=int, default=8)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--methods", default="single,ray_2x1,ray_1x2")
-    p.add_argument("--dir", default=None)
-    p.add_argument("--json", default=None)
-    p.add_argument("--_worker", nargs=3, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a._worker:
-        print(json.dumps(_worker(*a._worker)))
-        return 0
-    from bc_fast._benchtools import cpu_model
+    def extra(p) -> None:
+        p.add_argument("--rows", type=int, default=None, help="rows (default 2,000,000; --quick 500,000)")
+        p.add_argument("--files", type=int, default=8, help="Parquet files (default 8)")
+        p.add_argument("--dim", type=int, default=256, help="embedding dim (default 256)")
+        p.add_argument("--repeats", type=int, default=1, help="timed rounds (one warm-up round more)")
+        p.add_argument("--methods", default="single,ray_2x1,ray_1x2", help="comma-separated, from the list above")
+        p.add_argument("--dir", default=None, help="where to put the temporary dataset (default: $TMPDIR)")
+        for hidden in ("--worker", "--root", "--registry"):
+            p.add_argument(hidden, default=None, help=argparse.SUPPRESS)
 
-    print(f"# machine: {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")
-    root = Path(tempfile.mkdtemp(prefix="bench_distributed_", dir=a.dir))
-    try:
-        t0 = time.perf_counter()
-        registry = _make(root, a.rows, a.files, a.dim)
-        size = sum(f.stat().st_size for f in (root / "in").iterdir())
-        print(f"# dataset: {a.rows:,} rows x {a.dim} float16 in {a.files} Parquet files, {size / 2**20:,.0f} MiB "
-              f"({size / a.rows:.0f} B/row), made in {time.perf_counter() - t0:.1f} s")
-        methods = a.methods.split(",")
-        runs: dict[str, list[dict]] = {m: [] for m in methods}
-        for rep in range(a.repeats):
-            for m in methods:
-                r = subprocess.run([sys.executable, __file__, "--_worker", m, str(root), registry],
-                                   capture_output=True, text=True, check=False)
-                if r.returncode:
-                    print(r.stderr[-3000:], file=sys.stderr)
-                    return 1
-                runs[m].append(json.loads(r.stdout.strip().splitlines()[-1]))
-        keep = slice(1, None) if a.repeats > 1 else slice(None)
-        out_size = sum(f.stat().st_size for f in (root / f"out_{methods[0]}").iterdir())
-        summary = {"rows": a.rows, "files": a.files, "dim": a.dim, "in_bytes_per_row": size / a.rows,
-                   "out_bytes_per_row": out_size / a.rows, "load_average_end": os.getloadavg()[0], "methods": {}}
-        for m, rs in runs.items():
-            rps = statistics.median(r["rows_per_s"] for r in rs[keep])
-            summary["methods"][m] = {"rows_per_s": rps, "runs": rs}
-            extra = (f"peak_rss_mb={rs[-1]['peak_rss_mb']:.0f}" if m == "single" else
-                     f"ray_start_s={statistics.median(r['startup_s'] for r in rs):.1f} peak_rss_mb_per_worker="
-                     + "/".join(f"{v:.0f}" for v in rs[-1]["peak_rss_mb_per_worker"]))
-            ratio = rps / summary["methods"]["single"]["rows_per_s"] if "single" in summary["methods"] else None
-            print(f"method={m} rows={a.rows} dim={a.dim} files={a.files} rows_per_s={rps:,.0f} "
-                  + (f"vs_single={ratio:.2f}x " if ratio else "") + extra
-                  + " samples=" + "/".join(f"{r['rows_per_s']:,.0f}" for r in rs))
-        summary["compute"] = [_compute_rate(a.dim), _compute_rate(768)]
-        for c in summary["compute"]:
-            print(f"compute dim={c['dim']} rows_per_s_per_core={c['rows_per_s_per_core']:,.0f} "
-                  f"gflops_per_core={c['gflops_per_core']:.1f}")
-        print(f"# bytes per row: read {size / a.rows:.0f}, written {out_size / a.rows:.0f}; "
-              f"load average at end {os.getloadavg()[0]:.1f}")
-        if a.json:
-            Path(a.json).write_text(json.dumps(summary, indent=1))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    args = script_args(__doc__, argv, quick_help="a 500,000-row dataset", extra=extra)
+    threads = args.threads or os.cpu_count() or 1
+    if args.worker:
+        print(json.dumps(_worker(args.worker, args.root, args.registry, threads)))
+        return 0
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    rows = args.rows or {"tiny": 20_000, "quick": 500_000, "full": 2_000_000}[mode]
+    repeats = 1 if args.tiny else args.repeats
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    run_configs("bench_distributed", [(cfg_distributed, (rows, args.files, args.dim, repeats, methods, args.dir))],
+                threads=threads, plan=TINY_PLAN, mode=mode, json_path=args.json,
+                describe=f"mode={mode}: {rows:,} x {args.dim} float16 in {args.files} Parquet files, {repeats} "
+                         "rounds (+1 warm-up, dropped), each run in its own process")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())
