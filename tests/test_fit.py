@@ -183,7 +183,7 @@ def test_mlp_beats_ridge_on_a_nonlinear_map():
     rng = np.random.default_rng(13)
     x = rng.standard_normal((1000, 4)).astype(np.float32)
     y = x @ (rng.standard_normal((4, 4)).astype(np.float32) / 2).T + np.tanh(2 * x[:, ::-1])
-    params = dict(hidden=32, epochs=30, patience=5, lr=1e-2, batch_size=64, threads=1)
+    params = dict(hidden=32, epochs=30, patience=5, lr=1e-2, batch_size=64)
     est = MLPAdapter(**params).fit(x, y)
     assert est.val_metrics_["mse"] < 0.2 * est.ridge_.val_metrics_["mse"]
     assert est.best_epoch_ > 0 and est.kind == "mlp"
@@ -222,6 +222,7 @@ def test_get_params_set_params_round_trip():
         est.set_params(ranks=3)
     for cls in (RidgeAdapter, ProcrustesAdapter, MLPAdapter, AutoAdapter):
         assert cls(**cls().get_params()).get_params() == cls().get_params()
+    assert MLPAdapter().get_params()["threads"] == 1
 
 
 def test_score_is_r2():
