@@ -231,6 +231,7 @@ def test_score_is_r2():
     pred = est.transform(x)
     r2 = np.mean(1 - ((y - pred) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0))
     assert est.score(x, y) == pytest.approx(r2, abs=1e-12)
+    np.testing.assert_array_equal(RidgeAdapter().fit_transform(x, y), pred)
 
 
 def test_fit_metrics_against_numpy():

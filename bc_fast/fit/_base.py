@@ -102,6 +102,10 @@ class BaseAdapter:
 
     predict = transform
 
+    def fit_transform(self, X_src: Any, X_dst: Any) -> np.ndarray:
+        """``fit(X_src, X_dst)``, then ``transform(X_src)``."""
+        return self.fit(X_src, X_dst).transform(X_src)
+
     def score(self, X_src: Any, X_dst: Any) -> float:
         """R^2 of ``transform(X_src)`` against ``X_dst`` (uniform average over outputs)."""
         self._check_fitted()
