@@ -11,6 +11,7 @@ import numpy as np
 from ..fusion import apply_layers_reference
 from ..ops import FusedTransform, Layer
 from ._checks import check_features, check_pair_chunk
+from ._gram import r2_from_sums
 
 
 class NotFittedError(ValueError, AttributeError):
@@ -20,11 +21,7 @@ class NotFittedError(ValueError, AttributeError):
 def r2_uniform(y: np.ndarray, y_hat: np.ndarray) -> float:
     """R^2 averaged uniformly over outputs (scikit-learn's ``r2_score`` with multioutput='uniform_average')."""
     y, y_hat = np.asarray(y, np.float64), np.asarray(y_hat, np.float64)
-    sse = ((y - y_hat) ** 2).sum(axis=0)
-    sst = ((y - y.mean(axis=0)) ** 2).sum(axis=0)
-    ok = sst > 0
-    r2 = np.where(ok, 1.0 - sse / np.where(ok, sst, 1.0), np.where(sse == 0, 1.0, 0.0))
-    return float(r2.mean())
+    return r2_from_sums(((y - y_hat) ** 2).sum(axis=0), ((y - y.mean(axis=0)) ** 2).sum(axis=0))
 
 
 class BaseAdapter:

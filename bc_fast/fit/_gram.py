@@ -105,9 +105,15 @@ class Gram:
         """Mean squared error (per element) and R^2 (uniform average over outputs) of a map on these rows."""
         sse = self.sse(wt, b)
         sst = np.maximum(self.yy - self.sy**2 / self.n, 0.0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r2 = np.where(sst > 0, 1.0 - sse / np.where(sst > 0, sst, 1.0), np.where(sse <= 1e-300, 1.0, 0.0))
-        return {"mse": float(sse.sum() / (self.n * sse.shape[0])), "r2": float(r2.mean())}
+        return {"mse": float(sse.sum() / (self.n * sse.shape[0])), "r2": r2_from_sums(sse, sst)}
+
+
+def r2_from_sums(sse: np.ndarray, sst: np.ndarray) -> float:
+    """R^2 averaged uniformly over outputs from per-output residual and total sums of squares
+    (scikit-learn's convention for a constant output: 1 if predicted exactly, else 0)."""
+    ok = sst > 0
+    r2 = np.where(ok, 1.0 - sse / np.where(ok, sst, 1.0), np.where(sse <= 1e-300, 1.0, 0.0))
+    return float(r2.mean())
 
 
 class Workspace:
