@@ -102,7 +102,7 @@ def fit_to_registry(registry: str | os.PathLike, from_version: int, to_version: 
     metrics: dict[str, Any] = {"adapter": est.adapter if kind != "auto" else f"auto:{est.chosen_}",
                                "n_pairs": int(src.shape[0]), "n_val": int(holder.n_val_), "fit_time_s": fit_time}
     if xv.shape[0] >= 2:
-        metrics.update({f"val_{key}": v for key, v in fit_metrics(probe, xv, yv, k=k).items() if key != "n"})
+        metrics.update({f"val_{key}": v for key, v in fit_metrics(probe, xv, yv, k=k).items()})
     for name in ("alpha_", "rank"):
         if getattr(holder, name, None) is not None:
             metrics[name.rstrip("_")] = getattr(holder, name)
@@ -128,7 +128,8 @@ def format_fit_table(metrics: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"chosen {chosen}: R^2 {_f(metrics.get('val_r2'), '.4f')}  cosine {_f(metrics.get('val_cosine'), '.4f')}"
                  f"  neighbour overlap@{metrics.get('val_k', '?')} {_f(metrics.get('val_neighbour_overlap'), '.4f')}"
-                 f"  (n_val={metrics.get('n_val')}, fit {metrics.get('fit_time_s', 0):.2f} s)")
+                 f"  (on {metrics.get('val_n', 0)} of {metrics.get('n_val')} validation rows; fit "
+                 f"{metrics.get('fit_time_s', 0):.2f} s)")
     return "\n".join(lines)
 
 
