@@ -109,10 +109,16 @@ class Gram:
 
 
 def r2_from_sums(sse: np.ndarray, sst: np.ndarray) -> float:
-    """R^2 averaged uniformly over outputs from per-output residual and total sums of squares
-    (scikit-learn's convention for a constant output: 1 if predicted exactly, else 0)."""
-    ok = sst > 0
-    r2 = np.where(ok, 1.0 - sse / np.where(ok, sst, 1.0), np.where(sse <= 1e-300, 1.0, 0.0))
+    """R^2 averaged uniformly over outputs from per-output residual and total sums of squares.
+
+    An output whose total sum of squares is below 1e-12 of the mean over outputs counts as
+    constant (real embeddings have such dead dimensions: all-MiniLM-L6-v2 has three with variance
+    < 1e-16, which would make the average -1e31): it scores 1 if predicted to that precision, else 0
+    (scikit-learn's convention for exactly constant outputs).
+    """
+    tiny = 1e-12 * float(sst.mean()) if sst.size and sst.mean() > 0 else 0.0
+    ok = sst > tiny
+    r2 = np.where(ok, 1.0 - sse / np.where(ok, sst, 1.0), np.where(sse <= max(tiny, 1e-300), 1.0, 0.0))
     return float(r2.mean())
 
 

@@ -44,6 +44,8 @@ class MLPAdapter(BaseAdapter):
     epochs : int, default 200;  patience : int, default 10
         At most ``epochs`` passes; stop after ``patience`` epochs without a lower validation MSE.
     lr : float, default 1e-3;  batch_size : int, default 256;  weight_decay : float, default 0
+        The loss is the MSE of targets standardised by one global scale (their RMS deviation per
+        coordinate), so lr does not depend on the embeddings' norm.
     val_fraction : float, default 0.1;  random_state : int, default 0
         The same hashed validation split as the closed-form adapters; the seed also fixes the
         initialisation and the batch order (same seed, same weights).
@@ -114,18 +116,23 @@ class MLPAdapter(BaseAdapter):
             torch.manual_seed(int(self.random_state))
             net = ResidualMLPTransform(x.shape[1], y.shape[1], hidden=int(self.hidden), activation=self.activation)
             offsets = (torch.rand(int(self.hidden), dtype=torch.float64) * 2 - 1) / np.sqrt(3.0)
-        xtr = x[~mask]
+        xtr, ytr = x[~mask], y[~mask]
         mean, scale = xtr.mean(axis=0, dtype=np.float64), float(np.sqrt(xtr.var(axis=0, dtype=np.float64).sum()))
+        # Train on targets standardised by one global scale (y - y_mean) / s, so that lr means the same
+        # for any embedding norm (Adam's steps are absolute); s is folded back into P, W2, b after.
+        y_mean = ytr.mean(axis=0, dtype=np.float64)
+        y_s = max(float(np.sqrt(ytr.var(axis=0, dtype=np.float64).mean())), 1e-12)
         with torch.no_grad():
-            net.p.weight.copy_(torch.from_numpy(self.ridge_.coef_.astype(np.float32)))
-            net.w2.bias.copy_(torch.from_numpy(self.ridge_.intercept_.astype(np.float32)))
+            net.p.weight.copy_(torch.from_numpy((self.ridge_.coef_ / y_s).astype(np.float32)))
+            net.w2.bias.copy_(torch.from_numpy(((self.ridge_.intercept_ - y_mean) / y_s).astype(np.float32)))
             # Embeddings have small coordinates: scale W1 so the pre-activations start at O(1) spread
             # around zero (the default init assumes unit-variance features), where gelu bends.
             w1 = net.w1.weight.double() * (np.sqrt(x.shape[1]) / max(scale, 1e-12))
             net.w1.weight.copy_(w1.float())
             net.w1.bias.copy_((offsets - w1 @ torch.from_numpy(mean)).float())
         f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-        xt, yt, xv, yv = f32(x[~mask]), f32(y[~mask]), f32(x[mask]), f32(y[mask])
+        xt, yt = f32(xtr), f32((ytr - y_mean) / y_s)
+        xv, yv = f32(x[mask]), f32((y[mask] - y_mean) / y_s)
         before = torch.get_num_threads()
         if self.threads is not None:
             torch.set_num_threads(int(self.threads))
@@ -133,6 +140,10 @@ class MLPAdapter(BaseAdapter):
             self._train(torch, net, xt, yt, xv, yv)
         finally:
             torch.set_num_threads(before)
+        with torch.no_grad():  # back to the targets' units
+            net.p.weight.mul_(y_s)
+            net.w2.weight.mul_(y_s)
+            net.w2.bias.copy_((net.w2.bias.double() * y_s + torch.from_numpy(y_mean)).float())
         with torch.no_grad():
             pv = net(xv).numpy()
         self.val_metrics_ = {"mse": float(((pv.astype(np.float64) - y[mask]) ** 2).mean()),
