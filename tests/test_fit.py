@@ -368,3 +368,13 @@ def test_npy_inputs_are_checked_without_unpickling(tmp_path):
         fit_streaming_npy(tmp_path / "missing.npy", tmp_path / "ok.npy")
     with pytest.raises(ValueError, match="kind='mlp' cannot be fitted by streaming"):
         fit_streaming_npy(tmp_path / "missing.npy", tmp_path / "ok.npy", kind="mlp")
+
+
+def test_r2_counts_dead_output_dimensions_as_constant():
+    x, y, _, _ = _linear_pairs(400, 6, 4, noise=0.3, seed=21)
+    y[:, 3] = 1e-33 * np.random.default_rng(0).standard_normal(400)  # a dead dimension (MiniLM has three)
+    est = RidgeAdapter().fit(x, y)
+    pred = est.transform(x)
+    live = np.mean(1 - ((y[:, :3] - pred[:, :3]) ** 2).sum(0) / ((y[:, :3] - y[:, :3].mean(0)) ** 2).sum(0))
+    assert est.score(x, y) == pytest.approx((3 * live + 1.0) / 4, abs=1e-9)  # predicted ~0: counts 1
+    assert -1 < est.val_metrics_["r2"] <= 1
