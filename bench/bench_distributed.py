@@ -19,6 +19,26 @@ and each Ray worker (reported by the run). For the scaling model it also times t
 (one thread, float16 in and out, in-memory 64k-row chunks, one dim x dim affine layer) at ``dim``
 and at 768. Checks: Ray >= 0.7x the single-process rows/s; peak RSS per Ray worker < 1 GB.
 The temporary directory is deleted. Harness: :mod:`bc_fast._benchtools`.
+
+Measured (2026-11-30, AMD EPYC 2 vCPUs shared with other jobs, load average 6.5 -> 1.6 during the run;
+``python bench/bench_distributed.py --rows 2000000 --files 8 --methods single,ray_2x1``): single
+15,978 rows/s, Ray 2x1 23,943 rows/s (1.50x: two processes run two pyarrow codecs, the single
+process one), peak RSS 634 MB single / <= 770 MB per Ray worker (~240 MB of it Ray + imports; the
+same at 200k, 1M and 2M rows: bounded by the chunk and the input row group, not the file), ray.init
+4.6 s; core alone 552k rows/s/core at 256-d (72 GFLOP/s), 67k at 768-d (80 GFLOP/s).
+
+Scaling model (a PREDICTION, not a measurement). Per row and core, t = 2*d_in*d_out / F + k * B_row,
+with F ~ 75 GFLOP/s/core (the core alone) and k ~ 83 ns per byte of final Parquet in + out (Ray 2x1
+above: 83 us/row/core, of which 1.8 us compute; k covers the float16 FIXED_LEN_BYTE_ARRAY(2) decode
+and encode, the part -> merged rewrite, the verification reads and the sha256). The Parquet path is
+codec bound, not GEMM bound. For 1B x 768 -> 768 float16 (B_row ~ 3.1 KB): t ~ 15 + 256 = 272 us,
+3.7k rows/s/core, 2.7e5 core-seconds (~76 core-hours). On N nodes of C cores:
+T_cpu ~ 2.7e5 / (N*C) s. Shared storage moves at least 4.6 KB/row (input read, parts and merged file
+written; re-reads hit the page cache), 4.6 TB in all: T_io >= 4.6 TB / (aggregate bandwidth).
+T(N) ~ 10 s (Ray + actors) + max(T_cpu, T_io) + one file's time on one worker (tail: 27 s for 100k-row
+files). With C = 64 and 10 GB/s storage: N=1 ~ 71 min, N=4 ~ 19 min, N=8 ~ 9.5 min, N >= 9 I/O bound at
+~8 min. Does not scale: one file per worker (have >= 4 files per worker), the driver's serial header
+scan and the final rename (one shared POSIX filesystem), and a merged IVF index that must fit one process.
 """
 
 from __future__ import annotations
