@@ -67,6 +67,8 @@ _MAX_THREADS = 1024
 _SIDECAR_FORMAT = "bc_fast.table/1"
 _CHUNK_BYTES = 16 << 20  # default chunk: ~16 MiB of input or output rows, whichever is larger
 _DISK_MARGIN = 64 << 20
+# directory tables bc_fast writes (npy_dir here, parquet_dir by bc_fast.distributed): their file suffixes
+_DIR_TABLE_SUFFIXES = {"npy_dir": (".npy",), "parquet_dir": (".parquet", ".pq", ".parq")}
 
 
 class VerificationError(ValueError):
@@ -356,8 +358,9 @@ def _owned_output(output: str) -> dict:
     if why is None and os.path.isdir(output):
         files = side.get("files")
         table = side.get("table") if isinstance(side.get("table"), dict) else {}
-        if table.get("format") != "npy_dir" or not isinstance(files, list) or not all(
-                isinstance(f, str) and f.endswith(".npy") and os.path.basename(f) == f and f not in (".", "..")
+        suffixes = _DIR_TABLE_SUFFIXES.get(table.get("format"))
+        if suffixes is None or not isinstance(files, list) or not all(
+                isinstance(f, str) and f.endswith(suffixes) and os.path.basename(f) == f and f not in (".", "..")
                 for f in files):
             why = f"it is a directory, but its sidecar {side_path} does not list the shards bc_fast wrote there"
         else:
@@ -934,12 +937,21 @@ def convert_table(
     ConvertResult
         The output's sidecar records ``version=dst``, the registry's checksum and the chain.
     """
-    from .fusion import apply_layers_reference, flatten_chain
-    from .registry import Registry
-
     if options.get("device") not in (None, "cpu"):
         from .convert_gpu import parse_device
         parse_device(options["device"])  # a bad device string fails before the registry is opened
+    op, prov, reference = registry_job(registry, src, dst, normalize)
+    options.setdefault("reference", reference)
+    return apply_to_table(op, input, output, provenance=prov, normalize=normalize, **options)
+
+
+def registry_job(registry: Any, src: int | None, dst: int,
+                 normalize: bool = False) -> tuple[FusedTransform, dict, Callable[[np.ndarray], np.ndarray]]:
+    """The operator, the provenance and the float64 reference of the conversion ``src -> dst``
+    (what :func:`convert_table` hands to :func:`apply_to_table`; shared with :mod:`bc_fast.distributed`)."""
+    from .fusion import apply_layers_reference, flatten_chain
+    from .registry import Registry
+
     if not hasattr(registry, "operator"):
         registry = Registry.open(os.fspath(registry))
     reg_path = os.path.abspath(os.fspath(registry.path))
@@ -956,15 +968,13 @@ def convert_table(
             "chain_checksum": registry.chain_checksum(src, dst), "from": src, "to": dst,
             "dims": {"from": registry.dim(src), "to": registry.dim(dst)}, "chain": chain,
             "normalize": bool(normalize)}
-    if "reference" not in options:
-        layers = flatten_chain(steps)
+    layers = flatten_chain(steps)
 
-        def reference(x: np.ndarray) -> np.ndarray:
-            y = apply_layers_reference(layers, x)
-            if normalize:
-                y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
-            return y
+    def reference(x: np.ndarray) -> np.ndarray:
+        y = apply_layers_reference(layers, x)
+        if normalize:
+            y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+        return y
 
-        reference.layers = layers  # type: ignore[attr-defined]  # sets the default verify tolerance's depth
-        options["reference"] = reference
-    return apply_to_table(op, input, output, provenance=prov, normalize=normalize, **options)
+    reference.layers = layers  # type: ignore[attr-defined]  # sets the default verify tolerance's depth
+    return op, prov, reference
