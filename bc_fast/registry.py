@@ -357,8 +357,9 @@ class Registry:
             return (f"registry {self.path} has no backward transform {a} -> {b}; add it with "
                     f"add_transform({a}, {b}, layers) (or pass backward= when adding version {a})")
         return (f"no forward transform {a} -> {b} in registry {self.path}: dst={b} is newer than src={a}, and "
-                f"there are no forward transforms unless fitted; fit one (bc_fast.fit) and add it with "
-                f"add_transform({a}, {b}, layers)")
+                f"there are no forward transforms unless fitted; fit one from paired embeddings with "
+                f"`bc-fast fit --registry {self.path} --from {a} --to {b} V{a}.npy V{b}.npy` or "
+                f"bc_fast.fit.fit_adapter(X_{a}, X_{b}) and add_transform({a}, {b}, est)")
 
     def transform_layers(self, from_version: int, to_version: int) -> list[Layer]:
         """Load one transform's layers, verifying the weight file's sha256 and shapes."""
