@@ -321,10 +321,27 @@ def _crashing(op: Any, after: int) -> Any:
 
 # --------------------------------------------------------------------------- the driver
 
+def _check_no_shadowing_source(cwd: str | None = None) -> None:
+    """Refuse to start Ray from a folder holding another ``bc_fast/`` package.
+
+    Local Ray workers start in the driver's working directory and import ``bc_fast`` from
+    there first: from a source checkout they would load the sources (without the compiled
+    core) instead of the installed package and die while starting.
+    """
+    cwd = os.path.realpath(cwd or os.getcwd())
+    here = os.path.join(cwd, "bc_fast")
+    installed = os.path.dirname(os.path.realpath(__file__))
+    if os.path.isfile(os.path.join(here, "__init__.py")) and os.path.realpath(here) != installed:
+        raise RuntimeError(
+            f"the working directory {cwd} holds a bc_fast/ source folder, which Ray workers would import "
+            f"instead of the installed package ({installed}); run the command from another directory")
+
+
 def _start_ray(ray: Any, address: str | None) -> bool:
     """Connect to ``address`` or start a local Ray; True if this call started it (and must stop it)."""
     if ray.is_initialized():
         return False
+    _check_no_shadowing_source()
     if address:
         _check_reachable(address)
     try:

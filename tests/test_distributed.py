@@ -20,6 +20,7 @@ pa = pytest.importorskip("pyarrow", reason="pyarrow is needed for Parquet datase
 pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is needed for Parquet datasets")
 
 from bc_fast.convert import convert_table, read_sidecar  # noqa: E402
+from bc_fast import distributed  # noqa: E402
 from bc_fast.distributed import convert_dataset_ray  # noqa: E402
 from bc_fast.fusion import apply_layers_reference, flatten_chain  # noqa: E402
 
@@ -32,10 +33,25 @@ CHUNK = 256
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
-    yield ray
-    ray.shutdown()
+def ray_cluster(tmp_path_factory):
+    # Local workers start in the driver's working directory: never the source tree, whose bc_fast/
+    # (no compiled core) would shadow the installed package.
+    old_cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("ray_cwd"))
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
+        yield ray
+        ray.shutdown()
+    finally:
+        os.chdir(old_cwd)
+
+
+def test_a_source_checkout_as_working_directory_is_refused(tmp_path):
+    (tmp_path / "bc_fast").mkdir()
+    (tmp_path / "bc_fast" / "__init__.py").write_text("")
+    with pytest.raises(RuntimeError, match="holds a bc_fast/ source folder.*run the command from another directory"):
+        distributed._check_no_shadowing_source(str(tmp_path))
+    distributed._check_no_shadowing_source(str(tmp_path / "bc_fast"))  # no bc_fast/ below it: fine
 
 
 @pytest.fixture(scope="module")
