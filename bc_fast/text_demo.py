@@ -29,6 +29,8 @@ Protocol (every number in the results JSON follows it)
   ``acc_new_retrained`` (a classifier retrained on the new model) and ``acc_majority`` for scale.
 * ``fit_s``: the estimator's fit time. ``latency_us``: median wall time of one
   ``FusedTransform.apply`` of one query into a preallocated output (compiled core).
+  ``recall_bf16`` / ``latency_bf16_us``: the same operator with ``precision="bf16"`` (None where
+  the CPU lacks AVX512-BF16).
 * Forward (old queries adapted into the NEW index): for the best backward kind of each pair and
   fraction, an old -> new adapter on the same pairs; ``recall`` against the same ground truth.
 * Chain: versions 0, 1, 2 = ``chain`` models (old, mid, new) in a :class:`bc_fast.registry.Registry`
@@ -242,8 +244,23 @@ def _fit(kind: str, x_src: np.ndarray, x_dst: np.ndarray, params: Mapping[str, A
     return fit_adapter(x_src, x_dst, kind=kind, **dict(params))
 
 
+def _bf16_twin(op: Any) -> Any | None:
+    """The same layer program computed in bf16 where the CPU can (None elsewhere)."""
+    from .ops import FusedTransform, build_info
+
+    if not build_info().get("bf16"):
+        return None
+    return FusedTransform(op.layers, normalize=op.normalize, precision="bf16")
+
+
 def _score_backward(s: _Setup, est_or_op: Any, old: str, new: str, base: dict, latency_calls: int) -> dict[str, Any]:
     op = getattr(est_or_op, "operator_", est_or_op)
+    op_bf16 = _bf16_twin(op)
+    recall_bf16 = latency_bf16 = None
+    if op_bf16 is not None:
+        ids_bf16 = _search(s.corpus(old), _normalize(op_bf16.apply(np.ascontiguousarray(s.queries(new)))), s.k)
+        recall_bf16 = overlap_at_k(ids_bf16, s.own_results(new))
+        latency_bf16 = _latency_us(op_bf16, s.queries(new)[0], latency_calls)
     adapted = _normalize(op.apply(np.ascontiguousarray(s.queries(new))))
     ids = _search(s.corpus(old), adapted, s.k)
     recall = overlap_at_k(ids, s.own_results(new))
@@ -258,6 +275,8 @@ def _score_backward(s: _Setup, est_or_op: Any, old: str, new: str, base: dict, l
         "acc": acc,
         "acc_retention": acc / base["acc_old"] if base["acc_old"] > 0 else float("nan"),
         "latency_us": _latency_us(op, s.queries(new)[0], latency_calls),
+        "recall_bf16": recall_bf16,
+        "latency_bf16_us": latency_bf16,
     }
 
 
@@ -340,7 +359,7 @@ def _f(v: Any, spec: str) -> str:
 def format_text_table(results: Mapping[str, Any]) -> str:
     """The results as a fixed-width table: one row per pair, fraction and kind, then chain and forward rows."""
     head = (f"{'pair':<24} {'fit %':>5} {'n_fit':>6} {'kind':<10} {'R@10':>6} {'retent.':>7} {'vs old':>6} "
-            f"{'ovl old':>7} {'lbl ret':>7} {'acc':>6} {'acc ret':>7} {'fit s':>7} {'µs/q':>6}")
+            f"{'ovl old':>7} {'lbl ret':>7} {'acc':>6} {'acc ret':>7} {'fit s':>7} {'µs/q':>6} {'bf16 R@10':>9} {'µs/q':>6}")
     lines = [head, "-" * len(head)]
 
     def add(label: str, r: Mapping[str, Any]) -> None:
@@ -352,7 +371,8 @@ def format_text_table(results: Mapping[str, Any]) -> str:
                      f"{_f(r.get('recall'), '.3f'):>6} {_f(r.get('retention'), '.3f'):>7} {_f(r.get('vs_old'), '.2f'):>6} "
                      f"{_f(r.get('overlap_old'), '.3f'):>7} {_f(r.get('label_retention'), '.3f'):>7} {_f(r.get('acc'), '.3f'):>6} "
                      f"{_f(r.get('acc_retention'), '.3f'):>7} {_f(r.get('fit_s'), '.3f'):>7} "
-                     f"{_f(r.get('latency_us'), '.1f'):>6}")
+                     f"{_f(r.get('latency_us'), '.1f'):>6} {_f(r.get('recall_bf16'), '.3f'):>9} "
+                     f"{_f(r.get('latency_bf16_us'), '.1f'):>6}")
 
     for name, p in results["pairs"].items():
         b = p["baseline"]

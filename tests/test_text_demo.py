@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+import bc_fast
+
 from bc_fast.data.text import TextCorpus, corpus_fingerprint, load_text_corpus
 from bc_fast.data.text_cache import EmbeddingCacheError, cache_paths, embed_texts, embedding_cache_dir
 from bc_fast.data.text_models import TextEncoder, load_encoder, model_info
@@ -272,6 +274,10 @@ def test_demo_known_answers_on_synthetic_embeddings(tmp_path):
         if r["kind"] == "procrustes":
             assert r["recall"] == pytest.approx(1.0) and r["overlap_old"] == pytest.approx(1.0)
             assert r["acc_retention"] == pytest.approx(1.0)
+        if bc_fast.build_info()["bf16"]:  # the same operator in bf16: same neighbours, up to rounding ties
+            assert r["recall_bf16"] >= r["recall"] - 0.05 and r["latency_bf16_us"] > 0
+        else:
+            assert r["recall_bf16"] is None and r["latency_bf16_us"] is None
     assert {f["fraction"] for f in rot["forward"]} == {0.05, 0.2}
     assert all(f["recall"] > 0.97 for f in rot["forward"])
     chain = saved["chain"]
