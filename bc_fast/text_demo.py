@@ -48,7 +48,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .eval.report import write_json
-from .eval.retrieval import overlap_at_k
+from .eval.retrieval import overlap_at_k, unit_rows
 
 __all__ = ["PAIRS", "CHAIN", "run_text_demo", "format_text_table", "fit_logreg"]
 
@@ -66,12 +66,6 @@ _FULL = {"limit": None, "n_queries": 2000, "fractions": (0.01, 0.05, 0.20), "kin
 
 
 # -- small numeric helpers -----------------------------------------------------------------------
-def _normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(n, 1e-12), dtype=np.float32)
-
-
 def _search(corpus: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Exact top-k ids by inner product (faiss IndexFlatIP); rows are normalised by the caller."""
     import faiss
@@ -165,7 +159,7 @@ def _embeddings(models: Sequence[str], corpus: Any, given: Mapping[str, np.ndarr
             x = embed_texts(load_encoder(name), corpus.texts, cache_dir=cache_dir, log=log)
             info["source"] = "computed or cached"
         info["seconds"] = round(time.perf_counter() - t0, 3)
-        embs[name] = _normalize(x)
+        embs[name] = unit_rows(x)
         infos[name] = info
     return embs, infos
 
@@ -255,26 +249,31 @@ def _bf16_twin(op: Any) -> Any | None:
 
 def _score_backward(s: _Setup, est_or_op: Any, old: str, new: str, base: dict, latency_calls: int) -> dict[str, Any]:
     op = getattr(est_or_op, "operator_", est_or_op)
+    queries = np.ascontiguousarray(s.queries(new))
+
+    def legacy_ids(operator: Any) -> tuple[np.ndarray, np.ndarray]:
+        adapted = unit_rows(operator.apply(queries))
+        return adapted, _search(s.corpus(old), adapted, s.k)
+
+    adapted, ids = legacy_ids(op)
+    recall = overlap_at_k(ids, s.own_results(new))
+    label_p = s.label_precision(ids)
+    acc = s.accuracy(old, adapted)
     op_bf16 = _bf16_twin(op)
     recall_bf16 = latency_bf16 = None
     if op_bf16 is not None:
-        ids_bf16 = _search(s.corpus(old), _normalize(op_bf16.apply(np.ascontiguousarray(s.queries(new)))), s.k)
-        recall_bf16 = overlap_at_k(ids_bf16, s.own_results(new))
-        latency_bf16 = _latency_us(op_bf16, s.queries(new)[0], latency_calls)
-    adapted = _normalize(op.apply(np.ascontiguousarray(s.queries(new))))
-    ids = _search(s.corpus(old), adapted, s.k)
-    recall = overlap_at_k(ids, s.own_results(new))
-    acc = s.accuracy(old, adapted)
+        recall_bf16 = overlap_at_k(legacy_ids(op_bf16)[1], s.own_results(new))
+        latency_bf16 = _latency_us(op_bf16, queries[0], latency_calls)
     return {
         "recall": recall,
         "retention": recall / base["recall_full"] if base["recall_full"] > 0 else float("nan"),
         "vs_old": recall / base["recall_old"] if base["recall_old"] > 0 else float("nan"),
         "overlap_old": overlap_at_k(ids, s.own_results(old)),
-        "label_p": s.label_precision(ids),
-        "label_retention": s.label_precision(ids) / base["label_p_full"] if base["label_p_full"] > 0 else float("nan"),
+        "label_p": label_p,
+        "label_retention": label_p / base["label_p_full"] if base["label_p_full"] > 0 else float("nan"),
         "acc": acc,
         "acc_retention": acc / base["acc_old"] if base["acc_old"] > 0 else float("nan"),
-        "latency_us": _latency_us(op, s.queries(new)[0], latency_calls),
+        "latency_us": _latency_us(op, queries[0], latency_calls),
         "recall_bf16": recall_bf16,
         "latency_bf16_us": latency_bf16,
     }
@@ -311,7 +310,7 @@ def _forward(s: _Setup, kind: str, old: str, new: str, f: float, base: dict, par
              latency_calls: int) -> dict[str, Any]:
     rows = s.fit_rows(f)
     est = _fit(kind, s.embs[old][rows], s.embs[new][rows], params)
-    adapted = _normalize(est.transform(np.ascontiguousarray(s.queries(old))))
+    adapted = unit_rows(est.transform(np.ascontiguousarray(s.queries(old))))
     ids = _search(s.corpus(new), adapted, s.k)
     recall = overlap_at_k(ids, s.own_results(new))
     return {"kind": kind, "fraction": f, "n_fit": int(rows.shape[0]), "fit_s": float(est.fit_time_s_),

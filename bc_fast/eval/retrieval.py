@@ -23,7 +23,13 @@ from ..ops import Layer
 from ..registry import Registry
 from .metrics import recall_at_k
 
-__all__ = ["overlap_at_k", "recall_from_embeddings", "legacy_retrieval_report", "format_retrieval_report"]
+__all__ = ["unit_rows", "overlap_at_k", "recall_from_embeddings", "legacy_retrieval_report", "format_retrieval_report"]
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """``x`` as C-contiguous float32 rows of unit L2 norm (zero rows stay zero): cosine search input."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), dtype=np.float32)
 
 
 def overlap_at_k(I_a: np.ndarray, I_b: np.ndarray, k: int | None = None) -> float:

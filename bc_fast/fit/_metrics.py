@@ -6,22 +6,17 @@ from typing import Any
 
 import numpy as np
 
-from ..eval.retrieval import overlap_at_k
+from ..eval.retrieval import overlap_at_k, unit_rows
 from ..index import _faiss, blas_threshold, blas_threshold_for
 from ._base import r2_uniform
 from ._checks import check_int, check_pair_chunk
-
-
-def _unit(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, dtype=np.float32)
-    return np.ascontiguousarray(a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12))
 
 
 def neighbour_overlap(pred: np.ndarray, target: np.ndarray, k: int = 10) -> float:
     """Mean share of each target's true top-k cosine neighbours (among all targets) that a search
     with its prediction finds (exact search, faiss IndexFlatIP over the normalised targets)."""
     faiss = _faiss()
-    t, p = _unit(target), _unit(pred)
+    t, p = unit_rows(target), unit_rows(pred)
     k = min(int(k), t.shape[0])
     index = faiss.IndexFlatIP(t.shape[1])
     index.add(t)
