@@ -582,7 +582,7 @@ def _plan(op: FusedTransform, reader: TableReader, input: str, output: str, prov
     if out_dtype not in DTYPES:
         raise TypeError(f"output dtype must be float32 or float16, got {out_dtype}")
     if normalize and not op.normalize:
-        op = FusedTransform(op.layers, normalize=True)
+        op = FusedTransform(op.layers, normalize=True, precision=op.precision)
     out_parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(out_parent):
         raise FileNotFoundError(f"output directory {out_parent} does not exist; create it first")
