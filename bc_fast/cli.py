@@ -48,14 +48,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
         overrides["strategies"] = DEMO_STRATEGIES
     if args.data:
-        from .data.interactions import load_interactions
-        from .experiment import ALL_TASKS
+        from .demo import load_user_interactions
 
-        data = load_interactions(args.data, items=args.items, columns=args.columns)
-        if data.item_labels is None:
-            overrides["consumer_tasks"] = tuple(t for t in ALL_TASKS if t != "item-genre")
-            print(f"bc-fast {args.command}: no label column (label= in --columns): "
-                  "the item-genre consumer task is skipped", file=sys.stderr)
+        data, implied = load_user_interactions(
+            args.data, items=args.items, columns=args.columns,
+            log=lambda msg: print(f"bc-fast {args.command}: {msg}", file=sys.stderr))
+        overrides.update(implied)
     elif args.items or args.columns:
         raise ValueError("--items and --columns describe the file given with --data; add --data FILE")
     if getattr(args, "lambdas", None):

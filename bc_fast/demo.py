@@ -15,6 +15,24 @@ from .eval.report import write_json
 DEMO_STRATEGIES = ("fix-m0", "nobc", "posthoc-sloss", "joint-mloss")
 
 
+def load_user_interactions(path: str | Path, *, items: str | Path | None = None, columns: str | None = None,
+                           log: Callable[[str], None] = print) -> tuple[Any, dict]:
+    """Interactions from the user's file (``--data``) and the experiment overrides they imply.
+
+    Without a label column the item-genre consumer task cannot be trained: it is left out of
+    ``consumer_tasks`` (returned in the overrides) and ``log`` says so.
+    """
+    from .data.interactions import load_interactions
+    from .experiment import ALL_TASKS
+
+    data = load_interactions(path, items=items, columns=columns)
+    overrides: dict = {}
+    if data.item_labels is None:
+        overrides["consumer_tasks"] = tuple(t for t in ALL_TASKS if t != "item-genre")
+        log("no label column (label= in --columns): the item-genre consumer task is skipped")
+    return data, overrides
+
+
 def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
                       log: Callable[[str], None] = print, *, data: Any = None, **overrides: Any) -> dict:
     """Run the reference experiment, then serve version 0 from the latest BC-Aligner embeddings.

@@ -139,3 +139,19 @@ def test_experiment_runs_on_a_csv_file(tmp_path) -> None:
     res = run_experiment(cfg, data=data, log=None)
     assert [r["strategy"] for r in res["rows"]] == ["nobc", "fix-m0", "joint-mloss"]
     assert res["data"]["name"] == "inter" and res["data"]["interactions"] == data.num_edges
+
+
+def test_user_file_without_labels_drops_the_item_genre_task(tmp_path):
+    from bc_fast.demo import load_user_interactions
+    from bc_fast.experiment import ALL_TASKS
+
+    rng = np.random.default_rng(0)
+    n = 600
+    pd.DataFrame({"u": rng.integers(0, 40, n), "i": rng.integers(0, 60, n), "t": np.arange(n),
+                  "r": rng.integers(1, 6, n)}).to_csv(tmp_path / "ratings.csv", index=False)
+    said = []
+    data, overrides = load_user_interactions(tmp_path / "ratings.csv", columns="user=u,item=i,time=t,rating=r",
+                                             log=said.append)
+    assert data.item_labels is None
+    assert overrides == {"consumer_tasks": tuple(t for t in ALL_TASKS if t != "item-genre")}
+    assert said == ["no label column (label= in --columns): the item-genre consumer task is skipped"]
