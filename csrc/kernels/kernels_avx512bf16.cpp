@@ -3,15 +3,9 @@
 // out its table after checking the CPU (and that the OS saves ZMM state). Like kernels_avx512.cpp it
 // includes no standard headers with inline functions, so no AVX-512 copy of a shared inline function
 // can be picked by the linker for baseline code.
-// GCC 12's AVX-512 headers start some intrinsics from an uninitialised __Y (GCC bug 105593).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
-
 #include <cstdint>
 
+#include "avx512_intrinsics.h"
 #include "kernels.h"
 
 namespace bc_fast {
