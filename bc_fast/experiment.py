@@ -61,6 +61,9 @@ class ExperimentConfig:
     batch_size, lr, transform_lr, weight_decay : training of M_k (BPR + reference L2 term) and B_k.
     lam : float
         Alignment weight (the paper's 16).
+    lam_late, late_frac : float or None, float
+        Optional late alignment phase of the joint strategies: the last ``late_frac`` of the
+        epochs use ``lam_late`` and model selection only looks at them (see ``BCTrainer``).
     transform : str
         Kind of learned B_k: linear (the paper's), affine, lowrank, orthogonal, mlp.
     eval_every : int
@@ -97,6 +100,8 @@ class ExperimentConfig:
     transform_lr: float = 5e-3
     weight_decay: float = 1e-2
     lam: float = 16.0
+    lam_late: float | None = None
+    late_frac: float = 0.25
     transform: str = "linear"
     eval_every: int = 2
     select_after_frac: float = 0.1
@@ -139,6 +144,7 @@ class ExperimentConfig:
     def validate(self, data: Any = None) -> None:
         """Raise ValueError on inconsistent settings (and, given ``data``, settings the data cannot serve)."""
         from .train.strategies import get_strategy
+        from .train.transforms import TRANSFORM_KINDS
 
         for s in self.strategies:
             get_strategy(s)
@@ -164,6 +170,14 @@ class ExperimentConfig:
             raise ValueError(f"seeds and n_boot must be >= 1, got seeds={self.seeds}, n_boot={self.n_boot}")
         if not 0.0 < self.selection_frac < 1.0:
             raise ValueError(f"selection_frac must be in (0, 1), got {self.selection_frac}")
+        learned = tuple(k for k in TRANSFORM_KINDS if k not in ("truncate", "identity"))
+        if self.transform not in learned:
+            raise ValueError(f"unknown transform {self.transform!r}; expected one of {learned}")
+        for name, v in (("lam", self.lam), ("lam_late", self.lam_late)):
+            if v is not None and not (np.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        if not 0.0 < self.late_frac <= 1.0:
+            raise ValueError(f"late_frac must be in (0, 1], got {self.late_frac}")
         if data is not None and "item-genre" in self.consumer_tasks and getattr(data, "item_labels", None) is None:
             raise ValueError(f"consumer task 'item-genre' needs item labels, but data {getattr(data, 'name', '')!r} has "
                              "none: give a label column (from_dataframe(label_attribute=...), `--columns label=...`) "
@@ -195,6 +209,10 @@ def raw_schema() -> dict[str, str]:
         "auc_selection[strategy][s]": "consumer ROC-AUC of the user and edge tasks on the selection users only "
                                       "(what a lambda choice may look at)",
         "selected_epoch[strategy][s][k]": "epoch kept for version k (null: not trained by this strategy)",
+        "legacy_recall[strategy][s]": "Recall@K of every test user of version 0 (test_users[0] order) on the "
+                                      "version-0 index served from the latest table: version-0 items' latest "
+                                      "embeddings through the strategy's chain, queried by the true version-0 "
+                                      "users; retention = its mean / the mean of recall_test[strategy][s][0]",
         "auc_units[task][k]": "the examples scored for task at version k: {'entity', 'ids' (user or item ids, "
                               "or [users, items] for edges), 'weight' (its share of the unintended score)}",
         "auc_values[strategy][s][task][k]": "per-example AUC placement values (mean = ROC-AUC averaged over "
@@ -392,7 +410,8 @@ def _run_seed(ctx: _Context, seed: int, timing: dict[str, float]) -> tuple[dict,
     for name in order:
         strat = get_strategy(name)
         t0 = time.perf_counter()
-        tr = BCTrainer(strat, transform=cfg.transform, lam=cfg.lam, lr=cfg.lr, transform_lr=cfg.transform_lr,
+        tr = BCTrainer(strat, transform=cfg.transform, lam=cfg.lam, lam_late=cfg.lam_late, late_frac=cfg.late_frac,
+                       lr=cfg.lr, transform_lr=cfg.transform_lr,
                        posthoc_steps=cfg.posthoc_steps, posthoc_lr=cfg.posthoc_lr, seed=seed, log=lambda s: None)
         tr.add_trained_version(rec0.model, embed_fn=fns[0][2], score=rec0.score)
         tr.versions[0].selected_epoch = rec0.selected_epoch
@@ -443,6 +462,10 @@ def _run_seed(ctx: _Context, seed: int, timing: dict[str, float]) -> tuple[dict,
             emb = tr.versions[k].embeddings
             recall_test.append(recall_per_user(emb["user"], emb["item"], ctx.held[k].test, cfg.recall_k))
         align = [float(np.mean(np.linalg.norm(np.vstack(bc[k]) - np.vstack(ref[k]), axis=1))) for k in range(K)]
+        # the version-0 index served from the latest table: version-0 items (a prefix of the dense ids)
+        # taken from the latest embeddings through the chain, queried by the true version-0 users
+        legacy_items = bc[K - 1][1][: ctx.held[0].test.num_items]
+        legacy_recall = recall_per_user(rec0.embeddings["user"], legacy_items, ctx.held[0].test, cfg.recall_k)
         sel_auc = C.score_consumers(ctx.sel_tasks, heads, bc)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -455,6 +478,7 @@ def _run_seed(ctx: _Context, seed: int, timing: dict[str, float]) -> tuple[dict,
             "auc": C.score_consumers(ctx.test_tasks, heads, bc),
             "auc_values": C.consumer_placements(ctx.test_tasks, heads, bc),
             "align": align,
+            "legacy_recall": legacy_recall,
         }
     add("consumers_score", t0)
     return out, trainers
@@ -488,6 +512,7 @@ def _raw_results(ctx: _Context, per_seed: list[dict]) -> dict:
         "auc_values": {n: [s[n]["auc_values"] for s in per_seed] for n in names},
         "auc": {n: [s[n]["auc"] for s in per_seed] for n in names},
         "align": {n: [s[n]["align"] for s in per_seed] for n in names},
+        "legacy_recall": {n: [s[n]["legacy_recall"] for s in per_seed] for n in names},
     }
 
 
@@ -506,6 +531,31 @@ def _diff(cmp: dict, name: str, prefix: str) -> dict:
         return {prefix: nan, f"{prefix}_lo": nan, f"{prefix}_hi": nan, f"{prefix}_significant": False}
     return {prefix: c["diff"], f"{prefix}_lo": c["diff_lo"], f"{prefix}_hi": c["diff_hi"],
             f"{prefix}_significant": c["significant"]}
+
+
+def _legacy_retention(raw: dict, names: list[str], boot: dict) -> dict:
+    """Legacy retention in % (mean legacy Recall@K / mean true version-0 Recall@K) with a paired CI.
+
+    The true version-0 recall is shared by every strategy (all share M_0); seeds and test users
+    are resampled together for the numerator and the denominator. Empty when ``raw`` has no
+    legacy values (results written before they existed) or version 0 has no test users.
+    """
+    if "legacy_recall" not in raw:
+        return {}
+    n_seeds = len(raw["seeds"])
+    legacy = [[np.asarray(raw["legacy_recall"][n][s], dtype=np.float64) for s in range(n_seeds)] for n in names]
+    true = [np.asarray(raw["recall_test"][names[0]][s][0], dtype=np.float64) for s in range(n_seeds)]
+    if not true[0].size:
+        return {}
+    from .eval.bootstrap import Block, compare, paired_bootstrap
+
+    ref = "__true_version_0_index__"
+    res = paired_bootstrap([Block(np.array(legacy + [true]))], **boot)
+    out = {}
+    for n, c in compare(res, [*names, ref], ref).items():
+        if n != ref:
+            out[n] = {"mean": 100.0 + c["diff"], "lo": 100.0 + c["diff_lo"], "hi": 100.0 + c["diff_hi"]}
+    return out
 
 
 def _rel_samples(res: Any, j: int, r: int) -> np.ndarray:
@@ -555,6 +605,8 @@ def summarize(raw: dict, tasks: Any, cfg: ExperimentConfig) -> dict:
     ic_abs = compare(intended_res, names, names[0])
     uc_abs = compare(unintended_res, names, names[0]) if unintended_res is not None else {}
 
+    retention = _legacy_retention(raw, names, boot)
+
     rows = []
     for j, n in enumerate(names):
         row: dict[str, Any] = {"strategy": n}
@@ -570,6 +622,8 @@ def summarize(raw: dict, tasks: Any, cfg: ExperimentConfig) -> dict:
         row.update(_ci(ic_abs, n, "recall"))
         row.update(_ci(uc_abs, n, "auc"))
         row["align_error"] = float(np.mean(raw["align"][n]))
+        if retention:
+            row.update(_ci(retention, n, "retention"))
         rows.append(row)
 
     per_version: dict[str, dict] = {n: {"recall": [], "recall_lo": [], "recall_hi": [], "intended_change": [],
@@ -672,9 +726,10 @@ def run_lambda_sweep(out_dir: str | Path, lams: Sequence[float], config: Experim
     independent of lambda) and ``strategies``. The chosen lambda of a strategy maximises its
     SELECTION-split total: % change of selection-half Recall@K (latest version) vs nobc plus %
     change of the consumer AUC on selection users (user and edge tasks) vs fix-m0 -- never a
-    test-half number. Reported per (strategy, lambda): the test-half table values with CIs and
-    the legacy retrieval retention of the version-0 index served from the latest embeddings
-    (test users of version 0, first seed). Writes ``lambda_sweep.json`` and ``pareto.png``.
+    test-half number. Reported per (strategy, lambda): the test-half table values with CIs, among
+    them the legacy retrieval retention of the version-0 index served from the latest embeddings
+    (% with CI, over the seeds and version 0's test users), and ``overlap@50`` of that index
+    built through the registry, the fused core and faiss (first seed). Writes ``lambda_sweep.json`` and ``pareto.png``.
 
     Returns
     -------
@@ -726,7 +781,6 @@ def run_lambda_sweep(out_dir: str | Path, lams: Sequence[float], config: Experim
             points.append({"strategy": n, "lam": float(lam), **{k: v for k, v in rows[n].items() if k != "strategy"},
                            "selection_intended": si, "selection_unintended": su,
                            "selection_total": si + su if np.isfinite(si) and np.isfinite(su) else float("nan"),
-                           "retention": float(ret[n].get("recall_retention", float("nan"))),
                            "overlap@50": float(ret[n].get("overlap@50", float("nan")))})
     chosen = {}
     for n in names:
@@ -748,12 +802,13 @@ def run_lambda_sweep(out_dir: str | Path, lams: Sequence[float], config: Experim
 def format_sweep(points: Sequence[dict]) -> str:
     """The lambda sweep as a table: test-half changes with CIs, retention, the selection-split total."""
     head = (f"{'strategy':<13} {'lambda':>7} {'intended % [95% CI]':>26} {'unintended % [95% CI]':>26} "
-            f"{'retention':>9} {'sel. total':>10}")
-    lines = [head, "-" * len(head)]
+            f"{'legacy v0 ret. % [95% CI]':>26} {'sel. total':>10}")
+    lines, nan = [head, "-" * len(head)], float("nan")
     for p in points:
         lines.append(f"{p['strategy']:<13} {p['lam']:>7g} "
                      f"{p['intended_change']:>+7.2f} [{p['intended_change_lo']:+.2f}, {p['intended_change_hi']:+.2f}]"
                      f"{'':>2} {p['unintended_change']:>+7.2f} [{p['unintended_change_lo']:+.2f}, "
-                     f"{p['unintended_change_hi']:+.2f}]{'':>2} {p['retention']:>9.1%} {p['selection_total']:>+10.2f}"
+                     f"{p['unintended_change_hi']:+.2f}]{'':>2} {p.get('retention', nan):>8.1f} [{p.get('retention_lo', nan):5.1f}, "
+                     f"{p.get('retention_hi', nan):5.1f}]{'':>2} {p['selection_total']:>+10.2f}"
                      + ("  <- chosen on selection split" if p.get("chosen") else ""))
     return "\n".join(lines)

@@ -93,6 +93,30 @@ def test_paired_seeds_table_and_raw_values_recompute(tmp_path) -> None:
         assert rows[n]["auc"] == pytest.approx(auc[n], rel=1e-4)
     assert rows["fix-m0"]["unintended_change"] == 0.0 and rows["nobc"]["intended_change"] == 0.0
     assert "[" in res["table"] and "held-out test users" in res["table"]
+    # legacy retention: mean legacy version-0 recall over the mean true version-0 recall, in %
+    true0 = np.mean([np.mean(raw["recall_test"]["fix-m0"][s][0]) for s in range(2)])
+    for n in raw["strategies"]:
+        assert len(raw["legacy_recall"][n][0]) == len(raw["test_users"][0])
+        legacy = np.mean([np.mean(raw["legacy_recall"][n][s]) for s in range(2)])
+        assert rows[n]["retention"] == pytest.approx(100 * legacy / true0, rel=1e-4)
+        assert rows[n]["retention_lo"] <= rows[n]["retention"] <= rows[n]["retention_hi"]
+    assert "legacy v0 ret." in res["table"]
+
+
+def test_legacy_retention_known_answers() -> None:
+    """Equal recall is 100 % with a zero-width CI; half the recall is 50 %; no test users, no column."""
+    from bc_fast.experiment import _legacy_retention
+
+    rng = np.random.default_rng(0)
+    true = [rng.random(30), rng.random(30)]
+    raw = {"seeds": [0, 1], "recall_test": {"a": [[t] for t in true]},
+           "legacy_recall": {"a": true, "b": [t / 2 for t in true]}}
+    out = _legacy_retention(raw, ["a", "b"], {"n_boot": 200, "seed": 0})
+    assert out["a"] == pytest.approx({"mean": 100.0, "lo": 100.0, "hi": 100.0})
+    assert out["b"] == pytest.approx({"mean": 50.0, "lo": 50.0, "hi": 50.0})
+    raw_empty = {**raw, "recall_test": {"a": [[np.zeros(0)], [np.zeros(0)]]}}
+    assert _legacy_retention(raw_empty, ["a", "b"], {"n_boot": 10, "seed": 0}) == {}
+    assert _legacy_retention({k: v for k, v in raw.items() if k != "legacy_recall"}, ["a"], {}) == {}
 
 
 def test_item_genre_without_labels_is_refused_before_training() -> None:
@@ -101,6 +125,12 @@ def test_item_genre_without_labels_is_refused_before_training() -> None:
         run_experiment(ExperimentConfig.quick(**TINY), data=data, log=None)
     with pytest.raises(ValueError, match="seeds and n_boot must be >= 1"):
         ExperimentConfig.quick(seeds=0).validate()
+    with pytest.raises(ValueError, match="unknown transform 'spline'"):
+        ExperimentConfig.quick(transform="spline").validate()
+    with pytest.raises(ValueError, match="lam_late must be a finite number >= 0"):
+        ExperimentConfig.quick(lam_late=float("nan")).validate()
+    with pytest.raises(ValueError, match=r"late_frac must be in \(0, 1\]"):
+        ExperimentConfig.quick(lam_late=64.0, late_frac=1.5).validate()
 
 
 def test_lambda_sweep_chooses_on_the_selection_split(tmp_path) -> None:

@@ -253,3 +253,25 @@ def test_save_registry_round_trips_the_chain(runs, tmp_path, name):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="already|exists"):
         tr.save_registry(tmp_path / "reg")
+
+
+def test_late_alignment_phase_weights_and_selection(world):
+    """lam_late: the last late_frac of the epochs align with the new weight; selection stays in that phase."""
+    epochs = 8
+    late = _run(world, "joint-mloss", epochs=epochs, lam=0.0, lam_late=64.0, late_frac=0.25)
+    for rec in late.versions[1:]:
+        assert rec.selected_epoch in (7, 8)
+        # lam = 0 before the late phase: the alignment loss is logged but does not train B_k
+        early = [h["align"] for h in rec.history if h["epoch"] <= 6]
+        assert len(set(round(a, 6) for a in early)) > 1  # M_k moves, B_k frozen by a zero gradient
+    none = _run(world, "joint-mloss", epochs=epochs, lam=0.0)
+    # the late phase is what aligns: its chain error to fix-m0's space is lower than lam = 0 throughout
+    for k in (1, 2):
+        with torch.no_grad():
+            ref = _fns(world, k)[2](late.versions[0].model)["item"]  # M_0 on version k's graph (fix-m0)
+        a, b = late.bc_embeddings(k, 0)["item"], none.bc_embeddings(k, 0)["item"]
+        assert float((a - ref).norm(dim=1).mean()) < float((b - ref).norm(dim=1).mean())
+    with pytest.raises(ValueError, match="lam_late"):
+        BCTrainer(lam_late=-1.0)
+    with pytest.raises(ValueError, match="late_frac"):
+        BCTrainer(lam_late=4.0, late_frac=0.0)

@@ -92,19 +92,27 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, recall_k: int = 50, seeds
     """
     cols = [("strategy", 15), ("intended % vs nobc", 27), ("unintended % vs fix-m0", 27), ("total %", 25),
             (f"Recall@{recall_k}", 25), ("AUC", 25), ("align err", 9)]
+    retention = any(r.get("retention") is not None for r in rows)
+    if retention:
+        cols.append(("legacy v0 ret. %", 21))
     head = " ".join(f"{n:<{w}}" if i == 0 else f"{n:>{w}}" for i, (n, w) in enumerate(cols))
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = [r["strategy"], _ci_cell(r, "intended_change", "+.2f", True),
                  _ci_cell(r, "unintended_change", "+.2f", True), _ci_cell(r, "total", "+.2f"),
                  _ci_cell(r, "recall", ".4f"), _ci_cell(r, "auc", ".4f"), _fmt(r.get("align_error"), ".3f")]
+        if retention:
+            cells.append(_ci_cell(r, "retention", ".1f"))
         lines.append(" ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, (_, w)) in enumerate(zip(cells, cols))))
     if any(r.get("intended_change_lo") is not None for r in rows):
         where = f"latest version (v{latest})" if latest is not None else "latest version"
         n = f"{seeds} paired seed(s) x " if seeds else ""
         lines.append(f"intended: Recall@{recall_k} of the {where} on held-out test users; unintended: consumer "
                      f"ROC-AUC on test examples. Mean [95% CI], paired bootstrap over {n}test users/examples; "
-                     "* = CI of the change excludes 0.")
+                     "* = CI of the change excludes 0."
+                     + (" legacy v0 ret.: Recall@K of the version-0 index served from the latest table "
+                        "(through the chain) / of the true version-0 index, version-0 test users." if retention
+                        else ""))
     return "\n".join(lines)
 
 
@@ -224,7 +232,7 @@ def plot_pareto(path: str | Path, points: Sequence[Mapping[str, Any]], reference
                          [p["intended_change_hi"] - p["intended_change"] for p in ps]], dtype=float)
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor="lightgrey", lw=0.8, zorder=1)
         ax.plot(x, y, "-", color="grey", lw=0.8, zorder=2)
-        sc = ax.scatter(x, y, c=[p["retention"] for p in ps], cmap="viridis", vmin=0.5, vmax=1.0,
+        sc = ax.scatter(x, y, c=[p.get("retention", float("nan")) for p in ps], cmap="viridis", vmin=50.0, vmax=100.0,
                         marker=markers[si % len(markers)], s=60, zorder=3, label=name, edgecolors="k")
         for p, xi, yi in zip(ps, x, y):
             ax.annotate(f"λ={p['lam']:g}" + (" (chosen)" if p.get("chosen") else ""), (xi, yi), fontsize=7,
@@ -238,7 +246,7 @@ def plot_pareto(path: str | Path, points: Sequence[Mapping[str, Any]], reference
     ax.set_xlabel("unintended ROC-AUC change vs fix-m0 (%), test half")
     ax.set_ylabel("intended Recall@50 change vs nobc (%), latest version, test half")
     if sc is not None:
-        fig.colorbar(sc, ax=ax, label="legacy retrieval retention (v0 index from latest)")
+        fig.colorbar(sc, ax=ax, label="legacy retrieval retention % (v0 index from latest)")
     ax.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
     if title:

@@ -135,6 +135,12 @@ class BCTrainer:
     posthoc_steps : int, default 500
         Full-batch Adam steps when fitting B_k post hoc.
     posthoc_lr : float, default 1e-2
+    lam_late : float, optional
+        Joint strategies only: the alignment weight of the last ``late_frac`` of the epochs (a
+        late, stronger alignment phase; e.g. 64 after 16). Model selection then only considers
+        epochs of that phase, so the chosen state is one trained with the stronger weight.
+    late_frac : float, default 0.25
+        Share of the epochs (rounded, at least one) run with ``lam_late``.
     seed : int, default 0
         Seeds the initialisation of each B_k (``seed``, version) independently of global state.
     log : callable, optional
@@ -144,8 +150,8 @@ class BCTrainer:
     def __init__(self, strategy: str | Strategy = "joint-mloss", *, transform: str = "linear",
                  transform_options: Mapping[str, Any] | None = None, lam: float = 16.0,
                  lr: float = 1e-3, transform_lr: float = 1e-3, posthoc_steps: int = 500,
-                 posthoc_lr: float = 1e-2, seed: int = 0,
-                 log: Callable[[str], None] | None = None) -> None:
+                 posthoc_lr: float = 1e-2, lam_late: float | None = None, late_frac: float = 0.25,
+                 seed: int = 0, log: Callable[[str], None] | None = None) -> None:
         self.strategy = get_strategy(strategy)
         if transform in ("truncate", "identity"):
             raise ValueError(f"transform={transform!r} is fixed; use strategy 'joint-notrans' for truncation")
@@ -153,9 +159,15 @@ class BCTrainer:
             raise ValueError(f"unknown transform kind {transform!r}; expected one of {TRANSFORM_KINDS[:5]}")
         if lam < 0 or not math.isfinite(lam):
             raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+        if lam_late is not None and (lam_late < 0 or not math.isfinite(lam_late)):
+            raise ValueError(f"lam_late must be a finite number >= 0 or None, got {lam_late}")
+        if not 0.0 < late_frac <= 1.0:
+            raise ValueError(f"late_frac must be in (0, 1], got {late_frac}")
         self.transform_kind = transform
         self.transform_options = dict(transform_options or {})
         self.lam = float(lam)
+        self.lam_late = None if lam_late is None else float(lam_late)
+        self.late_frac = float(late_frac)
         self.lr = float(lr)
         self.transform_lr = float(transform_lr)
         self.posthoc_steps = int(posthoc_steps)
@@ -358,7 +370,7 @@ class BCTrainer:
                eval_fn, eval_every: int, select_after: int, targets: Mapping[str, torch.Tensor] | None,
                transform: BackwardTransform | None, return_transform: bool = False):
         k = len(self.versions)
-        align = targets is not None and transform is not None and self.lam > 0
+        align = targets is not None and transform is not None and max(self.lam, self.lam_late or 0.0) > 0
         frozen = self.transforms if self.strategy.multi_step else []
         model.train()
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=self.lr)
@@ -367,9 +379,14 @@ class BCTrainer:
             transform.train()
             opt_t = torch.optim.Adam(transform.parameters(), lr=self.transform_lr)
         best_score, best_state, best_epoch, history = -math.inf, None, None, []
+        late_start = epochs  # epochs after this one use lam_late
+        if align and self.lam_late is not None:
+            late_start = epochs - max(1, round(self.late_frac * epochs))
+            select_after = max(select_after, late_start)
         for epoch in range(1, epochs + 1):
             sum_task = sum_align = 0.0
             n = 0
+            lam = self.lam_late if epoch > late_start else self.lam
             for batch in batches():
                 loss, aligned = step_fn(model, batch)
                 total = loss
@@ -380,7 +397,7 @@ class BCTrainer:
                             raise ValueError(f"step_fn aligned entity {entity!r}, but embed_fn gives {sorted(targets)}")
                         pairs.append((targets[entity][ids], rows))
                     a = alignment_loss(pairs, transform, frozen, multi_step=self.strategy.multi_step)
-                    total = loss + self.lam * a
+                    total = loss + lam * a
                     sum_align += float(a.detach())
                 opt.zero_grad(set_to_none=True)
                 if opt_t is not None:
