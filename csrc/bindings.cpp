@@ -10,6 +10,7 @@
 
 #include "fused_op.h"
 #include "kernels/dispatch.h"
+#include "small_pool.h"
 
 namespace py = pybind11;
 using bc_fast::DType;
@@ -87,10 +88,17 @@ py::object apply(const FusedOp& op, const py::array& x, py::object out, bool out
   const DType ot = batch_dtype(out_arr, "out");
   const void* xp = x.data();
   void* op_out = out_arr.mutable_data();
-  {
-    py::gil_scoped_release release;
+  // Not py::gil_scoped_release: a daemon thread that takes the GIL back while the interpreter
+  // finalises is ended by pthread_exit, whose unwinding must not pass a (noexcept) destructor, or
+  // the process dies in std::terminate at exit.
+  PyThreadState* state = PyEval_SaveThread();
+  try {
     op.apply(xp, xt, n, op_out, ot, threads);
+  } catch (...) {
+    PyEval_RestoreThread(state);
+    throw;
   }
+  PyEval_RestoreThread(state);
   return std::move(out_arr);
 }
 
@@ -130,6 +138,7 @@ PYBIND11_MODULE(_core, m) {
     d["blas_threads"] = info.blas_threads;
     d["forked_child"] = info.forked_child;
     d["small_batch_rows"] = FusedOp::kSmallBatchRows;
+    d["small_split"] = bc_fast::small_split_enabled();
     d["compiler"] = info.compiler;
     const std::string why = bc_fast::bf16_unavailable_reason();
     d["bf16"] = why.empty();
@@ -143,6 +152,11 @@ PYBIND11_MODULE(_core, m) {
         "Set the core's default thread count for this process (1..1024).");
   m.def("_threads_in_use", &bc_fast::threads_in_use,
         "Private, for tests: threads held now by running parallel applies (0 when none runs).");
+  m.def("_set_small_split", &bc_fast::set_small_split_mode, py::arg("mode"),
+        "Private, for tests and benchmarks: 0 turns the small-batch column split off, 1 on (the default "
+        "unless BC_FAST_SMALL_SPLIT=0), 2 on with every chunk left to the helper thread.");
+  m.def("_small_split_helper_jobs", &bc_fast::small_split_helper_jobs,
+        "Private, for tests: jobs the small-batch split's helper thread has run chunks of.");
   m.def("_mark_forked_child", &bc_fast::mark_forked_child,
         "Run single-threaded from now on: this process was forked before the core was loaded.");
   m.def("set_simd_level", &bc_fast::set_simd_level, py::arg("level"),

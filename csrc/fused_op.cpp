@@ -8,6 +8,7 @@
 #include <stdexcept>
 
 #include "kernels/dispatch.h"
+#include "small_pool_impl.h"
 
 #if defined(BC_FAST_HAVE_OPENMP)
 #include <omp.h>
@@ -203,6 +204,7 @@ FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize, Precision precis
     }
     max_width_ = std::max(max_width_, l.n_pad);
     macs_per_row_ += s.d_in * l.n_pad;
+    if (bf16_ == nullptr) max_layer_macs_ = std::max(max_layer_macs_, s.d_in * l.n_pad);
     l.spec = std::move(s);
     layers_.push_back(std::move(l));
   }
@@ -233,8 +235,46 @@ int64_t FusedOp::tile_rows(int64_t n) const {
   return std::max<int64_t>(16, std::min<int64_t>({cache_rows, 1024, share}));
 }
 
+namespace {
+
+// One layer's packed GEMM cut into chunks of whole panels. A panel's outputs do not depend on the
+// other panels (every kernel level computes each output as one chain over k), so any cut, and any
+// thread running a chunk, gives the single-thread bits.
+struct GemmChunks {
+  const KernelSet* kern;
+  const float* x;
+  int64_t ldx, m, k;
+  const float* packed;
+  float* y;
+  int64_t ldy;
+  int64_t panels, chunk_panels;
+
+  static void run(const void* self, int64_t chunk) {
+    const GemmChunks& g = *static_cast<const GemmChunks*>(self);
+    const int64_t p0 = chunk * g.chunk_panels;
+    const int64_t np = std::min(g.chunk_panels, g.panels - p0);
+    g.kern->gemm_packed(g.x, g.ldx, g.m, g.k, g.packed + p0 * g.k * kPanel, np * kPanel, g.y + p0 * kPanel, g.ldy);
+  }
+};
+
+// Panels per chunk: an even number where it can be (the one- and two-row AVX-512 kernels take
+// panels in pairs), at most two chunks per thread.
+int64_t chunk_panels(int64_t panels) {
+  const char* env = std::getenv("BC_FAST_SPLIT_CHUNKS");  // TEMP tuning knob
+  const int64_t chunks = env ? std::max<int64_t>(2, std::atoll(env)) : 2;
+  int64_t c = (panels + chunks - 1) / chunks;
+  if (c > 1 && c % 2 == 1 && (panels + c) / (c + 1) >= 2) ++c;
+  return c;
+}
+
+}  // namespace
+
+bool FusedOp::split_pays(int64_t m, const Layer& l) const {
+  return bf16_ == nullptr && l.n_pad >= 2 * kPanel && m * l.spec.d_in * l.n_pad >= kMinSplitMacs;
+}
+
 void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType out_type, bool use_blas,
-                        Workspace& ws) const {
+                        Workspace& ws, SplitLease* split) const {
   const KernelSet& kern = active_kernels();
   const int64_t d0 = d_in();
   const float* cur;
@@ -269,7 +309,12 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
                         dst, static_cast<blasint>(ld));
     } else
 #endif
-    {
+    if (split != nullptr && split_pays(m, l)) {
+      const int64_t panels = l.n_pad / kPanel;
+      const int64_t per = chunk_panels(panels);
+      const GemmChunks job{&kern, cur, ld_cur, m, l.spec.d_in, l.packed.data(), dst, ld, panels, per};
+      split->run((panels + per - 1) / per, &GemmChunks::run, &job);
+    } else {
       (void)use_blas;
       kern.gemm_packed(cur, ld_cur, m, l.spec.d_in, l.packed.data(), l.n_pad, dst, ld);
     }
@@ -321,6 +366,20 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
     // splitting rows over threads keeps results bit-identical; split only when each thread gets
     // enough work to pay for waking it.
     const int64_t parts = std::min<int64_t>({t, n, std::max<int64_t>(1, n * macs_per_row_ / kMinParallelMacs)});
+    // Up to two parts, split by output columns instead, over this thread and the small pool's one
+    // helper (~0.2 us against an OpenMP region's several; each thread streams half of W, not all
+    // of it), where a layer is big enough, two threads are free in the shared budget and no other
+    // caller holds the pool (then this one runs without it: concurrent callers never wait).
+    if (parts <= 2 && t >= 2 && n * max_layer_macs_ >= kMinSplitMacs && max_width_ >= 2 * kPanel) {
+      const ThreadClaim claim(2);
+      if (claim.granted() >= 2) {
+        SplitLease lease;
+        if (lease.ok()) {
+          run_block(x, x_type, n, out, out_type, /*use_blas=*/false, Workspace::local(), &lease);
+          return;
+        }
+      }
+    }
     if (parts <= 1) {
       run_block(x, x_type, n, out, out_type, /*use_blas=*/false, Workspace::local());
       return;

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels/kernels.h"
+#include "small_pool.h"
 
 namespace bc_fast {
 
@@ -34,6 +35,10 @@ class FusedOp {
   static constexpr int64_t kSmallBatchRows = 64;
   // A small batch is split over threads only above this many multiply-adds (~10 us on one core).
   static constexpr int64_t kMinParallelMacs = int64_t{1} << 19;
+  // Below that, a small batch's fp32 layer is split by output columns over the calling thread and
+  // the small pool's helper (small_pool.h; ~0.2 us instead of an OpenMP region's several) when its
+  // GEMM has at least this many multiply-adds and two panels: batch 1 from 128 -> 128 on.
+  static constexpr int64_t kMinSplitMacs = int64_t{1} << 14;
 
   // Precision::kBFloat16 throws std::runtime_error naming the missing CPU feature where the bf16
   // kernels cannot run (see bf16_unavailable_reason()); its weights are rounded and packed here, once.
@@ -61,7 +66,8 @@ class FusedOp {
   struct Workspace;
 
   void run_block(const void* x, DType x_type, int64_t m, void* out, DType out_type, bool use_blas,
-                 Workspace& ws) const;
+                 Workspace& ws, SplitLease* split = nullptr) const;
+  bool split_pays(int64_t m, const Layer& l) const;
   int64_t tile_rows(int64_t n) const;
   void pack_bf16(const LayerSpec& s, Layer& l) const;
 
@@ -70,6 +76,7 @@ class FusedOp {
   const Bf16Kernels* bf16_ = nullptr;  // set for Precision::kBFloat16
   int64_t max_width_ = 0;     // widest padded row any layer writes
   int64_t macs_per_row_ = 0;  // multiply-adds the packed kernel spends on one row
+  int64_t max_layer_macs_ = 0;  // the most multiply-adds one fp32 layer spends on one row
   int tile_parts_ = 2;        // mid-size batches are cut into this many tiles (CPUs at construction)
 };
 

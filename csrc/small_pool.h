@@ -1,0 +1,50 @@
+// A one-helper thread pool for splitting a call of a few microseconds over two cores.
+//
+// An OpenMP parallel region costs several microseconds; this costs a few cache-line transfers. One
+// persistent helper thread (started on first use, detached) waits for jobs: it spins briefly after
+// each job, then sleeps on a futex, so an idle library burns no CPU. A job is a number of chunks
+// that write disjoint memory. The caller claims chunks from the front, the helper from the back
+// (so each keeps the same weights in its own cache call after call); the caller waits only for the
+// chunks the helper has actually claimed, so an asleep or descheduled helper costs the caller one
+// claim, never the chunk. Linux only; elsewhere (and in a forked child) a lease is never granted.
+#pragma once
+
+#include <cstdint>
+
+namespace bc_fast {
+
+// Runs chunk `chunk` of the job described by `ctx`.
+using ChunkFn = void (*)(const void* ctx, int64_t chunk);
+
+// The right to use the pool, held by at most one calling thread at a time (a try-lock: other
+// callers are refused at once and run on their own thread). Not copyable.
+class SplitLease {
+ public:
+  // Takes the pool if it is free, enabled, in the process that created it (never in a forked
+  // child) and its helper runs or can be started now; ok() says whether it did.
+  SplitLease();
+  ~SplitLease();
+  SplitLease(const SplitLease&) = delete;
+  SplitLease& operator=(const SplitLease&) = delete;
+  bool ok() const { return ok_; }
+
+  // fn(ctx, i) for every i in [0, chunks) once, on this thread or the helper; returns when all
+  // have run. fn must not throw. The helper runs with this thread's MXCSR (rounding, FTZ/DAZ), so
+  // a chunk's result does not depend on which thread ran it. Without ok(), or outside 1 <= chunks <= 4095, runs every chunk here.
+  void run(int64_t chunks, ChunkFn fn, const void* ctx);
+
+ private:
+  bool ok_ = false;
+};
+
+// Whether leases may be granted: BC_FAST_SMALL_SPLIT=1 or 0 at the first call, else the built-in
+// default (small_pool_impl.h, kDefaultMode); set_small_split_enabled(false) makes later leases fail.
+bool small_split_enabled();
+void set_small_split_enabled(bool enabled);
+// 0: off, 1: on, 2: on, and the caller leaves every chunk to the helper (for tests: every chunk of
+// every job then runs on the helper thread). Else std::invalid_argument.
+void set_small_split_mode(int mode);
+// Jobs the helper thread has taken at least one chunk of since the process started (for tests).
+int64_t small_split_helper_jobs();
+
+}  // namespace bc_fast

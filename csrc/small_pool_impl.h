@@ -1,0 +1,294 @@
+// The body of small_pool.h, included by exactly one translation unit (fused_op.cpp): CMakeLists.txt
+// lists the core's units, and this file can become csrc/small_pool.cpp once it lists that one too.
+//
+// Protocol. One 64-bit word, `claim`, describes the job in flight: epoch (40 bits, +1 per job),
+// front and back (12 bits each): chunks [front, back) are unclaimed. The caller writes the job's
+// fn/ctx/mxcsr, then the word (release); it claims by CAS front -> front + 1, the helper by CAS
+// back -> back - 1. Within an epoch front only grows and back only shrinks, so the word never takes
+// a value twice (no ABA), and a CAS that succeeds proves the job was live between the helper's load
+// of the word and the CAS: the fn/ctx it read in between are that job's. The caller counts the
+// chunks it ran; the rest were claimed by the helper, which adds one to `helper_done` (release)
+// after each; the caller waits for exactly those. Sleep: the helper sets `sleeping`, then re-reads
+// the word; the caller writes the word, then reads `sleeping` (both seq_cst): one of them sees the
+// other, so a job is never left unseen by a sleeping helper (Dekker), and FUTEX_WAIT re-checks
+// `wake` against the value read before the re-check.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+#include "small_pool.h"
+
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define BC_FAST_SPLIT_POOL 1
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <emmintrin.h>  // _mm_pause
+#include <xmmintrin.h>  // _mm_getcsr, _mm_setcsr
+#endif
+
+namespace bc_fast {
+namespace small_pool_detail {
+
+constexpr int kIndexBits = 12;
+constexpr uint64_t kIndexMask = (uint64_t{1} << kIndexBits) - 1;
+constexpr int kEpochShift = 2 * kIndexBits;
+constexpr int64_t kMaxChunks = static_cast<int64_t>(kIndexMask);
+// After a job the helper spins this long for the next one before it sleeps: a stream of calls
+// (a query loop) finds it awake, an idle library costs nothing.
+constexpr auto kHelperSpin = std::chrono::microseconds(60);
+// The caller spins this many pauses (~3 us) waiting for the helper's chunks before it yields its
+// core (the helper may have been put on this core, or descheduled mid-chunk, on a busy machine).
+constexpr int kCallerSpinsBeforeYield = 128;
+// The spinning helper yields its core every this many pauses (~3 us): woken on the caller's core
+// (the scheduler likes to put a wakee beside its waker), it would otherwise hold the caller off
+// for its whole spin.
+constexpr unsigned kHelperSpinsPerYield = 128;
+
+constexpr int kAwake = 0, kAsleep = 1, kWakeSent = 2;
+
+inline uint64_t epoch_of(uint64_t v) { return v >> kEpochShift; }
+inline uint64_t front_of(uint64_t v) { return (v >> kIndexBits) & kIndexMask; }
+inline uint64_t back_of(uint64_t v) { return v & kIndexMask; }
+
+inline void cpu_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+inline uint32_t get_fp_state() {
+#if defined(__x86_64__) || defined(__i386__)
+  return _mm_getcsr();
+#else
+  return 0;
+#endif
+}
+inline void set_fp_state([[maybe_unused]] uint32_t s) {
+#if defined(__x86_64__) || defined(__i386__)
+  // Exception flags differ harmlessly; compare the control bits only (rounding, FTZ, DAZ, masks).
+  if (((_mm_getcsr() ^ s) & ~0x3Fu) != 0) _mm_setcsr(s);
+#endif
+}
+
+struct Pool {
+  // The job line: written by the caller once per job, read by the helper.
+  alignas(64) std::atomic<uint64_t> claim{0};
+  std::atomic<ChunkFn> fn{nullptr};
+  std::atomic<const void*> ctx{nullptr};
+  std::atomic<uint32_t> fp_state{0};
+  // Chunks the helper has finished, ever (only it writes).
+  alignas(64) std::atomic<int64_t> helper_done{0};
+  std::atomic<int64_t> helper_jobs{0};
+  // Sleeping and waking.
+  alignas(64) std::atomic<uint32_t> wake{0};
+  std::atomic<int> sleeping{0};  // kAwake, kAsleep (or about to be) or kWakeSent
+  // The lease (a try-lock) and what only its holder touches.
+  alignas(64) std::atomic<bool> busy{false};
+  bool started = false;
+  bool failed = false;
+  // Set in a forked child (pthread_atfork, registered before the helper starts): the helper exists
+  // only in the parent. getpid() per call would cost a system call.
+  std::atomic<bool> forked{false};
+  uint64_t epoch = 0;
+  int64_t helper_expected = 0;  // chunks the helper has claimed, ever
+};
+
+// Never destroyed: the detached helper may still be spinning on it while the process exits.
+inline Pool& pool() {
+  static Pool* const p = new Pool();
+  return *p;
+}
+
+// Without BC_FAST_SMALL_SPLIT: off until it is shown to pay on the project's machines.
+constexpr int kDefaultMode = 0;
+
+// 0: off, 1: on, 2: on and the caller leaves every chunk to the helper (tests), -1: not read yet.
+inline std::atomic<int>& mode_slot() {
+  static std::atomic<int> mode{-1};
+  return mode;
+}
+inline int mode() {
+  int m = mode_slot().load(std::memory_order_relaxed);
+  if (m >= 0) return m;
+  const char* env = std::getenv("BC_FAST_SMALL_SPLIT");
+  m = env == nullptr || *env == '\0' ? kDefaultMode : std::strcmp(env, "0") == 0 ? 0 : 1;
+  int expected = -1;
+  return mode_slot().compare_exchange_strong(expected, m) ? m : expected;
+}
+
+#if defined(BC_FAST_SPLIT_POOL)
+inline void futex_wait(std::atomic<uint32_t>* word, uint32_t value) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT_PRIVATE, value, nullptr, nullptr, 0);
+}
+inline void futex_wake(std::atomic<uint32_t>* word) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
+}
+
+// Waits until the word carries an epoch other than `seen`; returns it.
+inline uint64_t wait_for_job(Pool& p, uint64_t seen) {
+  for (;;) {
+    const auto deadline = std::chrono::steady_clock::now() + kHelperSpin;
+    for (unsigned spin = 1;; ++spin) {
+      const uint64_t v = p.claim.load(std::memory_order_acquire);
+      if (epoch_of(v) != seen) return v;
+      cpu_pause();
+      if (spin % kHelperSpinsPerYield == 0) {
+        if (std::chrono::steady_clock::now() > deadline) break;
+        sched_yield();
+      }
+    }
+    p.sleeping.store(kAsleep, std::memory_order_seq_cst);
+    const uint32_t w = p.wake.load(std::memory_order_seq_cst);
+    if (epoch_of(p.claim.load(std::memory_order_seq_cst)) == seen) futex_wait(&p.wake, w);
+    p.sleeping.store(kAwake, std::memory_order_seq_cst);
+  }
+}
+
+[[noreturn]] inline void helper_main(Pool* pp, uint64_t seen) {
+  Pool& p = *pp;
+  for (;;) {
+    uint64_t v = wait_for_job(p, seen);
+    seen = epoch_of(v);
+    bool took = false;
+    while (epoch_of(v) == seen && front_of(v) < back_of(v)) {
+      // Read before the CAS; valid for this job only if the CAS succeeds (see the protocol above).
+      const ChunkFn fn = p.fn.load(std::memory_order_relaxed);
+      const void* ctx = p.ctx.load(std::memory_order_relaxed);
+      const uint32_t fp = p.fp_state.load(std::memory_order_relaxed);
+      if (!p.claim.compare_exchange_weak(v, v - 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+      if (!took) {
+        took = true;
+        set_fp_state(fp);
+        p.helper_jobs.fetch_add(1, std::memory_order_relaxed);
+      }
+      fn(ctx, static_cast<int64_t>(back_of(v) - 1));
+      p.helper_done.fetch_add(1, std::memory_order_release);
+      v = p.claim.load(std::memory_order_acquire);
+    }
+  }
+}
+
+// Starts the detached helper with every signal blocked (signals belong to the interpreter's
+// threads). Called by the lease holder. False if the thread cannot be created.
+inline bool start_helper(Pool& p) {
+  if (pthread_atfork(nullptr, nullptr, [] { pool().forked.store(true, std::memory_order_relaxed); }) != 0)
+    return false;
+  sigset_t all, old;
+  sigfillset(&all);
+  if (pthread_sigmask(SIG_SETMASK, &all, &old) != 0) return false;
+  bool ok = true;
+  try {
+    std::thread(helper_main, &p, p.epoch).detach();
+  } catch (...) {
+    ok = false;
+  }
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  return ok;
+}
+#endif
+
+}  // namespace small_pool_detail
+
+SplitLease::SplitLease() {
+#if defined(BC_FAST_SPLIT_POOL)
+  using namespace small_pool_detail;
+  if (mode() == 0) return;
+  Pool& p = pool();
+  if (p.busy.load(std::memory_order_relaxed) || p.busy.exchange(true, std::memory_order_acquire)) return;
+  // A forked child's copy of the pool names a helper that exists only in its parent.
+  bool usable = !p.failed && !p.forked.load(std::memory_order_relaxed);
+  if (usable && !p.started) {
+    p.started = start_helper(p);
+    p.failed = !p.started;
+    usable = p.started;
+  }
+  if (!usable) {
+    p.busy.store(false, std::memory_order_release);
+    return;
+  }
+  ok_ = true;
+#endif
+}
+
+SplitLease::~SplitLease() {
+  if (ok_) small_pool_detail::pool().busy.store(false, std::memory_order_release);
+}
+
+void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx) {
+  using namespace small_pool_detail;
+  if (!ok_ || chunks < 1 || chunks > kMaxChunks) {  // callers check; never a wrong answer
+    for (int64_t i = 0; i < chunks; ++i) fn(ctx, i);
+    return;
+  }
+  Pool& p = pool();
+  p.fn.store(fn, std::memory_order_relaxed);
+  p.ctx.store(ctx, std::memory_order_relaxed);
+  p.fp_state.store(get_fp_state(), std::memory_order_relaxed);
+  // The caller publishes the job with chunk 0 already its own: it starts computing without a
+  // second trip of the line between the cores (each costs ~0.2 us on the project's VMs).
+  const bool helper_only = mode() == 2;
+  const uint64_t first = helper_only ? 0 : 1;
+  const uint64_t start = (++p.epoch << kEpochShift) | (first << kIndexBits) | static_cast<uint64_t>(chunks);
+  p.claim.store(start, std::memory_order_seq_cst);
+#if defined(BC_FAST_SPLIT_POOL)
+  // One wake-up per sleep: a helper that was woken but has not run yet (a busy machine) costs
+  // later calls nothing but the claims they make.
+  int asleep = kAsleep;
+  if (p.sleeping.load(std::memory_order_seq_cst) == kAsleep &&
+      p.sleeping.compare_exchange_strong(asleep, kWakeSent, std::memory_order_seq_cst)) {
+    p.wake.fetch_add(1, std::memory_order_seq_cst);
+    futex_wake(&p.wake);
+  }
+#endif
+  int64_t mine = 0;
+  if (!helper_only) {
+    fn(ctx, 0);
+    mine = 1;
+    uint64_t v = p.claim.load(std::memory_order_acquire);
+    while (front_of(v) < back_of(v)) {
+      if (!p.claim.compare_exchange_weak(v, v + (uint64_t{1} << kIndexBits), std::memory_order_acq_rel,
+                                         std::memory_order_acquire))
+        continue;
+      fn(ctx, static_cast<int64_t>(front_of(v)));
+      ++mine;
+      v = p.claim.load(std::memory_order_acquire);
+    }
+  }
+  p.helper_expected += chunks - mine;
+  for (int spins = 0; p.helper_done.load(std::memory_order_acquire) != p.helper_expected;) {
+    cpu_pause();
+    if (++spins == kCallerSpinsBeforeYield) {
+      spins = 0;
+      std::this_thread::yield();
+    }
+  }
+}
+
+bool small_split_enabled() { return small_pool_detail::mode() != 0; }
+
+void set_small_split_enabled(bool enabled) { set_small_split_mode(enabled ? 1 : 0); }
+
+void set_small_split_mode(int mode) {
+  if (mode < 0 || mode > 2) throw std::invalid_argument("small split mode must be 0, 1 or 2, got " + std::to_string(mode));
+  small_pool_detail::mode_slot().store(mode, std::memory_order_relaxed);
+}
+
+int64_t small_split_helper_jobs() {
+  return small_pool_detail::pool().helper_jobs.load(std::memory_order_relaxed);
+}
+
+}  // namespace bc_fast
