@@ -5,9 +5,12 @@ alike); the printed figure is the median over rounds of the per-call time in a b
 load average is printed before and after: on a shared 2-vCPU VM a loaded machine slows the 2-thread
 split most (its helper thread competes for the second core).
 
-    python bench/bench_latency_split.py [--dims 128 256 384 768] [--rounds 400] [--block 20]
+    python bench/bench_latency_split.py [--dims 128 256 384 768] [--rounds 400] [--block 20] [--split 1]
 
-One line per (d, implementation): ``d=256 bc_fast  2.10 us  1.95x numpy_alloc``.
+``bc_fast`` runs with the small-batch column split over two threads on (``--split 1``, the private
+``_core._set_small_split``) or off (``--split 0``); ``bc_fast_1t`` is ``threads=1``, the single-thread
+path; ``core``/``core_1t`` the same without the Python wrapper. One line per (d, implementation):
+``d=256 n=1 bc_fast  2.10 us  1.95x numpy_alloc ...``, and the share of calls the helper thread took part in.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 import numpy as np
 
 import bc_fast
-from bc_fast import FusedTransform
+from bc_fast import FusedTransform, _core
 
 
 def _impls(d: int, rng: np.random.Generator, n: int) -> dict:
@@ -76,16 +79,22 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=400)
     ap.add_argument("--block", type=int, default=20)
+    ap.add_argument("--split", type=int, choices=(0, 1), default=1)
     args = ap.parse_args()
+    _core._set_small_split(args.split)
     info = bc_fast.build_info()
     print(f"# {platform.processor() or platform.machine()} kernel={info['kernel']} cpus={info['cpus']} "
-          f"threads={info['max_threads']} loadavg={os.getloadavg()}")
+          f"threads={info['max_threads']} split={args.split} loadavg={os.getloadavg()}")
     rng = np.random.default_rng(0)
     for d in args.dims:
+        jobs = _core._small_split_helper_jobs()
         t = measure(_impls(d, rng, args.rows), args.rounds, args.block)
+        calls = args.rounds * args.block * 2 + args.block * 5 * 2  # bc_fast and core, timed and warm-up
+        helped = (_core._small_split_helper_jobs() - jobs) / calls
         for k, us in t.items():
             print(f"d={d} n={args.rows} {k:15s} {us:7.2f} us  {t['numpy_alloc'] / us:5.2f}x numpy_alloc  "
                   f"{t['numpy_prealloc'] / us:5.2f}x numpy_prealloc", flush=True)
+        print(f"d={d} helper took part in {helped:.0%} of the split calls")
     print(f"# loadavg after {os.getloadavg()}")
 
 

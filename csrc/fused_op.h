@@ -35,9 +35,10 @@ class FusedOp {
   static constexpr int64_t kSmallBatchRows = 64;
   // A small batch is split over threads only above this many multiply-adds (~10 us on one core).
   static constexpr int64_t kMinParallelMacs = int64_t{1} << 19;
-  // Below that, a small batch's fp32 layer is split by output columns over the calling thread and
-  // the small pool's helper (small_pool.h; ~0.2 us instead of an OpenMP region's several) when its
-  // GEMM has at least this many multiply-adds and two panels: batch 1 from 128 -> 128 on.
+  // Up to two such parts, a small batch's fp32 layer is split by output columns (two halves of its
+  // panels) over the calling thread and the small pool's helper (small_pool.h: a few cache-line
+  // trips instead of an OpenMP region's several us) when its GEMM has at least this many
+  // multiply-adds and two panels: batch 1 from 128 -> 128 on.
   static constexpr int64_t kMinSplitMacs = int64_t{1} << 14;
 
   // Precision::kBFloat16 throws std::runtime_error naming the missing CPU feature where the bf16
