@@ -404,8 +404,22 @@ _REFIX = ("re-add the transform with Registry.add_transform(from_version, to_ver
           "or restore the file from a backup")
 
 
+def _safetensors_prefix(data: bytes) -> bool:
+    """True when the bytes start as safetensors do: an 8-byte header length that fits, then ``{``."""
+    if len(data) < 10:
+        return False
+    (n,) = struct.unpack("<Q", data[:8])
+    return 2 <= n <= len(data) - 8 and data[8:9] == b"{"
+
+
 def foreign_format(data: bytes) -> str | None:
-    """Name the format of a file that is clearly not safetensors (pickle, zip, .npy), else None."""
+    """Name the format of a file that is clearly not safetensors (pickle, zip, .npy), else None.
+
+    A safetensors header length can itself begin with a pickle's magic bytes (640 = 0x0280 is
+    ``80 02``), so bytes that start as safetensors are never called foreign.
+    """
+    if _safetensors_prefix(data):
+        return None
     if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5:
         return f"a Python pickle (protocol {data[1]})"
     if data[:4] == b"PK\x03\x04":

@@ -614,3 +614,21 @@ def test_layer_spec_without_activation_width(reg: Registry) -> None:
     _edit(reg, lambda m: [s.pop("activation_width") for t in m["transforms"] for s in t["layers"]])
     r = Registry.open(reg.path, verify=True)
     assert r.operator(2, 0).d_out == 8 and "v2 -> v1" in r.describe()
+
+
+@pytest.mark.parametrize("header_len", [640, 896, 1152, 1408, 640 + 65536])
+def test_safetensors_header_length_that_starts_like_a_pickle_is_read(header_len: int) -> None:
+    """A header of 640 bytes is ``80 02 00 ..``: a pickle's magic, yet valid safetensors (seen with MLP chains)."""
+    from bc_fast.ops import Layer
+
+    data = _manifest.encode_transform([Layer(np.eye(4, dtype=np.float32), np.ones(4, np.float32), "relu", 4)],
+                                      1, 0, "backward", "mlp")
+    (n,) = struct.unpack("<Q", data[:8])
+    assert n < header_len
+    padded = struct.pack("<Q", header_len) + data[8:8 + n] + b" " * (header_len - n) + data[8 + n:]
+    assert padded[0] == 0x80 and 2 <= padded[1] <= 5
+    assert _manifest.foreign_format(padded) is None
+    header = _manifest.read_header(padded, "t.safetensors")
+    assert header["__metadata__"]["kind"] == "mlp"
+    # a real pickle still is one
+    assert _manifest.foreign_format(pickle.dumps([1, 2], protocol=2)) == "a Python pickle (protocol 2)"
