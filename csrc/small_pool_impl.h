@@ -8,10 +8,11 @@
 // a value twice (no ABA), and a CAS that succeeds proves the job was live between the helper's load
 // of the word and the CAS: the fn/ctx it read in between are that job's. The caller counts the
 // chunks it ran; the rest were claimed by the helper, which adds one to `helper_done` (release)
-// after each; the caller waits for exactly those. Sleep: the helper sets `sleeping`, then re-reads
-// the word; the caller writes the word, then reads `sleeping` (both seq_cst): one of them sees the
-// other, so a job is never left unseen by a sleeping helper (Dekker), and FUTEX_WAIT re-checks
-// `wake` against the value read before the re-check.
+// after each; the caller waits for exactly those, so a helper that never sees a job (asleep,
+// descheduled) costs the caller only its claims. Sleep: after a spin the helper sets `sleeping`
+// and waits on the futex `wake`; a caller that finds it asleep runs alone and never publishes (see
+// kStreamGapNs for when it wakes it). Tests' helper-only mode (2) publishes anyway and wakes the
+// helper while it waits.
 #pragma once
 
 #include <atomic>
@@ -49,6 +50,11 @@ constexpr int64_t kMaxChunks = static_cast<int64_t>(kIndexMask);
 // After a job the helper spins this long for the next one before it sleeps: a stream of calls
 // (a query loop) finds it awake, an idle library costs nothing.
 constexpr auto kHelperSpin = std::chrono::microseconds(60);
+// Waking a sleeping helper (FUTEX_WAKE) costs the caller ~5 us on the project's VMs, more than a
+// batch-1 call, and a woken helper comes too late for that call anyway. So a call that finds the
+// helper asleep runs alone, and wakes it (after its own work) only when the previous such call was
+// less than this long ago: calls are coming in a stream, which then keeps the helper awake.
+constexpr int64_t kStreamGapNs = 50000;
 // The caller spins this many pauses (~3 us) waiting for the helper's chunks before it yields its
 // core (the helper may have been put on this core, or descheduled mid-chunk, on a busy machine).
 constexpr int kCallerSpinsBeforeYield = 128;
@@ -97,6 +103,7 @@ struct Pool {
   // Sleeping and waking.
   alignas(64) std::atomic<uint32_t> wake{0};
   std::atomic<int> sleeping{0};  // kAwake, kAsleep (or about to be) or kWakeSent
+  int64_t last_alone_ns = 0;    // when a call last ran alone because the helper slept (lease holder only)
   // The lease (a try-lock) and what only its holder touches.
   alignas(64) std::atomic<bool> busy{false};
   bool started = false;
@@ -156,7 +163,11 @@ inline uint64_t wait_for_job(Pool& p, uint64_t seen) {
     }
     p.sleeping.store(kAsleep, std::memory_order_seq_cst);
     const uint32_t w = p.wake.load(std::memory_order_seq_cst);
-    if (epoch_of(p.claim.load(std::memory_order_seq_cst)) == seen) futex_wait(&p.wake, w);
+    // Not if a wake-up was sent since (it bumps `wake` after setting kWakeSent: if it bumped it
+    // before the read above, this sees kWakeSent; if after, FUTEX_WAIT returns or is woken).
+    if (p.sleeping.load(std::memory_order_seq_cst) == kAsleep &&
+        epoch_of(p.claim.load(std::memory_order_seq_cst)) == seen)
+      futex_wait(&p.wake, w);
     p.sleeping.store(kAwake, std::memory_order_seq_cst);
   }
 }
@@ -238,6 +249,26 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx) {
     return;
   }
   Pool& p = pool();
+  const bool helper_only = mode() == 2;
+#if defined(BC_FAST_SPLIT_POOL)
+  if (p.sleeping.load(std::memory_order_acquire) != kAwake) {
+    // Asleep, or woken and not running yet: no help is coming soon.
+    bool wake = helper_only;
+    if (!helper_only) {
+      for (int64_t i = 0; i < chunks; ++i) fn(ctx, i);
+      const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                              std::chrono::steady_clock::now().time_since_epoch()).count();
+      wake = now - p.last_alone_ns < kStreamGapNs;
+      p.last_alone_ns = now;
+    }
+    int asleep = kAsleep;
+    if (wake && p.sleeping.compare_exchange_strong(asleep, kWakeSent, std::memory_order_seq_cst)) {
+      p.wake.fetch_add(1, std::memory_order_seq_cst);
+      futex_wake(&p.wake);
+    }
+    if (!helper_only) return;
+  }
+#endif
   p.fn.store(fn, std::memory_order_relaxed);
   p.ctx.store(ctx, std::memory_order_relaxed);
   p.fp_state.store(get_fp_state(), std::memory_order_relaxed);
@@ -245,21 +276,12 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx) {
   p.caller_cpu.store(sched_getcpu(), std::memory_order_relaxed);
 #endif
   // The caller publishes the job with chunk 0 already its own: it starts computing without a
-  // second trip of the line between the cores (each costs ~0.2 us on the project's VMs).
-  const bool helper_only = mode() == 2;
+  // second trip of the line between the cores (each costs ~0.1-0.5 us on the project's VMs). A
+  // helper that falls asleep meanwhile, without seeing the job, costs nothing: the caller then
+  // claims every chunk itself.
   const uint64_t first = helper_only ? 0 : 1;
   const uint64_t start = (++p.epoch << kEpochShift) | (first << kIndexBits) | static_cast<uint64_t>(chunks);
-  p.claim.store(start, std::memory_order_seq_cst);
-#if defined(BC_FAST_SPLIT_POOL)
-  // One wake-up per sleep: a helper that was woken but has not run yet (a busy machine) costs
-  // later calls nothing but the claims they make.
-  int asleep = kAsleep;
-  if (p.sleeping.load(std::memory_order_seq_cst) == kAsleep &&
-      p.sleeping.compare_exchange_strong(asleep, kWakeSent, std::memory_order_seq_cst)) {
-    p.wake.fetch_add(1, std::memory_order_seq_cst);
-    futex_wake(&p.wake);
-  }
-#endif
+  p.claim.store(start, std::memory_order_release);
   int64_t mine = 0;
   if (!helper_only) {
     fn(ctx, 0);
@@ -279,6 +301,13 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx) {
     cpu_pause();
     if (++spins == kCallerSpinsBeforeYield) {
       spins = 0;
+#if defined(BC_FAST_SPLIT_POOL)
+      int asleep = kAsleep;  // helper-only mode: it may have fallen asleep without seeing the job
+      if (helper_only && p.sleeping.compare_exchange_strong(asleep, kWakeSent, std::memory_order_seq_cst)) {
+        p.wake.fetch_add(1, std::memory_order_seq_cst);
+        futex_wake(&p.wake);
+      }
+#endif
       std::this_thread::yield();
     }
   }
