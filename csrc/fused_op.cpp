@@ -253,8 +253,8 @@ struct GemmHalves {
 
   static void run(const void* self, int64_t chunk) {
     const GemmHalves& g = *static_cast<const GemmHalves*>(self);
-    const int64_t p0 = chunk == 0 ? 0 : g.half;
-    const int64_t p1 = chunk == 0 ? g.half : g.panels;
+    const int64_t p0 = chunk == 1 ? g.half : 0;
+    const int64_t p1 = chunk == 0 ? g.half : g.panels;  // kAllChunks: all panels
     g.kern->gemm_packed(g.x, g.ldx, g.m, g.k, g.packed + p0 * g.k * kPanel, (p1 - p0) * kPanel, g.y + p0 * kPanel,
                         g.ldy);
   }
@@ -305,7 +305,7 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
     if (split != nullptr && split_pays(m, l)) {
       const int64_t panels = l.n_pad / kPanel;
       const GemmHalves job{&kern, cur, ld_cur, m, l.spec.d_in, l.packed.data(), dst, ld, panels, (panels + 1) / 2};
-      split->run(2, &GemmHalves::run, &job);
+      split->run(2, &GemmHalves::run, &job, static_cast<double>(job.half) / static_cast<double>(panels));
     } else {
       (void)use_blas;
       kern.gemm_packed(cur, ld_cur, m, l.spec.d_in, l.packed.data(), l.n_pad, dst, ld);

@@ -13,8 +13,10 @@
 
 namespace bc_fast {
 
-// Runs chunk `chunk` of the job described by `ctx`.
+// Runs chunk `chunk` of the job described by `ctx`, or all of them at once for kAllChunks (what the
+// caller does when it runs alone: one kernel call over the whole range can be faster than two).
 using ChunkFn = void (*)(const void* ctx, int64_t chunk);
+constexpr int64_t kAllChunks = -1;
 
 // The right to use the pool, held by at most one calling thread at a time (a try-lock: other
 // callers are refused at once and run on their own thread). Not copyable.
@@ -28,10 +30,12 @@ class SplitLease {
   SplitLease& operator=(const SplitLease&) = delete;
   bool ok() const { return ok_; }
 
-  // fn(ctx, i) for every i in [0, chunks) once, on this thread or the helper; returns when all
-  // have run. fn must not throw. The helper runs with this thread's MXCSR (rounding, FTZ/DAZ), so
+  // fn(ctx, i) for every i in [0, chunks) once, on this thread or the helper, or fn(ctx, kAllChunks)
+  // once on this thread; returns when all have run. fn must not throw. The helper runs with this thread's MXCSR (rounding, FTZ/DAZ), so
   // a chunk's result does not depend on which thread ran it. Without ok(), or outside 1 <= chunks <= 4095, runs every chunk here.
-  void run(int64_t chunks, ChunkFn fn, const void* ctx);
+  // first_share: the part of the work chunk 0 holds (the caller runs it; used to judge whether the
+  // split pays, see kGiveUpScore in small_pool_impl.h).
+  void run(int64_t chunks, ChunkFn fn, const void* ctx, double first_share);
 
  private:
   bool ok_ = false;

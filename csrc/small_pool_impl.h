@@ -37,6 +37,7 @@
 #endif
 #if defined(__x86_64__) || defined(__i386__)
 #include <emmintrin.h>  // _mm_pause
+#include <x86intrin.h>  // __rdtsc
 #include <xmmintrin.h>  // _mm_getcsr, _mm_setcsr
 #endif
 
@@ -55,13 +56,26 @@ constexpr auto kHelperSpin = std::chrono::microseconds(60);
 // helper asleep runs alone, and wakes it (after its own work) only when the previous such call was
 // less than this long ago: calls are coming in a stream, which then keeps the helper awake.
 constexpr int64_t kStreamGapNs = 50000;
+// And at most once per this long: on a busy machine a woken helper may not run for a while (or run
+// on the caller's own core, where it only yields), and the wake-up is then pure cost.
+constexpr int64_t kMinWakeIntervalNs = 2000000;
+// The split checks itself: a call the helper took part in "won" if it took less than the caller's
+// own chunk time divided by its share (what it would have taken alone). A loss costs 2 points, a
+// win earns 1 (so at least 2 in 3 must win); at kGiveUpScore the calls run alone, without
+// publishing, for a backoff of kMinBackoff calls, doubled after each failed re-try up to
+// kMaxBackoff. On a machine whose cores are busy, or whose cores are far apart, the helper then
+// costs nearly nothing.
+constexpr int kGiveUpScore = -8;
+constexpr int kMaxScore = 8;
+constexpr int64_t kMinBackoff = 64;
+constexpr int64_t kMaxBackoff = 16384;
 // The caller spins this many pauses (~3 us) waiting for the helper's chunks before it yields its
 // core (the helper may have been put on this core, or descheduled mid-chunk, on a busy machine).
 constexpr int kCallerSpinsBeforeYield = 128;
-// Every this many pauses (~3 us) the spinning helper checks its deadline, and yields its core if it
+// Every this many pauses (~1 us) the spinning helper checks its deadline, and yields its core if it
 // shares it with the last caller (the scheduler likes to put a wakee beside its waker): spinning
 // there would hold that caller off for the whole spin.
-constexpr unsigned kHelperSpinsPerCheck = 128;
+constexpr unsigned kHelperSpinsPerCheck = 32;
 
 constexpr int kAwake = 0, kAsleep = 1, kWakeSent = 2;
 
@@ -76,6 +90,15 @@ inline void cpu_pause() {
   std::this_thread::yield();
 #endif
 }
+// A cheap monotonic tick count (TSC on x86: ~10 ns against steady_clock's ~25).
+inline int64_t ticks() {
+#if defined(__x86_64__) || defined(__i386__)
+  return static_cast<int64_t>(__rdtsc());
+#else
+  return std::chrono::steady_clock::now().time_since_epoch().count();
+#endif
+}
+
 inline uint32_t get_fp_state() {
 #if defined(__x86_64__) || defined(__i386__)
   return _mm_getcsr();
@@ -104,6 +127,10 @@ struct Pool {
   alignas(64) std::atomic<uint32_t> wake{0};
   std::atomic<int> sleeping{0};  // kAwake, kAsleep (or about to be) or kWakeSent
   int64_t last_alone_ns = 0;    // when a call last ran alone because the helper slept (lease holder only)
+  int64_t last_wake_ns = -kMinWakeIntervalNs;  // when a caller last woke it (lease holder only)
+  int score = 0;                   // see kGiveUpScore (lease holder only)
+  int64_t alone_left = 0;          // calls to run alone before trying the split again
+  int64_t backoff = kMinBackoff;
   // The lease (a try-lock) and what only its holder touches.
   alignas(64) std::atomic<bool> busy{false};
   bool started = false;
@@ -152,11 +179,11 @@ inline void futex_wake(std::atomic<uint32_t>* word) {
 inline uint64_t wait_for_job(Pool& p, uint64_t seen) {
   for (;;) {
     const auto deadline = std::chrono::steady_clock::now() + kHelperSpin;
-    for (unsigned spin = 1;; ++spin) {
+    for (unsigned spin = 0;; ++spin) {
       const uint64_t v = p.claim.load(std::memory_order_acquire);
       if (epoch_of(v) != seen) return v;
       cpu_pause();
-      if (spin % kHelperSpinsPerCheck == 0) {
+      if (spin % kHelperSpinsPerCheck == 0) {  // also at once, after a wake-up
         if (std::chrono::steady_clock::now() > deadline) break;
         if (sched_getcpu() == p.caller_cpu.load(std::memory_order_relaxed)) sched_yield();
       }
@@ -242,26 +269,33 @@ SplitLease::~SplitLease() {
   if (ok_) small_pool_detail::pool().busy.store(false, std::memory_order_release);
 }
 
-void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx) {
+void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx, double first_share) {
   using namespace small_pool_detail;
   if (!ok_ || chunks < 1 || chunks > kMaxChunks) {  // callers check; never a wrong answer
-    for (int64_t i = 0; i < chunks; ++i) fn(ctx, i);
+    fn(ctx, kAllChunks);
     return;
   }
   Pool& p = pool();
   const bool helper_only = mode() == 2;
+  if (p.alone_left > 0 && !helper_only) {  // the split did not pay lately
+    --p.alone_left;
+    fn(ctx, kAllChunks);
+    return;
+  }
 #if defined(BC_FAST_SPLIT_POOL)
   if (p.sleeping.load(std::memory_order_acquire) != kAwake) {
     // Asleep, or woken and not running yet: no help is coming soon.
     bool wake = helper_only;
     if (!helper_only) {
-      for (int64_t i = 0; i < chunks; ++i) fn(ctx, i);
+      fn(ctx, kAllChunks);
       const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
                               std::chrono::steady_clock::now().time_since_epoch()).count();
-      wake = now - p.last_alone_ns < kStreamGapNs;
+      wake = now - p.last_alone_ns < kStreamGapNs && now - p.last_wake_ns >= kMinWakeIntervalNs;
       p.last_alone_ns = now;
+      if (wake) p.last_wake_ns = now;
     }
     int asleep = kAsleep;
+    if (wake) p.caller_cpu.store(sched_getcpu(), std::memory_order_relaxed);
     if (wake && p.sleeping.compare_exchange_strong(asleep, kWakeSent, std::memory_order_seq_cst)) {
       p.wake.fetch_add(1, std::memory_order_seq_cst);
       futex_wake(&p.wake);
@@ -281,10 +315,13 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx) {
   // claims every chunk itself.
   const uint64_t first = helper_only ? 0 : 1;
   const uint64_t start = (++p.epoch << kEpochShift) | (first << kIndexBits) | static_cast<uint64_t>(chunks);
+  const int64_t t0 = ticks();
   p.claim.store(start, std::memory_order_release);
   int64_t mine = 0;
+  int64_t t1 = t0;
   if (!helper_only) {
     fn(ctx, 0);
+    t1 = ticks();
     mine = 1;
     uint64_t v = p.claim.load(std::memory_order_acquire);
     while (front_of(v) < back_of(v)) {
@@ -310,6 +347,18 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx) {
 #endif
       std::this_thread::yield();
     }
+  }
+  if (mine == chunks || helper_only) return;  // the helper took no part: nothing learnt
+  const bool won = static_cast<double>(ticks() - t0) < static_cast<double>(t1 - t0) / first_share;
+  if (won) {
+    if (++p.score >= kMaxScore) {
+      p.score = kMaxScore;
+      p.backoff = kMinBackoff;
+    }
+  } else if ((p.score -= 2) <= kGiveUpScore) {
+    p.score = 0;
+    p.alone_left = p.backoff;
+    p.backoff = std::min(kMaxBackoff, 2 * p.backoff);
   }
 }
 
