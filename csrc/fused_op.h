@@ -52,7 +52,9 @@ class FusedOp {
 
   // out[n x d_out] = program(x[n x d_in]); both C-contiguous, must not overlap.
   // threads <= 0 means num_threads(); more than kMaxThreads count as kMaxThreads; a forked child
-  // always runs on its calling thread. Throws std::invalid_argument on bad sizes.
+  // always runs on its calling thread. With threads >= 2, a small batch may be split by columns
+  // over the calling thread and the small pool's helper thread (see kMinSplitMacs), with the same
+  // bits. Throws std::invalid_argument on bad sizes.
   void apply(const void* x, DType x_type, int64_t n, void* out, DType out_type, int64_t threads) const;
 
  private:
