@@ -59,14 +59,19 @@ constexpr int64_t kStreamGapNs = 50000;
 // And at most once per this long: on a busy machine a woken helper may not run for a while (or run
 // on the caller's own core, where it only yields), and the wake-up is then pure cost.
 constexpr int64_t kMinWakeIntervalNs = 2000000;
-// The split checks itself: a call the helper took part in "won" if it took less than the caller's
-// own chunk time divided by its share (what it would have taken alone). A loss costs 2 points, a
-// win earns 1 (so at least 2 in 3 must win); at kGiveUpScore the calls run alone, without
-// publishing, for a backoff of kMinBackoff calls, doubled after each failed re-try up to
-// kMaxBackoff. On a machine whose cores are busy, or whose cores are far apart, the helper then
-// costs nearly nothing.
-constexpr int kGiveUpScore = -8;
-constexpr int kMaxScore = 8;
+// The split checks itself. A call the helper took part in gained (or lost) the difference between
+// what it would have taken alone (the caller's own chunk time over its share of the work) and what
+// it took, in TSC ticks. The gains go into a balance that starts at zero and is capped at
+// kMaxBalance (~0.4 ms), so a long run of wins cannot hide a new regime for long; when the balance
+// goes below zero (a loss before enough wins, many small losses, or a helper descheduled mid-chunk
+// for milliseconds on a busy machine) the calls run alone, without publishing, for kMinBackoff
+// calls, doubled after each failed re-try up to kMaxBackoff. So the split pays on average where it
+// runs, and costs nearly nothing where it cannot.
+constexpr int64_t kMaxBalance = int64_t{1} << 20;
+constexpr int64_t kStartBalance = 0;
+// Not judged: the first helped calls after the helper starts, wakes or the split resumes (its cache
+// is cold then: W's half comes from memory once).
+constexpr int kWarmupCalls = 16;
 constexpr int64_t kMinBackoff = 64;
 constexpr int64_t kMaxBackoff = 16384;
 // The caller spins this many pauses (~3 us) waiting for the helper's chunks before it yields its
@@ -128,7 +133,8 @@ struct Pool {
   std::atomic<int> sleeping{0};  // kAwake, kAsleep (or about to be) or kWakeSent
   int64_t last_alone_ns = 0;    // when a call last ran alone because the helper slept (lease holder only)
   int64_t last_wake_ns = -kMinWakeIntervalNs;  // when a caller last woke it (lease holder only)
-  int score = 0;                   // see kGiveUpScore (lease holder only)
+  int64_t balance = kStartBalance;  // see kMaxBalance (lease holder only)
+  int warmup = kWarmupCalls;
   int64_t alone_left = 0;          // calls to run alone before trying the split again
   int64_t backoff = kMinBackoff;
   // The lease (a try-lock) and what only its holder touches.
@@ -278,7 +284,7 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx, double first_s
   Pool& p = pool();
   const bool helper_only = mode() == 2;
   if (p.alone_left > 0 && !helper_only) {  // the split did not pay lately
-    --p.alone_left;
+    if (--p.alone_left == 0) p.warmup = kWarmupCalls;
     fn(ctx, kAllChunks);
     return;
   }
@@ -299,6 +305,7 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx, double first_s
     if (wake && p.sleeping.compare_exchange_strong(asleep, kWakeSent, std::memory_order_seq_cst)) {
       p.wake.fetch_add(1, std::memory_order_seq_cst);
       futex_wake(&p.wake);
+      p.warmup = kWarmupCalls;
     }
     if (!helper_only) return;
   }
@@ -349,14 +356,17 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx, double first_s
     }
   }
   if (mine == chunks || helper_only) return;  // the helper took no part: nothing learnt
-  const bool won = static_cast<double>(ticks() - t0) < static_cast<double>(t1 - t0) / first_share;
-  if (won) {
-    if (++p.score >= kMaxScore) {
-      p.score = kMaxScore;
-      p.backoff = kMinBackoff;
-    }
-  } else if ((p.score -= 2) <= kGiveUpScore) {
-    p.score = 0;
+  if (p.warmup > 0) {
+    --p.warmup;
+    return;
+  }
+  const double alone = static_cast<double>(t1 - t0) / first_share;
+  const int64_t gain = static_cast<int64_t>(alone) - (ticks() - t0);
+  p.balance = std::min(kMaxBalance, p.balance + gain);
+  if (p.balance == kMaxBalance) {
+    p.backoff = kMinBackoff;
+  } else if (p.balance < 0) {
+    p.balance = kStartBalance;
     p.alone_left = p.backoff;
     p.backoff = std::min(kMaxBackoff, 2 * p.backoff);
   }
