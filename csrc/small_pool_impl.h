@@ -131,14 +131,14 @@ struct Pool {
   // Sleeping and waking.
   alignas(64) std::atomic<uint32_t> wake{0};
   std::atomic<int> sleeping{0};  // kAwake, kAsleep (or about to be) or kWakeSent
-  int64_t last_alone_ns = 0;    // when a call last ran alone because the helper slept (lease holder only)
-  int64_t last_wake_ns = -kMinWakeIntervalNs;  // when a caller last woke it (lease holder only)
-  int64_t balance = kStartBalance;  // see kMaxBalance (lease holder only)
-  int warmup = kWarmupCalls;
-  int64_t alone_left = 0;          // calls to run alone before trying the split again
-  int64_t backoff = kMinBackoff;
   // The lease (a try-lock) and what only its holder touches.
   alignas(64) std::atomic<bool> busy{false};
+  int64_t last_alone_ns = 0;  // when a call last ran alone because the helper slept
+  int64_t last_wake_ns = -kMinWakeIntervalNs;  // when a caller last woke it
+  int64_t balance = kStartBalance;             // see kMaxBalance
+  int warmup = kWarmupCalls;                   // see kWarmupCalls
+  int64_t alone_left = 0;                      // calls to run alone before trying the split again
+  int64_t backoff = kMinBackoff;
   bool started = false;
   bool failed = false;
   // Set in a forked child (pthread_atfork, registered before the helper starts): the helper exists
