@@ -305,7 +305,7 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
     if (split != nullptr && split_pays(m, l)) {
       const int64_t panels = l.n_pad / kPanel;
       const GemmHalves job{&kern, cur, ld_cur, m, l.spec.d_in, l.packed.data(), dst, ld, panels, (panels + 1) / 2};
-      split->run(2, &GemmHalves::run, &job, static_cast<double>(job.half) / static_cast<double>(panels));
+      split->run(2, &GemmHalves::run, &job);
     } else {
       (void)use_blas;
       kern.gemm_packed(cur, ld_cur, m, l.spec.d_in, l.packed.data(), l.n_pad, dst, ld);

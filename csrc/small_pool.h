@@ -33,9 +33,9 @@ class SplitLease {
   // fn(ctx, i) for every i in [0, chunks) once, on this thread or the helper, or fn(ctx, kAllChunks)
   // once on this thread; returns when all have run. fn must not throw. The helper runs with this thread's MXCSR (rounding, FTZ/DAZ), so
   // a chunk's result does not depend on which thread ran it. Without ok(), or outside 1 <= chunks <= 4095, runs every chunk here.
-  // first_share: the part of the work chunk 0 holds (the caller runs it; used to judge whether the
-  // split pays, see kGiveUpScore in small_pool_impl.h).
-  void run(int64_t chunks, ChunkFn fn, const void* ctx, double first_share);
+  // Runs alone (fn(ctx, kAllChunks)) while splitting does not pay (see kProbeEvery in
+  // small_pool_impl.h), or while the helper sleeps.
+  void run(int64_t chunks, ChunkFn fn, const void* ctx);
 
  private:
   bool ok_ = false;

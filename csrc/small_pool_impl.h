@@ -59,18 +59,17 @@ constexpr int64_t kStreamGapNs = 50000;
 // And at most once per this long: on a busy machine a woken helper may not run for a while (or run
 // on the caller's own core, where it only yields), and the wake-up is then pure cost.
 constexpr int64_t kMinWakeIntervalNs = 2000000;
-// The split checks itself. A call the helper took part in gained (or lost) the difference between
-// what it would have taken alone (the caller's own chunk time over its share of the work) and what
-// it took, in TSC ticks. The gains go into a balance that starts at zero and is capped at
-// kMaxBalance (~0.4 ms), so a long run of wins cannot hide a new regime for long; when the balance
-// goes below zero (a loss before enough wins, many small losses, or a helper descheduled mid-chunk
-// for milliseconds on a busy machine) the calls run alone, without publishing, for kMinBackoff
-// calls, doubled after each failed re-try up to kMaxBackoff. So the split pays on average where it
-// runs, and costs nearly nothing where it cannot.
-constexpr int64_t kMaxBalance = int64_t{1} << 20;
-constexpr int64_t kStartBalance = 0;
-// Not judged: the first helped calls after the helper starts, wakes or the split resumes (its cache
-// is cold then: W's half comes from memory once).
+// The split checks itself, by direct comparison: every kProbeEvery-th call runs alone, and the
+// caller keeps moving averages (1/16 weight per sample, in TSC ticks) of the GEMM's time alone and
+// split (helped or not). Where split is slower (cores busy or far apart, or a helper descheduled
+// mid-chunk for milliseconds on a busy machine), the calls run alone, without publishing, for
+// kMinBackoff calls, doubled after each failed re-try up to kMaxBackoff. So the split pays on
+// average where it runs and costs nearly nothing where it cannot. The averages mix every layer
+// shape this process runs, sampled alike in both modes.
+constexpr int64_t kProbeEvery = 32;
+constexpr int kMinSamples = 8;  // split samples before a verdict
+// Not judged: the first split calls after the helper wakes or the split resumes (the helper's cache
+// is cold then: its half of W comes from memory once).
 constexpr int kWarmupCalls = 16;
 constexpr int64_t kMinBackoff = 64;
 constexpr int64_t kMaxBackoff = 16384;
@@ -135,7 +134,9 @@ struct Pool {
   alignas(64) std::atomic<bool> busy{false};
   int64_t last_alone_ns = 0;  // when a call last ran alone because the helper slept
   int64_t last_wake_ns = -kMinWakeIntervalNs;  // when a caller last woke it
-  int64_t balance = kStartBalance;             // see kMaxBalance
+  double alone_avg = 0, split_avg = 0;         // see kProbeEvery (0: no sample yet)
+  int split_samples = 0;
+  int64_t calls = 0;
   int warmup = kWarmupCalls;                   // see kWarmupCalls
   int64_t alone_left = 0;                      // calls to run alone before trying the split again
   int64_t backoff = kMinBackoff;
@@ -248,6 +249,36 @@ inline bool start_helper(Pool& p) {
 }
 #endif
 
+inline void average_in(double& avg, int64_t sample) {
+  const double x = static_cast<double>(sample);
+  avg = avg <= 0 ? x : avg + (x - avg) / 16;
+}
+
+// The caller alone: one kernel call over the whole range, timed.
+inline void run_alone(Pool& p, ChunkFn fn, const void* ctx) {
+  const int64_t t0 = ticks();
+  fn(ctx, kAllChunks);
+  average_in(p.alone_avg, ticks() - t0);
+}
+
+// A split call took `took` ticks: stop splitting for a while if that mode is the slower one.
+inline void judge(Pool& p, int64_t took) {
+  if (p.warmup > 0) {
+    --p.warmup;
+    return;
+  }
+  average_in(p.split_avg, took);
+  if (++p.split_samples < kMinSamples || p.alone_avg <= 0) return;
+  if (p.split_avg > p.alone_avg) {
+    p.alone_left = p.backoff;
+    p.backoff = std::min(kMaxBackoff, 2 * p.backoff);
+    p.split_avg = 0;
+    p.split_samples = 0;
+  } else if (p.split_avg < 0.8 * p.alone_avg) {
+    p.backoff = kMinBackoff;
+  }
+}
+
 }  // namespace small_pool_detail
 
 SplitLease::SplitLease() {
@@ -275,7 +306,7 @@ SplitLease::~SplitLease() {
   if (ok_) small_pool_detail::pool().busy.store(false, std::memory_order_release);
 }
 
-void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx, double first_share) {
+void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx) {
   using namespace small_pool_detail;
   if (!ok_ || chunks < 1 || chunks > kMaxChunks) {  // callers check; never a wrong answer
     fn(ctx, kAllChunks);
@@ -283,17 +314,23 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx, double first_s
   }
   Pool& p = pool();
   const bool helper_only = mode() == 2;
-  if (p.alone_left > 0 && !helper_only) {  // the split did not pay lately
-    if (--p.alone_left == 0) p.warmup = kWarmupCalls;
-    fn(ctx, kAllChunks);
-    return;
+  if (!helper_only) {
+    if (p.alone_left > 0) {  // the split did not pay lately
+      if (--p.alone_left == 0) p.warmup = kWarmupCalls;
+      run_alone(p, fn, ctx);
+      return;
+    }
+    if (++p.calls % kProbeEvery == 0) {  // keeps the alone average current
+      run_alone(p, fn, ctx);
+      return;
+    }
   }
 #if defined(BC_FAST_SPLIT_POOL)
   if (p.sleeping.load(std::memory_order_acquire) != kAwake) {
     // Asleep, or woken and not running yet: no help is coming soon.
     bool wake = helper_only;
     if (!helper_only) {
-      fn(ctx, kAllChunks);
+      run_alone(p, fn, ctx);
       const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
                               std::chrono::steady_clock::now().time_since_epoch()).count();
       wake = now - p.last_alone_ns < kStreamGapNs && now - p.last_wake_ns >= kMinWakeIntervalNs;
@@ -325,10 +362,8 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx, double first_s
   const int64_t t0 = ticks();
   p.claim.store(start, std::memory_order_release);
   int64_t mine = 0;
-  int64_t t1 = t0;
   if (!helper_only) {
     fn(ctx, 0);
-    t1 = ticks();
     mine = 1;
     uint64_t v = p.claim.load(std::memory_order_acquire);
     while (front_of(v) < back_of(v)) {
@@ -355,21 +390,7 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx, double first_s
       std::this_thread::yield();
     }
   }
-  if (mine == chunks || helper_only) return;  // the helper took no part: nothing learnt
-  if (p.warmup > 0) {
-    --p.warmup;
-    return;
-  }
-  const double alone = static_cast<double>(t1 - t0) / first_share;
-  const int64_t gain = static_cast<int64_t>(alone) - (ticks() - t0);
-  p.balance = std::min(kMaxBalance, p.balance + gain);
-  if (p.balance == kMaxBalance) {
-    p.backoff = kMinBackoff;
-  } else if (p.balance < 0) {
-    p.balance = kStartBalance;
-    p.alone_left = p.backoff;
-    p.backoff = std::min(kMaxBackoff, 2 * p.backoff);
-  }
+  if (!helper_only) judge(p, ticks() - t0);
 }
 
 bool small_split_enabled() { return small_pool_detail::mode() != 0; }
