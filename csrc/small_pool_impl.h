@@ -67,10 +67,10 @@ constexpr int64_t kMinWakeIntervalNs = 2000000;
 // average where it runs and costs nearly nothing where it cannot. The averages mix every layer
 // shape this process runs, sampled alike in both modes.
 constexpr int64_t kProbeEvery = 32;
-constexpr int kMinSamples = 8;  // split samples before a verdict
+constexpr int kMinSamples = 4;  // split samples before a verdict
 // Not judged: the first split calls after the helper wakes or the split resumes (the helper's cache
 // is cold then: its half of W comes from memory once).
-constexpr int kWarmupCalls = 16;
+constexpr int kWarmupCalls = 2;
 constexpr int64_t kMinBackoff = 64;
 constexpr int64_t kMaxBackoff = 16384;
 // The caller spins this many pauses (~3 us) waiting for the helper's chunks before it yields its
