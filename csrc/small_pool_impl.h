@@ -155,9 +155,10 @@ inline Pool& pool() {
   return *p;
 }
 
-// Without BC_FAST_SMALL_SPLIT: on. Where the helper gets a core of its own it pays (batch 1 on a
-// Zen 4 VM, core call: 256 -> 256 2.0 vs 3.0 us, 768 -> 768 13.4 vs 25.2 us); on a machine whose
-// cores are all busy it rarely runs, and a call pays only its claims (+0.03-0.1 us).
+// Without BC_FAST_SMALL_SPLIT: on. Where the helper gets a core of its own and the cores are close
+// it pays (batch 1 on a Zen 4 VM, core call, helper on the other vCPU: 256 -> 256 2.0 vs 3.0 us,
+// 384 -> 384 3.5 vs 6.4 us, 768 -> 768 13.4 vs 25.2 us); where it cannot (cores busy, or ~1 us
+// between them) the self-check (kProbeEvery) keeps calls alone, at +0.00-0.05 us a call.
 constexpr int kDefaultMode = 1;
 
 // 0: off, 1: on, 2: on and the caller leaves every chunk to the helper (tests), -1: not read yet.
