@@ -51,5 +51,11 @@ def bf16_unavailable_reason() -> str:
 def usable_simd_levels() -> list[str]:
     """The kernel sets this build can run on this CPU, lowest first ('generic', then 'avx2', 'avx512')."""
 
+def _set_small_split(mode: int) -> None:
+    """Private, for tests and benchmarks: the small-batch column split over the calling thread and one
+    helper thread: 0 off, 1 on (the default unless BC_FAST_SMALL_SPLIT=0), 2 on with every chunk left to
+    the helper. ValueError for other values."""
+def _small_split_helper_jobs() -> int:
+    """Private, for tests: jobs the small-batch split's helper thread has run chunks of."""
 def _threads_in_use() -> int:
     """Worker threads currently claimed from the process-wide budget by running applies (private, for tests)."""

@@ -445,6 +445,9 @@ def _cfg_latency(bench: Bench, sizes: Sizes, n: int) -> dict:
     W, b = bench.weights(d, d)
     op = FusedTransform.affine(W, b)
     impls = affine_impls(bench, op, x, y, W, b, ("bc_fast", "numpy_alloc", "numpy_prealloc", "torch_addmm", "faiss"))
+    # bc_fast may split a small batch's columns over the caller and one helper thread (build_info()
+    # ["small_split"]); bc_fast_1t is the same call on the calling thread alone.
+    impls["bc_fast_1t"] = lambda: op.apply(x, out=y, threads=1)
     t = bench.measure(impls, large=False, min_calls=200 if n == 1 else 20)
     impls["bc_fast"]()
     med_us = t["bc_fast"].median_s * 1e6

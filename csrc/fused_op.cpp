@@ -8,7 +8,6 @@
 #include <stdexcept>
 
 #include "kernels/dispatch.h"
-#include "small_pool_impl.h"
 
 #if defined(BC_FAST_HAVE_OPENMP)
 #include <omp.h>

@@ -7,7 +7,7 @@
 // (so each keeps the same weights in its own cache call after call); the caller waits only for the
 // chunks the helper has actually claimed, so an asleep or descheduled helper costs the caller one
 // claim, never the chunk. Every 32nd call runs alone, and while split calls are slower on average
-// than those, calls run alone (see small_pool_impl.h). Linux only; elsewhere (and in a forked child)
+// than those, calls run alone (see small_pool.cpp). Linux only; elsewhere (and in a forked child)
 // a lease is never granted.
 #pragma once
 
@@ -36,7 +36,7 @@ class SplitLease {
   // once on this thread; returns when all have run. fn must not throw. The helper runs with this thread's MXCSR (rounding, FTZ/DAZ), so
   // a chunk's result does not depend on which thread ran it. Without ok(), or outside 1 <= chunks <= 4095, runs every chunk here.
   // Runs alone (fn(ctx, kAllChunks)) while splitting does not pay (see kProbeEvery in
-  // small_pool_impl.h), or while the helper sleeps.
+  // small_pool.cpp), or while the helper sleeps.
   void run(int64_t chunks, ChunkFn fn, const void* ctx);
 
  private:
@@ -44,7 +44,7 @@ class SplitLease {
 };
 
 // Whether leases may be granted: BC_FAST_SMALL_SPLIT=1 or 0 at the first call, else the built-in
-// default (small_pool_impl.h, kDefaultMode); set_small_split_enabled(false) makes later leases fail.
+// default (small_pool.cpp, kDefaultMode); set_small_split_enabled(false) makes later leases fail.
 bool small_split_enabled();
 void set_small_split_enabled(bool enabled);
 // 0: off, 1: on, 2: on, and the caller leaves every chunk to the helper (for tests: every chunk of

@@ -1,5 +1,4 @@
-// The body of small_pool.h, included by exactly one translation unit (fused_op.cpp): CMakeLists.txt
-// lists the core's units, and this file can become csrc/small_pool.cpp once it lists that one too.
+// The one-helper thread pool of small_pool.h.
 //
 // Protocol. One 64-bit word, `claim`, describes the job in flight: epoch (40 bits, +1 per job),
 // front and back (12 bits each): chunks [front, back) are unclaimed. The caller writes the job's
@@ -13,8 +12,6 @@
 // and waits on the futex `wake`; a caller that finds it asleep runs alone and never publishes (see
 // kStreamGapNs for when it wakes it). Tests' helper-only mode (2) publishes anyway and wakes the
 // helper while it waits.
-#pragma once
-
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
