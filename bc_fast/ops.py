@@ -322,7 +322,11 @@ class FusedTransform:
             Worker threads for this call, in [1, 2**31 - 1] (at most 1024 are used).
             Default: :func:`get_num_threads` (bc_fast's own setting, not OpenMP's or
             torch's). Batches of at most ``build_info()["small_batch_rows"]`` rows run
-            on the calling thread unless they carry enough work to be worth splitting.
+            on the calling thread unless they carry enough work to be worth splitting;
+            with ``threads >= 2``, a small fp32 batch may also hand half of each
+            layer's output columns to one persistent helper thread (bit-identical
+            results; it checks itself and stays off where it does not pay;
+            ``BC_FAST_SMALL_SPLIT=0`` turns it off, ``build_info()["small_split"]``).
             Calls running at once from several Python threads share one budget of
             :func:`get_num_threads` threads (or of ``threads``, if larger): each takes up
             to ``threads`` of what is free, never waits, and always has its own calling
