@@ -313,7 +313,8 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
         }
         results["config"] = asdict(cfg)
         results["table"] = (format_table(results["rows"], recall_k=cfg.recall_k, seeds=cfg.seeds, latest=K - 1)
-                            + "\n\n" + format_per_version(results["per_version"], recall_k=cfg.recall_k))
+                            + "\n\n" + format_per_version(results["per_version"], recall_k=cfg.recall_k)
+                            + ("\n\n" + format_comparisons(results["comparisons"]) if results["comparisons"] else ""))
         results["artifacts"] = artifacts
         return results
     finally:
@@ -558,6 +559,62 @@ def _legacy_retention(raw: dict, names: list[str], boot: dict) -> dict:
     return out
 
 
+BC_ALIGNER = "joint-mloss"
+
+
+def _bc_aligner_differences(intended_res: Any, unintended_res: Any, names: list[str]) -> dict:
+    """BC-Aligner minus every other strategy, in points of each % change, with paired 95 % CIs.
+
+    Per bootstrap replicate (the same seeds and units for every strategy), the intended change
+    (vs nobc), the unintended change (vs fix-m0) and their total of BC-Aligner minus those of the
+    other strategy; ``significant``: the CI excludes 0. Empty without BC-Aligner.
+    """
+    if BC_ALIGNER not in names:
+        return {}
+    a, r_i, r_u = names.index(BC_ALIGNER), names.index("nobc"), names.index("fix-m0")
+
+    def change(j: int) -> dict[str, np.ndarray]:
+        i = _rel_samples(intended_res, j, r_i)
+        u = _rel_samples(unintended_res, j, r_u)
+        return {"intended": i, "unintended": u, "total": i + u}
+
+    def point(j: int) -> dict[str, float]:
+        i = _pct(float(intended_res.point[j]), float(intended_res.point[r_i]))
+        u = _pct(float(unintended_res.point[j]), float(unintended_res.point[r_u]))
+        return {"intended": i, "unintended": u, "total": i + u}
+
+    mine, mine_pt = change(a), point(a)
+    out: dict[str, dict] = {}
+    for j, n in enumerate(names):
+        if j == a:
+            continue
+        theirs, theirs_pt = change(j), point(j)
+        entry = {}
+        for key in ("intended", "unintended", "total"):
+            d = mine[key] - theirs[key]
+            d = d[np.isfinite(d)]
+            lo, hi = (float(x) for x in np.quantile(d, [0.025, 0.975])) if d.size else (float("nan"),) * 2
+            entry[key] = {"diff": mine_pt[key] - theirs_pt[key], "lo": lo, "hi": hi,
+                          "significant": bool(lo > 0.0 or hi < 0.0)}
+        out[n] = entry
+    return out
+
+
+def format_comparisons(comparisons: dict) -> str:
+    """BC-Aligner minus each other strategy, in points, as printed under the table."""
+    if not comparisons:
+        return ""
+    head = f"{'BC-Aligner minus':<16} {'intended (points)':>24} {'unintended (points)':>24} {'total (points)':>24}"
+    lines = [head, "-" * len(head)]
+    for n, e in comparisons.items():
+        cells = [f"{e[k]['diff']:+.2f} [{e[k]['lo']:+.2f}, {e[k]['hi']:+.2f}]" + (" *" if e[k]["significant"] else "  ")
+                 for k in ("intended", "unintended", "total")]
+        lines.append(f"{n:<16} " + " ".join(f"{c:>24}" for c in cells))
+    lines.append("paired over the same seeds and test users/examples; > 0: BC-Aligner better; "
+                 "* = CI excludes 0.")
+    return "\n".join(lines)
+
+
 def _rel_samples(res: Any, j: int, r: int) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         return 100.0 * (res.samples[:, j] - res.samples[:, r]) / res.samples[:, r]
@@ -606,6 +663,7 @@ def summarize(raw: dict, tasks: Any, cfg: ExperimentConfig) -> dict:
     uc_abs = compare(unintended_res, names, names[0]) if unintended_res is not None else {}
 
     retention = _legacy_retention(raw, names, boot)
+    comparisons = _bc_aligner_differences(intended_res, unintended_res, names) if ic and uc else {}
 
     rows = []
     for j, n in enumerate(names):
@@ -660,7 +718,7 @@ def summarize(raw: dict, tasks: Any, cfg: ExperimentConfig) -> dict:
                 warnings.simplefilter("ignore", RuntimeWarning)
                 per_task[t.name][n] = {"auc_mean": np.nanmean(a, axis=0).tolist(), "auc_std": np.nanstd(a, axis=0).tolist(),
                                        "score": float(np.nanmean(a[:, t.score_versions]))}
-    return {"rows": rows, "per_version": per_version, "per_task": per_task}
+    return {"rows": rows, "per_version": per_version, "per_task": per_task, "comparisons": comparisons}
 
 
 def run_demo(out_dir: str | Path, seed: int = 0, quick: bool = True, log: Callable[[str], None] | None = print,

@@ -101,6 +101,15 @@ def test_paired_seeds_table_and_raw_values_recompute(tmp_path) -> None:
         assert rows[n]["retention"] == pytest.approx(100 * legacy / true0, rel=1e-4)
         assert rows[n]["retention_lo"] <= rows[n]["retention"] <= rows[n]["retention_hi"]
     assert "legacy v0 ret." in res["table"]
+    # BC-Aligner minus each other strategy, in points: the difference of the rows' changes
+    comp = saved["comparisons"]
+    assert set(comp) == set(raw["strategies"]) - {"joint-mloss"}
+    for n, e in comp.items():
+        for key, col in (("intended", "intended_change"), ("unintended", "unintended_change"), ("total", "total")):
+            assert e[key]["diff"] == pytest.approx(rows["joint-mloss"][col] - rows[n][col], rel=1e-6, abs=1e-9)
+            assert e[key]["lo"] <= e[key]["hi"]
+            assert e[key]["significant"] == (e[key]["lo"] > 0 or e[key]["hi"] < 0)
+    assert "BC-Aligner minus" in res["table"]
 
 
 def test_legacy_retention_known_answers() -> None:
