@@ -357,11 +357,14 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
     // splitting rows over threads keeps results bit-identical; split only when each thread gets
     // enough work to pay for waking it.
     const int64_t parts = std::min<int64_t>({t, n, std::max<int64_t>(1, n * macs_per_row_ / kMinParallelMacs)});
-    // Up to two parts, split by output columns instead, over this thread and the small pool's one
-    // helper (~0.2 us against an OpenMP region's several; each thread streams half of W, not all
-    // of it), where a layer is big enough, two threads are free in the shared budget and no other
-    // caller holds the pool (then this one runs without it: concurrent callers never wait).
-    if (parts <= 2 && t >= 2 && n * max_layer_macs_ >= kMinSplitMacs && max_width_ >= 2 * kPanel) {
+    // A batch too small for an OpenMP region is split by output columns instead, over this thread
+    // and the small pool's one helper (~0.2 us against an OpenMP region's several; each thread
+    // streams half of W, not all of it), where a layer is big enough, two threads are free in the
+    // shared budget and no other caller holds the pool (then this one runs without it: concurrent
+    // callers never wait). Batches with enough work for two row blocks keep the OpenMP split: at
+    // 16 x 256 -> 256 it ran in 11.8 us where the pool, whose self-check judges every shape the
+    // process runs together, fell back to one thread (19.2 us) after batch-1 calls lost.
+    if (parts <= 1 && t >= 2 && n * max_layer_macs_ >= kMinSplitMacs && max_width_ >= 2 * kPanel) {
       const ThreadClaim claim(2);
       if (claim.granted() >= 2) {
         SplitLease lease;

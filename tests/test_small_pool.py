@@ -50,10 +50,19 @@ def helper_ran(fn) -> int:
 
 # (d_in, d_out): d_out not a multiple of the 64-column panel, odd panel counts, 2..12 panels.
 SHAPES = [(128, 128), (256, 256), (96, 130), (200, 129), (384, 385), (256, 1000), (768, 768)]
+MIN_PARALLEL_MACS = 1 << 19  # FusedOp::kMinParallelMacs: from 2x this, a small batch takes the OpenMP row split
 
 
-@pytest.mark.parametrize("d_in,d_out", SHAPES)
-@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def _padded_macs(n: int, d_in: int, d_out: int) -> int:
+    return n * d_in * (-(-d_out // 64) * 64)
+
+
+# batches that would not get an OpenMP row split (the pool's domain)
+SPLIT_CASES = [(d_in, d_out, n) for d_in, d_out in SHAPES for n in (1, 2, 3, 7)
+               if _padded_macs(n, d_in, d_out) < 2 * MIN_PARALLEL_MACS]
+
+
+@pytest.mark.parametrize("d_in,d_out,n", SPLIT_CASES)
 def test_helper_chunks_are_bit_identical_to_one_thread(simd_level, split_mode, d_in, d_out, n):
     rng = np.random.default_rng(d_in * 1009 + d_out + n)
     w, b, x = rand(rng, d_out, d_in, scale=d_in**-0.5), rand(rng, d_out), rand(rng, n, d_in)
@@ -88,7 +97,7 @@ def test_dtypes_and_normalize_are_bit_identical(split_mode, in_dtype, out_dtype,
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-@pytest.mark.parametrize("n", [1, 4, 64])
+@pytest.mark.parametrize("n", [1, 2])  # from 3 rows this program gets the OpenMP row split instead
 def test_mlp_programs_split_every_layer_bit_identically(simd_level, split_mode, activation, n):
     rng = np.random.default_rng(n)
     layers = [
@@ -134,6 +143,10 @@ def test_one_thread_small_layers_and_off_never_use_the_helper(split_mode):
     assert helper_ran(lambda: big.apply(x)) == 1
     assert helper_ran(lambda: big.apply(rand(rng, 65, 256))) == 0  # beyond small batches: row tiles
     assert helper_ran(lambda: big.apply(rand(rng, 64, 256), threads=3)) == 0  # 3 parts: the OpenMP row split
+    x16 = rand(rng, 16, 256)  # 16 x 256 x 256 = 2 x MIN_PARALLEL_MACS: two row blocks, OpenMP, not the pool
+    assert _padded_macs(16, 256, 256) == 2 * MIN_PARALLEL_MACS
+    assert helper_ran(lambda: big.apply(x16, threads=2)) == 0
+    np.testing.assert_array_equal(big.apply(x16, threads=2), big.apply(x16, threads=1))
     _core._set_small_split(0)
     assert not bc_fast.build_info()["small_split"]
     assert helper_ran(lambda: big.apply(x, threads=2)) == 0
