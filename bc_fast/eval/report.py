@@ -222,6 +222,8 @@ def plot_pareto(path: str | Path, points: Sequence[Mapping[str, Any]], reference
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     markers = "osD^v"
     sc = None
+    ret = [float(p["retention"]) for p in points if p.get("retention") is not None and math.isfinite(p["retention"])]
+    top = max([100.0, *ret])  # retention can exceed 100 %: keep those points apart in colour
     for si, name in enumerate(dict.fromkeys(p["strategy"] for p in points)):
         ps = sorted((p for p in points if p["strategy"] == name), key=lambda p: p["lam"])
         x = np.array([p["unintended_change"] for p in ps], dtype=float)
@@ -232,7 +234,7 @@ def plot_pareto(path: str | Path, points: Sequence[Mapping[str, Any]], reference
                          [p["intended_change_hi"] - p["intended_change"] for p in ps]], dtype=float)
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor="lightgrey", lw=0.8, zorder=1)
         ax.plot(x, y, "-", color="grey", lw=0.8, zorder=2)
-        sc = ax.scatter(x, y, c=[p.get("retention", float("nan")) for p in ps], cmap="viridis", vmin=50.0, vmax=100.0,
+        sc = ax.scatter(x, y, c=[p.get("retention", float("nan")) for p in ps], cmap="viridis", vmin=50.0, vmax=top,
                         marker=markers[si % len(markers)], s=60, zorder=3, label=name, edgecolors="k")
         for p, xi, yi in zip(ps, x, y):
             ax.annotate(f"λ={p['lam']:g}" + (" (chosen)" if p.get("chosen") else ""), (xi, yi), fontsize=7,
