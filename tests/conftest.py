@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,6 +35,31 @@ def make_chain_registry() -> Callable[..., object]:
         return Registry.open(path)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def run_python() -> Callable[..., subprocess.CompletedProcess]:
+    """Runner: ``run(script, *args, cwd=, timeout=, env=None)`` runs ``python -c script`` in its own process group.
+
+    stdout and stderr come back together in ``.stdout``; on timeout the whole group (forked children
+    too) is killed and the test fails with the output's tail. ``cwd`` must lie outside the source
+    tree so that the installed package, not the source ``bc_fast/``, is imported.
+    """
+
+    def run(script: str, *args: str, cwd: str | Path, timeout: float,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+        proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=cwd,
+                                env={**os.environ, **(env or {})})
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            pytest.fail(f"the process hung for {timeout}s: {out[-2000:]}")
+        return subprocess.CompletedProcess(args, proc.returncode, out, None)
+
+    return run
 
 
 @pytest.fixture

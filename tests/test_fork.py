@@ -9,7 +9,6 @@ its own process group with a timeout, so a hang fails the test instead of hangin
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -122,33 +121,22 @@ _START_METHOD_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_isolated(args: list[str], timeout: float, script: str = _SCRIPT) -> subprocess.CompletedProcess:
-    """Run a script in its own process group; on timeout kill the whole group (the child too)."""
-    # cwd=tests/: `python -c` puts cwd on sys.path, and the source bc_fast/ must not shadow the install.
-    proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__)))
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"the parent process hung for {timeout}s: {out[-2000:]}")
-    return subprocess.CompletedProcess(args, proc.returncode, out, None)
+# cwd=tests/: `python -c` puts cwd on sys.path, and the source bc_fast/ must not shadow the install.
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.parametrize("order", ["torch_first", "bc_fast_first"])
 @pytest.mark.parametrize("first", ["torch", "torch_then_bc_fast", "bc_fast_then_torch"])
-def test_forked_child_computes_whoever_started_openmp(order, first):
+def test_forked_child_computes_whoever_started_openmp(run_python, order, first):
     pytest.importorskip("torch", reason="the hang needs torch's libgomp in the parent")
-    res = _run_isolated([order, first, str(HANG_TIMEOUT_S)], HANG_TIMEOUT_S + 30)
+    res = run_python(_SCRIPT, order, first, str(HANG_TIMEOUT_S), cwd=_HERE, timeout=HANG_TIMEOUT_S + 30)
     assert res.returncode != 3, f"the forked child hung: {res.stdout[-2000:]}"
     assert res.returncode == 0, f"exit {res.returncode}: {res.stdout[-2000:]}"
 
 
-def test_child_importing_bc_fast_after_the_fork_computes():
+def test_child_importing_bc_fast_after_the_fork_computes(run_python):
     pytest.importorskip("torch", reason="the hang needs torch's libgomp in the parent")
-    res = _run_isolated([str(HANG_TIMEOUT_S)], HANG_TIMEOUT_S + 30, _LATE_IMPORT_SCRIPT)
+    res = run_python(_LATE_IMPORT_SCRIPT, str(HANG_TIMEOUT_S), cwd=_HERE, timeout=HANG_TIMEOUT_S + 30)
     assert res.returncode != 3, f"the forked child hung: {res.stdout[-2000:]}"
     assert res.returncode == 0, f"exit {res.returncode}: {res.stdout[-2000:]}"
 

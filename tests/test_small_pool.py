@@ -10,12 +10,9 @@ assertions; the fork and exit cases run in subprocesses with timeouts.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import textwrap
 import threading
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -179,19 +176,6 @@ def test_many_callers_at_once_get_the_single_thread_bits(split_mode):
     assert _core._threads_in_use() == 0
 
 
-def _run(cwd: Path, script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a script in cwd (outside the source tree) in its own process group; kill the group on timeout."""
-    proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, cwd=cwd, env={**os.environ, **(env or {})})
-    try:
-        out, _ = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"the process hung for {SUBPROCESS_TIMEOUT_S}s: {out[-2000:]}")
-    return subprocess.CompletedProcess(args, proc.returncode, out, None)
-
-
 _FORK_SCRIPT = textwrap.dedent("""
     import os, sys
     import numpy as np
@@ -220,8 +204,8 @@ _FORK_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork is tested on Linux")
 @pytest.mark.parametrize("mode", ["1", "2"])
-def test_forked_child_computes_without_the_parents_helper(tmp_path, mode):
-    res = _run(tmp_path, _FORK_SCRIPT, mode)
+def test_forked_child_computes_without_the_parents_helper(tmp_path, run_python, mode):
+    res = run_python(_FORK_SCRIPT, mode, cwd=tmp_path, timeout=SUBPROCESS_TIMEOUT_S)
     assert res.returncode == 0, f"exit {res.returncode}: {res.stdout[-2000:]}"
 
 
@@ -247,16 +231,18 @@ _EXIT_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("mode", ["1", "2"])
 @pytest.mark.parametrize("calls", ["idle", "busy"])
-def test_interpreter_exits_cleanly_with_the_helper_running(tmp_path, mode, calls):
-    res = _run(tmp_path, _EXIT_SCRIPT, mode, calls)
+def test_interpreter_exits_cleanly_with_the_helper_running(tmp_path, run_python, mode, calls):
+    res = run_python(_EXIT_SCRIPT, mode, calls, cwd=tmp_path, timeout=SUBPROCESS_TIMEOUT_S)
     assert res.returncode == 0, f"exit {res.returncode}: {res.stdout[-2000:]}"
     assert res.stdout.strip() == "applied"
 
 
-def test_env_turns_the_split_off(tmp_path):
-    res = _run(tmp_path, "import bc_fast; print(bc_fast.build_info()['small_split'])", env={"BC_FAST_SMALL_SPLIT": "0"})
+def test_env_turns_the_split_off(tmp_path, run_python):
+    res = run_python("import bc_fast; print(bc_fast.build_info()['small_split'])", cwd=tmp_path,
+                     timeout=SUBPROCESS_TIMEOUT_S, env={"BC_FAST_SMALL_SPLIT": "0"})
     assert res.returncode == 0 and res.stdout.strip() == "False", res.stdout
-    res = _run(tmp_path, "import bc_fast; print(bc_fast.build_info()['small_split'])", env={"BC_FAST_SMALL_SPLIT": "1"})
+    res = run_python("import bc_fast; print(bc_fast.build_info()['small_split'])", cwd=tmp_path,
+                     timeout=SUBPROCESS_TIMEOUT_S, env={"BC_FAST_SMALL_SPLIT": "1"})
     assert res.returncode == 0 and res.stdout.strip() == "True", res.stdout
 
 
