@@ -31,9 +31,10 @@ def _cmd_text_demo(args: argparse.Namespace) -> int:
                 if getattr(args, k) is not None]
     if learning:
         raise ValueError(f"--text fits post-hoc adapters and trains no recommender; drop {', '.join(learning)}")
-    if args.data or args.items or args.columns or args.strategies or args.seeds != 1:
+    if args.data or args.items or args.columns or args.strategies or args.seeds != 1 or args.resume:
         raise ValueError("--text runs the text-model upgrade scenario on its own corpus; drop --data, --items, "
-                         "--columns, --strategies and --seeds")
+                         "--columns, --strategies, --seeds and --resume (its embedding cache already "
+                         "makes a rerun fast)")
     out = "bc_fast_text_demo" if args.out == "bc_fast_demo" else args.out
     run_text_demo(Path(out), seed=args.seed, quick=args.quick, cache_dir=args.cache, blas_threads=args.blas_threads)
     return 0
@@ -77,12 +78,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if getattr(args, "lambdas", None):
         from .experiment import ExperimentConfig, run_lambda_sweep
 
+        if args.resume:
+            raise ValueError("--resume continues a table run (its out/checkpoints); the lambda sweep has no "
+                             "checkpoints: drop --resume")
         lams = [float(x) for x in args.lambdas.split(",") if x.strip()]
         preset = ExperimentConfig.full if args.full else ExperimentConfig.quick
         run_lambda_sweep(Path(args.out), lams, preset(seed=args.seed, seeds=args.seeds, **overrides), data=data,
                          strategies=[x.strip() for x in args.sweep_strategies.split(",") if x.strip()])
         return 0
-    run_demo_pipeline(Path(args.out), seed=args.seed, quick=not args.full, data=data, seeds=args.seeds, **overrides)
+    run_demo_pipeline(Path(args.out), seed=args.seed, quick=not args.full, data=data, seeds=args.seeds,
+                      resume=args.resume, **overrides)
     return 0
 
 
@@ -252,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "all eight); nobc and joint-mloss are required")
         p.add_argument("--seeds", type=int, default=1, metavar="N",
                        help="paired seeds SEED..SEED+N-1; the table shows mean [95%% CI] (default 1)")
+        p.add_argument("--resume", action="store_true",
+                       help="reuse the seeds an earlier run of the same command finished (OUT/checkpoints) "
+                            "and train only the rest")
         p.add_argument("--data", default=None, metavar="FILE",
                        help="your interactions (.csv, .tsv or .parquet) instead of MovieLens")
         p.add_argument("--dataset", default=None, metavar="NAME",

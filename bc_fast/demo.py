@@ -33,8 +33,26 @@ def load_user_interactions(path: str | Path, *, items: str | Path | None = None,
     return data, overrides
 
 
+def _save_registry(path: Path, artifacts: dict, *, name: str, kind: str) -> Any:
+    """A new registry of BC-Aligner's versions (dim, selection score) and B_k layers from the artifacts.
+
+    From the exported layers rather than the trainer, so that a resumed run (whose first seed
+    was restored from its checkpoint) serves the same registry.
+    """
+    from .registry import Registry
+
+    reg = Registry.create(path, name=name)
+    for k, dim in enumerate(artifacts["dims"]):
+        meta = {"strategy": "joint-mloss"}
+        if artifacts["scores"][k] is not None:
+            meta["score"] = float(artifacts["scores"][k])
+        reg.add_version(k, dim=int(dim), metadata=meta, backward=artifacts["layers"][k - 1] if k else None,
+                        kind=kind if k else None)
+    return reg
+
+
 def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
-                      log: Callable[[str], None] = print, *, data: Any = None, **overrides: Any) -> dict:
+                      log: Callable[[str], None] | None = print, *, data: Any = None, **overrides: Any) -> dict:
     """Run the reference experiment, then serve version 0 from the latest BC-Aligner embeddings.
 
     After training (see :func:`bc_fast.experiment.run_demo`; with ``seeds > 1`` the first seed's
@@ -64,6 +82,7 @@ def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
     out = Path(out_dir)
     data = load_movielens() if data is None else data
     res = run_demo(out, seed=seed, quick=quick, log=log, data=data, **overrides)
+    say = log or (lambda s: None)
     art = res["artifacts"]
     bc = art["joint-mloss"]
     K = len(bc["dims"]) - 1
@@ -71,10 +90,10 @@ def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
     reg_path = out / "registry"
     if (reg_path / "manifest.json").exists():
         shutil.rmtree(reg_path)  # the demo's own output from an earlier run
-    reg = bc["trainer"].save_registry(reg_path, name=f"{data.name}-bc-aligner")
-    log("\n" + reg.describe())
+    reg = _save_registry(reg_path, bc, name=f"{data.name}-bc-aligner", kind=res["config"]["transform"])
+    say("\n" + reg.describe())
     op = reg.operator(K, 0)
-    log(f"\nfused chain v{K} -> v0: {K} backward transforms as one operator {op}")
+    say(f"\nfused chain v{K} -> v0: {K} backward transforms as one operator {op}")
 
     latest = np.ascontiguousarray(bc["item"][K], dtype=np.float32)
     src_path, dst_path = out / f"items_v{K}.npy", out / "items_v0_from_latest.npy"
@@ -82,12 +101,12 @@ def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
     np.save(tmp, latest)
     tmp.replace(src_path)
     conv = convert_table(src_path, dst_path, registry=reg, dst=0, verify=256, overwrite=True, progress=False)
-    log(conv.summary())
+    say(conv.summary())
     n0 = bc["item"][0].shape[0]
     converted = np.load(dst_path, mmap_mode="r", allow_pickle=False)[:n0]
     true_v0 = bc["item"][0]
     rel_err = float(np.linalg.norm(converted - true_v0) / np.linalg.norm(true_v0))
-    log(f"converted version-0 item table vs the true version-0 embeddings: relative error {rel_err:.3f}")
+    say(f"converted version-0 item table vs the true version-0 embeddings: relative error {rel_err:.3f}")
 
     # Recall of the legacy index on version 0's held-out TEST users only (the protocol's test half)
     split0 = data.split(res["data"]["time_points"][0], res["data"]["time_points"][1])
@@ -99,8 +118,8 @@ def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
         "nobc": {"items": art["nobc"]["item"], "users": art["nobc"]["user"], "backward": None},
     }
     retrieval = legacy_retrieval_report(strategies, version=0, k=50, seed=seed, **pairs)
-    log("\nversion-0 faiss index served from the latest embeddings:")
-    log(format_retrieval_report(retrieval, version=0))
+    say("\nversion-0 faiss index served from the latest embeddings:")
+    say(format_retrieval_report(retrieval, version=0))
 
     pipeline = {
         "registry": str(out / "registry"), "registry_checksum": reg.checksum, "fused_operator": repr(op),

