@@ -183,6 +183,9 @@ class ExperimentConfig:
         for name, v in (("lam", self.lam), ("lam_late", self.lam_late)):
             if v is not None and not (np.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        for name, v in (("lr", self.lr), ("transform_lr", self.transform_lr), ("posthoc_lr", self.posthoc_lr)):
+            if not (np.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive finite learning rate, got {v}")
         if not 0.0 < self.late_frac <= 1.0:
             raise ValueError(f"late_frac must be in (0, 1], got {self.late_frac}")
         if data is not None and "item-genre" in self.consumer_tasks and getattr(data, "item_labels", None) is None:

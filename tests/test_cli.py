@@ -37,6 +37,10 @@ def test_experiment_late_frac_needs_lam_late(capsys):
     assert "add --lam-late" in capsys.readouterr().err
     assert main(["demo", "--text", "--lam", "4"]) == 1
     assert "trains no recommender; drop --lam" in capsys.readouterr().err
+    assert main(["demo", "--text", "--lr", "1e-3"]) == 1
+    assert "trains no recommender; drop --lr" in capsys.readouterr().err
+    assert main(["experiment", "--lr", "nan"]) == 1
+    assert "--lr must be a positive finite learning rate, got nan" in capsys.readouterr().err
 
 
 def test_resume_is_refused_where_nothing_checkpoints(tmp_path, capsys):

@@ -138,6 +138,8 @@ def test_item_genre_without_labels_is_refused_before_training() -> None:
         ExperimentConfig.quick(transform="spline").validate()
     with pytest.raises(ValueError, match="lam_late must be a finite number >= 0"):
         ExperimentConfig.quick(lam_late=float("nan")).validate()
+    with pytest.raises(ValueError, match="transform_lr must be a positive finite learning rate, got 0.0"):
+        ExperimentConfig.quick(transform_lr=0.0).validate()
     with pytest.raises(ValueError, match=r"late_frac must be in \(0, 1\]"):
         ExperimentConfig.quick(lam_late=64.0, late_frac=1.5).validate()
 
