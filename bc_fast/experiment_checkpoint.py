@@ -140,8 +140,13 @@ class SeedCheckpoints:
                              f"{fix}")
         if need_artifacts and not doc.get("has_artifacts"):
             return None
+        try:
+            result = _decode(doc["result"])
+            timing = {str(k): float(v) for k, v in dict(doc.get("timing", {})).items()}
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{path}: damaged experiment seed checkpoint ({str(e)[:200]}); {fix}") from None
         artifacts = _read_artifacts(self._artifacts_path(seed), fix) if need_artifacts else None
-        return _decode(doc["result"]), {k: float(v) for k, v in doc.get("timing", {}).items()}, artifacts
+        return result, timing, artifacts
 
 
 def _artifacts_bytes(artifacts: dict) -> bytes:
