@@ -28,7 +28,7 @@ def _cmd_text_demo(args: argparse.Namespace) -> int:
     if args.dataset:
         raise ValueError(f"--text runs on its own text corpus; drop --dataset {args.dataset}")
     learning = [f"--{k.replace('_', '-')}" for k in ("transform", "lam", "lam_late", "late_frac", "lr")
-                if getattr(args, k) is not None]
+                if getattr(args, k) is not None] + (["--distill"] if args.distill else [])
     if learning:
         raise ValueError(f"--text fits post-hoc adapters and trains no recommender; drop {', '.join(learning)}")
     if args.data or args.items or args.columns or args.strategies or args.seeds != 1 or args.resume:
@@ -59,6 +59,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for key in ("transform", "lam", "lam_late", "late_frac"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
+    if args.distill:
+        overrides["distill"] = True
     if args.lr is not None:
         if not args.lr > 0 or args.lr == float("inf"):
             raise ValueError(f"--lr must be a positive finite learning rate, got {args.lr}")
@@ -283,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lr", type=float, default=None, metavar="LR",
                        help="Adam learning rate of every M_k and B_k (default: the preset's, 5e-3 quick, "
                             "2e-3 --full)")
+        p.add_argument("--distill", action="store_true",
+                       help="also score STRATEGY+direct rows: each version mapped to version 0 by one affine "
+                            "map fitted to the version-0 table instead of the chain B_1..B_k")
         p.add_argument("--late-frac", type=float, default=None, metavar="F",
                        help="share of the epochs in the late phase (default 0.25; needs --lam-late)")
         p.set_defaults(func=_cmd_demo, full=False)

@@ -89,6 +89,11 @@ class ExperimentConfig:
         torch intra-op threads (1 is fastest on a busy 2-core machine).
     keep : tuple of str
         Strategies whose embeddings and exported B_k layers are returned under ``artifacts``.
+    distill : bool
+        Also score ``<strategy>+direct`` for every strategy but fix-m0: the chain replaced, per
+        version, by one affine map fitted in closed form from that version's embeddings of the
+        version-0 users and items to the version-0 table (see ``_direct_maps``). Same models,
+        so the same intended change; a different unintended change and legacy retention.
     """
 
     strategies: tuple[str, ...] = ALL_STRATEGIES
@@ -123,6 +128,7 @@ class ExperimentConfig:
     n_boot: int = 1000
     threads: int = 1
     keep: tuple[str, ...] = ("joint-mloss", "nobc")
+    distill: bool = False
     name: str = "quick"
 
     @classmethod
@@ -495,27 +501,62 @@ def _run_seed(ctx: _Context, seed: int, timing: dict[str, float]) -> tuple[dict,
         for k in range(K):
             emb = tr.versions[k].embeddings
             recall_test.append(recall_per_user(emb["user"], emb["item"], ctx.held[k].test, cfg.recall_k))
-        align = [float(np.mean(np.linalg.norm(np.vstack(bc[k]) - np.vstack(ref[k]), axis=1))) for k in range(K)]
-        # the version-0 index served from the latest table: version-0 items (a prefix of the dense ids)
-        # taken from the latest embeddings through the chain, queried by the true version-0 users
-        legacy_items = bc[K - 1][1][: ctx.held[0].test.num_items]
-        legacy_recall = recall_per_user(rec0.embeddings["user"], legacy_items, ctx.held[0].test, cfg.recall_k)
-        sel_auc = C.score_consumers(ctx.sel_tasks, heads, bc)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            per_task = [np.nanmean(sel_auc[t.name][:, t.score_versions]) for t in ctx.sel_tasks]
-        out[name] = {
-            "auc_selection": float(np.nanmean(per_task)) if per_task and np.isfinite(per_task).any() else None,
-            "recall_test": recall_test,
-            "recall_selection": [float(r.score) for r in tr.versions],
-            "selected_epoch": [r.selected_epoch for r in tr.versions],
-            "auc": C.score_consumers(ctx.test_tasks, heads, bc),
-            "auc_values": C.consumer_placements(ctx.test_tasks, heads, bc),
-            "align": align,
-            "legacy_recall": legacy_recall,
-        }
+        users0 = rec0.embeddings["user"]
+        out[name] = _score_mapped(ctx, tr, bc, ref, heads, recall_test, users0)
+        if cfg.distill and name != "fix-m0" and get_strategy(name).fit != "posthoc":  # post-hoc: nobc's models
+            out[f"{name}+direct"] = _score_mapped(ctx, tr, _direct_maps(_raw(tr)), ref, heads, recall_test, users0)
     add("consumers_score", t0)
     return out, trainers
+
+
+def _score_mapped(ctx: _Context, tr: Any, bc: list, ref: list, heads: Any, recall_test: list, users0: Any) -> dict:
+    """One table row's per-seed values: ``bc[k]`` is version k mapped to version 0 (user, item).
+
+    ``ref[k]``: M_0's embeddings on version k's graph; ``users0``: the version-0 user table.
+    """
+    from .eval import consumers as C
+    from .train.recommender import recall_per_user
+
+    cfg, K = ctx.cfg, len(ctx.cfg.dims)
+    align = [float(np.mean(np.linalg.norm(np.vstack(bc[k]) - np.vstack(ref[k]), axis=1))) for k in range(K)]
+    # the version-0 index served from the latest table: version-0 items (a prefix of the dense ids)
+    # taken from the latest embeddings through the chain, queried by the true version-0 users
+    legacy_items = bc[K - 1][1][: ctx.held[0].test.num_items]
+    legacy_recall = recall_per_user(users0, legacy_items, ctx.held[0].test, cfg.recall_k)
+    sel_auc = C.score_consumers(ctx.sel_tasks, heads, bc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_task = [np.nanmean(sel_auc[t.name][:, t.score_versions]) for t in ctx.sel_tasks]
+    return {
+        "auc_selection": float(np.nanmean(per_task)) if per_task and np.isfinite(per_task).any() else None,
+        "recall_test": recall_test,
+        "recall_selection": [float(r.score) for r in tr.versions],
+        "selected_epoch": [r.selected_epoch for r in tr.versions],
+        "auc": C.score_consumers(ctx.test_tasks, heads, bc),
+        "auc_values": C.consumer_placements(ctx.test_tasks, heads, bc),
+        "align": align,
+        "legacy_recall": legacy_recall,
+    }
+
+
+def _direct_maps(tables: list) -> list:
+    """Every version mapped to version 0 by ONE affine map each instead of the chain B_1 ... B_k.
+
+    Map k is a ridge fit (:class:`bc_fast.fit.RidgeAdapter`, penalty chosen on held-out pairs)
+    from version k's embeddings of the version-0 users and items (prefixes of the dense ids) to
+    the version-0 table: the same pairs the joint alignment loss sees, in one closed-form step.
+    """
+    from .fit import RidgeAdapter
+
+    users0, items0 = tables[0]
+    target = np.vstack([users0, items0]).astype(np.float32)
+    out = [tables[0]]
+    for users, items in tables[1:]:
+        src = np.vstack([users[: len(users0)], items[: len(items0)]]).astype(np.float32)
+        adapter = RidgeAdapter().fit(src, target)
+        out.append((adapter.transform(np.ascontiguousarray(users, dtype=np.float32)),
+                    adapter.transform(np.ascontiguousarray(items, dtype=np.float32))))
+    return out
 
 
 def _raw(trainer: Any) -> list:

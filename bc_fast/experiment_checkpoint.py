@@ -34,6 +34,11 @@ def seed_settings(cfg: Any) -> dict:
     return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in _NOT_PER_SEED}))
 
 
+def _same_settings(saved: dict, now: dict, defaults: dict) -> bool:
+    """Equal, where a setting that the checkpoint predates counts as equal at its default value."""
+    return all(saved.get(k, defaults.get(k)) == v for k, v in now.items()) and set(saved) <= set(now)
+
+
 def data_fingerprint(data: Any) -> dict:
     """Name, sizes and a SHA-256 of the interactions, attributes and labels of ``data``."""
     h = hashlib.sha256()
@@ -99,6 +104,7 @@ class SeedCheckpoints:
     def __init__(self, directory: str | Path, cfg: Any, data: Any) -> None:
         self.dir = Path(directory)
         self.settings = seed_settings(cfg)
+        self.defaults = seed_settings(type(cfg)())
         self.data = data_fingerprint(data)
 
     def path(self, seed: int) -> Path:
@@ -135,7 +141,7 @@ class SeedCheckpoints:
             raise ValueError(f"{path}: not a {FORMAT} checkpoint of seed {seed}; {fix}")
         if doc.get("data") != self.data:
             raise ValueError(f"{path} was made on other data ({doc.get('data')}, now {self.data}); {fix}")
-        if doc.get("settings") != self.settings:
+        if not isinstance(doc.get("settings"), dict) or not _same_settings(doc["settings"], self.settings, self.defaults):
             raise ValueError(f"{path} was made with other settings ({_diff(doc.get('settings') or {}, self.settings)}); "
                              f"{fix}")
         if need_artifacts and not doc.get("has_artifacts"):

@@ -37,8 +37,8 @@ def test_experiment_late_frac_needs_lam_late(capsys):
     assert "add --lam-late" in capsys.readouterr().err
     assert main(["demo", "--text", "--lam", "4"]) == 1
     assert "trains no recommender; drop --lam" in capsys.readouterr().err
-    assert main(["demo", "--text", "--lr", "1e-3"]) == 1
-    assert "trains no recommender; drop --lr" in capsys.readouterr().err
+    assert main(["demo", "--text", "--lr", "1e-3", "--distill"]) == 1
+    assert "trains no recommender; drop --lr, --distill" in capsys.readouterr().err
     assert main(["experiment", "--lr", "nan"]) == 1
     assert "--lr must be a positive finite learning rate, got nan" in capsys.readouterr().err
 

@@ -101,3 +101,18 @@ def test_settings_that_do_not_change_a_seed_may_differ(uninterrupted) -> None:
                          log=None, checkpoint_dir=ckpt, resume=True)
     assert res["resumed_seeds"] == [0]
     assert res["raw"]["recall_test"]["nobc"][0][2].tolist() == full["raw"]["recall_test"]["nobc"][0][2].tolist()
+
+
+def test_a_checkpoint_predating_a_setting_counts_at_its_default(uninterrupted, tmp_path) -> None:
+    ckpt, _ = uninterrupted
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("seed_0.json", "seed_0_artifacts.npz"):
+        (old / name).write_bytes((ckpt / name).read_bytes())
+    doc = json.loads((old / "seed_0.json").read_text())
+    del doc["settings"]["distill"]  # written before the setting existed
+    (old / "seed_0.json").write_text(json.dumps(doc))
+    cfg = ExperimentConfig.quick(**{**TINY, "seeds": 1})
+    assert SeedCheckpoints(old, cfg, _data()).load(0, need_artifacts=True) is not None
+    with pytest.raises(ValueError, match=r"other settings \(distill=None there, True now\)"):
+        SeedCheckpoints(old, ExperimentConfig.quick(**{**TINY, "distill": True}), _data()).load(0, need_artifacts=False)
