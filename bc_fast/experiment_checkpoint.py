@@ -25,7 +25,9 @@ from ._fileio import atomic_write_bytes, read_json_object
 
 FORMAT = "bc_fast.experiment.seed v1"
 
-#: Config fields that do not change what one seed computes (how many seeds, CI replicates, threads).
+#: Config fields that do not change what one seed computes: how many seeds, CI replicates, which
+#: strategies' artifacts are kept, the preset's name, and torch threads (which can change at most
+#: the float rounding of torch's parallel reductions, not the method).
 _NOT_PER_SEED = frozenset({"seed", "seeds", "n_boot", "keep", "threads", "name"})
 
 
