@@ -265,7 +265,7 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
         per-user value, see :func:`raw_schema`), and ``artifacts`` (not JSON: per kept
         strategy, of the first seed, ``user``/``item`` embedding arrays per version, ``dims``
         and ``layers`` -- the exported :class:`bc_fast.ops.Layer` list of every B_k,
-        ``layers[k-1]`` for B_k).
+        ``layers[k-1]`` for B_k -- and ``scores``, each version's selection score).
     """
     import torch
 
@@ -310,26 +310,22 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
             restored = ckpt.load(seed, need_artifacts=i == 0) if ckpt is not None and resume else None
             if restored is not None:
                 out, seed_timing, art = restored
-                for key, v in seed_timing.items():
-                    timing[key] = timing.get(key, 0.0) + v
-                artifacts = art if i == 0 else artifacts
                 resumed.append(seed)
                 say(f"[bc_fast] seed {seed} restored from {ckpt.path(seed)} ({seed_timing.get(f'seed{seed}', 0.0):.1f}s "
                     "when it ran)")
-                per_seed.append(out)
-                continue
-            seed_timing: dict[str, float] = {}
-            out, trainers = _run_seed(ctx, seed, seed_timing)
+            else:
+                seed_timing = {}
+                out, trainers = _run_seed(ctx, seed, seed_timing)
+                art = {name: _artifacts(trainers[name]) for name in cfg.keep if name in trainers} if i == 0 else None
+                seed_timing[f"seed{seed}"] = time.perf_counter() - t0
+                if ckpt is not None:
+                    ckpt.save(seed, out, seed_timing, art)
+                say(f"[bc_fast] seed {seed} done ({seed_timing[f'seed{seed}']:.1f}s)")
             per_seed.append(out)
-            art = None
             if i == 0:
-                artifacts = art = {name: _artifacts(trainers[name]) for name in cfg.keep if name in trainers}
-            seed_timing[f"seed{seed}"] = time.perf_counter() - t0
+                artifacts = art
             for key, v in seed_timing.items():
                 timing[key] = timing.get(key, 0.0) + v
-            if ckpt is not None:
-                ckpt.save(seed, out, seed_timing, art)
-            say(f"[bc_fast] seed {seed} done ({timing[f'seed{seed}']:.1f}s)")
 
         raw = _raw_results(ctx, per_seed)
         results = summarize(raw, test_tasks, cfg)
@@ -549,10 +545,10 @@ def _direct_maps(tables: list) -> list:
     from .fit import RidgeAdapter
 
     users0, items0 = tables[0]
-    target = np.vstack([users0, items0]).astype(np.float32)
+    target = np.vstack([users0, items0]).astype(np.float32, copy=False)
     out = [tables[0]]
     for users, items in tables[1:]:
-        src = np.vstack([users[: len(users0)], items[: len(items0)]]).astype(np.float32)
+        src = np.vstack([users[: len(users0)], items[: len(items0)]]).astype(np.float32, copy=False)
         adapter = RidgeAdapter().fit(src, target)
         out.append((adapter.transform(np.ascontiguousarray(users, dtype=np.float32)),
                     adapter.transform(np.ascontiguousarray(items, dtype=np.float32))))
@@ -568,8 +564,7 @@ def _artifacts(trainer: Any) -> dict:
     emb = _raw(trainer)
     return {"dims": list(trainer.dims), "user": [e[0] for e in emb], "item": [e[1] for e in emb],
             "layers": [b.export() for b in trainer.transforms],
-            "scores": [None if r.score is None else float(r.score) for r in trainer.versions],
-            "trainer": trainer}
+            "scores": [None if r.score is None else float(r.score) for r in trainer.versions]}
 
 
 def _raw_results(ctx: _Context, per_seed: list[dict]) -> dict:
