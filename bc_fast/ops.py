@@ -47,6 +47,8 @@ ACTIVATIONS = ("none", "relu", "gelu")
 PRECISIONS = ("fp32", "bf16")
 _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
 _INT_MAX = 2**31 - 1  # the core takes thread counts as C ints
+_NDARRAY = np.ndarray
+_FLOAT16 = np.dtype(np.float16)
 MAX_THREADS = 1024  # the core runs at most this many worker threads per call
 
 
@@ -350,20 +352,23 @@ class FusedTransform:
         :func:`bc_fast.cuda.apply_fused`. Without that module a clear RuntimeError says how
         to build it.
         """
-        fast = (type(x) is np.ndarray and (out is None or type(out) is np.ndarray)
-                and (threads is None or (type(threads) is int and 0 < threads <= _INT_MAX)))
-        if fast and out_dtype is not None:
-            dt = _out_dtype(out_dtype)
-            fast = out is None or out.dtype == dt
-        if fast:
+        if type(x) is _NDARRAY and (out is None or type(out) is _NDARRAY):
             # The core checks shape, dtype, contiguity, alignment and overlap itself. On any
-            # complaint, fall through to the full validation below for a precise message.
-            try:
-                res = self._op.apply(x, out, out_dtype is not None and np.dtype(out_dtype) == np.float16,
-                                     threads or 0)
-                return res if out is None else out
-            except (ValueError, TypeError):
-                pass
+            # complaint, fall through to the full validation below for a precise message. The
+            # plain call (no out_dtype, no threads) is tested first: at batch 1 every attribute
+            # lookup on the way to the core is a visible part of the call.
+            if out_dtype is None and threads is None:
+                try:
+                    return self._op.apply(x, out, False, 0)  # returns `out` itself when given
+                except (ValueError, TypeError):
+                    pass
+            elif threads is None or (type(threads) is int and 0 < threads <= _INT_MAX):
+                dt = None if out_dtype is None else _out_dtype(out_dtype)
+                if dt is None or out is None or out.dtype == dt:
+                    try:
+                        return self._op.apply(x, out, dt == _FLOAT16, threads or 0)
+                    except (ValueError, TypeError):
+                        pass
         if not _on_host(x) or (out is not None and not _on_host(out)):
             from . import cuda  # only here: host arrays never import the GPU path
 
