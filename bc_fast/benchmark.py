@@ -22,6 +22,8 @@ l2_fp16               bias + L2 normalise + fp16 out. numpy: allocating expressi
                       and the same into preallocated outputs (best counts)
 mlp_b256, mlp_large   256→512 relu→256; torch ``addmm(out=)``, ``relu_``, ``addmm(out=)``  ≥ 1.3x best torch
                       and torch eager ``F.linear`` (best counts)
+mlp_gelu_b256,        the same with exact (erf) GELU, issue 11's MLP; torch's in-place ≥ 1.3x best torch
+mlp_gelu_large        form is ``torch.ops.aten.gelu_``
 chain_k4              K = 4 affine 256→256 steps fused by ``fuse_chain`` (one matrix)  ≥ 3.5x best numpy
                       vs four numpy steps into preallocated buffers, and
                       ``z = z @ W.T + b`` four times (best counts); torch ``addmm(out=)``
@@ -350,41 +352,52 @@ def _cfg_l2(bench: Bench, sizes: Sizes) -> dict:
                        "row norms, numpy_einsum does not); the rest write into preallocated outputs")
 
 
-def _mlp_program(bench: Bench) -> tuple[list[Layer], FusedTransform]:
+def _mlp_program(bench: Bench, activation: str) -> tuple[list[Layer], FusedTransform]:
     W1, b1 = bench.weights(512, 256)
     W2, b2 = bench.weights(256, 512)
-    layers = [Layer(W1, b1, "relu"), Layer(W2, b2)]
+    layers = [Layer(W1, b1, activation), Layer(W2, b2)]
     return layers, FusedTransform(layers)
+
+
+def _torch_activation(torch: Any, F: Any, activation: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """torch's in-place and allocating forms of ``activation`` (exact erf GELU, as ours)."""
+    if activation == "relu":
+        return torch.relu_, F.relu
+    return torch.ops.aten.gelu_, F.gelu
 
 
 def _cfg_mlp(bench: Bench, sizes: Sizes, n: int, layers: list[Layer], op: FusedTransform) -> dict:
     x = bench.buf.get("x", (n, 256), random=True)
     y = bench.buf.get("out", (n, 256))
     T = bench.threads
+    act = layers[0].activation
     impls = {"bc_fast": lambda: op.apply(x, out=y, threads=T)}
     if bench.torch is not None:
         torch, F = bench.torch, bench.F
+        act_, act_alloc = _torch_activation(torch, F, act)
         xt, yt, ht = (torch.from_numpy(a) for a in (x, y, bench.buf.get("hidden", (n, 512))))
         W1, b1, W2, b2 = (torch.from_numpy(a) for a in (layers[0].weight, layers[0].bias,
                                                           layers[1].weight, layers[1].bias))
 
         def torch_prealloc() -> None:
             torch.addmm(b1, xt, W1.t(), out=ht)
-            ht.relu_()
+            act_(ht)
             torch.addmm(b2, ht, W2.t(), out=yt)
         impls["torch_prealloc"] = torch_prealloc
-        impls["torch_eager"] = lambda: F.linear(torch.relu_(F.linear(xt, W1, b1)), W2, b2)
+        impls["torch_eager"] = lambda: F.linear(act_alloc(F.linear(xt, W1, b1)), W2, b2)
     large = n >= 100_000 or sizes.name == "tiny" and n > 256
     t = bench.measure(impls, large=large)
     op.apply(x, out=y, threads=T)
     m = min(n, 256)
     err = max_abs_err(y[:m], apply_layers_reference(layers, x[:m]))
     checks = [speedup_check("vs best torch", t, best_of(t, "torch") or "torch", 1.3)]
-    name = "mlp_b256" if n == 256 else "mlp_large"
-    return result(name, f"MLP 256->512 relu->256, batch {n:,}, fp32", n, t, checks,
+    prefix = "mlp" if act == "relu" else f"mlp_{act}"
+    name = f"{prefix}_b256" if n == 256 else f"{prefix}_large"
+    in_place = "relu_" if act == "relu" else "aten.gelu_"
+    return result(name, f"MLP 256->512 {act}->256, batch {n:,}, fp32", n, t, checks,
                   flops_per_call=2.0 * n * (256 * 512 * 2), err=err,
-                  note="torch_eager allocates (F.linear has no out=); torch_prealloc is the same program with "
-                       "addmm(out=) into preallocated hidden and output buffers")
+                  note=f"torch_eager allocates (F.linear has no out=); torch_prealloc is the same program with "
+                       f"addmm(out=) into preallocated hidden and output buffers and {in_place} in place")
 
 
 def _chain_numpy(x: np.ndarray, bufs: tuple[np.ndarray, np.ndarray],
@@ -538,9 +551,10 @@ def suite_configs(sizes: Sizes) -> Callable[[Bench], Iterator[Config]]:
         for d in sizes.bf16_rows:
             yield _cfg_bf16, (sizes.bf16_rows, d)
         yield _cfg_l2, (sizes,)
-        layers, op = _mlp_program(bench)  # one program for both batch sizes
-        yield _cfg_mlp, (sizes, 256, layers, op)
-        yield _cfg_mlp, (sizes, sizes.mlp_rows, layers, op)
+        for activation in ("relu", "gelu"):
+            layers, op = _mlp_program(bench, activation)  # one program for both batch sizes
+            yield _cfg_mlp, (sizes, 256, layers, op)
+            yield _cfg_mlp, (sizes, sizes.mlp_rows, layers, op)
         yield _cfg_chain, (sizes,)
         yield _cfg_scaling, (sizes,)
         yield _cfg_concurrency, (sizes,)

@@ -8,7 +8,7 @@ import json
 from bc_fast.benchmark import SIZES, format_table, run_bench_suite
 
 CONFIGS = {"peak", "latency_b1", "latency_b16", "affine_d128", "affine_d256", "affine_d768", "l2_fp16",
-           "mlp_b256", "mlp_large", "chain_k4", "threads_1to2", "concurrency"}
+           "mlp_b256", "mlp_large", "mlp_gelu_b256", "mlp_gelu_large", "chain_k4", "threads_1to2", "concurrency"}
 
 
 def test_suite_tiny_writes_json_table_and_png(tmp_path):
