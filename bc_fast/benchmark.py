@@ -27,7 +27,8 @@ mlp_gelu_large        form is ``torch.ops.aten.gelu_``
 chain_k4              K = 4 affine 256→256 steps fused by ``fuse_chain`` (one matrix)  ≥ 3.5x best numpy
                       vs four numpy steps into preallocated buffers, and
                       ``z = z @ W.T + b`` four times (best counts); torch ``addmm(out=)``
-latency_b1            batch 1, 256→256 affine, preallocated output                    median ≤ 3 µs
+latency_b1            batch 1, 256→256 affine, preallocated output; numpy             median ≤ 2.5 µs, ≥ 1.8x
+                      ``x @ W.T + b`` (issue 11's targets)                            numpy x @ W.T + b
 latency_b16           batch 16, vs the faster of ``x @ W.T + b`` and                   ≤ 0.9x numpy's time
                       ``matmul(out=); add(out=)``; torch ``addmm(out=)``, faiss
                       apply_noalloc
@@ -465,7 +466,8 @@ def _cfg_latency(bench: Bench, sizes: Sizes, n: int) -> dict:
     impls["bc_fast"]()
     med_us = t["bc_fast"].median_s * 1e6
     if n == 1:
-        checks = [check("latency budget", 3.0 / med_us, 1.0, "≤ 3 µs (bar: 3µs/median)", f"{med_us:.2f} µs")]
+        checks = [check("latency budget", 2.5 / med_us, 1.0, "≤ 2.5 µs (bar: 2.5µs/median)", f"{med_us:.2f} µs"),
+                  speedup_check("vs numpy x @ W.T + b", t, "numpy_alloc", 1.8)]
     else:
         best = best_of(t, "numpy")
         checks = [speedup_check(f"vs {best}", t, best, 1 / 0.9, shown_target="≤ 0.9x numpy time (≥ 1.11x)")]
