@@ -12,10 +12,12 @@
 // and waits on the futex `wake`; a caller that finds it asleep runs alone and never publishes (see
 // kStreamGapNs for when it wakes it). Tests' helper-only mode (2) publishes anyway and wakes the
 // helper while it waits.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -70,12 +72,16 @@ constexpr int kMinSamples = 4;  // split samples before a verdict
 constexpr int kWarmupCalls = 2;
 constexpr int64_t kMinBackoff = 64;
 constexpr int64_t kMaxBackoff = 16384;
-// The caller spins this many pauses (~3 us) waiting for the helper's chunks before it yields its
-// core (the helper may have been put on this core, or descheduled mid-chunk, on a busy machine).
-constexpr int kCallerSpinsBeforeYield = 128;
-// Every this many pauses (~1 us) the spinning helper checks its deadline, and yields its core if it
+// The caller spins this many pauses (~3 us) waiting for the helper's chunks before it sleeps on a
+// futex until the helper has finished them (the helper may share the caller's core, or have been
+// descheduled mid-chunk, on a busy machine). sched_yield there left the caller spinning until the
+// next scheduler tick, 4 ms on the project's VM, whenever the scheduler did not switch to the helper.
+constexpr int kCallerSpinsBeforeSleep = 128;
+// Longest single futex sleep of the caller (a safety net: the helper always wakes it).
+constexpr long kCallerSleepNs = 1000000;
+// Every this many pauses (~1 us) the spinning helper checks its deadline, and leaves its core if it
 // shares it with the last caller (the scheduler likes to put a wakee beside its waker): spinning
-// there would hold that caller off for the whole spin.
+// there would hold that caller off for the whole spin, and help never comes (move_off_cpu).
 constexpr unsigned kHelperSpinsPerCheck = 32;
 
 constexpr int kAwake = 0, kAsleep = 1, kWakeSent = 2;
@@ -124,6 +130,10 @@ struct Pool {
   // Chunks the helper has finished, ever (only it writes).
   alignas(64) std::atomic<int64_t> helper_done{0};
   std::atomic<int64_t> helper_jobs{0};
+  // A caller that waits for the helper's chunks longer than a spin sleeps on the futex `done_seq`,
+  // announced by `caller_waiting`; the helper bumps and wakes it after a chunk.
+  std::atomic<uint32_t> done_seq{0};
+  std::atomic<int> caller_waiting{0};
   // Sleeping and waking.
   alignas(64) std::atomic<uint32_t> wake{0};
   std::atomic<int> sleeping{0};  // kAwake, kAsleep (or about to be) or kWakeSent
@@ -179,6 +189,30 @@ inline void futex_wait(std::atomic<uint32_t>* word, uint32_t value) {
 inline void futex_wake(std::atomic<uint32_t>* word) {
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
 }
+inline void futex_wait_for(std::atomic<uint32_t>* word, uint32_t value, long ns) {
+  const timespec timeout{0, ns};
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT_PRIVATE, value, &timeout, nullptr, 0);
+}
+
+// Moves the calling thread (the helper) off `cpu`, the last caller's, to another CPU it may run on,
+// and leaves its mask as it was. sched_yield alone is not enough: the scheduler placed the woken
+// helper beside its waker and kept it there while the other core idled, so in about half of the
+// processes on the project's 2-vCPU VM the split never ran (helper and caller on one vCPU).
+inline void move_off_cpu(int cpu) {
+  cpu_set_t allowed;
+  if (cpu < 0 || cpu >= CPU_SETSIZE || sched_getaffinity(0, sizeof allowed, &allowed) != 0 ||
+      !CPU_ISSET(cpu, &allowed) || CPU_COUNT(&allowed) < 2) {
+    sched_yield();
+    return;
+  }
+  cpu_set_t others = allowed;
+  CPU_CLR(cpu, &others);
+  if (sched_setaffinity(0, sizeof others, &others) != 0) {  // migrates this thread at once
+    sched_yield();
+    return;
+  }
+  sched_setaffinity(0, sizeof allowed, &allowed);
+}
 
 // Waits until the word carries an epoch other than `seen`; returns it.
 inline uint64_t wait_for_job(Pool& p, uint64_t seen) {
@@ -190,7 +224,8 @@ inline uint64_t wait_for_job(Pool& p, uint64_t seen) {
       cpu_pause();
       if (spin % kHelperSpinsPerCheck == 0) {  // also at once, after a wake-up
         if (std::chrono::steady_clock::now() > deadline) break;
-        if (sched_getcpu() == p.caller_cpu.load(std::memory_order_relaxed)) sched_yield();
+        const int caller = p.caller_cpu.load(std::memory_order_relaxed);
+        if (sched_getcpu() == caller) move_off_cpu(caller);
       }
     }
     p.sleeping.store(kAsleep, std::memory_order_seq_cst);
@@ -202,6 +237,17 @@ inline uint64_t wait_for_job(Pool& p, uint64_t seen) {
       futex_wait(&p.wake, w);
     p.sleeping.store(kAwake, std::memory_order_seq_cst);
   }
+}
+
+// The caller sleeps until the helper finishes a chunk (or kCallerSleepNs pass). The helper bumps
+// `done_seq` after `helper_done` whenever it sees `caller_waiting`; all four accesses are seq_cst, so
+// either the helper sees the flag (and the futex value changes, or the sleeper is woken) or this
+// thread sees the chunk done and does not sleep.
+inline void sleep_until_helper_chunk(Pool& p) {
+  const uint32_t seq = p.done_seq.load(std::memory_order_seq_cst);
+  p.caller_waiting.store(1, std::memory_order_seq_cst);
+  if (p.helper_done.load(std::memory_order_seq_cst) != p.helper_expected) futex_wait_for(&p.done_seq, seq, kCallerSleepNs);
+  p.caller_waiting.store(0, std::memory_order_seq_cst);
 }
 
 [[noreturn]] inline void helper_main(Pool* pp, uint64_t seen) {
@@ -222,7 +268,11 @@ inline uint64_t wait_for_job(Pool& p, uint64_t seen) {
         p.helper_jobs.fetch_add(1, std::memory_order_relaxed);
       }
       fn(ctx, static_cast<int64_t>(back_of(v) - 1));
-      p.helper_done.fetch_add(1, std::memory_order_release);
+      p.helper_done.fetch_add(1, std::memory_order_seq_cst);
+      if (p.caller_waiting.load(std::memory_order_seq_cst) != 0) {
+        p.done_seq.fetch_add(1, std::memory_order_seq_cst);
+        futex_wake(&p.done_seq);
+      }
       v = p.claim.load(std::memory_order_acquire);
     }
   }
@@ -247,9 +297,13 @@ inline bool start_helper(Pool& p) {
 }
 #endif
 
+// A sample counts at most twice the average so far: one call that lost its core for a time slice
+// (milliseconds, on a busy or virtualised machine, with or without the split) must not turn the
+// split off for thousands of calls, while a lasting change still moves the average (x2 within 11
+// samples).
 inline void average_in(double& avg, int64_t sample) {
   const double x = static_cast<double>(sample);
-  avg = avg <= 0 ? x : avg + (x - avg) / 16;
+  avg = avg <= 0 ? x : avg + (std::min(x, 2 * avg) - avg) / 16;
 }
 
 // The caller alone: one kernel call over the whole range, timed.
@@ -376,17 +430,18 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx) {
   p.helper_expected += chunks - mine;
   for (int spins = 0; p.helper_done.load(std::memory_order_acquire) != p.helper_expected;) {
     cpu_pause();
-    if (++spins == kCallerSpinsBeforeYield) {
-      spins = 0;
+    if (++spins < kCallerSpinsBeforeSleep) continue;
+    spins = 0;
 #if defined(BC_FAST_SPLIT_POOL)
-      int asleep = kAsleep;  // helper-only mode: it may have fallen asleep without seeing the job
-      if (helper_only && p.sleeping.compare_exchange_strong(asleep, kWakeSent, std::memory_order_seq_cst)) {
-        p.wake.fetch_add(1, std::memory_order_seq_cst);
-        futex_wake(&p.wake);
-      }
-#endif
-      std::this_thread::yield();
+    int asleep = kAsleep;  // helper-only mode: it may have fallen asleep without seeing the job
+    if (helper_only && p.sleeping.compare_exchange_strong(asleep, kWakeSent, std::memory_order_seq_cst)) {
+      p.wake.fetch_add(1, std::memory_order_seq_cst);
+      futex_wake(&p.wake);
     }
+    sleep_until_helper_chunk(p);
+#else
+    std::this_thread::yield();
+#endif
   }
   if (!helper_only) judge(p, ticks() - t0);
 }
