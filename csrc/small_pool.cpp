@@ -6,9 +6,10 @@
 // back -> back - 1. Within an epoch front only grows and back only shrinks, so the word never takes
 // a value twice (no ABA), and a CAS that succeeds proves the job was live between the helper's load
 // of the word and the CAS: the fn/ctx it read in between are that job's. The caller counts the
-// chunks it ran; the rest were claimed by the helper, which adds one to `helper_done` (release)
-// after each; the caller waits for exactly those, so a helper that never sees a job (asleep,
-// descheduled) costs the caller only its claims. Sleep: after a spin the helper sets `sleeping`
+// chunks it ran; the rest were claimed by the helper, which adds one to `helper_done` after each
+// (and wakes the caller if it sleeps waiting, see sleep_until_helper_chunk); the caller waits for
+// exactly those, so a helper that never sees a job (asleep, descheduled) costs the caller only its
+// claims. Sleep: after a spin the helper sets `sleeping`
 // and waits on the futex `wake`; a caller that finds it asleep runs alone and never publishes (see
 // kStreamGapNs for when it wakes it). Tests' helper-only mode (2) publishes anyway and wakes the
 // helper while it waits.
@@ -137,6 +138,8 @@ struct Pool {
   // Sleeping and waking.
   alignas(64) std::atomic<uint32_t> wake{0};
   std::atomic<int> sleeping{0};  // kAwake, kAsleep (or about to be) or kWakeSent
+  std::atomic<int> helper_tid{0};       // set by the helper when it starts
+  std::atomic<bool> steered{false};     // a waker narrowed the helper's CPU mask (steer_helper_off)
   // The lease (a try-lock) and what only its holder touches.
   alignas(64) std::atomic<bool> busy{false};
   int64_t last_alone_ns = 0;  // when a call last ran alone because the helper slept
@@ -214,8 +217,21 @@ inline void move_off_cpu(int cpu) {
   sched_setaffinity(0, sizeof allowed, &allowed);
 }
 
-// Waits until the word carries an epoch other than `seen`; returns it.
-inline uint64_t wait_for_job(Pool& p, uint64_t seen) {
+// Before a wake-up: keeps the helper off the caller's CPU. The scheduler likes to put a wakee beside
+// its waker, where the helper waited for the caller's time slice to end (milliseconds) before it
+// could run and move away, and calls ran alone meanwhile. The helper restores its mask once it runs.
+inline void steer_helper_off(Pool& p, int cpu) {
+  const int tid = p.helper_tid.load(std::memory_order_acquire);
+  cpu_set_t others;
+  if (tid <= 0 || cpu < 0 || cpu >= CPU_SETSIZE || sched_getaffinity(0, sizeof others, &others) != 0) return;
+  CPU_CLR(cpu, &others);
+  if (CPU_COUNT(&others) > 0 && sched_setaffinity(tid, sizeof others, &others) == 0)
+    p.steered.store(true, std::memory_order_release);
+}
+
+// Waits until the word carries an epoch other than `seen`; returns it. `mask`: the helper's own CPU
+// mask, restored after a steered wake-up.
+inline uint64_t wait_for_job(Pool& p, uint64_t seen, const cpu_set_t& mask) {
   for (;;) {
     const auto deadline = std::chrono::steady_clock::now() + kHelperSpin;
     for (unsigned spin = 0;; ++spin) {
@@ -235,6 +251,7 @@ inline uint64_t wait_for_job(Pool& p, uint64_t seen) {
     if (p.sleeping.load(std::memory_order_seq_cst) == kAsleep &&
         epoch_of(p.claim.load(std::memory_order_seq_cst)) == seen)
       futex_wait(&p.wake, w);
+    if (p.steered.exchange(false, std::memory_order_acq_rel)) sched_setaffinity(0, sizeof mask, &mask);
     p.sleeping.store(kAwake, std::memory_order_seq_cst);
   }
 }
@@ -252,8 +269,11 @@ inline void sleep_until_helper_chunk(Pool& p) {
 
 [[noreturn]] inline void helper_main(Pool* pp, uint64_t seen) {
   Pool& p = *pp;
+  cpu_set_t mask;
+  if (sched_getaffinity(0, sizeof mask, &mask) == 0)
+    p.helper_tid.store(static_cast<int>(syscall(SYS_gettid)), std::memory_order_release);  // else never steered
   for (;;) {
-    uint64_t v = wait_for_job(p, seen);
+    uint64_t v = wait_for_job(p, seen, mask);
     seen = epoch_of(v);
     bool took = false;
     while (epoch_of(v) == seen && front_of(v) < back_of(v)) {
@@ -392,6 +412,7 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx) {
     int asleep = kAsleep;
     if (wake) p.caller_cpu.store(sched_getcpu(), std::memory_order_relaxed);
     if (wake && p.sleeping.compare_exchange_strong(asleep, kWakeSent, std::memory_order_seq_cst)) {
+      if (!helper_only) steer_helper_off(p, p.caller_cpu.load(std::memory_order_relaxed));
       p.wake.fetch_add(1, std::memory_order_seq_cst);
       futex_wake(&p.wake);
       p.warmup = kWarmupCalls;
@@ -443,7 +464,10 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx) {
     std::this_thread::yield();
 #endif
   }
-  if (!helper_only) judge(p, ticks() - t0);
+  // A call the helper took no part in ran alone plus one publish (the helper was not there yet, or
+  // asleep): it says nothing about the split, and judging it as one turned the split off for good at
+  // start-up, before the new helper thread first ran.
+  if (!helper_only && mine < chunks) judge(p, ticks() - t0);
 }
 
 bool small_split_enabled() { return small_pool_detail::mode() != 0; }

@@ -262,3 +262,38 @@ def test_helper_follows_the_callers_denormal_mode(split_mode):
         np.testing.assert_array_equal(got, expected)
     finally:
         torch.set_flush_denormal(False)
+
+
+_AFFINITY_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    import numpy as np
+    import bc_fast
+    from bc_fast import _core
+    cpus = sorted(os.sched_getaffinity(0))
+    if sys.argv[1] == "one":  # the caller and the helper (started later, inheriting it) share one CPU
+        os.sched_setaffinity(0, {cpus[0]})
+    _core._set_small_split(1)
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((256, 256)) / 16).astype(np.float32)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    op = bc_fast.FusedTransform.affine(w)
+    expected = op.apply(x, threads=1)
+    got = np.empty_like(expected)
+    for burst in range(20):  # streams of calls with pauses: the helper sleeps, is woken and steered
+        for _ in range(300):
+            op.apply(x, out=got, threads=2)
+            assert np.array_equal(got, expected)
+        time.sleep(0.002)
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU affinity is Linux's")
+@pytest.mark.parametrize("cpus", ["all", "one"])
+def test_steering_the_helper_keeps_the_bits(tmp_path, run_python, cpus):
+    # Before waking the helper the caller narrows the helper's CPU mask to keep it off its own CPU,
+    # and the helper restores its mask when it runs. With one CPU there is nowhere to steer it or
+    # move it to: the calls must still complete, with the same bits and without a hang.
+    res = run_python(_AFFINITY_SCRIPT, cpus, cwd=tmp_path, timeout=SUBPROCESS_TIMEOUT_S)
+    assert res.returncode == 0, f"exit {res.returncode}: {res.stdout[-2000:]}"
+    assert res.stdout.strip() == "ok", res.stdout
