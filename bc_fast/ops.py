@@ -366,7 +366,7 @@ class FusedTransform:
                 dt = None if out_dtype is None else _out_dtype(out_dtype)
                 if dt is None or out is None or out.dtype == dt:
                     try:
-                        return self._op.apply(x, out, dt == _FLOAT16, threads or 0)
+                        return self._op.apply(x, out, dt is not None and dt == _FLOAT16, threads or 0)
                     except (ValueError, TypeError):
                         pass
         if not _on_host(x) or (out is not None and not _on_host(out)):
