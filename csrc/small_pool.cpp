@@ -9,10 +9,10 @@
 // chunks it ran; the rest were claimed by the helper, which adds one to `helper_done` after each
 // (and wakes the caller if it sleeps waiting, see sleep_until_helper_chunk); the caller waits for
 // exactly those, so a helper that never sees a job (asleep, descheduled) costs the caller only its
-// claims. Sleep: after a spin the helper sets `sleeping`
-// and waits on the futex `wake`; a caller that finds it asleep runs alone and never publishes (see
-// kStreamGapNs for when it wakes it). Tests' helper-only mode (2) publishes anyway and wakes the
-// helper while it waits.
+// claims. Sleep: after a spin the helper sets `sleeping` and waits on the futex `wake`; a caller that
+// finds it asleep runs alone and never publishes (see kStreamGapNs for when it wakes it, and
+// steer_helper_off for where). Tests' helper-only mode (2) publishes anyway and wakes the helper
+// while it waits.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
