@@ -197,35 +197,38 @@ inline void futex_wait_for(std::atomic<uint32_t>* word, uint32_t value, long ns)
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT_PRIVATE, value, &timeout, nullptr, 0);
 }
 
+// This thread's CPU mask (`allowed`) and the same without `cpu` (`others`); false if `cpu` is not in
+// it or nothing else is, or on error.
+inline bool mask_without(int cpu, cpu_set_t* allowed, cpu_set_t* others) {
+  if (cpu < 0 || cpu >= CPU_SETSIZE || sched_getaffinity(0, sizeof *allowed, allowed) != 0 ||
+      !CPU_ISSET(cpu, allowed))
+    return false;
+  *others = *allowed;
+  CPU_CLR(cpu, others);
+  return CPU_COUNT(others) > 0;
+}
+
 // Moves the calling thread (the helper) off `cpu`, the last caller's, to another CPU it may run on,
 // and leaves its mask as it was. sched_yield alone is not enough: the scheduler placed the woken
 // helper beside its waker and kept it there while the other core idled, so in about half of the
 // processes on the project's 2-vCPU VM the split never ran (helper and caller on one vCPU).
 inline void move_off_cpu(int cpu) {
-  cpu_set_t allowed;
-  if (cpu < 0 || cpu >= CPU_SETSIZE || sched_getaffinity(0, sizeof allowed, &allowed) != 0 ||
-      !CPU_ISSET(cpu, &allowed) || CPU_COUNT(&allowed) < 2) {
-    sched_yield();
+  cpu_set_t allowed, others;
+  if (!mask_without(cpu, &allowed, &others) || sched_setaffinity(0, sizeof others, &others) != 0) {
+    sched_yield();  // nowhere to go
     return;
   }
-  cpu_set_t others = allowed;
-  CPU_CLR(cpu, &others);
-  if (sched_setaffinity(0, sizeof others, &others) != 0) {  // migrates this thread at once
-    sched_yield();
-    return;
-  }
-  sched_setaffinity(0, sizeof allowed, &allowed);
+  sched_setaffinity(0, sizeof allowed, &allowed);  // the move above happened at once
 }
 
-// Before a wake-up: keeps the helper off the caller's CPU. The scheduler likes to put a wakee beside
-// its waker, where the helper waited for the caller's time slice to end (milliseconds) before it
-// could run and move away, and calls ran alone meanwhile. The helper restores its mask once it runs.
+// Before a wake-up, by the caller: keeps the helper off the caller's CPU. The scheduler likes to put
+// a wakee beside its waker, where the helper waited for the caller's time slice to end (milliseconds)
+// before it could run and move away, and calls ran alone meanwhile. The helper restores its mask once
+// it runs.
 inline void steer_helper_off(Pool& p, int cpu) {
   const int tid = p.helper_tid.load(std::memory_order_acquire);
-  cpu_set_t others;
-  if (tid <= 0 || cpu < 0 || cpu >= CPU_SETSIZE || sched_getaffinity(0, sizeof others, &others) != 0) return;
-  CPU_CLR(cpu, &others);
-  if (CPU_COUNT(&others) > 0 && sched_setaffinity(tid, sizeof others, &others) == 0)
+  cpu_set_t allowed, others;
+  if (tid > 0 && mask_without(cpu, &allowed, &others) && sched_setaffinity(tid, sizeof others, &others) == 0)
     p.steered.store(true, std::memory_order_release);
 }
 
@@ -263,7 +266,8 @@ inline uint64_t wait_for_job(Pool& p, uint64_t seen, const cpu_set_t& mask) {
 inline void sleep_until_helper_chunk(Pool& p) {
   const uint32_t seq = p.done_seq.load(std::memory_order_seq_cst);
   p.caller_waiting.store(1, std::memory_order_seq_cst);
-  if (p.helper_done.load(std::memory_order_seq_cst) != p.helper_expected) futex_wait_for(&p.done_seq, seq, kCallerSleepNs);
+  if (p.helper_done.load(std::memory_order_seq_cst) != p.helper_expected)
+    futex_wait_for(&p.done_seq, seq, kCallerSleepNs);
   p.caller_waiting.store(0, std::memory_order_seq_cst);
 }
 
