@@ -360,11 +360,11 @@ def _mlp_program(bench: Bench, activation: str) -> tuple[list[Layer], FusedTrans
     return layers, FusedTransform(layers)
 
 
-def _torch_activation(torch: Any, F: Any, activation: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
-    """torch's in-place and allocating forms of ``activation`` (exact erf GELU, as ours)."""
+def _torch_activation(torch: Any, F: Any, activation: str) -> tuple[Callable[[Any], Any], Callable[[Any], Any], str]:
+    """torch's in-place and allocating forms of ``activation`` (exact erf GELU, as ours), and the first's name."""
     if activation == "relu":
-        return torch.relu_, F.relu
-    return torch.ops.aten.gelu_, F.gelu
+        return torch.relu_, F.relu, "relu_"
+    return torch.ops.aten.gelu_, F.gelu, "aten.gelu_"
 
 
 def _cfg_mlp(bench: Bench, sizes: Sizes, n: int, layers: list[Layer], op: FusedTransform) -> dict:
@@ -373,9 +373,12 @@ def _cfg_mlp(bench: Bench, sizes: Sizes, n: int, layers: list[Layer], op: FusedT
     T = bench.threads
     act = layers[0].activation
     impls = {"bc_fast": lambda: op.apply(x, out=y, threads=T)}
+    note = "torch_eager allocates (F.linear has no out=)"
     if bench.torch is not None:
         torch, F = bench.torch, bench.F
-        act_, act_alloc = _torch_activation(torch, F, act)
+        act_, act_alloc, in_place = _torch_activation(torch, F, act)
+        note += (f"; torch_prealloc is the same program with addmm(out=) into preallocated hidden and output "
+                 f"buffers and {in_place} in place")
         xt, yt, ht = (torch.from_numpy(a) for a in (x, y, bench.buf.get("hidden", (n, 512))))
         W1, b1, W2, b2 = (torch.from_numpy(a) for a in (layers[0].weight, layers[0].bias,
                                                           layers[1].weight, layers[1].bias))
@@ -394,11 +397,8 @@ def _cfg_mlp(bench: Bench, sizes: Sizes, n: int, layers: list[Layer], op: FusedT
     checks = [speedup_check("vs best torch", t, best_of(t, "torch") or "torch", 1.3)]
     prefix = "mlp" if act == "relu" else f"mlp_{act}"
     name = f"{prefix}_b256" if n == 256 else f"{prefix}_large"
-    in_place = "relu_" if act == "relu" else "aten.gelu_"
     return result(name, f"MLP 256->512 {act}->256, batch {n:,}, fp32", n, t, checks,
-                  flops_per_call=2.0 * n * (256 * 512 * 2), err=err,
-                  note=f"torch_eager allocates (F.linear has no out=); torch_prealloc is the same program with "
-                       f"addmm(out=) into preallocated hidden and output buffers and {in_place} in place")
+                  flops_per_call=2.0 * n * (256 * 512 * 2), err=err, note=note)
 
 
 def _chain_numpy(x: np.ndarray, bufs: tuple[np.ndarray, np.ndarray],
