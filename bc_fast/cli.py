@@ -11,8 +11,9 @@ from typing import Any
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from . import __version__, build_info
-    from .cuda import cuda_summary
+    from . import __version__
+    from . import build_info
+    from .engine.cuda import cuda_summary
 
     info = build_info()
     print(json.dumps({"bc_fast": __version__, **info}, indent=2))
@@ -23,7 +24,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_text_demo(args: argparse.Namespace) -> int:
-    from .text_demo import run_text_demo
+    from .experiments.text_demo import run_text_demo
 
     if args.dataset:
         raise ValueError(f"--text runs on its own text corpus; drop --dataset {args.dataset}")
@@ -41,7 +42,7 @@ def _cmd_text_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo_pipeline
+    from .experiments.demo import run_demo_pipeline
 
     if getattr(args, "text", False):
         return _cmd_text_demo(args)
@@ -51,7 +52,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.strategies:
         overrides["strategies"] = tuple(x.strip() for x in args.strategies.split(",") if x.strip())
     elif args.command == "demo":
-        from .demo import DEMO_STRATEGIES
+        from .experiments.demo import DEMO_STRATEGIES
 
         overrides["strategies"] = DEMO_STRATEGIES
     if args.late_frac is not None and args.lam_late is None:
@@ -73,7 +74,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
         data = load_builtin(args.dataset)
     if args.data:
-        from .demo import load_user_interactions
+        from .experiments.demo import load_user_interactions
 
         data, implied = load_user_interactions(
             args.data, items=args.items, columns=args.columns,
@@ -82,7 +83,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     elif args.items or args.columns:
         raise ValueError("--items and --columns describe the file given with --data; add --data FILE")
     if getattr(args, "lambdas", None):
-        from .experiment import ExperimentConfig, run_lambda_sweep
+        from .experiments.runner import ExperimentConfig, run_lambda_sweep
 
         if args.resume:
             raise ValueError("--resume continues a table run (its out/checkpoints); the lambda sweep has no "
@@ -98,21 +99,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_registry_show(args: argparse.Namespace) -> int:
-    from .registry import show
+    from .store.registry import show
 
     print(show(args.path))
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .benchmark import run_bench_suite
+    from .bench.suite import run_bench_suite
 
     run_bench_suite(Path(args.out), quick=args.quick)
     return 0
 
 
 def _convert_ray(args: argparse.Namespace) -> Any:
-    from .distributed import convert_dataset_ray
+    from .convert.distributed import convert_dataset_ray
 
     if args.resume or args.device != "cpu" or args.verify_tol is not None:
         raise ValueError("--engine ray resumes by itself (rerun the same command) and runs on the CPU with the "
@@ -125,7 +126,7 @@ def _convert_ray(args: argparse.Namespace) -> Any:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_table
+    from .convert.pipeline import convert_table
 
     if args.engine != "ray" and (args.address is not None or args.workers is not None):
         raise ValueError("--address and --workers only apply with --engine ray")

@@ -14,7 +14,7 @@ methods round-robin, one warm-up round dropped:
   (allocates whole-table arrays by design: the reference code's way)
 
 Checks: convert >= 0.8x the compute-only rate, naive time >= 2x convert time, convert
-peak RSS < 300 MB. The temporary directory is deleted. Harness: :mod:`bc_fast._benchtools`.
+peak RSS < 300 MB. The temporary directory is deleted. Harness: :mod:`bc_fast.bench.harness`.
 """
 
 from __future__ import annotations
@@ -31,16 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
-from bc_fast._benchtools import TINY_PLAN, Bench, Stopwatch, check, result, run_configs, script_args, speedup_check
-from bc_fast._benchtools import timing_from_samples
+from bc_fast.bench.harness import TINY_PLAN, Bench, Stopwatch, check, result, run_configs, script_args, speedup_check
+from bc_fast.bench.harness import timing_from_samples
 
 DIM = 256
 METHODS = ("bc_fast", "compute", "naive")
 
 
 def _make_inputs(root: Path, rows: int, rng: np.random.Generator) -> tuple[str, str]:
-    from bc_fast.registry import Registry
-    from bc_fast.tables import npy_header_bytes
+    from bc_fast.store.registry import Registry
+    from bc_fast.store.tables import npy_header_bytes
 
     reg = Registry.create(root / "registry")
     reg.add_version(dim=DIM)
@@ -74,7 +74,7 @@ def _peak_rss_mb() -> float:
 
 def _worker(method: str, registry: str, table: str, out: str, chunk_rows: int | None, threads: int) -> dict:
     """One conversion in this (fresh) process: seconds, CPU seconds, peak RSS."""
-    from bc_fast.registry import Registry
+    from bc_fast.store.registry import Registry
 
     op = Registry.open(registry).operator(2, 0)
     cr = chunk_rows or 32768

@@ -4,7 +4,7 @@
 
 For each shape (256->256, 768->384) and batch (1, 16, 256, 1,000,000 rows; --quick:
 200,000 rows at 768->384) one config times, round-robin in one process, every
-affine implementation of :func:`bc_fast.benchmark.affine_impls` (the suite's): bc_fast
+affine implementation of :func:`bc_fast.bench.suite.affine_impls` (the suite's): bc_fast
 on fp32 and on fp16 input (``bc_fast_fp16in``, fp32 output), ``numpy_alloc``
 (``x @ W.T + b``, the reference code's way), ``numpy_sgemm`` (``np.matmul(out=)``, no
 bias), ``numpy_prealloc`` (``np.matmul(out=)`` then ``np.add(out=)``), torch
@@ -13,7 +13,7 @@ large batches ``numpy_alloc`` is dropped (it only measures page faults there).
 Checks, from issue 2: large batch >= 0.95x numpy_sgemm (issue 2's ">= 1.3x x @ W.T + b"
 is not checked: at these sizes that baseline times page faults, not a kernel); batch 1
 256->256 median <= 4 µs and >= 2x faster than numpy_alloc, torch and faiss; fp16 input
->= 0.9x the fp32 rows/s. Harness: :mod:`bc_fast._benchtools`.
+>= 0.9x the fp32 rows/s. Harness: :mod:`bc_fast.bench.harness`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import sys
 import numpy as np
 
 from bc_fast import FusedTransform
-from bc_fast._benchtools import TINY_PLAN, Bench, TimingPlan, check, result, run_configs, script_args, speedup_check
-from bc_fast.benchmark import affine_err, affine_impls
+from bc_fast.bench.harness import TINY_PLAN, Bench, TimingPlan, check, result, run_configs, script_args, speedup_check
+from bc_fast.bench.suite import affine_err, affine_impls
 
 SHAPES = [(256, 256), (768, 384)]
 BATCHES = [1, 16, 256, 1_000_000]

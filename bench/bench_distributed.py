@@ -18,7 +18,7 @@ Ray's start (``ray.init``) is timed apart and not counted. Peak RSS (VmHWM): the
 and each Ray worker (reported by the run). For the scaling model it also times the core alone
 (one thread, float16 in and out, in-memory 64k-row chunks, one dim x dim affine layer) at ``dim``
 and at 768. Checks: Ray >= 0.7x the single-process rows/s; peak RSS per Ray worker < 1 GB.
-The temporary directory is deleted. Harness: :mod:`bc_fast._benchtools`.
+The temporary directory is deleted. Harness: :mod:`bc_fast.bench.harness`.
 
 Measured (2026-11-30, AMD EPYC 2 vCPUs shared with other jobs, load average 6.5 -> 1.6 during the run;
 ``python bench/bench_distributed.py --rows 2000000 --files 8 --methods single,ray_2x1``): single
@@ -54,8 +54,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bc_fast._benchtools import TINY_PLAN, Bench, Stopwatch, check, result, run_configs, script_args, speedup_check
-from bc_fast._benchtools import timing_from_samples
+from bc_fast.bench.harness import TINY_PLAN, Bench, Stopwatch, check, result, run_configs, script_args, speedup_check
+from bc_fast.bench.harness import timing_from_samples
 
 ROW_GROUP = 65536
 
@@ -64,7 +64,7 @@ def _make(root: Path, rows: int, files: int, dim: int, rng: np.random.Generator)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from bc_fast.registry import Registry
+    from bc_fast.store.registry import Registry
 
     reg = Registry.create(root / "registry")
     reg.add_version(dim=dim)
@@ -108,7 +108,7 @@ def _worker(method: str, root: str, registry: str, threads: int) -> dict:
         return {"seconds": sw.wall, "cpu": sw.cpu, "peak_rss_mb": [_vmhwm_mb()], "start_s": 0.0}
     import ray
 
-    from bc_fast.distributed import convert_dataset_ray
+    from bc_fast.convert.distributed import convert_dataset_ray
 
     workers, per = (2, 1) if method == "ray_2x1" else (1, 2)
     with Stopwatch() as start:

@@ -11,7 +11,7 @@ in numpy (``np.matmul(out=)``, ``np.add(out=)``, ReLU in place) and in torch
 turn. For affine chains ``numpy_onematrix`` (the chain pre-multiplied into one matrix,
 ``np.matmul(out=)`` + ``np.add(out=)``) separates the fusion gain from the core's. One
 config per (kind, K, batch); check: fused no slower than either step-by-step way.
-Harness: :mod:`bc_fast._benchtools`. On a shared, loaded machine use ``--threads 1``.
+Harness: :mod:`bc_fast.bench.harness`. On a shared, loaded machine use ``--threads 1``.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 
 from bc_fast import Layer
-from bc_fast._benchtools import TINY_PLAN, Bench, Config, TimingPlan, result, run_configs, script_args, speedup_check
-from bc_fast.benchmark import affine_impls
-from bc_fast.fusion import apply_layers_reference
-from bc_fast.registry import Registry
+from bc_fast.bench.harness import TINY_PLAN, Bench, Config, TimingPlan, result, run_configs, script_args, speedup_check
+from bc_fast.bench.suite import affine_impls
+from bc_fast.engine.fusion import apply_layers_reference
+from bc_fast.store.registry import Registry
 
 
 def make_registry(path: Path, kind: str, K: int, d: int, rng: np.random.Generator) -> Registry:

@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bc_fast._benchtools import Stopwatch, check, fmt_time, kv_line, timing_from_samples
+from bc_fast.bench.harness import Stopwatch, check, fmt_time, kv_line, timing_from_samples
 
 SIZES = {  # rows per config: (default, quick)
     "affine256_l2": (20_000_000, 2_000_000), "affine1024x768": (1_000_000, 200_000),
@@ -64,7 +64,7 @@ def _setup() -> tuple[Any, Any, Any]:
         _no_gpu(f"torch cannot be imported ({e})")
     if not torch.cuda.is_available():
         _no_gpu("torch sees no CUDA device (torch.cuda.is_available() is False)")
-    from bc_fast.cuda import cuda_module
+    from bc_fast.engine.cuda import cuda_module
     try:
         mod = cuda_module()
     except RuntimeError as e:
@@ -231,8 +231,9 @@ def _copy_bound_rows_per_s(torch: Any, chunk_rows: int, samples: int) -> float:
 
 
 def bench_convert(torch: Any, rows: int, cpu_rows: int, samples: int, tmp: Path, threads: int | None) -> dict:
-    from bc_fast.convert import _default_chunk_rows, convert_table
-    from bc_fast.registry import Registry
+    from bc_fast.convert import convert_table
+    from bc_fast.convert.pipeline import _default_chunk_rows
+    from bc_fast.store.registry import Registry
     rng = np.random.default_rng(3)
     w, b = _weights(rng, 256, 256)
     work = Path(tempfile.mkdtemp(prefix="bc_fast_gpu_bench.", dir=tmp))

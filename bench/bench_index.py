@@ -19,7 +19,7 @@
    ``index.add``. Check: fused no slower.
 
 ``LegacyIndex.search`` allocates its ``(D, I)`` (its API has no ``out=``), so the
-overhead is measured against a baseline that does not. Harness: :mod:`bc_fast._benchtools`.
+overhead is measured against a baseline that does not. Harness: :mod:`bc_fast.bench.harness`.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bc_fast._benchtools import (
+from bc_fast.bench.harness import (
     TINY_PLAN, Bench, Config, TimingPlan, check, result, run_configs, script_args, speedup_check,
 )
 from bc_fast.index import blas_threshold, blas_threshold_for, build_legacy_index
-from bc_fast.registry import Registry
+from bc_fast.store.registry import Registry
 
 K = 2  # versions 0..2: queries and table at version 2, index at version 0
 

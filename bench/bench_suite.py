@@ -2,11 +2,11 @@
 
     python bench/bench_suite.py [--quick] [--out DIR] [--threads N] [--bf16]
 
-A thin wrapper over :func:`bc_fast.benchmark.run_bench_suite` (the same code as
+A thin wrapper over :func:`bc_fast.bench.suite.run_bench_suite` (the same code as
 ``bc-fast bench``): prints the machine, one ``key=value`` line per (config, impl),
 then a table of medians, ratios and PASS/MISS per target, and writes
 ``DIR/bench.json`` and ``DIR/bench.png``. ``--quick`` takes under a minute on 2 vCPUs.
-``--bf16`` runs only the ``precision="bf16"`` configs (:func:`bc_fast.benchmark.run_bf16_bench`).
+``--bf16`` runs only the ``precision="bf16"`` configs (:func:`bc_fast.bench.suite.run_bf16_bench`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bc_fast.benchmark import run_bench_suite, run_bf16_bench
+from bc_fast.bench.suite import run_bench_suite, run_bf16_bench
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ def make_chain_registry() -> Callable[..., object]:
     ``make(path, dims, scales)``: B_1 is affine (weight and bias), later steps linear; step k's weight
     is standard normal divided by ``scales[k-1]``. Returns the registry reopened from disk.
     """
-    from bc_fast.registry import Registry
+    from bc_fast.store.registry import Registry
 
     def make(path: Path, dims: Sequence[int], scales: Sequence[float], seed: int = 0) -> Registry:
         rng = np.random.default_rng(seed)

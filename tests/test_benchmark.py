@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
-from bc_fast.benchmark import SIZES, format_table, run_bench_suite
+from bc_fast.bench.suite import SIZES, format_table, run_bench_suite
 
 CONFIGS = {"peak", "latency_b1", "latency_b16", "affine_d128", "affine_d256", "affine_d768", "l2_fp16",
            "mlp_b256", "mlp_large", "mlp_gelu_b256", "mlp_gelu_large", "chain_k4", "threads_1to2", "concurrency"}
@@ -62,10 +62,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from bc_fast import FusedTransform  # noqa: E402
-from bc_fast._benchtools import (  # noqa: E402
+from bc_fast.bench.harness import (  # noqa: E402
     TINY_PLAN, Bench, Buffers, engines, machine_info, numpy_blas_threads, threadpools,
 )
-from bc_fast.benchmark import affine_impls  # noqa: E402
+from bc_fast.bench.suite import affine_impls  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 SCRIPTS = sorted(p.name for p in BENCH.glob("bench_*.py"))
@@ -138,7 +138,7 @@ def _load_script(name):
 
 def test_fusion_step_by_step_baselines_match_the_fused_operator(tmp_path):
     fusion = _load_script("bench_fusion.py")
-    from bc_fast.fusion import apply_layers_reference
+    from bc_fast.engine.fusion import apply_layers_reference
 
     with engines(1) as eng:
         bench = _bench(eng)
@@ -165,7 +165,7 @@ def test_bench_scripts_are_standalone_and_document_their_options(script):
 
 
 def test_no_second_timer_in_bench_scripts():
-    """One harness: the bench/ scripts time through bc_fast._benchtools, never with their own clock."""
+    """One harness: the bench/ scripts time through bc_fast.bench.harness, never with their own clock."""
     assert not (BENCH / "_common.py").exists()
     for script in SCRIPTS:
         text = (BENCH / script).read_text()

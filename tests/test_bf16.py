@@ -11,7 +11,7 @@ import pytest
 
 import bc_fast
 from bc_fast import FusedTransform, Layer
-from bc_fast.fusion import apply_layers_reference
+from bc_fast.engine.fusion import apply_layers_reference
 
 _WHY = bc_fast._core.bf16_unavailable_reason()
 needs_bf16 = pytest.mark.skipif(bool(_WHY), reason=f"precision='bf16' cannot run here: {_WHY}")
@@ -241,7 +241,7 @@ def test_registry_operator_passes_precision(tmp_path, make_chain_registry) -> No
 def test_bf16_bench_configs_tiny(tmp_path) -> None:
     """The suite's bf16 configs at toy sizes: every impl timed, the result checked, or a visible skip."""
     pytest.importorskip("threadpoolctl", reason="the benchmark harness needs threadpoolctl")
-    from bc_fast.benchmark import run_bf16_bench
+    from bc_fast.bench.suite import run_bf16_bench
 
     lines: list[str] = []
     res = run_bf16_bench(tmp_path / "out", tiny=True, threads=2, log=lines.append)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bc_fast.cli import build_parser, main
-from bc_fast.registry import Registry
+from bc_fast.store.registry import Registry
 
 
 def test_info_prints_build_info(capsys):
@@ -101,7 +101,7 @@ def test_convert_errors_exit_1_with_one_line(tmp_path, small_registry, capsys):
 
 
 def test_convert_warnings_are_one_line(tmp_path, small_registry, capsys, monkeypatch):
-    from bc_fast import tables
+    from bc_fast.store import tables
     orig, calls = tables.NpyWriter.write, [0]
 
     def write(self, chunk, y, extra):
@@ -111,7 +111,7 @@ def test_convert_warnings_are_one_line(tmp_path, small_registry, capsys, monkeyp
         orig(self, chunk, y, extra)
     with monkeypatch.context() as m:
         m.setattr(tables.NpyWriter, "write", write)
-        m.setattr("bc_fast.convert.time.monotonic", lambda: 1e9 + calls[0] * 10.0)  # journal every chunk
+        m.setattr("bc_fast.convert.pipeline.time.monotonic", lambda: 1e9 + calls[0] * 10.0)  # journal every chunk
         assert _convert(tmp_path, "--chunk-rows", "50", "--quiet") == 130
     data = bytearray((tmp_path / "out.npy.partial").read_bytes())
     data[-300 * 4 * 4] ^= 0xFF  # flip a byte of chunk 0

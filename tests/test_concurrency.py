@@ -169,8 +169,8 @@ def test_an_explicit_request_above_the_default_is_honoured_and_returned(num_thre
 
 
 def test_concurrency_bench_config_runs_at_toy_size():
-    from bc_fast._benchtools import TINY_PLAN, run_configs
-    from bc_fast.benchmark import SIZES, _cfg_concurrency
+    from bc_fast.bench.harness import TINY_PLAN, run_configs
+    from bc_fast.bench.suite import SIZES, _cfg_concurrency
 
     def configs(bench: Any) -> Iterator[Any]:
         yield _cfg_concurrency, (SIZES["tiny"],)

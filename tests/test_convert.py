@@ -1,4 +1,4 @@
-"""Tests of streaming table conversion (bc_fast.convert, bc_fast.tables; the CLI is in test_cli.py)."""
+"""Tests of streaming table conversion (bc_fast.convert, bc_fast.store.tables; the CLI is in test_cli.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from bc_fast import FusedTransform, Layer
 from bc_fast.convert import VerificationError, apply_to_table, convert_table, default_verify_tol, read_sidecar
-from bc_fast.fusion import apply_layers_reference, flatten_chain
+from bc_fast.engine.fusion import apply_layers_reference, flatten_chain
 
 THREADS = 1
 DIMS = (24, 40, 64)  # versions 0, 1, 2
@@ -238,7 +238,7 @@ def _interrupt_after(monkeypatch, cls, n_writes: int) -> None:
 
 @pytest.mark.parametrize("form", ["npy", "npy_dir", "parquet"])
 def test_resume_is_byte_identical(tmp_path, registry, monkeypatch, form):
-    from bc_fast import tables
+    from bc_fast.store import tables
     x = _table(2000, dtype=np.float16, seed=9)
     if form == "npy":
         inp, name = tmp_path / "in.npy", "out.npy"
@@ -281,7 +281,7 @@ def test_resume_is_byte_identical(tmp_path, registry, monkeypatch, form):
 
 _KILL_SCRIPT = """
 import sys, time
-from bc_fast import tables
+from bc_fast.store import tables
 from bc_fast.cli import main
 orig = tables.NpyWriter.write
 def slow(self, chunk, y, extra):
@@ -401,7 +401,7 @@ def test_output_is_input_or_exists(tmp_path, registry):
 
 
 def test_not_enough_disk(tmp_path, registry, monkeypatch):
-    import bc_fast.convert as convert
+    import bc_fast.convert.pipeline as convert
     np.save(tmp_path / "in.npy", _table(1000))
     monkeypatch.setattr(convert, "_disk_free", lambda path: 1 << 20)
     _bad(tmp_path, OSError, "not enough disk space .* needs about", tmp_path / "in.npy", tmp_path / "out.npy",
@@ -437,7 +437,7 @@ def test_cli(tmp_path, registry, capsys):
 def test_progress_bar_is_drawn_by_tqdm(tmp_path, registry, capsys):
     import tqdm
 
-    from bc_fast.progress import Progress
+    from bc_fast._util.progress import Progress
     np.save(tmp_path / "in.npy", _table(1000))
     convert_table(tmp_path / "in.npy", tmp_path / "out.npy", registry=registry, dst=0, chunk_rows=256,
                   threads=THREADS, progress=True)

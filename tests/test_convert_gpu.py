@@ -1,4 +1,4 @@
-"""GPU table conversion (bc_fast.convert_gpu).
+"""GPU table conversion (bc_fast.convert.gpu).
 
 Most tests drive the pipeline through ``FakeCuda``: a stand-in for the ``bc_fast._cuda``
 module with the same API (pinned/device buffers, streams, events, async copies,
@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 
 from bc_fast import FusedTransform, Layer
-from bc_fast import convert_gpu
+from bc_fast.convert import gpu as convert_gpu
+from bc_fast.engine import device
 from bc_fast.convert import apply_to_table, read_sidecar
 
 # --------------------------------------------------------------------------- the fake CUDA module
@@ -196,7 +197,7 @@ class FakeCuda:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
     f = FakeCuda()
-    monkeypatch.setattr(convert_gpu, "_cuda_module", lambda: f)
+    monkeypatch.setattr(device, "_cuda_module", lambda: f)
     return f
 
 
@@ -227,7 +228,7 @@ def _leftovers(d: Path) -> list[str]:
 
 @pytest.mark.parametrize("dev, want", [("cpu", None), (None, None), ("cuda", 0), ("cuda:0", 0), ("cuda:3", 3)])
 def test_parse_device(dev: Any, want: int | None) -> None:
-    assert convert_gpu.parse_device(dev) == want
+    assert device.parse_device(dev) == want
 
 
 @pytest.mark.parametrize("dev", ["gpu", "cuda:", "cuda:-1", "CUDA", "cuda:1x", 0, "cuda:0,1"])
@@ -240,8 +241,8 @@ def test_bad_device_is_refused_before_any_work(tmp_path: Path, dev: Any) -> None
 
 def test_torch_device_is_accepted() -> None:
     torch = pytest.importorskip("torch", reason="torch is needed for a torch.device")
-    assert convert_gpu.parse_device(torch.device("cuda", 2)) == 2
-    assert convert_gpu.parse_device(torch.device("cpu")) is None
+    assert device.parse_device(torch.device("cuda", 2)) == 2
+    assert device.parse_device(torch.device("cpu")) is None
 
 
 def test_missing_cuda_module_names_the_install_command(tmp_path: Path) -> None:
@@ -255,7 +256,7 @@ def test_missing_cuda_module_names_the_install_command(tmp_path: Path) -> None:
 
 
 def test_no_gpu_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(convert_gpu, "_cuda_module", lambda: FakeCuda(available=False))
+    monkeypatch.setattr(device, "_cuda_module", lambda: FakeCuda(available=False))
     inp = _table(tmp_path / "in.npy")
     with pytest.raises(RuntimeError, match=r"device='cuda:0': no CUDA GPU visible \(no CUDA-capable device is "
                                            r"detected\); .*use device='cpu'"):
@@ -264,7 +265,7 @@ def test_no_gpu_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_device_index_out_of_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(convert_gpu, "_cuda_module", lambda: FakeCuda(devices=2))
+    monkeypatch.setattr(device, "_cuda_module", lambda: FakeCuda(devices=2))
     inp = _table(tmp_path / "in.npy")
     with pytest.raises(ValueError, match=r"device='cuda:2' is out of range: this machine has 2 CUDA GPU\(s\) "
                                          r"\(cuda:0 to cuda:1\)"):
@@ -289,7 +290,7 @@ def test_cli_device_flag_bad_value(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_fake_gpu_is_byte_identical_to_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str,
                                            dtype: Any, out_dtype: Any) -> None:
     f = FakeCuda(mode=mode)
-    monkeypatch.setattr(convert_gpu, "_cuda_module", lambda: f)
+    monkeypatch.setattr(device, "_cuda_module", lambda: f)
     inp = _table(tmp_path / "in.npy", rows=1037, dtype=dtype)
     op = _op(mlp=True, normalize=True)
     cpu = apply_to_table(op, inp, tmp_path / "cpu.npy", dtype=out_dtype, chunk_rows=100)
@@ -306,7 +307,7 @@ def test_chunks_in_flight(tmp_path: Path, fake: FakeCuda, monkeypatch: pytest.Mo
     writer of chunk 0 holds until ``depth`` chunks were enqueued; a pipeline that waited for each
     write before starting the next chunk would never get there). Bounded: never more queued work
     than its slots."""
-    from bc_fast import convert
+    from bc_fast.convert import pipeline as convert
     depth = convert_gpu.DEFAULT_DEPTH
     seen: list[int] = []
     real = convert._journaled_writer
@@ -399,7 +400,7 @@ def test_verification_still_catches_a_wrong_device_result(tmp_path: Path, monkey
 
 def test_device_error_midway_cleans_up_and_does_not_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     f = FakeCuda(fail_compute_at=4)
-    monkeypatch.setattr(convert_gpu, "_cuda_module", lambda: f)
+    monkeypatch.setattr(device, "_cuda_module", lambda: f)
     inp = _table(tmp_path / "in.npy", rows=1000)
     with pytest.raises(RuntimeError, match=r"cublasLtMatmul failed: CUBLAS_STATUS_EXECUTION_FAILED"):
         apply_to_table(_op(), inp, tmp_path / "gpu.npy", chunk_rows=100, device="cuda")
@@ -408,7 +409,7 @@ def test_device_error_midway_cleans_up_and_does_not_hang(tmp_path: Path, monkeyp
 
 
 def test_read_error_midway(tmp_path: Path, fake: FakeCuda, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bc_fast.tables import NpyReader
+    from bc_fast.store.tables import NpyReader
     real = NpyReader.read
 
     def read(self: NpyReader, chunk: Any, buf: np.ndarray) -> Any:
@@ -429,10 +430,11 @@ import importlib.util, os, signal, sys
 import numpy as np
 spec = importlib.util.spec_from_file_location("tcg", sys.argv[1])
 tcg = importlib.util.module_from_spec(spec); spec.loader.exec_module(tcg)
-from bc_fast import convert, convert_gpu
+from bc_fast.convert import gpu as convert_gpu, pipeline as convert
+from bc_fast.engine import device
 if sys.argv[4] == "fake":
     fake = tcg.FakeCuda()
-    convert_gpu._cuda_module = lambda: fake
+    device._cuda_module = lambda: fake
 kill_after = int(sys.argv[5])
 real = convert._journaled_writer
 def journaled(*a, **k):
@@ -484,7 +486,7 @@ def test_resume_refuses_another_device_kind(tmp_path: Path, fake: FakeCuda) -> N
 
 def _gpu_count() -> int:
     try:
-        info = convert_gpu._cuda_module().device_info()
+        info = device._cuda_module().device_info()
     except RuntimeError:
         return 0
     return int(info["device_count"]) if info.get("available") else 0

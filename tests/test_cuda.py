@@ -1,4 +1,4 @@
-"""The GPU path of FusedTransform (bc_fast.cuda).
+"""The GPU path of FusedTransform (bc_fast.engine.cuda).
 
 Part 1 runs everywhere: a fake ``bc_fast._cuda`` module records the calls, fake
 ``__cuda_array_interface__`` objects stand for CuPy arrays, and every check and error path
@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 import bc_fast
-import bc_fast.cuda as bccuda
+import bc_fast.engine.cuda as bccuda
 from bc_fast import FusedTransform, Layer
 from bc_fast.cli import main
-from bc_fast.fusion import apply_layers_reference
+from bc_fast.engine.fusion import apply_layers_reference
 
 DEV1 = 1 << 44  # fake pointers at or above this address live on device 1
 
@@ -453,7 +453,7 @@ def test_numpy_inputs_never_import_the_gpu_path():
         "op.apply(np.ones((4, 8), np.float32)[:, :4].copy())\n"
         "try:\n    op.apply(np.ones((2, 4)))\nexcept TypeError:\n    pass\n"
         "try:\n    op.apply(np.ones((2, 4), np.float32)[:, ::2])\nexcept ValueError:\n    pass\n"
-        "print(sorted(m for m in ('bc_fast.cuda', 'bc_fast._cuda', 'torch', 'cupy') if m in sys.modules))\n")
+        "print(sorted(m for m in ('bc_fast.engine.cuda', 'bc_fast._cuda', 'torch', 'cupy') if m in sys.modules))\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -466,7 +466,7 @@ def test_cpu_torch_tensors_never_import_the_gpu_path():
             "op = bc_fast.FusedTransform.affine(np.eye(4, dtype=np.float32))\n"
             "op.apply(torch.ones(2, 4)); op.apply(torch.ones(2, 4), out=torch.empty(2, 4))\n"
             "try:\n    op.apply(torch.ones(2, 4, device='meta'))\nexcept ValueError:\n    pass\n"
-            "print('bc_fast.cuda' in sys.modules)\n")
+            "print('bc_fast.engine.cuda' in sys.modules)\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr

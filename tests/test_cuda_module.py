@@ -15,8 +15,8 @@ import zlib
 import numpy as np
 import pytest
 
-from bc_fast.fusion import apply_layers_reference
-from bc_fast.ops import Layer
+from bc_fast.engine.fusion import apply_layers_reference
+from bc_fast.engine.operator import Layer
 
 cu = pytest.importorskip("bc_fast._cuda", reason="bc_fast._cuda is built only with BC_FAST_CUDA=ON (.ci/cuda)")
 

@@ -1,4 +1,4 @@
-"""Conversion and legacy IVF index building on Ray (bc_fast.distributed, bc_fast.index_build).
+"""Conversion and legacy IVF index building on Ray (bc_fast.convert.distributed, bc_fast.index.sharded).
 
 One local Ray (2 CPUs) serves the whole module. Every output is compared byte for byte with the
 single-process converter on the same file, and its values with the float64 step-by-step chain.
@@ -20,9 +20,10 @@ pa = pytest.importorskip("pyarrow", reason="pyarrow is needed for Parquet datase
 pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is needed for Parquet datasets")
 
 from bc_fast.convert import convert_table, read_sidecar  # noqa: E402
-from bc_fast import distributed  # noqa: E402
-from bc_fast.distributed import convert_dataset_ray  # noqa: E402
-from bc_fast.fusion import apply_layers_reference, flatten_chain  # noqa: E402
+import bc_fast  # noqa: E402
+from bc_fast.convert import distributed  # noqa: E402
+from bc_fast.convert.distributed import convert_dataset_ray  # noqa: E402
+from bc_fast.engine.fusion import apply_layers_reference, flatten_chain  # noqa: E402
 
 # Ray Data warns about its own deprecated internals while it starts (warnings are errors here)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
@@ -47,11 +48,14 @@ def ray_cluster(tmp_path_factory):
 
 
 def test_a_source_checkout_as_working_directory_is_refused(tmp_path):
+    from bc_fast._util.ray_runtime import check_no_shadowing_source
+
     (tmp_path / "bc_fast").mkdir()
     (tmp_path / "bc_fast" / "__init__.py").write_text("")
     with pytest.raises(RuntimeError, match="holds a bc_fast/ source folder.*run the command from another directory"):
-        distributed._check_no_shadowing_source(str(tmp_path))
-    distributed._check_no_shadowing_source(str(tmp_path / "bc_fast"))  # no bc_fast/ below it: fine
+        check_no_shadowing_source(str(tmp_path))
+    check_no_shadowing_source(str(tmp_path / "bc_fast"))  # no bc_fast/ below it: fine
+    check_no_shadowing_source(os.path.dirname(os.path.dirname(bc_fast.__file__)))  # the installed package itself
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +192,7 @@ def test_killed_worker_then_rerun(ray_cluster, tmp_path, registry, dataset, sing
 
 
 def test_npy_shards_match_the_npy_dir_converter(ray_cluster, tmp_path, registry):
-    from bc_fast.tables import open_table
+    from bc_fast.store.tables import open_table
 
     shards = tmp_path / "in"
     shards.mkdir()
@@ -243,7 +247,7 @@ def test_ray_missing_is_a_clear_error(tmp_path, registry, dataset, monkeypatch, 
 def test_sharded_ivf_equals_one_process(converted, tmp_path, registry):
     faiss = pytest.importorskip("faiss", reason="faiss-cpu is needed for index tests")
     from bc_fast.index import LegacyIndex
-    from bc_fast.index_build import build_ivf_index_sharded, train_ivf
+    from bc_fast.index.sharded import build_ivf_index_sharded, train_ivf
 
     out, _ = converted
     faiss.omp_set_num_threads(1)

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("torch", reason="the experiment trains with PyTorch")
 
 from bc_fast.data import synthetic_interactions  # noqa: E402
-from bc_fast.experiment import ExperimentConfig, _direct_maps, run_experiment  # noqa: E402
+from bc_fast.experiments.runner import ExperimentConfig, _direct_maps, run_experiment  # noqa: E402
 
 
 def test_direct_maps_recover_an_exactly_affine_version() -> None:

@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("torch", reason="the experiment trains with PyTorch")
 
 from bc_fast.data import synthetic_interactions  # noqa: E402
-from bc_fast.experiment import ExperimentConfig, run_experiment  # noqa: E402
-from bc_fast.experiment_checkpoint import SeedCheckpoints, _decode, _encode  # noqa: E402
+from bc_fast.experiments.runner import ExperimentConfig, run_experiment  # noqa: E402
+from bc_fast.experiments.checkpoint import SeedCheckpoints, _decode, _encode  # noqa: E402
 
 TINY = dict(dims=(8, 10, 12), epochs=2, eval_every=1, batch_size=512, consumer_epochs=2, consumer_seeds=(0,),
             posthoc_steps=10, degree_bins=4, n_boot=100, seeds=2,

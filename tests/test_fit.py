@@ -10,9 +10,9 @@ import pytest
 from bc_fast.fit import (AutoAdapter, LowRankAdapter, MLPAdapter, NotFittedError, ProcrustesAdapter, RidgeAdapter,
                          accumulate_pairs, fit_adapter, fit_metrics, fit_streaming, fit_streaming_npy, make_adapter,
                          val_mask)
-from bc_fast.fusion import apply_layers_reference
-from bc_fast.ops import Layer
-from bc_fast.registry import Registry, RegistryError
+from bc_fast.engine.fusion import apply_layers_reference
+from bc_fast.engine.operator import Layer
+from bc_fast.store.registry import Registry, RegistryError
 
 
 def _orth(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:

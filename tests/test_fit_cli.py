@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bc_fast.registry import Registry
+from bc_fast.store.registry import Registry
 
 
 def _bc_fast(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bc_fast import FusedTransform, Layer
-from bc_fast.fusion import apply_layers_reference, chain_flops, flatten_chain, fuse_chain
+from bc_fast.engine.fusion import apply_layers_reference, chain_flops, flatten_chain, fuse_chain
 
 KINDS = ("linear", "affine", "mlp_relu", "mlp_gelu")
 

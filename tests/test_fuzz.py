@@ -35,11 +35,12 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import bc_fast
-from bc_fast import convert, tables
-from bc_fast._manifest import content_checksum, pretty
-from bc_fast.fusion import apply_layers_reference
-from bc_fast.ops import Layer
-from bc_fast.registry import Registry, RegistryError
+from bc_fast.convert import pipeline as convert
+from bc_fast.store import tables
+from bc_fast.store.manifest import content_checksum, pretty
+from bc_fast.engine.fusion import apply_layers_reference
+from bc_fast.engine.operator import Layer
+from bc_fast.store.registry import Registry, RegistryError
 
 # Derandomized: CI sees the same examples every run. No shrinking, so a failure stays fast too
 # (rerun locally with phases including Phase.shrink for a minimal example).
@@ -509,7 +510,7 @@ def index_template(fixed_tmp: Path) -> dict:
 @FUZZ
 @given(data=st.data())
 def test_fuzz_index_sidecar(index_template: dict, data: st.DataObject) -> None:
-    from bc_fast.index import LegacyIndex, _sidecar_checksum
+    from bc_fast.index.legacy import LegacyIndex, _sidecar_checksum
 
     t = index_template
     d = t["root"] / f"case{next(_counter)}"
@@ -563,7 +564,7 @@ def _deep_journal(t: dict) -> tuple[Path, Callable[[], Any]]:
 
 
 def _deep_index_sidecar(t: dict) -> tuple[Path, Callable[[], Any]]:
-    from bc_fast.index import LegacyIndex, _sidecar_checksum
+    from bc_fast.index.legacy import LegacyIndex, _sidecar_checksum
 
     d = t["root"] / f"case{next(_counter)}"
     d.mkdir()

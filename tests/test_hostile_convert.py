@@ -10,9 +10,10 @@ import os
 import numpy as np
 import pytest
 
-import bc_fast.convert as convert
+import bc_fast.convert.pipeline as convert
 from bc_fast.cli import main
-from bc_fast.convert import _journal_checksum, convert_table, read_sidecar
+from bc_fast.convert import convert_table, read_sidecar
+from bc_fast.convert.pipeline import _journal_checksum
 
 DIMS = (8, 12, 16)  # versions 0, 1, 2
 
@@ -141,7 +142,7 @@ def test_overwrite_replaces_exactly_a_bc_fast_shard_dir(tmp_path, registry):
 
 def _killed_run(tmp_path, registry, monkeypatch, n_writes: int = 4, rows: int = 600) -> tuple:
     """A conversion of in.npy to out.npy killed after n_writes chunks, and the clean result."""
-    from bc_fast import tables
+    from bc_fast.store import tables
     np.save(tmp_path / "in.npy", _table(rows, dtype=np.float16, seed=7))
     kw = _kw(registry, chunk_rows=50, journal_interval=0)
     convert_table(tmp_path / "in.npy", tmp_path / "clean.npy", **kw)
@@ -473,7 +474,7 @@ def test_read_only_output_dir(tmp_path, registry):
 
 def test_output_dir_not_writable_simulated(tmp_path, registry, monkeypatch):
     """The same failure as a read-only folder, for runs as root: creating the partial output fails."""
-    from bc_fast import tables
+    from bc_fast.store import tables
     np.save(tmp_path / "in.npy", _table(10))
 
     def create(self):
@@ -484,7 +485,7 @@ def test_output_dir_not_writable_simulated(tmp_path, registry, monkeypatch):
 
 
 def test_another_conversion_holds_the_lock(tmp_path, registry):
-    from bc_fast._fileio import FileLock
+    from bc_fast._util.fileio import FileLock
     np.save(tmp_path / "in.npy", _table(10))
     with FileLock(tmp_path / "out.npy.partial.lock"):
         with pytest.raises(RuntimeError, match="another conversion is writing .*out.npy"):
@@ -518,7 +519,7 @@ def test_malformed_npy_header(tmp_path, registry, old, new):
 
 _KILL_ON_SIDECAR_RENAME = """
 import os, signal, sys
-import bc_fast.convert as convert
+import bc_fast.convert.pipeline as convert
 from bc_fast.cli import main
 real = os.replace
 def replace(src, dst):
@@ -575,7 +576,7 @@ def test_journal_that_is_a_symlink_or_a_folder(tmp_path, registry, monkeypatch):
 def test_disk_full_mid_run_leaves_nothing(tmp_path, registry, monkeypatch):
     import errno
 
-    from bc_fast import tables
+    from bc_fast.store import tables
     np.save(tmp_path / "in.npy", _table(400))
     orig, calls = tables.NpyWriter.write, [0]
 

@@ -19,7 +19,7 @@ import pytest
 faiss = pytest.importorskip("faiss", reason="legacy indexes are faiss indexes")
 
 from bc_fast.index import LegacyIndex, build_legacy_index  # noqa: E402
-from bc_fast.registry import Registry, RegistryError  # noqa: E402
+from bc_fast.store.registry import Registry, RegistryError  # noqa: E402
 
 N = 300
 
@@ -379,7 +379,7 @@ def test_bad_tables_and_versions(reg: Registry, table: Any, version: Any, exc: t
 
 
 def test_wrong_registry_object(table: np.ndarray, tmp_path: Path) -> None:
-    with pytest.raises(TypeError, match="registry must be a bc_fast.registry.Registry, got str"):
+    with pytest.raises(TypeError, match="registry must be a bc_fast.store.Registry, got str"):
         build_legacy_index(str(tmp_path), table, 0)  # type: ignore[arg-type]
 
 

@@ -26,8 +26,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bc_fast import _manifest
-from bc_fast.registry import Registry, RegistryError, as_layers
+from bc_fast.store import manifest as _manifest
+from bc_fast.store.registry import Registry, RegistryError, as_layers
 
 
 @pytest.fixture
@@ -439,7 +439,7 @@ def test_same_name_orphan_with_wrong_content_is_rewritten(reg: Registry) -> None
 _KILLER = r"""
 import os, signal, sys
 import numpy as np
-from bc_fast.registry import Registry
+from bc_fast.store.registry import Registry
 
 path, point = sys.argv[1], sys.argv[2]
 real_replace = os.replace
@@ -619,7 +619,7 @@ def test_layer_spec_without_activation_width(reg: Registry) -> None:
 @pytest.mark.parametrize("header_len", [640, 896, 1152, 1408, 640 + 65536])
 def test_safetensors_header_length_that_starts_like_a_pickle_is_read(header_len: int) -> None:
     """A header of 640 bytes is ``80 02 00 ..``: a pickle's magic, yet valid safetensors (seen with MLP chains)."""
-    from bc_fast.ops import Layer
+    from bc_fast.engine.operator import Layer
 
     data = _manifest.encode_transform([Layer(np.eye(4, dtype=np.float32), np.ones(4, np.float32), "relu", 4)],
                                       1, 0, "backward", "mlp")

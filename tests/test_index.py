@@ -17,8 +17,8 @@ from bc_fast.eval.retrieval import (  # noqa: E402
     format_retrieval_report, legacy_retrieval_report, overlap_at_k, recall_from_embeddings)
 from bc_fast.index import (  # noqa: E402
     DEFAULT_BLAS_MIN_QUERIES, LegacyIndex, blas_threshold, blas_threshold_for, build_legacy_index, export_faiss_pretransform)
-from bc_fast.progress import Progress  # noqa: E402
-from bc_fast.registry import Registry, RegistryError  # noqa: E402
+from bc_fast._util.progress import Progress  # noqa: E402
+from bc_fast.store.registry import Registry, RegistryError  # noqa: E402
 
 N = 3000
 
@@ -304,7 +304,7 @@ def test_demo_pipeline_on_synthetic_data(tmp_path: Path) -> None:
     pytest.importorskip("torch", reason="the demo trains its models with PyTorch")
     pytest.importorskip("matplotlib", reason="the demo draws its figures with matplotlib")
     from bc_fast.data import synthetic_interactions
-    from bc_fast.demo import run_demo_pipeline
+    from bc_fast.experiments.demo import run_demo_pipeline
 
     lines: list[str] = []
     data = synthetic_interactions(num_users=80, num_items=40, num_edges=2500, seed=2)
@@ -319,7 +319,7 @@ def test_demo_pipeline_on_synthetic_data(tmp_path: Path) -> None:
     assert any("legacy retrieval for version 0" in line for line in lines)
     # rerun with --resume: every seed comes from out/checkpoints, and the registry built from the
     # restored B_k layers serves the same fused operator
-    from bc_fast.registry import Registry
+    from bc_fast.store.registry import Registry
 
     x = np.random.default_rng(0).standard_normal((5, 12)).astype(np.float32)
     first = Registry.open(tmp_path / "registry")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from bc_fast import FusedTransform, Layer
-from bc_fast import registry as registry_mod
-from bc_fast.fusion import apply_layers_reference
-from bc_fast.registry import Registry, RegistryError, as_layers, show
+from bc_fast.store import registry as registry_mod
+from bc_fast.engine.fusion import apply_layers_reference
+from bc_fast.store.registry import Registry, RegistryError, as_layers, show
 
 
 def _mlp(rng: np.random.Generator, d_in: int, d_out: int, hidden: int = 16) -> list[Layer]:
@@ -361,9 +361,9 @@ def test_transform_files_are_deterministic_and_old_files_still_load(reg: Registr
 
 
 def test_registry_api_names_still_importable() -> None:
-    from bc_fast.registry import (  # noqa: F401
+    from bc_fast.store.registry import (  # noqa: F401
         FORMAT, FORMAT_VERSION, KINDS, MANIFEST, TRANSFORM_DIR, Registry, RegistryError, TransformInfo,
         VersionInfo, as_layers, atomic_write_bytes, show)
-    from bc_fast import _manifest
+    from bc_fast.store import manifest as _manifest
 
     assert registry_mod.RegistryError is _manifest.RegistryError and FORMAT_VERSION == 1

@@ -13,7 +13,7 @@ import pytest
 
 import bc_fast
 from bc_fast import FusedTransform, Layer, _core
-from bc_fast.fusion import apply_layers_reference
+from bc_fast.engine.fusion import apply_layers_reference
 
 ALL_LEVELS = ("generic", "avx2", "avx512")
 TESTS_DIR = Path(__file__).resolve().parent

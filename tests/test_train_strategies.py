@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="bc_fast.train needs torch (install the train extra)")
 
 from bc_fast.data import synthetic_interactions, time_points  # noqa: E402
-from bc_fast.ops import FusedTransform  # noqa: E402
+from bc_fast.engine.operator import FusedTransform  # noqa: E402
 from bc_fast.train import (  # noqa: E402
     STRATEGY_NAMES,
     BCTrainer,
@@ -219,7 +219,7 @@ def test_run_demo_end_to_end_on_synthetic_data(tmp_path):
     pytest.importorskip("matplotlib", reason="run_demo draws its figures with matplotlib")
     import json
 
-    from bc_fast.experiment import run_demo
+    from bc_fast.experiments.runner import run_demo
 
     data = synthetic_interactions(num_users=80, num_items=40, num_edges=2500, seed=2)
     res = run_demo(tmp_path, seed=0, log=None, data=data, dims=(8, 10, 12), epochs=2, batch_size=512,
@@ -231,7 +231,7 @@ def test_run_demo_end_to_end_on_synthetic_data(tmp_path):
     assert (tmp_path / "degradation.png").stat().st_size > 1000 and (tmp_path / "per_version.png").exists()
     art = res["artifacts"]["joint-mloss"]
     assert art["dims"] == [8, 10, 12] and art["item"][2].shape[1] == 12
-    # bc_fast.ops is always importable (bc_fast imports it), so the exported layers must be there
+    # bc_fast.engine.operator is always importable (bc_fast imports it), so the exported layers must be there
     assert [layers[0].weight.shape for layers in art["layers"]] == [(8, 10), (10, 12)]
     fix = next(r for r in res["rows"] if r["strategy"] == "fix-m0")
     assert fix["unintended_change"] == 0.0 and fix["align_error"] == 0.0
@@ -239,7 +239,7 @@ def test_run_demo_end_to_end_on_synthetic_data(tmp_path):
 
 @pytest.mark.parametrize("name", ["joint-mloss", "nobc"])
 def test_save_registry_round_trips_the_chain(runs, tmp_path, name):
-    from bc_fast.registry import Registry
+    from bc_fast.store.registry import Registry
 
     tr = runs[name]
     tr.save_registry(tmp_path / "reg")

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="bc_fast.train needs torch (install the train extra)")
 
-from bc_fast import ops  # noqa: E402
+from bc_fast.engine import operator as ops  # noqa: E402
 from bc_fast.train.transforms import (  # noqa: E402
     TRANSFORM_KINDS,
     OrthogonalTransform,

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .._fileio import FileLock, atomic_write_bytes, atomic_write_json, read_json_object
+from .._util.fileio import FileLock, atomic_write_bytes, atomic_write_json, read_json_object
 from .text import corpus_fingerprint
 from .text_models import TextEncoder
 

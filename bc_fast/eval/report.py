@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .._fileio import atomic_write_bytes
+from .._util.fileio import atomic_write_bytes
 
 __all__ = ["format_table", "format_per_version", "write_json", "write_raw_json", "plot_degradation", "plot_per_version", "plot_pareto", "atomic_write_bytes"]
 

@@ -18,9 +18,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..index import blas_threshold, blas_threshold_for, build_legacy_index, faiss_metric
-from ..ops import Layer
-from ..registry import Registry
+from ..index.legacy import blas_threshold, blas_threshold_for, build_legacy_index, faiss_metric
+from ..engine import Layer
+from ..store.registry import Registry
 from .metrics import recall_at_k
 
 __all__ = ["unit_rows", "overlap_at_k", "recall_from_embeddings", "legacy_retrieval_report", "format_retrieval_report"]
@@ -168,7 +168,7 @@ def legacy_retrieval_report(strategies: Mapping[str, Mapping[str, Any]], *, vers
         ``items``: list of K+1 arrays, item embeddings of versions 0..K, shapes (n_items, d_k);
         ``users``: optional list of K+1 arrays (n_users, d_k), user embeddings;
         ``backward``: B_1..B_K as a list of K transforms (or ``[None, B_1, ...]`` or
-        ``{k: B_k}``), each anything :func:`bc_fast.registry.as_layers` accepts (a Layer
+        ``{k: B_k}``), each anything :func:`bc_fast.store.registry.as_layers` accepts (a Layer
         list from ``export_layers()``, ``(W, b)``). ``None`` (the whole entry, or one
         step) means no transform: the identity, truncating to the first d_(k-1)
         features if the dimension grew (what nobc does).

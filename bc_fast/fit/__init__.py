@@ -5,7 +5,7 @@ fit a map ``X_src -> X_dst``: backward (new -> old, to query old indexes and fee
 consumers) or forward (old -> new). Every adapter follows scikit-learn's conventions
 (``fit`` returns self, fitted attributes end in ``_``, ``get_params``/``set_params``),
 transforms float32 through the compiled core, and exports a layer program that
-:meth:`bc_fast.registry.Registry.add_transform` stores and fuses with other transforms.
+:meth:`bc_fast.store.Registry.add_transform` stores and fuses with other transforms.
 
 ========== ==================================================== ================== =====
 kind       map                                                  how                torch

@@ -8,8 +8,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..fusion import apply_layers_reference
-from ..ops import FusedTransform, Layer
+from ..engine.fusion import apply_layers_reference
+from ..engine import FusedTransform, Layer
 from ._checks import check_features, check_pair_chunk
 from ._gram import r2_from_sums
 

@@ -45,7 +45,8 @@ def _cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the timing; see the module docstring."""
-    from . import fit_adapter, fit_streaming_npy
+    from . import fit_adapter
+    from . import fit_streaming_npy
 
     ap = argparse.ArgumentParser(prog="python -m bc_fast.fit._bench", description=__doc__)
     ap.add_argument("--pairs", type=int, default=1_000_000)

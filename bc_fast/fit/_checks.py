@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .._arrays import as_numpy
+from .._util.arrays import as_numpy
 
 
 def as_matrix(x: Any, name: str) -> np.ndarray:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..ops import Layer
+from ..engine import Layer
 from ._base import BaseAdapter
 from ._checks import check_alpha, check_fraction, check_int
 from ._closed_form import RidgePath, lowrank_project, procrustes, ridge_path

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..registry import Registry, RegistryError
+from ..store.registry import Registry, RegistryError
 from ._auto import AutoAdapter, make_adapter
 from ._gram import accumulate_pairs, val_mask
 from ._metrics import fit_metrics

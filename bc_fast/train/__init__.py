@@ -4,7 +4,7 @@
   -> versions M_0..M_K with backward transforms B_k, for any of the paper's eight strategies.
 * Backward transforms (:func:`make_transform`): linear (the paper's), affine, lowrank,
   orthogonal, mlp (residual), plus the fixed truncate/identity; each ``.export()``s
-  :class:`bc_fast.ops.Layer` lists for the fused core.
+  :class:`bc_fast.engine.Layer` lists for the fused core.
 * Losses: :func:`single_step_loss`, :func:`multi_step_loss` (BC-Aligner), :func:`alignment_loss`.
 * The reference recommender: :class:`PinSAGE`, :func:`bpr_loss`, :class:`BPRSampler`,
   :func:`evaluate_recall`.

@@ -218,7 +218,7 @@ class BCTrainer:
         return {k: self.to_version(v, version, dst) for k, v in rec.embeddings.items()}
 
     def export_chain(self, src: int, dst: int = 0) -> list[Any]:
-        """The chain ``src -> dst`` as :class:`bc_fast.ops.Layer` list, ready for ``FusedTransform``."""
+        """The chain ``src -> dst`` as :class:`bc_fast.engine.Layer` list, ready for ``FusedTransform``."""
         layers: list[Any] = []
         for b in self.chain(src, dst):
             layers.extend(b.export())
@@ -231,7 +231,7 @@ class BCTrainer:
         Parameters
         ----------
         path : path
-            Directory of the new registry (see :class:`bc_fast.registry.Registry`); must not
+            Directory of the new registry (see :class:`bc_fast.store.Registry`); must not
             hold one already.
         name : str, optional
             Registry name (default: the strategy name).
@@ -240,9 +240,9 @@ class BCTrainer:
 
         Returns
         -------
-        bc_fast.registry.Registry
+        bc_fast.store.Registry
         """
-        from ..registry import Registry
+        from ..store.registry import Registry
 
         if not self.versions:
             raise ValueError("no trained versions to save")

@@ -1,6 +1,6 @@
 """Backward transforms B_k: version k (dim d_in) -> version k-1 (dim d_out), as torch modules.
 
-Every transform exports its weights as a list of :class:`bc_fast.ops.Layer`
+Every transform exports its weights as a list of :class:`bc_fast.engine.Layer`
 (plain numpy arrays) so the compiled core can apply it, or a whole chain of them,
 without torch. Kinds:
 
@@ -49,7 +49,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def _layer(weight: np.ndarray, bias: np.ndarray | None = None, activation: str = "none",
            activation_width: int | None = None) -> Any:
-    from ..ops import Layer  # the interchange type of the compiled core (numpy only)
+    from ..engine import Layer  # the interchange type of the compiled core (numpy only)
 
     return Layer(weight=weight, bias=bias, activation=activation, activation_width=activation_width)
 
@@ -84,7 +84,7 @@ class BackwardTransform(nn.Module):
         raise NotImplementedError
 
     def export(self) -> list[Any]:
-        """The transform as a list of :class:`bc_fast.ops.Layer` for ``FusedTransform``."""
+        """The transform as a list of :class:`bc_fast.engine.Layer` for ``FusedTransform``."""
         return [_layer(*a) for a in self.export_arrays()]
 
     def extra_repr(self) -> str:
@@ -284,10 +284,10 @@ def make_transform(kind: str, d_in: int, d_out: int, **options: Any) -> Backward
 def apply_layers_numpy(layers: list[Any], x: np.ndarray) -> np.ndarray:
     """Float64 reference application of a layer program ``[(W, b, act, width) | Layer, ...]``.
 
-    A thin front of :func:`bc_fast.fusion.apply_layers_reference` that also takes the tuples of
+    A thin front of :func:`bc_fast.engine.fusion.apply_layers_reference` that also takes the tuples of
     :meth:`BackwardTransform.export_arrays`.
     """
-    from ..fusion import apply_layers_reference
-    from ..ops import Layer
+    from ..engine.fusion import apply_layers_reference
+    from ..engine import Layer
 
     return apply_layers_reference([l if isinstance(l, Layer) else Layer(*l) for l in layers], x)

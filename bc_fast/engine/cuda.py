@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import is_torch
+from .._util.arrays import is_torch
 
 __all__ = ["CudaArray", "cuda_module", "is_cuda_array", "describe_cuda_array", "empty_like_kind",
            "apply_fused", "cuda_info"]
@@ -420,9 +420,9 @@ def apply_fused(fused: Any, x: Any, *, out: Any = None, out_dtype: Any = None, t
     and is not waited for.
     """
     if threads is not None:
-        from .ops import _check_threads
+        from ._checks import check_threads
 
-        _check_threads(threads)
+        check_threads(threads)
     cuda_module()  # first: without the module, the install hint is the one useful message
     if not is_cuda_array(x):
         raise ValueError(f"out is a CUDA array but x is a {type(x).__name__} on the host; both must be on the same "

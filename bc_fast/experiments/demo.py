@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .eval.report import write_json
+from ..eval.report import write_json
 
 #: What ``bc-fast demo`` trains (``bc-fast experiment`` runs all eight): the two references,
 #: the post-hoc baseline and BC-Aligner -- half the training time of the full list.
@@ -22,8 +22,8 @@ def load_user_interactions(path: str | Path, *, items: str | Path | None = None,
     Without a label column the item-genre consumer task cannot be trained: it is left out of
     ``consumer_tasks`` (returned in the overrides) and ``log`` says so.
     """
-    from .data.interactions import load_interactions
-    from .experiment import ALL_TASKS
+    from ..data.interactions import load_interactions
+    from .runner import ALL_TASKS
 
     data = load_interactions(path, items=items, columns=columns)
     overrides: dict = {}
@@ -39,7 +39,7 @@ def _save_registry(path: Path, artifacts: dict, *, name: str, kind: str) -> Any:
     From the exported layers rather than the trainer, so that a resumed run (whose first seed
     was restored from its checkpoint) serves the same registry.
     """
-    from .registry import Registry
+    from ..store.registry import Registry
 
     reg = Registry.create(path, name=name)
     for k, dim in enumerate(artifacts["dims"]):
@@ -55,7 +55,7 @@ def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
                       log: Callable[[str], None] | None = print, *, data: Any = None, **overrides: Any) -> dict:
     """Run the reference experiment, then serve version 0 from the latest BC-Aligner embeddings.
 
-    After training (see :func:`bc_fast.experiment.run_demo`; with ``seeds > 1`` the first seed's
+    After training (see :func:`bc_fast.experiments.run_demo`; with ``seeds > 1`` the first seed's
     models are served) the BC-Aligner chain
     B_1 ... B_K is saved in a version registry, fused into one operator, the latest
     item table is converted to version 0 through it (``bc_fast.convert``), and a
@@ -63,17 +63,17 @@ def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
     version-0 index, next to nobc (which truncates the latest embeddings instead).
 
     ``data`` (default: MovieLens latest-small) and ``overrides`` (any
-    :class:`bc_fast.experiment.ExperimentConfig` field) go to :func:`bc_fast.experiment.run_demo`.
+    :class:`bc_fast.experiments.ExperimentConfig` field) go to :func:`bc_fast.experiments.run_demo`.
 
     Returns the experiment's results with ``pipeline`` (registry, conversion and
     retrieval figures) added; they are also written to ``out_dir/pipeline.json``.
     """
-    from .convert import convert_table
-    from .data import load_movielens
-    from .experiment import run_demo
-    from .eval.retrieval import format_retrieval_report, legacy_retrieval_report
+    from ..convert.pipeline import convert_table
+    from ..data import load_movielens
+    from .runner import run_demo
+    from ..eval.retrieval import format_retrieval_report, legacy_retrieval_report
 
-    from .train.strategies import get_strategy
+    from ..train.strategies import get_strategy
 
     names = {get_strategy(x).name for x in overrides.get("strategies", ("nobc", "joint-mloss"))}
     if not {"nobc", "joint-mloss"} <= names:

@@ -1,4 +1,4 @@
-"""Per-seed checkpoints of :func:`bc_fast.experiment.run_experiment`, so that long runs resume.
+"""Per-seed checkpoints of :func:`bc_fast.experiments.run_experiment`, so that long runs resume.
 
 A full-preset run takes tens of minutes per seed; one file per finished seed
 (``seed_<s>.json``, written atomically) means a crash or an interrupted session loses at most
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ._fileio import atomic_write_bytes, read_json_object
+from .._util.fileio import atomic_write_bytes, read_json_object
 
 FORMAT = "bc_fast.experiment.seed v1"
 
@@ -182,7 +182,7 @@ def _artifacts_bytes(artifacts: dict) -> bytes:
 
 
 def _read_artifacts(path: Path, fix: str) -> dict:
-    from .ops import Layer
+    from ..engine import Layer
 
     try:
         with np.load(path, allow_pickle=False) as z:

@@ -33,7 +33,7 @@ Protocol (every number in the results JSON follows it)
   the CPU lacks AVX512-BF16).
 * Forward (old queries adapted into the NEW index): for the best backward kind of each pair and
   fraction, an old -> new adapter on the same pairs; ``recall`` against the same ground truth.
-* Chain: versions 0, 1, 2 = ``chain`` models (old, mid, new) in a :class:`bc_fast.registry.Registry`
+* Chain: versions 0, 1, 2 = ``chain`` models (old, mid, new) in a :class:`bc_fast.store.Registry`
   with fitted backward transforms 1 -> 0 and 2 -> 1; ``operator(2, 0)`` fuses them, and the new
   model's queries go through it into the version-0 index (ground truth: version 2's neighbours).
 """
@@ -47,8 +47,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .eval.report import write_json
-from .eval.retrieval import overlap_at_k, unit_rows
+from ..eval.report import write_json
+from ..eval.retrieval import overlap_at_k, unit_rows
 
 __all__ = ["PAIRS", "CHAIN", "run_text_demo", "format_text_table", "fit_logreg"]
 
@@ -131,7 +131,7 @@ def _latency_us(op: Any, x_row: np.ndarray, calls: int) -> float:
 
 # -- inputs ---------------------------------------------------------------------------------------
 def _load_corpus(corpus: Any, limit: int | None) -> Any:
-    from .data.text import TextCorpus, load_text_corpus
+    from ..data.text import TextCorpus, load_text_corpus
 
     if isinstance(corpus, TextCorpus):
         return corpus if limit is None or limit >= len(corpus) else corpus.subset(np.arange(limit))
@@ -140,8 +140,8 @@ def _load_corpus(corpus: Any, limit: int | None) -> Any:
 
 def _embeddings(models: Sequence[str], corpus: Any, given: Mapping[str, np.ndarray] | None,
                 cache_dir: Any, log: Callable[[str], None]) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
-    from .data.text_cache import embed_texts
-    from .data.text_models import TEXT_MODELS, load_encoder, model_info
+    from ..data.text_cache import embed_texts
+    from ..data.text_models import TEXT_MODELS, load_encoder, model_info
 
     embs: dict[str, np.ndarray] = {}
     infos: dict[str, dict] = {}
@@ -233,14 +233,14 @@ def _baseline(s: _Setup, old: str, new: str) -> dict[str, Any]:
 
 
 def _fit(kind: str, x_src: np.ndarray, x_dst: np.ndarray, params: Mapping[str, Any]) -> Any:
-    from .fit import fit_adapter
+    from ..fit import fit_adapter
 
     return fit_adapter(x_src, x_dst, kind=kind, **dict(params))
 
 
 def _bf16_twin(op: Any) -> Any | None:
     """The same layer program computed in bf16 where the CPU can (None elsewhere)."""
-    from .ops import FusedTransform, build_info
+    from ..engine import FusedTransform, build_info
 
     if not build_info().get("bf16"):
         return None
@@ -281,7 +281,7 @@ def _score_backward(s: _Setup, est_or_op: Any, old: str, new: str, base: dict, l
 
 def _fit_and_score(s: _Setup, kind: str, old: str, new: str, f: float, base: dict, params: Mapping,
                    latency_calls: int, log: Callable) -> dict[str, Any]:
-    from .fit import fit_metrics
+    from ..fit import fit_metrics
 
     rows = s.fit_rows(f)
     row: dict[str, Any] = {"kind": kind, "fraction": f, "n_fit": int(rows.shape[0])}
@@ -323,8 +323,8 @@ def _forward(s: _Setup, kind: str, old: str, new: str, f: float, base: dict, par
 
 def _chain(s: _Setup, chain: Sequence[str], kind: str, f: float, base: dict, params: Mapping,
            latency_calls: int, reg_dir: Path, infos: Mapping[str, dict]) -> dict[str, Any]:
-    from .fit import fit_metrics
-    from .registry import Registry
+    from ..fit import fit_metrics
+    from ..store.registry import Registry
 
     old, mid, new = chain
     rows = s.fit_rows(f)
@@ -395,7 +395,7 @@ def format_text_table(results: Mapping[str, Any]) -> str:
 
 def _plot(path: Path, results: Mapping[str, Any]) -> Path | None:
     try:
-        from .eval.report import _pyplot, _save_fig
+        from ..eval.report import _pyplot, _save_fig
 
         plt = _pyplot()
     except ImportError:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .experiment_checkpoint import SeedCheckpoints
+from .checkpoint import SeedCheckpoints
 
 __all__ = ["ExperimentConfig", "run_experiment", "run_demo", "run_lambda_sweep", "summarize", "raw_schema"]
 
@@ -156,8 +156,8 @@ class ExperimentConfig:
 
     def validate(self, data: Any = None) -> None:
         """Raise ValueError on inconsistent settings (and, given ``data``, settings the data cannot serve)."""
-        from .train.strategies import get_strategy
-        from .train.transforms import TRANSFORM_KINDS
+        from ..train.strategies import get_strategy
+        from ..train.transforms import TRANSFORM_KINDS
 
         for s in self.strategies:
             get_strategy(s)
@@ -251,7 +251,7 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
     log : callable or None
         Progress messages (``print`` by default).
     checkpoint_dir : path, optional
-        Save every finished seed there (see :mod:`bc_fast.experiment_checkpoint`).
+        Save every finished seed there (see :mod:`bc_fast.experiments.checkpoint`).
     resume : bool, default False
         Reuse the seeds already saved in ``checkpoint_dir`` (made with the same settings on the
         same data; other settings raise ValueError) and train only the others. The results
@@ -264,16 +264,16 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
         ``per_task``, ``timing``, ``table`` (printable string), ``raw`` (every per-seed,
         per-user value, see :func:`raw_schema`), and ``artifacts`` (not JSON: per kept
         strategy, of the first seed, ``user``/``item`` embedding arrays per version, ``dims``
-        and ``layers`` -- the exported :class:`bc_fast.ops.Layer` list of every B_k,
+        and ``layers`` -- the exported :class:`bc_fast.engine.Layer` list of every B_k,
         ``layers[k-1]`` for B_k -- and ``scores``, each version's selection score).
     """
     import torch
 
-    from .data.movielens import load_movielens, time_points
-    from .eval import consumers as C
-    from .eval.report import format_per_version, format_table
-    from .train.protocol import held_out_split
-    from .train.recommender import build_graph, graph_attr_sizes
+    from ..data.movielens import load_movielens, time_points
+    from ..eval import consumers as C
+    from ..eval.report import format_per_version, format_table
+    from ..train.protocol import held_out_split
+    from ..train.recommender import build_graph, graph_attr_sizes
 
     cfg = config or ExperimentConfig.quick()
     cfg.validate()
@@ -374,7 +374,7 @@ class _Context:
 
 def _version_fns(ctx: _Context, seed: int, k: int):
     """Training closures of version k: BPR step, batches, embeddings, selection-half Recall."""
-    from .train.recommender import BPRSampler, bpr_loss, evaluate_recall
+    from ..train.recommender import BPRSampler, bpr_loss, evaluate_recall
 
     cfg, g, s = ctx.cfg, ctx.graphs[k], ctx.splits[k]
     selection = ctx.held[k].selection
@@ -407,10 +407,10 @@ def _run_seed(ctx: _Context, seed: int, timing: dict[str, float]) -> tuple[dict,
     """Train M_0 and every strategy for one seed; score them on the test halves."""
     import torch
 
-    from .eval import consumers as C
-    from .train.recommender import PinSAGE, recall_per_user
-    from .train.strategies import get_strategy
-    from .train.trainer import BCTrainer
+    from ..eval import consumers as C
+    from ..train.recommender import PinSAGE, recall_per_user
+    from ..train.strategies import get_strategy
+    from ..train.trainer import BCTrainer
 
     cfg, say, K = ctx.cfg, ctx.say, len(ctx.cfg.dims)
     layers = cfg.layers()
@@ -510,8 +510,8 @@ def _score_mapped(ctx: _Context, tr: Any, bc: list, ref: list, heads: Any, recal
 
     ``ref[k]``: M_0's embeddings on version k's graph; ``users0``: the version-0 user table.
     """
-    from .eval import consumers as C
-    from .train.recommender import recall_per_user
+    from ..eval import consumers as C
+    from ..train.recommender import recall_per_user
 
     cfg, K = ctx.cfg, len(ctx.cfg.dims)
     align = [float(np.mean(np.linalg.norm(np.vstack(bc[k]) - np.vstack(ref[k]), axis=1))) for k in range(K)]
@@ -542,7 +542,7 @@ def _direct_maps(tables: list) -> list:
     from version k's embeddings of the version-0 users and items (prefixes of the dense ids) to
     the version-0 table: the same pairs the joint alignment loss sees, in one closed-form step.
     """
-    from .fit import RidgeAdapter
+    from ..fit import RidgeAdapter
 
     users0, items0 = tables[0]
     target = np.vstack([users0, items0]).astype(np.float32, copy=False)
@@ -626,7 +626,7 @@ def _legacy_retention(raw: dict, names: list[str], boot: dict) -> dict:
     true = [np.asarray(raw["recall_test"][names[0]][s][0], dtype=np.float64) for s in range(n_seeds)]
     if not true[0].size:
         return {}
-    from .eval.bootstrap import Block, compare, paired_bootstrap
+    from ..eval.bootstrap import Block, compare, paired_bootstrap
 
     ref = "__true_version_0_index__"
     res = paired_bootstrap([Block(np.array(legacy + [true]))], **boot)
@@ -710,7 +710,7 @@ def summarize(raw: dict, tasks: Any, cfg: ExperimentConfig) -> dict:
     drawn identically for both; units independently). Alignment error: mean over seeds and
     versions of the mean row L2 distance to M_0's embeddings (no CI).
     """
-    from .eval.bootstrap import Block, compare, paired_bootstrap
+    from ..eval.bootstrap import Block, compare, paired_bootstrap
 
     names = list(raw["strategies"])
     n_seeds = len(raw["seeds"])
@@ -827,7 +827,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, quick: bool = True, log: Callab
     dict
         As :func:`run_experiment`, plus ``files`` (written paths); ``results["table"]`` is printable.
     """
-    from .eval.report import plot_degradation, plot_per_version, write_json, write_raw_json
+    from ..eval.report import plot_degradation, plot_per_version, write_json, write_raw_json
 
     cfg = (ExperimentConfig.quick if quick else ExperimentConfig.full)(seed=seed, **overrides)
     out = Path(out_dir)
@@ -875,9 +875,9 @@ def run_lambda_sweep(out_dir: str | Path, lams: Sequence[float], config: Experim
     dict with ``points`` (one per strategy and lambda), ``chosen`` ({strategy: lambda}),
     ``references`` (rows of fix-m0, nobc, posthoc-sloss at the first lambda) and ``files``.
     """
-    from .eval.report import plot_pareto, write_json
-    from .eval.retrieval import legacy_retrieval_report
-    from .train.strategies import get_strategy
+    from ..eval.report import plot_pareto, write_json
+    from ..eval.retrieval import legacy_retrieval_report
+    from ..train.strategies import get_strategy
 
     base = config or ExperimentConfig.quick()
     names = [get_strategy(s).name for s in strategies]
@@ -887,7 +887,7 @@ def run_lambda_sweep(out_dir: str | Path, lams: Sequence[float], config: Experim
     if not lams or any(not np.isfinite(x) or x < 0 for x in lams):
         raise ValueError(f"lams must be a non-empty list of finite values >= 0, got {list(lams)}")
     if data is None:
-        from .data.movielens import load_movielens
+        from ..data.movielens import load_movielens
 
         data = load_movielens()
     out = Path(out_dir)

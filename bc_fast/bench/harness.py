@@ -1,6 +1,6 @@
 """The one benchmark harness: timing, machine info, engines, results, report.
 
-Used by ``bc_fast.benchmark`` (``bc-fast bench``) and by every ``bench/*.py`` script;
+Used by ``bc_fast.bench.suite`` (``bc-fast bench``) and by every ``bench/*.py`` script;
 each config is a function ``cfg(bench, ...) -> dict`` built from :func:`result`
 and :func:`check`, run by :func:`run_configs`. numpy and threadpoolctl only at
 import; torch, faiss and matplotlib are looked up when asked for. Timing rules:
@@ -328,8 +328,9 @@ def machine_info(extra: dict | None = None) -> dict[str, Any]:
         "numpy": np.__version__,
     }
     try:
-        from . import __version__, _core
-        from .ops import build_info
+        from .. import __version__
+        from .. import _core
+        from ..engine import build_info
         info["bc_fast"] = __version__
         info["bc_fast_build_info"] = build_info()
         info["bc_fast_core"] = (f"{os.path.basename(_core.__file__)} built "
@@ -631,8 +632,8 @@ def run_configs(name: str, configs: Iterable[Config] | Callable[[Bench], Iterabl
         ``machine``, ``results``, ``table``, ``summary``, ``total_s``, ``json``/``png`` paths, ``meta``.
         Never raises on a missed target.
     """
-    from ._fileio import atomic_write_bytes
-    from .ops import build_info
+    from .._util.fileio import atomic_write_bytes
+    from ..engine import build_info
 
     t_start, c_start = time.perf_counter(), time.process_time()
     T = int(threads or build_info().get("max_threads") or os.cpu_count() or 1)

@@ -31,13 +31,12 @@ Mixed-version inputs (a file's sidecar, its Parquet ``bc_fast`` metadata or the 
 naming another version, or rows whose dim is not the source version's) are refused before any
 work starts.
 
-``ray`` is imported lazily: ``import bc_fast.distributed`` works without it, and every entry point
+``ray`` is imported lazily: ``import bc_fast.convert.distributed`` works without it, and every entry point
 says ``pip install bc_fast[ray]`` when it is missing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -45,36 +44,26 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 
-from ._fileio import FileLock, atomic_write_json, read_json_object
-from ._text import short_repr
-from .convert import (SIDECAR_SUFFIX, VerificationError, _check_output_free, _journal_checksum, _publish,
+from .._util.fileio import FileLock, atomic_write_json, read_json_object
+from .._util.text import short_repr
+from .pipeline import (SIDECAR_SUFFIX, VerificationError, _check_output_free, _journal_checksum, _publish,
                       _write_journal, apply_to_table, operator_fingerprint, read_sidecar, registry_job,
                       sidecar_path)
-from .progress import Progress
-from .tables import _PARQUET_SUFFIXES, open_table, remove_path, sha256_file
+from .._util.progress import Progress
+from .._util.ray_runtime import import_ray, quiet_ray_deprecations, start_ray
+from ..store.tables import _PARQUET_SUFFIXES, open_table, remove_path, sha256_file
 
-__all__ = ["convert_dataset_ray", "DatasetResult", "import_ray", "RAY_INSTALL_HINT"]
+__all__ = ["convert_dataset_ray", "DatasetResult"]
 
-RAY_INSTALL_HINT = "install it with pip install bc_fast[ray]"
+
 _JOURNAL_FORMAT = "bc_fast.distributed.journal/1"
 _PARTIAL = ".partial"
 _ERRORS = {c.__name__: c for c in (ValueError, TypeError, OSError, FileNotFoundError, FileExistsError,
                                      RuntimeError, ImportError, VerificationError)}
-
-
-def import_ray() -> Any:
-    """Import ``ray`` and ``ray.data`` lazily; ImportError with the install command if missing."""
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError as e:
-        raise ImportError(f"the Ray engine needs ray[data], which is not installed ({e.msg}); "
-                          f"{RAY_INSTALL_HINT}") from None
-    return ray
 
 
 @dataclass
@@ -321,64 +310,6 @@ def _crashing(op: Any, after: int) -> Any:
 
 # --------------------------------------------------------------------------- the driver
 
-def _check_no_shadowing_source(cwd: str | None = None) -> None:
-    """Refuse to start Ray from a folder holding another ``bc_fast/`` package.
-
-    Local Ray workers start in the driver's working directory and import ``bc_fast`` from
-    there first: from a source checkout they would load the sources (without the compiled
-    core) instead of the installed package and die while starting.
-    """
-    cwd = os.path.realpath(cwd or os.getcwd())
-    here = os.path.join(cwd, "bc_fast")
-    installed = os.path.dirname(os.path.realpath(__file__))
-    if os.path.isfile(os.path.join(here, "__init__.py")) and os.path.realpath(here) != installed:
-        raise RuntimeError(
-            f"the working directory {cwd} holds a bc_fast/ source folder, which Ray workers would import "
-            f"instead of the installed package ({installed}); run the command from another directory")
-
-
-def _start_ray(ray: Any, address: str | None) -> bool:
-    """Connect to ``address`` or start a local Ray; True if this call started it (and must stop it)."""
-    if ray.is_initialized():
-        return False
-    _check_no_shadowing_source()
-    if address:
-        _check_reachable(address)
-    try:
-        local = {} if address else {"include_dashboard": False}  # a cluster keeps its own settings
-        ray.init(address=address, log_to_driver=False, logging_level="warning", **local)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        raise RuntimeError(f"cannot start or reach {where}: {e}; check the address (ray status) or omit "
-                           "--address for a local Ray") from None
-    return True
-
-
-def _check_reachable(address: str, timeout: float = 10.0) -> None:
-    """Fail fast on a cluster address nobody listens at (ray.init would retry for minutes)."""
-    import socket
-
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if address == "auto" or not host or not port.isdigit():
-        return  # "auto" and other forms: Ray resolves them itself
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise ConnectionError(f"no Ray cluster answers at --address {address} ({e}); start one with "
-                              "`ray start --head` and pass the address it prints, or omit --address for a "
-                              "local Ray") from None
-
-
-@contextlib.contextmanager
-def _quiet_ray_deprecations() -> Iterator[None]:
-    """Hide Ray's own deprecation warnings about its internals (errors under ``-W error``); ours pass."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\.|$)")
-        warnings.filterwarnings("ignore", message=r".*ray_remote_args.*deprecated")
-        yield
-
-
 def _plan_workers(ray: Any, n_todo: int, num_workers: int | None, threads: int | None) -> tuple[int, int]:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     for name, v in (("num_workers", num_workers), ("threads_per_worker", threads)):
@@ -504,7 +435,7 @@ def convert_dataset_ray(
         if journal is None and os.path.lexists(staging):
             raise FileExistsError(f"{staging} exists but its journal {journal_path} does not; it is not this "
                                   f"run's partial output: delete it (or move it) and start again")
-        started = _start_ray(ray, address)
+        started = start_ray(ray, address)
         workers, threads = _plan_workers(ray, len(names), num_workers, threads_per_worker)
         if journal is None:  # only now, so a run that cannot start leaves nothing behind
             journal = {"format": _JOURNAL_FORMAT, "key": key, "job": job, "files": {}, "publishing": False}
@@ -546,7 +477,7 @@ def _run_ray(ray: Any, plan: _Plan, worker_kwargs: dict) -> DatasetResult:
     files = plan.journal["files"]
     items = [{"name": n, "path": os.path.join(plan.input, n), "staged": os.path.join(plan.staging, n),
               "sha256": (files.get(n) or {}).get("sha256", "")} for n in plan.names]
-    with _quiet_ray_deprecations():
+    with quiet_ray_deprecations():
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # ours counts rows; Ray Data's count blocks (= files)
         ctx.print_on_execution_start = False

@@ -46,12 +46,12 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from ._arrays import as_numpy
-from ._text import short_repr
-from ._fileio import atomic_write_bytes, is_json_int, read_json_object
-from .ops import FusedTransform
-from .progress import Progress
-from .registry import Registry, RegistryError
+from .._util.arrays import as_numpy
+from .._util.text import short_repr
+from .._util.fileio import atomic_write_bytes, is_json_int, read_json_object
+from ..engine import FusedTransform
+from .._util.progress import Progress
+from ..store.registry import Registry, RegistryError
 
 __all__ = [
     "LegacyIndex", "build_legacy_index", "export_faiss_pretransform", "faiss_linear_transform", "faiss_metric",
@@ -97,8 +97,8 @@ def _faiss_gpu(device: str) -> Any:
 
 
 def _open_device(device: Any) -> Any:
-    """None for the CPU, else the checked :class:`bc_fast.convert_gpu.CudaDevice`."""
-    from .convert_gpu import open_device, parse_device
+    """None for the CPU, else the checked :class:`bc_fast.convert.gpu.CudaDevice`."""
+    from ..engine.device import open_device, parse_device
 
     if parse_device(device) is None:
         return None
@@ -425,8 +425,8 @@ class LegacyIndex:
         return op
 
     def _transform_on(self, device: Any, qv: int, op: FusedTransform) -> Any:
-        """The cached :class:`bc_fast.convert_gpu.DeviceTransform` of ``op`` on ``device``."""
-        from .convert_gpu import DeviceTransform, parse_device
+        """The cached :class:`bc_fast.convert.gpu.DeviceTransform` of ``op`` on ``device``."""
+        from ..engine.device import DeviceTransform, parse_device
 
         key = (qv, f"cuda:{parse_device(device)}")
         t = self._gpu.get(key)
@@ -643,13 +643,13 @@ def build_legacy_index(registry: Registry, table: Any, version: int = 0, *, fact
     """
     faiss = _faiss()
     if not isinstance(registry, Registry):
-        raise TypeError(f"registry must be a bc_fast.registry.Registry, got {type(registry).__name__}")
+        raise TypeError(f"registry must be a bc_fast.store.Registry, got {type(registry).__name__}")
     if not isinstance(factory, str):
         raise TypeError(f"factory must be a faiss index_factory string such as 'Flat', got {factory!r}")
     if not isinstance(normalize, (bool, np.bool_)):
         raise TypeError(f"normalize must be True or False, got {normalize!r}")
     metric_const = faiss_metric(metric)
-    from .convert_gpu import parse_device
+    from ..engine.device import parse_device
 
     gpu_index = parse_device(device)  # ValueError for a bad device string
     if gpu_index is not None:
@@ -669,7 +669,7 @@ def build_legacy_index(registry: Registry, table: Any, version: int = 0, *, fact
         def apply(x: np.ndarray, out: np.ndarray) -> Any:
             return op.apply(x, out=out, threads=threads)
     else:
-        from .convert_gpu import DeviceTransform
+        from ..engine.device import DeviceTransform
 
         apply = DeviceTransform(op, dev)
         try:

@@ -4,10 +4,10 @@ Two levels:
 
 - :func:`apply_to_table` is the core: it streams a table (``.npy``, a directory of
   ``.npy`` shards, or Parquet with a fixed-size-list column) through a
-  :class:`~bc_fast.ops.FusedTransform` in chunks and records a caller-supplied
+  :class:`~bc_fast.engine.FusedTransform` in chunks and records a caller-supplied
   provenance dict in a sidecar next to the output.
 - :func:`convert_table` is the registry-level wrapper: it builds the operator for
-  ``src -> dst`` from a :class:`~bc_fast.registry.Registry` and stamps the output
+  ``src -> dst`` from a :class:`~bc_fast.store.Registry` and stamps the output
   with the registry's checksum and chain.
 
 How a run works: a reader thread ``pread``-s chunk i+1 while the core (GIL
@@ -48,11 +48,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .ops import FusedTransform
-from .progress import Progress
-from ._fileio import FileLock, atomic_write_json, fsync_dir, is_json_int, read_json_object
-from ._text import short_repr
-from .tables import (DTYPES, Chunk, TableReader, TableWriter, make_writer, open_table,
+from ..engine import FusedTransform
+from .._util.progress import Progress
+from .._util.fileio import FileLock, atomic_write_json, fsync_dir, is_json_int, read_json_object
+from .._util.text import short_repr
+from ..store.tables import (DTYPES, Chunk, TableReader, TableWriter, make_writer, open_table,
                      remove_path)
 
 __all__ = ["apply_to_table", "convert_table", "ConvertResult", "VerificationError",
@@ -67,7 +67,7 @@ _MAX_THREADS = 1024
 _SIDECAR_FORMAT = "bc_fast.table/1"
 _CHUNK_BYTES = 16 << 20  # default chunk: ~16 MiB of input or output rows, whichever is larger
 _DISK_MARGIN = 64 << 20
-# directory tables bc_fast writes (npy_dir here, parquet_dir by bc_fast.distributed): their file suffixes
+# directory tables bc_fast writes (npy_dir here, parquet_dir by bc_fast.convert.distributed): their file suffixes
 _DIR_TABLE_SUFFIXES = {"npy_dir": (".npy",), "parquet_dir": (".parquet", ".pq", ".parq")}
 
 
@@ -469,9 +469,9 @@ def apply_to_table(
         Seconds between durable journal updates (data is fdatasync-ed first); 0 means
         after every chunk. A killed run redoes at most this much work.
     device : "cpu", "cuda" or "cuda:N"
-        Where the operator runs. On a GPU (:mod:`bc_fast.convert_gpu`) chunks flow through
+        Where the operator runs. On a GPU (:mod:`bc_fast.convert.gpu`) chunks flow through
         pinned buffers and separate copy and compute streams; the journal, resume and
-        verification are the same, the tolerance is :func:`bc_fast.convert_gpu.gpu_verify_tol`
+        verification are the same, the tolerance is :func:`bc_fast.convert.gpu.gpu_verify_tol`
         and the sidecar records the device. A run resumes only on the kind of device it started on.
 
     Returns
@@ -507,7 +507,7 @@ def apply_to_table(
         raise ValueError(f"verify_tol must be a positive finite number, got {verify_tol!r}")
     dev = None
     if device is not None and device != "cpu":
-        from .convert_gpu import open_device
+        from ..engine.device import open_device
         dev = open_device(device)
 
     reader = open_table(input, column)
@@ -612,7 +612,7 @@ def _plan(op: FusedTransform, reader: TableReader, input: str, output: str, prov
             "table": {"format": reader.format, "rows": reader.n_rows, "dim": op.d_out, "dtype": str(out_dtype),
                       "chunk_rows": chunk_rows},
             "input": reader.describe(), "job_key": key}
-    from . import __version__
+    from .. import __version__
     side["bc_fast_version"] = __version__
     embedded = {k: side[k] for k in ("format", "version", "source_version", "registry_checksum", "chain_checksum")}
     embedded["operator_sha256"] = op_desc["sha256"]
@@ -707,7 +707,7 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
         n_ver, max_err, tol = 0, None, None
         if verify:
             if reference is None:
-                from .fusion import apply_layers_reference
+                from ..engine.fusion import apply_layers_reference
 
                 def reference(x: np.ndarray, _op: FusedTransform = op) -> np.ndarray:
                     y = apply_layers_reference(_op.layers, x)
@@ -718,7 +718,7 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
             tol = (float(verify_tol) if verify_tol is not None
                    else _layers_verify_tol(getattr(reference, "layers", None) or op.layers, j.out_dtype))
             if dev is not None and verify_tol is None:
-                from .convert_gpu import gpu_verify_tol
+                from .gpu import gpu_verify_tol
                 tol = gpu_verify_tol(tol, len(op.layers), reader.dtype)
             n_ver, max_err = _verify(reader, writer, verify, seed, reference, tol)
         if dev is not None:
@@ -856,7 +856,7 @@ def _pipeline(op: FusedTransform, reader: TableReader, writer: TableWriter, chun
               journal_path: str, journal_interval: float, progress: bool | None, output: str,
               dev: Any = None) -> None:
     """Read chunk i+1, compute chunk i and write chunk i-1 at the same time (on a GPU: see
-    :func:`bc_fast.convert_gpu.gpu_pipeline`)."""
+    :func:`bc_fast.convert.gpu.gpu_pipeline`)."""
     todo = chunks[start:]
     if not todo:
         return
@@ -865,7 +865,7 @@ def _pipeline(op: FusedTransform, reader: TableReader, writer: TableWriter, chun
     crcs: list[int] = state["crcs"]
     write = _journaled_writer(writer, chunks, state, journal_path, journal_interval, bar)
     if dev is not None:
-        from .convert_gpu import gpu_pipeline
+        from .gpu import gpu_pipeline
         try:
             gpu_pipeline(op, reader, chunks, start, out_dtype=out_dtype, dev=dev, sink=write)
         finally:
@@ -920,7 +920,7 @@ def convert_table(
     input, output : path
         See :func:`apply_to_table` (``.npy``, a directory of ``.npy`` shards, Parquet).
     registry : Registry or path
-        The version registry (``bc_fast.registry.Registry`` or its directory).
+        The version registry (``bc_fast.store.Registry`` or its directory).
     dst : int
         Target version (older than ``src``).
     src : int, optional
@@ -938,7 +938,7 @@ def convert_table(
         The output's sidecar records ``version=dst``, the registry's checksum and the chain.
     """
     if options.get("device") not in (None, "cpu"):
-        from .convert_gpu import parse_device
+        from ..engine.device import parse_device
         parse_device(options["device"])  # a bad device string fails before the registry is opened
     op, prov, reference = registry_job(registry, src, dst, normalize)
     options.setdefault("reference", reference)
@@ -948,9 +948,9 @@ def convert_table(
 def registry_job(registry: Any, src: int | None, dst: int,
                  normalize: bool = False) -> tuple[FusedTransform, dict, Callable[[np.ndarray], np.ndarray]]:
     """The operator, the provenance and the float64 reference of the conversion ``src -> dst``
-    (what :func:`convert_table` hands to :func:`apply_to_table`; shared with :mod:`bc_fast.distributed`)."""
-    from .fusion import apply_layers_reference, flatten_chain
-    from .registry import Registry
+    (what :func:`convert_table` hands to :func:`apply_to_table`; shared with :mod:`bc_fast.convert.distributed`)."""
+    from ..engine.fusion import apply_layers_reference, flatten_chain
+    from ..store.registry import Registry
 
     if not hasattr(registry, "operator"):
         registry = Registry.open(os.fspath(registry))

@@ -10,174 +10,19 @@ a chain of linear backward transforms collapsed into one matrix and bias.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from . import _core
-from ._arrays import as_numpy, is_torch
+from .. import _core
+from .._util.arrays import as_numpy, is_torch
+from ._checks import INT_MAX, check_threads
+from .layer import Layer, validate_layer
 
-
-def _forked_before_import() -> bool:
-    """True in a multiprocessing child started by fork, i.e. not a fresh interpreter.
-
-    The core's pthread_atfork handler marks forks that happen after it is loaded. A worker forked
-    earlier (a DataLoader worker that imports bc_fast lazily) inherits its parent's OpenMP state,
-    possibly torch's pool, whose threads did not survive the fork: it must stay single-threaded too.
-    Spawned children are fresh interpreters (``--multiprocessing-fork`` on their command line), as
-    is the forkserver their siblings are forked from.
-    """
-    mp = sys.modules.get("multiprocessing")
-    if mp is None:
-        return False
-    try:
-        parent = mp.parent_process()
-    except Exception:  # an unusual multiprocessing: keep the default
-        return False
-    argv = getattr(sys, "orig_argv", sys.argv)  # spawn's prepare() replaces sys.argv with the parent's
-    fresh = "--multiprocessing-fork" in argv or any("multiprocessing.forkserver" in a for a in argv)
-    return parent is not None and not fresh
-
-
-if _forked_before_import():
-    _core._mark_forked_child()
-
-ACTIVATIONS = ("none", "relu", "gelu")
 PRECISIONS = ("fp32", "bf16")
 _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
-_INT_MAX = 2**31 - 1  # the core takes thread counts as C ints
 _NDARRAY = np.ndarray
 _FLOAT16 = np.dtype(np.float16)
-MAX_THREADS = 1024  # the core runs at most this many worker threads per call
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One affine layer ``y = x @ weight.T + bias`` followed by an activation.
-
-    Parameters
-    ----------
-    weight : ndarray of shape (d_out, d_in)
-    bias : ndarray of shape (d_out,) or None
-    activation : {"none", "relu", "gelu"}
-        ``gelu`` is the exact (erf) form, as ``torch.nn.functional.gelu``.
-    activation_width : int or None
-        The activation applies to outputs ``[0, activation_width)`` only; the rest
-        pass through unchanged. None means all outputs. This lets residual blocks
-        (``P x + W2 act(W1 x)``) be written as a plain layer program.
-    """
-
-    weight: np.ndarray
-    bias: np.ndarray | None = None
-    activation: str = "none"
-    activation_width: int | None = None
-
-    @property
-    def d_in(self) -> int:
-        """Input dimension of the layer."""
-        return int(self.weight.shape[1])
-
-    @property
-    def d_out(self) -> int:
-        """Output dimension of the layer."""
-        return int(self.weight.shape[0])
-
-    @property
-    def is_affine(self) -> bool:
-        """True when the layer has no (effective) activation."""
-        return self.activation == "none" or self.activation_width == 0
-
-
-def _frozen(a: np.ndarray, dtype: Any) -> np.ndarray:
-    """A private, read-only, C-contiguous copy: later edits of the caller's array cannot reach it."""
-    out = np.array(a, dtype=dtype, order="C", copy=True)
-    out.flags.writeable = False
-    return out
-
-
-def _param_numpy(value: Any, name: str) -> np.ndarray:
-    """A weight or bias (numpy, torch on any device, array-like) as a numpy array, or a clear error."""
-    if is_torch(value) and hasattr(value, "detach"):
-        if value.device.type == "meta":
-            raise ValueError(f"{name} is a torch tensor on the meta device, which holds no values; "
-                             "load or materialise the weights first")
-        if str(value.dtype) == "torch.bfloat16":
-            value = value.detach().float()  # numpy has no bfloat16; float32 holds it exactly
-    try:
-        a, _ = as_numpy(value, name, copy_from_device=True)
-    except (RuntimeError, NotImplementedError) as e:
-        raise ValueError(f"{name}: cannot read this tensor's values on the CPU ({e})") from e
-    return a
-
-
-def _check_float32_range(a: np.ndarray, name: str, dtype: Any) -> None:
-    """Finite float64 values beyond float32's range would silently become Inf in the core."""
-    if dtype == np.float32 and a.dtype.itemsize > 4 and a.size:
-        big = float(np.max(np.abs(a)))
-        if big > float(np.finfo(np.float32).max):
-            raise ValueError(f"{name} has values beyond float32 range (max |value| = {big:.3g}); "
-                             "the core computes in float32: rescale the weights")
-
-
-def validate_layer(layer: Any, where: str, d_prev: int | None = None, *, keep_float64: bool = False) -> Layer:
-    """Check one layer and return it with private, read-only, contiguous copies of its arrays.
-
-    Parameters
-    ----------
-    layer : Layer
-        Its ``weight`` and ``bias`` may be numpy arrays or torch tensors (detached, copied).
-    where : str
-        How error messages name the layer, e.g. ``"layers[2]"``.
-    d_prev : int, optional
-        Output dimension of the previous layer, checked against ``d_in``.
-    keep_float64 : bool, default False
-        Keep float64 weights as float64 (the registry stores them exactly); otherwise float32,
-        the compiled core's weight dtype.
-    """
-    if not isinstance(layer, Layer):
-        raise TypeError(f"{where} must be a bc_fast.Layer, got {type(layer).__name__}")
-    w = _param_numpy(layer.weight, f"{where}.weight")
-    if w.ndim != 2 or w.shape[0] == 0 or w.shape[1] == 0:
-        raise ValueError(f"{where}.weight must be a non-empty 2-D array (d_out, d_in), got shape {w.shape}")
-    if not np.issubdtype(w.dtype, np.floating):
-        raise TypeError(f"{where}.weight must be a floating-point array, got dtype {w.dtype}")
-    if not np.all(np.isfinite(w)):
-        raise ValueError(f"{where}.weight contains NaN or Inf")
-    if d_prev is not None and w.shape[1] != d_prev:
-        raise ValueError(f"{where}.weight has d_in={w.shape[1]} but the previous layer outputs {d_prev} features")
-    dtype = np.float64 if keep_float64 and w.dtype == np.float64 else np.float32
-    _check_float32_range(w, f"{where}.weight", dtype)
-    b = layer.bias
-    if b is not None:
-        b = _param_numpy(b, f"{where}.bias")
-        if b.shape != (w.shape[0],):
-            raise ValueError(f"{where}.bias must have shape ({w.shape[0]},), got {b.shape}")
-        if not np.issubdtype(b.dtype, np.floating):
-            raise TypeError(f"{where}.bias must be a floating-point array, got dtype {b.dtype}")
-        if not np.all(np.isfinite(b)):
-            raise ValueError(f"{where}.bias contains NaN or Inf")
-        _check_float32_range(b, f"{where}.bias", dtype)
-        b = _frozen(b, dtype)
-    if layer.activation not in ACTIVATIONS:
-        raise ValueError(f"{where}.activation must be one of {ACTIVATIONS}, got {layer.activation!r}")
-    width = layer.activation_width
-    if width is not None:
-        if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or not 0 <= int(width) <= w.shape[0]:
-            raise ValueError(f"{where}.activation_width must be an integer in [0, {w.shape[0]}], got {width!r}")
-        width = int(width)
-    return Layer(_frozen(w, dtype), b, layer.activation, width)
-
-
-def _check_threads(threads: Any, name: str = "threads", upper: int = _INT_MAX) -> int:
-    """``threads`` as a plain int in [1, upper]; a clear ValueError for anything else (bools too)."""
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
-        raise ValueError(f"{name} must be a positive integer or None, got {type(threads).__name__} {threads!r}")
-    t = int(threads)
-    if not 1 <= t <= upper:
-        raise ValueError(f"{name} must be an integer in [1, {upper}], got {t}; "
-                         "bc_fast.get_num_threads() is the default (the CPUs this process may use)")
-    return t
 
 
 def _out_dtype(out_dtype: Any) -> np.dtype:
@@ -349,7 +194,7 @@ class FusedTransform:
         zero-copy, through the optional ``bc_fast._cuda`` module: float32, float16 or bfloat16
         in and out, ``out_dtype`` defaulting to x's dtype, the result of x's kind (a torch
         tensor for other DLPack producers), queued without waiting. See
-        :func:`bc_fast.cuda.apply_fused`. Without that module a clear RuntimeError says how
+        :func:`bc_fast.engine.cuda.apply_fused`. Without that module a clear RuntimeError says how
         to build it.
         """
         if type(x) is _NDARRAY and (out is None or type(out) is _NDARRAY):
@@ -362,7 +207,7 @@ class FusedTransform:
                     return self._op.apply(x, out, False, 0)  # returns `out` itself when given
                 except (ValueError, TypeError):
                     pass
-            elif threads is None or (type(threads) is int and 0 < threads <= _INT_MAX):
+            elif threads is None or (type(threads) is int and 0 < threads <= INT_MAX):
                 dt = None if out_dtype is None else _out_dtype(out_dtype)
                 if dt is None or out is None or out.dtype == dt:
                     try:
@@ -376,7 +221,7 @@ class FusedTransform:
                 return cuda.apply_fused(self, x, out=out, out_dtype=out_dtype, threads=threads)
         xa, x_is_torch = as_numpy(x, "x")
         _check_batch(xa, "x", self.d_in)
-        n_threads = 0 if threads is None else _check_threads(threads)
+        n_threads = 0 if threads is None else check_threads(threads)
         if out is None:
             dt = np.dtype(np.float32) if out_dtype is None else _out_dtype(out_dtype)
             oa = np.empty((xa.shape[0], self.d_out), dtype=dt)
@@ -400,48 +245,3 @@ class FusedTransform:
         return result
 
     __call__ = apply
-
-
-def get_num_threads() -> int:
-    """bc_fast's default thread count for :meth:`FusedTransform.apply`.
-
-    The value given to :func:`set_num_threads` if it was called; else the environment
-    variable ``BC_FAST_NUM_THREADS``; else the number of CPUs this process may run on
-    (``os.sched_getaffinity``). It does not follow ``torch.set_num_threads`` or
-    ``OMP_NUM_THREADS``. It is also the budget that concurrent ``apply`` calls from
-    several Python threads share (see :meth:`FusedTransform.apply`). Raises ValueError if ``BC_FAST_NUM_THREADS`` is not an integer
-    in [1, 1024].
-    """
-    return int(_core.get_num_threads())
-
-
-def set_num_threads(n: int) -> None:
-    """Set bc_fast's default thread count (an integer in [1, 1024]) for this process.
-
-    Overrides ``BC_FAST_NUM_THREADS``; an explicit ``apply(threads=...)`` still wins.
-    Results are bit-identical for every thread count.
-    """
-    _core.set_num_threads(_check_threads(n, "n", MAX_THREADS))
-
-
-def build_info() -> dict:
-    """How the compiled core was built and what it chose at run time.
-
-    Keys: ``kernel`` (SIMD level picked after the CPU check), ``cpu`` (features
-    found), ``blas`` (library and its core), ``openmp``, ``max_threads`` (the default
-    thread count, :func:`get_num_threads`), ``cpus`` (CPUs this process may run on),
-    ``blas_threads`` (the BLAS library's own thread setting, which the core keeps at 1:
-    it parallelises over row tiles itself), ``forked_child`` (True in a process forked
-    from one that had loaded the core: it runs single-threaded), ``small_batch_rows``
-    (largest batch served by the single-thread path), ``compiler``, ``bf16`` (True where
-    ``precision="bf16"`` can run now) and ``bf16_unavailable`` (why not, else ""), ``cuda`` (the GPU path:
-    :func:`bc_fast.cuda.cuda_info`; whether ``bc_fast._cuda`` is built, the GPUs, driver and
-    runtime versions; it never imports torch). Where ``bc_fast._cuda`` is built, asking for the
-    GPUs initialises the CUDA runtime in this process, like any CUDA call: a process that will
-    fork CUDA workers afterwards should not call it first.
-    """
-    from .cuda import cuda_info
-
-    info = dict(_core.build_info())
-    info["cuda"] = cuda_info()
-    return info

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._fileio import fsync_dir
+from .._util.fileio import fsync_dir
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 FORMATS = ("npy", "npy_dir", "parquet")

@@ -1,6 +1,6 @@
 """Chain fusion: compose backward transforms into one short layer program.
 
-A backward transform is a list of :class:`~bc_fast.ops.Layer`. A chain of them
+A backward transform is a list of :class:`~bc_fast.engine.Layer`. A chain of them
 (``B_k``, then ``B_{k-1}``, ... ) is fused in float64:
 
 * every run of consecutive affine layers (no activation) collapses into ONE
@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .ops import Layer, validate_layer
+from .layer import Layer, validate_layer
 
 __all__ = ["fuse_chain", "apply_layers_reference", "flatten_chain", "chain_flops"]
 

@@ -24,10 +24,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .convert import read_sidecar, sidecar_path
-from .index import LegacyIndex, _check_finite, _faiss, _faiss_msg, _positive_int, blas_threshold, \
+from ..convert.pipeline import read_sidecar, sidecar_path
+from .legacy import LegacyIndex, _check_finite, _faiss, _faiss_msg, _positive_int, blas_threshold, \
     blas_threshold_for, faiss_metric
-from .tables import open_table
+from ..store.tables import open_table
 
 __all__ = ["train_ivf", "build_ivf_index_sharded"]
 
@@ -178,7 +178,7 @@ def build_ivf_index_sharded(dataset: str | os.PathLike, path: str | os.PathLike 
 def _check_registry(registry: Any, side: dict, dataset: str) -> Any:
     if registry is None:
         return None
-    from .registry import Registry
+    from ..store.registry import Registry
 
     reg = registry if isinstance(registry, Registry) else Registry.open(os.fspath(registry))
     if reg.checksum != side.get("registry_checksum"):
@@ -194,12 +194,12 @@ def _shards(blob: bytes, paths: list[str], offsets: list[int], chunk_rows: int, 
         for p, off in zip(paths, offsets):
             yield _add_shard(blob, p, off, chunk_rows)
         return
-    from .distributed import _quiet_ray_deprecations, _start_ray, import_ray
+    from .._util.ray_runtime import import_ray, quiet_ray_deprecations, start_ray
 
     ray = import_ray()
-    started = _start_ray(ray, address)
+    started = start_ray(ray, address)
     try:
-        with _quiet_ray_deprecations():
+        with quiet_ray_deprecations():
             task = ray.remote(num_cpus=1, max_retries=2)(_add_shard)
             ref = ray.put(blob)
             futures = [task.remote(ref, p, off, chunk_rows) for p, off in zip(paths, offsets)]

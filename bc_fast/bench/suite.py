@@ -46,7 +46,7 @@ concurrency           the same large affine 256→256 split over 1, 2 and 4 Pyth
 Every baseline writes into a preallocated output where its API allows; the allocating
 variants kept (``numpy_alloc``, ``torch_eager``, ...) are the reference code's way and
 are never the only baseline of a check. Timing rules, engines, the table and the
-report: :mod:`bc_fast._benchtools`, the one harness shared with the bench/ scripts.
+report: :mod:`bc_fast.bench.harness`, the one harness shared with the bench/ scripts.
 torch and faiss are optional: their columns are skipped, with a note, when they are
 not installed; matplotlib too (no PNG then). bc_fast, torch, faiss and numpy's BLAS
 all run with the same thread count (bc_fast's ``max_threads`` unless ``threads`` is
@@ -64,13 +64,13 @@ from typing import Any
 
 import numpy as np
 
-from ._benchtools import (
+from .harness import (
     Bench, Config, Timing, TimingPlan, TINY_PLAN, check, format_table, machine_info, max_abs_err, result,
     run_configs, speedup_check, time_interleaved,
 )
-from .fusion import apply_layers_reference, fuse_chain
-from .index import faiss_linear_transform
-from .ops import FusedTransform, Layer
+from ..engine.fusion import apply_layers_reference, fuse_chain
+from ..index.legacy import faiss_linear_transform
+from ..engine import FusedTransform, Layer
 
 __all__ = ["SIZES", "Timing", "affine_err", "affine_impls", "best_of", "format_table", "machine_info",
            "run_bench_suite", "run_bf16_bench", "suite_configs", "time_interleaved"]
@@ -273,7 +273,7 @@ def _cfg_bf16(bench: Bench, rows: dict, d: int) -> dict:
 
 
 def _bf16_unavailable() -> str:
-    from . import _core
+    from .. import _core
 
     return str(_core.bf16_unavailable_reason())
 

@@ -1,7 +1,7 @@
 """The on-disk format of a bc_fast registry: manifest schema, canonical checksum, transform files.
 
 Everything here is pure (bytes in, records out, or records in, bytes out); opening files,
-locking, symlink checks and crash recovery live in :mod:`bc_fast.registry`.
+locking, symlink checks and crash recovery live in :mod:`bc_fast.store.registry`.
 
 Manifest (``manifest.json``, UTF-8 JSON object)::
 
@@ -34,8 +34,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ._text import short_repr
-from .ops import ACTIVATIONS, Layer, validate_layer
+from .._util.text import short_repr
+from ..engine import ACTIVATIONS, Layer, validate_layer
 
 FORMAT = "bc_fast.registry"
 FORMAT_VERSION = 1

@@ -12,7 +12,7 @@ sha256 and fit metrics. The manifest carries a sha256 of its own canonical conte
 (``checksum``), so a truncated or hand-edited manifest is refused, and the
 registry's :attr:`Registry.checksum` is stable across processes. Weights are
 safetensors (never pickle) and are verified against their sha256 when loaded. The
-format itself (schema, checksum, transform files) lives in :mod:`bc_fast._manifest`;
+format itself (schema, checksum, transform files) lives in :mod:`bc_fast.store.manifest`;
 this module is the API: opening, locking, writing, fusing, describing.
 
 Safety on disk:
@@ -29,7 +29,7 @@ Safety on disk:
 
 Versions are numbered 0, 1, 2, ... in the order they are added. A backward
 transform ``B_k`` maps version ``k`` to ``k - 1``; :meth:`Registry.operator`
-chains and fuses them into one :class:`~bc_fast.ops.FusedTransform`. Forward
+chains and fuses them into one :class:`~bc_fast.engine.FusedTransform`. Forward
 transforms (``k - 1 -> k``) exist only when someone fitted one and added it with
 :meth:`Registry.add_transform`.
 
@@ -53,15 +53,15 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ._arrays import as_numpy
-from ._fileio import FileLock, atomic_write_bytes, fsync_dir  # noqa: F401  (atomic_write_bytes: index.py)
-from ._manifest import (  # noqa: F401  (the format's names stay importable from here)
+from .._util.arrays import as_numpy
+from .._util.fileio import FileLock, atomic_write_bytes, fsync_dir  # noqa: F401  (atomic_write_bytes: index.py)
+from .manifest import (  # noqa: F401  (the format's names stay importable from here)
     DIRECTIONS, FORMAT, FORMAT_VERSION, KINDS, LOCK, MANIFEST, MANIFEST_TEMP_NAME, MAX_DIM, MAX_MANIFEST_BYTES, TEMP_NAME, TRANSFORM_DIR,
     WEIGHT_NAME, RegistryError, TransformInfo, VersionInfo, canonical, content_checksum, decode_transform,
     encode_transform, json_clean, layer_specs, parse_manifest, pretty, validate_manifest, weight_file,
 )
-from .fusion import chain_flops, fuse_chain
-from .ops import FusedTransform, Layer, validate_layer
+from ..engine.fusion import chain_flops, fuse_chain
+from ..engine import FusedTransform, Layer, validate_layer
 
 __all__ = ["Registry", "RegistryError", "VersionInfo", "TransformInfo", "as_layers", "show", "KINDS"]
 
@@ -410,7 +410,7 @@ class Registry:
         return [self.transform_layers(v, v + step) for v in range(a, b, step)]
 
     def fused_layers(self, src: int, dst: int) -> list[Layer]:
-        """The chain ``src -> dst`` fused into a short program (see :func:`bc_fast.fusion.fuse_chain`)."""
+        """The chain ``src -> dst`` fused into a short program (see :func:`bc_fast.engine.fusion.fuse_chain`)."""
         a = self._check_version(src, "src")
         b = self._check_version(dst, "dst")
         if a == b:
@@ -479,7 +479,7 @@ class Registry:
         version : int, optional
             Must be the next number (``len(registry)``); omit it to take the next.
         dim : int
-            Embedding dimension of the new version (at most :data:`bc_fast._manifest.MAX_DIM`).
+            Embedding dimension of the new version (at most :data:`bc_fast.store.manifest.MAX_DIM`).
         metadata : dict, optional
             JSON-serialisable free-form metadata (model name, data cut, ...).
         backward : transform, optional

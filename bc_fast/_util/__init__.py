@@ -1,0 +1,4 @@
+"""Private helpers shared by every subpackage: atomic file I/O and locks (:mod:`.fileio`), array
+interchange (:mod:`.arrays`), progress reporting (:mod:`.progress`), short reprs for error messages
+(:mod:`.text`), starting Ray (:mod:`.ray_runtime`) and the aliases of moved modules
+(:mod:`.moved_modules`). Nothing here imports another part of bc_fast."""

@@ -1,0 +1,17 @@
+"""faiss indexes for legacy versions, served from the latest embeddings.
+
+What lives here: :class:`LegacyIndex` and :func:`build_legacy_index` (an index of version j built
+from the latest table through the fused chain, queried with latest-version queries; saved with a
+checksummed sidecar), faiss helpers (BLAS threshold, ``LinearTransform`` export) in
+:mod:`.legacy`, and IVF indexes built shard by shard, on Ray or in one process, in :mod:`.sharded`.
+It may import :mod:`bc_fast.convert` (converted datasets' sidecars), :mod:`bc_fast.store`,
+:mod:`bc_fast.engine` and ``bc_fast._util``.
+"""
+
+from .legacy import (DEFAULT_BLAS_MIN_QUERIES, LegacyIndex, blas_threshold, blas_threshold_for,
+                     build_legacy_index, export_faiss_pretransform, faiss_linear_transform, faiss_metric,
+                     set_blas_threshold)
+
+__all__ = ["DEFAULT_BLAS_MIN_QUERIES", "LegacyIndex", "blas_threshold", "blas_threshold_for",
+           "build_legacy_index", "export_faiss_pretransform", "faiss_linear_transform", "faiss_metric",
+           "set_blas_threshold"]

@@ -1,0 +1,13 @@
+"""Storage: the version registry, its on-disk format, and embedding tables on disk.
+
+What lives here: :class:`Registry` (versions, transforms, fused operators; locked, atomic,
+checksummed writes), the manifest and safetensors transform format (:mod:`.manifest`), and the
+streaming table readers and writers for ``.npy``, folders of ``.npy`` shards and Parquet
+(:mod:`.tables`). It may import :mod:`bc_fast.engine` and ``bc_fast._util`` only.
+"""
+
+from .manifest import RegistryError, TransformInfo, VersionInfo
+from .registry import Registry, as_layers, show
+from .tables import open_table
+
+__all__ = ["Registry", "RegistryError", "TransformInfo", "VersionInfo", "as_layers", "open_table", "show"]
