@@ -83,7 +83,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     elif args.items or args.columns:
         raise ValueError("--items and --columns describe the file given with --data; add --data FILE")
     if getattr(args, "lambdas", None):
-        from .experiments.runner import ExperimentConfig, run_lambda_sweep
+        from .experiments import ExperimentConfig, run_lambda_sweep
 
         if args.resume:
             raise ValueError("--resume continues a table run (its out/checkpoints); the lambda sweep has no "
@@ -126,7 +126,7 @@ def _convert_ray(args: argparse.Namespace) -> Any:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .convert.pipeline import convert_table
+    from .convert import convert_table
 
     if args.engine != "ray" and (args.address is not None or args.workers is not None):
         raise ValueError("--address and --workers only apply with --engine ray")

@@ -232,7 +232,7 @@ def _copy_bound_rows_per_s(torch: Any, chunk_rows: int, samples: int) -> float:
 
 def bench_convert(torch: Any, rows: int, cpu_rows: int, samples: int, tmp: Path, threads: int | None) -> dict:
     from bc_fast.convert import convert_table
-    from bc_fast.convert.pipeline import _default_chunk_rows
+    from bc_fast.convert.job import _default_chunk_rows
     from bc_fast.store.registry import Registry
     rng = np.random.default_rng(3)
     w, b = _weights(rng, 256, 256)

@@ -125,7 +125,7 @@ def test_cli_rejects_columns_without_data(tmp_path) -> None:
 def test_experiment_runs_on_a_csv_file(tmp_path) -> None:
     pytest.importorskip("torch", reason="the experiment trains with PyTorch")
     from bc_fast.data import synthetic_interactions
-    from bc_fast.experiments.runner import ExperimentConfig, run_experiment
+    from bc_fast.experiments import ExperimentConfig, run_experiment
 
     syn = synthetic_interactions(num_users=70, num_items=60, num_edges=2000, seed=1)
     df = pd.DataFrame({"who": syn.user_ids[syn.user], "what": syn.item_ids[syn.item], "stars": syn.rating,
@@ -143,7 +143,7 @@ def test_experiment_runs_on_a_csv_file(tmp_path) -> None:
 
 def test_user_file_without_labels_drops_the_item_genre_task(tmp_path):
     from bc_fast.experiments.demo import load_user_interactions
-    from bc_fast.experiments.runner import ALL_TASKS
+    from bc_fast.experiments import ALL_TASKS
 
     rng = np.random.default_rng(0)
     n = 600

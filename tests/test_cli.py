@@ -111,7 +111,7 @@ def test_convert_warnings_are_one_line(tmp_path, small_registry, capsys, monkeyp
         orig(self, chunk, y, extra)
     with monkeypatch.context() as m:
         m.setattr(tables.NpyWriter, "write", write)
-        m.setattr("bc_fast.convert.pipeline.time.monotonic", lambda: 1e9 + calls[0] * 10.0)  # journal every chunk
+        m.setattr("bc_fast.convert.journal.time.monotonic", lambda: 1e9 + calls[0] * 10.0)  # journal every chunk
         assert _convert(tmp_path, "--chunk-rows", "50", "--quiet") == 130
     data = bytearray((tmp_path / "out.npy.partial").read_bytes())
     data[-300 * 4 * 4] ^= 0xFF  # flip a byte of chunk 0

@@ -21,7 +21,6 @@ pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is needed for Parque
 
 from bc_fast.convert import convert_table, read_sidecar  # noqa: E402
 import bc_fast  # noqa: E402
-from bc_fast.convert import distributed  # noqa: E402
 from bc_fast.convert.distributed import convert_dataset_ray  # noqa: E402
 from bc_fast.engine.fusion import apply_layers_reference, flatten_chain  # noqa: E402
 

@@ -8,7 +8,8 @@ import pytest
 pytest.importorskip("torch", reason="the experiment trains with PyTorch")
 
 from bc_fast.data import synthetic_interactions  # noqa: E402
-from bc_fast.experiments.runner import ExperimentConfig, _direct_maps, run_experiment  # noqa: E402
+from bc_fast.experiments import ExperimentConfig, run_experiment  # noqa: E402
+from bc_fast.experiments.runner import _direct_maps  # noqa: E402
 
 
 def test_direct_maps_recover_an_exactly_affine_version() -> None:

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("torch", reason="the experiment trains with PyTorch")
 
 from bc_fast.data import synthetic_interactions, time_points  # noqa: E402
-from bc_fast.experiments.runner import ExperimentConfig, run_demo, run_experiment  # noqa: E402
+from bc_fast.experiments import ExperimentConfig, run_demo, run_experiment  # noqa: E402
 from bc_fast.train.protocol import held_out_split  # noqa: E402
 
 TINY = dict(dims=(8, 10, 12), epochs=4, eval_every=1, batch_size=512, consumer_epochs=2, consumer_seeds=(0,),
@@ -114,7 +114,7 @@ def test_paired_seeds_table_and_raw_values_recompute(tmp_path) -> None:
 
 def test_legacy_retention_known_answers() -> None:
     """Equal recall is 100 % with a zero-width CI; half the recall is 50 %; no test users, no column."""
-    from bc_fast.experiments.runner import _legacy_retention
+    from bc_fast.experiments.summary import _legacy_retention
 
     rng = np.random.default_rng(0)
     true = [rng.random(30), rng.random(30)]
@@ -146,7 +146,7 @@ def test_item_genre_without_labels_is_refused_before_training() -> None:
 
 def test_lambda_sweep_chooses_on_the_selection_split(tmp_path) -> None:
     pytest.importorskip("matplotlib", reason="the sweep draws its Pareto plot with matplotlib")
-    from bc_fast.experiments.runner import run_lambda_sweep
+    from bc_fast.experiments import run_lambda_sweep
 
     cfg = ExperimentConfig.quick(**{**TINY, "epochs": 2})
     res = run_lambda_sweep(tmp_path, [0.0, 16.0], cfg, data=_data(), log=None)

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("torch", reason="the experiment trains with PyTorch")
 
 from bc_fast.data import synthetic_interactions  # noqa: E402
-from bc_fast.experiments.runner import ExperimentConfig, run_experiment  # noqa: E402
+from bc_fast.experiments import ExperimentConfig, run_experiment  # noqa: E402
 from bc_fast.experiments.checkpoint import SeedCheckpoints, _decode, _encode  # noqa: E402
 
 TINY = dict(dims=(8, 10, 12), epochs=2, eval_every=1, batch_size=512, consumer_epochs=2, consumer_seeds=(0,),

@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import bc_fast
-from bc_fast.convert import pipeline as convert
+from bc_fast.convert import job as convert_job, journal as convert_journal, pipeline as convert
 from bc_fast.store import tables
 from bc_fast.store.manifest import content_checksum, pretty
 from bc_fast.engine.fusion import apply_layers_reference
@@ -396,7 +396,7 @@ def convert_template(fixed_tmp: Path) -> dict:
     done = root / "done.npy"
     convert.apply_to_table(op, str(src), str(done), chunk_rows=8, progress=False)
     want = np.load(done)
-    side = json.loads(Path(convert.sidecar_path(done)).read_bytes())
+    side = json.loads(Path(convert_job.sidecar_path(done)).read_bytes())
 
     out = root / "killed.npy"
     real = convert._pipeline
@@ -440,7 +440,7 @@ def test_fuzz_convert_journal(convert_template: dict, data: st.DataObject) -> No
         j = data.draw(json_mutations(t["journal"]))
         if isinstance(j, dict):
             try:
-                j["checksum"] = convert._journal_checksum(j)
+                j["checksum"] = convert_journal._journal_checksum(j)
             except (ValueError, TypeError, RecursionError):
                 pass
         raw = _dumps(j)
@@ -472,17 +472,17 @@ def test_fuzz_convert_sidecars(convert_template: dict, data: st.DataObject) -> N
         raw = _dumps(data.draw(json_mutations(base)))
     which = data.draw(st.sampled_from(["input", "output"]))
     if which == "input":
-        side = Path(convert.sidecar_path(src))
+        side = Path(convert_job.sidecar_path(src))
         side.write_bytes(raw)
         kw: dict = {"provenance": {"from": 1, "to": 0}}
     else:
-        side = Path(convert.sidecar_path(out))
+        side = Path(convert_job.sidecar_path(out))
         np.save(out, np.zeros((2, 2), np.float32))
         side.write_bytes(raw)
         kw = {"overwrite": True}
     try:
         convert.apply_to_table(t["op"], str(src), str(out), progress=False, **kw)
-        sidecar = convert.read_sidecar(src)
+        sidecar = convert_job.read_sidecar(src)
     except Exception as e:
         _check_clean(e, (ValueError, TypeError, FileExistsError), [str(side), str(src), str(out)])
         return
@@ -557,7 +557,7 @@ def _deep_journal(t: dict) -> tuple[Path, Callable[[], Any]]:
     partial.write_bytes(t["partial"])
     j = json.loads(json.dumps(t["journal"]))
     j["done_chunks"] = _deep(900, "list")
-    j["checksum"] = convert._journal_checksum(j)
+    j["checksum"] = convert_journal._journal_checksum(j)
     journal.write_bytes(json.dumps(j).encode())
     return journal, lambda: convert.apply_to_table(t["op"], str(t["src"]), str(out), chunk_rows=8, resume=True,
                                                    progress=False)

@@ -10,10 +10,10 @@ import os
 import numpy as np
 import pytest
 
-import bc_fast.convert.pipeline as convert
+import bc_fast.convert.publish as publish
 from bc_fast.cli import main
-from bc_fast.convert import convert_table, read_sidecar
-from bc_fast.convert.pipeline import _journal_checksum
+from bc_fast.convert import VerificationError, convert_table, read_sidecar
+from bc_fast.convert.journal import _journal_checksum
 
 DIMS = (8, 12, 16)  # versions 0, 1, 2
 
@@ -274,14 +274,14 @@ def test_cli_bad_journal_exits_1_without_traceback(tmp_path, registry, monkeypat
 # ------------------------------------------------------------------ killed while publishing
 
 def _die_on_replace(monkeypatch, when) -> None:
-    """Make convert's os.replace raise KeyboardInterrupt (a kill) on the call where when(src, dst)."""
+    """Make publish's os.replace raise KeyboardInterrupt (a kill) on the call where when(src, dst)."""
     real = os.replace
 
     def replace(src, dst):
         if when(os.fspath(src), os.fspath(dst)):
             raise KeyboardInterrupt
         return real(src, dst)
-    monkeypatch.setattr(convert.os, "replace", replace)
+    monkeypatch.setattr(publish.os, "replace", replace)
 
 
 @pytest.mark.parametrize("form", ["npy", "npy_dir", "parquet"])
@@ -504,7 +504,7 @@ def test_user_file_named_like_the_partial_output_is_kept(tmp_path, registry):
 
 def test_verify_failure_leaves_nothing(tmp_path, registry):
     np.save(tmp_path / "in.npy", _table(50))
-    _refused(tmp_path, convert.VerificationError, r"verification failed: \d+ of 50 random rows .*--verify-tol",
+    _refused(tmp_path, VerificationError, r"verification failed: \d+ of 50 random rows .*--verify-tol",
              tmp_path / "in.npy", tmp_path / "out.npy",
              **_kw(registry, reference=lambda x: np.ones((len(x), DIMS[0]))))
 
@@ -519,14 +519,14 @@ def test_malformed_npy_header(tmp_path, registry, old, new):
 
 _KILL_ON_SIDECAR_RENAME = """
 import os, signal, sys
-import bc_fast.convert.pipeline as convert
+import bc_fast.convert.publish as publish
 from bc_fast.cli import main
 real = os.replace
 def replace(src, dst):
     if str(src).endswith(".bcfast.json.tmp"):
         os.kill(os.getpid(), signal.SIGKILL)  # the table is in place, its sidecar not yet
     return real(src, dst)
-convert.os.replace = replace
+publish.os.replace = replace
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -79,7 +79,7 @@ def test_department_is_the_item_attribute_and_the_one_label(raw, data) -> None:
 
 
 def test_versions_at_the_default_time_points_grow(data) -> None:
-    from bc_fast.experiments.runner import ExperimentConfig
+    from bc_fast.experiments import ExperimentConfig
 
     cfg = ExperimentConfig.quick()
     tp = time_points(len(cfg.dims), cfg.start)
@@ -98,7 +98,7 @@ def test_versions_at_the_default_time_points_grow(data) -> None:
 def test_every_consumer_task_is_served(data) -> None:
     pytest.importorskip("torch", reason="the consumer tasks live with the PyTorch code")
     from bc_fast.eval.consumers import build_consumer_tasks
-    from bc_fast.experiments.runner import ALL_TASKS
+    from bc_fast.experiments import ALL_TASKS
 
     tp = time_points(5, 0.5)
     splits = [data.split(tp[k], tp[k + 1]) for k in range(5)]

@@ -219,7 +219,7 @@ def test_run_demo_end_to_end_on_synthetic_data(tmp_path):
     pytest.importorskip("matplotlib", reason="run_demo draws its figures with matplotlib")
     import json
 
-    from bc_fast.experiments.runner import run_demo
+    from bc_fast.experiments import run_demo
 
     data = synthetic_interactions(num_users=80, num_items=40, num_edges=2500, seed=2)
     res = run_demo(tmp_path, seed=0, log=None, data=data, dims=(8, 10, 12), epochs=2, batch_size=512,

@@ -17,7 +17,7 @@ from typing import Sequence
 
 #: Old module name -> the module that holds its code now.
 MOVED: dict[str, str] = {
-    "bc_fast.ops": "bc_fast.engine.operator",
+    "bc_fast.ops": "bc_fast.engine",
     "bc_fast.fusion": "bc_fast.engine.fusion",
     "bc_fast.cuda": "bc_fast.engine.cuda",
     "bc_fast.registry": "bc_fast.store.registry",

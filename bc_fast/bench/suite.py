@@ -51,6 +51,9 @@ torch and faiss are optional: their columns are skipped, with a note, when they 
 not installed; matplotlib too (no PNG then). bc_fast, torch, faiss and numpy's BLAS
 all run with the same thread count (bc_fast's ``max_threads`` unless ``threads`` is
 given).
+
+It stays one module: every config is a short function over the same :class:`Sizes` and the table of
+targets above, and splitting them would scatter that table's rows across files.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ from .harness import (
     run_configs, speedup_check, time_interleaved,
 )
 from ..engine.fusion import apply_layers_reference, fuse_chain
-from ..index.legacy import faiss_linear_transform
+from ..index.faiss_utils import faiss_linear_transform
 from ..engine import FusedTransform, Layer
 
 __all__ = ["SIZES", "Timing", "affine_err", "affine_impls", "best_of", "format_table", "machine_info",

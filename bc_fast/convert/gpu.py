@@ -41,6 +41,8 @@ import numpy as np
 
 from ..engine import FusedTransform
 from ..engine.device import CudaDevice, cuda_fused_op
+# The device half moved to bc_fast.engine.device; importable from here as under the old bc_fast.convert_gpu path.
+from ..engine.device import DeviceTransform, open_device, parse_device  # noqa: F401
 from ..store.tables import Chunk, TableReader
 
 __all__ = ["gpu_verify_tol", "gpu_pipeline", "DEFAULT_DEPTH"]

@@ -18,7 +18,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..index.legacy import blas_threshold, blas_threshold_for, build_legacy_index, faiss_metric
+from ..index.faiss_utils import blas_threshold, blas_threshold_for, faiss_metric
+from ..index.legacy import build_legacy_index
 from ..engine import Layer
 from ..store.registry import Registry
 from .metrics import recall_at_k

@@ -23,7 +23,7 @@ def load_user_interactions(path: str | Path, *, items: str | Path | None = None,
     ``consumer_tasks`` (returned in the overrides) and ``log`` says so.
     """
     from ..data.interactions import load_interactions
-    from .runner import ALL_TASKS
+    from .config import ALL_TASKS
 
     data = load_interactions(path, items=items, columns=columns)
     overrides: dict = {}
@@ -68,7 +68,7 @@ def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
     Returns the experiment's results with ``pipeline`` (registry, conversion and
     retrieval figures) added; they are also written to ``out_dir/pipeline.json``.
     """
-    from ..convert.pipeline import convert_table
+    from ..convert import convert_table
     from ..data import load_movielens
     from .runner import run_demo
     from ..eval.retrieval import format_retrieval_report, legacy_retrieval_report

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..eval.retrieval import overlap_at_k, unit_rows
-from ..index.legacy import _faiss, blas_threshold, blas_threshold_for
+from ..index.faiss_utils import _faiss, blas_threshold, blas_threshold_for
 from ._base import r2_uniform
 from ._checks import check_int, check_pair_chunk
 

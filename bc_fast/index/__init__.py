@@ -2,15 +2,16 @@
 
 What lives here: :class:`LegacyIndex` and :func:`build_legacy_index` (an index of version j built
 from the latest table through the fused chain, queried with latest-version queries; saved with a
-checksummed sidecar), faiss helpers (BLAS threshold, ``LinearTransform`` export) in
-:mod:`.legacy`, and IVF indexes built shard by shard, on Ray or in one process, in :mod:`.sharded`.
+checksummed sidecar, :mod:`.sidecar`), faiss helpers (BLAS threshold, ``LinearTransform`` export,
+array checks) in :mod:`.faiss_utils`, and IVF indexes built shard by shard, on Ray or in one process,
+in :mod:`.sharded`.
 It may import :mod:`bc_fast.convert` (converted datasets' sidecars), :mod:`bc_fast.store`,
 :mod:`bc_fast.engine` and ``bc_fast._util``.
 """
 
-from .legacy import (DEFAULT_BLAS_MIN_QUERIES, LegacyIndex, blas_threshold, blas_threshold_for,
-                     build_legacy_index, export_faiss_pretransform, faiss_linear_transform, faiss_metric,
-                     set_blas_threshold)
+from .faiss_utils import (DEFAULT_BLAS_MIN_QUERIES, blas_threshold, blas_threshold_for, faiss_linear_transform,
+                          faiss_metric, set_blas_threshold)
+from .legacy import LegacyIndex, build_legacy_index, export_faiss_pretransform
 
 __all__ = ["DEFAULT_BLAS_MIN_QUERIES", "LegacyIndex", "blas_threshold", "blas_threshold_for",
            "build_legacy_index", "export_faiss_pretransform", "faiss_linear_transform", "faiss_metric",

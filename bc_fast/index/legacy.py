@@ -14,329 +14,39 @@ metrics and reports live in :mod:`bc_fast.eval.retrieval`.
 
 faiss is imported inside functions, so ``import bc_fast`` stays light.
 
-On disk an index is two files: the faiss index and a JSON sidecar (``path + '.json'``).
-The sidecar carries the sha256 of the index file and a sha256 of its own content
-(``sidecar_sha256``, over the canonical JSON of every other field); :meth:`LegacyIndex.load`
-checks both before faiss reads a byte, then re-derives metric, dimension and size from
-the faiss index and refuses any contradiction with the sidecar.
-
-About ``distance_compute_blas_threshold``: in faiss 1.15 a flat search takes the
-per-query SIMD loop when ``n_queries * d < distance_compute_blas_threshold``
-(default 128000, i.e. fewer than 1000 queries at d=128, 500 at d=256) and one
-BLAS GEMM otherwise. (With several OpenMP threads, fewer queries than threads
-and >= 10000 vectors, faiss instead runs a database-parallel BLAS path whatever
-the threshold.) Measured on the project's 2-vCPU box (bench/bench_index.py,
-100k x 128 flat IP, one thread): the SIMD loop wins for 1 query (~2 ms vs 7 ms),
-ties at 2, and BLAS wins from 3-4 queries up (2x at 4, 6-7x at 64-256). So
-:class:`LegacyIndex` searches with the threshold set to
-``DEFAULT_BLAS_MIN_QUERIES * d`` (per call, restored afterwards). On an
-oversubscribed machine (more runnable threads than cores) faiss's multithreaded
-BLAS path spin-waits and can be slower than the SIMD loop: cap threads there.
+On disk an index is two files, the faiss index and a checksummed JSON sidecar
+(``path + '.json'``): see :mod:`.sidecar`. The faiss helpers (import, metric, BLAS threshold,
+``LinearTransform``, array checks) live in :mod:`.faiss_utils`; their public names stay importable
+from here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
 from .._util.arrays import as_numpy
-from .._util.text import short_repr
-from .._util.fileio import atomic_write_bytes, is_json_int, read_json_object
+from .._util.fileio import atomic_write_bytes
 from ..engine import FusedTransform
 from .._util.progress import Progress
 from ..store.registry import Registry, RegistryError
+from .faiss_utils import (DEFAULT_BLAS_MIN_QUERIES, _all_finite, _as_f32, _check_finite, _check_table, _faiss,
+                          _faiss_gpu, _faiss_msg, _index_metric, _is_gpu_index, _open_device, _positive_int, _rows,
+                          _rows_idx, blas_threshold, blas_threshold_for, faiss_linear_transform, faiss_metric,
+                          set_blas_threshold)
+from .sidecar import (_INDEX_FORMAT, _INDEX_FORMAT_VERSION, _check_index_matches, _check_registry, _read_index,
+                      _read_sidecar, _sidecar, _sidecar_checksum)
 
 __all__ = [
     "LegacyIndex", "build_legacy_index", "export_faiss_pretransform", "faiss_linear_transform", "faiss_metric",
     "blas_threshold", "set_blas_threshold", "blas_threshold_for", "DEFAULT_BLAS_MIN_QUERIES",
 ]
-
-#: Query-batch size from which faiss uses BLAS for flat distances (faiss's default: 128000).
-#: Query batches of at least this many rows use faiss's BLAS path; smaller ones its SIMD loop
-#: (faster for 1-2 queries). BLAS is 2x faster at 4 queries and 6-7x at 64-256 (bench/bench_index.py).
-DEFAULT_BLAS_MIN_QUERIES = 3
-
-_INDEX_FORMAT = "bc_fast.legacy_index"
-#: 2: the sidecar carries ``sidecar_sha256``; 1 (no sidecar checksum) is refused unless allowed.
-_INDEX_FORMAT_VERSION = 2
-_SIDECAR_MAX_BYTES = 1 << 20
-_METRICS = ("ip", "l2")
-_SIDECAR_FIELDS: dict[str, type] = {
-    "version": int, "source_version": int, "d": int, "ntotal": int, "metric": str, "factory": str,
-    "normalize": bool, "registry_checksum": str, "chain_checksum": str, "index_sha256": str,
-}
-
-
-def _faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as e:  # pragma: no cover - faiss is a dependency
-        raise ImportError("bc_fast.index needs faiss; install faiss-cpu") from e
-    return faiss
-
-
-def _faiss_gpu(device: str) -> Any:
-    """faiss, checked to be a GPU build that sees a GPU; RuntimeError naming the install otherwise."""
-    faiss = _faiss()
-    n = int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
-    if not hasattr(faiss, "StandardGpuResources") or n == 0:
-        what = ("has no GPU support" if not hasattr(faiss, "StandardGpuResources")
-                else "is a GPU build but sees no GPU (faiss.get_num_gpus() == 0)")
-        raise RuntimeError(f"device={device!r} builds a faiss GPU index, but this faiss "
-                           f"({getattr(faiss, '__version__', '?')}) {what}; install a faiss GPU build "
-                           "(pip install bc_fast[gpu], or faiss-gpu from conda-forge/pytorch) on a machine with "
-                           "an NVIDIA GPU, or use device='cpu'")
-    return faiss
-
-
-def _open_device(device: Any) -> Any:
-    """None for the CPU, else the checked :class:`bc_fast.convert.gpu.CudaDevice`."""
-    from ..engine.device import open_device, parse_device
-
-    if parse_device(device) is None:
-        return None
-    return open_device(device)
-
-
-def _is_gpu_index(index: Any) -> bool:
-    return type(index).__name__.startswith("Gpu")
-
-
-def faiss_metric(metric: str) -> int:
-    """The faiss metric constant for ``"ip"`` (inner product) or ``"l2"``; ValueError otherwise."""
-    faiss = _faiss()
-    m = metric.lower() if isinstance(metric, str) else metric
-    if m not in _METRICS:
-        raise ValueError(f"metric must be 'ip' (inner product) or 'l2', got {metric!r}")
-    return faiss.METRIC_INNER_PRODUCT if m == "ip" else faiss.METRIC_L2
-
-
-def _faiss_msg(e: Exception) -> str:
-    """The useful tail of a faiss C++ error ("Error in <signature> at <file>: Error: '<cond>' failed: <why>")."""
-    text = (str(e).strip().splitlines() or [""])[0]
-    for marker in ("failed: ", "Error: "):
-        if marker in text:
-            text = text.rsplit(marker, 1)[1]
-            break
-    return text[:200]
-
-
-def _index_metric(index: Any) -> str | None:
-    """``"ip"``/``"l2"`` read from the faiss index itself (None for any other faiss metric)."""
-    faiss = _faiss()
-    return {faiss.METRIC_INNER_PRODUCT: "ip", faiss.METRIC_L2: "l2"}.get(int(index.metric_type))
-
-
-def blas_threshold_for(d: int, min_queries: int | None = None) -> int:
-    """The ``distance_compute_blas_threshold`` that sends batches of ``>= min_queries`` queries of
-    dimension ``d`` to BLAS (faiss 1.15 compares ``n_queries * d`` with it).
-
-    ``min_queries`` defaults to :data:`DEFAULT_BLAS_MIN_QUERIES`.
-    """
-    m = DEFAULT_BLAS_MIN_QUERIES if min_queries is None else int(min_queries)
-    if m < 0 or int(d) < 1:
-        raise ValueError(f"need d >= 1 and min_queries >= 0, got d={d}, min_queries={min_queries}")
-    return m * int(d)
-
-
-def set_blas_threshold(n: int) -> int:
-    """Set faiss's global ``distance_compute_blas_threshold``; return the previous value.
-
-    Use it when you search a faiss index yourself (for example the one
-    :func:`export_faiss_pretransform` returns): ``set_blas_threshold(blas_threshold_for(d))``.
-    """
-    faiss = _faiss()
-    n = int(n)
-    if n < 0:
-        raise ValueError(f"blas threshold must be >= 0, got {n}")
-    prev = int(faiss.cvar.distance_compute_blas_threshold)
-    faiss.cvar.distance_compute_blas_threshold = n
-    return prev
-
-
-@contextlib.contextmanager
-def blas_threshold(n: int) -> Iterator[None]:
-    """Context manager: run faiss calls with ``distance_compute_blas_threshold = n``, then restore it.
-
-    faiss's setting is process-global: a search in another thread meanwhile sees it too
-    (only its speed, never its results, depends on it).
-    """
-    prev = set_blas_threshold(n)
-    try:
-        yield
-    finally:
-        _faiss().cvar.distance_compute_blas_threshold = prev
-
-
-# ----------------------------------------------------------------------------- input checks
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _check_table(table: Any, dim: int, name: str, version: int) -> np.ndarray:
-    if not isinstance(table, np.ndarray) and not hasattr(table, "__dlpack__"):
-        raise TypeError(f"{name} must be a numpy array or memmap of shape (n, {dim}), got {type(table).__name__}")
-    table, _ = as_numpy(table, name, copy_from_device=True)
-    if table.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n, {dim}), got shape {table.shape}")
-    if not np.issubdtype(table.dtype, np.floating):
-        raise TypeError(f"{name} must be floating point, got dtype {table.dtype}; convert with .astype(np.float32)")
-    if table.shape[1] != dim:
-        raise ValueError(f"{name} has {table.shape[1]} features per row but version {version} has dim {dim}; "
-                         f"pass embeddings of version {version} or set the version argument")
-    return table
-
-
-def _all_finite(x: np.ndarray) -> bool:
-    # count_nonzero is about twice as fast as .all() on small arrays: this runs on every search
-    return int(np.count_nonzero(np.isfinite(x))) == x.size
-
-
-def _check_finite(block: np.ndarray, what: str, *, offset: int = 0, rows: np.ndarray | None = None) -> None:
-    """Refuse NaN/Inf rows: faiss would index or search them silently and return meaningless hits.
-
-    Row numbers in the message are ``offset + i``, or ``rows[i]`` when given.
-    """
-    if _all_finite(block):
-        return
-    bad = ~np.isfinite(block).all(axis=1)
-    i = int(np.argmax(bad))
-    first = int(rows[i]) if rows is not None else offset + i
-    raise ValueError(f"{what}: row {first} (and {int(bad.sum()) - 1} more in this batch) holds NaN or Inf "
-                     f"after the transform; clean the input (np.isfinite) or check the transform's weights")
-
-
-def _as_f32(x: np.ndarray) -> np.ndarray:
-    """C-contiguous float32 (float16 kept); values beyond float32 become Inf, which _check_finite reports."""
-    if x.dtype not in (np.float32, np.float16):
-        with np.errstate(over="ignore"):
-            x = x.astype(np.float32)
-    return np.ascontiguousarray(x)
-
-
-def _rows(table: np.ndarray, start: int, stop: int) -> np.ndarray:
-    return _as_f32(table[start:stop])
-
-
-def _rows_idx(table: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    return _as_f32(table[rows])
-
-
-# ----------------------------------------------------------------------------- sidecar
-
-
-def _sidecar(p: Path) -> Path:
-    return p.with_name(p.name + ".json")
-
-
-def _sidecar_checksum(side: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of every sidecar field except the checksum itself."""
-    body = {k: v for k, v in side.items() if k != "sidecar_sha256"}
-    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return hashlib.sha256(canon.encode()).hexdigest()
-
-
-def _read_sidecar(sp: Path, *, allow_old: bool) -> dict:
-    """Parse and verify a sidecar: JSON object, format, checksum, field types and ranges."""
-    if not sp.is_file():
-        raise ValueError(f"sidecar {sp} not found; a legacy index is saved as two files by LegacyIndex.save "
-                         f"(the index and its '.json' sidecar): copy both, or rebuild and save the index")
-    if sp.stat().st_size > _SIDECAR_MAX_BYTES:
-        raise ValueError(f"{sp} is {sp.stat().st_size} bytes, far larger than a legacy index sidecar "
-                         f"(< {_SIDECAR_MAX_BYTES}); it is not one: re-save the index with LegacyIndex.save")
-    side = read_json_object(sp, what="bc_fast legacy index sidecar", fix="re-save the index with LegacyIndex.save")
-    if side.get("format") != _INDEX_FORMAT:
-        raise ValueError(f"{sp}: field 'format' must be {_INDEX_FORMAT!r}, got {short_repr(side.get('format'))}; "
-                         f"not a bc_fast legacy index sidecar")
-    fv = side.get("format_version")
-    if not is_json_int(fv) or fv < 1:
-        raise ValueError(f"{sp}: field 'format_version' must be a positive int, got {short_repr(fv)}")
-    if fv > _INDEX_FORMAT_VERSION:
-        raise ValueError(f"{sp}: format_version {short_repr(fv)} is newer than this bc_fast supports "
-                         f"({_INDEX_FORMAT_VERSION}); upgrade bc_fast")
-    if fv < 2 and not allow_old:
-        raise ValueError(f"{sp}: format_version {fv} sidecars carry no checksum of their own, so edits to "
-                         f"'normalize' or 'metric' cannot be detected. Rebuild the index (build_legacy_index"
-                         f"(...).save(path)), or, if you trust this sidecar, re-save it once with "
-                         f"LegacyIndex.load(path, allow_old_sidecar=True).save(path)")
-    if fv >= 2:
-        want = side.get("sidecar_sha256")
-        try:
-            got = _sidecar_checksum(side)
-        except (ValueError, TypeError, RecursionError):  # NaN/Infinity values, absurd nesting
-            got = None
-        if not isinstance(want, str) or want != got:
-            raise ValueError(f"{sp}: sidecar checksum mismatch: its fields were edited or the file is corrupt; "
-                             f"re-save the index with LegacyIndex.save, or rebuild it")
-    _check_sidecar_fields(sp, side)
-    return side
-
-
-def _check_sidecar_fields(sp: Path, side: Mapping[str, Any]) -> None:
-    for key, typ in _SIDECAR_FIELDS.items():
-        v = side.get(key)
-        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
-            raise ValueError(f"{sp}: field {key!r} must be {typ.__name__}, got {short_repr(v)}")
-    for key in ("version", "source_version", "d", "ntotal"):
-        if not -1 < side[key] < 2**63:
-            raise ValueError(f"{sp}: field {key!r} must be in [0, 2**63), got {short_repr(side[key])}")
-    if side["metric"] not in _METRICS:
-        raise ValueError(f"{sp}: field 'metric' must be 'ip' or 'l2', got {short_repr(side['metric'])}")
-    if not 0 <= side["version"] <= side["source_version"]:
-        raise ValueError(f"{sp}: need 0 <= version <= source_version, got version={side['version']}, "
-                         f"source_version={side['source_version']}")
-    if side["d"] < 1 or side["ntotal"] < 0:
-        raise ValueError(f"{sp}: need d >= 1 and ntotal >= 0, got d={side['d']}, ntotal={side['ntotal']}")
-
-
-def _read_index(p: Path, sp: Path, side: Mapping[str, Any]) -> Any:
-    """Check the index file's sha256 against the sidecar, then let faiss read it."""
-    data = p.read_bytes()
-    if hashlib.sha256(data).hexdigest() != side["index_sha256"]:
-        raise ValueError(f"{p}: checksum mismatch with {sp.name}: the index file is truncated or corrupt, was "
-                         f"modified, or a save was interrupted between the two files; rebuild or re-save the index")
-    try:
-        return _faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
-    except RuntimeError as e:
-        raise ValueError(f"{p}: faiss cannot read this index file ({_faiss_msg(e)}); it may come from another "
-                         f"faiss version (sidecar says {short_repr(side.get('faiss_version'))}); rebuild it") from None
-
-
-def _check_index_matches(p: Path, sp: Path, index: Any, side: Mapping[str, Any]) -> None:
-    """Re-derive metric, dimension and size from the faiss index; refuse contradictions with the sidecar."""
-    metric = _index_metric(index)
-    found = {"d": int(index.d), "ntotal": int(index.ntotal), "metric": metric}
-    for key, value in found.items():
-        if value != side[key]:
-            raise ValueError(f"{sp}: says {key}={side[key]!r} but the faiss index {p.name} has {key}={value!r}; "
-                             f"the files do not belong together: rebuild or re-save the index")
-    if not index.is_trained:
-        raise ValueError(f"{p}: the faiss index is not trained; rebuild it with build_legacy_index")
-
-
-def _check_registry(sp: Path, reg: Registry, side: Mapping[str, Any]) -> None:
-    v, s = side["version"], side["source_version"]
-    if v not in reg or s not in reg:
-        raise RegistryError(f"{sp}: the index serves version {v} built from version {s}, but registry "
-                            f"{reg.path} has versions 0..{len(reg) - 1}; pass the registry the index was built with")
-    if reg.dim(v) != side["d"]:
-        raise RegistryError(f"{sp}: dimension mismatch: the index holds d={side['d']} vectors but "
-                            f"version {v} of {reg.path} has dim {reg.dim(v)}")
-    if reg.chain_checksum(s, v) != side["chain_checksum"]:
-        raise RegistryError(
-            f"{sp}: registry {reg.path} maps version {s} -> {v} with different transforms than the ones "
-            f"this index was built with (chain checksum mismatch); rebuild the index from this registry")
 
 
 def _as_registry(registry: Any) -> Registry | None:
@@ -425,7 +135,7 @@ class LegacyIndex:
         return op
 
     def _transform_on(self, device: Any, qv: int, op: FusedTransform) -> Any:
-        """The cached :class:`bc_fast.convert.gpu.DeviceTransform` of ``op`` on ``device``."""
+        """The cached :class:`bc_fast.engine.device.DeviceTransform` of ``op`` on ``device``."""
         from ..engine.device import DeviceTransform, parse_device
 
         key = (qv, f"cuda:{parse_device(device)}")
@@ -717,18 +427,6 @@ def _train(index: Any, apply: Any, table: np.ndarray, d: int, *, factory: str, t
         raise ValueError(f"faiss cannot train index_factory({d}, {factory!r}) on {m} rows: "
                          f"{_faiss_msg(e)}; use more rows (train_rows, table) or a smaller "
                          f"factory (fewer IVF lists)") from None
-
-
-def faiss_linear_transform(weight: np.ndarray, bias: np.ndarray | None = None) -> Any:
-    """A trained ``faiss.LinearTransform`` computing ``x @ weight.T + bias`` (weight: (d_out, d_in))."""
-    faiss = _faiss()
-    d_out, d_in = weight.shape
-    lt = faiss.LinearTransform(int(d_in), int(d_out), True)
-    faiss.copy_array_to_vector(np.ascontiguousarray(weight, np.float32).ravel(), lt.A)
-    b = np.zeros(d_out, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
-    faiss.copy_array_to_vector(b, lt.b)
-    lt.is_trained = True
-    return lt
 
 
 def export_faiss_pretransform(registry: Registry | LegacyIndex, index: Any = None, *, src: int | None = None,

@@ -24,9 +24,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..convert.pipeline import read_sidecar, sidecar_path
-from .legacy import LegacyIndex, _check_finite, _faiss, _faiss_msg, _positive_int, blas_threshold, \
-    blas_threshold_for, faiss_metric
+from ..convert.job import read_sidecar, sidecar_path
+from .faiss_utils import _check_finite, _faiss, _faiss_msg, _positive_int, blas_threshold, blas_threshold_for, \
+    faiss_metric
+from .legacy import LegacyIndex
 from ..store.tables import open_table
 
 __all__ = ["train_ivf", "build_ivf_index_sharded"]

@@ -1,9 +1,11 @@
 """Storage: the version registry, its on-disk format, and embedding tables on disk.
 
 What lives here: :class:`Registry` (versions, transforms, fused operators; locked, atomic,
-checksummed writes), the manifest and safetensors transform format (:mod:`.manifest`), and the
-streaming table readers and writers for ``.npy``, folders of ``.npy`` shards and Parquet
-(:mod:`.tables`). It may import :mod:`bc_fast.engine` and ``bc_fast._util`` only.
+checksummed writes; :mod:`.registry`, with its helpers :mod:`.transform_input`, :mod:`.registry_paths`
+and :mod:`.registry_describe`), the manifest and safetensors transform format (:mod:`.manifest`), and
+the streaming table readers and writers for ``.npy``, folders of ``.npy`` shards and Parquet
+(:mod:`.tables`, which picks the format; :mod:`.table_base`, :mod:`.npy`, :mod:`.parquet`). It may
+import :mod:`bc_fast.engine` and ``bc_fast._util`` only.
 """
 
 from .manifest import RegistryError, TransformInfo, VersionInfo

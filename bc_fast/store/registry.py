@@ -13,7 +13,9 @@ sha256 and fit metrics. The manifest carries a sha256 of its own canonical conte
 registry's :attr:`Registry.checksum` is stable across processes. Weights are
 safetensors (never pickle) and are verified against their sha256 when loaded. The
 format itself (schema, checksum, transform files) lives in :mod:`bc_fast.store.manifest`;
-this module is the API: opening, locking, writing, fusing, describing.
+this module is the API: opening, locking, writing, fusing, describing. Its helpers live beside it:
+what counts as a transform (:mod:`.transform_input`), checked paths inside the directory
+(:mod:`.registry_paths`) and the human-readable description (:mod:`.registry_describe`).
 
 Safety on disk:
 
@@ -53,131 +55,23 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .._util.arrays import as_numpy
 from .._util.fileio import FileLock, atomic_write_bytes, fsync_dir  # noqa: F401  (atomic_write_bytes: index.py)
 from .manifest import (  # noqa: F401  (the format's names stay importable from here)
     DIRECTIONS, FORMAT, FORMAT_VERSION, KINDS, LOCK, MANIFEST, MANIFEST_TEMP_NAME, MAX_DIM, MAX_MANIFEST_BYTES, TEMP_NAME, TRANSFORM_DIR,
     WEIGHT_NAME, RegistryError, TransformInfo, VersionInfo, canonical, content_checksum, decode_transform,
     encode_transform, json_clean, layer_specs, parse_manifest, pretty, validate_manifest, weight_file,
 )
-from ..engine.fusion import chain_flops, fuse_chain
-from ..engine import FusedTransform, Layer, validate_layer
+from .registry_describe import describe_registry
+from .registry_paths import _create_leftovers, _escaping_link, _inside, _read_manifest_bytes
+from .transform_input import _infer_kind, as_layers
+from ..engine.fusion import fuse_chain
+from ..engine import FusedTransform, Layer
 
 __all__ = ["Registry", "RegistryError", "VersionInfo", "TransformInfo", "as_layers", "show", "KINDS"]
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-
-
-def _to_numpy(a: Any, where: str) -> np.ndarray:
-    return None if a is None else as_numpy(a, where, copy_from_device=True)[0]  # type: ignore[return-value]
-
-
-def _clean_layer(layer: Layer, where: str) -> Layer:
-    layer = validate_layer(layer, where, keep_float64=True)
-    if layer.bias is not None and not np.any(layer.bias):
-        layer = Layer(layer.weight, None, layer.activation, layer.activation_width)
-    return layer
-
-
-def as_layers(transform: Any) -> list[Layer]:
-    """Normalise a transform to a list of :class:`Layer`.
-
-    Accepts a list of Layer, one Layer, a :class:`FusedTransform`, a ``(W, b)``
-    pair (``b`` may be None), a bare weight matrix ``W`` of shape (d_out, d_in), an
-    object with ``export_layers()`` or ``export()`` (the modules in ``bc_fast.train``), or a torch
-    ``nn.Linear``-like module with ``weight``/``bias``.
-    """
-    name = type(transform).__name__
-    if transform is None:
-        raise TypeError("transform is None; pass a list of Layer, (W, b), or a module with export_layers()")
-    if hasattr(transform, "export_layers"):
-        layers = list(transform.export_layers())
-    elif callable(getattr(transform, "export", None)) and not isinstance(transform, (FusedTransform, Layer)):
-        layers = list(transform.export())  # bc_fast.train transforms
-    elif isinstance(transform, FusedTransform):
-        layers = list(transform.layers)
-    elif isinstance(transform, Layer):
-        layers = [transform]
-    elif isinstance(transform, (list, tuple)) and transform and all(isinstance(l, Layer) for l in transform):
-        layers = list(transform)
-    elif isinstance(transform, tuple) and len(transform) == 2 and not isinstance(transform[0], Layer):
-        layers = [Layer(_to_numpy(transform[0], "W"), _to_numpy(transform[1], "b"))]
-    elif isinstance(transform, np.ndarray) or type(transform).__module__.startswith("torch") and hasattr(transform, "ndim"):
-        layers = [Layer(_to_numpy(transform, "W"))]
-    elif hasattr(transform, "weight") and hasattr(transform, "bias"):  # nn.Linear-like
-        layers = [Layer(_to_numpy(transform.weight, f"{name}.weight"), _to_numpy(transform.bias, f"{name}.bias"))]
-    else:
-        raise TypeError(
-            f"cannot read a transform from {name}; pass a list of bc_fast.Layer, a (W, b) pair, "
-            f"a weight matrix, or an object with export_layers()")
-    if not layers:
-        raise ValueError(f"transform {name} exports no layers")
-    out: list[Layer] = []
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, Layer):
-            raise TypeError(f"transform layer {i} must be a bc_fast.Layer, got {type(layer).__name__}")
-        layer = _clean_layer(layer, f"layers[{i}]")
-        if out and layer.d_in != out[-1].d_out:
-            raise ValueError(f"layers[{i}] expects d_in={layer.d_in} but layers[{i - 1}] outputs {out[-1].d_out}")
-        out.append(layer)
-    return out
-
-
-def _infer_kind(layers: Sequence[Layer]) -> str:
-    if all(l.is_affine for l in layers):
-        return "linear" if all(l.bias is None for l in layers) else "affine"
-    return "mlp"
-
-
-# ----------------------------------------------------------------------------- paths
-
-
-def _escaping_link(root: Path, rel: str) -> Path | None:
-    """The first symlink on the way from ``root`` to ``root/rel`` that resolves outside ``root``, or None."""
-    real_root = os.path.realpath(root)
-    cur = Path(root)
-    for part in Path(rel).parts:
-        cur = cur / part
-        if os.path.islink(cur):
-            real = os.path.realpath(cur)
-            if os.path.commonpath([real_root, real]) != real_root:
-                return cur
-    return None
-
-
-def _inside(root: Path, rel: str) -> Path:
-    """``root/rel``, refusing a path that a symlink leads out of the registry (reads and writes both)."""
-    link = _escaping_link(root, rel)
-    if link is not None:
-        raise RegistryError(
-            f"{link} is a symlink to {os.readlink(link)!r}, which leads outside the registry {root}; bc_fast "
-            f"refuses to read or write through it. Replace the link with a regular file or folder inside the "
-            f"registry (or open the registry at its real location)")
-    return root / rel
-
-
-def _create_leftovers(p: Path) -> list[Path] | None:
-    """What an interrupted :meth:`Registry.create` left in ``p`` (no manifest yet), or None if ``p`` holds more.
-
-    A killed create leaves only bc_fast's own names: the lock file, an empty ``transforms/``
-    folder, temporary manifest files. Anything else (a weight file, a user's file) is not ours.
-    """
-    found: list[Path] = []
-    for e in p.iterdir():
-        if e.name == LOCK and e.is_file() and not e.is_symlink():
-            found.append(e)
-        elif MANIFEST_TEMP_NAME.match(e.name) and not e.is_symlink():
-            found.append(e)
-        elif e.name == TRANSFORM_DIR and e.is_dir() and not e.is_symlink():
-            inner = list(e.iterdir())
-            if any(not TEMP_NAME.match(f.name) or f.is_dir() for f in inner):
-                return None
-            found.extend(inner + [e])
-        else:
-            return None
-    return found
 
 
 # ----------------------------------------------------------------------------- registry
@@ -661,45 +555,7 @@ class Registry:
 
     def describe(self) -> str:
         """A human-readable summary: versions, transforms, fused chains from the latest version."""
-        lines = [f"bc_fast registry {self.path}",
-                 f"  name: {self.name}   format: {FORMAT} v{self._manifest['format_version']}   "
-                 f"checksum: {self.checksum[:16]}"]
-        if self._manifest["metadata"]:
-            lines.append(f"  metadata: {json.dumps(self._manifest['metadata'], sort_keys=True)}")
-        if not self._versions:
-            lines.append("  no versions")
-            return "\n".join(lines)
-        lines.append(f"  versions ({len(self._versions)}, latest {self.latest}):")
-        for v in self._versions:
-            meta = json.dumps(v.metadata, sort_keys=True) if v.metadata else ""
-            lines.append(f"    v{v.version:<3} dim {v.dim:<6} {meta}".rstrip())
-        lines.append(f"  transforms ({len(self._transforms)}):")
-        for t in self.transforms():
-            shape = " -> ".join([str(t.d_in)] + [
-                f"{s['d_out']}" + ("" if s["activation"] == "none" or s["activation_width"] == 0
-                                   else f"({s['activation']})") for s in t.layers])
-            metrics = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(t.fit_metrics.items()))
-            lines.append(f"    v{t.from_version} -> v{t.to_version}  {t.direction:<8} {t.kind:<6} {shape:<24} "
-                         f"sha256 {t.sha256[:12]}  {t.file}" + (f"  fit: {metrics}" if metrics else ""))
-        latest = self.latest
-        chains = []
-        for dst in range(latest - 1, -1, -1):
-            try:
-                steps = [[Layer(np.empty((s["d_out"], s["d_in"]), np.float32), None, s["activation"],
-                                s["activation_width"]) for s in self.transform_info(v, v - 1).layers]
-                         for v in range(latest, dst, -1)]
-            except RegistryError:
-                chains.append(f"    v{latest} -> v{dst}: incomplete (missing backward transform)")
-                continue
-            flat = [l for s in steps for l in s]
-            n_act = sum(not l.is_affine for l in flat)
-            desc = "affine, 1 matrix" if n_act == 0 else f"{n_act} activation layer(s)"
-            chains.append(f"    v{latest} -> v{dst}: {len(steps)} step(s), {len(flat)} layer(s), {desc}, "
-                          f"{chain_flops(flat)} MACs/row step by step")
-        if chains:
-            lines.append("  chains from latest:")
-            lines.extend(chains)
-        return "\n".join(lines)
+        return describe_registry(self)
 
     def show(self) -> str:
         """Alias of :meth:`describe`."""
@@ -711,22 +567,6 @@ class Registry:
 
 
 _TOKEN = object()
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else json.dumps(v)
-
-
-def _read_manifest_bytes(mpath: Path) -> bytes:
-    """The manifest's bytes, refusing absurd sizes before reading them."""
-    try:
-        size = mpath.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise RegistryError(f"{mpath} is {size} bytes, more than a manifest can be ({MAX_MANIFEST_BYTES}); it is "
-                                f"not a bc_fast manifest or is corrupted; restore manifest.json from a backup")
-        return mpath.read_bytes()
-    except OSError as e:
-        raise RegistryError(f"{mpath}: cannot read the manifest: {e}") from e
 
 
 def show(path: str | os.PathLike) -> str:

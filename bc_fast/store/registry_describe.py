@@ -1,0 +1,71 @@
+"""The human-readable description of a registry (``bc-fast registry show``).
+
+What lives here: :func:`describe_registry`, the text :meth:`Registry.describe
+<bc_fast.store.registry.Registry.describe>` returns (versions, transforms with their shapes, sha256
+and fit metrics, the fused chains from the latest version and their cost). It reads the registry
+handle it is given and never the disk. It may import :mod:`.manifest`, :mod:`bc_fast.engine` and
+``bc_fast._util`` (not :mod:`.registry`, which calls it).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from ..engine import Layer
+from ..engine.fusion import chain_flops
+from .manifest import FORMAT, RegistryError
+
+__all__ = ["describe_registry"]
+
+
+def describe_registry(reg: Any) -> str:
+    """A human-readable summary: versions, transforms, fused chains from the latest version.
+
+    ``reg`` is a :class:`~bc_fast.store.registry.Registry` (its manifest as this handle read it).
+    """
+    lines = [f"bc_fast registry {reg.path}",
+             f"  name: {reg.name}   format: {FORMAT} v{reg._manifest['format_version']}   "
+             f"checksum: {reg.checksum[:16]}"]
+    if reg._manifest["metadata"]:
+        lines.append(f"  metadata: {json.dumps(reg._manifest['metadata'], sort_keys=True)}")
+    if not reg._versions:
+        lines.append("  no versions")
+        return "\n".join(lines)
+    lines.append(f"  versions ({len(reg._versions)}, latest {reg.latest}):")
+    for v in reg._versions:
+        meta = json.dumps(v.metadata, sort_keys=True) if v.metadata else ""
+        lines.append(f"    v{v.version:<3} dim {v.dim:<6} {meta}".rstrip())
+    lines.append(f"  transforms ({len(reg._transforms)}):")
+    for t in reg.transforms():
+        shape = " -> ".join([str(t.d_in)] + [
+            f"{s['d_out']}" + ("" if s["activation"] == "none" or s["activation_width"] == 0
+                               else f"({s['activation']})") for s in t.layers])
+        metrics = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(t.fit_metrics.items()))
+        lines.append(f"    v{t.from_version} -> v{t.to_version}  {t.direction:<8} {t.kind:<6} {shape:<24} "
+                     f"sha256 {t.sha256[:12]}  {t.file}" + (f"  fit: {metrics}" if metrics else ""))
+    latest = reg.latest
+    chains = []
+    for dst in range(latest - 1, -1, -1):
+        try:
+            steps = [[Layer(np.empty((s["d_out"], s["d_in"]), np.float32), None, s["activation"],
+                            s["activation_width"]) for s in reg.transform_info(v, v - 1).layers]
+                     for v in range(latest, dst, -1)]
+        except RegistryError:
+            chains.append(f"    v{latest} -> v{dst}: incomplete (missing backward transform)")
+            continue
+        flat = [l for s in steps for l in s]
+        n_act = sum(not l.is_affine for l in flat)
+        desc = "affine, 1 matrix" if n_act == 0 else f"{n_act} activation layer(s)"
+        chains.append(f"    v{latest} -> v{dst}: {len(steps)} step(s), {len(flat)} layer(s), {desc}, "
+                      f"{chain_flops(flat)} MACs/row step by step")
+    if chains:
+        lines.append("  chains from latest:")
+        lines.extend(chains)
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else json.dumps(v)
