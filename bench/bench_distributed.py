@@ -106,6 +106,7 @@ def _worker(method: str, root: str, registry: str, threads: int) -> dict:
                 convert_table(Path(root) / "in" / n, out / n, registry=registry, dst=0, progress=False,
                               threads=threads)
         return {"seconds": sw.wall, "cpu": sw.cpu, "peak_rss_mb": [_vmhwm_mb()], "start_s": 0.0}
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read by ray on import: a local Ray on 127.0.0.1 only
     import ray
 
     from bc_fast.convert.distributed import convert_dataset_ray

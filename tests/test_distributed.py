@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 
+# Ray reads this once, on import: the local Ray these tests start listens on 127.0.0.1 only.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray", reason="ray[data] is needed for the Ray engine (pip install bc_fast[ray])")
 pa = pytest.importorskip("pyarrow", reason="pyarrow is needed for Parquet datasets")
 pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is needed for Parquet datasets")
@@ -40,10 +42,76 @@ def ray_cluster(tmp_path_factory):
     os.chdir(tmp_path_factory.mktemp("ray_cwd"))
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
+        assert ray._private.worker.global_worker.node.node_ip_address == "127.0.0.1"  # loopback only
         yield ray
         ray.shutdown()
     finally:
         os.chdir(old_cwd)
+
+
+_LISTENERS = r"""
+import socket
+
+
+def listeners():
+    # (ip, port) of every TCP socket in LISTEN state on this machine, from /proc/net/tcp and tcp6
+    out = set()
+    for family, path in ((socket.AF_INET, "/proc/net/tcp"), (socket.AF_INET6, "/proc/net/tcp6")):
+        for line in open(path).read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":
+                continue
+            ip_hex, port = fields[1].split(":")
+            raw = bytes.fromhex(ip_hex)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host-order words
+            out.add((socket.inet_ntop(family, raw), int(port, 16)))
+    return out
+"""
+_LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def _run_without_loopback_env(script: str, cwd) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    return subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads listening sockets from Linux's /proc/net")
+def test_a_local_ray_started_by_bc_fast_listens_on_loopback_only(tmp_path):
+    """The product path (import_ray + start_ray, no address) in a fresh process, the variable unset."""
+    script = _LISTENERS + """
+import json, time
+from bc_fast._util.ray_runtime import import_ray, start_ray
+before = listeners()
+ray = import_ray(local=True)
+assert start_ray(ray, None)
+time.sleep(1)
+new = listeners() - before
+node_ip = ray._private.worker.global_worker.node.node_ip_address
+ray.shutdown()
+print(json.dumps({"ips": sorted({ip for ip, _ in new}), "node_ip": node_ip}))
+"""
+    r = _run_without_loopback_env(script, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["ips"], "the local Ray opened no listening socket"
+    assert set(got["ips"]) <= _LOOPBACK, f"a local Ray listens beyond loopback: {got}"
+    assert got["node_ip"] == "127.0.0.1"
+
+
+def test_a_local_ray_is_refused_when_ray_was_imported_too_early(tmp_path):
+    script = """
+import ray
+from bc_fast._util.ray_runtime import import_ray, start_ray
+try:
+    start_ray(import_ray(local=True), None)
+except RuntimeError as e:
+    print("refused:", e, "| initialized:", ray.is_initialized())
+"""
+    r = _run_without_loopback_env(script, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "refused: ray was imported before bc_fast could make a local Ray listen on 127.0.0.1 only" in r.stdout
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in r.stdout and "initialized: False" in r.stdout
 
 
 def test_a_source_checkout_as_working_directory_is_refused(tmp_path):

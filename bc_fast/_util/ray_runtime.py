@@ -1,22 +1,34 @@
 """Starting, reaching and importing Ray for the pipelines that scale out on it (conversion, sharded index builds).
 
 Ray is an optional dependency (``pip install bc_fast[ray]``): it is imported only by :func:`import_ray`.
+A local Ray that bc_fast starts listens on 127.0.0.1 only: Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``
+once, when it is imported, and with ``0`` every server it starts (GCS, raylet, workers) binds to loopback;
+without it they listen on all interfaces. A cluster (``address=``) keeps Ray's own settings.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from typing import Any, Iterator
 
-__all__ = ["RAY_INSTALL_HINT", "import_ray", "start_ray", "check_no_shadowing_source", "quiet_ray_deprecations"]
+__all__ = ["LOOPBACK_ENV", "RAY_INSTALL_HINT", "import_ray", "start_ray", "check_no_shadowing_source", "quiet_ray_deprecations"]
 
 RAY_INSTALL_HINT = "install it with pip install bc_fast[ray]"
+#: Ray's switch for its local-only mode, read when ray is imported: "0" makes a local Ray listen on loopback.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def import_ray() -> Any:
-    """Import ``ray`` and ``ray.data`` lazily; ImportError with the install command if missing."""
+def import_ray(*, local: bool = True) -> Any:
+    """Import ``ray`` and ``ray.data`` lazily; ImportError with the install command if missing.
+
+    ``local=True`` (no cluster address) first sets ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` unless it is
+    set already, so that the local Ray :func:`start_ray` starts listens on 127.0.0.1 only.
+    """
+    if local and "ray" not in sys.modules:
+        os.environ.setdefault(LOOPBACK_ENV, "0")
     try:
         import ray
         import ray.data  # noqa: F401
@@ -49,6 +61,8 @@ def start_ray(ray: Any, address: str | None) -> bool:
     check_no_shadowing_source()
     if address:
         _check_reachable(address)
+    else:
+        _check_loopback_only()
     try:
         local = {} if address else {"include_dashboard": False}  # a cluster keeps its own settings
         ray.init(address=address, log_to_driver=False, logging_level="warning", **local)
@@ -57,6 +71,25 @@ def start_ray(ray: Any, address: str | None) -> bool:
         raise RuntimeError(f"cannot start or reach {where}: {e}; check the address (ray status) or omit "
                            "--address for a local Ray") from None
     return True
+
+
+def _check_loopback_only() -> None:
+    """Refuse to start a local Ray that would listen on every interface.
+
+    That happens when ray was imported before :func:`import_ray` could set ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``.
+    Setting the variable to 1 yourself is an explicit choice and is respected.
+    """
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # a Ray without this module: nothing to check against
+        return
+    listens_everywhere = getattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    chosen = os.environ.get(LOOPBACK_ENV, "").strip().lower() in ("1", "true")
+    if listens_everywhere and not chosen:
+        raise RuntimeError(
+            f"ray was imported before bc_fast could make a local Ray listen on 127.0.0.1 only: set "
+            f"{LOOPBACK_ENV}=0 in the environment before importing ray, start Ray yourself, or pass the "
+            "address of a Ray cluster")
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:

@@ -251,7 +251,7 @@ def convert_dataset_ray(
     RuntimeError
         A worker died more than ``max_retries`` times; rerun the same call to resume.
     """
-    ray = import_ray()
+    ray = import_ray(local=not address)
     input, output = os.path.abspath(os.fspath(input)), os.path.abspath(os.fspath(output))
     if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
         raise ValueError(f"max_retries must be a non-negative integer, got {max_retries!r}")

@@ -197,7 +197,7 @@ def _shards(blob: bytes, paths: list[str], offsets: list[int], chunk_rows: int, 
         return
     from .._util.ray_runtime import import_ray, quiet_ray_deprecations, start_ray
 
-    ray = import_ray()
+    ray = import_ray(local=not address)
     started = start_ray(ray, address)
     try:
         with quiet_ray_deprecations():
