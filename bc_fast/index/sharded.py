@@ -10,7 +10,7 @@ The faiss way (``faiss/contrib``'s ``ondisk`` / the "add shards, then merge" rec
    are appended list by list, so the merged index holds exactly what one process adding every row
    in order would hold: same ids, same codes, same order, same search results.
 
-The dataset is a directory written by :func:`bc_fast.distributed.convert_dataset_ray` (Parquet or
+The dataset is a directory written by :func:`bc_fast.convert.distributed.convert_dataset_ray` (Parquet or
 ``.npy`` files) or by ``bc-fast convert`` (``.npy`` shards): its sidecar gives the version, the
 registry checksum and the chain, which the :class:`~bc_fast.index.LegacyIndex` is stamped with.
 The merged index must fit in the memory of the process that merges it; beyond that, faiss's

@@ -3,7 +3,7 @@
 What lives here: :func:`describe_registry`, the text :meth:`Registry.describe
 <bc_fast.store.registry.Registry.describe>` returns (versions, transforms with their shapes, sha256
 and fit metrics, the fused chains from the latest version and their cost). It reads the registry
-handle it is given and never the disk. It may import :mod:`.manifest`, :mod:`bc_fast.engine` and
+handle it is given (its public API) and never the disk. It may import :mod:`.manifest`, :mod:`bc_fast.engine` and
 ``bc_fast._util`` (not :mod:`.registry`, which calls it).
 """
 
@@ -24,22 +24,24 @@ __all__ = ["describe_registry"]
 def describe_registry(reg: Any) -> str:
     """A human-readable summary: versions, transforms, fused chains from the latest version.
 
-    ``reg`` is a :class:`~bc_fast.store.registry.Registry` (its manifest as this handle read it).
+    ``reg`` is a :class:`~bc_fast.store.registry.Registry` (its manifest as this handle read it). Only its
+    public API is used, except the manifest's format version, which nothing else needs.
     """
     lines = [f"bc_fast registry {reg.path}",
              f"  name: {reg.name}   format: {FORMAT} v{reg._manifest['format_version']}   "
              f"checksum: {reg.checksum[:16]}"]
-    if reg._manifest["metadata"]:
-        lines.append(f"  metadata: {json.dumps(reg._manifest['metadata'], sort_keys=True)}")
-    if not reg._versions:
+    metadata, versions, transforms = reg.metadata, reg.versions(), reg.transforms()
+    if metadata:
+        lines.append(f"  metadata: {json.dumps(metadata, sort_keys=True)}")
+    if not versions:
         lines.append("  no versions")
         return "\n".join(lines)
-    lines.append(f"  versions ({len(reg._versions)}, latest {reg.latest}):")
-    for v in reg._versions:
+    lines.append(f"  versions ({len(versions)}, latest {reg.latest}):")
+    for v in versions:
         meta = json.dumps(v.metadata, sort_keys=True) if v.metadata else ""
         lines.append(f"    v{v.version:<3} dim {v.dim:<6} {meta}".rstrip())
-    lines.append(f"  transforms ({len(reg._transforms)}):")
-    for t in reg.transforms():
+    lines.append(f"  transforms ({len(transforms)}):")
+    for t in transforms:
         shape = " -> ".join([str(t.d_in)] + [
             f"{s['d_out']}" + ("" if s["activation"] == "none" or s["activation_width"] == 0
                                else f"({s['activation']})") for s in t.layers])
