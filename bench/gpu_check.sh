@@ -4,7 +4,9 @@
 #
 # Needs: Python 3.12 with PyTorch (CUDA 13), nvcc, CMake, pybind11, scikit-build-core, numpy, safetensors,
 # pytest. No network: nothing is downloaded. Optional: scipy-openblas32 (else the CPU core is built with
-# -DBC_FAST_BLAS=OFF), faiss with GPU support (else the GPU index tests skip), pyarrow, tqdm.
+# -DBC_FAST_BLAS=OFF), faiss with GPU support (else the GPU index tests skip), pyarrow, tqdm, and CUTLASS's
+# headers for the fused sm_90a kernels: BC_FAST_CUTLASS_DIR, an importable nvidia-cutlass, or its wheel
+# carried in .whl/ (nvidia_cutlass-*.whl, unpacked here; else the fused kernels are not built).
 # cuBLASLt comes from the CUDA toolkit, or else from the nvidia-cublas wheel torch depends on.
 #
 # Usage: bench/gpu_check.sh            (PYTHON=python3.12 to pick the interpreter)
@@ -89,14 +91,33 @@ fi
 # The wheels' shared libraries (libcudart, libcublasLt) for the extension, wherever pip put them.
 NV_LIBS=$("$PY" -c "import glob, os, sys; print(':'.join(sorted({os.path.dirname(p) for d in sys.path for p in glob.glob(os.path.join(d, 'nvidia', '*', 'lib', 'lib*.so*'))})))")
 export LD_LIBRARY_PATH="${NV_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-say "nvcc $NVCC_VER, BC_FAST_BLAS=$BLAS, cuBLASLt from $CUBLAS_FROM"
-row "toolchain" PASS "$(elapsed)" "nvcc $NVCC_VER; BLAS=$BLAS; cuBLASLt: $CUBLAS_FROM"
+# CUTLASS headers for the fused sm_90a kernels: given, importable, or unpacked from a carried wheel.
+CUTLASS_DIR=${BC_FAST_CUTLASS_DIR:-}
+if [[ -z $CUTLASS_DIR ]]; then
+  CUTLASS_DIR=$("$PY" -c "import importlib.util, os; s = importlib.util.find_spec('cutlass_library'); print(os.path.join(list(s.submodule_search_locations)[0], 'source'))" 2>/dev/null) || CUTLASS_DIR=""
+fi
+if [[ -z $CUTLASS_DIR ]]; then
+  WHL=$(ls "$ROOT"/.whl/nvidia_cutlass-*.whl 2>/dev/null | head -1)
+  if [[ -n $WHL ]]; then
+    "$PY" -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$WHL" "$WORK/cutlass" &&
+      CUTLASS_DIR=$WORK/cutlass/cutlass_library/source
+  fi
+fi
+CUTLASS_ARGS=()
+if [[ -n $CUTLASS_DIR && -f $CUTLASS_DIR/include/cutlass/cutlass.h ]]; then
+  CUTLASS_ARGS=(-C "cmake.define.BC_FAST_CUTLASS_DIR=$CUTLASS_DIR")
+  CUTLASS_FROM=$CUTLASS_DIR
+else
+  CUTLASS_FROM="none: the fused sm_90a kernels are not built"
+fi
+say "nvcc $NVCC_VER, BC_FAST_BLAS=$BLAS, cuBLASLt from $CUBLAS_FROM, CUTLASS from $CUTLASS_FROM"
+row "toolchain" PASS "$(elapsed)" "nvcc $NVCC_VER; BLAS=$BLAS; cuBLASLt: $CUBLAS_FROM; CUTLASS: $CUTLASS_FROM"
 
 # ---------------------------------------------------------------- 2. build and install with CUDA
 say "building (log: $WORK/build.log)"
 T=$(elapsed)
 PIP=("$PY" -m pip install --no-build-isolation --no-deps --no-index -v . -C cmake.define.BC_FAST_CUDA=ON
-     -C "cmake.define.BC_FAST_BLAS=$BLAS" -C build-dir=build/gpu_check "${CUBLAS_ARGS[@]}")
+     -C "cmake.define.BC_FAST_BLAS=$BLAS" -C build-dir=build/gpu_check "${CUBLAS_ARGS[@]}" "${CUTLASS_ARGS[@]}")
 timeout "$(left)" "${PIP[@]}" >"$WORK/build.log" 2>&1
 RC=$?
 if (( RC != 0 )) && grep -q "externally-managed-environment" "$WORK/build.log"; then
@@ -112,7 +133,7 @@ INFO=$(cd "$WORK" && "$PY" -c "
 import bc_fast, bc_fast._cuda as c
 i = c.device_info()
 d = i['devices'][0] if i['devices'] else {}
-print(f\"{bc_fast.__file__.rsplit('/', 2)[0]}; available={i['available']} {d.get('name')} cc {d.get('compute_capability')}; runtime {i['runtime_version']} cublas {i['cublas_version']} {i['error']}\")
+print(f\"{bc_fast.__file__.rsplit('/', 2)[0]}; available={i['available']} {d.get('name')} cc {d.get('compute_capability')}; runtime {i['runtime_version']} cublas {i['cublas_version']}; fused sm90 kernels {i['fused_sm90_kernels']} {i['error']}\")
 " 2>&1 | tail -1)
 if [[ $INFO != *"available=True"* ]]; then
   echo "$INFO"
@@ -120,6 +141,10 @@ if [[ $INFO != *"available=True"* ]]; then
 fi
 say "installed: $INFO"
 row "build" PASS $(( $(elapsed) - T )) "BC_FAST_CUDA=ON; $INFO"
+# ptxas's report on the fused sm_90a kernels (built with -Xptxas=-v): registers and spills.
+PTXAS=$(grep -A3 "Compiling entry function '_ZN7cutlass13device_kernel" "$WORK/build.log" |
+        grep -oE "Used [0-9]+ registers|[0-9]+ bytes spill (stores|loads)" | sort | uniq -c | tr -s ' ' | paste -sd';' -)
+[[ -n $PTXAS ]] && row "sm90 kernels (ptxas)" INFO 0 "$PTXAS"
 
 # ---------------------------------------------------------------- 3. GPU tests
 FAILED=0

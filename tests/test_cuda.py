@@ -399,6 +399,8 @@ def test_cuda_info_with_module(fake):
     lines = bccuda.cuda_summary(info)
     assert lines[0] == "CUDA: module built (runtime 13.0, driver 13.0), 1 GPU(s)"
     assert lines[1] == "CUDA:   GPU 0: Fake H200, compute capability 9.0, 141 GiB"
+    assert lines[2] == "CUDA:   fused one-kernel layers (compute capability 9.0): not built (no CUTLASS headers at build time)"
+    assert bccuda.cuda_summary({**info, "fused_sm90_kernels": True})[2].endswith(": built")
 
 
 def test_cuda_info_no_gpu(monkeypatch):
@@ -491,7 +493,7 @@ def test_real_module_binding_contract():
     mod = _real_module()
     info = mod.device_info()
     assert {"available", "error", "device_count", "driver_version", "runtime_version", "cublas_version",
-            "devices"} <= set(info)
+            "fused_sm90_kernels", "devices"} <= set(info)
     assert info["available"] == (info["error"] == "")
     rng = np.random.default_rng(2)
     op = FusedTransform([Layer(rng.standard_normal((8, 4)), rng.standard_normal(8), "gelu", 3),

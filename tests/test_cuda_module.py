@@ -57,7 +57,7 @@ def _affine(d_in: int = 4, d_out: int = 3) -> list[Layer]:
 def test_device_info_shape():
     info = cu.device_info()
     assert set(info) == {"available", "error", "device_count", "driver_version", "runtime_version",
-                         "cublas_version", "devices"}
+                         "cublas_version", "fused_sm90_kernels", "devices"}
     assert isinstance(info["available"], bool) and isinstance(info["error"], str)
     assert info["runtime_version"] >= 13000 and info["cublas_version"] > 0
     if info["available"]:
@@ -277,17 +277,18 @@ def test_unaligned_pointers(x_dtype):
 
 
 def test_batch_larger_than_one_chunk():
-    # 128 MiB of scratch per stream: an fp32 GEMM result of 300k x 256 (and a 70k-row MLP with a
-    # 513-wide hidden layer) takes several chunks.
+    # At most 2^22 rows per chunk, and 1 GiB of scratch per stream: 2^22 + 1000 rows take two chunks,
+    # and a 400k-row MLP with a 513-wide hidden layer (two 16-bit hidden buffers and an fp32 GEMM
+    # result, 3 kB per row) takes two as well.
     torch = _torch_cuda()
     rng = np.random.default_rng(3)
-    layers = _program("affine_bias", 256, 256, rng)
-    x = torch.randn((300_000, 256), device="cuda", dtype=torch.float16)
+    layers = _program("affine_bias", 8, 8, rng)
+    x = torch.randn(((1 << 22) + 1000, 8), device="cuda", dtype=torch.float16)
     _check(torch, layers, True, x, _run(torch, _op(layers, normalize=True), x, "float16"), "float16", "float16")
     mlp = [Layer((rng.standard_normal((513, 256)) / 16).astype(np.float32), rng.standard_normal(513).astype(np.float32),
                  "relu"),
            Layer((rng.standard_normal((256, 513)) / 23).astype(np.float32), None, "relu", 100)]
-    x = torch.randn((70_000, 256), device="cuda", dtype=torch.float16)
+    x = torch.randn((400_000, 256), device="cuda", dtype=torch.float16)
     _check(torch, mlp, False, x, _run(torch, _op(mlp), x, "float32"), "float16", "float32")
 
 
@@ -394,3 +395,147 @@ def test_weights_beyond_float16_range_refused_for_float16_input():
         _run(torch, _op(layers), x, "float16")
     x32 = x.float()  # float32 (and bfloat16) inputs keep such weights
     _check(torch, layers, False, x32, _run(torch, _op(layers), x32, "float32"), "float32", "float32")
+
+
+# ---------------------------------------------------------------- the fused sm_90a layer kernel
+
+
+def _dense(rng: np.random.Generator, d_out: int, d_in: int, bias: bool = True, act: str = "none",
+           width: int | None = None) -> Layer:
+    w = (rng.standard_normal((d_out, d_in)) / np.sqrt(d_in)).astype(np.float32)
+    return Layer(w, rng.standard_normal(d_out).astype(np.float32) if bias else None, act, width)
+
+
+FUSED_PROGRAMS = {  # name: (layers, normalize); every width a multiple of 8, as the fused kernel needs
+    "l2_256": (lambda r: [_dense(r, 256, 256)], True),
+    "l2_64_from_1024": (lambda r: [_dense(r, 64, 1024, bias=False)], True),
+    "l2_8": (lambda r: [_dense(r, 8, 16)], True),
+    "gelu_1024": (lambda r: [_dense(r, 1024, 256, act="gelu")], False),
+    "gelu_partial_l2": (lambda r: [_dense(r, 200, 128, act="gelu", width=77)], True),
+    "relu_partial": (lambda r: [_dense(r, 512, 64, act="relu", width=300)], False),
+    "mlp_gelu": (lambda r: [_dense(r, 1024, 256, act="gelu"), _dense(r, 256, 1024)], False),
+    "mlp_gelu_l2": (lambda r: [_dense(r, 384, 256, act="gelu"), _dense(r, 128, 384, bias=False)], True),
+}
+
+
+def test_layer_paths_choose_the_fused_kernel_where_it_applies():
+    rng = np.random.default_rng(0)
+    built = bool(INFO["fused_sm90_kernels"])
+    fused = "sm90_fused" if built else None
+
+    def paths(layers, normalize, x="float16", out=None, sm90=True):
+        return _op(layers, normalize).layer_paths(x, out or x, sm90)
+
+    l2 = [_dense(rng, 256, 256)]
+    assert paths(l2, True) == [fused or "cublaslt+normalize"]
+    assert paths(l2, True, "bfloat16") == [fused or "cublaslt+normalize"]
+    assert paths(l2, True, sm90=False) == ["cublaslt+normalize"]
+    assert paths(l2, True, "float32") == ["cublaslt+epilogue"]  # fp32: true fp32 GEMMs, never tensor cores
+    assert paths(l2, True, "float16", "float32") == ["cublaslt+epilogue"]
+    assert paths(l2, False) == ["cublaslt"]  # cuBLASLt's own bias epilogue: one kernel already
+    assert paths([_dense(rng, 512, 256)], True) == ["cublaslt+normalize"]  # the row spans two tiles
+    assert paths([_dense(rng, 111, 59)], True) == ["cublaslt+normalize"]  # widths not multiples of 8
+    mlp = [_dense(rng, 1024, 256, act="gelu"), _dense(rng, 256, 1024)]
+    assert paths(mlp, False) == [fused or "cublaslt+epilogue", "cublaslt"]
+    assert paths(mlp, False, sm90=False) == ["cublaslt+epilogue", "cublaslt"]
+    assert paths([_dense(rng, 64, 64, act="relu", width=10)], False) == [fused or "cublaslt+epilogue"]
+    with pytest.raises(ValueError, match="x_dtype"):
+        paths(l2, True, "float64", "float16")
+
+
+def _fused_gpu():
+    torch = _torch_cuda()
+    if not INFO["fused_sm90_kernels"]:
+        pytest.skip("this build has no fused sm_90a kernels (built without CUTLASS)")
+    if INFO["devices"][0]["compute_capability"] != "9.0":
+        pytest.skip(f"the fused kernels run on compute capability 9.0 only, not {INFO['devices'][0]['compute_capability']}")
+    return torch
+
+
+@pytest.mark.parametrize("name", list(FUSED_PROGRAMS))
+@pytest.mark.parametrize("x_dtype", ["float16", "bfloat16"])
+def test_fused_sm90_matches_float64(x_dtype, name):
+    torch = _fused_gpu()
+    rng = np.random.default_rng(zlib.crc32(f"fused/{x_dtype}/{name}".encode()))
+    make, normalize = FUSED_PROGRAMS[name]
+    layers = make(rng)
+    op = _op(layers, normalize)
+    assert "sm90_fused" in op.layer_paths(x_dtype, x_dtype, True), op.layer_paths(x_dtype, x_dtype, True)
+    dt = getattr(torch, x_dtype)
+    for n in (1, 127, 128, 129, 256, 5000, 33_333):  # tile edges (128 rows, clusters of 2 tiles), many tiles
+        x = torch.from_numpy(rng.standard_normal((n, layers[0].d_in)).astype(np.float32)).to("cuda", dt)
+        out = torch.full((n, op.d_out), float("nan"), dtype=dt, device="cuda")  # every element must be written
+        op.apply(x.data_ptr(), x_dtype, n, out.data_ptr(), x_dtype, 0, 0)
+        assert not torch.isnan(out).any().item(), f"{n} rows: output elements left unwritten"
+        _check(torch, layers, normalize, x, out, x_dtype, x_dtype)
+
+
+def test_fused_sm90_zero_rows_normalise_to_zero_and_views_fall_back():
+    torch = _fused_gpu()
+    rng = np.random.default_rng(11)
+    layers = [_dense(rng, 256, 256, bias=False)]
+    op = _op(layers, True)
+    x = torch.randn((1001, 256), device="cuda", dtype=torch.float16)
+    x[::7] = 0  # zero rows: 0 / max(0, 1e-12) = 0, never NaN
+    out = _run(torch, op, x, "float16")
+    torch.cuda.synchronize()
+    assert torch.all(out[::7] == 0).item()
+    _check(torch, layers, True, x, out, "float16", "float16")
+    # A view starting 2 bytes into the buffer is not 16-byte aligned: the cuBLASLt path takes it.
+    base = torch.randn((1002 * 256 + 1,), device="cuda", dtype=torch.float16)
+    xv = base[1:].view(1002, 256)
+    _check(torch, layers, True, xv, _run(torch, op, xv, "float16"), "float16", "float16")
+
+
+@pytest.mark.parametrize("d_out", [768, 2048, 3000])
+@pytest.mark.parametrize("x_dtype", ["float16", "bfloat16"])
+def test_wide_rows_normalise_after_cublaslt(x_dtype, d_out):
+    # Rows wider than one fused tile: cuBLASLt writes the 16-bit output, then one in-place pass
+    # normalises it (16-byte vectors held in registers up to 2048 wide, the generic kernel beyond).
+    torch = _torch_cuda()
+    rng = np.random.default_rng(d_out)
+    layers = [_dense(rng, d_out, 256)]
+    op = _op(layers, True)
+    assert op.layer_paths(x_dtype, x_dtype, True) == ["cublaslt+normalize"]
+    dt = getattr(torch, x_dtype)
+    for n in (1, 9, 2000):
+        x = torch.from_numpy(rng.standard_normal((n, 256)).astype(np.float32)).to("cuda", dt)
+        out = torch.full((n, d_out), float("nan"), dtype=dt, device="cuda")
+        op.apply(x.data_ptr(), x_dtype, n, out.data_ptr(), x_dtype, 0, 0)
+        _check(torch, layers, True, x, out, x_dtype, x_dtype)
+
+
+@pytest.mark.parametrize("name", ["l2_256", "mlp_gelu", "wide_l2", "fp32_mlp"])
+def test_apply_replays_in_a_cuda_graph(name):
+    # After one call on a stream (weights uploaded, scratch sized), apply enqueues no allocation and no
+    # host sync, so a CUDA graph captured on that stream replays it, bit-identically, on new inputs.
+    torch = _torch_cuda()
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    layers, normalize, dtype = {
+        "l2_256": ([_dense(rng, 256, 256)], True, "float16"),
+        "mlp_gelu": ([_dense(rng, 1024, 256, act="gelu"), _dense(rng, 256, 1024)], False, "bfloat16"),
+        "wide_l2": ([_dense(rng, 768, 256)], True, "float16"),
+        "fp32_mlp": ([_dense(rng, 64, 32, act="gelu", width=10), _dense(rng, 16, 64)], True, "float32"),
+    }[name]
+    op = _op(layers, normalize)
+    dt = getattr(torch, dtype)
+    n = 3000
+    x = torch.randn((n, layers[0].d_in), device="cuda", dtype=dt)
+    out = torch.empty((n, op.d_out), device="cuda", dtype=dt)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        op.apply(x.data_ptr(), dtype, n, out.data_ptr(), dtype, 0, stream.cuda_stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        op.apply(x.data_ptr(), dtype, n, out.data_ptr(), dtype, 0, stream.cuda_stream)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        direct = torch.empty_like(out)
+        op.apply(x.data_ptr(), dtype, n, direct.data_ptr(), dtype, 0, 0)
+        torch.cuda.synchronize()
+        assert torch.equal(out, direct)
+        _check(torch, layers, normalize, x, out, dtype, dtype)

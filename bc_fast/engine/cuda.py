@@ -479,11 +479,12 @@ def cuda_info() -> dict:
 
     Keys: ``module`` (bc_fast._cuda built and loadable), ``available`` (a usable GPU), ``devices``
     (index, name, compute_capability, total_memory), ``device_count``, ``driver_version``,
-    ``runtime_version``, ``cublas_version`` (as "13.0" / "13.1.0" strings, "" when unknown) and ``error``
-    (why not available, "" if it is).
+    ``runtime_version``, ``cublas_version`` (as "13.0" / "13.1.0" strings, "" when unknown),
+    ``fused_sm90_kernels`` (the module holds the one-kernel-per-layer CUTLASS kernels that compute
+    capability 9.0 GPUs run) and ``error`` (why not available, "" if it is).
     """
     info: dict = {"module": False, "available": False, "device_count": 0, "devices": [], "driver_version": "",
-                  "runtime_version": "", "cublas_version": "", "error": ""}
+                  "runtime_version": "", "cublas_version": "", "fused_sm90_kernels": False, "error": ""}
     try:
         mod = cuda_module()
     except RuntimeError as e:
@@ -497,7 +498,8 @@ def cuda_info() -> dict:
             devices=[dict(dev) for dev in d.get("devices", [])],
             driver_version=_version_text(d.get("driver_version")),
             runtime_version=_version_text(d.get("runtime_version")),
-            cublas_version=_cublas_version_text(d.get("cublas_version")), error=str(d.get("error", "")))
+            cublas_version=_cublas_version_text(d.get("cublas_version")),
+            fused_sm90_kernels=bool(d.get("fused_sm90_kernels", False)), error=str(d.get("error", "")))
     except Exception as e:  # build_info must not fail because a driver misbehaves
         info["error"] = f"bc_fast._cuda.device_info() failed: {type(e).__name__}: {e}"
     return info
@@ -516,4 +518,6 @@ def cuda_summary(info: dict) -> list[str]:
         mem = int(dev.get("total_memory", 0)) / 2**30
         lines.append(f"CUDA:   GPU {dev.get('index')}: {dev.get('name')}, compute capability "
                      f"{dev.get('compute_capability')}, {mem:.0f} GiB")
+    lines.append("CUDA:   fused one-kernel layers (compute capability 9.0): " +
+                 ("built" if info.get("fused_sm90_kernels") else "not built (no CUTLASS headers at build time)"))
     return lines

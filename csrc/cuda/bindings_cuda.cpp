@@ -71,6 +71,7 @@ py::dict device_info_dict() {
   d["driver_version"] = info.driver_version;
   d["runtime_version"] = info.runtime_version;
   d["cublas_version"] = info.cublas_version;
+  d["fused_sm90_kernels"] = info.fused_sm90_kernels;
   py::list devices;
   for (const auto& p : info.devices) {
     py::dict e;
@@ -113,6 +114,16 @@ PYBIND11_MODULE(_cuda, m) {
       .def_property_readonly("d_in", &bcc::FusedOpCuda::d_in)
       .def_property_readonly("d_out", &bcc::FusedOpCuda::d_out)
       .def_property_readonly("num_layers", &bcc::FusedOpCuda::num_layers)
+      .def(
+          "layer_paths",
+          [](const bcc::FusedOpCuda& op, const std::string& x_dtype, const std::string& out_dtype, bool sm90) {
+            return op.layer_paths(bcc::parse_dtype(x_dtype, "x_dtype"), bcc::parse_dtype(out_dtype, "out_dtype"), sm90);
+          },
+          py::arg("x_dtype"), py::arg("out_dtype"), py::arg("sm90"),
+          "How each layer runs for 16-byte aligned arrays of these dtypes, on a device that does (sm90=True: "
+          "compute capability 9.0 and a build with the fused kernels) or does not run the fused sm_90a kernels: "
+          "'sm90_fused' (one kernel: GEMM, bias, activation, L2, cast), 'cublaslt', 'cublaslt+normalize' or "
+          "'cublaslt+epilogue'. Host-only.")
       .def("apply", &apply, py::arg("x_ptr"), py::arg("x_dtype"), py::arg("n"), py::arg("out_ptr"),
            py::arg("out_dtype"), py::arg("device"), py::arg("stream"),
            "out[n, d_out] = program(x[n, d_in]) for C-contiguous device arrays on `device` (dtypes 'float32', "

@@ -62,6 +62,7 @@ struct DeviceInfo {
   int driver_version = 0;
   int runtime_version = 0;
   int64_t cublas_version = 0;
+  bool fused_sm90_kernels = false;  // built with the CUTLASS sm_90a layer kernels
   std::vector<DeviceProps> devices;
 };
 
@@ -85,9 +86,18 @@ class FusedOpCuda {
   void apply(uintptr_t x, DType x_type, int64_t n, uintptr_t out, DType out_type, int device,
              uintptr_t stream) const;
 
+  // How each layer runs for this dtype pair on a device that does (sm90) or does not run the fused
+  // sm_90a kernels, for 16-byte aligned arrays: "sm90_fused" (one kernel: GEMM + epilogue),
+  // "cublaslt" (cuBLASLt with its own bias/ReLU epilogue), "cublaslt+normalize" (then one L2 pass),
+  // "cublaslt+epilogue" (fp32 GEMM result, then one epilogue pass). Host-only: no CUDA call.
+  std::vector<std::string> layer_paths(DType x_type, DType out_type, bool sm90) const;
+
+  struct Plan;  // one layer's cuBLASLt GEMM: descriptors and its (timed) algorithm choice
+
  private:
   struct DeviceWeights;
-  struct Plan;
+  enum class Path { kLt, kLtNormalize, kLtEpilogue, kFusedSm90 };
+  Path path_of(size_t layer, DType ct, DType dst_type, bool fused) const;
   const DeviceWeights& arrays_on(int device, DType t, bool biases, uintptr_t stream) const;
   std::shared_ptr<const Plan> plan_for(int device, size_t layer, int64_t m, DType ab, DType d, int epilogue,
                                        const void* bias, int align_b, int align_d) const;

@@ -5,6 +5,7 @@
 
 #include "cuda_check.h"
 #include "cuda_op.h"
+#include "layer_gemm_sm90.h"
 
 namespace bc_fast::cuda {
 
@@ -66,6 +67,7 @@ DeviceInfo device_info() {
   (void)cudaRuntimeGetVersion(&info.runtime_version);
   (void)cudaDriverGetVersion(&info.driver_version);  // 0 without a driver
   info.cublas_version = cublaslt_version();          // a host-only query: works without a GPU
+  info.fused_sm90_kernels = layer_gemm_sm90_built();
   int n = 0;
   const cudaError_t err = cudaGetDeviceCount(&n);
   if (err != cudaSuccess) {

@@ -38,15 +38,20 @@
 
 #include "cuda_check.h"
 #include "cuda_op.h"
+#include "layer_gemm_sm90.h"
 
 namespace bc_fast::cuda {
 namespace {
 
 constexpr size_t kLtWorkspaceBytes = size_t{32} << 20;  // cuBLASLt's recommendation for Hopper
-constexpr size_t kScratchBudgetBytes = size_t{128} << 20;  // intermediates per (device, stream)
+constexpr size_t kScratchBudgetBytes = size_t{1} << 30;  // intermediates per (device, stream)
 constexpr int64_t kMaxChunkRows = int64_t{1} << 22;
 constexpr size_t kMaxPlans = 512;
 constexpr int kWarpsPerBlock = 8;
+// cuBLASLt algorithms: for GEMMs of at least kTuneMinRows rows, the heuristic's best kTuneCandidates
+// are timed once on the real operands and the fastest kept with the plan.
+constexpr int kTuneCandidates = 6;
+constexpr int64_t kTuneMinRows = 65536;
 
 void check_lt(cublasStatus_t st, const char* call) {
   if (st == CUBLAS_STATUS_SUCCESS) return;
@@ -147,8 +152,61 @@ void launch_epilogue(const float* y, int64_t rows, int64_t d, const float* bias,
   }
 }
 
+// In-place L2 normalisation of 16-bit rows, d % 8 == 0, 16-byte aligned: one warp per row, the row
+// held in registers (kVec 16-byte vectors per lane, d <= 256 * kVec), so it is read once and written
+// once with 16-byte accesses. fp32 sum of squares and scale, as the generic kernel.
+template <typename T, int kVec>
+__global__ void normalize_rows_vec(T* y, int64_t rows, int d) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (row >= rows) return;  // uniform over the warp
+  auto* yr = reinterpret_cast<uint4*>(y + row * d);
+  const int nvec = d / 8;
+  uint4 v[kVec];
+  float ss = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+    const int j = lane + 32 * i;
+    if (j < nvec) {
+      v[i] = yr[j];
+      const T* e = reinterpret_cast<const T*>(&v[i]);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        const float f = to_float(e[q]);
+        ss += f * f;
+      }
+    }
+  }
+  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  const float scale = 1.0f / fmaxf(sqrtf(ss), 1e-12f);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+    const int j = lane + 32 * i;
+    if (j < nvec) {
+      T* e = reinterpret_cast<T*>(&v[i]);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) e[q] = from_float<T>(to_float(e[q]) * scale);
+      yr[j] = v[i];
+    }
+  }
+}
+
+template <typename T>
+bool launch_normalize_vec(void* y, int64_t rows, int64_t d, cudaStream_t stream) {
+  if (d % 8 != 0 || d > 2048 || (reinterpret_cast<uintptr_t>(y) & 15u) != 0) return false;
+  const unsigned blocks = static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  if (d <= 1024)
+    normalize_rows_vec<T, 4><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(static_cast<T*>(y), rows, static_cast<int>(d));
+  else
+    normalize_rows_vec<T, 8><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(static_cast<T*>(y), rows, static_cast<int>(d));
+  check(cudaGetLastError(), "normalize_rows_vec<<<...>>> launch");
+  return true;
+}
+
 // In-place L2 normalisation of rows already holding their final values in dtype t.
 void launch_normalize_inplace(void* y, int64_t rows, int64_t d, DType t, cudaStream_t stream) {
+  if (t == DType::kFloat16 && launch_normalize_vec<__half>(y, rows, d, stream)) return;
+  if (t == DType::kBFloat16 && launch_normalize_vec<__nv_bfloat16>(y, rows, d, stream)) return;
   switch (t) {
     case DType::kFloat32: return launch<float, float>(y, rows, d, nullptr, Act::kNone, 0, true, y, stream);
     case DType::kFloat16: return launch<__half, __half>(y, rows, d, nullptr, Act::kNone, 0, true, y, stream);
@@ -217,6 +275,19 @@ Workspace& workspace_for(int device, uintptr_t stream) {
   return *slot;
 }
 
+// Whether `device` runs the fused sm_90a kernels (compute capability exactly 9.0), cached per device.
+bool device_is_sm90(int device) {
+  static std::mutex mu;
+  static auto* known = new std::map<int, bool>();
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known->find(device);
+  if (it != known->end()) return it->second;
+  int major = 0, minor = 0;
+  BC_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  BC_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return known->emplace(device, major == 9 && minor == 0).first->second;
+}
+
 int pointer_alignment(uintptr_t p) {
   int a = 1;
   while (a < 256 && (p & static_cast<uintptr_t>(2 * a - 1)) == 0) a *= 2;
@@ -277,8 +348,16 @@ struct FusedOpCuda::DeviceWeights {
 struct FusedOpCuda::Plan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
-  cublasLtMatmulAlgo_t algo{};
   bool ok = false;  // false: cuBLASLt has no algorithm for this configuration
+  std::vector<cublasLtMatmulAlgo_t> candidates;  // the heuristic's best first
+  mutable std::mutex mu;                         // guards algo and tuned
+  mutable cublasLtMatmulAlgo_t algo{};
+  mutable bool tuned = false;
+
+  cublasLtMatmulAlgo_t current() const {
+    std::lock_guard<std::mutex> lock(mu);
+    return algo;
+  }
   ~Plan() {
     if (d != nullptr) (void)cublasLtMatrixLayoutDestroy(d);
     if (b != nullptr) (void)cublasLtMatrixLayoutDestroy(b);
@@ -286,6 +365,56 @@ struct FusedOpCuda::Plan {
     if (desc != nullptr) (void)cublasLtMatmulDescDestroy(desc);
   }
 };
+
+namespace {
+
+// Times each candidate algorithm on these operands (one warm-up, then two timed runs each) and keeps
+// the fastest with the plan, once per plan. Skipped while the stream is captured into a CUDA graph
+// (timing syncs); a later uncaptured call tunes.
+void tune_plan(const FusedOpCuda::Plan& p, cublasLtHandle_t handle, const void* w, const void* in, void* dst,
+               void* lt_ws, cudaStream_t s) {
+  std::lock_guard<std::mutex> lock(p.mu);
+  if (p.tuned) return;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(s, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) {
+    (void)cudaGetLastError();
+    return;
+  }
+  cudaEvent_t start = nullptr, stop = nullptr;
+  BC_CUDA_CHECK(cudaEventCreate(&start));
+  if (cudaEventCreate(&stop) != cudaSuccess) {
+    (void)cudaEventDestroy(start);
+    BC_CUDA_CHECK(cudaGetLastError());
+  }
+  const float alpha = 1.0f, beta = 0.0f;
+  float best = std::numeric_limits<float>::infinity();
+  cudaError_t err = cudaSuccess;
+  for (const cublasLtMatmulAlgo_t& algo : p.candidates) {
+    auto run = [&] {
+      return cublasLtMatmul(handle, p.desc, &alpha, w, p.a, in, p.b, &beta, dst, p.d, dst, p.d, &algo, lt_ws,
+                            kLtWorkspaceBytes, s);
+    };
+    if (run() != CUBLAS_STATUS_SUCCESS) continue;  // refused synchronously: not a candidate after all
+    err = cudaEventRecord(start, s);
+    for (int r = 0; r < 2 && err == cudaSuccess; ++r)
+      if (run() != CUBLAS_STATUS_SUCCESS) err = cudaErrorLaunchFailure;
+    if (err == cudaSuccess) err = cudaEventRecord(stop, s);
+    if (err == cudaSuccess) err = cudaEventSynchronize(stop);
+    float ms = 0.0f;
+    if (err == cudaSuccess) err = cudaEventElapsedTime(&ms, start, stop);
+    if (err != cudaSuccess) break;
+    if (ms < best) {
+      best = ms;
+      p.algo = algo;
+    }
+  }
+  (void)cudaEventDestroy(start);
+  (void)cudaEventDestroy(stop);
+  check(err, "timing cuBLASLt algorithms (cublasLtMatmul / cudaEvent*)");
+  p.tuned = true;
+}
+
+}  // namespace
 
 FusedOpCuda::FusedOpCuda(std::vector<LayerSpec> layers, bool normalize) : normalize_(normalize) {
   if (layers.empty()) throw std::invalid_argument("a fused op needs at least one layer");
@@ -407,18 +536,57 @@ std::shared_ptr<const FusedOpCuda::Plan> FusedOpCuda::plan_for(int device, size_
                                                    sizeof(al_d)));
   BC_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d,
                                                    sizeof(al_d)));
-  cublasLtMatmulHeuristicResult_t result{};
+  cublasLtMatmulHeuristicResult_t results[kTuneCandidates]{};
   int found = 0;
   const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(lt_handle(device)), p->desc,
-                                                           p->a, p->b, p->d, p->d, pref, 1, &result, &found);
+                                                           p->a, p->b, p->d, p->d, pref, kTuneCandidates, results,
+                                                           &found);
   // NOT_SUPPORTED / INVALID_VALUE: no kernel for this type/epilogue/alignment combination. The caller
   // then falls back to the plain fp32 GEMM + own epilogue kernel (or reports the layer).
   if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE)
     check_lt(st, "cublasLtMatmulAlgoGetHeuristic");
   p->ok = st == CUBLAS_STATUS_SUCCESS && found > 0;
-  if (p->ok) p->algo = result.algo;
+  for (int i = 0; p->ok && i < found; ++i)
+    if (results[i].state == CUBLAS_STATUS_SUCCESS) p->candidates.push_back(results[i].algo);
+  p->ok = !p->candidates.empty();
+  if (p->ok) p->algo = p->candidates.front();
+  p->tuned = p->candidates.size() < 2 || m < kTuneMinRows;
   plans_.emplace(key, p);
   return p;
+}
+
+// The path of one layer. `fused`: the device runs the sm_90a kernels and the arrays are 16-byte aligned.
+// The fused kernel takes the layers whose epilogue cuBLASLt cannot do (GELU, partial-width
+// activations) and the final layer's L2 normalisation when the row fits one tile; cuBLASLt keeps
+// plain bias/ReLU layers, which its own epilogues already do in one kernel.
+FusedOpCuda::Path FusedOpCuda::path_of(size_t layer, DType ct, DType dst_type, bool fused) const {
+  const LayerSpec& l = layers_[layer];
+  const bool norm = layer + 1 == layers_.size() && normalize_;
+  const int64_t width = l.act == Act::kNone ? 0 : l.act_width;
+  const Act act = width > 0 ? l.act : Act::kNone;
+  const bool epilogue_fits = act == Act::kNone || (act == Act::kRelu && width == l.d_out);
+  if (fused && layer_gemm_sm90_built() && ct != DType::kFloat32 && dst_type == ct && l.d_in % 8 == 0 &&
+      l.d_out % 8 == 0 && (!norm || l.d_out <= kLayerGemmMaxNormWidth) && (!epilogue_fits || norm))
+    return Path::kFusedSm90;
+  // With normalisation and a 16-bit output, cuBLASLt writes the output dtype and one in-place pass
+  // normalises it (2 + 2 bytes per value instead of 4 + 4 through an fp32 buffer; the row is rounded
+  // to 16 bits once before scaling). An fp32 output takes kLtEpilogue (same traffic, one rounding).
+  if (epilogue_fits && (dst_type == ct || dst_type == DType::kFloat32) && !(norm && dst_type == DType::kFloat32))
+    return norm ? Path::kLtNormalize : Path::kLt;
+  return Path::kLtEpilogue;
+}
+
+std::vector<std::string> FusedOpCuda::layer_paths(DType x_type, DType out_type, bool sm90) const {
+  std::vector<std::string> names;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    switch (path_of(i, x_type, i + 1 == layers_.size() ? out_type : x_type, sm90)) {
+      case Path::kFusedSm90: names.emplace_back("sm90_fused"); break;
+      case Path::kLt: names.emplace_back("cublaslt"); break;
+      case Path::kLtNormalize: names.emplace_back("cublaslt+normalize"); break;
+      case Path::kLtEpilogue: names.emplace_back("cublaslt+epilogue"); break;
+    }
+  }
+  return names;
 }
 
 void FusedOpCuda::run_chunk(const void* x, int64_t m, void* out, DType ct, DType out_type, int device,
@@ -426,6 +594,7 @@ void FusedOpCuda::run_chunk(const void* x, int64_t m, void* out, DType ct, DType
   auto& ws = *static_cast<Workspace*>(workspace);
   const auto handle = static_cast<cublasLtHandle_t>(lt);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
+  const bool sm90 = device_is_sm90(device);
   const float alpha = 1.0f, beta = 0.0f;
   const void* in = x;
   for (size_t i = 0; i < layers_.size(); ++i) {
@@ -438,23 +607,45 @@ void FusedOpCuda::run_chunk(const void* x, int64_t m, void* out, DType ct, DType
     const DType dst_type = last ? out_type : ct;
     const void* w = arrays_on(device, ct, false, stream).ptrs[i];
     const int align_in = pointer_alignment(reinterpret_cast<uintptr_t>(in));
+    const bool norm = last && normalize_;
+
+    Path path = path_of(i, ct, dst_type, sm90);
+    if (path == Path::kFusedSm90) {
+      // 0. One kernel: GEMM, bias, activation, L2, cast (fp32 bias, as the epilogue kernel's).
+      LayerGemmArgs args;
+      args.x = in;
+      args.w = w;
+      args.bias = has_bias ? static_cast<const float*>(arrays_on(device, DType::kFloat32, true, stream).ptrs[i])
+                           : nullptr;
+      args.out = dst;
+      args.m = m;
+      args.n = l.d_out;
+      args.k = l.d_in;
+      args.act = act;
+      args.act_width = width;
+      args.normalize = norm;
+      if (layer_gemm_sm90_supports(ct, args) && layer_gemm_sm90_workspace(ct, args) <= ws.lt_bytes) {
+        layer_gemm_sm90(ct, args, ws.lt, ws.lt_bytes, s);
+        in = dst;
+        continue;
+      }
+      path = path_of(i, ct, dst_type, false);  // unaligned views: the cuBLASLt paths
+    }
 
     // 1. cuBLASLt does the whole layer when its epilogue fits (bias, relu on every output; its GELU is
-    //    the tanh approximation, so never used) and D may be dst's dtype (ct, or fp32 from fp16/bf16).
-    //    With normalisation and a 16-bit output, cuBLASLt writes the output dtype and one in-place pass
-    //    normalises it (2 + 2 bytes per value instead of 4 + 4 through an fp32 buffer; the row is
-    //    rounded to 16 bits once before scaling). An fp32 output takes path 2 (same traffic, one rounding).
-    const bool norm = last && normalize_;
-    const bool epilogue_fits = act == Act::kNone || (act == Act::kRelu && width == l.d_out);
-    if (epilogue_fits && (dst_type == ct || dst_type == DType::kFloat32) && !(norm && dst_type == DType::kFloat32)) {
+    //    the tanh approximation, so never used) and D may be dst's dtype; with normalisation of a
+    //    16-bit output, one in-place pass follows (see path_of).
+    if (path == Path::kLt || path == Path::kLtNormalize) {
       const cublasLtEpilogue_t epi = act == Act::kRelu ? (has_bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU)
                                                        : (has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT);
       const void* bias = has_bias ? arrays_on(device, dst_type, true, stream).ptrs[i] : nullptr;
       auto plan = plan_for(device, i, m, ct, dst_type, static_cast<int>(epi), bias, align_in,
                            pointer_alignment(reinterpret_cast<uintptr_t>(dst)));
       if (plan->ok) {
+        tune_plan(*plan, handle, w, in, dst, ws.lt, s);
+        const cublasLtMatmulAlgo_t algo = plan->current();
         BC_LT_CHECK(cublasLtMatmul(handle, plan->desc, &alpha, w, plan->a, in, plan->b, &beta, dst, plan->d, dst,
-                                   plan->d, &plan->algo, ws.lt, kLtWorkspaceBytes, s));
+                                   plan->d, &algo, ws.lt, kLtWorkspaceBytes, s));
         if (norm) launch_normalize_inplace(dst, m, l.d_out, dst_type, s);
         in = dst;
         continue;
@@ -462,6 +653,7 @@ void FusedOpCuda::run_chunk(const void* x, int64_t m, void* out, DType ct, DType
     }
     // 2. Otherwise an fp32 GEMM result (straight into dst when dst is fp32), then one pass of the
     //    fused epilogue kernel: bias, activation on the leading `width` outputs, L2, cast.
+    if (dst_type != DType::kFloat32) ws.ensure(&ws.d32, &ws.d32_bytes, static_cast<size_t>(m * l.d_out * 4));
     float* y = dst_type == DType::kFloat32 ? static_cast<float*>(dst) : static_cast<float*>(ws.d32);
     auto plan = plan_for(device, i, m, ct, DType::kFloat32, static_cast<int>(CUBLASLT_EPILOGUE_DEFAULT), nullptr,
                          align_in, pointer_alignment(reinterpret_cast<uintptr_t>(y)));
@@ -469,8 +661,10 @@ void FusedOpCuda::run_chunk(const void* x, int64_t m, void* out, DType ct, DType
       throw CudaError("cublasLtMatmulAlgoGetHeuristic found no algorithm for layer " + std::to_string(i) + " (" +
                       std::to_string(l.d_out) + " x " + std::to_string(l.d_in) + ", " + std::to_string(m) +
                       " rows, " + dtype_name(ct) + " in, float32 out)");
+    tune_plan(*plan, handle, w, in, y, ws.lt, s);
+    const cublasLtMatmulAlgo_t algo = plan->current();
     BC_LT_CHECK(cublasLtMatmul(handle, plan->desc, &alpha, w, plan->a, in, plan->b, &beta, y, plan->d, y, plan->d,
-                               &plan->algo, ws.lt, kLtWorkspaceBytes, s));
+                               &algo, ws.lt, kLtWorkspaceBytes, s));
     if (has_bias || act != Act::kNone || norm || static_cast<void*>(y) != dst) {
       const auto* bias = has_bias ? static_cast<const float*>(arrays_on(device, DType::kFloat32, true, stream).ptrs[i])
                                   : nullptr;
@@ -500,14 +694,23 @@ void FusedOpCuda::apply(uintptr_t x, DType x_type, int64_t n, uintptr_t out, DTy
   check_device_pointer(out, device, "out_ptr");
 
   const DType ct = x_type;  // compute dtype: the GEMMs' A/B type
+  // Rows per chunk: as many as the scratch budget holds (intermediates in ct, plus an fp32 result
+  // where a layer needs one); a single fused or cuBLASLt layer needs no scratch and runs whole.
+  // (Chunks of 16-byte aligned arrays stay aligned wherever the fused kernel applies: d_in, d_out % 8 == 0.)
+  const bool fused = device_is_sm90(device) && x % 16 == 0 && out % 16 == 0;
+  bool needs_d32 = false;
+  for (size_t i = 0; i < layers_.size(); ++i)
+    needs_d32 = needs_d32 ||
+                (path_of(i, ct, i + 1 == layers_.size() ? out_type : ct, fused) == Path::kLtEpilogue &&
+                 !(i + 1 == layers_.size() && out_type == DType::kFloat32));
   const int64_t bytes_per_row = (layers_.size() > 1 ? 2 * max_hidden_ * static_cast<int64_t>(dtype_size(ct)) : 0) +
-                                max_d_out_ * 4;
-  const int64_t chunk = std::clamp<int64_t>(static_cast<int64_t>(kScratchBudgetBytes) / bytes_per_row, 1,
-                                            std::min(n, kMaxChunkRows));
+                                (needs_d32 ? max_d_out_ * 4 : 0);
+  const int64_t fit = bytes_per_row > 0 ? static_cast<int64_t>(kScratchBudgetBytes) / bytes_per_row : n;
+  const int64_t chunk = std::clamp<int64_t>(fit, 1, std::min(n, kMaxChunkRows));
   Workspace& ws = workspace_for(device, stream);
   std::lock_guard<std::mutex> lock(ws.mu);
   ws.ensure(&ws.lt, &ws.lt_bytes, kLtWorkspaceBytes);
-  ws.ensure(&ws.d32, &ws.d32_bytes, static_cast<size_t>(chunk * max_d_out_ * 4));
+  if (needs_d32) ws.ensure(&ws.d32, &ws.d32_bytes, static_cast<size_t>(chunk * max_d_out_ * 4));
   if (layers_.size() > 1)
     for (int b = 0; b < 2; ++b)
       ws.ensure(&ws.act[b], &ws.act_bytes[b], static_cast<size_t>(chunk * max_hidden_) * dtype_size(ct));
