@@ -278,8 +278,7 @@ def test_unaligned_pointers(x_dtype):
 
 def test_batch_larger_than_one_chunk():
     # At most 2^22 rows per chunk, and 1 GiB of scratch per stream: 2^22 + 1000 rows take two chunks,
-    # and a 400k-row MLP with a 513-wide hidden layer (two 16-bit hidden buffers and an fp32 GEMM
-    # result, 3 kB per row) takes two as well.
+    # and a 600k-row MLP with a 513-wide hidden layer (two 16-bit hidden buffers, 2 kB per row) two.
     torch = _torch_cuda()
     rng = np.random.default_rng(3)
     layers = _program("affine_bias", 8, 8, rng)
@@ -288,7 +287,7 @@ def test_batch_larger_than_one_chunk():
     mlp = [Layer((rng.standard_normal((513, 256)) / 16).astype(np.float32), rng.standard_normal(513).astype(np.float32),
                  "relu"),
            Layer((rng.standard_normal((256, 513)) / 23).astype(np.float32), None, "relu", 100)]
-    x = torch.randn((400_000, 256), device="cuda", dtype=torch.float16)
+    x = torch.randn((600_000, 256), device="cuda", dtype=torch.float16)
     _check(torch, mlp, False, x, _run(torch, _op(mlp), x, "float32"), "float16", "float32")
 
 

@@ -152,6 +152,16 @@ void launch_epilogue(const float* y, int64_t rows, int64_t d, const float* bias,
   }
 }
 
+// In place on 16-bit rows holding a layer's GEMM + bias: activation on the leading `width` outputs and,
+// if asked, L2 normalisation (fp32 arithmetic, one rounding back to 16 bits).
+void launch_finish_inplace(void* y, int64_t rows, int64_t d, Act act, int64_t width, bool normalize, DType t,
+                           cudaStream_t stream) {
+  if (t == DType::kFloat16)
+    launch<__half, __half>(y, rows, d, nullptr, act, width, normalize, y, stream);
+  else
+    launch<__nv_bfloat16, __nv_bfloat16>(y, rows, d, nullptr, act, width, normalize, y, stream);
+}
+
 // In-place L2 normalisation of 16-bit rows, d % 8 == 0, 16-byte aligned: one warp per row, the row
 // held in registers (kVec 16-byte vectors per lane, d <= 256 * kVec), so it is read once and written
 // once with 16-byte accesses. fp32 sum of squares and scale, as the generic kernel.
@@ -651,7 +661,25 @@ void FusedOpCuda::run_chunk(const void* x, int64_t m, void* out, DType ct, DType
         continue;
       }
     }
-    // 2. Otherwise an fp32 GEMM result (straight into dst when dst is fp32), then one pass of the
+    // 2. A 16-bit layer whose epilogue cuBLASLt cannot finish: cuBLASLt writes the 16-bit result with
+    //    its bias, then one in-place pass applies the activation on the leading `width` outputs and L2
+    //    (values stay 16-bit between the two, as torch autocast keeps them).
+    if (dst_type == ct && ct != DType::kFloat32) {
+      const cublasLtEpilogue_t epi = has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+      const void* bias = has_bias ? arrays_on(device, ct, true, stream).ptrs[i] : nullptr;
+      auto plan = plan_for(device, i, m, ct, ct, static_cast<int>(epi), bias, align_in,
+                           pointer_alignment(reinterpret_cast<uintptr_t>(dst)));
+      if (plan->ok) {
+        tune_plan(*plan, handle, w, in, dst, ws.lt, s);
+        const cublasLtMatmulAlgo_t algo = plan->current();
+        BC_LT_CHECK(cublasLtMatmul(handle, plan->desc, &alpha, w, plan->a, in, plan->b, &beta, dst, plan->d, dst,
+                                   plan->d, &algo, ws.lt, kLtWorkspaceBytes, s));
+        launch_finish_inplace(dst, m, l.d_out, act, width, norm, ct, s);
+        in = dst;
+        continue;
+      }
+    }
+    // 3. Otherwise an fp32 GEMM result (straight into dst when dst is fp32), then one pass of the
     //    fused epilogue kernel: bias, activation on the leading `width` outputs, L2, cast.
     if (dst_type != DType::kFloat32) ws.ensure(&ws.d32, &ws.d32_bytes, static_cast<size_t>(m * l.d_out * 4));
     float* y = dst_type == DType::kFloat32 ? static_cast<float*>(dst) : static_cast<float*>(ws.d32);
@@ -700,9 +728,11 @@ void FusedOpCuda::apply(uintptr_t x, DType x_type, int64_t n, uintptr_t out, DTy
   const bool fused = device_is_sm90(device) && x % 16 == 0 && out % 16 == 0;
   bool needs_d32 = false;
   for (size_t i = 0; i < layers_.size(); ++i)
-    needs_d32 = needs_d32 ||
-                (path_of(i, ct, i + 1 == layers_.size() ? out_type : ct, fused) == Path::kLtEpilogue &&
-                 !(i + 1 == layers_.size() && out_type == DType::kFloat32));
+  {
+    const DType dst_type = i + 1 == layers_.size() ? out_type : ct;
+    needs_d32 = needs_d32 || (path_of(i, ct, dst_type, fused) == Path::kLtEpilogue &&
+                              dst_type != DType::kFloat32 && dst_type != ct);
+  }
   const int64_t bytes_per_row = (layers_.size() > 1 ? 2 * max_hidden_ * static_cast<int64_t>(dtype_size(ct)) : 0) +
                                 (needs_d32 ? max_d_out_ * 4 : 0);
   const int64_t fit = bytes_per_row > 0 ? static_cast<int64_t>(kScratchBudgetBytes) / bytes_per_row : n;

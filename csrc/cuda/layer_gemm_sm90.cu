@@ -15,6 +15,7 @@
 #include <cuda_fp16.h>
 
 #include <climits>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -215,16 +216,36 @@ int sm_count(int device) {
   return known->emplace(device, n).first->second;
 }
 
-template <class Element>
+// Two schedules of the same GEMM: "cooperative" (128 x 256 tiles, both consumer warpgroups on one
+// tile) and "pingpong" (64 x 256 tiles, one per warpgroup, so one tile's epilogue overlaps the
+// other's MMAs). BC_FAST_SM90_SCHEDULE=pingpong|cooperative picks one (read once), for benchmarking.
+struct Cooperative {
+  using Tile = Shape<_128, _256, _64>;
+  using Kernel = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+};
+struct Pingpong {
+  using Tile = Shape<_64, _256, _64>;
+  using Kernel = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+};
+
+bool use_pingpong() {
+  static const bool pingpong = [] {
+    const char* v = std::getenv("BC_FAST_SM90_SCHEDULE");
+    return v != nullptr && std::string(v) == "pingpong";
+  }();
+  return pingpong;
+}
+
+template <class Element, class Schedule>
 struct LayerGemm {
-  using TileShape = Shape<_128, _256, _64>;
+  using TileShape = typename Schedule::Tile;
   using ClusterShape = Shape<_2, _1, _1>;
   using Epilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<LayerEpilogue<Element>>;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, cutlass::layout::RowMajor, 8, Element,
       cutlass::layout::ColumnMajor, 8, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+      typename Schedule::Kernel>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
@@ -283,16 +304,34 @@ bool layer_gemm_sm90_supports(DType t, const LayerGemmArgs& a) {
   return aligned16(a.x) && aligned16(a.w) && aligned16(a.out) && (a.bias == nullptr || aligned16(a.bias));
 }
 
+namespace {
+
+template <class Schedule>
+size_t workspace_for(DType t, const LayerGemmArgs& a) {
+  return t == DType::kFloat16 ? LayerGemm<cutlass::half_t, Schedule>::workspace(a)
+                              : LayerGemm<cutlass::bfloat16_t, Schedule>::workspace(a);
+}
+
+template <class Schedule>
+void run_with(DType t, const LayerGemmArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (t == DType::kFloat16)
+    LayerGemm<cutlass::half_t, Schedule>::run(a, workspace, workspace_bytes, stream);
+  else
+    LayerGemm<cutlass::bfloat16_t, Schedule>::run(a, workspace, workspace_bytes, stream);
+}
+
+}  // namespace
+
 size_t layer_gemm_sm90_workspace(DType t, const LayerGemmArgs& a) {
-  return t == DType::kFloat16 ? LayerGemm<cutlass::half_t>::workspace(a) : LayerGemm<cutlass::bfloat16_t>::workspace(a);
+  return use_pingpong() ? workspace_for<Pingpong>(t, a) : workspace_for<Cooperative>(t, a);
 }
 
 void layer_gemm_sm90(DType t, const LayerGemmArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (!layer_gemm_sm90_supports(t, a)) throw std::invalid_argument("layer_gemm_sm90: unsupported arguments");
-  if (t == DType::kFloat16)
-    LayerGemm<cutlass::half_t>::run(a, workspace, workspace_bytes, stream);
+  if (use_pingpong())
+    run_with<Pingpong>(t, a, workspace, workspace_bytes, stream);
   else
-    LayerGemm<cutlass::bfloat16_t>::run(a, workspace, workspace_bytes, stream);
+    run_with<Cooperative>(t, a, workspace, workspace_bytes, stream);
 }
 
 }  // namespace bc_fast::cuda
