@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 10): on a fresh GPU machine, build bc_fast with its CUDA module, run the
-# GPU tests and the GPU benchmark (--quick), and print one summary table. Meant to finish within 8 minutes.
+# The prepared GPU check: on a fresh GPU machine, build bc_fast with its CUDA module (and the fused sm_90a
+# kernels when CUTLASS's headers are at hand), run the GPU tests, time the kernels against torch eager and
+# torch.compile with per-kernel profiles (bench/gpu_kernels.py --quick; the fused kernel's pingpong
+# schedule too), time the GPU pipeline (bench/bench_gpu.py: conversion, batch 1), and print one summary
+# table. Meant to finish within 8 minutes. Under the device tool, kernels.json/.log land in $OUT.
 #
 # Needs: Python 3.12 with PyTorch (CUDA 13), nvcc, CMake, pybind11, scikit-build-core, numpy, safetensors,
 # pytest. No network: nothing is downloaded. Optional: scipy-openblas32 (else the CPU core is built with
@@ -35,10 +38,12 @@ summary() {
   echo "| step | status | s | detail |"
   echo "|---|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
-  if [[ -f $WORK/bench.table ]]; then
-    echo
-    cat "$WORK/bench.table"
-  fi
+  for t in bench pingpong pipeline; do
+    if [[ -s $WORK/$t.table ]]; then
+      echo
+      cat "$WORK/$t.table"
+    fi
+  done
 }
 
 # ---------------------------------------------------------------- 0. is there a GPU at all?
@@ -166,19 +171,44 @@ else
   row "gpu tests" FAIL $(( $(elapsed) - T )) "pytest exit $RC: $LINE; 'no CUDA GPU visible' skips: $NOGPU"
 fi
 
-# ---------------------------------------------------------------- 4. GPU benchmark
+# ---------------------------------------------------------------- 4. GPU kernels vs torch
 T=$(elapsed)
-say "benchmark (bench/bench_gpu.py --quick)"
-(cd "$WORK" && timeout "$(left)" "$PY" "$ROOT/bench/bench_gpu.py" --quick --json "$WORK/bench.json" --tmp "$WORK") \
-  2>&1 | tee "$WORK/bench.log"
+say "kernels (bench/gpu_kernels.py --quick): bc_fast vs torch eager and torch.compile, per-kernel profiles"
+(cd "$WORK" && timeout "$(left)" "$PY" "$ROOT/bench/gpu_kernels.py" --quick --json "$WORK/kernels.json") \
+  2>&1 | tee "$WORK/kernels.log"
 RC=${PIPESTATUS[0]}
-sed -n '/^| config/,/^# [0-9]*\/[0-9]* targets met/p' "$WORK/bench.log" >"$WORK/bench.table"
-MET=$(grep -E "^# [0-9]+/[0-9]+ targets met" "$WORK/bench.log" | tail -1 | sed 's/^# //')
+[[ -n ${OUT:-} && -d ${OUT:-} ]] && cp "$WORK/kernels.json" "$WORK/kernels.log" "$OUT/" 2>/dev/null
+sed -n '/^device copy bandwidth/,/^# [0-9]*\/[0-9]* kernel targets met/p' "$WORK/kernels.log" >"$WORK/bench.table"
+MET=$(grep -E "^# [0-9]+/[0-9]+ kernel targets met" "$WORK/kernels.log" | tail -1 | sed 's/^# //')
 if (( RC == 0 )); then
-  row "gpu benchmark" PASS $(( $(elapsed) - T )) "${MET:-no summary line}"
+  row "gpu kernels" PASS $(( $(elapsed) - T )) "${MET:-no summary line}"
 else
   FAILED=1
-  row "gpu benchmark" FAIL $(( $(elapsed) - T )) "exit $RC (124: out of time); ${MET:-no summary line}"
+  row "gpu kernels" FAIL $(( $(elapsed) - T )) "exit $RC (124: out of time); ${MET:-no summary line}"
+fi
+
+# ---------------------------------------------------------------- 5. the fused kernel's other schedule
+if (( $(left) > 90 )); then
+  T=$(elapsed)
+  (cd "$WORK" && BC_FAST_SM90_SCHEDULE=pingpong timeout 90 "$PY" "$ROOT/bench/gpu_kernels.py" --quick \
+     --only l2_256,mlp_gelu --no-profile --no-compile) >"$WORK/pingpong.log" 2>&1
+  grep -E "^\| (l2_256|mlp_gelu)" "$WORK/pingpong.log" | sed 's/^| /| pingpong: /' >"$WORK/pingpong.table"
+  row "sm90 pingpong schedule" INFO $(( $(elapsed) - T )) "$(wc -l <"$WORK/pingpong.table") rows (below)"
+fi
+
+# ---------------------------------------------------------------- 6. the GPU pipeline: conversion, batch 1
+T=$(elapsed)
+say "pipeline (bench/bench_gpu.py --quick --only convert_host,batch1)"
+(cd "$WORK" && timeout "$(left)" "$PY" "$ROOT/bench/bench_gpu.py" --quick --only convert_host,batch1 \
+   --json "$WORK/bench.json" --tmp "$WORK") 2>&1 | tee "$WORK/bench.log"
+RC=${PIPESTATUS[0]}
+sed -n '/^| config/,/^# [0-9]*\/[0-9]* targets met/p' "$WORK/bench.log" >"$WORK/pipeline.table"
+MET=$(grep -E "^# [0-9]+/[0-9]+ targets met" "$WORK/bench.log" | tail -1 | sed 's/^# //')
+if (( RC == 0 )); then
+  row "gpu pipeline" PASS $(( $(elapsed) - T )) "${MET:-no summary line}"
+else
+  FAILED=1
+  row "gpu pipeline" FAIL $(( $(elapsed) - T )) "exit $RC (124: out of time); ${MET:-no summary line}"
 fi
 
 summary
