@@ -1,23 +1,16 @@
-"""GPU benchmark of bc_fast (issue 10's targets), against torch doing the same work on the same GPU.
+"""GPU pipeline benchmark of bc_fast: whole-table conversion on the GPU, against the copy bound and the CPU.
+
+The kernels themselves (fused layers, GEMMs, batch 1) against torch eager and torch.compile are
+``bench/gpu_kernels.py``; ``bench/gpu_check.sh`` runs both.
 
 Configs (sizes in parentheses: default / --quick):
 
-- ``affine256_l2``: affine 256->256 + bias + L2 normalisation, float16 in and out, rows resident on
-  the GPU (20M / 2M): vs torch eager ``addmm -> F.normalize -> half``; and the bytes moved
-  (read x, write y) per second vs the device-to-device copy bandwidth measured in the same run
-  (the card's practical memory bandwidth). Targets: >= 1.5x torch, >= 70 % of the bandwidth.
-- ``affine1024x768_fp16`` / ``_bf16``: affine 1024->768 + bias (1M / 200k rows) vs
-  ``torch.addmm(out=)``, i.e. cuBLAS. Target >= 1.0x.
-- ``mlp256_gelu``: 256->1024 (gelu) ->256, float16 (4M / 500k rows) vs torch eager
-  ``F.linear -> F.gelu -> F.linear``. Target >= 1.2x.
 - ``convert_host``: ``convert_table(..., device="cuda")`` of a float16 256-d ``.npy`` table
   (50M / 4M rows) through a 256->256 affine registry step into a float16 table, vs the host<->device
   copy bound (pinned buffers, both directions at once, chunk-sized copies, measured in the same
   run) and vs ``device="cpu"`` on the same machine (on at most 10M / 4M rows; rows/s compared).
   Targets: >= 0.7x the copy bound, >= 5x the CPU path. The table files live in ``--tmp``
   (default: $TMPDIR); the default size needs about 52 GB there.
-- ``batch1``: one row 256->256 + bias, float32, CUDA tensor in and preallocated out: wall time per
-  call vs a bare ``torch.addmm(out=)`` (one cuBLAS call). Target: within 1.5x.
 
 Timing: CUDA events on the current stream around ``calls`` back-to-back calls (wall clock plus a
 synchronize for ``batch1`` and ``convert_host``), implementations interleaved round-robin, one
@@ -44,9 +37,7 @@ import numpy as np
 from bc_fast.bench.harness import Stopwatch, check, fmt_time, kv_line, timing_from_samples
 
 SIZES = {  # rows per config: (default, quick)
-    "affine256_l2": (20_000_000, 2_000_000), "affine1024x768": (1_000_000, 200_000),
-    "mlp256_gelu": (4_000_000, 500_000), "convert_host": (50_000_000, 4_000_000),
-    "convert_cpu": (10_000_000, 4_000_000),
+    "convert_host": (50_000_000, 4_000_000), "convert_cpu": (10_000_000, 4_000_000),
 }
 
 
@@ -138,79 +129,6 @@ def bench_copy_bandwidth(torch: Any, samples: int) -> float:
     return 2 * n / t
 
 
-def bench_affine256_l2(torch: Any, F: Any, rows: int, samples: int, bw: float) -> dict:
-    from bc_fast import FusedTransform
-    rng = np.random.default_rng(0)
-    w, b = _weights(rng, 256, 256)
-    op = FusedTransform.affine(w, b, normalize=True)
-    x = torch.randn(rows, 256, device="cuda", dtype=torch.float16)
-    y = torch.empty(rows, 256, device="cuda", dtype=torch.float16)
-    wt, bt = torch.from_numpy(w).cuda().half().t(), torch.from_numpy(b).cuda().half()
-    tmp = torch.empty(rows, 256, device="cuda", dtype=torch.float16)
-
-    def torch_eager() -> Any:
-        return F.normalize(torch.addmm(bt, x, wt, out=tmp), dim=1).half()
-
-    times = _time_gpu(torch, {"bc_fast": lambda: op.apply(x, out=y), "torch": torch_eager}, samples=samples)
-    ref = x[:2048].double().cpu().numpy() @ w.T.astype(np.float64) + b
-    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
-    err = _rel_err(torch, y[:2048], ref)
-    moved = rows * 256 * 2 * 2 / times["bc_fast"]
-    ratio = times["torch"] / times["bc_fast"]
-    checks = [check("vs torch eager", ratio, 1.5, "≥ 1.5x torch", f"{ratio:.2f}x torch"),
-              check("memory bandwidth", moved / bw, 0.7, "≥ 70 % of copy BW",
-                    f"{moved / 1e9:.0f} GB/s = {100 * moved / bw:.0f} % of {bw / 1e9:.0f} GB/s")]
-    del x, y, tmp
-    return _record("affine256_l2", rows, times, checks, err, "float16 in/out, bias, L2")
-
-
-def bench_affine1024(torch: Any, F: Any, rows: int, samples: int, dtype_name: str) -> dict:
-    from bc_fast import FusedTransform
-    dt = getattr(torch, dtype_name)
-    rng = np.random.default_rng(1)
-    w, b = _weights(rng, 768, 1024)
-    op = FusedTransform.affine(w, b)
-    x = torch.randn(rows, 1024, device="cuda", dtype=dt)
-    y = torch.empty(rows, 768, device="cuda", dtype=dt)
-    y2 = torch.empty_like(y)
-    wt, bt = torch.from_numpy(w).cuda().to(dt).t(), torch.from_numpy(b).cuda().to(dt)
-    times = _time_gpu(torch, {"bc_fast": lambda: op.apply(x, out=y),
-                              "torch": lambda: torch.addmm(bt, x, wt, out=y2)}, samples=samples, calls=3)
-    ref = x[:2048].double().cpu().numpy() @ w.T.astype(np.float64) + b
-    err = _rel_err(torch, y[:2048], ref)
-    ratio = times["torch"] / times["bc_fast"]
-    tflops = 2 * rows * 1024 * 768 / times["bc_fast"] / 1e12
-    del x, y, y2
-    return _record(f"affine1024x768_{'fp16' if dtype_name == 'float16' else 'bf16'}", rows, times,
-                   [check("vs torch addmm", ratio, 1.0, "≥ 1.0x torch addmm", f"{ratio:.2f}x torch")], err,
-                   f"{dtype_name}, bias; bc_fast {tflops:.0f} TFLOP/s")
-
-
-def bench_mlp(torch: Any, F: Any, rows: int, samples: int) -> dict:
-    from bc_fast import FusedTransform, Layer
-    rng = np.random.default_rng(2)
-    w1, b1 = _weights(rng, 1024, 256)
-    w2, b2 = _weights(rng, 256, 1024)
-    op = FusedTransform([Layer(w1, b1, "gelu"), Layer(w2, b2)])
-    x = torch.randn(rows, 256, device="cuda", dtype=torch.float16)
-    y = torch.empty(rows, 256, device="cuda", dtype=torch.float16)
-    t1, c1, t2, c2 = (torch.from_numpy(a).cuda().half() for a in (w1, b1, w2, b2))
-
-    def torch_eager() -> Any:
-        return F.linear(F.gelu(F.linear(x, t1, c1)), t2, c2)
-
-    times = _time_gpu(torch, {"bc_fast": lambda: op.apply(x, out=y), "torch": torch_eager}, samples=samples)
-    xs = x[:2048].double().cpu().numpy()
-    h = xs @ w1.T.astype(np.float64) + b1
-    from math import erf
-    h = 0.5 * h * (1 + np.vectorize(erf)(h / math.sqrt(2)))
-    err = _rel_err(torch, y[:2048], h @ w2.T.astype(np.float64) + b2)
-    ratio = times["torch"] / times["bc_fast"]
-    del x, y
-    return _record("mlp256_gelu", rows, times, [check("vs torch eager", ratio, 1.2, "≥ 1.2x torch",
-                                                      f"{ratio:.2f}x torch")], err, "float16, exact gelu")
-
-
 def _copy_bound_rows_per_s(torch: Any, chunk_rows: int, samples: int) -> float:
     """Rows/s when only copies run: chunk H2D (256 fp16) and D2H (256 fp16) at once on two streams."""
     nbytes = chunk_rows * 256 * 2
@@ -283,25 +201,6 @@ def bench_convert(torch: Any, rows: int, cpu_rows: int, samples: int, tmp: Path,
         shutil.rmtree(work, ignore_errors=True)
 
 
-def bench_batch1(torch: Any, samples: int) -> dict:
-    from bc_fast import FusedTransform
-    rng = np.random.default_rng(4)
-    w, b = _weights(rng, 256, 256)
-    op = FusedTransform.affine(w, b)
-    x = torch.randn(1, 256, device="cuda")
-    y, y2 = torch.empty(1, 256, device="cuda"), torch.empty(1, 256, device="cuda")
-    wt, bt = torch.from_numpy(w).cuda().t(), torch.from_numpy(b).cuda()
-    times = _time_gpu(torch, {"bc_fast": lambda: op.apply(x, out=y),
-                              "torch": lambda: torch.addmm(bt, x, wt, out=y2)}, samples=samples * 3, calls=200,
-                      wall=True)
-    ref = x.double().cpu().numpy() @ w.T.astype(np.float64) + b
-    err = _rel_err(torch, y, ref)
-    ratio = times["torch"] / times["bc_fast"]
-    return _record("batch1", 1, times, [check("latency vs cuBLAS", ratio, 1 / 1.5, "≤ 1.5x torch addmm time",
-                                              f"{1 / ratio:.2f}x torch time")], err,
-                   "float32 256->256 + bias, wall time per call")
-
-
 # --------------------------------------------------------------------------- report
 
 
@@ -332,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU threads for convert_host's device=cpu run (default: all cores)")
     p.add_argument("--only", default=None, help="comma-separated config names to run (default: all)")
     args = p.parse_args(argv)
-    torch, F, mod = _setup()
+    torch, _, mod = _setup()
     q = 1 if args.quick else 0
     samples = 5 if args.quick else 11
     props = torch.cuda.get_device_properties(0)
@@ -346,11 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     bw = bench_copy_bandwidth(torch, samples)
     print(f"# device-to-device copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)", flush=True)
     plan: list[tuple[str, Callable[[], dict]]] = [
-        ("affine256_l2", lambda: bench_affine256_l2(torch, F, SIZES["affine256_l2"][q], samples, bw)),
-        ("affine1024x768_fp16", lambda: bench_affine1024(torch, F, SIZES["affine1024x768"][q], samples, "float16")),
-        ("affine1024x768_bf16", lambda: bench_affine1024(torch, F, SIZES["affine1024x768"][q], samples, "bfloat16")),
-        ("mlp256_gelu", lambda: bench_mlp(torch, F, SIZES["mlp256_gelu"][q], samples)),
-        ("batch1", lambda: bench_batch1(torch, samples)),
         ("convert_host", lambda: bench_convert(torch, SIZES["convert_host"][q], SIZES["convert_cpu"][q], samples,
                                                args.tmp, args.threads)),
     ]

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check: on a fresh GPU machine, build bc_fast with its CUDA module (and the fused sm_90a
 # kernels when CUTLASS's headers are at hand), run the GPU tests, time the kernels against torch eager and
-# torch.compile with per-kernel profiles (bench/gpu_kernels.py --quick; the fused kernel's pingpong
-# schedule too), time the GPU pipeline (bench/bench_gpu.py: conversion, batch 1), and print one summary
+# torch.compile with per-kernel profiles (bench/gpu_kernels.py --quick), time the GPU pipeline
+# (bench/bench_gpu.py: table conversion), and print one summary
 # table. Meant to finish within 8 minutes. Under the device tool, kernels.json/.log land in $OUT.
 #
 # Needs: Python 3.12 with PyTorch (CUDA 13), nvcc, CMake, pybind11, scikit-build-core, numpy, safetensors,
@@ -38,7 +38,7 @@ summary() {
   echo "| step | status | s | detail |"
   echo "|---|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
-  for t in bench pingpong pipeline; do
+  for t in bench pipeline; do
     if [[ -s $WORK/$t.table ]]; then
       echo
       cat "$WORK/$t.table"
@@ -187,19 +187,10 @@ else
   row "gpu kernels" FAIL $(( $(elapsed) - T )) "exit $RC (124: out of time); ${MET:-no summary line}"
 fi
 
-# ---------------------------------------------------------------- 5. the fused kernel's other schedule
-if (( $(left) > 90 )); then
-  T=$(elapsed)
-  (cd "$WORK" && BC_FAST_SM90_SCHEDULE=pingpong timeout 90 "$PY" "$ROOT/bench/gpu_kernels.py" --quick \
-     --only l2_256,mlp_gelu --no-profile --no-compile) >"$WORK/pingpong.log" 2>&1
-  grep -E "^\| (l2_256|mlp_gelu)" "$WORK/pingpong.log" | sed 's/^| /| pingpong: /' >"$WORK/pingpong.table"
-  row "sm90 pingpong schedule" INFO $(( $(elapsed) - T )) "$(wc -l <"$WORK/pingpong.table") rows (below)"
-fi
-
-# ---------------------------------------------------------------- 6. the GPU pipeline: conversion, batch 1
+# ---------------------------------------------------------------- 5. the GPU pipeline: table conversion
 T=$(elapsed)
-say "pipeline (bench/bench_gpu.py --quick --only convert_host,batch1)"
-(cd "$WORK" && timeout "$(left)" "$PY" "$ROOT/bench/bench_gpu.py" --quick --only convert_host,batch1 \
+say "pipeline (bench/bench_gpu.py --quick: table conversion on the GPU)"
+(cd "$WORK" && timeout "$(left)" "$PY" "$ROOT/bench/bench_gpu.py" --quick \
    --json "$WORK/bench.json" --tmp "$WORK") 2>&1 | tee "$WORK/bench.log"
 RC=${PIPESTATUS[0]}
 sed -n '/^| config/,/^# [0-9]*\/[0-9]* targets met/p' "$WORK/bench.log" >"$WORK/pipeline.table"

@@ -22,8 +22,8 @@ Configs (rows: default / --quick):
 
 Usage: python bench/gpu_kernels.py [--quick] [--only NAME,...] [--samples N] [--no-profile] [--no-compile]
                                    [--json PATH]
-Exit status 2 with a message when no GPU is usable. ``BC_FAST_SM90_SCHEDULE=pingpong`` in the
-environment times the fused kernel's other schedule.
+Exit status 2 with a message when no GPU is usable. Each record names the path of every layer
+(``CudaFusedOp.layer_paths``: the fused sm90 kernel or cuBLASLt).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -333,9 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False  # bc_fast's fp32 GEMMs are true fp32: compare like with like
     samples = args.samples or (7 if args.quick else 11)
     props = torch.cuda.get_device_properties(0)
-    schedule = os.environ.get("BC_FAST_SM90_SCHEDULE", "cooperative")
-    print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}; sm90 schedule {schedule}; "
-          f"{samples} samples, medians", flush=True)
+    print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}; {samples} samples, "
+          "medians", flush=True)
     bw = _copy_bandwidth(torch, samples)
     records = []
     for n in names:
@@ -347,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report(records, bw))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"copy_bandwidth": bw, "schedule": schedule, "records": records}, f, indent=1)
+            json.dump({"device": props.name, "copy_bandwidth": bw, "records": records}, f, indent=1)
     return 0
 
 

@@ -9,13 +9,15 @@
 // act_width columns, then, when normalising, the row's L2 norm (the whole row lies in the tile since
 // n <= 256: each row's 256 columns are spread over one quad of lanes, so two shuffles sum it), the
 // scale, the cast and 4-byte stores of column pairs. All arithmetic in fp32, as the cuBLASLt path.
+// Measured on an H200 (bench/gpu_kernels.py): 256->256 + bias + L2 in fp16 at 38 % of the copy
+// bandwidth, 2.1x torch eager; the GELU epilogue is correct but 2.5x slower than cuBLASLt + a 16-bit
+// GELU pass, so fused_op_cuda.cu sends only L2 layers (no GELU) here.
 #include "layer_gemm_sm90.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <climits>
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -121,37 +123,26 @@ class LayerEpilogue {
     (void)k_coord;
     (void)l_coord;
 
-    // Absolute (row, column) of every accumulator element.
-    Tensor coords = local_tile(make_identity_tensor(make_shape(M, N)), take<0, 2>(blk_shape_MNK),
-                               make_coord(m_coord, n_coord));
-    Tensor tc = tiled_mma.get_thread_slice(thread_idx).partition_C(coords);  // same shape as acc
+    // (row, column) of every accumulator element within the tile: a static identity tensor, so each
+    // element's offset is a compile-time constant over the thread's own (one division-free lookup per
+    // thread). A dynamic-shape identity tensor costs integer divisions per element, many times the GEMM.
+    Tensor tile_coords = make_identity_tensor(make_shape(get<0>(blk_shape_MNK), get<1>(blk_shape_MNK)));
+    Tensor tc = tiled_mma.get_thread_slice(thread_idx).partition_C(tile_coords);  // same shape as acc
+    static_assert(is_static<decltype(tc.layout())>::value, "tile coordinates must be static");
+    const int row0 = static_cast<int>(m_coord) * static_cast<int>(get<0>(blk_shape_MNK));
+    const int col0 = static_cast<int>(n_coord) * static_cast<int>(get<1>(blk_shape_MNK));
 
-    // acc is the adapter's own copy of the accumulators: finished values go back into it.
+    // acc is the adapter's own copy of the accumulators: finished values go back into it. One fully
+    // unrolled, branch-free loop per activation: an unrolled loop that branches per element
+    // around inlined activation code spreads the hot path over so much code that instruction-cache
+    // misses, not arithmetic, set the kernel's speed (measured on an H200: 8x slower than the GEMM).
     float ss[kMmaM][2] = {};
-    CUTLASS_PRAGMA_UNROLL
-    for (int mm = 0; mm < kMmaM; ++mm) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int nn = 0; nn < kMmaN; ++nn) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int h = 0; h < 2; ++h) {
-          CUTLASS_PRAGMA_UNROLL
-          for (int g = 0; g < kGroups; ++g) {
-            CUTLASS_PRAGMA_UNROLL
-            for (int p = 0; p < 2; ++p) {
-              const auto idx = make_coord(make_coord(p, h, g), mm, nn);
-              const int col = get<1>(tc(idx));
-              float x = acc(idx);
-              if (col < N) {
-                if (params_.bias != nullptr) x += __ldg(params_.bias + col);
-                if (col < params_.act_width) x = activate(x);
-              }
-              acc(idx) = x;
-              ss[mm][h] += x * x;
-            }
-          }
-        }
-      }
-    }
+    if (params_.act == static_cast<int>(Act::kGelu))
+      finish<Act::kGelu>(acc, tc, col0, N, ss);
+    else if (params_.act == static_cast<int>(Act::kRelu))
+      finish<Act::kRelu>(acc, tc, col0, N, ss);
+    else
+      finish<Act::kNone>(acc, tc, col0, N, ss);
     if (params_.normalize) {
       // Lanes 4q..4q+3 hold the same two rows: sum over the quad.
       CUTLASS_PRAGMA_UNROLL
@@ -177,7 +168,7 @@ class LayerEpilogue {
           CUTLASS_PRAGMA_UNROLL
           for (int g = 0; g < kGroups; ++g) {
             const auto c = tc(make_coord(make_coord(0, h, g), mm, nn));
-            const int row = get<0>(c), col = get<1>(c);  // col is even; N is even, so col + 1 < N too
+            const int row = row0 + get<0>(c), col = col0 + get<1>(c);  // col even, N even: col + 1 < N
             if (row < M && col < N)
               out[(static_cast<int64_t>(row) * N + col) / 2] =
                   Pair::make(acc(make_coord(make_coord(0, h, g), mm, nn)) * scale,
@@ -189,10 +180,39 @@ class LayerEpilogue {
   }
 
  private:
-  CUTLASS_DEVICE float activate(float x) const {
-    if (params_.act == static_cast<int>(Act::kRelu)) return x > 0.0f ? x : 0.0f;
-    if (params_.act == static_cast<int>(Act::kGelu)) return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-    return x;
+  // acc + bias, then the activation on the columns before act_width (computed everywhere, selected),
+  // written back into acc; ss[mm][h] gathers each of the thread's rows' sum of squares.
+  template <Act kAct, class Acc, class Coords, int kMmaM>
+  CUTLASS_DEVICE void finish(Acc& acc, Coords const& tc, int col0, int N, float (&ss)[kMmaM][2]) const {
+    constexpr int kGroups = size<0, 2>(typename Acc::layout_type{});
+    constexpr int kMmaN = size<2>(typename Acc::layout_type{});
+    const int width = params_.act_width;
+    const float* bias = params_.bias;
+    const int bias_end = bias != nullptr ? N : 0;  // columns with a bias value (predicated loads)
+    CUTLASS_PRAGMA_UNROLL
+    for (int mm = 0; mm < kMmaM; ++mm) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int nn = 0; nn < kMmaN; ++nn) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int g = 0; g < kGroups; ++g) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int p = 0; p < 2; ++p) {
+              const auto idx = make_coord(make_coord(p, h, g), mm, nn);
+              const int col = col0 + get<1>(tc(idx));
+              float x = acc(idx);
+              x += col < bias_end ? __ldg(bias + col) : 0.0f;
+              if constexpr (kAct == Act::kRelu) x = col < width ? fmaxf(x, 0.0f) : x;
+              if constexpr (kAct == Act::kGelu)
+                x = col < width ? 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)) : x;
+              acc(idx) = x;
+              ss[mm][h] += x * x;
+            }
+          }
+        }
+      }
+    }
   }
 
   Params params_;
@@ -216,30 +236,20 @@ int sm_count(int device) {
   return known->emplace(device, n).first->second;
 }
 
-// Two schedules of the same GEMM: "cooperative" (128 x 256 tiles, both consumer warpgroups on one
-// tile) and "pingpong" (64 x 256 tiles, one per warpgroup, so one tile's epilogue overlaps the
-// other's MMAs). BC_FAST_SM90_SCHEDULE=pingpong|cooperative picks one (read once), for benchmarking.
+// Cooperative schedule: 128 x 256 tiles, both consumer warpgroups on one tile (64 rows each), a cluster
+// of 2 CTAs along m sharing W's tiles by TMA multicast. Measured on an H200 against the pingpong
+// schedule (64 x 256 tiles, epilogue overlapping the other warpgroup's MMAs: 1.2x slower GEMM) and a
+// cluster of 1 (within 2 %); it is also the one instantiation ptxas fits without spills.
 struct Cooperative {
   using Tile = Shape<_128, _256, _64>;
   using Kernel = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using Cluster = Shape<_2, _1, _1>;
 };
-struct Pingpong {
-  using Tile = Shape<_64, _256, _64>;
-  using Kernel = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-};
-
-bool use_pingpong() {
-  static const bool pingpong = [] {
-    const char* v = std::getenv("BC_FAST_SM90_SCHEDULE");
-    return v != nullptr && std::string(v) == "pingpong";
-  }();
-  return pingpong;
-}
 
 template <class Element, class Schedule>
 struct LayerGemm {
   using TileShape = typename Schedule::Tile;
-  using ClusterShape = Shape<_2, _1, _1>;
+  using ClusterShape = typename Schedule::Cluster;
   using Epilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<LayerEpilogue<Element>>;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, cutlass::layout::RowMajor, 8, Element,
@@ -304,34 +314,17 @@ bool layer_gemm_sm90_supports(DType t, const LayerGemmArgs& a) {
   return aligned16(a.x) && aligned16(a.w) && aligned16(a.out) && (a.bias == nullptr || aligned16(a.bias));
 }
 
-namespace {
-
-template <class Schedule>
-size_t workspace_for(DType t, const LayerGemmArgs& a) {
-  return t == DType::kFloat16 ? LayerGemm<cutlass::half_t, Schedule>::workspace(a)
-                              : LayerGemm<cutlass::bfloat16_t, Schedule>::workspace(a);
-}
-
-template <class Schedule>
-void run_with(DType t, const LayerGemmArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  if (t == DType::kFloat16)
-    LayerGemm<cutlass::half_t, Schedule>::run(a, workspace, workspace_bytes, stream);
-  else
-    LayerGemm<cutlass::bfloat16_t, Schedule>::run(a, workspace, workspace_bytes, stream);
-}
-
-}  // namespace
-
 size_t layer_gemm_sm90_workspace(DType t, const LayerGemmArgs& a) {
-  return use_pingpong() ? workspace_for<Pingpong>(t, a) : workspace_for<Cooperative>(t, a);
+  return t == DType::kFloat16 ? LayerGemm<cutlass::half_t, Cooperative>::workspace(a)
+                              : LayerGemm<cutlass::bfloat16_t, Cooperative>::workspace(a);
 }
 
 void layer_gemm_sm90(DType t, const LayerGemmArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (!layer_gemm_sm90_supports(t, a)) throw std::invalid_argument("layer_gemm_sm90: unsupported arguments");
-  if (use_pingpong())
-    run_with<Pingpong>(t, a, workspace, workspace_bytes, stream);
+  if (t == DType::kFloat16)
+    LayerGemm<cutlass::half_t, Cooperative>::run(a, workspace, workspace_bytes, stream);
   else
-    run_with<Cooperative>(t, a, workspace, workspace_bytes, stream);
+    LayerGemm<cutlass::bfloat16_t, Cooperative>::run(a, workspace, workspace_bytes, stream);
 }
 
 }  // namespace bc_fast::cuda
