@@ -20,7 +20,7 @@ PACKAGE = Path(bc_fast.__file__).resolve().parent  # the source folder, or the i
 FLOORS = {
     "_util": 0, "_core": 0, "_cuda": 0,
     "engine": 1,
-    "store": 2, "data": 2,
+    "store": 2, "data": 2, "export": 2,
     "convert": 3, "index": 3,
     "train": 4, "fit": 4, "eval": 4,
     "experiments": 5, "bench": 5,

@@ -1,0 +1,120 @@
+"""A FusedTransform as a sentence-transformers module: ``SentenceTransformer.encode`` emits version j.
+
+Append it after a model's last module (pooling, normalize): ``SentenceTransformer(modules=[*model,
+st_adapter(op)])``. It saves with the model (``model.save(path)``): its layers go to
+``bc_fast_adapter.safetensors`` (no pickle). sentence-transformers loads a module class of another
+package only with ``trust_remote_code=True``; :func:`load_sentence_transformer` checks first that the
+saved model's modules are sentence-transformers' own plus this class (imported from the installed
+bc_fast, nothing from the folder) and then loads it. Imports torch at import: reach it through
+:mod:`bc_fast.export`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save as safetensors_bytes
+
+from .._util.fileio import atomic_write_bytes
+from ..engine.layer import Layer
+from ..engine.operator import FusedTransform
+from .torch_module import to_torch
+
+WEIGHTS_FILE = "bc_fast_adapter.safetensors"
+FORMAT = "bc_fast.st_adapter/1"
+
+
+class BackwardAdapter(torch.nn.Module):
+    """Maps ``features["sentence_embedding"]`` through a fused operator (see :func:`.to_torch`).
+
+    The operator runs in float32 on the embedding's device; its output replaces the embedding, so
+    ``encode`` returns version-j vectors (normalised if the operator normalises).
+    """
+
+    def __init__(self, op: FusedTransform) -> None:
+        super().__init__()
+        self.op = op
+        self.fused = to_torch(op)
+
+    def forward(self, features: dict[str, Any]) -> dict[str, Any]:
+        emb = features["sentence_embedding"]
+        features["sentence_embedding"] = self.fused(emb.float()).to(emb.dtype)
+        return features
+
+    def get_embedding_dimension(self) -> int:
+        """The output width (the old version's dimension)."""
+        return int(self.op.d_out)
+
+    get_sentence_embedding_dimension = get_embedding_dimension  # the name before sentence-transformers 6
+
+    def save(self, output_path: str, safe_serialization: bool = True) -> None:
+        """Writes the operator to ``output_path/bc_fast_adapter.safetensors`` (atomically; always safetensors)."""
+        del safe_serialization  # safetensors whatever the caller asks: nothing here is ever pickled
+        tensors: dict[str, np.ndarray] = {}
+        specs = []
+        for i, layer in enumerate(self.op.layers):
+            tensors[f"layer{i}.weight"] = np.ascontiguousarray(layer.weight, dtype=np.float32)
+            if layer.bias is not None:
+                tensors[f"layer{i}.bias"] = np.ascontiguousarray(layer.bias, dtype=np.float32)
+            specs.append({"activation": layer.activation, "activation_width": layer.activation_width,
+                          "bias": layer.bias is not None})
+        meta = {"format": FORMAT, "layers": json.dumps(specs), "normalize": json.dumps(bool(self.op.normalize))}
+        atomic_write_bytes(Path(output_path) / WEIGHTS_FILE, safetensors_bytes(tensors, metadata=meta))
+
+    @staticmethod
+    def load(input_path: str) -> BackwardAdapter:
+        """Reads what :meth:`save` wrote; a clear ``ValueError`` naming the file if it is not that."""
+        path = Path(input_path) / WEIGHTS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: not a bc_fast adapter module folder")
+        try:
+            with safe_open(str(path), framework="np") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
+            specs = json.loads(meta["layers"])
+            normalize = json.loads(meta["normalize"])
+            layers = [Layer(tensors[f"layer{i}.weight"], tensors[f"layer{i}.bias"] if s["bias"] else None,
+                            s["activation"], s["activation_width"]) for i, s in enumerate(specs)]
+            return BackwardAdapter(FusedTransform(layers, normalize=bool(normalize)))
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise ValueError(f"{path} is not a valid bc_fast adapter: {e}") from e
+        except Exception as e:  # safetensors' own errors (a truncated or foreign file)
+            if type(e).__name__ == "SafetensorError":
+                raise ValueError(f"{path} is not a valid bc_fast adapter: {e}") from e
+            raise
+
+
+CLASS_REF = f"{__name__}.BackwardAdapter"
+
+
+def load_sentence_transformer(path: str | Path, **kwargs: Any) -> Any:
+    """``SentenceTransformer(path, trust_remote_code=True, **kwargs)`` for a saved model whose modules are
+    sentence-transformers' own and bc_fast adapters only; ``ValueError`` naming any other module type."""
+    from sentence_transformers import SentenceTransformer
+
+    modules_json = Path(path) / "modules.json"
+    try:
+        modules = json.loads(modules_json.read_text(encoding="utf-8"))
+        types = [m["type"] for m in modules]
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{modules_json}: not a saved SentenceTransformer ({e})") from e
+    foreign = [t for t in types if not (isinstance(t, str) and (t.startswith("sentence_transformers.") or t == CLASS_REF))]
+    if foreign:
+        raise ValueError(f"{modules_json} names module types other than sentence-transformers' and {CLASS_REF}: "
+                         f"{foreign}; load it with SentenceTransformer(..., trust_remote_code=True) only if you "
+                         "trust that code")
+    return SentenceTransformer(str(path), trust_remote_code=True, **kwargs)
+
+
+def st_adapter(op: FusedTransform) -> BackwardAdapter:
+    """The sentence-transformers module for ``op`` (see the module docstring)."""
+    if not isinstance(op, FusedTransform):
+        raise TypeError(f"st_adapter takes a FusedTransform, got {type(op).__name__}")
+    return BackwardAdapter(op)
