@@ -29,14 +29,23 @@ def _ops(rng: np.random.Generator) -> dict[str, FusedTransform]:
 
     return {
         "affine_l2": FusedTransform([Layer(w(256, 384), rng.standard_normal(256).astype(np.float32))], normalize=True),
-        "mlp": FusedTransform([Layer(w(512, 384), None, "gelu", 300), Layer(w(128, 512))], normalize=False),
+        "mlp_full_width": FusedTransform([Layer(w(512, 384), None, "gelu"), Layer(w(128, 512), None, "relu")],
+                                         normalize=True),
+        "mlp_partial": FusedTransform([Layer(w(512, 384), None, "gelu", 300), Layer(w(128, 512))], normalize=False),
     }
 
 
-@pytest.mark.parametrize("name", ["affine_l2", "mlp"])
+# Which modules each program becomes: sentence-transformers' own where they express it.
+KINDS = {"affine_l2": ["Dense", "Normalize"], "mlp_full_width": ["Dense", "Dense", "Normalize"],
+         "mlp_partial": ["BackwardAdapter"]}
+
+
+@pytest.mark.parametrize("name", list(KINDS))
 def test_encode_emits_the_old_version_and_survives_save_load(model, tmp_path, name):
     op = _ops(np.random.default_rng(len(name)))[name]
-    adapted = st.SentenceTransformer(modules=[*model, to_sentence_transformers(op)], device="cpu")
+    modules = to_sentence_transformers(op)
+    assert [type(m).__name__ for m in modules] == KINDS[name]
+    adapted = st.SentenceTransformer(modules=[*model, *modules], device="cpu")
     dim = getattr(adapted, "get_embedding_dimension", None) or adapted.get_sentence_embedding_dimension
     assert dim() == op.d_out
     base = model.encode(TEXTS, convert_to_numpy=True)
@@ -45,17 +54,21 @@ def test_encode_emits_the_old_version_and_survives_save_load(model, tmp_path, na
     np.testing.assert_allclose(got, op.apply(base), rtol=1e-5, atol=1e-6)
 
     adapted.save(str(tmp_path / "m"))
-    modules = json.loads((tmp_path / "m" / "modules.json").read_text())
-    assert modules[-1]["type"] == "bc_fast.export.st_adapter.BackwardAdapter"
-    reloaded = load_sentence_transformer(tmp_path / "m", device="cpu", local_files_only=True)
+    saved = json.loads((tmp_path / "m" / "modules.json").read_text())
+    if KINDS[name] == ["BackwardAdapter"]:
+        assert saved[-1]["type"] == "bc_fast.export.st_adapter.BackwardAdapter"
+        reloaded = load_sentence_transformer(tmp_path / "m", device="cpu", local_files_only=True)
+    else:  # sentence-transformers' own modules: a plain load, no trust_remote_code
+        assert all(m["type"].startswith("sentence_transformers.") for m in saved)
+        reloaded = st.SentenceTransformer(str(tmp_path / "m"), device="cpu", local_files_only=True)
     np.testing.assert_allclose(reloaded.encode(TEXTS, convert_to_numpy=True), got, rtol=1e-6, atol=1e-7)
 
 
 def test_a_damaged_adapter_file_is_a_clear_error(model, tmp_path):
     from bc_fast.export.st_adapter import WEIGHTS_FILE, BackwardAdapter
 
-    op = _ops(np.random.default_rng(1))["affine_l2"]
-    adapter = to_sentence_transformers(op)
+    op = _ops(np.random.default_rng(1))["mlp_partial"]
+    (adapter,) = to_sentence_transformers(op)
     adapter.save(str(tmp_path))
     path = tmp_path / WEIGHTS_FILE
     path.write_bytes(path.read_bytes()[:100])

@@ -1,12 +1,13 @@
 """A FusedTransform as a sentence-transformers module: ``SentenceTransformer.encode`` emits version j.
 
-Append it after a model's last module (pooling, normalize): ``SentenceTransformer(modules=[*model,
-st_adapter(op)])``. It saves with the model (``model.save(path)``): its layers go to
-``bc_fast_adapter.safetensors`` (no pickle). sentence-transformers loads a module class of another
-package only with ``trust_remote_code=True``; :func:`load_sentence_transformer` checks first that the
-saved model's modules are sentence-transformers' own plus this class (imported from the installed
-bc_fast, nothing from the folder) and then loads it. Imports torch at import: reach it through
-:mod:`bc_fast.export`.
+Append the modules after a model's last one (pooling, normalize): ``SentenceTransformer(modules=[*model,
+*st_modules(op)])``. Programs whose activations cover whole layers become sentence-transformers' own
+``Dense`` and ``Normalize`` modules, which any sentence-transformers install loads. Others become one
+:class:`BackwardAdapter`, saved with the model to ``bc_fast_adapter.safetensors`` (no pickle);
+sentence-transformers loads a module class of another package only with ``trust_remote_code=True``, so
+:func:`load_sentence_transformer` checks first that the saved model's modules are sentence-transformers'
+own plus this class (imported from the installed bc_fast, nothing from the folder) and then loads it.
+Imports torch at import: reach it through :mod:`bc_fast.export`.
 """
 
 from __future__ import annotations
@@ -113,8 +114,37 @@ def load_sentence_transformer(path: str | Path, **kwargs: Any) -> Any:
     return SentenceTransformer(str(path), trust_remote_code=True, **kwargs)
 
 
-def st_adapter(op: FusedTransform) -> BackwardAdapter:
-    """The sentence-transformers module for ``op`` (see the module docstring)."""
+def _st_modules() -> tuple[type, type]:
+    """sentence-transformers' Dense and Normalize (their module moved in sentence-transformers 6)."""
+    try:
+        from sentence_transformers.sentence_transformer.modules import Dense, Normalize
+    except ImportError:
+        from sentence_transformers.models import Dense, Normalize
+    return Dense, Normalize
+
+
+def st_modules(op: FusedTransform) -> list[torch.nn.Module]:
+    """The sentence-transformers modules computing ``op`` (see the module docstring).
+
+    When every layer's activation covers all its outputs (or none), they are sentence-transformers' own
+    ``Dense`` layers (identity, ReLU or exact GELU) and a final ``Normalize`` if ``op`` normalises: a saved
+    model then loads with plain ``SentenceTransformer(path)``. Otherwise (activations on the leading
+    outputs only) one :class:`BackwardAdapter`.
+    """
     if not isinstance(op, FusedTransform):
-        raise TypeError(f"st_adapter takes a FusedTransform, got {type(op).__name__}")
-    return BackwardAdapter(op)
+        raise TypeError(f"to_sentence_transformers takes a FusedTransform, got {type(op).__name__}")
+    acts = {"none": torch.nn.Identity, "relu": torch.nn.ReLU, "gelu": torch.nn.GELU}
+    full = all(layer.activation_width in (None, 0, layer.d_out) or layer.activation == "none" for layer in op.layers)
+    if not full:
+        return [BackwardAdapter(op)]
+    Dense, Normalize = _st_modules()
+    modules: list[torch.nn.Module] = []
+    for layer in op.layers:
+        act = "none" if layer.activation_width == 0 else layer.activation
+        w = torch.from_numpy(np.array(layer.weight, dtype=np.float32))
+        b = None if layer.bias is None else torch.from_numpy(np.array(layer.bias, dtype=np.float32))
+        modules.append(Dense(layer.d_in, layer.d_out, bias=b is not None, activation_function=acts[act](),
+                             init_weight=w, init_bias=b))
+    if op.normalize:
+        modules.append(Normalize())
+    return modules

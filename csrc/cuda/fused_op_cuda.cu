@@ -731,8 +731,7 @@ void FusedOpCuda::apply(uintptr_t x, DType x_type, int64_t n, uintptr_t out, DTy
   // (Chunks of 16-byte aligned arrays stay aligned wherever the fused kernel applies: d_in, d_out % 8 == 0.)
   const bool fused = device_is_sm90(device) && x % 16 == 0 && out % 16 == 0;
   bool needs_d32 = false;
-  for (size_t i = 0; i < layers_.size(); ++i)
-  {
+  for (size_t i = 0; i < layers_.size(); ++i) {
     const DType dst_type = i + 1 == layers_.size() ? out_type : ct;
     needs_d32 = needs_d32 || (path_of(i, ct, dst_type, fused) == Path::kLtEpilogue &&
                               dst_type != DType::kFloat32 && dst_type != ct);
