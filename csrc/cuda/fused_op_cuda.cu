@@ -569,10 +569,11 @@ std::shared_ptr<const FusedOpCuda::Plan> FusedOpCuda::plan_for(int device, size_
 
 // The path of one layer. `fused`: the device runs the sm_90a kernels and the arrays are 16-byte aligned.
 // The fused kernel takes the final layer's L2 normalisation when the row fits one tile (no activation
-// or ReLU): on an H200, 256->256 + bias + L2 in fp16 ran 2.1x faster than cuBLASLt + a normalise pass.
-// GELU layers do not take it: its epilogue (erf per element, in registers) measured 2.5x slower than
-// cuBLASLt's GEMM + one 16-bit activation pass, so they take kLtEpilogue's 16-bit route. cuBLASLt keeps
-// plain bias/ReLU layers, which its own epilogues already do in one kernel.
+// or ReLU): on an H200, 256->256 + bias + L2 in fp16, 8M rows, took 5.5 ms, against 8.0 ms for the
+// cuBLASLt + normalise route (measured before that pass was vectorised) and 11.7 ms for torch eager.
+// GELU layers do not take it: with its epilogue (erf per element, in registers) the MLP ran 2.5x slower
+// than torch eager's addmm + in-place GELU, so they take kLtEpilogue's 16-bit route, which does that same
+// work. cuBLASLt keeps plain bias/ReLU layers, which its own epilogues already do in one kernel.
 FusedOpCuda::Path FusedOpCuda::path_of(size_t layer, DType ct, DType dst_type, bool fused) const {
   const LayerSpec& l = layers_[layer];
   const bool norm = layer + 1 == layers_.size() && normalize_;

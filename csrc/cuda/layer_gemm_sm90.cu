@@ -10,8 +10,8 @@
 // n <= 256: each row's 256 columns are spread over one quad of lanes, so two shuffles sum it), the
 // scale, the cast and 4-byte stores of column pairs. All arithmetic in fp32, as the cuBLASLt path.
 // Measured on an H200 (bench/gpu_kernels.py): 256->256 + bias + L2 in fp16 at 38 % of the copy
-// bandwidth, 2.1x torch eager; the GELU epilogue is correct but 2.5x slower than cuBLASLt + a 16-bit
-// GELU pass, so fused_op_cuda.cu sends only L2 layers (no GELU) here.
+// bandwidth, 2.1x torch eager; the GELU epilogue is correct but made the MLP 2.5x slower than torch
+// eager (addmm + in-place GELU), so fused_op_cuda.cu sends only L2 layers (no GELU) here.
 #include "layer_gemm_sm90.h"
 
 #include <cuda_bf16.h>
