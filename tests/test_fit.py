@@ -196,6 +196,45 @@ def test_mlp_beats_ridge_on_a_nonlinear_map():
     assert auto.chosen_ == "mlp" and auto.kind == "mlp"
 
 
+def _small_nonlinear() -> tuple[np.ndarray, np.ndarray, dict]:
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((400, 6)).astype(np.float32)
+    params = {"hidden": 16, "epochs": 3, "patience": 5, "lr": 1e-2, "batch_size": 64}
+    return x, np.tanh(x[:, ::-1]).astype(np.float32), params
+
+
+def test_mlp_device_argument_is_checked():
+    pytest.importorskip("torch", reason="the mlp adapter needs torch")
+    x, y, params = _small_nonlinear()
+    assert MLPAdapter().get_params()["device"] == "auto"
+    for bad in ("gpu", "cuda:x", 3):
+        with pytest.raises(ValueError, match="device must be"):
+            MLPAdapter(**params, device=bad).fit(x, y)
+
+
+def test_mlp_auto_device_is_the_cpu_without_a_gpu():
+    torch = pytest.importorskip("torch", reason="the mlp adapter needs torch")
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA GPU: 'auto' trains there (test_mlp_on_a_gpu)")
+    x, y, params = _small_nonlinear()
+    cpu = MLPAdapter(**params, device="cpu").fit(x, y)
+    auto = MLPAdapter(**params).fit(x, y)  # the same weights, bit for bit
+    for a, b in zip(auto.layers_, cpu.layers_):
+        np.testing.assert_array_equal(a.weight, b.weight)
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):
+        MLPAdapter(**params, device="cuda").fit(x, y)
+
+
+def test_mlp_on_a_gpu():
+    torch = pytest.importorskip("torch", reason="the mlp adapter needs torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch: the fit on a GPU is not run here")
+    x, y, params = _small_nonlinear()
+    cpu = MLPAdapter(**params, device="cpu").fit(x, y)
+    gpu = MLPAdapter(**params, device="cuda").fit(x, y)
+    np.testing.assert_allclose(gpu.transform(x[:50]), cpu.transform(x[:50]), rtol=1e-3, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- conventions
 
 def test_float32_preserved_and_close_to_float64():
