@@ -84,12 +84,14 @@ def test_refuses_what_is_not_a_transform():
         to_sentence_transformers(np.eye(3))
 
 
-def test_importing_bc_fast_export_imports_neither_torch_nor_sentence_transformers():
+def test_importing_bc_fast_export_imports_neither_torch_nor_sentence_transformers(tmp_path):
     import subprocess
 
     code = ("import sys, bc_fast.export; bad = [m for m in ('torch', 'sentence_transformers') if m in sys.modules]; "
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # cwd=tmp_path: the child must import the installed bc_fast, not the source checkout.
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
 
 
 def test_loading_refuses_foreign_module_types(tmp_path):
