@@ -40,6 +40,7 @@ from bc_fast.bench.harness import (
     check,
     fmt_time,
     kv_line,
+    time_gpu_interleaved,
     timing_from_samples,
 )
 
@@ -76,38 +77,6 @@ def _setup() -> tuple[Any, Any, Any]:
 # --------------------------------------------------------------------------- timing
 
 
-def _time_gpu(torch: Any, fns: dict[str, Callable[[], Any]], *, samples: int, calls: int = 1,
-              wall: bool = False) -> dict[str, float]:
-    """Median seconds per call of each function, interleaved round-robin after one warm-up call each.
-
-    CUDA events on the current stream (``wall=False``) or wall clock up to a synchronize (``wall=True``).
-    """
-    for fn in fns.values():
-        fn()
-    torch.cuda.synchronize()
-    per: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for i in range(samples):
-        for k in names[i % len(names):] + names[:i % len(names)]:
-            fn = fns[k]
-            if wall:
-                torch.cuda.synchronize()
-                with Stopwatch() as sw:
-                    for _ in range(calls):
-                        fn()
-                    torch.cuda.synchronize()
-                per[k].append(sw.wall / calls)
-            else:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                for _ in range(calls):
-                    fn()
-                b.record()
-                b.synchronize()
-                per[k].append(a.elapsed_time(b) / 1e3 / calls)
-    return {k: timing_from_samples(v, 0.0).median_s for k, v in per.items()}
-
-
 def _rel_err(torch: Any, y: Any, ref: np.ndarray) -> float:
     got = y.float().cpu().numpy().astype(np.float64)
     return float(np.max(np.linalg.norm(got - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)))
@@ -131,7 +100,7 @@ def bench_copy_bandwidth(torch: Any, samples: int) -> float:
     n = 1 << 30  # 1 GiB
     src = torch.empty(n, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    t = _time_gpu(torch, {"copy": lambda: dst.copy_(src)}, samples=samples, calls=3)["copy"]
+    t = time_gpu_interleaved(torch, {"copy": lambda: dst.copy_(src)}, samples=samples, calls=3)["copy"]
     return 2 * n / t  # the buffers go with this frame
 
 
@@ -150,7 +119,7 @@ def _copy_bound_rows_per_s(torch: Any, chunk_rows: int, samples: int) -> float:
         with torch.cuda.stream(s2):
             h_out.copy_(d_out, non_blocking=True)
 
-    t = _time_gpu(torch, {"copy": both}, samples=samples, calls=8, wall=True)["copy"]
+    t = time_gpu_interleaved(torch, {"copy": both}, samples=samples, calls=8, wall=True)["copy"]
     return chunk_rows / t
 
 

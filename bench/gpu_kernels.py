@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from bc_fast.bench.harness import time_gpu_interleaved
+
 ROWS = {"l2_256": (16 << 20, 8 << 20), "mlp_gelu": (4 << 20, 2 << 20), "affine1024x768_fp16": (2 << 20, 1 << 20),
         "affine1024x768_bf16": (2 << 20, 1 << 20), "affine768_fp32": (2 << 20, 1 << 20),
         "chain4": (4 << 20, 2 << 20), "batch1": (1, 1)}
@@ -62,43 +64,6 @@ def _setup() -> Any:
 def _no_gpu(why: str) -> None:
     print(f"gpu_kernels: no GPU: {why}; nothing was measured", file=sys.stderr)
     sys.exit(2)
-
-
-def _time(torch: Any, fns: dict[str, Callable[[], Any]], samples: int, calls: int) -> dict[str, float]:
-    """Median seconds per call of each function: CUDA events, round-robin, after one warm-up call each."""
-    for fn in fns.values():
-        fn()
-    torch.cuda.synchronize()
-    per: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for i in range(samples):
-        for k in names[i % len(names):] + names[:i % len(names)]:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(calls):
-                fns[k]()
-            b.record()
-            b.synchronize()
-            per[k].append(a.elapsed_time(b) / 1e3 / calls)
-    return {k: float(np.median(v)) for k, v in per.items()}
-
-
-def _time_wall(torch: Any, fns: dict[str, Callable[[], Any]], samples: int, calls: int) -> dict[str, float]:
-    """Median wall seconds per call (host clock over ``calls`` calls, then a synchronize), round-robin."""
-    for fn in fns.values():
-        fn()
-    torch.cuda.synchronize()
-    per: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for i in range(samples):
-        for k in names[i % len(names):] + names[:i % len(names)]:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fns[k]()
-            torch.cuda.synchronize()
-            per[k].append((time.perf_counter() - t0) / calls)
-    return {k: float(np.median(v)) for k, v in per.items()}
 
 
 def _profile(torch: Any, fn: Callable[[], Any], top: int = 6) -> list[dict]:
@@ -133,7 +98,7 @@ def _copy_bandwidth(torch: Any, samples: int) -> float:
     src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
     src.random_(0, 255)
     dst = torch.empty_like(src)
-    t = _time(torch, {"copy": lambda: dst.copy_(src)}, samples, 1)["copy"]
+    t = time_gpu_interleaved(torch, {"copy": lambda: dst.copy_(src)}, samples=samples)["copy"]
     return 2 * (2 << 30) / t
 
 
@@ -236,8 +201,7 @@ def run_config(torch: Any, name: str, rows: int, samples: int, profile_on: bool,
             notes.append(why)
         else:
             fns["torch.compile"] = c
-    timer = _time_wall if name == "batch1" else _time
-    times = timer(torch, fns, samples, calls)
+    times = time_gpu_interleaved(torch, fns, samples=samples, calls=calls, wall=name == "batch1")
     # Correctness on sampled rows, against float64.
     op.apply(x, out=out)
     torch.cuda.synchronize()

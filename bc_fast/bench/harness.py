@@ -45,11 +45,13 @@ import numpy as np
 from .machine import (Engines, cpu_flags, cpu_model, engines, import_faiss, import_torch, machine_info,
                       machine_lines, numpy_blas_threads, threadpools)
 from .report import chart_png, fmt_time, format_table, kv_line, log_result
-from .timing import TINY_PLAN, Stopwatch, Timing, TimingPlan, calibrate_calls, time_interleaved, timing_from_samples
+from .timing import (TINY_PLAN, Stopwatch, Timing, TimingPlan, calibrate_calls, time_gpu_interleaved, time_interleaved,
+                     timing_from_samples)
 
 __all__ = [
     # timing
-    "TINY_PLAN", "Stopwatch", "Timing", "TimingPlan", "calibrate_calls", "time_interleaved", "timing_from_samples",
+    "TINY_PLAN", "Stopwatch", "Timing", "TimingPlan", "calibrate_calls", "time_gpu_interleaved", "time_interleaved",
+    "timing_from_samples",
     # engines and machine facts
     "Engines", "cpu_flags", "cpu_model", "engines", "import_faiss", "import_torch", "machine_info", "machine_lines",
     "numpy_blas_threads", "threadpools",

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["TINY_PLAN", "Stopwatch", "Timing", "TimingPlan", "calibrate_calls", "time_interleaved",
-           "timing_from_samples"]
+__all__ = ["TINY_PLAN", "Stopwatch", "Timing", "TimingPlan", "calibrate_calls", "time_gpu_interleaved",
+           "time_interleaved", "timing_from_samples"]
 
 
 @dataclass
@@ -164,3 +164,36 @@ class TimingPlan:
 
 #: Toy timing for smoke tests: seconds in total, numbers meaningless.
 TINY_PLAN = TimingPlan(0.0, (2, 2), 3, 0.0005, 3, 0.0)
+
+
+def time_gpu_interleaved(torch: Any, fns: dict[str, Callable[[], Any]], *, samples: int, calls: int = 1,
+                         wall: bool = False) -> dict[str, float]:
+    """Median seconds per call of each GPU function, interleaved round-robin after one warm-up call each.
+
+    CUDA events on the current stream (``wall=False``) or the host clock up to a synchronize
+    (``wall=True``, for per-call latency). ``torch`` is passed in: this module imports no framework.
+    """
+    for fn in fns.values():
+        fn()
+    torch.cuda.synchronize()
+    per: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for i in range(samples):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            fn = fns[k]
+            if wall:
+                torch.cuda.synchronize()
+                with Stopwatch() as sw:
+                    for _ in range(calls):
+                        fn()
+                    torch.cuda.synchronize()
+                per[k].append(sw.wall / calls)
+            else:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                for _ in range(calls):
+                    fn()
+                b.record()
+                b.synchronize()
+                per[k].append(a.elapsed_time(b) / 1e3 / calls)
+    return {k: timing_from_samples(v, 0.0).median_s for k, v in per.items()}
