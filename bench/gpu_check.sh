@@ -30,6 +30,15 @@ elapsed() { echo $(( $(date +%s) - START )); }
 left() { local l=$(( BUDGET - $(elapsed) )); (( l < 30 )) && l=30; echo "$l"; }
 say() { echo "== gpu_check [$(elapsed)s]: $*"; }
 row() { ROWS+=("| $1 | $2 | $3 | $4 |"); }  # step | status | seconds | detail
+# bench_row STEP RC T MET: a benchmark step's row (PASS when it exited 0; FAIL sets FAILED).
+bench_row() {
+  if (( $2 == 0 )); then
+    row "$1" PASS $(( $(elapsed) - $3 )) "${4:-no summary line}"
+  else
+    FAILED=1
+    row "$1" FAIL $(( $(elapsed) - $3 )) "exit $2 (124: out of time); ${4:-no summary line}"
+  fi
+}
 
 summary() {
   echo
@@ -180,12 +189,7 @@ RC=${PIPESTATUS[0]}
 [[ -n ${OUT:-} && -d ${OUT:-} ]] && cp "$WORK/kernels.json" "$WORK/kernels.log" "$OUT/" 2>/dev/null
 sed -n '/^device copy bandwidth/,/^# [0-9]*\/[0-9]* kernel targets met/p' "$WORK/kernels.log" >"$WORK/bench.table"
 MET=$(grep -E "^# [0-9]+/[0-9]+ kernel targets met" "$WORK/kernels.log" | tail -1 | sed 's/^# //')
-if (( RC == 0 )); then
-  row "gpu kernels" PASS $(( $(elapsed) - T )) "${MET:-no summary line}"
-else
-  FAILED=1
-  row "gpu kernels" FAIL $(( $(elapsed) - T )) "exit $RC (124: out of time); ${MET:-no summary line}"
-fi
+bench_row "gpu kernels" "$RC" "$T" "$MET"
 
 # ---------------------------------------------------------------- 5. the GPU pipeline: table conversion
 T=$(elapsed)
@@ -195,12 +199,7 @@ say "pipeline (bench/bench_gpu.py --quick: table conversion on the GPU)"
 RC=${PIPESTATUS[0]}
 sed -n '/^| config/,/^# [0-9]*\/[0-9]* targets met/p' "$WORK/bench.log" >"$WORK/pipeline.table"
 MET=$(grep -E "^# [0-9]+/[0-9]+ targets met" "$WORK/bench.log" | tail -1 | sed 's/^# //')
-if (( RC == 0 )); then
-  row "gpu pipeline" PASS $(( $(elapsed) - T )) "${MET:-no summary line}"
-else
-  FAILED=1
-  row "gpu pipeline" FAIL $(( $(elapsed) - T )) "exit $RC (124: out of time); ${MET:-no summary line}"
-fi
+bench_row "gpu pipeline" "$RC" "$T" "$MET"
 
 summary
 (( $(elapsed) > BUDGET )) && echo "gpu_check: took $(elapsed) s, over the ${BUDGET} s budget"

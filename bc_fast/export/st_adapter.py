@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from .._util.fileio import atomic_write_bytes
@@ -84,12 +84,8 @@ class BackwardAdapter(torch.nn.Module):
             layers = [Layer(tensors[f"layer{i}.weight"], tensors[f"layer{i}.bias"] if s["bias"] else None,
                             s["activation"], s["activation_width"]) for i, s in enumerate(specs)]
             return BackwardAdapter(FusedTransform(layers, normalize=bool(normalize)))
-        except (ValueError, KeyError, TypeError, OSError) as e:
+        except (ValueError, KeyError, TypeError, OSError, SafetensorError) as e:  # SafetensorError: a damaged file
             raise ValueError(f"{path} is not a valid bc_fast adapter: {e}") from e
-        except Exception as e:  # safetensors' own errors (a truncated or foreign file)
-            if type(e).__name__ == "SafetensorError":
-                raise ValueError(f"{path} is not a valid bc_fast adapter: {e}") from e
-            raise
 
 
 CLASS_REF = f"{__name__}.BackwardAdapter"

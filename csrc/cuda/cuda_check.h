@@ -26,6 +26,8 @@ int64_t cublaslt_version();
 int device_count();
 // Throws invalid_argument unless 0 <= device < device_count().
 void check_device(int device);
+// cudaDeviceGetAttribute(attr, device), asked once per (attribute, device) and cached: these never change.
+int device_attribute(cudaDeviceAttr attr, int device);
 
 // Makes `device` current for its lifetime and restores the previous current device afterwards.
 class DeviceGuard {

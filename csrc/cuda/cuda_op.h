@@ -101,8 +101,8 @@ class FusedOpCuda {
   const DeviceWeights& arrays_on(int device, DType t, bool biases, uintptr_t stream) const;
   std::shared_ptr<const Plan> plan_for(int device, size_t layer, int64_t m, DType ab, DType d, int epilogue,
                                        const void* bias, int align_b, int align_d) const;
-  void run_chunk(const void* x, int64_t m, void* out, DType ct, DType out_type, int device, uintptr_t stream,
-                 void* lt_handle, void* workspace) const;
+  void run_chunk(const void* x, int64_t m, void* out, DType ct, DType out_type, int device, bool sm90,
+                 uintptr_t stream, void* lt_handle, void* workspace) const;
   void free_device_memory() noexcept;
 
   std::vector<LayerSpec> layers_;

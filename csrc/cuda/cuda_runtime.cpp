@@ -1,7 +1,10 @@
 // Host-side pieces of bc_fast._cuda: errors, device queries, and the memory/stream primitives.
 #include <cuda_runtime_api.h>
 
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 
 #include "cuda_check.h"
 #include "cuda_op.h"
@@ -49,6 +52,18 @@ void check_device(int device) {
   const int n = device_count();
   if (device < 0 || device >= n)
     throw std::invalid_argument("device must be in [0, " + std::to_string(n - 1) + "], got " + std::to_string(device));
+}
+
+int device_attribute(cudaDeviceAttr attr, int device) {
+  static std::mutex mu;
+  static auto* known = new std::map<std::pair<int, int>, int>();  // leaked: never torn down at exit
+  std::lock_guard<std::mutex> lock(mu);
+  const std::pair<int, int> key{static_cast<int>(attr), device};
+  auto it = known->find(key);
+  if (it != known->end()) return it->second;
+  int value = 0;
+  BC_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return known->emplace(key, value).first->second;
 }
 
 DeviceGuard::DeviceGuard(int device) {

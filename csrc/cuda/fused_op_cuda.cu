@@ -287,17 +287,10 @@ Workspace& workspace_for(int device, uintptr_t stream) {
   return *slot;
 }
 
-// Whether `device` runs the fused sm_90a kernels (compute capability exactly 9.0), cached per device.
+// Whether `device` runs the fused sm_90a kernels (compute capability exactly 9.0).
 bool device_is_sm90(int device) {
-  static std::mutex mu;
-  static auto* known = new std::map<int, bool>();
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = known->find(device);
-  if (it != known->end()) return it->second;
-  int major = 0, minor = 0;
-  BC_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  BC_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  return known->emplace(device, major == 9 && minor == 0).first->second;
+  return device_attribute(cudaDevAttrComputeCapabilityMajor, device) == 9 &&
+         device_attribute(cudaDevAttrComputeCapabilityMinor, device) == 0;
 }
 
 int pointer_alignment(uintptr_t p) {
@@ -380,6 +373,14 @@ struct FusedOpCuda::Plan {
 
 namespace {
 
+// One cuBLASLt GEMM, D = op(W) * X, with the given algorithm; the status, for the caller to judge.
+cublasStatus_t lt_matmul(const FusedOpCuda::Plan& p, const cublasLtMatmulAlgo_t& algo, cublasLtHandle_t handle,
+                         const void* w, const void* in, void* dst, void* lt_ws, cudaStream_t s) {
+  const float alpha = 1.0f, beta = 0.0f;
+  return cublasLtMatmul(handle, p.desc, &alpha, w, p.a, in, p.b, &beta, dst, p.d, dst, p.d, &algo, lt_ws,
+                        kLtWorkspaceBytes, s);
+}
+
 // Times each candidate algorithm on these operands (one warm-up, then two timed runs each) and keeps
 // the fastest with the plan, once per plan. Skipped while the stream is captured into a CUDA graph
 // (timing syncs); a later uncaptured call tunes.
@@ -398,14 +399,10 @@ void tune_plan(const FusedOpCuda::Plan& p, cublasLtHandle_t handle, const void* 
     (void)cudaEventDestroy(start);
     BC_CUDA_CHECK(cudaGetLastError());
   }
-  const float alpha = 1.0f, beta = 0.0f;
   float best = std::numeric_limits<float>::infinity();
   cudaError_t err = cudaSuccess;
   for (const cublasLtMatmulAlgo_t& algo : p.candidates) {
-    auto run = [&] {
-      return cublasLtMatmul(handle, p.desc, &alpha, w, p.a, in, p.b, &beta, dst, p.d, dst, p.d, &algo, lt_ws,
-                            kLtWorkspaceBytes, s);
-    };
+    auto run = [&] { return lt_matmul(p, algo, handle, w, in, dst, lt_ws, s); };
     if (run() != CUBLAS_STATUS_SUCCESS) continue;  // refused synchronously: not a candidate after all
     err = cudaEventRecord(start, s);
     for (int r = 0; r < 2 && err == cudaSuccess; ++r)
@@ -424,6 +421,13 @@ void tune_plan(const FusedOpCuda::Plan& p, cublasLtHandle_t handle, const void* 
   (void)cudaEventDestroy(stop);
   check(err, "timing cuBLASLt algorithms (cublasLtMatmul / cudaEvent*)");
   p.tuned = true;
+}
+
+// D = op(W) * X with the plan's chosen algorithm (timed on these operands on the first call).
+void run_gemm(const FusedOpCuda::Plan& p, cublasLtHandle_t handle, const void* w, const void* in, void* dst,
+              void* lt_ws, cudaStream_t s) {
+  tune_plan(p, handle, w, in, dst, lt_ws, s);
+  BC_LT_CHECK(lt_matmul(p, p.current(), handle, w, in, dst, lt_ws, s));
 }
 
 }  // namespace
@@ -604,13 +608,11 @@ std::vector<std::string> FusedOpCuda::layer_paths(DType x_type, DType out_type, 
   return names;
 }
 
-void FusedOpCuda::run_chunk(const void* x, int64_t m, void* out, DType ct, DType out_type, int device,
+void FusedOpCuda::run_chunk(const void* x, int64_t m, void* out, DType ct, DType out_type, int device, bool sm90,
                             uintptr_t stream, void* lt, void* workspace) const {
   auto& ws = *static_cast<Workspace*>(workspace);
   const auto handle = static_cast<cublasLtHandle_t>(lt);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  const bool sm90 = device_is_sm90(device);
-  const float alpha = 1.0f, beta = 0.0f;
   const void* in = x;
   for (size_t i = 0; i < layers_.size(); ++i) {
     const LayerSpec& l = layers_[i];
@@ -657,10 +659,7 @@ void FusedOpCuda::run_chunk(const void* x, int64_t m, void* out, DType ct, DType
       auto plan = plan_for(device, i, m, ct, dst_type, static_cast<int>(epi), bias, align_in,
                            pointer_alignment(reinterpret_cast<uintptr_t>(dst)));
       if (plan->ok) {
-        tune_plan(*plan, handle, w, in, dst, ws.lt, s);
-        const cublasLtMatmulAlgo_t algo = plan->current();
-        BC_LT_CHECK(cublasLtMatmul(handle, plan->desc, &alpha, w, plan->a, in, plan->b, &beta, dst, plan->d, dst,
-                                   plan->d, &algo, ws.lt, kLtWorkspaceBytes, s));
+        run_gemm(*plan, handle, w, in, dst, ws.lt, s);
         if (norm) launch_normalize_inplace(dst, m, l.d_out, dst_type, s);
         in = dst;
         continue;
@@ -675,10 +674,7 @@ void FusedOpCuda::run_chunk(const void* x, int64_t m, void* out, DType ct, DType
       auto plan = plan_for(device, i, m, ct, ct, static_cast<int>(epi), bias, align_in,
                            pointer_alignment(reinterpret_cast<uintptr_t>(dst)));
       if (plan->ok) {
-        tune_plan(*plan, handle, w, in, dst, ws.lt, s);
-        const cublasLtMatmulAlgo_t algo = plan->current();
-        BC_LT_CHECK(cublasLtMatmul(handle, plan->desc, &alpha, w, plan->a, in, plan->b, &beta, dst, plan->d, dst,
-                                   plan->d, &algo, ws.lt, kLtWorkspaceBytes, s));
+        run_gemm(*plan, handle, w, in, dst, ws.lt, s);
         launch_finish_inplace(dst, m, l.d_out, act, width, norm, ct, s);
         in = dst;
         continue;
@@ -694,10 +690,7 @@ void FusedOpCuda::run_chunk(const void* x, int64_t m, void* out, DType ct, DType
       throw CudaError("cublasLtMatmulAlgoGetHeuristic found no algorithm for layer " + std::to_string(i) + " (" +
                       std::to_string(l.d_out) + " x " + std::to_string(l.d_in) + ", " + std::to_string(m) +
                       " rows, " + dtype_name(ct) + " in, float32 out)");
-    tune_plan(*plan, handle, w, in, y, ws.lt, s);
-    const cublasLtMatmulAlgo_t algo = plan->current();
-    BC_LT_CHECK(cublasLtMatmul(handle, plan->desc, &alpha, w, plan->a, in, plan->b, &beta, y, plan->d, y, plan->d,
-                               &algo, ws.lt, kLtWorkspaceBytes, s));
+    run_gemm(*plan, handle, w, in, y, ws.lt, s);
     if (has_bias || act != Act::kNone || norm || static_cast<void*>(y) != dst) {
       const auto* bias = has_bias ? static_cast<const float*>(arrays_on(device, DType::kFloat32, true, stream).ptrs[i])
                                   : nullptr;
@@ -730,7 +723,8 @@ void FusedOpCuda::apply(uintptr_t x, DType x_type, int64_t n, uintptr_t out, DTy
   // Rows per chunk: as many as the scratch budget holds (intermediates in ct, plus an fp32 result
   // where a layer needs one); a single fused or cuBLASLt layer needs no scratch and runs whole.
   // (Chunks of 16-byte aligned arrays stay aligned wherever the fused kernel applies: d_in, d_out % 8 == 0.)
-  const bool fused = device_is_sm90(device) && x % 16 == 0 && out % 16 == 0;
+  const bool sm90 = device_is_sm90(device);
+  const bool fused = sm90 && x % 16 == 0 && out % 16 == 0;
   bool needs_d32 = false;
   for (size_t i = 0; i < layers_.size(); ++i) {
     const DType dst_type = i + 1 == layers_.size() ? out_type : ct;
@@ -754,8 +748,8 @@ void FusedOpCuda::apply(uintptr_t x, DType x_type, int64_t n, uintptr_t out, DTy
   for (int64_t r0 = 0; r0 < n; r0 += chunk) {
     const int64_t m = std::min(chunk, n - r0);
     run_chunk(xb + r0 * d_in() * static_cast<int64_t>(dtype_size(x_type)), m,
-              ob + r0 * d_out() * static_cast<int64_t>(dtype_size(out_type)), ct, out_type, device, stream, handle,
-              &ws);
+              ob + r0 * d_out() * static_cast<int64_t>(dtype_size(out_type)), ct, out_type, device, sm90, stream,
+              handle, &ws);
   }
 }
 

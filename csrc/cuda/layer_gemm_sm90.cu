@@ -18,10 +18,9 @@
 #include <cuda_fp16.h>
 
 #include <climits>
-#include <map>
-#include <mutex>
 #include <string>
 
+#include "cuda_check.h"
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
@@ -223,17 +222,6 @@ int current_device() {
   return device;
 }
 
-int sm_count(int device) {
-  static std::mutex mu;
-  static auto* known = new std::map<int, int>();
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = known->find(device);
-  if (it != known->end()) return it->second;
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0)
-    throw CudaError("cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount) failed");
-  return known->emplace(device, n).first->second;
-}
 
 // Cooperative schedule: 128 x 256 tiles, both consumer warpgroups on one tile (64 rows each), a cluster
 // of 2 CTAs along m sharing W's tiles by TMA multicast. Measured on an H200 against the pingpong
@@ -275,7 +263,7 @@ struct LayerGemm {
                                   epi};
     // The current device and its SM count (cached): CUTLASS would otherwise query device 0's per call.
     args.hw_info.device_id = current_device();
-    args.hw_info.sm_count = sm_count(args.hw_info.device_id);
+    args.hw_info.sm_count = device_attribute(cudaDevAttrMultiProcessorCount, args.hw_info.device_id);
     return args;
   }
 
