@@ -315,14 +315,14 @@ def test_chunks_in_flight(tmp_path: Path, fake: FakeCuda, monkeypatch: pytest.Mo
     def journaled(*a: Any, **k: Any) -> Any:
         write = real(*a, **k)
 
-        def w(chunk: Any, y: Any, extra: Any) -> None:
+        def w(chunk: Any, y: Any, extra: Any, *sample: Any) -> None:
             if chunk.index == 0:
                 for _ in range(500):  # up to 5 s; a correct pipeline gets there at once
                     if fake.enqueued["compute"] >= depth:
                         break
                     threading.Event().wait(0.01)
                 seen.append(fake.enqueued["compute"])
-            write(chunk, y, extra)
+            write(chunk, y, extra, *sample)
         return w
     monkeypatch.setattr(convert, "_journaled_writer", journaled)
     inp = _table(tmp_path / "in.npy", rows=2000)

@@ -101,10 +101,12 @@ class _Slots:
 
 
 def gpu_pipeline(op: FusedTransform, reader: TableReader, chunks: list[Chunk], start: int, *,
-                 out_dtype: np.dtype, dev: CudaDevice, sink: Callable[[Chunk, np.ndarray, Any], None],
-                 depth: int = DEFAULT_DEPTH) -> None:
-    """Convert ``chunks[start:]`` on ``dev``; ``sink(chunk, y, extra)`` writes and journals each
-    chunk in order on a writer thread (``y`` is a view of a pinned buffer, valid during the call)."""
+                 out_dtype: np.dtype, dev: CudaDevice, sink: Callable[..., None],
+                 depth: int = DEFAULT_DEPTH,
+                 pick: Callable[[Chunk, np.ndarray], np.ndarray | None] | None = None) -> None:
+    """Convert ``chunks[start:]`` on ``dev``; ``sink(chunk, y, extra[, x_sample])`` writes and journals each
+    chunk in order on a writer thread (``y`` is a view of a pinned buffer, valid during the call).
+    ``pick(chunk, x)``, if given, copies the input rows the writer needs beside ``y`` (the verified sample)."""
     todo = chunks[start:]
     if not todo:
         return
@@ -114,7 +116,7 @@ def gpu_pipeline(op: FusedTransform, reader: TableReader, chunks: list[Chunk], s
     cop = cuda_fused_op(m, op)
     sl = _Slots(dev, depth, max(c.rows for c in todo), reader.dim, in_dtype, op.d_out, out_dtype)
 
-    def read(i: int) -> Any:
+    def read(i: int) -> tuple[Any, np.ndarray | None]:
         s = i % depth
         if i >= depth:
             sl.copied_in[s].synchronize()  # chunk i - depth has left this pinned buffer
@@ -122,12 +124,15 @@ def gpu_pipeline(op: FusedTransform, reader: TableReader, chunks: list[Chunk], s
         x, extra = reader.read(todo[i], buf)
         if not np.shares_memory(x, buf):  # Parquet decodes into its own array
             np.copyto(buf, x)
-        return extra
+        return extra, (pick(todo[i], buf) if pick is not None else None)
 
-    def write(i: int, extra: Any) -> None:
+    def write(i: int, extra: Any, sample: np.ndarray | None) -> None:
         s = i % depth
         sl.copied_out[s].synchronize()
-        sink(todo[i], sl.y[s][: todo[i].rows], extra)
+        if sample is None:
+            sink(todo[i], sl.y[s][: todo[i].rows], extra)
+        else:
+            sink(todo[i], sl.y[s][: todo[i].rows], extra, sample)
 
     with ThreadPoolExecutor(1, "bcfast-read") as rpool, ThreadPoolExecutor(1, "bcfast-write") as wpool:
         reads: dict[int, Future] = {i: rpool.submit(read, i) for i in range(min(depth, len(todo)))}
@@ -135,7 +140,7 @@ def gpu_pipeline(op: FusedTransform, reader: TableReader, chunks: list[Chunk], s
         try:
             for i, chunk in enumerate(todo):
                 s, n = i % depth, chunk.rows
-                extra = reads.pop(i).result()
+                extra, sample = reads.pop(i).result()
                 if i >= depth:  # the device input buffer is free once chunk i - depth was computed
                     m.stream_wait_event(sl.copy_in.ptr, sl.computed[s])
                 m.memcpy_async(sl.dev_in[s].ptr, sl.pin_in[s].ptr, n * reader.dim * in_dtype.itemsize, "h2d",
@@ -155,7 +160,7 @@ def gpu_pipeline(op: FusedTransform, reader: TableReader, chunks: list[Chunk], s
                 m.memcpy_async(sl.pin_out[s].ptr, sl.dev_out[s].ptr, n * op.d_out * out_dtype.itemsize, "d2h",
                                sl.copy_out.ptr)
                 sl.copied_out[s].record(sl.copy_out.ptr)
-                writes.append(wpool.submit(write, i, extra))
+                writes.append(wpool.submit(write, i, extra, sample))
             for w in writes[-depth:]:
                 w.result()
         except BaseException:

@@ -165,31 +165,65 @@ def _layers_verify_tol(layers: Sequence[Any], out_dtype: np.dtype) -> float:
     return default_verify_tol(len(layers), max(dims), out_dtype)
 
 
-def _verify(reader: TableReader, writer: TableWriter, n: int, seed: int,
-            reference: Callable[[np.ndarray], np.ndarray], tol: float) -> tuple[int, float]:
-    total = reader.n_rows
-    if n <= 0 or total == 0:
-        return 0, 0.0
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(total, size=min(n, total), replace=False))
-    x = reader.read_rows(rows)
-    y = writer.read_rows(rows).astype(np.float64)
-    ref = np.asarray(reference(x), dtype=np.float64)
-    if ref.shape != y.shape:
-        raise VerificationError(f"reference chain returned shape {ref.shape} for {len(rows)} rows, "
-                                f"but the output has shape {y.shape}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        err = np.linalg.norm(y - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)
-    err = np.where(np.isfinite(err), err, np.inf)
-    worst = int(np.argmax(err))
-    if not np.all(np.isfinite(y)) or err[worst] > tol:
-        bad = int(np.sum(~(err <= tol)))
-        raise VerificationError(
-            f"verification failed: {bad} of {len(rows)} random rows differ from the step-by-step chain by more "
-            f"than {tol:.1e} (relative); worst row {int(rows[worst])} has error {err[worst]:.3e}. "
-            "The output was not written; check the registry and the --from version "
-            "(or, if the chain is ill-conditioned, raise the tolerance with --verify-tol)")
-    return len(rows), float(err[worst])
+class SampleCheck:
+    """The verified sample: ``n`` random rows (by ``seed``) of the output against ``reference``.
+
+    The sampled rows are collected as their chunk is written (:meth:`collect`, in the writer thread: the
+    input rows from the chunk in memory, the output rows read back from the file just written, while it
+    is in the page cache); :meth:`finish` reads the rows not collected (chunks of an earlier, resumed
+    run; a GPU run), runs ``reference`` once on the whole sample (one float64 GEMM: never BLAS threads
+    beside the core's) and raises :class:`VerificationError` if any row is off by more than ``tol``.
+    """
+
+    def __init__(self, reader: TableReader, out_dim: int, out_dtype: np.dtype, n: int, seed: int,
+                 reference: Callable[[np.ndarray], np.ndarray], tol: float) -> None:
+        total = reader.n_rows
+        self.rows = (np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
+                     if n > 0 and total > 0 else np.zeros(0, np.int64))
+        self.x = np.empty((len(self.rows), reader.dim), reader.dtype)
+        self.y = np.empty((len(self.rows), out_dim), out_dtype)
+        self.collected = np.zeros(len(self.rows), bool)
+        self.reference, self.tol = reference, tol
+
+    def rows_in(self, chunk: Chunk) -> np.ndarray:
+        """Positions (into :attr:`rows`) of the sampled rows that lie in ``chunk``."""
+        lo, hi = np.searchsorted(self.rows, [chunk.start, chunk.stop])
+        return np.arange(lo, hi)
+
+    def collect(self, chunk: Chunk, x_rows: np.ndarray, writer: TableWriter) -> None:
+        """Keep the sampled rows of a chunk just written: ``x_rows`` their input, the output read back."""
+        pos = self.rows_in(chunk)
+        if len(pos):
+            self.x[pos] = x_rows
+            self.y[pos] = writer.read_rows(self.rows[pos])
+            self.collected[pos] = True
+
+    def finish(self, reader: TableReader, writer: TableWriter) -> tuple[int, float]:
+        """Judge the whole sample: the number of rows checked and the worst row-relative error."""
+        if not len(self.rows):
+            return 0, 0.0
+        pos = np.nonzero(~self.collected)[0]
+        if len(pos):
+            self.x[pos] = reader.read_rows(self.rows[pos])
+            self.y[pos] = writer.read_rows(self.rows[pos])
+        rows = self.rows
+        y = self.y.astype(np.float64)
+        ref = np.asarray(self.reference(self.x), dtype=np.float64)
+        if ref.shape != y.shape:
+            raise VerificationError(f"reference chain returned shape {ref.shape} for {len(rows)} rows, "
+                                    f"but the output has shape {y.shape}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            err = np.linalg.norm(y - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)
+        err = np.where(np.isfinite(err), err, np.inf)
+        worst = int(np.argmax(err))
+        if not np.all(np.isfinite(y)) or err[worst] > self.tol:
+            bad = int(np.sum(~(err <= self.tol)))
+            raise VerificationError(
+                f"verification failed: {bad} of {len(rows)} random rows differ from the step-by-step chain by "
+                f"more than {self.tol:.1e} (relative); worst row {int(rows[worst])} has error {err[worst]:.3e}. "
+                "The output was not written; check the registry and the --from version "
+                "(or, if the chain is ill-conditioned, raise the tolerance with --verify-tol)")
+        return len(rows), float(err[worst])
 
 
 # --------------------------------------------------------------------------- the plan

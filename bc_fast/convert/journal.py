@@ -14,11 +14,11 @@ import hashlib
 import json
 import os
 import time
-import zlib
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from .._util.checksum import crc32_array
 from .._util.progress import Progress
 from .._util.fileio import atomic_write_json, is_json_int, read_json_object
 from .._util.text import short_repr
@@ -26,10 +26,14 @@ from ..store.tables import Chunk, TableWriter, open_table
 
 _JOURNAL_FORMAT = "bc_fast.convert.journal/2"
 
+#: Bytes written between two data syncs (fdatasync) of the output, journal or not.
+SYNC_BYTES = 32 << 20
+
 
 def _crc(y: np.ndarray) -> int:
-    """crc32 of an array's bytes: cheap (GB/s, GIL released) and enough to catch lost or edited chunks."""
-    return zlib.crc32(np.ascontiguousarray(y).reshape(-1).view(np.uint8))
+    """crc32 of an array's bytes: cheap (tens of GB/s with zlib-ng, GIL released) and enough to catch
+    lost or edited chunks."""
+    return crc32_array(y)
 
 
 def _journal_checksum(state: Mapping[str, Any]) -> str:
@@ -114,22 +118,34 @@ def _table_matches(path: str, column: str | None, chunks: list[Chunk], chunk_row
 
 
 def _journaled_writer(writer: TableWriter, chunks: list[Chunk], state: dict, journal_path: str,
-                      journal_interval: float, bar: Progress) -> Callable[[Chunk, np.ndarray, Any], None]:
-    """``write(chunk, y, extra)``: write a chunk, record its crc32 and, every ``journal_interval``
-    seconds (and after the last chunk), make the data durable and then the journal. Chunks come in order."""
+                      journal_interval: float, bar: Progress, check: Any = None) -> Callable[..., None]:
+    """``write(chunk, y, extra, x_sample=None)``: write a chunk, record its crc32, collect its rows of the
+    verified sample (``check``, a :class:`bc_fast.convert.job.SampleCheck`, given their input rows
+    ``x_sample``) and, every ``journal_interval`` seconds (and after the last chunk), make the data
+    durable and then the journal. Chunks come in order."""
     last_sync = [time.monotonic()]
+    unsynced = [0]
     crcs: list[int] = state["crcs"]
 
-    def write(chunk: Chunk, y: np.ndarray, extra: Any) -> None:
+    def write(chunk: Chunk, y: np.ndarray, extra: Any, x_sample: np.ndarray | None = None) -> None:
         writer.write(chunk, y, extra)
         crcs.append(_crc(y))  # the writer thread writes chunks in order
+        if check is not None and x_sample is not None:
+            check.collect(chunk, x_sample, writer)  # read back now, while the chunk is in the page cache
+        unsynced[0] += y.nbytes
         now = time.monotonic()
         if chunk.index == len(chunks) - 1 or now - last_sync[0] >= journal_interval:
             writer.sync()
+            unsynced[0] = 0
             state.update(done_chunks=chunk.index + 1, done_rows=chunk.stop, crcs=crcs[: chunk.index + 1],
                          complete=chunk.index == len(chunks) - 1)
             _write_journal(journal_path, state)
             last_sync[0] = now
+        elif unsynced[0] >= SYNC_BYTES:
+            # Flushing as we go keeps the kernel's writeback busy during the run, in this (I/O) thread,
+            # instead of one long fdatasync of the whole output after the last chunk.
+            writer.sync()
+            unsynced[0] = 0
         bar.update(chunk.rows)
 
     return write

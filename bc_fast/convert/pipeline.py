@@ -56,7 +56,7 @@ from ..engine import FusedTransform
 from .._util.progress import Progress
 from .._util.fileio import FileLock, atomic_write_json
 from ..store.tables import Chunk, TableReader, TableWriter, open_table, remove_path
-from .job import (DEFAULT_VERIFY_ROWS, _PARTIAL, ConvertResult, _layers_verify_tol, _plan, _verify, registry_job,
+from .job import (DEFAULT_VERIFY_ROWS, _PARTIAL, ConvertResult, _layers_verify_tol, _plan, SampleCheck, registry_job,
                   sidecar_path)
 from .journal import _JOURNAL_FORMAT, _first_bad_chunk, _journaled_writer, _write_journal
 from .publish import _already_published, _check_output_free, _finish_publishing, _publish
@@ -65,6 +65,8 @@ __all__ = ["apply_to_table", "convert_table"]
 
 _MAX_THREADS = 1024
 _DISK_MARGIN = 64 << 20
+#: Chunks in flight on the CPU path: read ahead, computed, written behind (one buffer of each per chunk).
+_DEPTH = 2
 
 
 # --------------------------------------------------------------------------- small pieces
@@ -283,14 +285,7 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
                  "complete": start_chunk == len(j.chunks), "publishing": False, "replacing": None}
         _write_journal(journal_path, state)
 
-        resumed_rows = state["done_rows"]
-        t0 = time.perf_counter()
-        _pipeline(op, reader, writer, j.chunks, start_chunk, out_dtype=j.out_dtype, threads=threads, state=state,
-                  journal_path=journal_path, journal_interval=journal_interval, progress=progress, output=output,
-                  dev=dev)
-        seconds = time.perf_counter() - t0
-
-        n_ver, max_err, tol = 0, None, None
+        check, tol = None, None
         if verify:
             if reference is None:
                 from ..engine.fusion import apply_layers_reference
@@ -306,7 +301,15 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
             if dev is not None and verify_tol is None:
                 from .gpu import gpu_verify_tol
                 tol = gpu_verify_tol(tol, len(op.layers), reader.dtype)
-            n_ver, max_err = _verify(reader, writer, verify, seed, reference, tol)
+            check = SampleCheck(reader, op.d_out, j.out_dtype, verify, seed, reference, tol)
+
+        resumed_rows = state["done_rows"]
+        t0 = time.perf_counter()
+        _pipeline(op, reader, writer, j.chunks, start_chunk, out_dtype=j.out_dtype, threads=threads, state=state,
+                  journal_path=journal_path, journal_interval=journal_interval, progress=progress, output=output,
+                  dev=dev, check=check)
+        seconds = time.perf_counter() - t0
+        n_ver, max_err = check.finish(reader, writer) if check is not None else (0, None)
         if dev is not None:
             j.side["device"] = {**dev.describe(reader.dtype), "verify_tol": tol}
 
@@ -345,47 +348,58 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
 def _pipeline(op: FusedTransform, reader: TableReader, writer: TableWriter, chunks: list[Chunk],
               start: int, *, out_dtype: np.dtype, threads: int | None, state: dict,
               journal_path: str, journal_interval: float, progress: bool | None, output: str,
-              dev: Any = None) -> None:
-    """Read chunk i+1, compute chunk i and write chunk i-1 at the same time (on a GPU: see
-    :func:`bc_fast.convert.gpu.gpu_pipeline`)."""
+              dev: Any = None, check: SampleCheck | None = None) -> None:
+    """Read ahead, compute and write behind at the same time (on a GPU: see
+    :func:`bc_fast.convert.gpu.gpu_pipeline`).
+
+    The reader thread ``pread``-s up to ``depth`` chunks ahead, the calling thread runs the core (GIL
+    released, all ``threads``) and the writer thread writes, checksums, syncs and checks the verified
+    sample of up to ``depth`` chunks behind; the ``2 * depth`` buffers are allocated once per run.
+    """
     todo = chunks[start:]
     if not todo:
         return
     bar = Progress(sum(c.rows for c in todo), f"convert {os.path.basename(output)}"
                    + (f" (resumed at chunk {start})" if start else ""), enabled=progress)
     crcs: list[int] = state["crcs"]
-    write = _journaled_writer(writer, chunks, state, journal_path, journal_interval, bar)
+    write = _journaled_writer(writer, chunks, state, journal_path, journal_interval, bar, check)
+
+    def pick(chunk: Chunk, x: np.ndarray) -> np.ndarray | None:
+        """A copy of the chunk's input rows in the verified sample (for the writer thread)."""
+        return None if check is None else x[check.rows[check.rows_in(chunk)] - chunk.start]
+
     if dev is not None:
         from .gpu import gpu_pipeline
         try:
-            gpu_pipeline(op, reader, chunks, start, out_dtype=out_dtype, dev=dev, sink=write)
+            gpu_pipeline(op, reader, chunks, start, out_dtype=out_dtype, dev=dev, sink=write, pick=pick)
         finally:
             bar.close()
         state["crcs"] = crcs
         return
-    depth = 2
+    depth = _DEPTH
     buf_rows = max(c.rows for c in todo)
     in_bufs = [np.empty((buf_rows, reader.dim), reader.dtype) for _ in range(depth)]
     out_bufs = [np.empty((buf_rows, op.d_out), out_dtype) for _ in range(depth)]
 
     with ThreadPoolExecutor(1, "bcfast-read") as rpool, ThreadPoolExecutor(1, "bcfast-write") as wpool:
+        reads: list[Future] = []
         writes: list[Future] = []
         try:
-            pending = rpool.submit(reader.read, todo[0], in_bufs[0])
+            reads = [rpool.submit(reader.read, c, in_bufs[i]) for i, c in enumerate(todo[:depth - 1])]
             for i, chunk in enumerate(todo):
-                x, extra = pending.result()
-                if i + 1 < len(todo):
-                    pending = rpool.submit(reader.read, todo[i + 1], in_bufs[(i + 1) % depth])
+                x, extra = reads[i].result()
                 if i >= depth:
                     writes[i - depth].result()  # its output buffer is about to be reused
+                if i + depth - 1 < len(todo):  # the buffer of chunk i - 1 is free again: read ahead into it
+                    reads.append(rpool.submit(reader.read, todo[i + depth - 1], in_bufs[(i + depth - 1) % depth]))
                 y = out_bufs[i % depth][: chunk.rows]
                 op.apply(x, out=y, threads=threads)
-                writes.append(wpool.submit(write, chunk, y, extra))
+                writes.append(wpool.submit(write, chunk, y, extra, pick(chunk, x)))
             for w in writes[-depth:]:
                 w.result()
         except BaseException:
-            for w in writes:
-                w.cancel()
+            for f in reads + writes:
+                f.cancel()
             raise
         finally:
             bar.close()

@@ -243,8 +243,13 @@ class NpyWriter(TableWriter):
         self._dirty.add(chunk.part)
 
     def sync(self) -> None:
+        """fdatasync the files written since the last sync, then drop their (now clean) pages from the
+        page cache: a converted table streams through a bounded set of recycled pages instead of
+        filling memory, which on VMs is also faster (fresh pages are slow to first touch)."""
         for part in sorted(self._dirty):
             os.fdatasync(self.fds[part])
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self.fds[part], 0, 0, os.POSIX_FADV_DONTNEED)
         self._dirty.clear()
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:

@@ -159,7 +159,12 @@ class ParquetReader(TableReader):
 # --------------------------------------------------------------------------- writer
 
 class ParquetWriter(TableWriter):
-    """Writes one Parquet part per chunk under a temporary directory, merged at the end."""
+    """Writes one Parquet part per chunk under a temporary directory, merged into one file.
+
+    A run that starts from the first chunk merges as it goes: each part, once durable, is read back
+    (from the page cache) and appended to the merged file in the writer's thread, so :meth:`seal` only
+    closes it. A resumed run merges every part at :meth:`seal`. Both write the same bytes.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -184,6 +189,30 @@ class ParquetWriter(TableWriter):
 
     def create(self) -> None:
         os.mkdir(self.temp)
+        self._open_merge()
+
+    def _open_merge(self) -> None:
+        _, pq = import_pyarrow()
+        self._merge_file = open(self.merged, "wb")  # noqa: SIM115 - closed by _append_merged / close
+        self._merge = pq.ParquetWriter(self._merge_file, self.schema, compression="snappy")
+        self._merged_chunks = 0
+
+    def _append_merged(self, index: int) -> None:
+        """Append part ``index`` to the merged file, exactly as :meth:`seal` would."""
+        _, pq = import_pyarrow()
+        t = pq.read_table(self._part(index), schema=self.schema)
+        self._merge.write_table(t, row_group_size=max(1, t.num_rows))
+        self._merged_chunks += 1
+
+    def _close_merge(self) -> None:
+        merge, f = getattr(self, "_merge", None), getattr(self, "_merge_file", None)
+        self._merge = self._merge_file = None
+        try:
+            if merge is not None:
+                merge.close()
+        finally:
+            if f is not None:
+                f.close()
 
     def reopen(self, done_chunks: int) -> None:
         if not os.path.isdir(self.temp):
@@ -206,6 +235,8 @@ class ParquetWriter(TableWriter):
             f.flush()
             os.fsync(f.fileno())  # parts are small; a durable part is renamed into place
         os.replace(tmp, self._part(chunk.index))
+        if getattr(self, "_merge", None) is not None and chunk.index == self._merged_chunks:
+            self._append_merged(chunk.index)
 
     def sync(self) -> None:
         fsync_dir(self.temp)
@@ -231,17 +262,32 @@ class ParquetWriter(TableWriter):
         return np.ascontiguousarray(emb, self.dtype).reshape(-1, self.dim)
 
     def seal(self) -> None:
-        """Merge the parts into one file (one row group per chunk, snappy). The parts stay until the
-        merged file is published, so a run killed while merging resumes cleanly."""
+        """Finish the merged file (one row group per chunk, snappy): close the one merged during the run,
+        or merge every part now (a resumed run). The parts stay until the merged file is published, so
+        a run killed while merging resumes cleanly."""
         _, pq = import_pyarrow()
-        with open(self.merged, "wb") as f:
-            with pq.ParquetWriter(f, self.schema, compression="snappy") as w:
-                for c in self.chunks:
-                    t = pq.read_table(self._part(c.index), schema=self.schema)
-                    w.write_table(t, row_group_size=max(1, t.num_rows))
-            f.flush()
-            os.fsync(f.fileno())
+        if getattr(self, "_merge", None) is not None and self._merged_chunks == len(self.chunks):
+            merge, f = self._merge, self._merge_file
+            self._merge = self._merge_file = None
+            try:
+                merge.close()
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                f.close()
+        else:
+            self._close_merge()
+            with open(self.merged, "wb") as f:
+                with pq.ParquetWriter(f, self.schema, compression="snappy") as w:
+                    for c in self.chunks:
+                        t = pq.read_table(self._part(c.index), schema=self.schema)
+                        w.write_table(t, row_group_size=max(1, t.num_rows))
+                f.flush()
+                os.fsync(f.fileno())
         fsync_dir(self.temp)
+
+    def close(self) -> None:
+        self._close_merge()
 
     def expected_bytes(self) -> int:
         # the parts and the merged file coexist until the merged file is published; ids etc. add a little

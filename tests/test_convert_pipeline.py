@@ -1,0 +1,111 @@
+"""The conversion pipeline's moving parts: checksums, the sample verified while writing, the Parquet
+merge done as the run goes. (Whole conversions are tested in test_convert.py.)"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+from bc_fast._util.checksum import crc32_array
+from bc_fast.convert import convert_table
+from bc_fast.convert.job import SampleCheck
+from bc_fast.engine.fusion import apply_layers_reference, flatten_chain
+from bc_fast.store.tables import make_writer, open_table
+
+DIMS = (24, 40, 64)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, make_chain_registry):
+    return make_chain_registry(tmp_path_factory.mktemp("reg") / "registry", DIMS, (6, 8))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.uint8])
+def test_crc32_is_zlibs_crc32(dtype):
+    a = (np.random.default_rng(0).standard_normal((333, 71)) * 50).astype(dtype)
+    assert crc32_array(a) == zlib.crc32(a.tobytes())
+    assert crc32_array(a[:, 5:40]) == zlib.crc32(np.ascontiguousarray(a[:, 5:40]).tobytes())  # copied first
+    assert crc32_array(a[:0]) == 0
+
+
+def _reference(registry):
+    layers = flatten_chain(registry.chain_layers(2, 0))
+    return lambda x: apply_layers_reference(layers, x)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_sample_collected_while_writing_is_judged_like_one_read_back(tmp_path, registry, dtype):
+    """The rows collected chunk by chunk in the writer thread give the same verdict and worst error as
+    reading the whole sample back from the finished table."""
+    x = np.random.default_rng(3).standard_normal((2000, DIMS[2])).astype(dtype)
+    np.save(tmp_path / "in.npy", x)
+    res = convert_table(tmp_path / "in.npy", tmp_path / "out.npy", registry=registry, dst=0, chunk_rows=128,
+                        verify=300, seed=5, threads=1, progress=False)
+    assert res.verified_rows == 300
+
+    reader, out = open_table(str(tmp_path / "in.npy")), open_table(str(tmp_path / "out.npy"))
+    try:
+        check = SampleCheck(reader, DIMS[0], out.dtype, 300, 5, _reference(registry), res.verify_tol)
+        read_back = type("ReadBack", (), {"read_rows": lambda self, rows: out.read_rows(rows)})()
+        n, worst = check.finish(reader, read_back)  # nothing collected: every row read back
+    finally:
+        reader.close()
+        out.close()
+    assert n == 300 and worst == pytest.approx(res.verify_max_error, rel=1e-12, abs=1e-15)
+
+
+def test_sample_check_collects_only_its_rows_per_chunk(tmp_path, registry):
+    x = np.random.default_rng(4).standard_normal((1000, DIMS[2])).astype(np.float32)
+    np.save(tmp_path / "in.npy", x)
+    reader = open_table(str(tmp_path / "in.npy"))
+    try:
+        check = SampleCheck(reader, DIMS[0], np.dtype(np.float32), 50, 0, _reference(registry), 1e-4)
+        chunks = reader.chunks(300)
+        seen = np.concatenate([check.rows[check.rows_in(c)] for c in chunks])
+        assert np.array_equal(seen, check.rows) and len(set(seen.tolist())) == 50
+        for c in chunks:
+            assert np.all((check.rows[check.rows_in(c)] >= c.start) & (check.rows[check.rows_in(c)] < c.stop))
+    finally:
+        reader.close()
+
+
+def test_parquet_merged_during_the_run_equals_merged_at_the_end(tmp_path, registry, monkeypatch):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow (the parquet extra) is not installed")
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow (the parquet extra) is not installed")
+    from bc_fast.store.parquet import ParquetWriter
+
+    x = np.random.default_rng(6).standard_normal((1500, DIMS[2])).astype(np.float16)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), DIMS[2])
+    pq.write_table(pa.table({"id": np.arange(1500) * 3, "name": [f"n{i}" for i in range(1500)], "emb": emb}),
+                   tmp_path / "in.parquet", row_group_size=400)
+    kw = dict(registry=registry, dst=0, chunk_rows=170, threads=1, progress=False)
+    merged_as_we_go = []
+    orig = ParquetWriter._append_merged
+    monkeypatch.setattr(ParquetWriter, "_append_merged",
+                        lambda self, i: (merged_as_we_go.append(i), orig(self, i))[1])
+    convert_table(tmp_path / "in.parquet", tmp_path / "streamed.parquet", **kw)
+    assert merged_as_we_go == list(range(len(merged_as_we_go))) and len(merged_as_we_go) >= 9
+
+    monkeypatch.setattr(ParquetWriter, "_open_merge", lambda self: None)  # every part merged at seal
+    convert_table(tmp_path / "in.parquet", tmp_path / "at_end.parquet", **kw)
+    assert (tmp_path / "streamed.parquet").read_bytes() == (tmp_path / "at_end.parquet").read_bytes()
+    t = pq.read_table(tmp_path / "streamed.parquet")
+    assert t.column("id").to_pylist() == list(range(0, 4500, 3)) and t.num_rows == 1500
+
+
+def test_writer_reads_back_rows_while_writing(tmp_path):
+    """The npy writer serves read_rows for chunks already written, before it is sealed."""
+    x = np.random.default_rng(7).standard_normal((500, 8)).astype(np.float32)
+    np.save(tmp_path / "in.npy", x)
+    reader = open_table(str(tmp_path / "in.npy"))
+    chunks = reader.chunks(200)
+    writer = make_writer(reader, str(tmp_path / "out.partial"), 8, np.dtype(np.float32), chunks, {})
+    try:
+        writer.create()
+        writer.write(chunks[0], x[:200] * 2, None)
+        assert np.array_equal(writer.read_rows(np.array([0, 57, 199])), x[[0, 57, 199]] * 2)
+    finally:
+        writer.close()
+        reader.close()
