@@ -154,7 +154,7 @@ def _add_convert_parser(sub: Any) -> None:
                     "fixed-size-list column) from version FROM to version TO through the fused chain. "
                     "Output goes to OUTPUT.partial and is renamed when complete and verified; a sidecar "
                     "OUTPUT.bcfast.json records the version, the registry checksum and the chain.")
-    p.add_argument("input", metavar="INPUT", help="input table: .npy, directory of .npy shards, or .parquet")
+    p.add_argument("input", metavar="INPUT", help="input table: .npy, directory of .npy shards, .parquet, or a LanceDB table <db>/<name>.lance")
     p.add_argument("output", metavar="OUTPUT", help="output table, same form as INPUT (must not exist)")
     p.add_argument("--registry", "-r", required=True, metavar="R", help="version registry directory")
     p.add_argument("--from", dest="src", type=int, default=None, metavar="K",
@@ -174,7 +174,7 @@ def _add_convert_parser(sub: Any) -> None:
     p.add_argument("--verify-tol", type=float, default=None, metavar="TOL",
                    help="largest row-relative error allowed (default: from the dtypes and the chain, "
                         "~2e-5 for float32 output, ~1e-3 for float16)")
-    p.add_argument("--column", default=None, help="Parquet embedding column (default: the only fixed-size-list one)")
+    p.add_argument("--column", default=None, help="Parquet or Lance vector column (default: the only fixed-size-list one)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUTPUT when the new one is complete; only a table bc_fast wrote "
                         "(with its sidecar; for a folder, only the shards it lists) is ever replaced")

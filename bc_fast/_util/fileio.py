@@ -110,6 +110,13 @@ def read_json_object(path: str | os.PathLike, *, what: str, fix: str) -> dict:
     return obj
 
 
+def is_relative_file(name: Any) -> bool:
+    """A file name inside a folder, as a sidecar or journal lists it: a relative, normalised path that
+    never climbs out of the folder (``a.npy``, ``data/x.lance``; never ``/x``, ``..``, ``a/../b``)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and not os.path.isabs(name)
+            and os.path.normpath(name) == name and not name.startswith(".." + os.sep))
+
+
 def is_json_int(v: Any) -> bool:
     """True for a JSON integer read by ``json`` (an int that is not a bool)."""
     return isinstance(v, int) and not isinstance(v, bool)

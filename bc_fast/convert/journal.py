@@ -20,14 +20,14 @@ import numpy as np
 
 from .._util.checksum import crc32_array
 from .._util.progress import Progress
-from .._util.fileio import atomic_write_json, is_json_int, read_json_object
+from .._util.fileio import atomic_write_json, is_json_int, is_relative_file, read_json_object
 from .._util.text import short_repr
 from ..store.tables import Chunk, TableWriter, open_table
 
 _JOURNAL_FORMAT = "bc_fast.convert.journal/2"
 
-#: Bytes written between two data syncs (fdatasync) of the output, journal or not.
-SYNC_BYTES = 32 << 20
+#: Bytes written between two flushes (:meth:`TableWriter.flush`) of the output, journal or not.
+FLUSH_BYTES = 32 << 20
 
 
 def _crc(y: np.ndarray) -> int:
@@ -79,8 +79,7 @@ def _load_journal(path: str, temp: str) -> dict | None:
     elif j.get("replacing") is not None and not (
             isinstance(j["replacing"], dict) and isinstance(j["replacing"].get("dir"), bool)
             and (j["replacing"].get("files") is None or (isinstance(j["replacing"]["files"], list) and all(
-                isinstance(f, str) and os.path.basename(f) == f and f not in ("", ".", "..")
-                for f in j["replacing"]["files"])))):
+                is_relative_file(f) for f in j["replacing"]["files"])))):
         problem = "its replacing field is malformed"
     if problem:
         raise ValueError(f"{path}: inconsistent conversion journal: {problem}; {fix}")
@@ -141,10 +140,10 @@ def _journaled_writer(writer: TableWriter, chunks: list[Chunk], state: dict, jou
                          complete=chunk.index == len(chunks) - 1)
             _write_journal(journal_path, state)
             last_sync[0] = now
-        elif unsynced[0] >= SYNC_BYTES:
+        elif unsynced[0] >= FLUSH_BYTES:
             # Flushing as we go keeps the kernel's writeback busy during the run, in this (I/O) thread,
             # instead of one long fdatasync of the whole output after the last chunk.
-            writer.sync()
+            writer.flush()
             unsynced[0] = 0
         bar.update(chunk.rows)
 

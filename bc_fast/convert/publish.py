@@ -18,7 +18,7 @@ import time
 import warnings
 from typing import Any, Mapping
 
-from .._util.fileio import atomic_write_json, fsync_dir
+from .._util.fileio import atomic_write_json, fsync_dir, is_relative_file
 from .._util.text import short_repr
 from ..store.tables import remove_path
 from .job import _SIDECAR_FORMAT, ConvertResult, _Job, read_sidecar, sidecar_path
@@ -63,7 +63,18 @@ def _owned_output(output: str) -> dict:
         else:
             if side.get("format") != _SIDECAR_FORMAT:
                 why = f"its sidecar {side_path} is not a bc_fast table sidecar (format {short_repr(side.get('format'))})"
-    if why is None and os.path.isdir(output):
+    if why is None and os.path.isdir(output) and _table_format(side) == "lance":
+        present, files = _tree_files(output), side.get("files")
+        if not isinstance(files, list) or not all(is_relative_file(f) for f in files):
+            why = f"it is a Lance table, but its sidecar {side_path} does not list the files bc_fast wrote there"
+        elif present is None or [f for f in present if f not in files]:
+            extra = [f for f in present or [] if f not in files]
+            shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            why = (f"it holds files bc_fast did not write there ({shown}): it changed since (a LanceDB write "
+                   "or index?)" if present is not None else "it holds links or special files")
+        else:
+            return {"dir": True, "files": present}
+    elif why is None and os.path.isdir(output):
         files = side.get("files")
         table = side.get("table") if isinstance(side.get("table"), dict) else {}
         suffixes = _DIR_TABLE_SUFFIXES.get(table.get("format"))
@@ -91,20 +102,54 @@ def _owned_output(output: str) -> dict:
                           "another OUTPUT")
 
 
+def _table_format(side: Any) -> Any:
+    table = side.get("table") if isinstance(side, dict) and isinstance(side.get("table"), dict) else {}
+    return table.get("format")
+
+
+def _tree_files(root: str) -> list[str] | None:
+    """Every file under ``root`` (relative paths, sorted); None if it holds a link or a special file."""
+    out = []
+    for d, dirs, names in os.walk(root):
+        for n in dirs + names:
+            p = os.path.join(d, n)
+            if os.path.islink(p) or not (os.path.isdir(p) or os.path.isfile(p)):
+                return None
+        out.extend(os.path.relpath(os.path.join(d, n), root) for n in names)
+    return sorted(out)
+
+
 def _remove_owned(path: str, replacing: Mapping[str, Any]) -> None:
-    """Remove an overwritten table moved aside: exactly the files bc_fast wrote, then the folder."""
+    """Remove an overwritten table moved aside: exactly the files bc_fast wrote, the folders that held
+    them (emptied), then the folder."""
     if not os.path.isdir(path) or os.path.islink(path):
         remove_path(path)
         return
+    folders = set()
     for name in replacing.get("files") or []:
         p = os.path.join(path, name)
         if os.path.lexists(p) and not os.path.isdir(p):
             os.unlink(p)
+        folders.update(os.path.join(path, d) for d in _parents(name))
+    for d in sorted(folders, key=len, reverse=True):  # deepest first
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass  # not empty: a file that appeared since; the warning below names the folder
     try:
         os.rmdir(path)
     except OSError:
         warnings.warn(f"{path}: the table it replaced was removed, but files that appeared in it since are "
                       "kept there; move them and delete the folder", RuntimeWarning, stacklevel=3)
+
+
+def _parents(name: str) -> list[str]:
+    """The folders between a table folder and the relative file ``name`` (``a/b/c`` -> ``a/b``, ``a``)."""
+    out, d = [], os.path.dirname(name)
+    while d:
+        out.append(d)
+        d = os.path.dirname(d)
+    return out
 
 
 # --------------------------------------------------------------------------- putting it in place

@@ -252,6 +252,9 @@ class NpyWriter(TableWriter):
                 os.posix_fadvise(self.fds[part], 0, 0, os.POSIX_FADV_DONTNEED)
         self._dirty.clear()
 
+    def flush(self) -> None:
+        self.sync()
+
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), self.dim), self.dtype)
         bounds = np.cumsum([0] + self.reader.part_rows)

@@ -12,11 +12,14 @@ chunk size, never by the table:
   are carried through. Needs pyarrow (``pip install bc_fast[parquet]``). Each
   chunk is written as its own part file, so a killed run can resume; the parts
   are merged into one file (one row group per chunk) when the run completes.
+- a Lance dataset (a LanceDB table, ``<db>/<name>.lance``) with a fixed-size-list vector
+  column: the other columns are carried through into a new dataset, one fragment and one
+  commit per chunk. Needs the lance extra (``pip install "bc-fast[lance]"``).
 
 Writers only ever write under a temporary path; :mod:`bc_fast.convert` renames it
 into place when the table is complete.
 
-The format-specific code lives in :mod:`.npy` and :mod:`.parquet`, on the base classes of
+The format-specific code lives in :mod:`.npy`, :mod:`.parquet` and :mod:`.lance`, on the base classes of
 :mod:`.table_base`; this module picks the format (:func:`open_table`, :func:`make_writer`) and
 re-exports every name, so ``from bc_fast.store.tables import NpyWriter`` keeps working.
 """
@@ -29,19 +32,22 @@ import shutil
 
 import numpy as np
 
+from .lance import LanceReader, LanceWriter, import_lance, is_lance_dataset
 from .npy import NpyHeader, NpyReader, NpyWriter, npy_header_bytes, read_npy_header
 from .parquet import _PARQUET_SUFFIXES, ParquetReader, ParquetWriter, import_pyarrow
 from .table_base import DTYPES, Chunk, TableReader, TableWriter
 
-__all__ = ["DTYPES", "FORMATS", "Chunk", "TableReader", "TableWriter", "NpyHeader", "NpyReader", "NpyWriter",
-           "ParquetReader", "ParquetWriter", "detect_format", "import_pyarrow", "make_writer", "npy_header_bytes",
-           "open_table", "read_npy_header", "remove_path", "sha256_file"]
+__all__ = ["DTYPES", "FORMATS", "Chunk", "LanceReader", "LanceWriter", "NpyHeader", "NpyReader", "NpyWriter",
+           "ParquetReader", "ParquetWriter", "TableReader", "TableWriter", "detect_format", "import_lance",
+           "import_pyarrow", "make_writer", "npy_header_bytes", "open_table", "read_npy_header", "remove_path", "sha256_file"]
 
-FORMATS = ("npy", "npy_dir", "parquet")
+FORMATS = ("npy", "npy_dir", "parquet", "lance")
 
 
 def detect_format(path: str) -> str:
-    """``npy``, ``npy_dir`` or ``parquet`` for an existing input path."""
+    """``npy``, ``npy_dir``, ``parquet`` or ``lance`` for an existing input path."""
+    if is_lance_dataset(path):
+        return "lance"
     if os.path.isdir(path):
         return "npy_dir"
     if not os.path.exists(path):
@@ -56,8 +62,8 @@ def detect_format(path: str) -> str:
         return "npy"
     if magic[:4] == b"PAR1":
         return "parquet"
-    raise ValueError(f"{path}: unknown table format; expected a .npy file, a directory of .npy shards "
-                     "or a Parquet file")
+    raise ValueError(f"{path}: unknown table format; expected a .npy file, a directory of .npy shards, "
+                     "a Parquet file or a Lance dataset (<db>/<name>.lance)")
 
 
 def open_table(path: str, column: str | None = None) -> TableReader:
@@ -65,15 +71,17 @@ def open_table(path: str, column: str | None = None) -> TableReader:
     fmt = detect_format(path)
     if fmt == "parquet":
         return ParquetReader(path, column)
+    if fmt == "lance":
+        return LanceReader(path, column)
     if column is not None:
-        raise ValueError(f"column={column!r} only applies to Parquet tables, and {path} is {fmt}")
+        raise ValueError(f"column={column!r} only applies to Parquet and Lance tables, and {path} is {fmt}")
     return NpyReader(path)
 
 
 def make_writer(reader: TableReader, temp: str, dim: int, dtype: np.dtype, chunks: list[Chunk],
                 metadata: dict) -> TableWriter:
     """The writer for ``reader``'s format."""
-    cls = ParquetWriter if reader.format == "parquet" else NpyWriter
+    cls = {"parquet": ParquetWriter, "lance": LanceWriter}.get(reader.format, NpyWriter)
     return cls(reader, temp, dim, dtype, chunks, metadata)
 
 
