@@ -10,12 +10,15 @@
 
 #include "fused_op.h"
 #include "kernels/dispatch.h"
+#include "routed_op.h"
 #include "small_pool.h"
 
 namespace py = pybind11;
 using bc_fast::DType;
 using bc_fast::FusedOp;
 using bc_fast::LayerSpec;
+using bc_fast::RoutedOp;
+using bc_fast::RoutedSpec;
 
 namespace {
 
@@ -68,7 +71,33 @@ FusedOp make_op(const std::vector<FloatArray>& weights, const std::vector<std::o
   return FusedOp(std::move(specs), normalize, bc_fast::parse_precision(precision));
 }
 
-py::object apply(const FusedOp& op, const py::array& x, py::object out, bool out_float16, int64_t threads) {
+std::vector<float> values(const FloatArray& a, std::initializer_list<int64_t> shape, const char* name) {
+  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  size_t i = 0;
+  for (int64_t d : shape) ok = ok && a.shape(i++) == d;
+  if (!ok) throw std::invalid_argument(std::string("routed op: ") + name + " has the wrong shape");
+  return std::vector<float>(a.data(), a.data() + a.size());
+}
+
+RoutedOp make_routed(const FloatArray& score_weight, const FloatArray& score_bias, const FloatArray& weight,
+                     const FloatArray& bias, int64_t m, float temperature, bool normalize) {
+  if (score_weight.ndim() != 2 || weight.ndim() != 3)
+    throw std::invalid_argument("routed op: score_weight must be (k, d_in) and weight (k, d_out, d_in)");
+  RoutedSpec s;
+  s.k = score_weight.shape(0);
+  s.d_in = score_weight.shape(1);
+  s.d_out = weight.shape(1);
+  s.m = m;
+  s.temperature = temperature;
+  s.score_weight = values(score_weight, {s.k, s.d_in}, "score_weight");
+  s.score_bias = values(score_bias, {s.k}, "score_bias");
+  s.weight = values(weight, {s.k, s.d_out, s.d_in}, "weight");
+  s.bias = values(bias, {s.k, s.d_out}, "bias");
+  return RoutedOp(std::move(s), normalize);
+}
+
+template <class Op>
+py::object apply(const Op& op, const py::array& x, py::object out, bool out_float16, int64_t threads) {
   check_batch(x, "x", op.d_in());
   const DType xt = batch_dtype(x, "x");
   const int64_t n = x.shape(0);
@@ -120,11 +149,41 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("d_in", &FusedOp::d_in)
       .def_property_readonly("d_out", &FusedOp::d_out)
       .def_property_readonly("num_layers", &FusedOp::num_layers)
-      .def("apply", &apply, py::arg("x"), py::arg("out") = py::none(), py::arg("out_float16") = false,
+      .def("apply", &apply<FusedOp>, py::arg("x"), py::arg("out") = py::none(), py::arg("out_float16") = false,
            py::arg("threads") = 0,
            "out[n, d_out] = program(x[n, d_in]) for C-contiguous float32/float16 arrays, GIL released; "
            "allocates out (float32, or float16 if out_float16) when None and returns it. "
            "threads <= 0 uses get_num_threads(); a forked child always runs on one thread.");
+
+  py::class_<RoutedOp>(m, "RoutedOp")
+      .def(py::init(&make_routed), py::arg("score_weight"), py::arg("score_bias"), py::arg("weight"),
+           py::arg("bias"), py::arg("m"), py::arg("temperature"), py::arg("normalize") = false,
+           "A mixture of k affine maps: each row goes to the m clusters with the largest scores "
+           "x . score_weight[c] + score_bias[c] (ties to the lower index), blended by softmax(score / "
+           "temperature): y = sum_j w_j (weight[c_j] x + bias[c_j]), then optionally L2-normalised.")
+      .def_property_readonly("d_in", &RoutedOp::d_in)
+      .def_property_readonly("d_out", &RoutedOp::d_out)
+      .def_property_readonly("k", &RoutedOp::k)
+      .def_property_readonly("m", &RoutedOp::m)
+      .def("apply", &apply<RoutedOp>, py::arg("x"), py::arg("out") = py::none(), py::arg("out_float16") = false,
+           py::arg("threads") = 0,
+           "out[n, d_out] = the routed map of x[n, d_in], as FusedOp.apply (GIL released, bit-identical for "
+           "every thread count).")
+      .def("route", [](const RoutedOp& op, const py::array& x) {
+        check_batch(x, "x", op.d_in());
+        const DType xt = batch_dtype(x, "x");
+        const int64_t n = x.shape(0);
+        py::array_t<int64_t> clusters({n, op.m()});
+        py::array_t<float> weights({n, op.m()});
+        const void* xp = x.data();
+        int64_t* cp = clusters.mutable_data();
+        float* wp = weights.mutable_data();
+        {
+          py::gil_scoped_release release;
+          op.route(xp, xt, n, cp, wp);
+        }
+        return py::make_tuple(clusters, weights);
+      }, py::arg("x"), "The clusters (n, m; best first) and blend weights (n, m) of each row.");
 
   m.def("build_info", [] {
     const bc_fast::BuildInfo info = bc_fast::build_info();

@@ -86,34 +86,19 @@ int threads_from_env() {
   return static_cast<int>(v);
 }
 
-// A process-wide thread budget shared by concurrent apply calls, so that several Python threads
-// calling apply at once do not each open a full team (libgomp gives every calling thread its own
-// pool: k callers x num_threads() workers on num_threads() cores). A parallel apply claims up to
-// the threads it wants, never waits: with the budget spent it gets 1, its own calling thread,
-// which still counts, so a later claim sees the core it occupies (and asks again per tile). Capacity: num_threads(), or a
-// larger explicit request (an explicit threads= is honoured when the cores are free). Returned
-// on destruction, so an exception cannot leak threads from the budget.
-class ThreadClaim {
- public:
-  explicit ThreadClaim(int want) {
-    const int capacity = std::max(num_threads(), want);
-    int used = g_threads_in_use.load(std::memory_order_relaxed);
-    do {
-      granted_ = std::max(1, std::min(want, capacity - used));
-    } while (!g_threads_in_use.compare_exchange_weak(used, used + granted_, std::memory_order_relaxed));
-  }
-  ~ThreadClaim() { g_threads_in_use.fetch_sub(granted_, std::memory_order_relaxed); }
-  ThreadClaim(const ThreadClaim&) = delete;
-  ThreadClaim& operator=(const ThreadClaim&) = delete;
-  int granted() const { return granted_; }
-
- private:
-  int granted_ = 1;
-};
-
 }  // namespace
 
 int threads_in_use() { return g_threads_in_use.load(std::memory_order_relaxed); }
+
+ThreadClaim::ThreadClaim(int want) {
+  const int capacity = std::max(num_threads(), want);
+  int used = g_threads_in_use.load(std::memory_order_relaxed);
+  do {
+    granted_ = std::max(1, std::min(want, capacity - used));
+  } while (!g_threads_in_use.compare_exchange_weak(used, used + granted_, std::memory_order_relaxed));
+}
+
+ThreadClaim::~ThreadClaim() { g_threads_in_use.fetch_sub(granted_, std::memory_order_relaxed); }
 
 int available_cpus() {
 #if defined(__linux__)

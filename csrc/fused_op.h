@@ -96,6 +96,24 @@ int num_threads();
 // 0 when none runs). Concurrent applies share a budget of num_threads() threads: each claims up
 // to what it wants without waiting, at least its own thread, and returns them when it ends.
 int threads_in_use();
+// A process-wide thread budget shared by concurrent apply calls, so that several Python threads
+// calling apply at once do not each open a full team (libgomp gives every calling thread its own
+// pool: k callers x num_threads() workers on num_threads() cores). A parallel apply claims up to
+// the threads it wants, never waits: with the budget spent it gets 1, its own calling thread,
+// which still counts, so a later claim sees the core it occupies (and asks again per tile).
+// Capacity: num_threads(), or a larger explicit request (an explicit threads= is honoured when the
+// cores are free). Returned on destruction, so an exception cannot leak threads from the budget.
+class ThreadClaim {
+ public:
+  explicit ThreadClaim(int want);
+  ~ThreadClaim();
+  ThreadClaim(const ThreadClaim&) = delete;
+  ThreadClaim& operator=(const ThreadClaim&) = delete;
+  int granted() const { return granted_; }
+
+ private:
+  int granted_ = 1;
+};
 // Overrides the default thread count for this process (1..kMaxThreads, else invalid_argument).
 void set_num_threads(int64_t n);
 // True in a process forked (after the core was loaded) from one that loaded it: such a process

@@ -156,7 +156,7 @@ def test_fusion_step_by_step_baselines_match_the_fused_operator(tmp_path):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bench_scripts_are_standalone_and_document_their_options(script):
-    assert script in {"bench_core.py", "bench_fusion.py", "bench_index.py", "bench_convert.py", "bench_suite.py",
+    assert script in {"bench_core.py", "bench_fusion.py", "bench_index.py", "bench_convert.py", "bench_routed.py", "bench_suite.py",
                       "bench_gpu.py", "bench_distributed.py"}
     proc = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True,
                           timeout=120, check=False)

@@ -33,6 +33,15 @@ Protocol (every number in the results JSON follows it)
   the CPU lacks AVX512-BF16).
 * Forward (old queries adapted into the NEW index): for the best backward kind of each pair and
   fraction, an old -> new adapter on the same pairs; ``recall`` against the same ground truth.
+* Local adapters (kind ``local``, :class:`bc_fast.fit.LocalAdapter`): per-cluster closed-form maps
+  routed by soft top-m nearest centroids; its settings are chosen on the fit pairs' own validation
+  rows (never the queries). ``local_vs_global`` compares it, per pair and fraction, with the best
+  global kind *on the queries* (a choice that favours the global side): label P@10 of both, the
+  difference with a 95 % paired bootstrap CI over queries (:mod:`bc_fast.eval.bootstrap`, 1000
+  draws), neighbour overlaps, fit time and latency. The local kind's latency is its numpy float32
+  path (the compiled routed operator is not built yet); it has no bf16 twin and is not in the chain.
+* ``neighbour_overlap`` (``test_metrics``): the share of each old-model query's top-k among the old-model
+  queries that the adapted query finds among them (:func:`bc_fast.fit.neighbour_overlap`).
 * Chain: versions 0, 1, 2 = ``chain`` models (old, mid, new) in a :class:`bc_fast.store.Registry`
   with fitted backward transforms 1 -> 0 and 2 -> 1; ``operator(2, 0)`` fuses them, and the new
   model's queries go through it into the version-0 index (ground truth: version 2's neighbours).
@@ -49,6 +58,7 @@ import numpy as np
 
 from ..eval.report import write_json
 from ..eval.retrieval import overlap_at_k, unit_rows
+from .text_report import _plot, format_text_table
 
 __all__ = ["PAIRS", "CHAIN", "run_text_demo", "format_text_table", "fit_logreg"]
 
@@ -57,9 +67,11 @@ PAIRS: dict[str, tuple[str, str]] = {
     "B": ("minilm-l3-384", "minilm-l6-384"),
 }
 CHAIN: tuple[str, str, str] = ("wordllama-256", "minilm-l3-384", "minilm-l6-384")
-KINDS = ("procrustes", "ridge", "lowrank", "mlp")
+KINDS = ("procrustes", "ridge", "lowrank", "mlp", "local")
+#: kinds the registry cannot store yet (no layer program): left out of the chain
+_NOT_IN_CHAIN = ("local",)
 
-_QUICK = {"limit": 3000, "n_queries": 300, "fractions": (0.05, 0.20), "kinds": ("procrustes", "ridge"),
+_QUICK = {"limit": 3000, "n_queries": 300, "fractions": (0.05, 0.20), "kinds": ("procrustes", "ridge", "local"),
           "latency_calls": 300}
 _FULL = {"limit": None, "n_queries": 2000, "fractions": (0.01, 0.05, 0.20), "kinds": KINDS,
          "latency_calls": 2000}
@@ -242,7 +254,7 @@ def _bf16_twin(op: Any) -> Any | None:
     """The same layer program computed in bf16 where the CPU can (None elsewhere)."""
     from ..engine import FusedTransform, build_info
 
-    if not build_info().get("bf16"):
+    if not build_info().get("bf16") or not hasattr(op, "layers"):  # a routed (local) map has no layer program
         return None
     return FusedTransform(op.layers, normalize=op.normalize, precision="bf16")
 
@@ -258,6 +270,7 @@ def _score_backward(s: _Setup, est_or_op: Any, old: str, new: str, base: dict, l
     adapted, ids = legacy_ids(op)
     recall = overlap_at_k(ids, s.own_results(new))
     label_p = s.label_precision(ids)
+    per_query = np.mean(s.labels[s.c_idx][ids] == s.labels[s.q_idx][:, None], axis=1)
     acc = s.accuracy(old, adapted)
     op_bf16 = _bf16_twin(op)
     recall_bf16 = latency_bf16 = None
@@ -276,6 +289,7 @@ def _score_backward(s: _Setup, est_or_op: Any, old: str, new: str, base: dict, l
         "latency_us": _latency_us(op, queries[0], latency_calls),
         "recall_bf16": recall_bf16,
         "latency_bf16_us": latency_bf16,
+        "_label_p_per_query": per_query,  # for the bootstrap; not written to the JSON
     }
 
 
@@ -295,13 +309,15 @@ def _fit_and_score(s: _Setup, kind: str, old: str, new: str, f: float, base: dic
     row["fit_s"] = float(getattr(est, "fit_time_s_", time.perf_counter() - t0))
     row.update(_score_backward(s, est, old, new, base, latency_calls))
     row["test_metrics"] = fit_metrics(est, s.queries(new), s.queries(old), k=s.k)
+    row["neighbour_overlap"] = row["test_metrics"]["neighbour_overlap"]
     row["fitted"] = _fitted_attrs(est)
     return row
 
 
 def _fitted_attrs(est: Any) -> dict[str, Any]:
     """The estimator's choices worth reporting (chosen alpha, kept epoch, validation scores)."""
-    names = ("chosen_", "alpha_", "rank_", "best_epoch_", "n_epochs_", "val_metrics_")
+    names = ("chosen_", "alpha_", "rank_", "best_epoch_", "n_epochs_", "val_metrics_", "base_", "k_", "m_",
+             "temperature_", "prior_rows_")
     return {n.rstrip("_"): getattr(est, n) for n in names
             if isinstance(getattr(est, n, None), (int, float, str, dict, np.integer, np.floating))}
 
@@ -343,102 +359,34 @@ def _chain(s: _Setup, chain: Sequence[str], kind: str, f: float, base: dict, par
     row = {"kind": kind, "fraction": f, "n_fit": int(rows.shape[0]), "fit_s": fit_s, "registry": str(path),
            "operator": repr(op)}
     row.update(_score_backward(s, op, old, new, base, latency_calls))
+    row.pop("_label_p_per_query")
     return row
+
+
+def _local_vs_global(rows: Sequence[dict[str, Any]], per_query: Mapping[int, np.ndarray], f: float,
+                     seed: int) -> dict[str, Any] | None:
+    """The local adapter against the best global kind at one fraction (best by label P@10 on the queries),
+    with a paired bootstrap CI over queries of the label P@10 difference."""
+    from ..eval.bootstrap import Block, compare, paired_bootstrap
+
+    done = [(i, r) for i, r in enumerate(rows) if r["fraction"] == f and "error" not in r]
+    local = [(i, r) for i, r in done if r["kind"] == "local"]
+    glob = [(i, r) for i, r in done if r["kind"] != "local"]
+    if not local or not glob:
+        return None
+    (il, rl), (ig, rg) = local[0], max(glob, key=lambda t: t[1]["label_p"])
+    values = np.stack([per_query[ig], per_query[il]])[:, None, :]
+    cmp = compare(paired_bootstrap([Block(values)], n_boot=1000, seed=seed), ["global", "local"], "global",
+                  relative=False)["local"]
+    keys = ("label_p", "label_retention", "recall", "overlap_old", "neighbour_overlap", "fit_s", "latency_us")
+    return {"fraction": f, "best_global": rg["kind"], "global": {k: rg.get(k) for k in keys},
+            "local": {k: rl.get(k) for k in keys}, "local_settings": rl.get("fitted", {}),
+            "label_p_diff": cmp["diff"], "label_p_diff_ci95": [cmp["diff_lo"], cmp["diff_hi"]],
+            "significant": cmp["significant"]}
 
 
 def _meta(info: Mapping[str, Any]) -> dict[str, Any]:
     return {k: info[k] for k in ("package", "package_version") if k in info}
-
-
-# -- report -------------------------------------------------------------------------------------------
-def _f(v: Any, spec: str) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
-
-
-def format_text_table(results: Mapping[str, Any]) -> str:
-    """The results as a fixed-width table: one row per pair, fraction and kind, then chain and forward rows."""
-    head = (f"{'pair':<24} {'fit %':>5} {'n_fit':>6} {'kind':<10} {'R@10':>6} {'retent.':>7} {'vs old':>6} "
-            f"{'ovl old':>7} {'lbl ret':>7} {'acc':>6} {'acc ret':>7} {'fit s':>7} {'µs/q':>6} {'bf16 R@10':>9} {'µs/q':>6}")
-    lines = [head, "-" * len(head)]
-
-    def add(label: str, r: Mapping[str, Any]) -> None:
-        if "error" in r:
-            lines.append(f"{label:<24} {100 * r['fraction']:>5.0f} {r['n_fit']:>6} {r['kind']:<10} not fitted: "
-                         f"{r['error'][:60]}")
-            return
-        lines.append(f"{label:<24} {100 * r['fraction']:>5.0f} {r['n_fit']:>6} {r['kind']:<10} "
-                     f"{_f(r.get('recall'), '.3f'):>6} {_f(r.get('retention'), '.3f'):>7} {_f(r.get('vs_old'), '.2f'):>6} "
-                     f"{_f(r.get('overlap_old'), '.3f'):>7} {_f(r.get('label_retention'), '.3f'):>7} {_f(r.get('acc'), '.3f'):>6} "
-                     f"{_f(r.get('acc_retention'), '.3f'):>7} {_f(r.get('fit_s'), '.3f'):>7} "
-                     f"{_f(r.get('latency_us'), '.1f'):>6} {_f(r.get('recall_bf16'), '.3f'):>9} "
-                     f"{_f(r.get('latency_bf16_us'), '.1f'):>6}")
-
-    for name, p in results["pairs"].items():
-        b = p["baseline"]
-        lines.append(f"[{name}] {p['old']} -> legacy index, queries from {p['new']}: full re-embed R@10 "
-                     f"{b['recall_full']:.3f}, old queries R@10 {b['recall_old']:.3f}"
-                     + (f", unadapted {b['recall_unadapted']:.3f}" if "recall_unadapted" in b else "")
-                     + f"; label P@10 full {b['label_p_full']:.3f}, old {b['label_p_old']:.3f}"
-                     + f"; acc old {b['acc_old']:.3f}, retrained {b['acc_new_retrained']:.3f}, "
-                       f"majority {b['acc_majority']:.3f}")
-        for r in p["backward"]:
-            add(f"{name} backward", r)
-        for r in p.get("forward", []):
-            add(f"{name} forward (old->new)", r)
-    ch = results.get("chain")
-    if ch:
-        lines.append(f"[chain] {' <- '.join(ch['models'])}: fused operator(2, 0) into the {ch['models'][0]} index")
-        for r in ch["rows"]:
-            add("chain v2->v0", r)
-    return "\n".join(lines)
-
-
-def _plot(path: Path, results: Mapping[str, Any]) -> Path | None:
-    try:
-        from ..eval.report import _pyplot, _save_fig
-
-        plt = _pyplot()
-    except ImportError:
-        return None
-    pairs = list(results["pairs"].items())
-    panels = (("retention", "Recall@10 retention vs full re-embed"),
-              ("label_retention", "label precision@10 retention vs full re-embed"),
-              ("acc_retention", "classifier accuracy retention"))
-    fig, axes = plt.subplots(len(panels), len(pairs), figsize=(5.5 * len(pairs), 3.4 * len(panels)), squeeze=False)
-    colours = {kind: f"C{i}" for i, kind in enumerate(dict.fromkeys(
-        r["kind"] for p in results["pairs"].values() for r in p["backward"]))}
-    fracs = sorted({100 * r["fraction"] for p in results["pairs"].values() for r in p["backward"]})
-    for j, (name, p) in enumerate(pairs):
-        for i, (key, label) in enumerate(panels):
-            ax = axes[i, j]
-            for kind in colours:
-                rs = [r for r in p["backward"] if r["kind"] == kind and key in r]
-                ax.plot([100 * r["fraction"] for r in rs], [r[key] for r in rs], "o-", color=colours[kind], label=kind)
-            fw = [r for r in p.get("forward", []) if key in r]
-            if fw:
-                ax.plot([100 * r["fraction"] for r in fw], [r[key] for r in fw], "*", ms=10, color="k",
-                        label="forward: old queries -> new index")
-            ch = results.get("chain")
-            if ch and (p["old"], p["new"]) == (ch["models"][0], ch["models"][-1]):
-                for kind in colours:
-                    rs = [r for r in ch["rows"] if r["kind"] == kind and key in r]
-                    ax.plot([100 * r["fraction"] for r in rs], [r[key] for r in rs], "x--", color=colours[kind],
-                            label=f"chain {kind}")
-            ref = {"retention": ("recall_old", "recall_full"), "label_retention": ("label_p_old", "label_p_full")}
-            if key in ref and p["baseline"][ref[key][1]] > 0:
-                ax.axhline(p["baseline"][ref[key][0]] / p["baseline"][ref[key][1]], color="grey", ls=":",
-                           label="old model's own queries")
-            ax.set_xscale("log")
-            ax.set_xticks(fracs, [f"{v:g}" for v in fracs])
-            ax.minorticks_off()
-            ax.set_xlabel("fitting pairs (% of corpus)")
-            ax.set_title(f"{name}: {p['new']} -> {p['old']}\n{label}", fontsize=9)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = _save_fig(fig, path)
-    plt.close(fig)
-    return out
 
 
 # -- entry point ----------------------------------------------------------------------------------------
@@ -532,16 +480,26 @@ def _run(out_dir: str | Path, *, fractions: Sequence[float] | None, kinds: Seque
     res: dict[str, Any] = {"pairs": {}}
     for name, (old, new) in pairs.items():
         base = _baseline(s, old, new)
-        p: dict[str, Any] = {"old": old, "new": new, "baseline": base, "backward": [], "forward": []}
+        p: dict[str, Any] = {"old": old, "new": new, "baseline": base, "backward": [], "forward": [],
+                             "local_vs_global": []}
+        per_query: dict[int, np.ndarray] = {}
         log(f"[{name}] {new} -> {old}: full re-embed R@{k} {base['recall_full']:.3f}, "
             f"old queries R@{k} {base['recall_old']:.3f}")
         for f in fractions:
             for kind in kinds:
                 r = _fit_and_score(s, kind, old, new, f, base, fit_params.get(kind, {}), latency_calls, log)
+                if "_label_p_per_query" in r:
+                    per_query[len(p["backward"])] = r.pop("_label_p_per_query")
                 p["backward"].append(r)
                 if "error" not in r:
                     log(f"    {kind:<10} {f:>4.0%}: R@{k} {r['recall']:.3f} (retention {r['retention']:.3f}), "
                         f"acc {r['acc']:.3f}, fit {r['fit_s']:.2f} s, {r['latency_us']:.1f} µs/query")
+            cmp = _local_vs_global(p["backward"], per_query, f, seed)
+            if cmp is not None:
+                p["local_vs_global"].append(cmp)
+                log(f"    local vs {cmp['best_global']} {f:.0%}: label P@{k} {cmp['local']['label_p']:.3f} vs "
+                    f"{cmp['global']['label_p']:.3f}, diff {cmp['label_p_diff']:+.3f} "
+                    f"[{cmp['label_p_diff_ci95'][0]:+.3f}, {cmp['label_p_diff_ci95'][1]:+.3f}]")
             done = [r for r in p["backward"] if r["fraction"] == f and "error" not in r]
             if forward and done:
                 best = max(done, key=lambda r: r["recall"])["kind"]
@@ -555,7 +513,7 @@ def _run(out_dir: str | Path, *, fractions: Sequence[float] | None, kinds: Seque
         base = _baseline(s, old, new)
         ch: dict[str, Any] = {"models": list(chain), "baseline": base, "rows": []}
         for f in fractions:
-            for kind in kinds:
+            for kind in (kk for kk in kinds if kk not in _NOT_IN_CHAIN):
                 try:
                     r = _chain(s, chain, kind, f, base, fit_params.get(kind, {}), latency_calls,
                                out / "registries", infos)
@@ -580,7 +538,11 @@ def _run(out_dir: str | Path, *, fractions: Sequence[float] | None, kinds: Seque
                                "query's label (a model-independent relevance proxy)",
             "classifier": "multinomial logistic regression (numpy, standardised features) trained on old-model "
                           "corpus embeddings; accuracy on the queries",
-            "latency": f"median of {latency_calls} FusedTransform.apply calls, batch 1, preallocated out",
+            "latency": f"median of {latency_calls} FusedTransform.apply calls, batch 1, preallocated out (local: "
+                       "its numpy float32 routed path, no compiled operator yet)",
+            "local_vs_global": "local against the global kind with the best label P@10 on the queries at the same "
+                               "fraction; label_p_diff = local - global with a 95 % paired bootstrap CI over "
+                               "queries (1000 draws)",
             "fit_pairs": "first round(f * n_indexed) texts of a fixed random order of the indexed corpus",
             "thread_pools": threads,
         },

@@ -14,7 +14,10 @@ ridge      ``W x + b``                                          closed form, f64
 procrustes ``Q (x - m_x) + m_y``, Q a partial isometry          SVD, f64           no
 lowrank    ``U V x + b`` (reduced-rank ridge)                   closed form, f64   no
 mlp        ``P x + W2 gelu(W1 x + b1) + b``                     Adam, early stop   yes
-auto       the kind with the lowest validation MSE              all of the above
+local      ``sum_j w_j (A_cj x + b_cj)``, top-m of k clusters  k-means + closed   no
+           (routed, :mod:`bc_fast.fit._routing`)                form per cluster
+auto       the best kind on validation rows: neighbour          all of the above
+           overlap@10 (default), label precision, or MSE
 ========== ==================================================== ================== =====
 
 The closed-form kinds need only float64 sums of the pairs, so :func:`fit_streaming` and
@@ -33,13 +36,16 @@ from ._auto import KINDS, AutoAdapter, fit_adapter, make_adapter
 from ._base import BaseAdapter, NotFittedError
 from ._estimators import LowRankAdapter, ProcrustesAdapter, RidgeAdapter
 from ._gram import PairStats, accumulate_pairs, val_mask
-from ._metrics import fit_metrics, neighbour_overlap
+from ._local import LocalAdapter
+from ._metrics import fit_metrics, label_precision, neighbour_overlap
 from ._mlp import MLPAdapter
 from ._registry import fit_to_registry, format_fit_table
+from ._routing import RoutedParams, routed_reference
 from ._streaming import fit_streaming, fit_streaming_npy, npy_pair_chunks
 
 __all__ = [
-    "KINDS", "AutoAdapter", "BaseAdapter", "LowRankAdapter", "MLPAdapter", "NotFittedError", "PairStats",
-    "ProcrustesAdapter", "RidgeAdapter", "accumulate_pairs", "fit_adapter", "fit_metrics", "fit_streaming",
-    "fit_streaming_npy", "fit_to_registry", "format_fit_table", "make_adapter", "neighbour_overlap", "npy_pair_chunks", "val_mask",
+    "KINDS", "AutoAdapter", "BaseAdapter", "LocalAdapter", "LowRankAdapter", "MLPAdapter", "NotFittedError",
+    "PairStats", "ProcrustesAdapter", "RidgeAdapter", "RoutedParams", "accumulate_pairs", "fit_adapter", "fit_metrics",
+    "fit_streaming", "fit_streaming_npy", "fit_to_registry", "format_fit_table", "label_precision", "make_adapter",
+    "neighbour_overlap", "npy_pair_chunks", "routed_reference", "val_mask",
 ]

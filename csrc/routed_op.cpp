@@ -1,0 +1,291 @@
+#include "routed_op.h"
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/dispatch.h"
+#include "small_pool.h"
+
+#if defined(BC_FAST_HAVE_OPENMP)
+#include <omp.h>
+#endif
+
+namespace bc_fast {
+
+namespace {
+
+// W (rows x cols, row-major) as W^T in panels of kPanel columns, zero padded to n_pad (kernels.h).
+void pack_panels(const float* w, int64_t rows, int64_t cols, int64_t n_pad, float* packed) {
+  std::fill(packed, packed + n_pad * cols, 0.0f);
+  for (int64_t o = 0; o < rows; ++o) {
+    float* panel = packed + (o / kPanel) * cols * kPanel + (o % kPanel);
+    const float* src = w + o * cols;
+    for (int64_t j = 0; j < cols; ++j) panel[j * kPanel] = src[j];
+  }
+}
+
+// Every cluster's GEMM of a tile whose (row, slot) pairs are gathered in cluster order (cluster c's
+// rows are [ends[c - 1], ends[c])), cut into two chunks of whole output panels for the small pool
+// (chunk 0: panels [0, half), chunk 1: [half, panels)). Each output is one chain over d_in, so the
+// cut never changes a bit.
+struct ClusterGemms {
+  const KernelSet* kern;
+  const float* x;  // pairs x d_in
+  float* y;        // pairs x out_pad
+  const int64_t* ends;
+  const float* packed;  // k blocks of out_pad x d_in
+  int64_t k, d_in, out_pad, half;
+
+  static void run(const void* self, int64_t chunk) {
+    const ClusterGemms& g = *static_cast<const ClusterGemms*>(self);
+    const int64_t panels = g.out_pad / kPanel;
+    const int64_t p0 = chunk == 1 ? g.half : 0;
+    const int64_t p1 = chunk == 0 ? g.half : panels;  // kAllChunks: every panel
+    for (int64_t c = 0, begin = 0; c < g.k; begin = g.ends[c++]) {
+      if (g.ends[c] == begin) continue;
+      g.kern->gemm_packed(g.x + begin * g.d_in, g.d_in, g.ends[c] - begin, g.d_in,
+                          g.packed + (c * g.out_pad + p0 * kPanel) * g.d_in, (p1 - p0) * kPanel,
+                          g.y + begin * g.out_pad + p0 * kPanel, g.out_pad);
+    }
+  }
+};
+
+void check_finite(const std::vector<float>& v, const char* name) {
+  for (float f : v)
+    if (!std::isfinite(f)) throw std::invalid_argument(std::string("routed op: ") + name + " has NaN or Inf");
+}
+
+}  // namespace
+
+struct RoutedOp::Workspace {
+  std::vector<float> input;    // fp16 input converted to fp32
+  std::vector<float> scores;   // rows x score_pad
+  std::vector<int64_t> slot_cluster;  // rows x m
+  std::vector<float> slot_weight;     // rows x m
+  std::vector<int64_t> count, order;  // counting sort of the (row, slot) pairs by cluster
+  std::vector<float> gathered;        // the rows routed to one cluster
+  std::vector<float> mapped;          // their images under that cluster's map (out_pad wide)
+  std::vector<float> acc;             // rows x d_out: the blend
+
+  static Workspace& local() {
+    thread_local Workspace ws;
+    return ws;
+  }
+  template <class T>
+  static T* ensure(std::vector<T>& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+  }
+};
+
+RoutedOp::RoutedOp(RoutedSpec spec, bool normalize) : spec_(std::move(spec)), normalize_(normalize) {
+  const RoutedSpec& s = spec_;
+  if (s.k < 1 || s.d_in < 1 || s.d_out < 1)
+    throw std::invalid_argument("routed op: k, d_in and d_out must be positive");
+  if (s.m < 1 || s.m > s.k)
+    throw std::invalid_argument("routed op: m must be in [1, k] = [1, " + std::to_string(s.k) + "], got " +
+                                std::to_string(s.m));
+  if (!(std::isfinite(s.temperature) && s.temperature > 0.0f))
+    throw std::invalid_argument("routed op: temperature must be a finite number > 0");
+  if (static_cast<int64_t>(s.score_weight.size()) != s.k * s.d_in ||
+      static_cast<int64_t>(s.score_bias.size()) != s.k)
+    throw std::invalid_argument("routed op: the score weights must be k x d_in and the score bias k values");
+  if (static_cast<int64_t>(s.weight.size()) != s.k * s.d_out * s.d_in ||
+      static_cast<int64_t>(s.bias.size()) != s.k * s.d_out)
+    throw std::invalid_argument("routed op: the weights must be k x d_out x d_in and the bias k x d_out values");
+  check_finite(s.score_weight, "score weights");
+  check_finite(s.score_bias, "score bias");
+  check_finite(s.weight, "weights");
+  check_finite(s.bias, "bias");
+  score_pad_ = (s.k + kPanel - 1) / kPanel * kPanel;
+  out_pad_ = (s.d_out + kPanel - 1) / kPanel * kPanel;
+  score_packed_.resize(static_cast<size_t>(score_pad_ * s.d_in));
+  pack_panels(s.score_weight.data(), s.k, s.d_in, score_pad_, score_packed_.data());
+  packed_.resize(static_cast<size_t>(s.k * out_pad_ * s.d_in));
+  for (int64_t c = 0; c < s.k; ++c)
+    pack_panels(s.weight.data() + c * s.d_out * s.d_in, s.d_out, s.d_in, out_pad_, packed_.data() + c * out_pad_ * s.d_in);
+}
+
+const float* RoutedOp::tile_input(const void* x, DType x_type, int64_t rows, Workspace& ws) const {
+  if (x_type == DType::kFloat32) return static_cast<const float*>(x);
+  float* in = Workspace::ensure(ws.input, static_cast<size_t>(rows * spec_.d_in));
+  active_kernels().half_to_float(static_cast<const uint16_t*>(x), in, rows * spec_.d_in);
+  return in;
+}
+
+void RoutedOp::route_tile(const float* x, int64_t rows, Workspace& ws) const {
+  const RoutedSpec& s = spec_;
+  const int64_t m = s.m;
+  float* scores = Workspace::ensure(ws.scores, static_cast<size_t>(rows * score_pad_));
+  active_kernels().gemm_packed(x, s.d_in, rows, s.d_in, score_packed_.data(), score_pad_, scores, score_pad_);
+  int64_t* cl = Workspace::ensure(ws.slot_cluster, static_cast<size_t>(rows * m));
+  float* wt = Workspace::ensure(ws.slot_weight, static_cast<size_t>(rows * m));
+  const double inv_t = 1.0 / static_cast<double>(s.temperature);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* sc = scores + r * score_pad_;
+    int64_t* top = cl + r * m;
+    float* w = wt + r * m;
+    // Insertion into a sorted top-m list; a later cluster displaces an earlier one only with a strictly
+    // larger score, so ties keep the lower index first.
+    int64_t filled = 0;
+    for (int64_t c = 0; c < s.k; ++c) {
+      const float v = sc[c] + s.score_bias[static_cast<size_t>(c)];
+      if (filled == m && !(v > w[m - 1])) continue;
+      int64_t pos = filled < m ? filled++ : m - 1;
+      while (pos > 0 && v > w[pos - 1]) {
+        w[pos] = w[pos - 1];
+        top[pos] = top[pos - 1];
+        --pos;
+      }
+      w[pos] = v;
+      top[pos] = c;
+    }
+    double e[64];
+    double sum = 0.0;
+    std::vector<double> big;
+    double* ex = m <= 64 ? e : (big.resize(static_cast<size_t>(m)), big.data());
+    for (int64_t j = 0; j < m; ++j) sum += ex[j] = std::exp((static_cast<double>(w[j]) - w[0]) * inv_t);
+    for (int64_t j = 0; j < m; ++j) w[j] = static_cast<float>(ex[j] / sum);
+  }
+}
+
+void RoutedOp::run_tile(const void* x, DType x_type, int64_t rows, void* out, DType out_type, Workspace& ws,
+                        SplitLease* split) const {
+  const RoutedSpec& s = spec_;
+  const KernelSet& kern = active_kernels();
+  const float* xin = tile_input(x, x_type, rows, ws);
+  route_tile(xin, rows, ws);
+  const int64_t m = s.m, pairs = rows * m;
+  const int64_t* cl = ws.slot_cluster.data();
+  const float* wt = ws.slot_weight.data();
+
+  // The (row, slot) pairs grouped by cluster, rows ascending within a cluster (a stable counting sort).
+  int64_t* count = Workspace::ensure(ws.count, static_cast<size_t>(s.k + 1));
+  std::fill(count, count + s.k + 1, 0);
+  for (int64_t p = 0; p < pairs; ++p) ++count[cl[p] + 1];
+  for (int64_t c = 0; c < s.k; ++c) count[c + 1] += count[c];
+  int64_t* order = Workspace::ensure(ws.order, static_cast<size_t>(pairs));
+  for (int64_t p = 0; p < pairs; ++p) order[count[cl[p]]++] = p;  // count[c] ends at the start of c + 1
+
+  float* acc = Workspace::ensure(ws.acc, static_cast<size_t>(rows * s.d_out));
+  std::fill(acc, acc + rows * s.d_out, 0.0f);
+  // With the small pool (a few rows), all pairs are gathered first and every cluster's GEMM runs in one
+  // split job; otherwise cluster by cluster, each GEMM's input and output still in cache for the blend.
+  float *gx = nullptr, *gy = nullptr;
+  if (split != nullptr) {
+    gx = Workspace::ensure(ws.gathered, static_cast<size_t>(pairs * s.d_in));
+    gy = Workspace::ensure(ws.mapped, static_cast<size_t>(pairs * out_pad_));
+    for (int64_t i = 0; i < pairs; ++i) std::copy_n(xin + (order[i] / m) * s.d_in, s.d_in, gx + i * s.d_in);
+    const ClusterGemms job{&kern, gx, gy, count, packed_.data(), s.k, s.d_in, out_pad_, (out_pad_ / kPanel + 1) / 2};
+    split->run(2, &ClusterGemms::run, &job);
+  }
+  for (int64_t c = 0, begin = 0; c < s.k; begin = count[c++]) {
+    const int64_t g = count[c] - begin;
+    if (g == 0) continue;
+    // Each cluster's rows go through one GEMM; a row's image does not depend on the rows beside it
+    // (the packed kernel computes each output as one chain over d_in), and each row adds its clusters'
+    // contributions in cluster order, so results are the same for every batch and thread count.
+    const float* mapped;
+    if (split != nullptr) {
+      mapped = gy + begin * out_pad_;
+    } else {
+      float* cx = Workspace::ensure(ws.gathered, static_cast<size_t>(g * s.d_in));
+      for (int64_t i = 0; i < g; ++i) std::copy_n(xin + (order[begin + i] / m) * s.d_in, s.d_in, cx + i * s.d_in);
+      float* cy = Workspace::ensure(ws.mapped, static_cast<size_t>(g * out_pad_));
+      kern.gemm_packed(cx, s.d_in, g, s.d_in, packed_.data() + c * out_pad_ * s.d_in, out_pad_, cy, out_pad_);
+      mapped = cy;
+    }
+    const float* b = s.bias.data() + c * s.d_out;
+    for (int64_t i = 0; i < g; ++i) {
+      const int64_t p = order[begin + i];
+      const float w = wt[p];
+      float* dst = acc + (p / m) * s.d_out;
+      const float* src = mapped + i * out_pad_;
+      for (int64_t o = 0; o < s.d_out; ++o) dst[o] += w * (src[o] + b[o]);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = acc + r * s.d_out;
+    float scale = 1.0f;
+    if (normalize_) scale = 1.0f / std::max(std::sqrt(kern.sum_squares(row, s.d_out)), 1e-12f);
+    if (out_type == DType::kFloat32)
+      kern.store_f32(row, static_cast<float*>(out) + r * s.d_out, s.d_out, scale);
+    else
+      kern.store_f16(row, static_cast<uint16_t*>(out) + r * s.d_out, s.d_out, scale);
+  }
+}
+
+void RoutedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out_type, int64_t threads) const {
+  if (n < 0) throw std::invalid_argument("negative number of rows");
+  if (n == 0) return;
+  if (x == nullptr || out == nullptr) throw std::invalid_argument("null data pointer");
+  const size_t x_item = x_type == DType::kFloat32 ? 4 : 2;
+  const size_t o_item = out_type == DType::kFloat32 ? 4 : 2;
+  const char* xb = static_cast<const char*>(x);
+  char* ob = static_cast<char*>(out);
+  if (xb < ob + n * d_out() * o_item && ob < xb + n * d_in() * x_item)
+    throw std::invalid_argument("output overlaps input");
+  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+  auto run = [&](int64_t i) {
+    const int64_t r0 = i * kTileRows;
+    run_tile(xb + r0 * d_in() * x_item, x_type, std::min(kTileRows, n - r0), ob + r0 * d_out() * o_item, out_type,
+             Workspace::local());
+  };
+  const int64_t t = in_forked_child() ? 1 : threads > 0 ? std::min<int64_t>(threads, kMaxThreads) : num_threads();
+  if (n <= kSplitRows && t >= 2 && out_pad_ >= 2 * kPanel) {
+    // A few rows: each of their clusters' maps is cut by output panels over this thread and the small
+    // pool's helper, so each streams half of the weights (at batch 1 the maps come from L3, not L2).
+    const ThreadClaim claim(2);
+    if (claim.granted() >= 2) {
+      SplitLease lease;
+      if (lease.ok()) {
+        run_tile(x, x_type, n, out, out_type, Workspace::local(), &lease);
+        return;
+      }
+    }
+  }
+  if (std::min(t, tiles) <= 1) {
+    for (int64_t i = 0; i < tiles; ++i) run(i);
+    return;
+  }
+  for (int64_t next = 0; next < tiles;) {
+    const ThreadClaim claim(static_cast<int>(std::min(t, tiles - next)));
+    if (claim.granted() <= 1) {
+      run(next++);
+      continue;
+    }
+    std::exception_ptr error;
+#if defined(BC_FAST_HAVE_OPENMP)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(claim.granted())
+#endif
+    for (int64_t i = next; i < tiles; ++i) {
+      try {
+        run(i);
+      } catch (...) {
+#if defined(BC_FAST_HAVE_OPENMP)
+#pragma omp critical(bc_fast_error)
+#endif
+        if (!error) error = std::current_exception();
+      }
+    }
+    if (error) std::rethrow_exception(error);
+    next = tiles;
+  }
+}
+
+void RoutedOp::route(const void* x, DType x_type, int64_t n, int64_t* clusters, float* weights) const {
+  if (n < 0) throw std::invalid_argument("negative number of rows");
+  const size_t x_item = x_type == DType::kFloat32 ? 4 : 2;
+  Workspace& ws = Workspace::local();
+  for (int64_t r0 = 0; r0 < n; r0 += kTileRows) {
+    const int64_t rows = std::min(kTileRows, n - r0);
+    route_tile(tile_input(static_cast<const char*>(x) + r0 * d_in() * x_item, x_type, rows, ws), rows, ws);
+    std::copy_n(ws.slot_cluster.data(), rows * spec_.m, clusters + r0 * spec_.m);
+    std::copy_n(ws.slot_weight.data(), rows * spec_.m, weights + r0 * spec_.m);
+  }
+}
+
+}  // namespace bc_fast

@@ -1,0 +1,65 @@
+// RoutedOp: a mixture of k affine maps, each row routed to the m clusters whose scores are largest,
+// their outputs blended with softmax weights. Plain C++: pointers and sizes only.
+//
+// For a row x (d_in):
+//   score_c = x . S_c + s_c                                  (c = 0..k-1; S: k x d_in, s: k)
+//   c_1..c_m = the m largest scores, ties to the lower cluster index; s_1 >= ... >= s_m
+//   w_j = exp((score_{c_j} - score_{c_1}) / T) / sum_i exp((score_{c_i} - score_{c_1}) / T)
+//   y = sum_j w_j (A_{c_j} x + b_{c_j})                      (A: k x d_out x d_in, b: k x d_out)
+// then, optionally, y / max(||y||, 1e-12). Nearest-centroid routing has S_c = 2 C_c, s_c = -||C_c||^2.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "fused_op.h"
+#include "small_pool.h"
+
+namespace bc_fast {
+
+struct RoutedSpec {
+  int64_t k = 0, d_in = 0, d_out = 0, m = 1;
+  float temperature = 1.0f;
+  std::vector<float> score_weight;  // k x d_in, row-major
+  std::vector<float> score_bias;    // k
+  std::vector<float> weight;        // k x d_out x d_in, row-major
+  std::vector<float> bias;          // k x d_out
+};
+
+class RoutedOp {
+ public:
+  // Rows per tile of a large batch: the tiling depends on n only, never on the threads argument.
+  static constexpr int64_t kTileRows = 256;
+  // Batches of at most this many rows split each cluster's GEMM over the small pool (small_pool.h).
+  static constexpr int64_t kSplitRows = 8;
+
+  // Throws std::invalid_argument on inconsistent sizes, m outside [1, k], T <= 0 or non-finite values.
+  RoutedOp(RoutedSpec spec, bool normalize);
+
+  int64_t d_in() const { return spec_.d_in; }
+  int64_t d_out() const { return spec_.d_out; }
+  int64_t k() const { return spec_.k; }
+  int64_t m() const { return spec_.m; }
+
+  // out[n x d_out] = routed map of x[n x d_in]; both C-contiguous, must not overlap. A row's result
+  // does not depend on the other rows of its batch or on the thread count (bit-identical).
+  void apply(const void* x, DType x_type, int64_t n, void* out, DType out_type, int64_t threads) const;
+
+  // The clusters (n x m, best first) and weights (n x m) each row is routed to.
+  void route(const void* x, DType x_type, int64_t n, int64_t* clusters, float* weights) const;
+
+ private:
+  struct Workspace;
+  void run_tile(const void* x, DType x_type, int64_t rows, void* out, DType out_type, Workspace& ws,
+                SplitLease* split = nullptr) const;
+  const float* tile_input(const void* x, DType x_type, int64_t rows, Workspace& ws) const;
+  void route_tile(const float* x, int64_t rows, Workspace& ws) const;
+
+  RoutedSpec spec_;
+  bool normalize_;
+  int64_t score_pad_ = 0, out_pad_ = 0;
+  std::vector<float> score_packed_;  // S^T in panels (kernels.h)
+  std::vector<float> packed_;        // k blocks of A_c^T in panels, out_pad_ x d_in each
+};
+
+}  // namespace bc_fast
