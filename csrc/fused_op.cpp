@@ -256,9 +256,9 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
   const int64_t d0 = d_in();
   const float* cur;
   int64_t ld_cur = d0;
-  if (x_type == DType::kFloat16) {
+  if (x_type != DType::kFloat32) {
     float* in = Workspace::ensure(ws.input, static_cast<size_t>(m * d0));
-    kern.half_to_float(static_cast<const uint16_t*>(x), in, m * d0);
+    (x_type == DType::kFloat16 ? kern.half_to_float : kern.bf16_to_float)(static_cast<const uint16_t*>(x), in, m * d0);
     cur = in;
   } else {
     cur = static_cast<const float*>(x);
@@ -316,8 +316,10 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
         if (normalize_) kern.store_f32(row, row, d, scale);
       } else if (out_type == DType::kFloat32) {
         kern.store_f32(row, static_cast<float*>(out) + r * d, d, scale);
-      } else {
+      } else if (out_type == DType::kFloat16) {
         kern.store_f16(row, static_cast<uint16_t*>(out) + r * d, d, scale);
+      } else {
+        kern.store_bf16(row, static_cast<uint16_t*>(out) + r * d, d, scale);
       }
     }
   }

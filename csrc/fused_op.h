@@ -11,7 +11,8 @@
 
 namespace bc_fast {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1 };
+// Row dtypes of apply's input and output; the arithmetic is float32 (or bf16, see Precision) either way.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Arithmetic of the GEMMs: fp32, or bf16 operands (inputs and weights rounded to nearest even) with
 // fp32 accumulation (AVX512-BF16). Bias, activations, normalisation and output are fp32 either way.
 enum class Precision : int { kFloat32 = 0, kBFloat16 = 1 };

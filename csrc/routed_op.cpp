@@ -112,7 +112,9 @@ RoutedOp::RoutedOp(RoutedSpec spec, bool normalize) : spec_(std::move(spec)), no
 const float* RoutedOp::tile_input(const void* x, DType x_type, int64_t rows, Workspace& ws) const {
   if (x_type == DType::kFloat32) return static_cast<const float*>(x);
   float* in = Workspace::ensure(ws.input, static_cast<size_t>(rows * spec_.d_in));
-  active_kernels().half_to_float(static_cast<const uint16_t*>(x), in, rows * spec_.d_in);
+  const KernelSet& kern = active_kernels();
+  (x_type == DType::kFloat16 ? kern.half_to_float : kern.bf16_to_float)(static_cast<const uint16_t*>(x), in,
+                                                                       rows * spec_.d_in);
   return in;
 }
 
@@ -213,8 +215,10 @@ void RoutedOp::run_tile(const void* x, DType x_type, int64_t rows, void* out, DT
     if (normalize_) scale = 1.0f / std::max(std::sqrt(kern.sum_squares(row, s.d_out)), 1e-12f);
     if (out_type == DType::kFloat32)
       kern.store_f32(row, static_cast<float*>(out) + r * s.d_out, s.d_out, scale);
-    else
+    else if (out_type == DType::kFloat16)
       kern.store_f16(row, static_cast<uint16_t*>(out) + r * s.d_out, s.d_out, scale);
+    else
+      kern.store_bf16(row, static_cast<uint16_t*>(out) + r * s.d_out, s.d_out, scale);
   }
 }
 

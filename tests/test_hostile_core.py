@@ -52,17 +52,17 @@ APPLY_CASES = [
     ("x_int", lambda: OP.apply(np.ones((2, 3), np.int64)), TypeError, "got dtype int64"),
     ("x_bool", lambda: OP.apply(np.ones((2, 3), bool)), TypeError, "got dtype bool"),
     ("x_object", lambda: OP.apply(np.ones((2, 3), object)), TypeError, "got dtype object"),
-    ("x_structured", lambda: OP.apply(np.zeros((2, 3), [("a", "f4")])), TypeError, "float32 or float16"),
-    ("x_byteswapped_f4", lambda: OP.apply(np.ones((2, 3), ">f4")), TypeError, "float32 or float16"),
-    ("x_byteswapped_f2", lambda: OP.apply(np.ones((2, 3), ">f2")), TypeError, "float32 or float16"),
+    ("x_structured", lambda: OP.apply(np.zeros((2, 3), [("a", "f4")])), TypeError, "float32, float16 or bfloat16"),
+    ("x_byteswapped_f4", lambda: OP.apply(np.ones((2, 3), ">f4")), TypeError, "float32, float16 or bfloat16"),
+    ("x_byteswapped_f2", lambda: OP.apply(np.ones((2, 3), ">f2")), TypeError, "float32, float16 or bfloat16"),
     ("x_transposed", lambda: OP.apply(np.ones((3, 2), np.float32).T), ValueError, "ascontiguousarray"),
     ("x_strided", lambda: OP.apply(np.ones((4, 3), np.float32)[::2]), ValueError, "C-contiguous"),
     ("x_broadcast", lambda: OP.apply(np.broadcast_to(np.ones(3, np.float32), (2, 3))), ValueError, "C-contiguous"),
     ("x_unaligned", lambda: OP.apply(_unaligned(2, 3)), ValueError, r"x is not aligned.*x.copy\(\)"),
     ("x_masked", lambda: OP.apply(np.ma.masked_array(X, mask=np.ones_like(X, bool))), TypeError, "masked array"),
     ("out_list", lambda: OP.apply(X, out=[[0.0] * 4] * 2), TypeError, "out must be a numpy array"),
-    ("out_int", lambda: OP.apply(X, out=np.empty((2, 4), np.int32)), TypeError, "out must be float32 or float16"),
-    ("out_float64", lambda: OP.apply(X, out=np.empty((2, 4))), TypeError, "out must be float32 or float16"),
+    ("out_int", lambda: OP.apply(X, out=np.empty((2, 4), np.int32)), TypeError, "out must be float32, float16 or bfloat16"),
+    ("out_float64", lambda: OP.apply(X, out=np.empty((2, 4))), TypeError, "out must be float32, float16 or bfloat16"),
     ("out_1d", lambda: OP.apply(X, out=np.empty(8, np.float32)), ValueError, "Expected out to be a 2-D array"),
     ("out_wrong_cols", lambda: OP.apply(X, out=np.empty((2, 5), np.float32)), ValueError, "5 features per row, expected 4"),
     ("out_wrong_rows", lambda: OP.apply(X, out=np.empty((3, 4), np.float32)), ValueError, "3 rows but x has 2"),
@@ -73,8 +73,8 @@ APPLY_CASES = [
     ("out_overlaps_x", _apply_overlapping, ValueError, "out must not overlap x"),
     ("out_dtype_disagrees", lambda: OP.apply(X, out=np.empty((2, 4), np.float32), out_dtype=np.float16),
      ValueError, "disagrees with out.dtype"),
-    ("out_dtype_garbage", lambda: OP.apply(X, out_dtype="foo"), TypeError, "out_dtype must be float32 or float16, got 'foo'"),
-    ("out_dtype_float64", lambda: OP.apply(X, out_dtype=np.float64), TypeError, "out_dtype must be float32 or float16"),
+    ("out_dtype_garbage", lambda: OP.apply(X, out_dtype="foo"), TypeError, "out_dtype must be float32, float16 or bfloat16, got 'foo'"),
+    ("out_dtype_float64", lambda: OP.apply(X, out_dtype=np.float64), TypeError, "out_dtype must be float32, float16 or bfloat16"),
     ("threads_zero", lambda: OP.apply(X, threads=0), ValueError, r"threads must be an integer in \[1, 2147483647\]"),
     ("threads_negative", lambda: OP.apply(X, threads=-3), ValueError, "got -3"),
     ("threads_2_40", lambda: OP.apply(X, threads=2**40), ValueError, "got 1099511627776"),
@@ -196,9 +196,11 @@ class TestTorch:
         with pytest.raises(ValueError, match=r"out requires grad"):
             OP.apply(X, out=self.torch.empty(2, 4, requires_grad=True))
 
-    def test_bfloat16_input(self):
-        with pytest.raises(TypeError, match="bfloat16"):
-            OP.apply(self.torch.ones(2, 3, dtype=self.torch.bfloat16))
+    def test_bfloat16_input_is_taken(self):  # bf16 rows are supported (test_bf16_rows.py); float64 is not
+        y = OP.apply(self.torch.ones(2, 3, dtype=self.torch.bfloat16))
+        assert y.dtype == self.torch.float32 and self.torch.equal(y, OP.apply(self.torch.ones(2, 3)))
+        with pytest.raises(TypeError, match="got dtype float64"):
+            OP.apply(self.torch.ones(2, 3, dtype=self.torch.float64))
 
     def test_int_input(self):
         with pytest.raises(TypeError, match="got dtype int32"):

@@ -227,7 +227,7 @@ def test_torch_tensors_in_and_out():
         op.apply(torch.ones(2, 10, requires_grad=True))
     with pytest.raises(ValueError, match="C-contiguous"):
         op.apply(torch.ones(10, 2).t())
-    with pytest.raises(TypeError, match="float32 or float16"):
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         op.apply(torch.ones(2, 10, dtype=torch.float64))
 
 
@@ -244,12 +244,12 @@ class TestBadInput:
 
     @pytest.mark.parametrize("dtype", [np.float64, np.int32, np.uint8, np.complex64])
     def test_unsupported_dtype(self, dtype):
-        with pytest.raises(TypeError, match="float32 or float16"):
+        with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
             self.op.apply(np.ones((2, 3), dtype))
 
     @pytest.mark.parametrize("dtype", [">f4", ">f2"])
     def test_byte_swapped(self, dtype):
-        with pytest.raises(TypeError, match="float32 or float16"):
+        with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
             self.op.apply(np.ones((2, 3), dtype))
 
     def test_non_singleton_float32_dtype_is_accepted(self):
@@ -266,7 +266,7 @@ class TestBadInput:
             self.op.apply(x, out=np.empty((2, 5), np.float32))
         with pytest.raises(ValueError, match="3 rows but x has 2"):
             self.op.apply(x, out=np.empty((3, 4), np.float32))
-        with pytest.raises(TypeError, match="float32 or float16"):
+        with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
             self.op.apply(x, out=np.empty((2, 4), np.float64))
         ro = np.empty((2, 4), np.float32)
         ro.flags.writeable = False
@@ -299,7 +299,7 @@ class TestBadInput:
 
     @pytest.mark.parametrize("out_dtype", ["foo", object, np.float64, "int8"])
     def test_bad_out_dtype(self, out_dtype):
-        with pytest.raises(TypeError, match="out_dtype must be float32 or float16"):
+        with pytest.raises(TypeError, match="out_dtype must be float32, float16 or bfloat16"):
             self.op.apply(np.ones((2, 3), np.float32), out_dtype=out_dtype)
 
     def test_not_an_array(self):

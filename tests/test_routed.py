@@ -125,7 +125,7 @@ def test_bad_parameters_and_input_are_refused():
     op = RoutedTransform.from_params(p)
     with pytest.raises(ValueError, match="has 69 features per row, expected 70"):
         op.apply(np.zeros((3, 69), np.float32))
-    with pytest.raises(TypeError, match="float32 or float16"):
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         op.apply(np.zeros((3, 70), np.float64))
     with pytest.raises(ValueError, match="must not overlap"):
         sq = RoutedTransform.from_centroids(np.eye(3), np.stack([np.eye(3)] * 3), np.zeros((3, 3)), 1, 1.0)

@@ -7,6 +7,27 @@ from typing import Any
 import numpy as np
 
 
+def bfloat16() -> np.dtype:
+    """numpy's bfloat16 dtype (``ml_dtypes.bfloat16``, a dependency): how bf16 rows reach the core."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def is_bfloat16(dt: np.dtype) -> bool:
+    """True for ``ml_dtypes.bfloat16`` (without importing ml_dtypes)."""
+    return dt.itemsize == 2 and dt.name == "bfloat16"
+
+
+def to_torch(a: np.ndarray) -> Any:
+    """A torch tensor sharing ``a``'s memory (bfloat16 through an int16 view, which numpy can share)."""
+    import torch
+
+    if is_bfloat16(a.dtype):
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 def is_torch(x: Any) -> bool:
     """True for torch tensors (and parameters), without importing torch."""
     return type(x).__module__.startswith("torch")
@@ -35,6 +56,10 @@ def as_numpy(x: Any, name: str, *, copy_from_device: bool = False) -> tuple[np.n
                 raise ValueError(f"{name} is a torch tensor on {x.device}; move it to the CPU first ({name}.cpu())")
             if x.requires_grad:
                 raise ValueError(f"{name} requires grad; pass {name}.detach()")
+        import torch
+
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":  # numpy has no bf16: view the bits
+            return np.from_dlpack(x.view(torch.int16)).view(bfloat16()), True
         try:
             return np.from_dlpack(x), True
         except (TypeError, BufferError, RuntimeError) as e:

@@ -9,13 +9,12 @@ a chain of linear backward transforms collapsed into one matrix and bias.
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from .. import _core
-from .._util.arrays import as_numpy, is_torch
+from .._util.arrays import as_numpy, bfloat16, is_bfloat16, is_torch, to_torch
 from ._checks import INT_MAX, check_threads
 from .layer import Layer, validate_layer
 
@@ -25,14 +24,21 @@ _NDARRAY = np.ndarray
 _FLOAT16 = np.dtype(np.float16)
 
 
+def _row_dtype_ok(dt: np.dtype) -> bool:
+    return dt in _DTYPES or is_bfloat16(dt)
+
+
 def _out_dtype(out_dtype: Any) -> np.dtype:
-    """``out_dtype`` as float32 or float16; TypeError naming the argument otherwise."""
+    """``out_dtype`` as float32, float16 or bfloat16 (``"bfloat16"``, ``ml_dtypes.bfloat16``,
+    ``torch.bfloat16``); TypeError naming the argument otherwise."""
+    if out_dtype == "bfloat16" or str(out_dtype) == "torch.bfloat16":
+        return bfloat16()
     try:
         dt = np.dtype(out_dtype)
     except TypeError as e:
-        raise TypeError(f"out_dtype must be float32 or float16, got {out_dtype!r}") from e
-    if dt not in _DTYPES:
-        raise TypeError(f"out_dtype must be float32 or float16, got {dt}")
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype!r}") from e
+    if not _row_dtype_ok(dt):
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {dt}")
     return dt
 
 
@@ -48,8 +54,9 @@ def _check_batch(a: np.ndarray, name: str, dim: int) -> None:
     if a.ndim != 2:
         hint = " Reshape your data with x.reshape(1, -1) for a single vector." if a.ndim == 1 else ""
         raise ValueError(f"Expected {name} to be a 2-D array (n, {dim}), got {a.ndim}-D array of shape {a.shape}.{hint}")
-    if a.dtype not in _DTYPES:
-        raise TypeError(f"{name} must be float32 or float16, got dtype {a.dtype}; convert it with {name}.astype(np.float32)")
+    if not _row_dtype_ok(a.dtype):
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got dtype {a.dtype}; convert it with "
+                        f"{name}.astype(np.float32)")
     if a.shape[1] != dim:
         raise ValueError(f"{name} has {a.shape[1]} features per row, expected {dim}")
     if not a.flags.c_contiguous:
@@ -209,7 +216,7 @@ class FusedTransform:
                     pass
             elif threads is None or (type(threads) is int and 0 < threads <= INT_MAX):
                 dt = None if out_dtype is None else _out_dtype(out_dtype)
-                if dt is None or out is None or out.dtype == dt:
+                if (dt is None or out is None or out.dtype == dt) and (dt is None or not is_bfloat16(dt)):
                     try:
                         return self._op.apply(x, out, dt is not None and dt == _FLOAT16, threads or 0)
                     except (ValueError, TypeError):
@@ -227,7 +234,7 @@ class FusedTransform:
             oa = np.empty((xa.shape[0], self.d_out), dtype=dt)
             result: Any = oa
             if x_is_torch:
-                result = sys.modules["torch"].from_numpy(oa)
+                result = to_torch(oa)
         else:
             oa, _ = as_numpy(out, "out")
             _check_batch(oa, "out", self.d_out)

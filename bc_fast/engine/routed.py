@@ -14,13 +14,12 @@ routed step or an MLP layer does not fuse into it.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import numpy as np
 
 from .. import _core
-from .._util.arrays import as_numpy
+from .._util.arrays import as_numpy, to_torch
 from ._checks import check_threads
 from .operator import _check_batch, _out_dtype
 
@@ -182,7 +181,7 @@ class RoutedTransform:
         if out is None:
             dt = np.dtype(np.float32) if out_dtype is None else _out_dtype(out_dtype)
             oa = np.empty((xa.shape[0], self.d_out), dtype=dt)
-            result: Any = sys.modules["torch"].from_numpy(oa) if x_is_torch else oa
+            result: Any = to_torch(oa) if x_is_torch else oa
         else:
             oa, _ = as_numpy(out, "out")
             _check_batch(oa, "out", self.d_out)

@@ -24,6 +24,10 @@ struct KernelSet {
   void (*store_f32)(const float* y, float* out, int64_t n, float scale);
   void (*store_f16)(const float* y, uint16_t* out, int64_t n, float scale);
   void (*half_to_float)(const uint16_t* in, float* out, int64_t n);
+  // out = y * scale as bfloat16 bits, rounded to nearest even (NaN stays a quiet NaN of the same sign).
+  void (*store_bf16)(const float* y, uint16_t* out, int64_t n, float scale);
+  // bfloat16 bits to float32 (exact).
+  void (*bf16_to_float)(const uint16_t* in, float* out, int64_t n);
 };
 
 const KernelSet& generic_kernels();
@@ -59,5 +63,7 @@ const Bf16Kernels& avx512bf16_kernels();
 float half_bits_to_float(uint16_t h);
 uint16_t float_to_half_bits(float f);
 float gelu_exact(float x);
+uint16_t float_to_bf16_bits(float f);
+float bf16_bits_to_float(uint16_t h);
 
 }  // namespace bc_fast

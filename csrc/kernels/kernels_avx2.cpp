@@ -170,10 +170,37 @@ void half_to_float(const uint16_t* in, float* out, int64_t n) {
   for (; j < n; ++j) out[j] = half_bits_to_float(in[j]);
 }
 
+void store_bf16(const float* y, uint16_t* out, int64_t n, float scale) {
+  const __m256 s = _mm256_set1_ps(scale);
+  const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1), quiet = _mm256_set1_epi32(0x0040);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(y + j), s);
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, bias), lsb), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(bits, 16), quiet), nan);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j),
+                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+  }
+  for (; j < n; ++j) out[j] = float_to_bf16_bits(y[j] * scale);
+}
+
+void bf16_to_float(const uint16_t* in, float* out, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + j)));
+    _mm256_storeu_ps(out + j, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+  for (; j < n; ++j) out[j] = bf16_bits_to_float(in[j]);
+}
+
 }  // namespace
 
 const KernelSet& avx2_kernels() {
-  static const KernelSet k{"avx2", gemm_packed, bias_act, sum_squares, store_f32, store_f16, half_to_float};
+  static const KernelSet k{"avx2", gemm_packed, bias_act, sum_squares, store_f32, store_f16, half_to_float,
+                           store_bf16, bf16_to_float};
   return k;
 }
 

@@ -216,10 +216,43 @@ void half_to_float(const uint16_t* in, float* out, int64_t n) {
   }
 }
 
+inline __m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x0040));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+void store_bf16(const float* y, uint16_t* out, int64_t n, float scale) {
+  const __m512 s = _mm512_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), to_bf16(_mm512_mul_ps(_mm512_loadu_ps(y + j), s)));
+  if (j < n) {
+    const __mmask16 m = tail_mask(n - j);
+    _mm256_mask_storeu_epi16(out + j, m, to_bf16(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, y + j), s)));
+  }
+}
+
+inline __m512 from_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+void bf16_to_float(const uint16_t* in, float* out, int64_t n) {
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec)
+    _mm512_storeu_ps(out + j, from_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + j))));
+  if (j < n) {
+    const __mmask16 m = tail_mask(n - j);
+    _mm512_mask_storeu_ps(out + j, m, from_bf16(_mm256_maskz_loadu_epi16(m, in + j)));
+  }
+}
+
 }  // namespace
 
 const KernelSet& avx512_kernels() {
-  static const KernelSet k{"avx512", gemm_packed, bias_act, sum_squares, store_f32, store_f16, half_to_float};
+  static const KernelSet k{"avx512", gemm_packed, bias_act, sum_squares, store_f32, store_f16, half_to_float,
+                           store_bf16, bf16_to_float};
   return k;
 }
 

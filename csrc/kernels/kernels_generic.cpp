@@ -108,10 +108,33 @@ void half_to_float(const uint16_t* in, float* out, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = half_bits_to_float(in[j]);
 }
 
+void store_bf16(const float* y, uint16_t* out, int64_t n, float scale) {
+  for (int64_t j = 0; j < n; ++j) out[j] = float_to_bf16_bits(y[j] * scale);
+}
+
+void bf16_to_float(const uint16_t* in, float* out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = bf16_bits_to_float(in[j]);
+}
+
 }  // namespace
 
+uint16_t float_to_bf16_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x0040u);  // quiet NaN
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+float bf16_bits_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 const KernelSet& generic_kernels() {
-  static const KernelSet k{"generic", gemm_packed, bias_act, sum_squares, store_f32, store_f16, half_to_float};
+  static const KernelSet k{"generic", gemm_packed, bias_act, sum_squares, store_f32, store_f16, half_to_float,
+                           store_bf16, bf16_to_float};
   return k;
 }
 
