@@ -26,6 +26,8 @@ from .journal import _table_matches
 
 # directory tables bc_fast writes (npy_dir by the pipeline, parquet_dir by bc_fast.convert.distributed): their file suffixes
 _DIR_TABLE_SUFFIXES = {"npy_dir": (".npy",), "parquet_dir": (".parquet", ".pq", ".parq")}
+# folder tables whose sidecar lists every file bc_fast wrote (a Lance dataset, a Chroma or Milvus Lite store)
+_STORE_FORMATS = ("lance", "chroma", "milvus")
 
 
 # --------------------------------------------------------------------------- what may be overwritten
@@ -63,10 +65,10 @@ def _owned_output(output: str) -> dict:
         else:
             if side.get("format") != _SIDECAR_FORMAT:
                 why = f"its sidecar {side_path} is not a bc_fast table sidecar (format {short_repr(side.get('format'))})"
-    if why is None and os.path.isdir(output) and _table_format(side) == "lance":
+    if why is None and os.path.isdir(output) and _table_format(side) in _STORE_FORMATS:
         present, files = _tree_files(output), side.get("files")
         if not isinstance(files, list) or not all(is_relative_file(f) for f in files):
-            why = f"it is a Lance table, but its sidecar {side_path} does not list the files bc_fast wrote there"
+            why = f"it is a {_table_format(side)} table, but its sidecar {side_path} does not list the files bc_fast wrote there"
         elif present is None or [f for f in present if f not in files]:
             extra = [f for f in present or [] if f not in files]
             shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")

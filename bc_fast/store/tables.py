@@ -15,6 +15,10 @@ chunk size, never by the table:
 - a Lance dataset (a LanceDB table, ``<db>/<name>.lance``) with a fixed-size-list vector
   column: the other columns are carried through into a new dataset, one fragment and one
   commit per chunk. Needs the lance extra (``pip install "bc-fast[lance]"``).
+- a collection of a Chroma store (the folder of a ``chromadb.PersistentClient``) or of a Milvus Lite
+  store (the ``.db`` folder of a ``MilvusClient``), chosen with ``column`` if the store holds several:
+  converted, with its ids and other fields, into the same-named collection of a new store at OUTPUT
+  (:mod:`.chroma`, :mod:`.milvus`; the chroma / milvus extras).
 
 Writers only ever write under a temporary path; :mod:`bc_fast.convert` renames it
 into place when the table is complete.
@@ -32,22 +36,29 @@ import shutil
 
 import numpy as np
 
+from .chroma import ChromaReader, ChromaWriter, is_chroma_store
 from .lance import LanceReader, LanceWriter, import_lance, is_lance_dataset
+from .milvus import MilvusReader, MilvusWriter, is_milvus_store
 from .npy import NpyHeader, NpyReader, NpyWriter, npy_header_bytes, read_npy_header
 from .parquet import _PARQUET_SUFFIXES, ParquetReader, ParquetWriter, import_pyarrow
 from .table_base import DTYPES, Chunk, TableReader, TableWriter
 
-__all__ = ["DTYPES", "FORMATS", "Chunk", "LanceReader", "LanceWriter", "NpyHeader", "NpyReader", "NpyWriter",
-           "ParquetReader", "ParquetWriter", "TableReader", "TableWriter", "detect_format", "import_lance",
-           "import_pyarrow", "make_writer", "npy_header_bytes", "open_table", "read_npy_header", "remove_path", "sha256_file"]
+__all__ = ["DTYPES", "FORMATS", "ChromaReader", "ChromaWriter", "Chunk", "LanceReader", "LanceWriter", "MilvusReader",
+           "MilvusWriter", "NpyHeader", "NpyReader", "NpyWriter", "ParquetReader", "ParquetWriter", "TableReader",
+           "TableWriter", "detect_format", "import_lance", "import_pyarrow", "make_writer", "npy_header_bytes",
+           "open_table", "read_npy_header", "remove_path", "sha256_file"]
 
-FORMATS = ("npy", "npy_dir", "parquet", "lance")
+FORMATS = ("npy", "npy_dir", "parquet", "lance", "chroma", "milvus")
 
 
 def detect_format(path: str) -> str:
-    """``npy``, ``npy_dir``, ``parquet`` or ``lance`` for an existing input path."""
+    """``npy``, ``npy_dir``, ``parquet``, ``lance``, ``chroma`` or ``milvus`` for an existing input path."""
     if is_lance_dataset(path):
         return "lance"
+    if is_chroma_store(path):
+        return "chroma"
+    if is_milvus_store(path):
+        return "milvus"
     if os.path.isdir(path):
         return "npy_dir"
     if not os.path.exists(path):
@@ -63,7 +74,7 @@ def detect_format(path: str) -> str:
     if magic[:4] == b"PAR1":
         return "parquet"
     raise ValueError(f"{path}: unknown table format; expected a .npy file, a directory of .npy shards, "
-                     "a Parquet file or a Lance dataset (<db>/<name>.lance)")
+                     "a Parquet file, a Lance dataset (<db>/<name>.lance), a Chroma persist folder or a Milvus Lite .db folder")
 
 
 def open_table(path: str, column: str | None = None) -> TableReader:
@@ -73,15 +84,20 @@ def open_table(path: str, column: str | None = None) -> TableReader:
         return ParquetReader(path, column)
     if fmt == "lance":
         return LanceReader(path, column)
+    if fmt == "chroma":
+        return ChromaReader(path, column)
+    if fmt == "milvus":
+        return MilvusReader(path, column)
     if column is not None:
-        raise ValueError(f"column={column!r} only applies to Parquet and Lance tables, and {path} is {fmt}")
+        raise ValueError(f"column={column!r} only applies to Parquet, Lance, Chroma and Milvus tables, and {path} is {fmt}")
     return NpyReader(path)
 
 
 def make_writer(reader: TableReader, temp: str, dim: int, dtype: np.dtype, chunks: list[Chunk],
                 metadata: dict) -> TableWriter:
     """The writer for ``reader``'s format."""
-    cls = {"parquet": ParquetWriter, "lance": LanceWriter}.get(reader.format, NpyWriter)
+    cls = {"parquet": ParquetWriter, "lance": LanceWriter, "chroma": ChromaWriter,
+           "milvus": MilvusWriter}.get(reader.format, NpyWriter)
     return cls(reader, temp, dim, dtype, chunks, metadata)
 
 
