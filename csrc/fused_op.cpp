@@ -382,15 +382,19 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
     run_block(xb + r0 * d_in() * x_item, x_type, m, ob + r0 * d_out() * o_item, out_type, use_blas,
               Workspace::local());
   };
-  if (std::min<int64_t>(t, tiles) <= 1) {  // never touch the OpenMP runtime: in a forked child its pool is gone
+  run_tiles(tiles, t, run_tile);
+}
+
+void run_tiles(int64_t tiles, int64_t threads, const std::function<void(int64_t)>& run_tile) {
+  if (std::min<int64_t>(threads, tiles) <= 1) {  // never touch the OpenMP runtime: in a forked child its pool is gone
     for (int64_t i = 0; i < tiles; ++i) run_tile(i);
     return;
   }
-  // The tiling is fixed above, so any grant gives the same bits. A caller granted only its own
+  // The tiling is fixed by the caller, so any grant gives the same bits. A caller granted only its own
   // thread runs one tile and asks again: when another call returns its threads, the rest of
   // this batch goes parallel instead of finishing alone on one core while others sit idle.
   for (int64_t next = 0; next < tiles;) {
-    const ThreadClaim claim(static_cast<int>(std::min<int64_t>(t, tiles - next)));
+    const ThreadClaim claim(static_cast<int>(std::min<int64_t>(threads, tiles - next)));
     if (claim.granted() <= 1) {
       run_tile(next++);
       continue;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -115,6 +116,10 @@ class ThreadClaim {
  private:
   int granted_ = 1;
 };
+// run_tile(i) for every tile i in [0, tiles), on up to `threads` threads claimed from the shared budget
+// (OpenMP, dynamic schedule; the calling thread alone in a forked child or with one thread). The first
+// exception a tile throws is rethrown once all have run.
+void run_tiles(int64_t tiles, int64_t threads, const std::function<void(int64_t)>& run_tile);
 // Overrides the default thread count for this process (1..kMaxThreads, else invalid_argument).
 void set_num_threads(int64_t n);
 // True in a process forked (after the core was loaded) from one that loaded it: such a process

@@ -2,16 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <exception>
 #include <stdexcept>
 #include <string>
 
 #include "kernels/dispatch.h"
 #include "small_pool.h"
-
-#if defined(BC_FAST_HAVE_OPENMP)
-#include <omp.h>
-#endif
 
 namespace bc_fast {
 
@@ -251,33 +246,7 @@ void RoutedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType ou
       }
     }
   }
-  if (std::min(t, tiles) <= 1) {
-    for (int64_t i = 0; i < tiles; ++i) run(i);
-    return;
-  }
-  for (int64_t next = 0; next < tiles;) {
-    const ThreadClaim claim(static_cast<int>(std::min(t, tiles - next)));
-    if (claim.granted() <= 1) {
-      run(next++);
-      continue;
-    }
-    std::exception_ptr error;
-#if defined(BC_FAST_HAVE_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1) num_threads(claim.granted())
-#endif
-    for (int64_t i = next; i < tiles; ++i) {
-      try {
-        run(i);
-      } catch (...) {
-#if defined(BC_FAST_HAVE_OPENMP)
-#pragma omp critical(bc_fast_error)
-#endif
-        if (!error) error = std::current_exception();
-      }
-    }
-    if (error) std::rethrow_exception(error);
-    next = tiles;
-  }
+  run_tiles(tiles, t, run);
 }
 
 void RoutedOp::route(const void* x, DType x_type, int64_t n, int64_t* clusters, float* weights) const {

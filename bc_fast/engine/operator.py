@@ -65,6 +65,31 @@ def _check_batch(a: np.ndarray, name: str, dim: int) -> None:
         raise ValueError(f"{name} is not aligned to its {a.dtype} item size; pass {name}.copy()")
 
 
+def host_batch(x: Any, out: Any, out_dtype: Any, d_in: int, d_out: int) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Check a host batch and its output for the core: ``(x as numpy, out as numpy, what apply returns)``.
+
+    ``out`` None: a new (n, d_out) array of ``out_dtype`` (default float32), a torch tensor if ``x`` was
+    one. Otherwise ``out`` itself, checked for shape, dtype, writeability and overlap with ``x``.
+    """
+    xa, x_is_torch = as_numpy(x, "x")
+    _check_batch(xa, "x", d_in)
+    if out is None:
+        dt = np.dtype(np.float32) if out_dtype is None else _out_dtype(out_dtype)
+        oa = np.empty((xa.shape[0], d_out), dtype=dt)
+        return xa, oa, (to_torch(oa) if x_is_torch else oa)
+    oa, _ = as_numpy(out, "out")
+    _check_batch(oa, "out", d_out)
+    if oa.shape[0] != xa.shape[0]:
+        raise ValueError(f"out has {oa.shape[0]} rows but x has {xa.shape[0]}")
+    if out_dtype is not None and _out_dtype(out_dtype) != oa.dtype:
+        raise ValueError(f"out_dtype={np.dtype(out_dtype)} disagrees with out.dtype={oa.dtype}")
+    if not oa.flags.writeable:
+        raise ValueError("out is read-only; pass a writeable array (e.g. np.empty_like)")
+    if np.may_share_memory(xa, oa):
+        raise ValueError("out must not overlap x; the transform is not computed in place")
+    return xa, oa, out
+
+
 class FusedTransform:
     """A fused layer program applied to batches by the compiled core.
 
@@ -226,27 +251,8 @@ class FusedTransform:
 
             if cuda.is_cuda_array(x) or cuda.is_cuda_array(out):
                 return cuda.apply_fused(self, x, out=out, out_dtype=out_dtype, threads=threads)
-        xa, x_is_torch = as_numpy(x, "x")
-        _check_batch(xa, "x", self.d_in)
+        xa, oa, result = host_batch(x, out, out_dtype, self.d_in, self.d_out)
         n_threads = 0 if threads is None else check_threads(threads)
-        if out is None:
-            dt = np.dtype(np.float32) if out_dtype is None else _out_dtype(out_dtype)
-            oa = np.empty((xa.shape[0], self.d_out), dtype=dt)
-            result: Any = oa
-            if x_is_torch:
-                result = to_torch(oa)
-        else:
-            oa, _ = as_numpy(out, "out")
-            _check_batch(oa, "out", self.d_out)
-            if oa.shape[0] != xa.shape[0]:
-                raise ValueError(f"out has {oa.shape[0]} rows but x has {xa.shape[0]}")
-            if out_dtype is not None and _out_dtype(out_dtype) != oa.dtype:
-                raise ValueError(f"out_dtype={np.dtype(out_dtype)} disagrees with out.dtype={oa.dtype}")
-            if not oa.flags.writeable:
-                raise ValueError("out is read-only; pass a writeable array (e.g. np.empty_like)")
-            if np.may_share_memory(xa, oa):
-                raise ValueError("out must not overlap x; the transform is not computed in place")
-            result = out
         if xa.shape[0]:
             self._op.apply(xa, oa, False, n_threads)
         return result

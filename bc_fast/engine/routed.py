@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from .._util.arrays import as_numpy, to_torch
+from .._util.arrays import as_numpy
 from ._checks import check_threads
-from .operator import _check_batch, _out_dtype
+from .operator import _check_batch, host_batch
 
 __all__ = ["RoutedTransform"]
 
@@ -175,25 +175,8 @@ class RoutedTransform:
                 return self._op.apply(x, out, False, 0)
             except (ValueError, TypeError):
                 pass
-        xa, x_is_torch = as_numpy(x, "x")
-        _check_batch(xa, "x", self.d_in)
+        xa, oa, result = host_batch(x, out, out_dtype, self.d_in, self.d_out)
         n_threads = 0 if threads is None else check_threads(threads)
-        if out is None:
-            dt = np.dtype(np.float32) if out_dtype is None else _out_dtype(out_dtype)
-            oa = np.empty((xa.shape[0], self.d_out), dtype=dt)
-            result: Any = to_torch(oa) if x_is_torch else oa
-        else:
-            oa, _ = as_numpy(out, "out")
-            _check_batch(oa, "out", self.d_out)
-            if oa.shape[0] != xa.shape[0]:
-                raise ValueError(f"out has {oa.shape[0]} rows but x has {xa.shape[0]}")
-            if out_dtype is not None and _out_dtype(out_dtype) != oa.dtype:
-                raise ValueError(f"out_dtype={np.dtype(out_dtype)} disagrees with out.dtype={oa.dtype}")
-            if not oa.flags.writeable:
-                raise ValueError("out is read-only; pass a writeable array (e.g. np.empty_like)")
-            if np.may_share_memory(xa, oa):
-                raise ValueError("out must not overlap x; the transform is not computed in place")
-            result = out
         if xa.shape[0]:
             self._op.apply(xa, oa, False, n_threads)
         return result
