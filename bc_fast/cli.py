@@ -45,6 +45,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .experiments.demo import run_demo_pipeline
 
     if getattr(args, "text", False):
+        if args.device is not None:
+            raise ValueError("--device chooses where the recommender trains; --text trains none: drop --device")
         return _cmd_text_demo(args)
     if getattr(args, "quick", False) or getattr(args, "cache", None) or getattr(args, "blas_threads", None):
         raise ValueError("--quick, --cache and --blas-threads apply to the text scenario only; add --text")
@@ -62,6 +64,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             overrides[key] = getattr(args, key)
     if args.distill:
         overrides["distill"] = True
+    if args.device is not None:
+        overrides["device"] = args.device
     if args.lr is not None:
         if not args.lr > 0 or args.lr == float("inf"):
             raise ValueError(f"--lr must be a positive finite learning rate, got {args.lr}")
@@ -154,7 +158,8 @@ def _add_convert_parser(sub: Any) -> None:
                     "fixed-size-list column) from version FROM to version TO through the fused chain. "
                     "Output goes to OUTPUT.partial and is renamed when complete and verified; a sidecar "
                     "OUTPUT.bcfast.json records the version, the registry checksum and the chain.")
-    p.add_argument("input", metavar="INPUT", help="input table: .npy, directory of .npy shards, .parquet, or a LanceDB table <db>/<name>.lance")
+    p.add_argument("input", metavar="INPUT", help="input table: .npy, directory of .npy shards, .parquet, a LanceDB table <db>/<name>.lance, a Chroma "
+                        "persist folder or a Milvus Lite .db folder")
     p.add_argument("output", metavar="OUTPUT", help="output table, same form as INPUT (must not exist)")
     p.add_argument("--registry", "-r", required=True, metavar="R", help="version registry directory")
     p.add_argument("--from", dest="src", type=int, default=None, metavar="K",
@@ -174,7 +179,8 @@ def _add_convert_parser(sub: Any) -> None:
     p.add_argument("--verify-tol", type=float, default=None, metavar="TOL",
                    help="largest row-relative error allowed (default: from the dtypes and the chain, "
                         "~2e-5 for float32 output, ~1e-3 for float16)")
-    p.add_argument("--column", default=None, help="Parquet or Lance vector column (default: the only fixed-size-list one)")
+    p.add_argument("--column", default=None, help="Parquet or Lance vector column (default: the only fixed-size-list one); Chroma / Milvus Lite: "
+                        "the collection (Milvus: NAME or NAME.FIELD)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUTPUT when the new one is complete; only a table bc_fast wrote "
                         "(with its sidecar; for a folder, only the shards it lists) is ever replaced")
@@ -291,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "map fitted to the version-0 table instead of the chain B_1..B_k")
         p.add_argument("--late-frac", type=float, default=None, metavar="F",
                        help="share of the epochs in the late phase (default 0.25; needs --lam-late)")
+        p.add_argument("--device", default=None, metavar="DEV",
+                       help="where the recommender trains: auto (default: cuda when torch sees a GPU, else "
+                            "cpu), cpu, cuda or cuda:N; the same seed gives the same results on the CPU")
         p.set_defaults(func=_cmd_demo, full=False)
 
     p = sub.add_parser("registry", help="inspect a version registry")

@@ -8,6 +8,9 @@ to an uninterrupted run (every per-seed value round-trips exactly: float64 throu
 
 The first seed of a run also stores what the demo pipeline serves (embeddings and B_k layers
 of the kept strategies) in ``seed_<s>_artifacts.npz``, read back with ``allow_pickle=False``.
+Whatever device trained the seed, what is saved is host data (numpy; a torch tensor that reaches
+a checkpoint is copied to the CPU first), so a CPU-only machine resumes from it; the file records
+that device under ``"device"``.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from .._util.fileio import atomic_write_bytes, read_json_object
 FORMAT = "bc_fast.experiment.seed v1"
 
 #: Config fields that do not change what one seed computes: how many seeds, CI replicates, which
-#: strategies' artifacts are kept, the preset's name, and torch threads (which can change at most
-#: the float rounding of torch's parallel reductions, not the method).
-_NOT_PER_SEED = frozenset({"seed", "seeds", "n_boot", "keep", "threads", "name"})
+#: strategies' artifacts are kept, the preset's name, and torch threads and device (which can change
+#: at most the float rounding of torch's arithmetic, not the method; each checkpoint records the
+#: device it was trained on).
+_NOT_PER_SEED = frozenset({"seed", "seeds", "n_boot", "keep", "threads", "device", "name"})
 
 
 def seed_settings(cfg: Any) -> dict:
@@ -57,8 +61,16 @@ def data_fingerprint(data: Any) -> dict:
             "items": int(data.num_items), "sha256": h.hexdigest()}
 
 
+def _host(x: Any) -> Any:
+    """A torch tensor (on any device) as a numpy array on the host; anything else as is."""
+    if type(x).__module__.startswith("torch") and hasattr(x, "detach") and hasattr(x, "cpu"):
+        return x.detach().cpu().numpy()
+    return x
+
+
 def _encode(x: Any) -> Any:
-    """Arrays and int-keyed dicts as tagged JSON objects; everything else as is."""
+    """Arrays (numpy, or torch tensors on any device) and int-keyed dicts as tagged JSON objects; the rest as is."""
+    x = _host(x)
     if isinstance(x, np.ndarray):
         return {"__ndarray__": x.tolist(), "dtype": x.dtype.str, "shape": list(x.shape)}
     if isinstance(x, dict):
@@ -116,14 +128,18 @@ class SeedCheckpoints:
     def _artifacts_path(self, seed: int) -> Path:
         return self.dir / f"seed_{int(seed)}_artifacts.npz"
 
-    def save(self, seed: int, result: dict, timing: dict[str, float], artifacts: dict | None = None) -> Path:
-        """Write one finished seed (and, given, its artifacts) atomically; return the JSON path."""
+    def save(self, seed: int, result: dict, timing: dict[str, float], artifacts: dict | None = None, *,
+             device: str | None = None) -> Path:
+        """Write one finished seed (and, given, its artifacts) atomically; return the JSON path.
+
+        ``device`` (e.g. ``"cuda:0 (NVIDIA H200)"``) records where the seed was trained.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
         has_artifacts = artifacts is not None
         if has_artifacts:
             atomic_write_bytes(self._artifacts_path(seed), _artifacts_bytes(artifacts))
         doc = {"format": FORMAT, "seed": int(seed), "settings": self.settings, "data": self.data,
-               "timing": {k: float(v) for k, v in timing.items()}, "has_artifacts": has_artifacts,
+               "device": device, "timing": {k: float(v) for k, v in timing.items()}, "has_artifacts": has_artifacts,
                "result": _encode(result)}
         return atomic_write_bytes(self.path(seed), json.dumps(doc, separators=(",", ":")).encode())
 
@@ -167,12 +183,12 @@ def _artifacts_bytes(artifacts: dict) -> bytes:
             layers.append([{"activation": lay.activation, "activation_width": lay.activation_width,
                             "bias": lay.bias is not None} for lay in chain])
             for i, lay in enumerate(chain):
-                arrays[f"{name}|layer|{k}|{i}|weight"] = np.asarray(lay.weight)
+                arrays[f"{name}|layer|{k}|{i}|weight"] = np.asarray(_host(lay.weight))
                 if lay.bias is not None:
-                    arrays[f"{name}|layer|{k}|{i}|bias"] = np.asarray(lay.bias)
+                    arrays[f"{name}|layer|{k}|{i}|bias"] = np.asarray(_host(lay.bias))
         for what in ("user", "item"):
             for k, a in enumerate(art[what]):
-                arrays[f"{name}|{what}|{k}"] = np.asarray(a)
+                arrays[f"{name}|{what}|{k}"] = np.asarray(_host(a))
         meta[name] = {"dims": list(art["dims"]), "layers": layers, "versions": len(art["user"]),
                       "scores": list(art.get("scores", []))}
     arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)

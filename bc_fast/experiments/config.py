@@ -69,6 +69,12 @@ class ExperimentConfig:
         Bootstrap replicates of the CIs.
     threads : int
         torch intra-op threads (1 is fastest on a busy 2-core machine).
+    device : str
+        Where the recommender trains: "auto" (default: CUDA when torch sees a GPU, else the
+        CPU), "cpu", "cuda" or "cuda:N". On the CPU the results are the same, bit for bit, as
+        before the setting existed; on a GPU they differ in the float rounding. Like
+        ``threads`` it does not decide what a seed computes, so a resumed run may reuse
+        checkpoints made on another device (each checkpoint records its own).
     keep : tuple of str
         Strategies whose embeddings and exported B_k layers are returned under ``artifacts``.
     distill : bool
@@ -109,6 +115,7 @@ class ExperimentConfig:
     split_seed: int = 0
     n_boot: int = 1000
     threads: int = 1
+    device: str = "auto"
     keep: tuple[str, ...] = ("joint-mloss", "nobc")
     distill: bool = False
     name: str = "quick"
@@ -138,9 +145,11 @@ class ExperimentConfig:
 
     def validate(self, data: Any = None) -> None:
         """Raise ValueError on inconsistent settings (and, given ``data``, settings the data cannot serve)."""
+        from .._util.torch_device import resolve_device
         from ..train.strategies import get_strategy
         from ..train.transforms import TRANSFORM_KINDS
 
+        resolve_device(self.device)  # the form, and a CUDA device that torch does not see
         for s in self.strategies:
             get_strategy(s)
         if len(self.dims) < 2:

@@ -63,7 +63,9 @@ def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
     version-0 index, next to nobc (which truncates the latest embeddings instead).
 
     ``data`` (default: MovieLens latest-small) and ``overrides`` (any
-    :class:`bc_fast.experiments.ExperimentConfig` field) go to :func:`bc_fast.experiments.run_demo`.
+    :class:`bc_fast.experiments.ExperimentConfig` field, e.g. ``device="cuda"``; default "auto",
+    CUDA when torch sees a GPU) go to :func:`bc_fast.experiments.run_demo`. The device the models
+    trained on is recorded as ``results["device"]`` (and in ``results.json``).
 
     Returns the experiment's results with ``pipeline`` (registry, conversion and
     retrieval figures) added; they are also written to ``out_dir/pipeline.json``.
@@ -74,7 +76,11 @@ def run_demo_pipeline(out_dir: str | Path, seed: int = 0, quick: bool = True,
     from ..eval.retrieval import format_retrieval_report, legacy_retrieval_report
 
     from ..train.strategies import get_strategy
+    from .config import ExperimentConfig
 
+    # every setting (the device too) is checked before the data is loaded and anything is written
+    settings = {k: v for k, v in overrides.items() if k != "resume"}  # run_demo's own keyword
+    (ExperimentConfig.quick if quick else ExperimentConfig.full)(seed=seed, **settings).validate()
     names = {get_strategy(x).name for x in overrides.get("strategies", ("nobc", "joint-mloss"))}
     if not {"nobc", "joint-mloss"} <= names:
         raise ValueError(f"the demo serves a legacy index from joint-mloss next to nobc; strategies "

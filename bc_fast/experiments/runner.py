@@ -68,10 +68,15 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
         per-user value, see :func:`raw_schema`), and ``artifacts`` (not JSON: per kept
         strategy, of the first seed, ``user``/``item`` embedding arrays per version, ``dims``
         and ``layers`` -- the exported :class:`bc_fast.engine.Layer` list of every B_k,
-        ``layers[k-1]`` for B_k -- and ``scores``, each version's selection score).
+        ``layers[k-1]`` for B_k -- and ``scores``, each version's selection score), and
+        ``device``, where the seeds trained here ran (e.g. ``"cpu"``, ``"cuda:0 (NVIDIA H200)"``).
+
+    The recommender trains on ``config.device`` (see :class:`ExperimentConfig`): the graphs move
+    there once, each epoch's BPR triples in one copy; the consumer heads train on the CPU.
     """
     import torch
 
+    from .._util.torch_device import describe_device, resolve_device
     from ..data.movielens import load_movielens, time_points
     from ..eval import consumers as C
     from ..eval.report import format_per_version, format_table
@@ -80,6 +85,7 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
 
     cfg = config or ExperimentConfig.quick()
     cfg.validate()
+    device = resolve_device(cfg.device)
     say = log or (lambda s: None)
     t_start = time.perf_counter()
     old_threads = torch.get_num_threads()
@@ -93,7 +99,7 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
         splits = [data.split(tp[k], tp[k + 1]) for k in range(K)]
         held = [held_out_split(s, num_users=data.num_users, frac=cfg.selection_frac, split_seed=cfg.split_seed)
                 for s in splits]
-        graphs = [build_graph(data, s, degree_bins=cfg.degree_bins) for s in splits]
+        graphs = [build_graph(data, s, degree_bins=cfg.degree_bins).to(device) for s in splits]
         attr_sizes = graph_attr_sizes(data, degree_bins=cfg.degree_bins)
         # consumer examples depend on the data only (split_seed), never on the training seed
         tasks = C.build_consumer_tasks(data, splits, cfg.consumer_tasks, seed=cfg.split_seed)
@@ -102,8 +108,9 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
         sel_tasks = [C.restrict_examples(t, [np.setdiff1d(np.arange(s.num_users), h.selection_users)
                                              for s, h in zip(splits, held)]) for t in tasks if t.entity != "item"]
         say(f"[bc_fast] {data!r}; versions at t={tp[:-1]}, dims={cfg.dims}, strategies={list(cfg.strategies)}, "
-            f"seeds={cfg.seed_list()}; test users per version {[int(h.test_users.size) for h in held]}")
-        ctx = _Context(cfg, data, splits, held, graphs, attr_sizes, tasks, test_tasks, sel_tasks, say)
+            f"seeds={cfg.seed_list()}; test users per version {[int(h.test_users.size) for h in held]}; "
+            f"device {describe_device(device)}")
+        ctx = _Context(cfg, data, splits, held, graphs, attr_sizes, tasks, test_tasks, sel_tasks, say, device)
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir of the interrupted run")
         ckpt = SeedCheckpoints(checkpoint_dir, cfg, data) if checkpoint_dir is not None else None
@@ -122,7 +129,7 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
                 art = {name: _artifacts(trainers[name]) for name in cfg.keep if name in trainers} if i == 0 else None
                 seed_timing[f"seed{seed}"] = time.perf_counter() - t0
                 if ckpt is not None:
-                    ckpt.save(seed, out, seed_timing, art)
+                    ckpt.save(seed, out, seed_timing, art, device=describe_device(device))
                 say(f"[bc_fast] seed {seed} done ({seed_timing[f'seed{seed}']:.1f}s)")
             per_seed.append(out)
             if i == 0:
@@ -136,6 +143,7 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
         results["timing"] = {k: round(v, 2) for k, v in timing.items()}
         results["timing"]["total"] = round(time.perf_counter() - t_start, 2)
         results["resumed_seeds"] = resumed
+        results["device"] = describe_device(device)
         results["data"] = {
             "name": data.name, "interactions": data.num_edges, "users": data.num_users, "items": data.num_items,
             "time_points": tp,
@@ -173,6 +181,7 @@ class _Context:
     test_tasks: list
     sel_tasks: list
     say: Callable[[str], None]
+    device: Any  # torch.device of the training
 
 
 def _version_fns(ctx: _Context, seed: int, k: int):
@@ -181,7 +190,8 @@ def _version_fns(ctx: _Context, seed: int, k: int):
 
     cfg, g, s = ctx.cfg, ctx.graphs[k], ctx.splits[k]
     selection = ctx.held[k].selection
-    sampler = BPRSampler(s.train_user, s.train_item, s.num_items, cfg.batch_size, np.random.default_rng([seed, k]))
+    sampler = BPRSampler(s.train_user, s.train_item, s.num_items, cfg.batch_size, np.random.default_rng([seed, k]),
+                         device=ctx.device)
 
     def step_fn(model, batch):
         u, p, n = batch
@@ -233,7 +243,7 @@ def _run_seed(ctx: _Context, seed: int, timing: dict[str, float]) -> tuple[dict,
     # ---- M_0, shared by every strategy
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    base = BCTrainer("nobc", lr=cfg.lr, seed=seed, log=lambda s: None)
+    base = BCTrainer("nobc", lr=cfg.lr, seed=seed, log=lambda s: None, device=ctx.device)
     step_fn, batches, embed_fn, eval_fn, reset = fns[0]
     reset()
     rec0 = base.fit_version(new_model(0), step_fn=step_fn, batches=batches, embed_fn=embed_fn,
@@ -251,7 +261,8 @@ def _run_seed(ctx: _Context, seed: int, timing: dict[str, float]) -> tuple[dict,
         t0 = time.perf_counter()
         tr = BCTrainer(strat, transform=cfg.transform, lam=cfg.lam, lam_late=cfg.lam_late, late_frac=cfg.late_frac,
                        lr=cfg.lr, transform_lr=cfg.transform_lr,
-                       posthoc_steps=cfg.posthoc_steps, posthoc_lr=cfg.posthoc_lr, seed=seed, log=lambda s: None)
+                       posthoc_steps=cfg.posthoc_steps, posthoc_lr=cfg.posthoc_lr, seed=seed, log=lambda s: None,
+                       device=ctx.device)
         tr.add_trained_version(rec0.model, embed_fn=fns[0][2], score=rec0.score)
         tr.versions[0].selected_epoch = rec0.selected_epoch
         reuse = trainers.get("nobc") if strat.fit == "posthoc" else None
@@ -284,7 +295,7 @@ def _run_seed(ctx: _Context, seed: int, timing: dict[str, float]) -> tuple[dict,
         ref = []
         for k in range(K):
             xu, xi = rec0.model(ctx.graphs[k])
-            ref.append((xu.numpy(), xi.numpy()))
+            ref.append((xu.cpu().numpy(), xi.cpu().numpy()))
     heads = C.train_consumers(ctx.tasks, ref, seeds=cfg.consumer_seeds, epochs=cfg.consumer_epochs,
                               hidden=cfg.consumer_hidden, dropout=cfg.consumer_dropout)
     add("consumers_train", t0)
@@ -295,7 +306,7 @@ def _run_seed(ctx: _Context, seed: int, timing: dict[str, float]) -> tuple[dict,
         bc = []
         for k in range(K):
             e = tr.bc_embeddings(k, 0)
-            bc.append((e["user"].numpy(), e["item"].numpy()))
+            bc.append((e["user"].cpu().numpy(), e["item"].cpu().numpy()))
         recall_test = []
         for k in range(K):
             emb = tr.versions[k].embeddings
@@ -359,7 +370,7 @@ def _direct_maps(tables: list) -> list:
 
 
 def _raw(trainer: Any) -> list:
-    return [(r.embeddings["user"].numpy(), r.embeddings["item"].numpy()) for r in trainer.versions]
+    return [(r.embeddings["user"].cpu().numpy(), r.embeddings["item"].cpu().numpy()) for r in trainer.versions]
 
 
 def _artifacts(trainer: Any) -> dict:
@@ -419,7 +430,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, quick: bool = True, log: Callab
         Every finished seed is saved in ``out_dir/checkpoints``; with ``resume`` the seeds
         found there (same settings, same data) are reused instead of trained again.
     **overrides
-        Any :class:`ExperimentConfig` field.
+        Any :class:`ExperimentConfig` field, e.g. ``device="cuda"`` (default "auto").
 
     Returns
     -------
@@ -429,6 +440,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, quick: bool = True, log: Callab
     from ..eval.report import plot_degradation, plot_per_version, write_json, write_raw_json
 
     cfg = (ExperimentConfig.quick if quick else ExperimentConfig.full)(seed=seed, **overrides)
+    cfg.validate()  # before out_dir is made: bad settings (e.g. a device torch does not see) leave nothing
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = run_experiment(cfg, data=data, log=log, checkpoint_dir=out / "checkpoints", resume=resume)
@@ -471,11 +483,13 @@ def run_lambda_sweep(out_dir: str | Path, lams: Sequence[float], config: Experim
     dict with ``points`` (one per strategy and lambda), ``chosen`` ({strategy: lambda}),
     ``references`` (rows of fix-m0, nobc, posthoc-sloss at the first lambda) and ``files``.
     """
+    from .._util.torch_device import resolve_device
     from ..eval.report import plot_pareto, write_json
     from ..eval.retrieval import legacy_retrieval_report
     from ..train.strategies import get_strategy
 
     base = config or ExperimentConfig.quick()
+    resolve_device(base.device)  # a device torch does not see fails before out_dir is made
     names = [get_strategy(s).name for s in strategies]
     bad = [n for n in names if n not in LAMBDA_STRATEGIES]
     if bad:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .._util.torch_device import resolve_device
 from ._base import BaseAdapter, r2_uniform
 from ._checks import check_alpha, check_finite, check_fraction, check_int
 from ._estimators import RidgeAdapter
@@ -90,19 +91,7 @@ class MLPAdapter(BaseAdapter):
 
     def _device(self, torch: Any) -> Any:
         """The torch device to train on (``device``, with "auto" resolved), or a clear error."""
-        d = self.device
-        if not isinstance(d, str) or not (d in ("auto", "cpu", "cuda") or
-                                          (d.startswith("cuda:") and d[5:].isdigit())):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {d!r}")
-        if d == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if d.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ValueError(f"device={d!r} but torch sees no CUDA GPU (torch {torch.__version__}); pass "
-                                 "device='cpu'")
-            if ":" in d and int(d[5:]) >= torch.cuda.device_count():
-                raise ValueError(f"device={d!r} but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
-        return torch.device(d)
+        return resolve_device(self.device)
 
     def _check_params(self) -> None:
         check_int(self.hidden, "hidden", 1)

@@ -55,6 +55,19 @@ class Graph:
     num_items: int
     item_attrs: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
+    def to(self, device: torch.device | str) -> Graph:
+        """The same graph with every tensor on ``device`` (one copy each; ``self`` if already there)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self.adj.device == device:
+            return self
+        with warnings.catch_warnings():  # the beta notice of sparse CSR tensors, as in build_graph
+            warnings.filterwarnings("ignore", message=".*sparse CSR tensor support is in beta", category=UserWarning)
+            adj, adj_t = self.adj.to(device), self.adj_t.to(device)
+        return Graph(adj=adj, adj_t=adj_t, num_users=self.num_users, num_items=self.num_items,
+                     item_attrs={k: (t.to(device), o.to(device)) for k, (t, o) in self.item_attrs.items()})
+
 
 def build_graph(data: InteractionData, split: VersionSplit, *, degree_bins: int = 0) -> Graph:
     """Graph of a version: its training edges over all users/items present up to ``t_val``.
@@ -181,11 +194,13 @@ class BPRSampler:
     """Per-epoch BPR triples as the reference: users sampled uniformly, negatives rejected if positive.
 
     Each epoch draws ``num_edges`` training edges with probability proportional to
-    ``1 / deg(user)`` and one uniformly random non-interacted item per edge.
+    ``1 / deg(user)`` and one uniformly random non-interacted item per edge. The sampling runs
+    in numpy on the host (the same triples on every device); each epoch's triples then move to
+    ``device`` in one copy, and the minibatches are slices of them there.
     """
 
     def __init__(self, user: np.ndarray, item: np.ndarray, num_items: int, batch_size: int,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, *, device: torch.device | str | None = None) -> None:
         if user.shape != item.shape or user.ndim != 1:
             raise ValueError(f"user and item must be 1-D arrays of equal length, got {user.shape} and {item.shape}")
         if batch_size < 1:
@@ -195,6 +210,7 @@ class BPRSampler:
         self.num_items = int(num_items)
         self.batch_size = int(batch_size)
         self.rng = rng
+        self.device = torch.device("cpu") if device is None else torch.device(device)
         _, inv, counts = np.unique(self.user, return_inverse=True, return_counts=True)
         w = 1.0 / counts[inv.reshape(-1)]
         self.p = w / w.sum()
@@ -204,7 +220,7 @@ class BPRSampler:
         return (self.user.shape[0] + self.batch_size - 1) // self.batch_size
 
     def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield ``(user, pos, neg)`` LongTensor minibatches for one epoch."""
+        """Yield ``(user, pos, neg)`` LongTensor minibatches (on ``device``) for one epoch."""
         n = self.user.shape[0]
         idx = self.rng.choice(n, size=n, p=self.p)
         u, p = self.user[idx], self.item[idx]
@@ -213,9 +229,9 @@ class BPRSampler:
         while bad.any():
             neg[bad] = self.rng.integers(0, self.num_items, size=int(bad.sum()))
             bad[bad] = np.isin(u[bad] * self.num_items + neg[bad], self.keys)
+        ut, pt, nt = (torch.from_numpy(a).to(self.device) for a in (u, p, neg))
         for s in range(0, n, self.batch_size):
-            sl = slice(s, s + self.batch_size)
-            yield torch.from_numpy(u[sl]), torch.from_numpy(p[sl]), torch.from_numpy(neg[sl])
+            yield ut[s:s + self.batch_size], pt[s:s + self.batch_size], nt[s:s + self.batch_size]
 
 
 def evaluate_recall(x_user: torch.Tensor | np.ndarray, x_item: torch.Tensor | np.ndarray,

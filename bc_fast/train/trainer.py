@@ -16,6 +16,12 @@ The user supplies, per version:
 :class:`BCTrainer` adds B_k, the alignment term ``lam * alignment_loss`` and the bookkeeping
 of versions for the chosen strategy (see :mod:`bc_fast.train.strategies`).
 
+Devices: ``BCTrainer(device=...)`` ("auto": CUDA when torch sees a GPU, else the CPU) moves every
+model and B_k there; ``step_fn``, ``embed_fn`` and ``eval_fn`` must compute on that device (move
+their data there once, before training). Batches that are tensors (or tuples, lists, dicts of them)
+on another device are moved per step; give them on the device to avoid the copies. The training
+loop never waits for the device: losses are summed on it and read once per evaluation.
+
 Example
 -------
 >>> trainer = BCTrainer("joint-mloss", transform="linear", lam=16.0)   # doctest: +SKIP
@@ -34,6 +40,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .._util.torch_device import resolve_device
 from .losses import alignment_loss
 from .strategies import Strategy, get_strategy
 from .transforms import TRANSFORM_KINDS, BackwardTransform, IdentityTransform, TruncateTransform, make_transform
@@ -58,7 +65,7 @@ class VersionRecord:
     transform : BackwardTransform or None
         B_k (version k -> k-1); None for version 0.
     embeddings : dict entity -> Tensor (n, d_k)
-        ``embed_fn(M_k)`` on version k's data.
+        ``embed_fn(M_k)`` on version k's data (on the trainer's device).
     score : float or None
         Best ``eval_fn`` value (intended task), if an eval_fn was given.
     history : list of dict
@@ -96,6 +103,18 @@ def _embed(model: nn.Module, embed_fn: EmbedFn) -> dict[str, torch.Tensor]:
         if v.ndim != 2:
             raise ValueError(f"embed_fn()[{k!r}] must be a 2-D tensor (n, dim), got shape {tuple(v.shape)}")
     return out
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors of a batch (nested in tuples, lists, dicts) on ``device``; a no-op for those already there."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        moved = [_to_device(b, device) for b in batch]
+        return type(batch)(moved) if type(batch) in (tuple, list) else batch
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
 
 
 def _evaluate(model: nn.Module, eval_fn: Callable[[nn.Module], float] | None) -> float | None:
@@ -145,14 +164,20 @@ class BCTrainer:
         Seeds the initialisation of each B_k (``seed``, version) independently of global state.
     log : callable, optional
         Called with progress strings.
+    device : str, default "auto"
+        Where to train: "cpu", "cuda" or "cuda:N"; "auto" is CUDA when torch sees a GPU, else the
+        CPU. Every model and transform is moved there (models in place), and so are the
+        embeddings of the versions. On the CPU the results are the same, bit for bit, as before
+        this option existed; a GPU's float32 arithmetic differs in the last bits.
     """
 
     def __init__(self, strategy: str | Strategy = "joint-mloss", *, transform: str = "linear",
                  transform_options: Mapping[str, Any] | None = None, lam: float = 16.0,
                  lr: float = 1e-3, transform_lr: float = 1e-3, posthoc_steps: int = 500,
                  posthoc_lr: float = 1e-2, lam_late: float | None = None, late_frac: float = 0.25,
-                 seed: int = 0, log: Callable[[str], None] | None = None) -> None:
+                 seed: int = 0, log: Callable[[str], None] | None = None, device: str = "auto") -> None:
         self.strategy = get_strategy(strategy)
+        self.device = resolve_device(device)
         if transform in ("truncate", "identity"):
             raise ValueError(f"transform={transform!r} is fixed; use strategy 'joint-notrans' for truncation")
         if transform not in TRANSFORM_KINDS:
@@ -203,10 +228,14 @@ class BCTrainer:
         return [self.versions[j].transform for j in range(src, dst, -1)]
 
     def to_version(self, z: torch.Tensor, src: int, dst: int = 0) -> torch.Tensor:
-        """Map embeddings of version ``src`` into the space of version ``dst`` (``B_{dst+1} o ... o B_src``)."""
+        """Map embeddings of version ``src`` into the space of version ``dst`` (``B_{dst+1} o ... o B_src``).
+
+        Computed, and returned, on the trainer's device.
+        """
         chain = self.chain(src, dst)
         if z.ndim != 2 or z.shape[1] != self.versions[src].dim:
             raise ValueError(f"version {src} embeddings must have shape (n, {self.versions[src].dim}), got {tuple(z.shape)}")
+        z = z.to(self.device)
         with torch.no_grad():
             for b in chain:
                 z = b(z)
@@ -260,10 +289,12 @@ class BCTrainer:
                             eval_fn: Callable[[nn.Module], float] | None = None) -> VersionRecord:
         """Register a model trained elsewhere as the next version (e.g. a shared M_0).
 
-        The model is deep-copied and frozen. For versions >= 1 a transform must be given.
+        The model is deep-copied, frozen and moved to the trainer's device; ``embed_fn`` (and
+        ``eval_fn``) must then compute there. For versions >= 1 a transform must be given.
         ``score`` defaults to ``eval_fn(model)`` when an eval_fn is given.
         """
         k = len(self.versions)
+        model = copy.deepcopy(model).to(self.device)
         emb = _embed(model, embed_fn)
         dim = _dim_of(emb)
         if k > 0:
@@ -271,10 +302,10 @@ class BCTrainer:
                 raise ValueError(f"version {k} needs its backward transform B_{k}")
             if transform.d_in != dim or transform.d_out != self.versions[-1].dim:
                 raise ValueError(f"B_{k} maps {transform.d_in} -> {transform.d_out}, expected {dim} -> {self.versions[-1].dim}")
-            transform = _freeze(copy.deepcopy(transform))
+            transform = _freeze(copy.deepcopy(transform).to(self.device))
         if score is None:
             score = _evaluate(model, eval_fn)
-        rec = VersionRecord(k, dim, _freeze(copy.deepcopy(model)), transform, emb, score)
+        rec = VersionRecord(k, dim, _freeze(model), transform, emb, score)
         self.versions.append(rec)
         return rec
 
@@ -287,8 +318,9 @@ class BCTrainer:
         Parameters
         ----------
         model : nn.Module or None
-            The new model M_k (freshly initialised, of any dimension). Ignored for fix-m0 and
-            finetune-m0 at k >= 1 (they reuse M_0 / M_{k-1}); may then be None.
+            The new model M_k (freshly initialised, of any dimension), moved in place to the
+            trainer's device. Ignored for fix-m0 and finetune-m0 at k >= 1 (they reuse M_0 /
+            M_{k-1}); may then be None.
         step_fn, batches, embed_fn, eval_fn
             See the module docstring. ``embed_fn`` and ``eval_fn`` must refer to this version's data.
         epochs : int
@@ -313,18 +345,19 @@ class BCTrainer:
         if k == 0 or s.model == "fresh":
             if model is None:
                 raise ValueError(f"strategy {s.name!r} needs a model for version {k}")
+            model = model.to(self.device)
         if k == 0:
             m = model if trained else self._train(model, step_fn, batches, epochs, eval_fn, eval_every, select_after, None, None)
             return self._record(m, None, embed_fn, eval_fn)
         prev = self.versions[-1]
         if s.model == "fixed":
-            return self._record(self.versions[0].model, IdentityTransform(prev.dim), embed_fn, eval_fn)
+            return self._record(self.versions[0].model, IdentityTransform(prev.dim).to(self.device), embed_fn, eval_fn)
         if s.model == "finetune":
             m = copy.deepcopy(prev.model)
             for p in m.parameters():
                 p.requires_grad_(True)
             m = self._train(m, step_fn, batches, epochs, eval_fn, eval_every, select_after, None, None)
-            return self._record(m, IdentityTransform(prev.dim), embed_fn, eval_fn)
+            return self._record(m, IdentityTransform(prev.dim).to(self.device), embed_fn, eval_fn)
 
         # fresh model
         targets = _embed(prev.model, embed_fn)  # frozen M_{k-1} on the NEW data
@@ -338,11 +371,12 @@ class BCTrainer:
         if s.transform == "truncate":
             if dim < prev.dim:
                 raise ValueError(f"strategy {s.name!r} needs d_{k} >= d_{k - 1}, got {dim} < {prev.dim}")
-            transform = TruncateTransform(dim, prev.dim)
+            transform = TruncateTransform(dim, prev.dim).to(self.device)
         else:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]):  # initialised on the CPU: the same B_k on every device
                 torch.manual_seed(self.seed * 100003 + k)
                 transform = make_transform(self.transform_kind, dim, prev.dim, **self.transform_options)
+            transform = transform.to(self.device)
         if s.fit == "joint":
             m, transform = self._train(model, step_fn, batches, epochs, eval_fn, eval_every, select_after,
                                        targets, transform, return_transform=True)
@@ -383,12 +417,17 @@ class BCTrainer:
         if align and self.lam_late is not None:
             late_start = epochs - max(1, round(self.late_frac * epochs))
             select_after = max(select_after, late_start)
+        # the epoch's losses are summed on the device in float64 (the sums of the Python floats they
+        # were before, bit for bit) and read once per evaluation: no host sync per step
+        sum_task = torch.zeros((), dtype=torch.float64, device=self.device)
+        sum_align = torch.zeros((), dtype=torch.float64, device=self.device)
         for epoch in range(1, epochs + 1):
-            sum_task = sum_align = 0.0
+            sum_task.zero_()
+            sum_align.zero_()
             n = 0
             lam = self.lam_late if epoch > late_start else self.lam
             for batch in batches():
-                loss, aligned = step_fn(model, batch)
+                loss, aligned = step_fn(model, _to_device(batch, self.device))
                 total = loss
                 if align:
                     pairs = []
@@ -398,7 +437,7 @@ class BCTrainer:
                         pairs.append((targets[entity][ids], rows))
                     a = alignment_loss(pairs, transform, frozen, multi_step=self.strategy.multi_step)
                     total = loss + lam * a
-                    sum_align += float(a.detach())
+                    sum_align += a.detach().to(sum_align)
                 opt.zero_grad(set_to_none=True)
                 if opt_t is not None:
                     opt_t.zero_grad(set_to_none=True)
@@ -406,12 +445,12 @@ class BCTrainer:
                 opt.step()
                 if opt_t is not None:
                     opt_t.step()
-                sum_task += float(loss.detach())
+                sum_task += loss.detach().to(sum_task)
                 n += 1
             if epoch % eval_every == 0 or epoch == epochs:
                 score = _evaluate(model, eval_fn)
-                entry = {"epoch": epoch, "loss": sum_task / max(n, 1),
-                         "align": sum_align / max(n, 1) if align else None, "score": score}
+                entry = {"epoch": epoch, "loss": float(sum_task) / max(n, 1),
+                         "align": float(sum_align) / max(n, 1) if align else None, "score": score}
                 history.append(entry)
                 self.log(f"  v{k} epoch {epoch}: loss={entry['loss']:.4f}"
                          + (f" align={entry['align']:.4f}" if align else "")
@@ -445,16 +484,23 @@ class BCTrainer:
         frozen = self.transforms if self.strategy.multi_step else []
         transform.train()
         opt = torch.optim.Adam(transform.parameters(), lr=self.posthoc_lr)
-        best, best_state = math.inf, None
+        # The best state is tracked on the device (torch.where, no host sync per step): the same
+        # comparisons in float64 as with the Python floats before, so the same state is kept.
+        best = torch.full((), math.inf, dtype=torch.float64, device=self.device)
+        found = torch.zeros((), dtype=torch.bool, device=self.device)
+        best_state = {k: t.detach().clone() for k, t in transform.state_dict().items()}
         for _ in range(self.posthoc_steps):
             loss = alignment_loss(pairs, transform, frozen, multi_step=self.strategy.multi_step)
-            v = float(loss.detach())
-            if v < best:  # the state that produced this loss (before the step)
-                best, best_state = v, copy.deepcopy(transform.state_dict())
+            v = loss.detach().to(best)
+            better = v < best  # the state that produced this loss (before the step)
+            best = torch.where(better, v, best)
+            found |= better
+            for k, t in transform.state_dict().items():
+                best_state[k].copy_(torch.where(better, t, best_state[k]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        if best_state is not None:
+        if bool(found):
             transform.load_state_dict(best_state)
-        self._last_history = self._last_history + [{"posthoc_align": best}]
+        self._last_history = self._last_history + [{"posthoc_align": float(best)}]
         return transform

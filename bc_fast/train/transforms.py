@@ -243,13 +243,15 @@ class TruncateTransform(BackwardTransform):
         super().__init__(d_in, d_out)
         if self.d_out > self.d_in:
             raise ValueError(f"truncation needs d_out <= d_in, got d_in={self.d_in}, d_out={self.d_out}")
+        # a buffer, so that .to(device) moves it with the module; not saved (nothing to learn)
+        self.register_buffer("_eye", torch.eye(self.d_out, self.d_in), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         return x[:, : self.d_out]
 
     def linear_part(self) -> torch.Tensor:
-        return torch.eye(self.d_out, self.d_in)
+        return self._eye
 
     def export_arrays(self):
         return [(np.eye(self.d_out, self.d_in, dtype=np.float32), None, "none", None)]
