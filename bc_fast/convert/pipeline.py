@@ -53,11 +53,12 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ..engine import FusedTransform
+from ..engine.routed import RoutedTransform
 from .._util.progress import Progress
 from .._util.fileio import FileLock, atomic_write_json
 from ..store.tables import Chunk, TableReader, TableWriter, open_table, remove_path
-from .job import (DEFAULT_VERIFY_ROWS, _PARTIAL, ConvertResult, _layers_verify_tol, _plan, SampleCheck, registry_job,
-                  sidecar_path)
+from .job import (DEFAULT_VERIFY_ROWS, _PARTIAL, ConvertResult, _plan, _reference_verify_tol, SampleCheck,
+                  default_reference, registry_job, sidecar_path)
 from .journal import _JOURNAL_FORMAT, _first_bad_chunk, _journaled_writer, _write_journal
 from .publish import _already_published, _check_output_free, _finish_publishing, _publish
 
@@ -175,8 +176,11 @@ def apply_to_table(
         Before any work where possible; no partial output is left behind on an
         error (a KeyboardInterrupt keeps it for ``resume=True``).
     """
-    if not isinstance(op, FusedTransform):
-        raise TypeError(f"op must be a bc_fast.FusedTransform, got {type(op).__name__}")
+    if not isinstance(op, (FusedTransform, RoutedTransform)):
+        raise TypeError(f"op must be a bc_fast.FusedTransform or a RoutedTransform, got {type(op).__name__}")
+    if isinstance(op, RoutedTransform) and device is not None and device != "cpu":
+        raise ValueError(f"device={device!r}: a routed (local) transform runs on the CPU only (the compiled core "
+                         "has no CUDA routed operator yet); convert with device='cpu'")
     input, output = os.fspath(input), os.fspath(output)
     prov = _jsonable(dict(provenance or {}))
     if not os.path.exists(input):
@@ -288,16 +292,9 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
         check, tol = None, None
         if verify:
             if reference is None:
-                from ..engine.fusion import apply_layers_reference
-
-                def reference(x: np.ndarray, _op: FusedTransform = op) -> np.ndarray:
-                    y = apply_layers_reference(_op.layers, x)
-                    if _op.normalize:
-                        y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
-                    return y
-            # a reference that carries its step-by-step layers sets the depth of the default tolerance
-            tol = (float(verify_tol) if verify_tol is not None
-                   else _layers_verify_tol(getattr(reference, "layers", None) or op.layers, j.out_dtype))
+                reference = default_reference(op)
+            # a reference that carries its step-by-step layers (or a routed chain's shape) sets the default's depth
+            tol = float(verify_tol) if verify_tol is not None else _reference_verify_tol(reference, op, j.out_dtype)
             if dev is not None and verify_tol is None:
                 from .gpu import gpu_verify_tol
                 tol = gpu_verify_tol(tol, len(op.layers), reader.dtype)

@@ -388,11 +388,13 @@ class LocalAdapter(BaseAdapter):
     predict = transform
 
     def export_layers(self) -> list:
-        """Not available: a routed map is no layer program (the registry stores it once the compiled
-        routed operator lands, issue 27 part 3)."""
-        raise ValueError("a local (routed) adapter is not a layer program and cannot be stored or fused as one yet; "
-                         "use routed_params() for its parameters, or a global kind (procrustes, ridge, lowrank, mlp) "
-                         "for the registry")
+        """Not available: a routed map is no layer program. The registry stores it as a routed transform
+        (``Registry.add_transform(a, b, est)``, kind "routed"), which ``Registry.operator``, ``convert_table``,
+        ``LegacyIndex`` and ``bc-fast convert`` run like any other."""
+        raise ValueError("a local (routed) adapter is not a layer program, so it cannot be exported as layers "
+                         "(ONNX, torch, sentence-transformers); store it in a registry with "
+                         "Registry.add_transform(from_version, to_version, est) (kind 'routed'), or use "
+                         "routed_params() for its parameters")
 
 
 __all__ = ["BASES", "LocalAdapter"]

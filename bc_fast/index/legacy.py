@@ -7,7 +7,10 @@ any faiss index (``index_factory`` string, metric IP or L2). The resulting
 :class:`LegacyIndex` is stamped with the registry chain it serves and searches
 with version-``j`` queries, or with queries of any newer version, transformed on
 the fly by the compiled core. Affine chains can also be exported as a plain faiss
-``IndexPreTransform`` (:func:`export_faiss_pretransform`).
+``IndexPreTransform`` (:func:`export_faiss_pretransform`). A chain through a routed (local)
+transform runs as one :class:`~bc_fast.engine.routed.RoutedTransform` (see
+:meth:`bc_fast.store.Registry.operator`), on the CPU only; faiss has no routed transform, so it
+cannot be exported.
 
 This module is the faiss adapter only (build, search, save, load, export); retrieval
 metrics and reports live in :mod:`bc_fast.eval.retrieval`.
@@ -34,6 +37,7 @@ import numpy as np
 from .._util.arrays import as_numpy
 from .._util.fileio import atomic_write_bytes
 from ..engine import FusedTransform
+from ..engine.routed import RoutedTransform
 from .._util.progress import Progress
 from ..store.registry import Registry, RegistryError
 from .faiss_utils import (DEFAULT_BLAS_MIN_QUERIES, _all_finite, _as_f32, _check_finite, _check_table, _faiss,
@@ -88,7 +92,7 @@ class LegacyIndex:
         self.normalize = bool(normalize)
         self.registry_checksum = registry_checksum
         self.chain_checksum = chain_checksum
-        self._ops: dict[int, FusedTransform | None] = {}
+        self._ops: dict[int, FusedTransform | RoutedTransform | None] = {}
         #: where query transforms run by default ("cpu", or "cuda:N" for an index built with device=)
         self.device = "cpu"
         self._gpu: dict[tuple[int, str], Any] = {}
@@ -107,8 +111,9 @@ class LegacyIndex:
         return (f"LegacyIndex(version={self.version}, source_version={self.source_version}, d={self.d}, "
                 f"ntotal={self.ntotal}, factory={self.factory!r}, metric={self.metric!r})")
 
-    def query_operator(self, query_version: int) -> FusedTransform | None:
-        """The fused operator mapping ``query_version`` queries into this index's version (None if equal).
+    def query_operator(self, query_version: int) -> FusedTransform | RoutedTransform | None:
+        """The fused operator mapping ``query_version`` queries into this index's version (None if equal);
+        a :class:`RoutedTransform` for a chain through a routed (local) transform.
 
         Refuses a registry whose chain ``source_version -> version`` changed since the index was built.
         """
@@ -134,10 +139,11 @@ class LegacyIndex:
         self._ops[qv] = op
         return op
 
-    def _transform_on(self, device: Any, qv: int, op: FusedTransform) -> Any:
+    def _transform_on(self, device: Any, qv: int, op: FusedTransform | RoutedTransform) -> Any:
         """The cached :class:`bc_fast.engine.device.DeviceTransform` of ``op`` on ``device``."""
         from ..engine.device import DeviceTransform, parse_device
 
+        _refuse_routed_on_gpu(op, device, f"queries of version {qv}")
         key = (qv, f"cuda:{parse_device(device)}")
         t = self._gpu.get(key)
         if t is None:
@@ -203,7 +209,7 @@ class LegacyIndex:
             return D[0], I[0]
         return D, I
 
-    def _check_queries(self, queries: Any, op: FusedTransform | None, qv: int) -> tuple[np.ndarray, bool]:
+    def _check_queries(self, queries: Any, op: FusedTransform | RoutedTransform | None, qv: int) -> tuple[np.ndarray, bool]:
         """Validate shape, dtype and finiteness of a query batch; return it 2-D and whether it was 1-D."""
         try:
             q, _ = as_numpy(queries, "queries", copy_from_device=True)
@@ -304,6 +310,13 @@ class LegacyIndex:
                    registry_checksum=side["registry_checksum"], chain_checksum=side["chain_checksum"])
 
 
+def _refuse_routed_on_gpu(op: Any, device: Any, what: str) -> None:
+    if isinstance(op, RoutedTransform):  # the device is the bad value, hence ValueError
+        raise ValueError(  # noqa: TRY004
+            f"device={device!r}: {what} go through a routed (local) transform, which runs on the CPU only "
+            "(the compiled core has no CUDA routed operator yet); use device='cpu'")
+
+
 def build_legacy_index(registry: Registry, table: Any, version: int = 0, *, factory: str = "Flat",
                        metric: str = "ip", table_version: int | None = None, normalize: bool = False,
                        chunk_rows: int = 65536, train_rows: int = 100_000, seed: int = 0,
@@ -362,12 +375,13 @@ def build_legacy_index(registry: Registry, table: Any, version: int = 0, *, fact
     from ..engine.device import parse_device
 
     gpu_index = parse_device(device)  # ValueError for a bad device string
+    src = registry.latest if table_version is None else table_version
+    op = registry.operator(src, version, normalize=bool(normalize))
     if gpu_index is not None:
+        _refuse_routed_on_gpu(op, device, f"rows of version {src}")
         faiss = _faiss_gpu(str(device))
     dev = _open_device(device)
     chunk_rows, train_rows = _positive_int(chunk_rows, "chunk_rows"), _positive_int(train_rows, "train_rows")
-    src = registry.latest if table_version is None else table_version
-    op = registry.operator(src, version, normalize=bool(normalize))
     src = int(src)
     table = _check_table(table, registry.dim(src), "table", src)
     n, d = table.shape[0], op.d_out
@@ -468,6 +482,9 @@ def export_faiss_pretransform(registry: Registry | LegacyIndex, index: Any = Non
     else:
         raise TypeError(f"expected a Registry or LegacyIndex, got {type(registry).__name__}")
     a = reg.latest if src is None else int(src)
+    if any(not isinstance(s, list) for s in reg.chain_steps(a, int(dst))):
+        raise ValueError(f"the chain {a} -> {dst} has a routed (local) step; faiss has no routed transform. Search "
+                         f"with LegacyIndex.search(queries, k, query_version={a}) instead")
     layers = reg.fused_layers(a, int(dst))
     if len(layers) != 1 or not layers[0].is_affine:
         kinds = sorted({l.activation for l in layers if not l.is_affine})

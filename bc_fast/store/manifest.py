@@ -18,6 +18,13 @@ A transform file (``transforms/<direction>_<a>_to_<b>_<sha12>.safetensors``) hol
 ``layers.<j>.weight`` (d_out, d_in) and ``layers.<j>.bias`` (d_out,) and string metadata
 (format, from/to version, direction, kind, layer specs). Files are safetensors only:
 bc_fast never unpickles.
+
+A routed (local, per-cluster) transform, kind ``"routed"``, is recorded with ``routed: {d_in, d_out, k, m,
+temperature}`` instead of ``layers``; its file holds ``routed.centroids`` (k, d_in), ``routed.weights``
+(k, d_out, d_in) and ``routed.bias`` (k, d_out) and records the same spec in its metadata (see
+:mod:`bc_fast.store.routed_format`). A manifest with a routed transform has ``format_version`` 2
+(:data:`ROUTED_FORMAT_VERSION`), so that a bc_fast without routed transforms refuses it ("upgrade
+bc_fast") instead of misreading it; registries without one stay at version 1, byte for byte.
 """
 
 from __future__ import annotations
@@ -39,11 +46,17 @@ from ..engine import ACTIVATIONS, Layer, validate_layer
 
 FORMAT = "bc_fast.registry"
 FORMAT_VERSION = 1
+#: The format_version of a manifest holding a routed transform (the newest this bc_fast reads).
+ROUTED_FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TRANSFORM_DIR = "transforms"
 LOCK = ".lock"
-#: Transform kinds (descriptive; bc_fast.train's names). All but "mlp" must be affine layer programs.
-KINDS = ("linear", "affine", "lowrank", "orthogonal", "truncate", "identity", "mlp")
+#: Transform kinds (descriptive; bc_fast.train's names). All but "mlp" and "routed" must be affine layer
+#: programs; "routed" is the one kind that is no layer program (see :mod:`bc_fast.store.routed_format`).
+KINDS = ("linear", "affine", "lowrank", "orthogonal", "truncate", "identity", "mlp", "routed")
+ROUTED_KIND = "routed"
+#: The fields of a routed transform's spec, in the manifest and in its file's metadata.
+ROUTED_FIELDS = ("d_in", "d_out", "k", "m", "temperature")
 DIRECTIONS = ("backward", "forward")
 FILE_FORMAT = "bc_fast.transform"
 #: Largest embedding / layer dimension a manifest may declare (a 2**20 x 2**20 float32 matrix is 4 TiB).
@@ -88,16 +101,23 @@ class TransformInfo:
     layers: tuple[dict, ...]
     fit_metrics: dict = field(default_factory=dict)
     created: str = ""
+    #: the spec of a routed transform ({d_in, d_out, k, m, temperature}); None for a layer program
+    routed: dict | None = None
+
+    @property
+    def is_routed(self) -> bool:
+        """True for a routed (local, per-cluster) transform, which has no layers."""
+        return self.routed is not None
 
     @property
     def d_in(self) -> int:
         """Input dimension (of version ``from_version``)."""
-        return int(self.layers[0]["d_in"])
+        return int(self.routed["d_in"] if self.routed is not None else self.layers[0]["d_in"])
 
     @property
     def d_out(self) -> int:
         """Output dimension (of version ``to_version``)."""
-        return int(self.layers[-1]["d_out"])
+        return int(self.routed["d_out"] if self.routed is not None else self.layers[-1]["d_out"])
 
 
 # ----------------------------------------------------------------------------- JSON
@@ -263,9 +283,9 @@ def validate_manifest(m: Any, src: str) -> tuple[list[VersionInfo], list[Transfo
     if fmt != FORMAT:
         raise _err(src, f"field 'format' is {short_repr(fmt)}, expected {FORMAT!r}; this is not a bc_fast registry")
     fv = _req(m, "format_version", int, src)
-    if fv > FORMAT_VERSION:
-        raise _err(src, f"format_version {short_repr(fv)} is newer than this bc_fast supports ({FORMAT_VERSION}); "
-                        f"upgrade bc_fast")
+    if fv > ROUTED_FORMAT_VERSION:
+        raise _err(src, f"format_version {short_repr(fv)} is newer than this bc_fast supports "
+                        f"({ROUTED_FORMAT_VERSION}); upgrade bc_fast")
     if fv < 1:
         raise _err(src, f"field 'format_version' must be >= 1, got {fv}")
     _req(m, "checksum", str, src)
@@ -274,7 +294,7 @@ def validate_manifest(m: Any, src: str) -> tuple[list[VersionInfo], list[Transfo
     transforms: list[TransformInfo] = []
     seen: set[tuple[int, int]] = set()
     for i, t in enumerate(_req(m, "transforms", list, src)):
-        info = _validate_transform(t, f"{src}: transforms[{i}]", versions)
+        info = _validate_transform(t, f"{src}: transforms[{i}]", versions, fv)
         key = (info.from_version, info.to_version)
         if key in seen:
             raise RegistryError(f"{src}: transforms[{i}]: a second transform {key[0]} -> {key[1]}; each pair may "
@@ -296,7 +316,7 @@ def _validate_version(v: Any, i: int, src: str) -> VersionInfo:
     return VersionInfo(num, dim, dict(_req(v, "metadata", dict, w)), str(v.get("created", "")))
 
 
-def _validate_transform(t: Any, w: str, versions: list[VersionInfo]) -> TransformInfo:
+def _validate_transform(t: Any, w: str, versions: list[VersionInfo], format_version: int = FORMAT_VERSION) -> TransformInfo:
     if not isinstance(t, dict):
         raise RegistryError(f"{w} must be an object, got {type(t).__name__}")
     a = _version_num(t, "from_version", w)
@@ -322,6 +342,17 @@ def _validate_transform(t: Any, w: str, versions: list[VersionInfo]) -> Transfor
     sha = _req(t, "sha256", str, w)
     if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
         raise RegistryError(f"{w}.sha256 must be 64 lowercase hex digits, got {short_repr(sha)}")
+    if kind == ROUTED_KIND:
+        if format_version < ROUTED_FORMAT_VERSION:
+            raise RegistryError(f"{w} is a routed transform, which needs format_version {ROUTED_FORMAT_VERSION}, but the "
+                                f"manifest says {format_version}; it was edited by hand or corrupted, {_RESTORE}")
+        spec = validate_routed_spec(_req(t, "routed", dict, w), f"{w}.routed")
+        if spec["d_in"] != versions[a].dim or spec["d_out"] != versions[b].dim:
+            raise RegistryError(
+                f"{w} is a routed transform mapping {spec['d_in']} -> {spec['d_out']} features but version {a} has "
+                f"dim {versions[a].dim} and version {b} has dim {versions[b].dim} (dimension mismatch)")
+        return TransformInfo(a, b, direction, kind, fname, sha, (), dict(_req(t, "fit_metrics", dict, w)),
+                             str(t.get("created", "")), spec)
     raw_specs = _req(t, "layers", list, w)
     if not raw_specs:
         raise RegistryError(f"{w}.layers is empty")
@@ -334,6 +365,23 @@ def _validate_transform(t: Any, w: str, versions: list[VersionInfo]) -> Transfor
             f"{versions[a].dim} and version {b} has dim {versions[b].dim} (dimension mismatch)")
     return TransformInfo(a, b, direction, kind, fname, sha, tuple(specs), dict(_req(t, "fit_metrics", dict, w)),
                          str(t.get("created", "")))
+
+
+def validate_routed_spec(s: Any, ws: str) -> dict:
+    """Check a routed transform's spec; return it normalised (exactly :data:`ROUTED_FIELDS`, temperature float)."""
+    if not isinstance(s, dict):
+        raise RegistryError(f"{ws} must be an object with fields {ROUTED_FIELDS}, got {type(s).__name__}")
+    extra = sorted(set(s) - set(ROUTED_FIELDS))
+    if extra:
+        raise RegistryError(f"{ws} has unknown field(s) {extra}; a routed spec has exactly {ROUTED_FIELDS}")
+    d_in, d_out, k = _dim(s, "d_in", ws), _dim(s, "d_out", ws), _dim(s, "k", ws)
+    m = _req(s, "m", int, ws)
+    if not 1 <= m <= k:
+        raise RegistryError(f"{ws}.m={short_repr(m)} must be in [1, k] = [1, {k}] (clusters blended per row)")
+    temp = _req(s, "temperature", (int, float), ws)
+    if not (math.isfinite(temp) and temp > 0):
+        raise RegistryError(f"{ws}.temperature must be a finite number > 0, got {short_repr(temp)}")
+    return {"d_in": d_in, "d_out": d_out, "k": k, "m": m, "temperature": float(temp)}
 
 
 def _validate_layer_spec(s: Any, ws: str, d_prev: int | None) -> dict:
@@ -385,6 +433,11 @@ def encode_transform(layers: Sequence[Layer], a: int, b: int, direction: str, ki
             tensors[f"layers.{j}.bias"] = l.bias
     meta = {"format": FILE_FORMAT, "from_version": str(a), "to_version": str(b), "direction": direction,
             "kind": kind, "layers": json.dumps(layer_specs(layers), sort_keys=True)}
+    return encode_safetensors(tensors, meta)
+
+
+def encode_safetensors(tensors: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> bytes:
+    """Deterministic safetensors bytes: metadata sorted, tensors widest first then by name (aligned)."""
     header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
     chunks: list[bytes] = []
     offset = 0
@@ -457,6 +510,15 @@ def read_header(data: bytes, where: str) -> dict:
 
 def decode_transform(data: bytes, t: TransformInfo, where: str) -> list[Layer]:
     """Check transform file bytes against their manifest record and return the layers (read-only copies)."""
+    meta, tensors = checked_tensors(data, t, where)
+    _check_recorded_specs(meta, t, where)
+    if len(tensors) != sum(1 + s["bias"] for s in t.layers):
+        raise RegistryError(f"{where}: the file holds tensors the manifest does not list: {sorted(tensors)[:8]}")
+    return [_decode_layer(tensors, j, spec, where) for j, spec in enumerate(t.layers)]
+
+
+def checked_tensors(data: bytes, t: TransformInfo, where: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """A transform file's metadata and tensors, after checking its sha256, format and recorded direction."""
     foreign = foreign_format(data)
     if foreign is None:
         digest = hashlib.sha256(data).hexdigest()
@@ -480,10 +542,7 @@ def decode_transform(data: bytes, t: TransformInfo, where: str) -> list[Layer]:
         tensors = _st_load(data)
     except Exception as e:  # safetensors raises its own error types
         raise RegistryError(f"{where}: cannot parse safetensors: {e}; {_REFIX}") from e
-    _check_recorded_specs(meta, t, where)
-    if len(tensors) != sum(1 + s["bias"] for s in t.layers):
-        raise RegistryError(f"{where}: the file holds tensors the manifest does not list: {sorted(tensors)[:8]}")
-    return [_decode_layer(tensors, j, spec, where) for j, spec in enumerate(t.layers)]
+    return meta, tensors
 
 
 def _check_recorded_specs(meta: Mapping[str, Any], t: TransformInfo, where: str) -> None:

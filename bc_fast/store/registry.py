@@ -33,7 +33,10 @@ Versions are numbered 0, 1, 2, ... in the order they are added. A backward
 transform ``B_k`` maps version ``k`` to ``k - 1``; :meth:`Registry.operator`
 chains and fuses them into one :class:`~bc_fast.engine.FusedTransform`. Forward
 transforms (``k - 1 -> k``) exist only when someone fitted one and added it with
-:meth:`Registry.add_transform`.
+:meth:`Registry.add_transform`. A routed (local, per-cluster) transform (a fitted
+:class:`bc_fast.fit.LocalAdapter`, kind ``"routed"``: :mod:`.routed_format`) is stored
+the same way; a chain through it fuses into one :class:`~bc_fast.engine.routed.RoutedTransform`
+when its other steps are affine (:mod:`.routed_chain` says what fuses and what does not).
 
 Examples
 --------
@@ -62,10 +65,13 @@ from .manifest import (  # noqa: F401  (the format's names stay importable from 
     encode_transform, json_clean, layer_specs, parse_manifest, pretty, validate_manifest, weight_file,
 )
 from .registry_describe import describe_registry
-from .registry_paths import _create_leftovers, _escaping_link, _inside, _read_manifest_bytes
+from .registry_paths import _create_leftovers, _inside, _not_found_msg, _read_manifest_bytes, _remove_orphans
+from .routed_chain import fuse_routed_chain
+from .routed_format import RoutedStep, as_routed, decode_routed, prepare_routed, stamp_format_version
 from .transform_input import _infer_kind, as_layers
 from ..engine.fusion import fuse_chain
 from ..engine import FusedTransform, Layer
+from ..engine.routed import RoutedTransform
 
 __all__ = ["Registry", "RegistryError", "VersionInfo", "TransformInfo", "as_layers", "show", "KINDS"]
 
@@ -93,8 +99,8 @@ class Registry:
         self._transforms = {(t.from_version, t.to_version): t for t in transforms}
         self._disk_checksum = manifest.get("_disk_checksum", manifest.get("checksum"))
         manifest.pop("_disk_checksum", None)
-        self._layer_cache: dict[tuple[int, int], list[Layer]] = {}
-        self._op_cache: dict[tuple[int, int, bool], FusedTransform] = {}
+        self._layer_cache: dict[tuple[int, int], list[Layer] | RoutedStep] = {}
+        self._op_cache: dict[tuple[int, int, bool, str], FusedTransform | RoutedTransform] = {}
         self._pending_files: list[Path] = []  # weight files the running transaction created
 
     # ------------------------------------------------------------------ create / open
@@ -154,7 +160,7 @@ class Registry:
         p = Path(path)
         mpath = _inside(p, MANIFEST)
         if not mpath.is_file():
-            raise RegistryError(cls._not_found_msg(p))
+            raise RegistryError(_not_found_msg(p))
         manifest = parse_manifest(_read_manifest_bytes(mpath), str(mpath), allow_edited=allow_edited)
         versions, transforms = validate_manifest(manifest, str(mpath))
         reg = cls(p, manifest, versions, transforms, _private=_TOKEN)
@@ -164,19 +170,6 @@ class Registry:
         if verify:
             reg.verify()
         return reg
-
-    @staticmethod
-    def _not_found_msg(p: Path) -> str:
-        mpath = p / MANIFEST
-        if not p.exists():
-            return f"{mpath} not found (the directory does not exist); create a registry with Registry.create({str(p)!r})"
-        if p.is_dir() and _create_leftovers(p):
-            return (f"{mpath} not found: {p} holds only what an interrupted Registry.create left (a lock file and an "
-                    f"empty {TRANSFORM_DIR}/ folder); run Registry.create({str(p)!r}) again to finish creating it")
-        if p.is_dir() and (p / TRANSFORM_DIR).is_dir() and any((p / TRANSFORM_DIR).iterdir()):
-            return (f"{mpath} not found, but {p / TRANSFORM_DIR} holds files: the manifest was deleted or lost; "
-                    f"restore manifest.json from a backup")
-        return f"{mpath} not found; {p} is not a bc_fast registry (create one with Registry.create(path))"
 
     # ------------------------------------------------------------------ reading
 
@@ -256,14 +249,27 @@ class Registry:
                 f"bc_fast.fit.fit_adapter(X_{a}, X_{b}) and add_transform({a}, {b}, est)")
 
     def transform_layers(self, from_version: int, to_version: int) -> list[Layer]:
-        """Load one transform's layers, verifying the weight file's sha256 and shapes."""
+        """Load one transform's layers, verifying the weight file's sha256 and shapes (RegistryError for a
+        routed transform, which has none: :meth:`transform_step`)."""
+        step = self.transform_step(from_version, to_version)
+        if isinstance(step, RoutedStep):
+            raise RegistryError(self._routed_msg(int(from_version), int(to_version)))
+        return step
+
+    def transform_step(self, from_version: int, to_version: int) -> list[Layer] | RoutedStep:
+        """Load one transform, verifying its file's sha256 and shapes: its layers, or a :class:`RoutedStep`."""
         t = self.transform_info(from_version, to_version)
         key = (t.from_version, t.to_version)
         if key not in self._layer_cache:
             self._layer_cache[key] = self._load_transform(t)
-        return list(self._layer_cache[key])
+        step = self._layer_cache[key]
+        return step if isinstance(step, RoutedStep) else list(step)
 
-    def _load_transform(self, t: TransformInfo) -> list[Layer]:
+    def _routed_msg(self, a: int, b: int) -> str:
+        return (f"transform {a} -> {b} of registry {self.path} is a routed (local) transform, not a layer program; "
+                f"Registry.operator() runs chains through it, chain_steps() / transform_step() load it")
+
+    def _load_transform(self, t: TransformInfo) -> list[Layer] | RoutedStep:
         fpath = _inside(self.path, t.file)
         try:
             try:
@@ -271,7 +277,7 @@ class Registry:
             except OSError as e:
                 raise RegistryError(
                     f"{fpath}: cannot read transform {t.from_version} -> {t.to_version}: {e}") from e
-            return decode_transform(data, t, str(fpath))
+            return decode_routed(data, t, str(fpath)) if t.is_routed else decode_transform(data, t, str(fpath))
         except RegistryError as e:
             self._raise_if_stale(e)
             raise
@@ -293,15 +299,28 @@ class Registry:
         """The transforms from ``src`` to ``dst`` in application order, each a list of Layer.
 
         ``src > dst`` uses backward transforms ``B_src, ..., B_(dst+1)``; ``src < dst``
-        needs fitted forward transforms; ``src == dst`` is an empty chain.
+        needs fitted forward transforms; ``src == dst`` is an empty chain. A chain through a
+        routed transform has no layer program (RegistryError): use :meth:`chain_steps`.
         """
+        steps = self.chain_steps(src, dst)
+        for v, s in zip(self._chain_pairs(int(src), int(dst)), steps):
+            if isinstance(s, RoutedStep):
+                raise RegistryError(self._routed_msg(*v))
+        return steps  # type: ignore[return-value]
+
+    def chain_steps(self, src: int, dst: int) -> list[list[Layer] | RoutedStep]:
+        """As :meth:`chain_layers`, with a routed transform as its :class:`RoutedStep`."""
         a = self._check_version(src, "src")
         b = self._check_version(dst, "dst")
-        step = -1 if b < a else 1
-        missing = [(v, v + step) for v in range(a, b, step) if (v, v + step) not in self._transforms]
+        missing = [p for p in self._chain_pairs(a, b) if p not in self._transforms]
         if missing:
             raise RegistryError(self._missing_msg(*missing[0]))
-        return [self.transform_layers(v, v + step) for v in range(a, b, step)]
+        return [self.transform_step(*p) for p in self._chain_pairs(a, b)]
+
+    @staticmethod
+    def _chain_pairs(a: int, b: int) -> list[tuple[int, int]]:
+        step = -1 if b < a else 1
+        return [(v, v + step) for v in range(a, b, step)]
 
     def fused_layers(self, src: int, dst: int) -> list[Layer]:
         """The chain ``src -> dst`` fused into a short program (see :func:`bc_fast.engine.fusion.fuse_chain`)."""
@@ -313,7 +332,7 @@ class Registry:
         return fuse_chain(self.chain_layers(a, b))
 
     def operator(self, src: int | None = None, dst: int = 0, *, normalize: bool = False,
-                 precision: str = "fp32") -> FusedTransform:
+                 precision: str = "fp32") -> FusedTransform | RoutedTransform:
         """A fused operator mapping version ``src`` embeddings to version ``dst``.
 
         Parameters
@@ -329,14 +348,21 @@ class Registry:
         -------
         FusedTransform with ``d_in = dim(src)`` and ``d_out = dim(dst)``. Affine chains
         are one matrix and bias (composed in float64, stored in float32); ``src == dst``
-        is the identity.
+        is the identity. A chain through a routed transform is one :class:`RoutedTransform`
+        (CPU, fp32) when its other steps are affine; two routed steps, or a routed and an MLP
+        step, raise RegistryError (see :mod:`bc_fast.store.routed_chain`).
         """
         a = self.latest if src is None else self._check_version(src, "src")
         b = self._check_version(dst, "dst")
         key = (a, b, bool(normalize), str(precision))
         op = self._op_cache.get(key)
         if op is None:
-            op = FusedTransform(self.fused_layers(a, b), normalize=normalize, precision=precision)
+            steps = self.chain_steps(a, b) if a != b else []
+            if any(isinstance(s, RoutedStep) for s in steps):
+                op = fuse_routed_chain(steps, [f"{p} -> {q}" for p, q in self._chain_pairs(a, b)],
+                                       normalize=bool(normalize), precision=str(precision))
+            else:
+                op = FusedTransform(self.fused_layers(a, b), normalize=normalize, precision=precision)
             self._op_cache[key] = op
         return op
 
@@ -359,7 +385,7 @@ class Registry:
         """Load every transform and check its sha256, shapes and direction; raise RegistryError if any fails."""
         self._layer_cache.clear()
         for t in self.transforms():
-            self.transform_layers(t.from_version, t.to_version)
+            self.transform_step(t.from_version, t.to_version)
 
     # ------------------------------------------------------------------ writing
 
@@ -410,6 +436,7 @@ class Registry:
             m["versions"].append(info)
             if prepared is not None:
                 m["transforms"].append(self._put_weights(*prepared))
+                stamp_format_version(m, prepared[0])
         return self._versions[-1]
 
     def add_transform(self, from_version: int, to_version: int, transform: Any, *, kind: str | None = None,
@@ -420,7 +447,8 @@ class Registry:
         ----------
         from_version, to_version : int
             Adjacent versions. ``to_version = from_version - 1`` is backward.
-        transform : see :meth:`add_version` ``backward``
+        transform : see :meth:`add_version` ``backward``; also a fitted :class:`bc_fast.fit.LocalAdapter`,
+            its ``routed_params()`` or a dict of them: a routed transform (kind ``"routed"``)
         replace : bool, default False
             Replace an existing transform for the same pair (its old file is removed
             after the manifest switched).
@@ -438,11 +466,19 @@ class Registry:
             entry = self._put_weights(*prepared)
             m["transforms"] = [t for t in m["transforms"] if (t["from_version"], t["to_version"]) != (a, b)]
             m["transforms"].append(entry)
+            stamp_format_version(m, entry)
         return self._transforms[(a, b)]
 
     def _prepare_transform(self, a: int, b: int, transform: Any, direction: str, kind: str | None,
                            fit_metrics: Mapping[str, Any] | None, versions: list[VersionInfo]) -> tuple[dict, bytes]:
         """Check a transform against the versions it connects; return its manifest entry and file bytes."""
+        routed = as_routed(transform, f"{direction} transform {a} -> {b}")
+        if routed is not None:
+            return prepare_routed(routed, a, b, direction, kind, (versions[a].dim, versions[b].dim), fit_metrics,
+                                  _now())
+        if kind == "routed":
+            raise ValueError(f"kind='routed' but the {direction} transform {a} -> {b} is a layer program; pass a "
+                             "fitted LocalAdapter (or its routed_params()) for a routed transform")
         layers = as_layers(transform)
         d_a, d_b = versions[a].dim, versions[b].dim
         d_in, d_out = layers[0].d_in, layers[-1].d_out
@@ -519,7 +555,7 @@ class Registry:
             self._transforms = {(t.from_version, t.to_version): t for t in transforms}
             self._layer_cache.clear()
             self._op_cache.clear()
-            self._remove_orphans(obsolete)
+            _remove_orphans(self.path, {os.path.normpath(t.file) for t in self._transforms.values()}, obsolete)
 
     def _check_not_stale(self, mpath: Path) -> None:
         if not mpath.is_file():
@@ -532,24 +568,6 @@ class Registry:
             raise RegistryError(
                 f"{mpath} changed on disk since this Registry was opened (another handle or process wrote to it); "
                 f"reopen with Registry.open({str(self.path)!r}) and repeat the change")
-
-    def _remove_orphans(self, obsolete: Sequence[str]) -> None:
-        """Remove bc_fast's own files that the manifest does not reference (call under the lock)."""
-        referenced = {os.path.normpath(t.file) for t in self._transforms.values()}
-        doomed = [self.path / f for f in obsolete if os.path.normpath(f) not in referenced]
-        tdir = self.path / TRANSFORM_DIR
-        if tdir.is_dir():
-            for f in tdir.iterdir():
-                rel = os.path.normpath(f"{TRANSFORM_DIR}/{f.name}")
-                if TEMP_NAME.match(f.name) or (WEIGHT_NAME.match(f.name) and rel not in referenced):
-                    doomed.append(f)
-        doomed += [f for f in self.path.iterdir() if MANIFEST_TEMP_NAME.match(f.name)]
-        for f in doomed:
-            if _escaping_link(self.path, os.path.relpath(f, self.path)) is None and not f.is_dir():
-                with contextlib.suppress(OSError):
-                    f.unlink()
-        if doomed:
-            fsync_dir(tdir if tdir.is_dir() else self.path)
 
     # ------------------------------------------------------------------ display
 

@@ -45,6 +45,9 @@ def describe_registry(reg: Any) -> str:
         shape = " -> ".join([str(t.d_in)] + [
             f"{s['d_out']}" + ("" if s["activation"] == "none" or s["activation_width"] == 0
                                else f"({s['activation']})") for s in t.layers])
+        if t.routed is not None:
+            r = t.routed
+            shape = f"{t.d_in} -> {t.d_out} (k={r['k']}, m={r['m']}, T={r['temperature']:.4g})"
         metrics = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(t.fit_metrics.items()))
         lines.append(f"    v{t.from_version} -> v{t.to_version}  {t.direction:<8} {t.kind:<6} {shape:<24} "
                      f"sha256 {t.sha256[:12]}  {t.file}" + (f"  fit: {metrics}" if metrics else ""))
@@ -52,17 +55,21 @@ def describe_registry(reg: Any) -> str:
     chains = []
     for dst in range(latest - 1, -1, -1):
         try:
-            steps = [[Layer(np.empty((s["d_out"], s["d_in"]), np.float32), None, s["activation"],
-                            s["activation_width"]) for s in reg.transform_info(v, v - 1).layers]
-                     for v in range(latest, dst, -1)]
+            infos = [reg.transform_info(v, v - 1) for v in range(latest, dst, -1)]
         except RegistryError:
             chains.append(f"    v{latest} -> v{dst}: incomplete (missing backward transform)")
             continue
-        flat = [l for s in steps for l in s]
+        flat = [Layer(np.empty((s["d_out"], s["d_in"]), np.float32), None, s["activation"], s["activation_width"])
+                for t in infos for s in t.layers]
+        routed = [t.routed for t in infos if t.routed is not None]
         n_act = sum(not l.is_affine for l in flat)
         desc = "affine, 1 matrix" if n_act == 0 else f"{n_act} activation layer(s)"
-        chains.append(f"    v{latest} -> v{dst}: {len(steps)} step(s), {len(flat)} layer(s), {desc}, "
-                      f"{chain_flops(flat)} MACs/row step by step")
+        macs = chain_flops(flat) + sum(r["k"] * r["d_in"] + r["m"] * r["d_out"] * r["d_in"] for r in routed)
+        if routed:  # what Registry.operator makes of it: bc_fast.store.routed_chain
+            fuses = len(routed) == 1 and n_act == 0
+            desc = f"{len(routed)} routed step(s), " + ("fuses into 1 routed operator" if fuses else "does not fuse")
+        chains.append(f"    v{latest} -> v{dst}: {len(infos)} step(s), {len(flat)} layer(s), {desc}, "
+                      f"{macs} MACs/row step by step")
     if chains:
         lines.append("  chains from latest:")
         lines.extend(chains)
