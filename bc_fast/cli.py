@@ -223,8 +223,9 @@ def _add_fit_parser(sub: Any) -> None:
     p.add_argument("--from", dest="src", type=int, required=True, metavar="K", help="source version")
     p.add_argument("--to", dest="dst", type=int, required=True, metavar="J",
                    help="target version: K-1 (backward) or K+1 (forward)")
-    p.add_argument("--kind", choices=("auto", "ridge", "procrustes", "lowrank", "mlp"), default="auto",
-                   help="adapter kind (default auto: ridge, procrustes or lowrank, lowest validation MSE)")
+    p.add_argument("--kind", choices=("auto", "ridge", "procrustes", "lowrank", "mlp", "local"), default="auto",
+                   help="adapter kind (default auto: ridge, procrustes or lowrank, lowest validation MSE; local: "
+                        "per-cluster maps routed by k-means centroids, a routed transform, fitted in memory)")
     p.add_argument("--alpha", type=float, default=None, help="ridge penalty (default: chosen on validation rows)")
     p.add_argument("--rank", type=int, default=None, help="rank of --kind lowrank (default min(64, dims))")
     p.add_argument("--replace", action="store_true", help="replace an existing transform K -> J")

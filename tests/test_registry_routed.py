@@ -443,3 +443,24 @@ def test_legacy_index_search_through_a_routed_chain(tmp_path, chain, faiss_one_t
         build_legacy_index(reg, table, version=0, device="cuda", progress=False)
     with pytest.raises(ValueError, match="has a routed \\(local\\) step; faiss has no routed transform"):
         export_faiss_pretransform(loaded)
+
+
+def test_fit_to_registry_kind_local_writes_a_routed_transform(tmp_path):
+    """`bc-fast fit --kind local` (fit_to_registry): a routed transform the registry serves bit for bit."""
+    from bc_fast.fit import fit_to_registry
+    from bc_fast.store import Registry
+
+    rng = np.random.default_rng(11)
+    side = rng.integers(0, 2, 2000)[:, None]  # two well separated blobs, each with its own drift
+    x = (rng.standard_normal((2000, 12)) + np.where(side, 6.0, -6.0) * np.eye(12)[0]).astype(np.float32)
+    q1, q2 = (np.linalg.qr(rng.standard_normal((12, 12)))[0][:, :8] for _ in range(2))  # a rotation per blob
+    y = np.where(side, x @ q1, x @ q2).astype(np.float32)
+    np.save(tmp_path / "new.npy", x)
+    np.save(tmp_path / "old.npy", y)
+    reg = Registry.create(tmp_path / "reg")
+    reg.add_version(dim=8)
+    reg.add_version(dim=12)
+    est, metrics = fit_to_registry(tmp_path / "reg", 1, 0, tmp_path / "new.npy", tmp_path / "old.npy", kind="local")
+    assert metrics["adapter"] == "local" and metrics["val_r2"] > 0.9
+    op = Registry.open(tmp_path / "reg").operator(1, 0)
+    assert np.array_equal(op.apply(x[:300]), est.transform(x[:300]))

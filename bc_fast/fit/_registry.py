@@ -14,6 +14,9 @@ from ._gram import accumulate_pairs, val_mask
 from ._metrics import fit_metrics
 from ._streaming import STREAMING_KINDS, npy_pair_chunks, open_npy
 
+#: Kinds `bc-fast fit` fits from both files loaded whole (no streaming form).
+IN_MEMORY_KINDS = ("mlp", "local")
+
 #: At most this many validation rows are read back for the printed metrics (the neighbour search is
 #: quadratic in them); the per-candidate validation MSE and R^2 use all validation rows.
 MAX_METRIC_ROWS = 5000
@@ -56,7 +59,7 @@ def fit_to_registry(registry: str | os.PathLike, from_version: int, to_version: 
     """Fit ``from_version -> to_version`` from two .npy files and add it to the registry.
 
     Closed-form kinds (and ``auto``, which here chooses among them) stream the memory-mapped
-    files; ``mlp`` loads both. The metrics are those of the fit on the training rows, measured
+    files; ``mlp`` and ``local`` (a routed transform: k-means and its settings search need the rows) load both. The metrics are those of the fit on the training rows, measured
     on (at most :data:`MAX_METRIC_ROWS`) hashed validation rows; the transform written is then
     refitted on all pairs. Nothing is written unless every step succeeded.
 
@@ -82,8 +85,8 @@ def fit_to_registry(registry: str | os.PathLike, from_version: int, to_version: 
             raise ValueError(f"--rank applies to --kind lowrank (or auto), not {kind}")
         params["rank"] = rank
     t0 = time.perf_counter()
-    if kind == "mlp":
-        est = make_adapter("mlp", **params).fit(np.asarray(src), np.asarray(dst))
+    if kind in IN_MEMORY_KINDS:
+        est = make_adapter(kind, **params).fit(np.asarray(src), np.asarray(dst))
         probe = est
     elif kind in STREAMING_KINDS:
         if kind == "auto":
@@ -95,7 +98,7 @@ def fit_to_registry(registry: str | os.PathLike, from_version: int, to_version: 
         probe = make_adapter(kind, **params, refit=False).fit_stats(stats)
         est = make_adapter(kind, **params).fit_stats(stats)
     else:
-        raise ValueError(f"--kind must be one of auto, ridge, procrustes, lowrank, mlp; got {kind!r}")
+        raise ValueError(f"--kind must be one of auto, ridge, procrustes, lowrank, mlp, local; got {kind!r}")
     fit_time = time.perf_counter() - t0
     xv, yv = _val_rows(src, dst, val_fraction, random_state, chunk_rows)
     holder = est.best_estimator_ if isinstance(est, AutoAdapter) else est
