@@ -109,3 +109,37 @@ def test_writer_reads_back_rows_while_writing(tmp_path):
     finally:
         writer.close()
         reader.close()
+
+
+def test_parquet_parts_of_an_older_run_resume_to_the_same_bytes(tmp_path, registry, monkeypatch):
+    """Parts are Arrow IPC files; a partial output whose parts are Parquet (bc_fast before 0.2) still
+    resumes, and the merged table has the same bytes either way."""
+    pa = pytest.importorskip("pyarrow", reason="pyarrow (the parquet extra) is not installed")
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow (the parquet extra) is not installed")
+    from bc_fast.store.parquet import ParquetWriter
+
+    x = np.random.default_rng(8).standard_normal((1200, DIMS[2])).astype(np.float16)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), DIMS[2])
+    pq.write_table(pa.table({"id": np.arange(1200), "emb": emb}), tmp_path / "in.parquet", row_group_size=500)
+    kw = dict(registry=registry, dst=0, chunk_rows=100, threads=1, progress=False, journal_interval=0)
+    convert_table(tmp_path / "in.parquet", tmp_path / "clean.parquet", **kw)
+
+    orig, calls = ParquetWriter.write, [0]
+
+    def write(self, chunk, y, extra):
+        calls[0] += 1
+        if calls[0] > 4:
+            raise KeyboardInterrupt
+        orig(self, chunk, y, extra)
+    with monkeypatch.context() as m:
+        m.setattr(ParquetWriter, "write", write)
+        with pytest.raises(KeyboardInterrupt):
+            convert_table(tmp_path / "in.parquet", tmp_path / "out.parquet", **kw)
+    partial = tmp_path / "out.parquet.partial"
+    for arrow in sorted(partial.glob("part-*.arrow")):  # what the older version wrote
+        with pa.OSFile(str(arrow), "rb") as f:
+            pq.write_table(pa.ipc.open_file(f).read_all(), arrow.with_suffix(".parquet"), compression="none")
+        arrow.unlink()
+    assert len(list(partial.glob("part-*.parquet"))) == 4
+    convert_table(tmp_path / "in.parquet", tmp_path / "out.parquet", resume=True, **kw)
+    assert (tmp_path / "out.parquet").read_bytes() == (tmp_path / "clean.parquet").read_bytes()

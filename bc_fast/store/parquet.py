@@ -2,8 +2,8 @@
 
 What lives here: :func:`import_pyarrow` (pyarrow is optional: ``pip install bc_fast[parquet]``),
 :class:`ParquetReader` (the other columns, ids and such, are carried through) and
-:class:`ParquetWriter` (one part file per chunk, so a killed run can resume, merged into one file
-with one row group per chunk when the run completes). It may import :mod:`.table_base` and
+:class:`ParquetWriter` (one Arrow IPC part file per chunk, so a killed run can resume, merged into
+one Parquet file with one row group per chunk as the run goes). It may import :mod:`.table_base` and
 ``bc_fast._util``.
 """
 
@@ -180,7 +180,21 @@ class ParquetWriter(TableWriter):
         self._vt = vt
 
     def _part(self, index: int) -> str:
+        return os.path.join(self.temp, f"part-{index:08d}.arrow")
+
+    def _legacy_part(self, index: int) -> str:
+        """Where bc_fast before 0.2 put a part (Parquet): a partial output it left still resumes."""
         return os.path.join(self.temp, f"part-{index:08d}.parquet")
+
+    def _read_part(self, index: int, columns: list[str] | None = None) -> Any:
+        """Part ``index`` as an Arrow table (an Arrow IPC file; a Parquet part of an older partial output)."""
+        pa, pq = import_pyarrow()
+        path = self._part(index)
+        if not os.path.isfile(path) and os.path.isfile(self._legacy_part(index)):
+            return pq.read_table(self._legacy_part(index), columns=columns, schema=self.schema)
+        with pa.OSFile(path, "rb") as f:  # read, not memory-mapped: a file truncated under a map would SIGBUS
+            table = pa.ipc.open_file(f).read_all()
+        return table if columns is None else table.select(columns)
 
     @property
     def merged(self) -> str:
@@ -199,8 +213,7 @@ class ParquetWriter(TableWriter):
 
     def _append_merged(self, index: int) -> None:
         """Append part ``index`` to the merged file, exactly as :meth:`seal` would."""
-        _, pq = import_pyarrow()
-        t = pq.read_table(self._part(index), schema=self.schema)
+        t = self._read_part(index)
         self._merge.write_table(t, row_group_size=max(1, t.num_rows))
         self._merged_chunks += 1
 
@@ -219,19 +232,22 @@ class ParquetWriter(TableWriter):
             raise ValueError(f"cannot resume: partial output directory {self.temp} is missing; "
                              "delete the journal and start again")
         for i in range(done_chunks):
-            if not os.path.isfile(self._part(i)):
+            if not os.path.isfile(self._part(i)) and not os.path.isfile(self._legacy_part(i)):
                 raise ValueError(f"cannot resume: part {self._part(i)} is missing; "
                                  "delete the partial output and its journal and start again")
 
     def write(self, chunk: Chunk, y: np.ndarray, extra: Any) -> None:
-        pa, pq = import_pyarrow()
+        pa, _ = import_pyarrow()
         emb = pa.FixedSizeListArray.from_arrays(pa.array(y.reshape(-1), type=self._vt), self.dim)
         cols = {name: extra.column(name) for name in extra.column_names}
         cols[self.reader.column] = emb  # type: ignore[attr-defined]
         table = pa.Table.from_arrays([cols[n] for n in self.schema.names], schema=self.schema)
         tmp = self._part(chunk.index) + ".tmp"
         with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="none")
+            # Arrow IPC, not Parquet: a part is only read back (sample, merge, resume), and IPC costs a copy
+            # where Parquet encodes every list element (~10x slower, and slower still to read back).
+            with pa.ipc.new_file(f, self.schema) as ipc:
+                ipc.write_table(table)
             f.flush()
             os.fsync(f.fileno())  # parts are small; a durable part is renamed into place
         os.replace(tmp, self._part(chunk.index))
@@ -242,22 +258,20 @@ class ParquetWriter(TableWriter):
         fsync_dir(self.temp)
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        _, pq = import_pyarrow()
         col = self.reader.column  # type: ignore[attr-defined]
         out = np.empty((len(rows), self.dim), self.dtype)
         starts = np.array([c.start for c in self.chunks])
         which = np.searchsorted(starts, rows, side="right") - 1
         for ci in np.unique(which):
             sel = np.nonzero(which == ci)[0]
-            t = pq.read_table(self._part(int(ci)), columns=[col])
+            t = self._read_part(int(ci), [col])
             emb = t.column(col).combine_chunks().flatten().to_numpy(zero_copy_only=False)
             out[sel] = emb.reshape(-1, self.dim)[rows[sel] - starts[ci]]
         return out
 
     def read_chunk(self, chunk: Chunk) -> np.ndarray:
-        _, pq = import_pyarrow()
         col = self.reader.column  # type: ignore[attr-defined]
-        t = pq.read_table(self._part(chunk.index), columns=[col])
+        t = self._read_part(chunk.index, [col])
         emb = t.column(col).combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return np.ascontiguousarray(emb, self.dtype).reshape(-1, self.dim)
 
@@ -280,7 +294,7 @@ class ParquetWriter(TableWriter):
             with open(self.merged, "wb") as f:
                 with pq.ParquetWriter(f, self.schema, compression="snappy") as w:
                     for c in self.chunks:
-                        t = pq.read_table(self._part(c.index), schema=self.schema)
+                        t = self._read_part(c.index)
                         w.write_table(t, row_group_size=max(1, t.num_rows))
                 f.flush()
                 os.fsync(f.fileno())

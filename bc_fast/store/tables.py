@@ -10,8 +10,8 @@ chunk size, never by the table:
   into a directory with the same file names.
 - Parquet with a fixed-size-list embedding column: the other columns (ids, ...)
   are carried through. Needs pyarrow (``pip install bc_fast[parquet]``). Each
-  chunk is written as its own part file, so a killed run can resume; the parts
-  are merged into one file (one row group per chunk) when the run completes.
+  chunk is written as its own part file (Arrow IPC), so a killed run can resume; the
+  parts are merged into one Parquet file (one row group per chunk) as the run goes.
 - a Lance dataset (a LanceDB table, ``<db>/<name>.lance``) with a fixed-size-list vector
   column: the other columns are carried through into a new dataset, one fragment and one
   commit per chunk. Needs the lance extra (``pip install "bc-fast[lance]"``).
