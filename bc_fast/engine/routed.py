@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import _core
 from .._util.arrays import as_numpy
-from ._checks import check_threads
+from ._checks import INT_MAX, check_threads
 from .operator import _check_batch, host_batch
 
 __all__ = ["RoutedTransform"]
@@ -170,9 +170,10 @@ class RoutedTransform:
         as :meth:`bc_fast.FusedTransform.apply` (results bit-identical for every thread count). A batch of
         at most 8 rows splits each cluster's map by output columns over the calling thread and the small
         pool's helper thread, where two threads are free."""
-        if type(x) is _NDARRAY and (out is None or type(out) is _NDARRAY) and out_dtype is None and threads is None:
+        if (type(x) is _NDARRAY and (out is None or type(out) is _NDARRAY) and out_dtype is None
+                and (threads is None or (type(threads) is int and 0 < threads <= INT_MAX))):
             try:  # the core checks shape, dtype, contiguity and overlap; on a complaint, the full checks below
-                return self._op.apply(x, out, False, 0)
+                return self._op.apply(x, out, False, threads or 0)
             except (ValueError, TypeError):
                 pass
         xa, oa, result = host_batch(x, out, out_dtype, self.d_in, self.d_out)
