@@ -79,3 +79,50 @@ def simd_level(request):
     bc_fast._core.set_simd_level(request.param)
     yield request.param
     bc_fast._core.set_simd_level(before)
+
+
+_KILL_SCRIPT = """
+import sys, time
+from bc_fast.store import tables
+from bc_fast.cli import main
+cls = getattr(tables, sys.argv[1])
+orig = cls.write
+def slow(self, chunk, y, extra):
+    orig(self, chunk, y, extra)
+    time.sleep(float(sys.argv[2]))
+cls.write = slow
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.fixture(scope="session")
+def kill_convert_midway() -> Callable[..., None]:
+    """``kill(cli_args, journal, *, writer, after_chunks, cwd, delay=0.03, timeout=120)``: run ``bc-fast``
+    with ``cli_args`` (a ``convert``) in a child whose ``tables.<writer>.write`` sleeps ``delay`` s per chunk,
+    and SIGKILL it once its ``journal`` records ``after_chunks`` chunks done (the test fails if it ends first).
+    ``cwd`` must lie outside the source tree, so the child imports the installed package."""
+
+    def kill(cli_args: Sequence[str], journal: str | Path, *, writer: str, after_chunks: int, cwd: str | Path,
+             delay: float = 0.03, timeout: float = 120) -> None:
+        import json
+        import time
+
+        proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, writer, str(delay), *cli_args],
+                                stderr=subprocess.PIPE, cwd=cwd)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if json.loads(Path(journal).read_text())["done_chunks"] >= after_chunks:
+                    break
+            except (ValueError, OSError, KeyError):
+                pass
+            time.sleep(0.02)
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode()
+            proc.stderr.close()
+            pytest.fail(f"the conversion ended before it could be killed: {err}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+
+    return kill

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -279,45 +276,15 @@ def test_resume_is_byte_identical(tmp_path, registry, monkeypatch, form):
     assert leftovers == []
 
 
-_KILL_SCRIPT = """
-import sys, time
-from bc_fast.store import tables
-from bc_fast.cli import main
-orig = tables.NpyWriter.write
-def slow(self, chunk, y, extra):
-    orig(self, chunk, y, extra)
-    time.sleep(0.03)
-tables.NpyWriter.write = slow
-sys.exit(main(sys.argv[1:]))
-"""
 
 
-def test_resume_after_sigkill(tmp_path, registry):
+def test_resume_after_sigkill(tmp_path, registry, kill_convert_midway):
     x = _table(6000, dtype=np.float16, seed=11)
     np.save(tmp_path / "in.npy", x)
     args = ["convert", str(tmp_path / "in.npy"), str(tmp_path / "out.npy"), "--registry", str(registry.path),
             "--to", "0", "--chunk-rows", "50", "--threads", "1", "--quiet"]
-    # cwd=tmp_path: the child must import the installed bc_fast, not the source checkout.
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT] + args, stderr=subprocess.PIPE, cwd=tmp_path)
     journal = tmp_path / "out.npy.partial.journal.json"
-    deadline = time.monotonic() + 30
-    done = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        if journal.exists():
-            try:
-                done = json.loads(journal.read_text())["done_chunks"]
-            except (ValueError, OSError):
-                pass
-            if done >= 10:
-                break
-        time.sleep(0.02)
-    if proc.poll() is not None:
-        err = proc.stderr.read().decode()
-        proc.stderr.close()
-        pytest.fail(f"the conversion ended before it could be killed: {err}")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_convert_midway(args, journal, writer="NpyWriter", after_chunks=10, cwd=tmp_path, delay=0.03)
     assert not (tmp_path / "out.npy").exists() and (tmp_path / "out.npy.partial").exists()
     res = convert_table(tmp_path / "in.npy", tmp_path / "out.npy", registry=registry, dst=0, resume=True, **_kw())
     assert 500 <= res.resumed_rows < 6000

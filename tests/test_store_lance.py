@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -189,47 +187,17 @@ def test_resume_drops_chunks_the_journal_does_not_record(tmp_path, registry, mon
     assert not [f for f in os.listdir(db) if "partial" in f or f.endswith((".tmp", ".lock"))]
 
 
-_KILL_SCRIPT = """
-import sys, time
-from bc_fast.store import tables
-from bc_fast.cli import main
-orig = tables.LanceWriter.write
-def slow(self, chunk, y, extra):
-    orig(self, chunk, y, extra)
-    time.sleep(0.05)
-tables.LanceWriter.write = slow
-sys.exit(main(sys.argv[1:]))
-"""
 
 
-def test_resume_after_sigkill(tmp_path, registry):
+def test_resume_after_sigkill(tmp_path, registry, kill_convert_midway):
     db = str(tmp_path / "db")
     x = _x(3000, seed=11)
     src = _make_table(db, x, parts=(1700, 1300))
     out = os.path.join(db, "items_v0.lance")
     args = ["convert", src, out, "--registry", str(registry.path), "--to", "0", "--chunk-rows", "50",
             "--threads", "1", "--quiet"]
-    # cwd=tmp_path: the child must import the installed bc_fast, not the source checkout.
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT] + args, stderr=subprocess.PIPE, cwd=tmp_path)
     journal = out + ".partial.journal.json"
-    deadline = time.monotonic() + 60
-    done = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        if os.path.exists(journal):
-            try:
-                done = json.loads(Path(journal).read_text())["done_chunks"]
-            except (ValueError, OSError):
-                pass
-            if done >= 8:
-                break
-        time.sleep(0.02)
-    if proc.poll() is not None:
-        err = proc.stderr.read().decode()
-        proc.stderr.close()
-        pytest.fail(f"the conversion ended before it could be killed: {err}")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_convert_midway(args, journal, writer="LanceWriter", after_chunks=8, cwd=tmp_path, delay=0.05)
     assert not os.path.exists(out) and os.path.isdir(out + ".partial")
 
     res = convert_table(src, out, registry=registry, dst=0, resume=True, **_kw())

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -119,42 +117,16 @@ def test_convert_milvus_collection(tmp_path, registry):
 
 # ------------------------------------------------------------------ resume
 
-_KILL_SCRIPT = """
-import sys, time
-from bc_fast.store import tables
-from bc_fast.cli import main
-orig = tables.MilvusWriter.write
-def slow(self, chunk, y, extra):
-    orig(self, chunk, y, extra)
-    time.sleep(0.05)
-tables.MilvusWriter.write = slow
-sys.exit(main(sys.argv[1:]))
-"""
 
 
-def test_resume_after_sigkill(tmp_path, registry):
+def test_resume_after_sigkill(tmp_path, registry, kill_convert_midway):
     x = _x(2000, seed=11)
     src = _make_store(tmp_path / "items.db", x)
     out = str(tmp_path / "items_v0.db")
     args = ["convert", src, out, "--registry", str(registry.path), "--to", "0", "--chunk-rows", "50",
             "--threads", "1", "--quiet"]
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT] + args, stderr=subprocess.PIPE, cwd=tmp_path)
     journal = out + ".partial.journal.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if json.loads(Path(journal).read_text())["done_chunks"] >= 8:
-                break
-        except (ValueError, OSError, KeyError):
-            pass
-        time.sleep(0.02)
-    if proc.poll() is not None:
-        err = proc.stderr.read().decode()
-        proc.stderr.close()
-        pytest.fail(f"the conversion ended before it could be killed: {err}")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_convert_midway(args, journal, writer="MilvusWriter", after_chunks=8, cwd=tmp_path, delay=0.05)
     assert not os.path.exists(out) and os.path.isdir(out + ".partial")
 
     res = convert_table(src, out, registry=registry, dst=0, resume=True, **_kw())
