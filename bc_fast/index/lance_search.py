@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .._util.arrays import as_numpy
+from .._util.optional import import_optional
 from ..engine import FusedTransform
 from ..store.registry import Registry, RegistryError
 
@@ -30,12 +31,7 @@ _METRICS = {"l2": "l2", "cosine": "cosine", "dot": "dot", "ip": "dot"}
 
 def import_lancedb() -> Any:
     """Import ``lancedb`` lazily, with a clear error if missing."""
-    try:
-        import lancedb
-    except ImportError as e:
-        raise ImportError('LanceDB search needs the lance extra, which is not installed; install it with '
-                          '`pip install "bc-fast[lance]"` (lancedb and pylance)') from e
-    return lancedb
+    return import_optional("lancedb", needed_for="LanceDB tables", extra="lance", packages="lancedb and pylance")
 
 
 def _table_record(path: str) -> dict:

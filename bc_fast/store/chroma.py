@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .._util.fileio import fsync_dir
+from .._util.optional import import_optional
 from .table_base import Chunk, TableReader, TableWriter
 
 CHROMA_DB_FILE = "chroma.sqlite3"
@@ -32,12 +33,7 @@ _PAGE = 5000  # ids per page when reading ids only
 
 def import_chromadb() -> Any:
     """Import ``chromadb`` lazily, with a clear error if missing."""
-    try:
-        import chromadb
-    except ImportError as e:
-        raise ImportError('Chroma stores need the chroma extra, which is not installed; install it with '
-                          '`pip install "bc-fast[chroma]"` (chromadb)') from e
-    return chromadb
+    return import_optional("chromadb", needed_for="Chroma stores", extra="chroma", packages="chromadb")
 
 
 def is_chroma_store(path: str) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .._util.fileio import fsync_dir
+from .._util.optional import import_optional
 from .parquet import _find_embedding_column
 from .table_base import Chunk, TableReader, TableWriter
 
@@ -32,14 +33,8 @@ _DROPPED_META = (b"embedding_functions",)
 
 def import_lance() -> Any:
     """Import ``lance`` (the ``pylance`` package) lazily, with a clear error if missing."""
-    try:
-        import lance
-    except ImportError as e:
-        raise ImportError(
-            "LanceDB / Lance tables need the lance extra, which is not installed; "
-            'install it with `pip install "bc-fast[lance]"` (lancedb and pylance)'
-        ) from e
-    return lance
+    return import_optional("lance", needed_for="LanceDB / Lance tables", extra="lance",
+                           packages="lancedb and pylance")
 
 
 def is_lance_dataset(path: str) -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .._util.fileio import fsync_dir
+from .._util.optional import import_optional
 from .table_base import Chunk, TableReader, TableWriter
 
 MILVUS_SUFFIX = ".db"
@@ -31,13 +32,10 @@ _PAGE = 10000
 
 def import_pymilvus() -> Any:
     """Import ``pymilvus`` (with ``milvus_lite``) lazily, with a clear error if missing."""
-    try:
-        import milvus_lite  # noqa: F401  (pymilvus opens a local .db only through it)
-        import pymilvus
-    except ImportError as e:
-        raise ImportError('Milvus Lite stores need the milvus extra, which is not installed; install it with '
-                          '`pip install "bc-fast[milvus]"` (pymilvus and milvus-lite)') from e
-    return pymilvus
+    for module in ("milvus_lite", "pymilvus"):  # pymilvus opens a local .db only through milvus_lite
+        found = import_optional(module, needed_for="Milvus Lite stores", extra="milvus",
+                                packages="pymilvus and milvus-lite")
+    return found
 
 
 def is_milvus_store(path: str) -> bool:
