@@ -23,7 +23,7 @@ from .._util.arrays import as_numpy
 from ._checks import INT_MAX, check_threads
 from .operator import _check_batch, host_batch
 
-__all__ = ["RoutedTransform"]
+__all__ = ["RoutedTransform", "centroid_scores64", "route64", "routed_map64"]
 
 _NDARRAY = np.ndarray
 
@@ -37,6 +37,38 @@ def _f32(a: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} holds NaN or Inf")
     return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def centroid_scores64(centroids: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-centroid routing scores ``(2 C, -||C||^2)`` in float64 from (float32) centroids ``C`` (exact)."""
+    c = np.asarray(centroids, dtype=np.float64)
+    return 2.0 * c, -np.einsum("ij,ij->i", c, c)
+
+
+def route64(x: Any, score_weight: Any, score_bias: Any, m: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """The top-``m`` clusters of each row (n, m; best first, ties to the lower index) and their softmax
+    weights (n, m), in float64: the routing every float64 reference of the routed map shares."""
+    x64 = np.asarray(x, dtype=np.float64)
+    scores = x64 @ np.asarray(score_weight, np.float64).T + np.asarray(score_bias, np.float64)
+    idx = np.argsort(-scores, axis=1, kind="stable")[:, :m]  # stable: ties keep the lower cluster index first
+    top = np.take_along_axis(scores, idx, axis=1)
+    w = np.exp((top - top[:, :1]) / float(temperature))
+    w /= w.sum(axis=1, keepdims=True)
+    return idx, w
+
+
+def routed_map64(x: Any, score_weight: Any, score_bias: Any, weight: Any, bias: Any, m: int,
+                 temperature: float) -> np.ndarray:
+    """The routed map of rows ``x`` in float64 (the parameters upcast exactly): (n, d_out)."""
+    x64 = np.asarray(x, dtype=np.float64)
+    idx, w = route64(x64, score_weight, score_bias, m, temperature)
+    a, b = np.asarray(weight, np.float64), np.asarray(bias, np.float64)
+    y = np.zeros((x64.shape[0], a.shape[1]))
+    for j in range(m):
+        for c in np.unique(idx[:, j]):
+            rows = np.nonzero(idx[:, j] == c)[0]
+            y[rows] += w[rows, j, None] * (x64[rows] @ a[c].T + b[c])
+    return y
 
 
 class RoutedTransform:
@@ -85,10 +117,10 @@ class RoutedTransform:
                        normalize: bool = False) -> RoutedTransform:
         """Nearest-centroid routing: ``score_c = 2 x . C_c - ||C_c||^2`` (``-||x - C_c||^2`` up to a per-row
         constant), the norms computed in float64 from the float32 centroids."""
-        c = np.asarray(centroids, dtype=np.float32).astype(np.float64)
+        c = np.asarray(centroids, dtype=np.float32)
         if c.ndim != 2:
             raise ValueError(f"centroids must be (k, d_in), got shape {c.shape}")
-        return cls(2.0 * c, -np.einsum("ij,ij->i", c, c), weight, bias, m, temperature, normalize=normalize)
+        return cls(*centroid_scores64(c), weight, bias, m, temperature, normalize=normalize)
 
     @classmethod
     def from_params(cls, params: Any, *, normalize: bool = False) -> RoutedTransform:
@@ -148,18 +180,7 @@ class RoutedTransform:
 
     def reference(self, x: Any) -> np.ndarray:
         """The transform in float64 (routing included), for validation: (n, d_out)."""
-        x64 = np.asarray(x, dtype=np.float64)
-        scores = x64 @ self.score_weight.T.astype(np.float64) + self.score_bias
-        idx = np.argsort(-scores, axis=1, kind="stable")[:, : self.m]
-        top = np.take_along_axis(scores, idx, axis=1)
-        w = np.exp((top - top[:, :1]) / self.temperature)
-        w /= w.sum(axis=1, keepdims=True)
-        y = np.zeros((len(x64), self.d_out))
-        a, b = self.weight.astype(np.float64), self.bias.astype(np.float64)
-        for j in range(self.m):
-            for c in np.unique(idx[:, j]):
-                rows = np.nonzero(idx[:, j] == c)[0]
-                y[rows] += w[rows, j, None] * (x64[rows] @ a[c].T + b[c])
+        y = routed_map64(x, self.score_weight, self.score_bias, self.weight, self.bias, self.m, self.temperature)
         if self.normalize:
             y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
         return y

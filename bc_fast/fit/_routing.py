@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.routed import centroid_scores64, route64, routed_map64
+
 __all__ = ["RoutedParams", "route", "routed_reference"]
 
 
@@ -122,15 +124,7 @@ def route(x: np.ndarray, centroids: np.ndarray, m: int, temperature: float) -> t
 
     Returns ``(idx (n, m) int64, w (n, m) float64)``; ``idx[:, 0]`` is the nearest centroid.
     """
-    x64 = np.asarray(x, dtype=np.float64)
-    c64 = np.asarray(centroids, dtype=np.float64)
-    scores = 2.0 * (x64 @ c64.T) - np.einsum("ij,ij->i", c64, c64)[None, :]
-    idx = np.argsort(-scores, axis=1, kind="stable")[:, :m]  # stable: ties keep the lower cluster index first
-    top = np.take_along_axis(scores, idx, axis=1)
-    z = (top - top[:, :1]) / float(temperature)
-    w = np.exp(z)
-    w /= w.sum(axis=1, keepdims=True)
-    return idx, w
+    return route64(x, *centroid_scores64(centroids), m, temperature)
 
 
 def routed_reference(x: Any, params: RoutedParams | Mapping[str, Any]) -> np.ndarray:
@@ -140,11 +134,4 @@ def routed_reference(x: Any, params: RoutedParams | Mapping[str, Any]) -> np.nda
     """
     p = _as_params(params)
     x64 = _rows(x, p.d_in, np.float64)
-    idx, w = route(x64, p.centroids, p.m, p.temperature)
-    a64, b64 = p.weights.astype(np.float64), p.bias.astype(np.float64)
-    y = np.zeros((x64.shape[0], p.d_out))
-    for j in range(p.m):
-        for c in np.unique(idx[:, j]):
-            rows = np.nonzero(idx[:, j] == c)[0]
-            y[rows] += w[rows, j, None] * (x64[rows] @ a64[c].T + b64[c])
-    return y
+    return routed_map64(x64, *centroid_scores64(p.centroids), p.weights, p.bias, p.m, p.temperature)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.routed import RoutedTransform
+from ..engine.routed import RoutedTransform, centroid_scores64, routed_map64
 from .manifest import (
     _REFIX,
     FILE_FORMAT,
@@ -98,25 +98,11 @@ class RoutedStep:
 
     def scores64(self) -> tuple[np.ndarray, np.ndarray]:
         """``(score_weight, score_bias)`` in float64: ``2 C`` and ``-||C||^2`` from the float32 centroids (exact)."""
-        c = self.centroids.astype(np.float64)
-        return 2.0 * c, -np.einsum("ij,ij->i", c, c)
+        return centroid_scores64(self.centroids)
 
     def reference(self, x: Any) -> np.ndarray:
         """The routed map of rows ``x`` (n, d_in) in float64, as :func:`bc_fast.fit._routing.routed_reference`."""
-        x64 = np.asarray(x, dtype=np.float64)
-        sw, sb = self.scores64()
-        scores = x64 @ sw.T + sb
-        idx = np.argsort(-scores, axis=1, kind="stable")[:, : self.m]  # stable: ties to the lower index
-        top = np.take_along_axis(scores, idx, axis=1)
-        w = np.exp((top - top[:, :1]) / self.temperature)
-        w /= w.sum(axis=1, keepdims=True)
-        a, b = self.weights.astype(np.float64), self.bias.astype(np.float64)
-        y = np.zeros((x64.shape[0], self.d_out))
-        for j in range(self.m):
-            for c in np.unique(idx[:, j]):
-                rows = np.nonzero(idx[:, j] == c)[0]
-                y[rows] += w[rows, j, None] * (x64[rows] @ a[c].T + b[c])
-        return y
+        return routed_map64(x, *self.scores64(), self.weights, self.bias, self.m, self.temperature)
 
 
 def _real(v: Any) -> bool:
