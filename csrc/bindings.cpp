@@ -192,6 +192,7 @@ PYBIND11_MODULE(_core, m) {
     py::dict d;
     d["kernel"] = info.kernel;
     d["cpu"] = info.cpu;
+    d["cpu_vendor"] = bc_fast::cpu_vendor();
     d["blas"] = info.blas;
     d["openmp"] = info.openmp;
     d["max_threads"] = info.max_threads;

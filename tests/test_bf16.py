@@ -255,3 +255,35 @@ def test_bf16_bench_configs_tiny(tmp_path) -> None:
         assert 1e-4 < r["max_abs_err"] < 0.1  # bf16-sized error on N(0,1) inputs, W ~ N(0, 1/d)
         assert {c["label"] for c in r["checks"]} == {"vs torch bf16 addmm(out=)", "vs bc_fast fp32"}
     assert "| bf16_d256 |" in "\n".join(lines)
+
+
+@pytest.mark.parametrize("cpu,vendor,available,verdict", [
+    ("avx2 fma f16c avx512f avx512bf16", "AuthenticAMD", True, "faster"),
+    ("avx2 avx512f avx512bf16 amx_tile amx_bf16", "GenuineIntel", True, "slower"),
+    ("avx2 avx512f avx512bf16", "GenuineIntel", True, "unmeasured"),  # Cooper Lake: not measured
+    ("avx2 fma f16c", "AuthenticAMD", False, "unavailable"),
+])
+def test_bf16_speed_verdict_by_cpu_family(cpu, vendor, available, verdict):
+    from bc_fast.engine.runtime import bf16_speed
+
+    got, why = bf16_speed(cpu, vendor, available)
+    assert got == verdict and (why == "") == (verdict == "unavailable")
+    if verdict == "slower":
+        assert "precision='fp32'" in why
+
+
+def test_build_info_says_whether_bf16_is_faster_here():
+    info = bc_fast.build_info()
+    assert isinstance(info["cpu_vendor"], str) and isinstance(info["bf16_vs_fp32_why"], str)
+    assert info["bf16_vs_fp32"] in ("faster", "slower", "unmeasured", "unavailable")
+    assert (info["bf16_vs_fp32"] == "unavailable") == (not info["bf16"])
+
+
+def test_bf16_on_a_cpu_where_it_is_slower_warns(monkeypatch):
+    from bc_fast.engine import operator
+
+    monkeypatch.setattr(operator, "bf16_speed", lambda cpu, vendor, available: ("slower", "measured slower here"))
+    if not bc_fast.build_info()["bf16"]:
+        pytest.skip(f"precision='bf16' cannot run here: {bc_fast.build_info()['bf16_unavailable']}")
+    with pytest.warns(RuntimeWarning, match="precision='bf16' is slower than 'fp32' on this CPU: measured slower"):
+        FusedTransform.affine(np.eye(4, dtype=np.float32), precision="bf16")

@@ -9,6 +9,7 @@ a chain of linear backward transforms collapsed into one matrix and bias.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -17,6 +18,7 @@ from .. import _core
 from .._util.arrays import as_numpy, bfloat16, is_bfloat16, is_torch, to_torch
 from ._checks import INT_MAX, check_threads
 from .layer import Layer, validate_layer
+from .runtime import bf16_speed
 
 PRECISIONS = ("fp32", "bf16")
 _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
@@ -63,6 +65,14 @@ def _check_batch(a: np.ndarray, name: str, dim: int) -> None:
         raise ValueError(f"{name} must be C-contiguous (row-major); pass np.ascontiguousarray({name})")
     if not a.flags.aligned:
         raise ValueError(f"{name} is not aligned to its {a.dtype} item size; pass {name}.copy()")
+
+
+def _warn_if_bf16_is_slower() -> None:
+    """precision='bf16' on a CPU where it measured slower than fp32: say so (RuntimeWarning), once per place."""
+    info = _core.build_info()
+    verdict, why = bf16_speed(info["cpu"], info["cpu_vendor"], info["bf16"])
+    if verdict == "slower":
+        warnings.warn(f"precision='bf16' is slower than 'fp32' on this CPU: {why}", RuntimeWarning, stacklevel=3)
 
 
 def host_batch(x: Any, out: Any, out_dtype: Any, d_in: int, d_out: int) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -143,6 +153,8 @@ class FusedTransform:
         for i, layer in enumerate(layers):
             checked.append(validate_layer(layer, f"layers[{i}]", d_prev))
             d_prev = checked[-1].d_out
+        if precision == "bf16":
+            _warn_if_bf16_is_slower()
         self.layers: tuple[Layer, ...] = tuple(checked)
         self.normalize = bool(normalize)
         try:

@@ -55,6 +55,26 @@ def set_num_threads(n: int) -> None:
     _core.set_num_threads(check_threads(n, "n", MAX_THREADS))
 
 
+def bf16_speed(cpu: str, vendor: str, available: bool) -> tuple[str, str]:
+    """How ``precision="bf16"`` compares with ``"fp32"`` on a CPU: ``(verdict, why)``.
+
+    The verdict is ``"faster"``, ``"slower"``, ``"unmeasured"`` or ``"unavailable"``; it comes from the
+    fair suite's bf16 rows (``bc-fast bench --quick``) on the CPU families measured so far, never from a
+    timing at run time. ``cpu`` is ``build_info()["cpu"]``, ``vendor`` its ``cpu_vendor``.
+    """
+    if not available:
+        return "unavailable", ""
+    feats = set(cpu.split())
+    if vendor == "GenuineIntel" and "amx_bf16" in feats:
+        return "slower", ("on Intel CPUs with AMX (Sapphire Rapids and later) precision='bf16' measured slower "
+                          "than 'fp32' (199-220 vs 283-318 GFLOP/s, 2 vCPUs): bc_fast's bf16 GEMM uses "
+                          "AVX512-BF16, not the AMX tiles; use precision='fp32' here, or torch bf16 (oneDNN on AMX)")
+    if vendor == "AuthenticAMD":
+        return "faster", "measured 1.7-1.8x the fp32 rows/s on AMD Zen 4 (bc-fast bench --quick, bf16_* rows)"
+    return "unmeasured", ("no measurement on this CPU family yet; compare the bf16_* rows of bc-fast bench --quick "
+                          "before relying on it")
+
+
 def build_info() -> dict:
     """How the compiled core was built and what it chose at run time.
 
@@ -65,7 +85,8 @@ def build_info() -> dict:
     it parallelises over row tiles itself), ``forked_child`` (True in a process forked
     from one that had loaded the core: it runs single-threaded), ``small_batch_rows``
     (largest batch served by the single-thread path), ``compiler``, ``bf16`` (True where
-    ``precision="bf16"`` can run now) and ``bf16_unavailable`` (why not, else ""), ``cuda`` (the GPU path:
+    ``precision="bf16"`` can run now) and ``bf16_unavailable`` (why not, else ""), ``bf16_vs_fp32`` and
+    ``bf16_vs_fp32_why`` (whether bf16 is faster than fp32 here: :func:`bf16_speed`), ``cpu_vendor``, ``cuda`` (the GPU path:
     :func:`bc_fast.engine.cuda.cuda_info`; whether ``bc_fast._cuda`` is built, the GPUs, driver and
     runtime versions; it never imports torch). Where ``bc_fast._cuda`` is built, asking for the
     GPUs initialises the CUDA runtime in this process, like any CUDA call: a process that will
@@ -74,5 +95,6 @@ def build_info() -> dict:
     from .cuda import cuda_info
 
     info = dict(_core.build_info())
+    info["bf16_vs_fp32"], info["bf16_vs_fp32_why"] = bf16_speed(info["cpu"], info["cpu_vendor"], info["bf16"])
     info["cuda"] = cuda_info()
     return info

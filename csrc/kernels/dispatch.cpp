@@ -5,7 +5,26 @@
 #include <cstring>
 #include <stdexcept>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 namespace bc_fast {
+
+std::string cpu_vendor() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid(0, &a, &b, &c, &d) == 0) return "";
+  char v[13];
+  std::memcpy(v, &b, 4);
+  std::memcpy(v + 4, &d, 4);
+  std::memcpy(v + 8, &c, 4);
+  v[12] = '\0';
+  return v;
+#else
+  return "";
+#endif
+}
 
 std::string cpu_features() {
   std::string s;
@@ -19,6 +38,12 @@ std::string cpu_features() {
   if (__builtin_cpu_supports("avx512bw")) s += "avx512bw ";
   if (__builtin_cpu_supports("avx512vl")) s += "avx512vl ";
   if (__builtin_cpu_supports("avx512bf16")) s += "avx512bf16 ";
+  // AMX (CPUID.(7,0):EDX bits 24 and 22): reported, not used by the kernels yet.
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid_count(7, 0, &a, &b, &c, &d) != 0) {
+    if (d & (1u << 24)) s += "amx_tile ";
+    if (d & (1u << 22)) s += "amx_bf16 ";
+  }
 #endif
   if (!s.empty()) s.pop_back();
   return s;

@@ -8,8 +8,11 @@
 
 namespace bc_fast {
 
-// Features of this CPU, as "avx2 fma f16c avx512f ..." (those that matter to us).
+// Features of this CPU, as "avx2 fma f16c avx512f ..." (those that matter to us; amx_tile and amx_bf16
+// are reported, not used).
 std::string cpu_features();
+// The CPUID vendor string ("GenuineIntel", "AuthenticAMD"), or "" where there is none.
+std::string cpu_vendor();
 // Whether the AVX2/FMA/F16C kernels were compiled in and this CPU (and OS) can run them.
 bool avx2_usable();
 // Whether the AVX-512 F/DQ/BW/VL kernels were compiled in and this CPU (and OS) can run them.
