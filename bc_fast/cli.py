@@ -37,7 +37,13 @@ def _cmd_text_demo(args: argparse.Namespace) -> int:
                          "--columns, --strategies, --seeds and --resume (its embedding cache already "
                          "makes a rerun fast)")
     out = "bc_fast_text_demo" if args.out == "bc_fast_demo" else args.out
-    run_text_demo(Path(out), seed=args.seed, quick=args.quick, cache_dir=args.cache, blas_threads=args.blas_threads)
+    fit_params = None
+    if args.device is not None:  # the text scenario trains only its MLP adapters
+        from ._util.torch_device import check_device_spec
+
+        fit_params = {"mlp": {"device": check_device_spec(args.device)}}
+    run_text_demo(Path(out), seed=args.seed, quick=args.quick, cache_dir=args.cache, blas_threads=args.blas_threads,
+                  fit_params=fit_params)
     return 0
 
 
@@ -45,8 +51,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .experiments.demo import run_demo_pipeline
 
     if getattr(args, "text", False):
-        if args.device is not None:
-            raise ValueError("--device chooses where the recommender trains; --text trains none: drop --device")
         return _cmd_text_demo(args)
     if getattr(args, "quick", False) or getattr(args, "cache", None) or getattr(args, "blas_threads", None):
         raise ValueError("--quick, --cache and --blas-threads apply to the text scenario only; add --text")
@@ -299,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--late-frac", type=float, default=None, metavar="F",
                        help="share of the epochs in the late phase (default 0.25; needs --lam-late)")
         p.add_argument("--device", default=None, metavar="DEV",
-                       help="where the recommender trains: auto (default: cuda when torch sees a GPU, else "
-                            "cpu), cpu, cuda or cuda:N; the same seed gives the same results on the CPU")
+                       help="where the recommender (with --text: the MLP adapters) trains: auto (default: cuda "
+                            "when torch sees a GPU, else cpu), cpu, cuda or cuda:N; the same seed gives the same "
+                            "results on the CPU")
         p.set_defaults(func=_cmd_demo, full=False)
 
     p = sub.add_parser("registry", help="inspect a version registry")

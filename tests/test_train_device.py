@@ -89,8 +89,22 @@ def test_bad_device_leaves_no_output_and_the_cli_says_why(tmp_path, capsys):
     assert main(["experiment", "--device", "gpu", "--out", str(out)]) == 1
     assert "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'" in capsys.readouterr().err
     assert not out.exists()
-    assert main(["demo", "--text", "--device", "cpu", "--out", str(out)]) == 1
-    assert "--text trains none: drop --device" in capsys.readouterr().err
+    assert main(["demo", "--text", "--device", "gpu", "--out", str(out)]) == 1  # refused before any model loads
+    assert "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_text_demo_device_goes_to_its_mlp_fits(tmp_path, monkeypatch):
+    """`bc-fast demo --text --device D` trains the text scenario's MLP adapters on D (its only torch fits)."""
+    from bc_fast import cli
+    from bc_fast.experiments import text_demo
+
+    seen = {}
+    monkeypatch.setattr(text_demo, "run_text_demo", lambda out, **kw: seen.update(kw))
+    assert cli.main(["demo", "--text", "--device", "cpu", "--quick", "--out", str(tmp_path / "t")]) == 0
+    assert seen["fit_params"] == {"mlp": {"device": "cpu"}}
+    assert cli.main(["demo", "--text", "--quick", "--out", str(tmp_path / "t")]) == 0
+    assert seen["fit_params"] is None  # MLPAdapter's own default: auto
 
 
 # ----------------------------------------------------------------------------- the CPU: as before
