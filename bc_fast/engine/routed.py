@@ -14,6 +14,7 @@ routed step or an MLP layer does not fuse into it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from .._util.arrays import as_numpy
 from ._checks import INT_MAX, check_threads
 from .operator import _check_batch, host_batch
 
-__all__ = ["RoutedTransform", "centroid_scores64", "route64", "routed_map64"]
+__all__ = ["RoutedParams", "RoutedTransform", "centroid_scores64", "check_params", "route64", "routed_map64"]
 
 _NDARRAY = np.ndarray
 
@@ -69,6 +70,82 @@ def routed_map64(x: Any, score_weight: Any, score_bias: Any, weight: Any, bias: 
             rows = np.nonzero(idx[:, j] == c)[0]
             y[rows] += w[rows, j, None] * (x64[rows] @ a[c].T + b[c])
     return y
+
+
+@dataclass(frozen=True, eq=False)
+class RoutedParams:
+    """The routed map's parameters as fitted (:class:`bc_fast.fit.LocalAdapter`) and stored (a registry's
+    routed step): float32 C-contiguous ``centroids`` (k, d_in), ``weights`` (k, d_out, d_in), ``bias``
+    (k, d_out), ``m`` and ``temperature``; nearest-centroid routing (:meth:`RoutedTransform.from_centroids`)."""
+
+    centroids: np.ndarray
+    weights: np.ndarray
+    bias: np.ndarray
+    m: int
+    temperature: float
+
+    def __post_init__(self) -> None:
+        for name in ("centroids", "weights", "bias"):
+            object.__setattr__(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.float32))
+        object.__setattr__(self, "m", int(self.m))
+        object.__setattr__(self, "temperature", float(self.temperature))
+        check_params(self)
+
+    @property
+    def k(self) -> int:
+        """Number of clusters."""
+        return int(self.centroids.shape[0])
+
+    @property
+    def d_in(self) -> int:
+        """Source dimension."""
+        return int(self.centroids.shape[1])
+
+    @property
+    def d_out(self) -> int:
+        """Target dimension."""
+        return int(self.weights.shape[1])
+
+    def spec(self) -> dict:
+        """``{d_in, d_out, k, m, temperature}``: what a registry's manifest and file metadata record."""
+        return {"d_in": self.d_in, "d_out": self.d_out, "k": self.k, "m": self.m, "temperature": self.temperature}
+
+    def scores64(self) -> tuple[np.ndarray, np.ndarray]:
+        """The routing scores ``(2 C, -||C||^2)`` in float64 (exact from the float32 centroids)."""
+        return centroid_scores64(self.centroids)
+
+    def reference(self, x: Any) -> np.ndarray:
+        """The routed map of rows ``x`` (n, d_in) in float64."""
+        return routed_map64(x, *self.scores64(), self.weights, self.bias, self.m, self.temperature)
+
+    def operator(self, *, normalize: bool = False) -> RoutedTransform:
+        """The compiled routed operator."""
+        return RoutedTransform.from_params(self, normalize=normalize)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"centroids", "weights", "bias", "m", "temperature"}``: the layout the compiled operator takes."""
+        return {"centroids": self.centroids, "weights": self.weights, "bias": self.bias, "m": self.m,
+                "temperature": self.temperature}
+
+
+def check_params(p: Any) -> None:
+    """Refuse inconsistent shapes, non-finite values, m outside [1, k] and T <= 0 (ValueError naming the field)."""
+    c, a, b = p.centroids, p.weights, p.bias
+    if c.ndim != 2 or c.shape[0] < 1 or c.shape[1] < 1:
+        raise ValueError(f"routed params: centroids must be (k, d_in) with k, d_in >= 1, got shape {c.shape}")
+    k, d_in = c.shape
+    if a.ndim != 3 or a.shape[0] != k or a.shape[2] != d_in or a.shape[1] < 1:
+        raise ValueError(f"routed params: weights must be (k, d_out, d_in) = ({k}, d_out, {d_in}) to match the "
+                         f"centroids {c.shape}, got shape {a.shape}")
+    if b.shape != (k, a.shape[1]):
+        raise ValueError(f"routed params: bias must be (k, d_out) = ({k}, {a.shape[1]}), got shape {b.shape}")
+    if not 1 <= p.m <= k:
+        raise ValueError(f"routed params: m must be in [1, k] = [1, {k}], got {p.m}")
+    if not (np.isfinite(p.temperature) and p.temperature > 0):
+        raise ValueError(f"routed params: temperature must be a finite number > 0, got {p.temperature}")
+    for name, arr in (("centroids", c), ("weights", a), ("bias", b)):
+        if not np.isfinite(arr).all():
+            raise ValueError(f"routed params: {name} holds NaN or Inf")
 
 
 class RoutedTransform:

@@ -30,72 +30,13 @@ validated against; the compiled operator is :class:`bc_fast.engine.routed.Routed
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..engine.routed import centroid_scores64, route64, routed_map64
+from ..engine.routed import RoutedParams, centroid_scores64, check_params, route64, routed_map64
 
-__all__ = ["RoutedParams", "route", "routed_reference"]
-
-
-@dataclass(frozen=True)
-class RoutedParams:
-    """The routed map's parameters (see the module docstring); arrays are float32, C-contiguous."""
-
-    centroids: np.ndarray
-    weights: np.ndarray
-    bias: np.ndarray
-    m: int
-    temperature: float
-
-    def __post_init__(self) -> None:
-        for name in ("centroids", "weights", "bias"):
-            object.__setattr__(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.float32))
-        object.__setattr__(self, "m", int(self.m))
-        object.__setattr__(self, "temperature", float(self.temperature))
-        check_params(self)
-
-    @property
-    def k(self) -> int:
-        """Number of clusters."""
-        return int(self.centroids.shape[0])
-
-    @property
-    def d_in(self) -> int:
-        """Source dimension."""
-        return int(self.centroids.shape[1])
-
-    @property
-    def d_out(self) -> int:
-        """Target dimension."""
-        return int(self.weights.shape[1])
-
-    def as_dict(self) -> dict[str, Any]:
-        """``{"centroids", "weights", "bias", "m", "temperature"}``: the layout the compiled operator takes."""
-        return {"centroids": self.centroids, "weights": self.weights, "bias": self.bias, "m": self.m,
-                "temperature": self.temperature}
-
-
-def check_params(p: Any) -> None:
-    """Refuse inconsistent shapes, non-finite values, m outside [1, k] and T <= 0 (ValueError naming the field)."""
-    c, a, b = p.centroids, p.weights, p.bias
-    if c.ndim != 2 or c.shape[0] < 1 or c.shape[1] < 1:
-        raise ValueError(f"routed params: centroids must be (k, d_in) with k, d_in >= 1, got shape {c.shape}")
-    k, d_in = c.shape
-    if a.ndim != 3 or a.shape[0] != k or a.shape[2] != d_in or a.shape[1] < 1:
-        raise ValueError(f"routed params: weights must be (k, d_out, d_in) = ({k}, d_out, {d_in}) to match the "
-                         f"centroids {c.shape}, got shape {a.shape}")
-    if b.shape != (k, a.shape[1]):
-        raise ValueError(f"routed params: bias must be (k, d_out) = ({k}, {a.shape[1]}), got shape {b.shape}")
-    if not 1 <= p.m <= k:
-        raise ValueError(f"routed params: m must be in [1, k] = [1, {k}], got {p.m}")
-    if not (np.isfinite(p.temperature) and p.temperature > 0):
-        raise ValueError(f"routed params: temperature must be a finite number > 0, got {p.temperature}")
-    for name, arr in (("centroids", c), ("weights", a), ("bias", b)):
-        if not np.isfinite(arr).all():
-            raise ValueError(f"routed params: {name} holds NaN or Inf")
+__all__ = ["RoutedParams", "check_params", "route", "routed_reference"]
 
 
 def _as_params(params: RoutedParams | Mapping[str, Any]) -> RoutedParams:

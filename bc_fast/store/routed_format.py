@@ -1,12 +1,10 @@
 """Routed (local, per-cluster) transforms in a registry: what is accepted, the file, the loaded step.
 
-What lives here: :class:`RoutedStep` (the routed map of :class:`bc_fast.fit.LocalAdapter` as a registry
-stores it: centroids, per-cluster maps, ``m``, temperature; its compiled operator and its float64
-reference), :func:`as_routed` (what :meth:`Registry.add_transform
-<bc_fast.store.registry.Registry.add_transform>` accepts as a routed transform), :func:`prepare_routed`
-(the checked manifest entry and file bytes) and :func:`decode_routed` (file bytes back to a step,
-checked against the manifest). The map itself is defined in :mod:`bc_fast.fit._routing`; this module
-cannot import it (store sits below fit), so it reads any object with the same fields.
+What lives here: :data:`RoutedStep` (a registry's routed step: a :class:`bc_fast.engine.routed.RoutedParams`,
+the map of :class:`bc_fast.fit.LocalAdapter`, whose arrays are read-only float32 copies), :func:`as_routed`
+(what :meth:`Registry.add_transform <bc_fast.store.registry.Registry.add_transform>` accepts as a routed
+transform), :func:`prepare_routed` (the checked manifest entry and file bytes) and :func:`decode_routed`
+(file bytes back to a step, checked against the manifest).
 
 File layout (safetensors, float32)::
 
@@ -26,12 +24,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..engine.routed import RoutedTransform, centroid_scores64, routed_map64
+from ..engine.routed import RoutedParams, RoutedTransform
 from .manifest import (
     _REFIX,
     FILE_FORMAT,
@@ -53,56 +50,8 @@ _TENSORS = ("centroids", "weights", "bias")
 _FIELDS = (*_TENSORS, "m", "temperature")
 
 
-@dataclass(frozen=True, eq=False)
-class RoutedStep:
-    """A routed transform as stored: float32 read-only arrays and the routing settings.
-
-    ``y = sum_j w_j (weights[c_j] x + bias[c_j])`` over the ``m`` nearest centroids ``c_j`` of ``x`` (ties
-    to the lower index), ``w = softmax(score / temperature)``, ``score_c = 2 x . C_c - ||C_c||^2``.
-    """
-
-    centroids: np.ndarray
-    weights: np.ndarray
-    bias: np.ndarray
-    m: int
-    temperature: float
-
-    @property
-    def k(self) -> int:
-        """Number of clusters."""
-        return int(self.centroids.shape[0])
-
-    @property
-    def d_in(self) -> int:
-        """Source dimension."""
-        return int(self.centroids.shape[1])
-
-    @property
-    def d_out(self) -> int:
-        """Target dimension."""
-        return int(self.weights.shape[1])
-
-    def spec(self) -> dict:
-        """``{d_in, d_out, k, m, temperature}``: what the manifest and the file's metadata record."""
-        return {"d_in": self.d_in, "d_out": self.d_out, "k": self.k, "m": self.m, "temperature": self.temperature}
-
-    def as_dict(self) -> dict[str, Any]:
-        """The fields as :meth:`bc_fast.fit._routing.RoutedParams.as_dict` lays them out."""
-        return {"centroids": self.centroids, "weights": self.weights, "bias": self.bias, "m": self.m,
-                "temperature": self.temperature}
-
-    def operator(self, *, normalize: bool = False) -> RoutedTransform:
-        """The compiled routed operator (nearest-centroid routing, as :meth:`RoutedTransform.from_centroids`)."""
-        return RoutedTransform.from_centroids(self.centroids, self.weights, self.bias, self.m, self.temperature,
-                                              normalize=normalize)
-
-    def scores64(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(score_weight, score_bias)`` in float64: ``2 C`` and ``-||C||^2`` from the float32 centroids (exact)."""
-        return centroid_scores64(self.centroids)
-
-    def reference(self, x: Any) -> np.ndarray:
-        """The routed map of rows ``x`` (n, d_in) in float64, as :func:`bc_fast.fit._routing.routed_reference`."""
-        return routed_map64(x, *self.scores64(), self.weights, self.bias, self.m, self.temperature)
+#: A registry's routed step: the routed map's parameters, its arrays read-only float32 copies (:func:`make_step`).
+RoutedStep = RoutedParams
 
 
 def _real(v: Any) -> bool:
