@@ -314,29 +314,46 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
       if (normalize_) scale = 1.0f / std::max(std::sqrt(kern.sum_squares(row, d)), 1e-12f);
       if (direct) {
         if (normalize_) kern.store_f32(row, row, d, scale);
-      } else if (out_type == DType::kFloat32) {
-        kern.store_f32(row, static_cast<float*>(out) + r * d, d, scale);
-      } else if (out_type == DType::kFloat16) {
-        kern.store_f16(row, static_cast<uint16_t*>(out) + r * d, d, scale);
       } else {
-        kern.store_bf16(row, static_cast<uint16_t*>(out) + r * d, d, scale);
+        store_row(kern, row, out, out_type, r, d, scale);
       }
     }
   }
 }
 
-void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out_type, int64_t threads) const {
+bool check_apply_args(const void* x, DType x_type, int64_t n, int64_t d_in, const void* out, DType out_type,
+                      int64_t d_out) {
   if (n < 0) throw std::invalid_argument("negative number of rows");
-  if (n == 0) return;
+  if (n == 0) return false;
   if (x == nullptr || out == nullptr) throw std::invalid_argument("null data pointer");
-  const size_t x_item = x_type == DType::kFloat32 ? 4 : 2;
-  const size_t o_item = out_type == DType::kFloat32 ? 4 : 2;
+  const char* xb = static_cast<const char*>(x);
+  const char* ob = static_cast<const char*>(out);
+  if (xb < ob + n * d_out * static_cast<int64_t>(dtype_size(out_type)) &&
+      ob < xb + n * d_in * static_cast<int64_t>(dtype_size(x_type)))
+    throw std::invalid_argument("output overlaps input");
+  return true;
+}
+
+int64_t apply_threads(int64_t threads) {
+  return in_forked_child() ? 1 : threads > 0 ? std::min<int64_t>(threads, kMaxThreads) : num_threads();
+}
+
+void store_row(const KernelSet& kern, const float* row, void* out, DType out_type, int64_t r, int64_t d, float scale) {
+  if (out_type == DType::kFloat32)
+    kern.store_f32(row, static_cast<float*>(out) + r * d, d, scale);
+  else if (out_type == DType::kFloat16)
+    kern.store_f16(row, static_cast<uint16_t*>(out) + r * d, d, scale);
+  else
+    kern.store_bf16(row, static_cast<uint16_t*>(out) + r * d, d, scale);
+}
+
+void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out_type, int64_t threads) const {
+  if (!check_apply_args(x, x_type, n, d_in(), out, out_type, d_out())) return;
+  const size_t x_item = dtype_size(x_type);
+  const size_t o_item = dtype_size(out_type);
   const char* xb = static_cast<const char*>(x);
   char* ob = static_cast<char*>(out);
-  if (xb < ob + n * d_out() * o_item && ob < xb + n * d_in() * x_item)
-    throw std::invalid_argument("output overlaps input");
-
-  const int64_t t = in_forked_child() ? 1 : threads > 0 ? std::min<int64_t>(threads, kMaxThreads) : num_threads();
+  const int64_t t = apply_threads(threads);
   bool use_blas = false;
   int64_t tile = n;
   if (n <= kSmallBatchRows) {

@@ -2,6 +2,7 @@
 // applied to batches of rows. Plain C++: pointers and sizes only.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -116,6 +117,17 @@ class ThreadClaim {
  private:
   int granted_ = 1;
 };
+// Bytes per element of a row dtype.
+inline size_t dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+// The checks every apply makes: n >= 0, non-null data, output not overlapping the input
+// (std::invalid_argument); false when there is nothing to do (n == 0).
+bool check_apply_args(const void* x, DType x_type, int64_t n, int64_t d_in, const void* out, DType out_type,
+                      int64_t d_out);
+// The threads an apply call uses: `threads` (at most kMaxThreads), num_threads() for threads <= 0, 1 in a
+// forked child.
+int64_t apply_threads(int64_t threads);
+// Row r of `out` (out_type, d values a row) = row * scale.
+void store_row(const KernelSet& kern, const float* row, void* out, DType out_type, int64_t r, int64_t d, float scale);
 // run_tile(i) for every tile i in [0, tiles), on up to `threads` threads claimed from the shared budget
 // (OpenMP, dynamic schedule; the calling thread alone in a forked child or with one thread). The first
 // exception a tile throws is rethrown once all have run.

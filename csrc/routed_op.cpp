@@ -208,32 +208,23 @@ void RoutedOp::run_tile(const void* x, DType x_type, int64_t rows, void* out, DT
     const float* row = acc + r * s.d_out;
     float scale = 1.0f;
     if (normalize_) scale = 1.0f / std::max(std::sqrt(kern.sum_squares(row, s.d_out)), 1e-12f);
-    if (out_type == DType::kFloat32)
-      kern.store_f32(row, static_cast<float*>(out) + r * s.d_out, s.d_out, scale);
-    else if (out_type == DType::kFloat16)
-      kern.store_f16(row, static_cast<uint16_t*>(out) + r * s.d_out, s.d_out, scale);
-    else
-      kern.store_bf16(row, static_cast<uint16_t*>(out) + r * s.d_out, s.d_out, scale);
+    store_row(kern, row, out, out_type, r, s.d_out, scale);
   }
 }
 
 void RoutedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out_type, int64_t threads) const {
-  if (n < 0) throw std::invalid_argument("negative number of rows");
-  if (n == 0) return;
-  if (x == nullptr || out == nullptr) throw std::invalid_argument("null data pointer");
-  const size_t x_item = x_type == DType::kFloat32 ? 4 : 2;
-  const size_t o_item = out_type == DType::kFloat32 ? 4 : 2;
+  if (!check_apply_args(x, x_type, n, d_in(), out, out_type, d_out())) return;
+  const size_t x_item = dtype_size(x_type);
+  const size_t o_item = dtype_size(out_type);
   const char* xb = static_cast<const char*>(x);
   char* ob = static_cast<char*>(out);
-  if (xb < ob + n * d_out() * o_item && ob < xb + n * d_in() * x_item)
-    throw std::invalid_argument("output overlaps input");
   const int64_t tiles = (n + kTileRows - 1) / kTileRows;
   auto run = [&](int64_t i) {
     const int64_t r0 = i * kTileRows;
     run_tile(xb + r0 * d_in() * x_item, x_type, std::min(kTileRows, n - r0), ob + r0 * d_out() * o_item, out_type,
              Workspace::local());
   };
-  const int64_t t = in_forked_child() ? 1 : threads > 0 ? std::min<int64_t>(threads, kMaxThreads) : num_threads();
+  const int64_t t = apply_threads(threads);
   if (n <= kSplitRows && t >= 2 && out_pad_ >= 2 * kPanel) {
     // A few rows: each of their clusters' maps is cut by output panels over this thread and the small
     // pool's helper, so each streams half of the weights (at batch 1 the maps come from L3, not L2).
@@ -251,7 +242,7 @@ void RoutedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType ou
 
 void RoutedOp::route(const void* x, DType x_type, int64_t n, int64_t* clusters, float* weights) const {
   if (n < 0) throw std::invalid_argument("negative number of rows");
-  const size_t x_item = x_type == DType::kFloat32 ? 4 : 2;
+  const size_t x_item = dtype_size(x_type);
   Workspace& ws = Workspace::local();
   for (int64_t r0 = 0; r0 < n; r0 += kTileRows) {
     const int64_t rows = std::min(kTileRows, n - r0);
