@@ -49,7 +49,7 @@ void check_batch(const py::array& a, const char* name, int64_t dim) {
 
 FusedOp make_op(const std::vector<FloatArray>& weights, const std::vector<std::optional<FloatArray>>& biases,
                 const std::vector<std::string>& activations, const std::vector<int64_t>& activation_widths,
-                bool normalize, const std::string& precision) {
+                bool normalize, const std::string& precision, const std::string& bf16_backend) {
   const size_t n = weights.size();
   if (biases.size() != n || activations.size() != n || activation_widths.size() != n)
     throw std::invalid_argument("weights, biases, activations and activation_widths must have the same length");
@@ -70,7 +70,8 @@ FusedOp make_op(const std::vector<FloatArray>& weights, const std::vector<std::o
     s.activation = bc_fast::parse_activation(activations[i]);
     s.activation_width = activation_widths[i];
   }
-  return FusedOp(std::move(specs), normalize, bc_fast::parse_precision(precision));
+  return FusedOp(std::move(specs), normalize, bc_fast::parse_precision(precision),
+                 bc_fast::parse_bf16_backend(bf16_backend));
 }
 
 std::vector<float> values(const FloatArray& a, std::initializer_list<int64_t> shape, const char* name) {
@@ -141,10 +142,16 @@ PYBIND11_MODULE(_core, m) {
   py::class_<FusedOp>(m, "FusedOp")
       .def(py::init(&make_op), py::arg("weights"), py::arg("biases"), py::arg("activations"),
            py::arg("activation_widths"), py::arg("normalize") = false, py::arg("precision") = "fp32",
+           py::arg("bf16_backend") = "native",
            "Build a layer program from float32 (d_out, d_in) weights, optional biases, activations "
            "('none', 'relu', 'gelu'), the number of leading outputs each activation applies to, whether "
            "to L2-normalise the output rows, and the GEMM precision ('fp32', or 'bf16': bf16 operands with "
-           "fp32 accumulation; RuntimeError naming the missing CPU feature where it cannot run).")
+           "fp32 accumulation; RuntimeError naming the missing CPU feature where it cannot run). bf16_backend "
+           "'onednn' runs the bf16 GEMMs with oneDNN (onednn_load first).")
+      .def_property_readonly("bf16_backend", [](const FusedOp& op) {
+        return op.bf16_backend() == bc_fast::Bf16Backend::kOnednn ? "onednn" : "native";
+      })
+      .def_property_readonly("bf16_impl", &FusedOp::bf16_impl)
       .def_property_readonly("precision", [](const FusedOp& op) {
         return op.precision() == bc_fast::Precision::kBFloat16 ? "bf16" : "fp32";
       })
@@ -227,6 +234,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("bf16_unavailable_reason", &bc_fast::bf16_unavailable_reason,
         "Why precision='bf16' cannot run now (missing AVX512_BF16, SIMD level forced below avx512, or "
         "a build without the kernels), or '' where it can.");
+  m.def("onednn_load", &bc_fast::onednn_load, py::arg("path"),
+        "Load oneDNN 3.x (libdnnl.so.3, OpenMP or sequential runtime) from path, once per process: '' on "
+        "success, else why not. Later calls return the first call's answer.");
+  m.def("onednn_version", &bc_fast::onednn_version, "'oneDNN x.y.z (path)' once loaded, else ''.");
   m.def("usable_simd_levels", &bc_fast::usable_simd_levels,
         "The kernel sets this build can run on this CPU, lowest first.");
 }

@@ -41,6 +41,12 @@ Precision parse_precision(const std::string& name) {
   throw std::invalid_argument("precision must be one of 'fp32', 'bf16', got '" + name + "'");
 }
 
+Bf16Backend parse_bf16_backend(const std::string& name) {
+  if (name == "native") return Bf16Backend::kNative;
+  if (name == "onednn") return Bf16Backend::kOnednn;
+  throw std::invalid_argument("bf16 backend must be one of 'native', 'onednn', got '" + name + "'");
+}
+
 namespace {
 
 // Set by the pthread_atfork child handler (registered when the core is loaded, as torch does):
@@ -141,6 +147,7 @@ struct FusedOp::Workspace {
   std::vector<float> input;  // fp16 input converted to fp32
   std::vector<float> ping, pong;
   std::vector<uint32_t> pairs;  // bf16 mode: the layer input rounded to bf16 pairs
+  std::vector<uint16_t> bf16;   // oneDNN backend: the layer input rounded to bf16, padded to whole row steps
 
   static Workspace& local() {
     thread_local Workspace ws;
@@ -153,10 +160,13 @@ struct FusedOp::Workspace {
   }
 };
 
-FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize, Precision precision)
+FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize, Precision precision, Bf16Backend backend)
     : normalize_(normalize), tile_parts_(std::max(2, std::min(available_cpus(), kMaxThreads))) {
   if (layers.empty()) throw std::invalid_argument("a fused op needs at least one layer");
-  if (precision == Precision::kBFloat16) bf16_ = &bf16_kernels();  // throws where the CPU lacks it
+  if (backend == Bf16Backend::kOnednn && precision != Precision::kBFloat16)
+    throw std::invalid_argument("the oneDNN backend runs precision 'bf16' only");
+  onednn_ = backend == Bf16Backend::kOnednn;
+  if (precision == Precision::kBFloat16 && !onednn_) bf16_ = &bf16_kernels();  // throws where the CPU lacks it
   for (size_t i = 0; i < layers.size(); ++i) {
     LayerSpec& s = layers[i];
     if (s.d_in <= 0 || s.d_out <= 0) throw std::invalid_argument("layer dimensions must be positive");
@@ -175,7 +185,9 @@ FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize, Precision precis
       if (!std::isfinite(b)) throw std::invalid_argument("layer " + std::to_string(i) + " bias has NaN or Inf");
 
     Layer l;
-    if (bf16_ != nullptr) {
+    if (onednn_) {
+      l.n_pad = s.d_out;  // made below, once the block size is known
+    } else if (bf16_ != nullptr) {
       pack_bf16(s, l);
     } else {
       l.n_pad = (s.d_out + kPanel - 1) / kPanel * kPanel;
@@ -188,9 +200,15 @@ FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize, Precision precis
     }
     max_width_ = std::max(max_width_, l.n_pad);
     macs_per_row_ += s.d_in * l.n_pad;
-    if (bf16_ == nullptr) max_layer_macs_ = std::max(max_layer_macs_, s.d_in * l.n_pad);
+    if (!bf16()) max_layer_macs_ = std::max(max_layer_macs_, s.d_in * l.n_pad);
     l.spec = std::move(s);
     layers_.push_back(std::move(l));
+  }
+  if (onednn_) {
+    const int64_t block = tile_rows(int64_t{1} << 40);  // the tile of every large batch
+    for (Layer& l : layers_)
+      l.onednn = std::make_shared<const OnednnGemm>(l.spec.weight.data(), l.spec.bias.empty() ? nullptr : l.spec.bias.data(),
+                                                    l.spec.d_in, l.spec.d_out, block);
   }
 }
 
@@ -247,11 +265,15 @@ struct GemmHalves {
 }  // namespace
 
 bool FusedOp::split_pays(int64_t m, const Layer& l) const {
-  return bf16_ == nullptr && l.n_pad >= 2 * kPanel && m * l.spec.d_in * l.n_pad >= kMinSplitMacs;
+  return !bf16() && l.n_pad >= 2 * kPanel && m * l.spec.d_in * l.n_pad >= kMinSplitMacs;
 }
 
 void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType out_type, bool use_blas,
                         Workspace& ws, SplitLease* split) const {
+  if (onednn_) {
+    run_block_onednn(x, x_type, m, out, out_type, ws);
+    return;
+  }
   const KernelSet& kern = active_kernels();
   const int64_t d0 = d_in();
   const float* cur;
@@ -296,28 +318,71 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
     }
     // The bf16 GEMM starts its sums from the bias.
     const float* bias = l.spec.bias.empty() || bf16_ != nullptr ? nullptr : l.spec.bias.data();
-    const bool has_epilogue = bias != nullptr || l.spec.activation != Activation::kNone;
-    if (!last) {
-      if (has_epilogue)
-        for (int64_t r = 0; r < m; ++r)
-          kern.bias_act(dst + r * ld, l.spec.d_out, bias, l.spec.activation, l.spec.activation_width);
-      cur = dst;
-      ld_cur = ld;
-      continue;
+    finish_layer(kern, l, last, bias, dst, ld, m, out, out_type, direct);
+    cur = dst;
+    ld_cur = ld;
+  }
+}
+
+void FusedOp::finish_layer(const KernelSet& kern, const Layer& l, bool last, const float* bias, float* dst,
+                           int64_t ld, int64_t m, void* out, DType out_type, bool direct) const {
+  const int64_t d = l.spec.d_out;
+  const bool has_epilogue = bias != nullptr || l.spec.activation != Activation::kNone;
+  if (!last) {
+    if (has_epilogue)
+      for (int64_t r = 0; r < m; ++r) kern.bias_act(dst + r * ld, d, bias, l.spec.activation, l.spec.activation_width);
+    return;
+  }
+  // Last layer: bias, activation, normalisation and conversion in one pass per row, while the row is in L1.
+  for (int64_t r = 0; r < m; ++r) {
+    float* row = dst + r * ld;
+    if (has_epilogue) kern.bias_act(row, d, bias, l.spec.activation, l.spec.activation_width);
+    float scale = 1.0f;
+    if (normalize_) scale = 1.0f / std::max(std::sqrt(kern.sum_squares(row, d)), 1e-12f);
+    if (direct) {
+      if (normalize_) kern.store_f32(row, row, d, scale);
+    } else {
+      store_row(kern, row, out, out_type, r, d, scale);
     }
-    // Last layer: bias, activation, normalisation and conversion in one pass per row, while the row is in L1.
-    const int64_t d = l.spec.d_out;
-    for (int64_t r = 0; r < m; ++r) {
-      float* row = dst + r * ld;
-      if (has_epilogue) kern.bias_act(row, d, bias, l.spec.activation, l.spec.activation_width);
-      float scale = 1.0f;
-      if (normalize_) scale = 1.0f / std::max(std::sqrt(kern.sum_squares(row, d)), 1e-12f);
-      if (direct) {
-        if (normalize_) kern.store_f32(row, row, d, scale);
+  }
+}
+
+void FusedOp::run_block_onednn(const void* x, DType x_type, int64_t m, void* out, DType out_type,
+                               Workspace& ws) const {
+  const KernelSet& kern = active_kernels();
+  const int64_t rows = OnednnGemm::padded_rows(m);  // the GEMM computes whole row steps; the extra rows are zeros
+  float* bufs[2] = {Workspace::ensure(ws.ping, static_cast<size_t>(rows * max_width_)),
+                    Workspace::ensure(ws.pong, static_cast<size_t>(rows * max_width_))};
+  const float* cur = nullptr;  // the fp32 output of the previous layer
+  for (size_t li = 0; li < layers_.size(); ++li) {
+    const Layer& l = layers_[li];
+    const int64_t k = l.spec.d_in;
+    const uint16_t* a;
+    if (li == 0 && x_type == DType::kBFloat16 && rows == m) {
+      a = static_cast<const uint16_t*>(x);  // bf16 rows go to oneDNN as they are
+    } else {
+      uint16_t* buf = Workspace::ensure(ws.bf16, static_cast<size_t>(rows * k));
+      if (li == 0 && x_type == DType::kBFloat16) {
+        std::memcpy(buf, x, static_cast<size_t>(m * k) * sizeof(uint16_t));
+      } else if (li == 0 && x_type == DType::kFloat16) {
+        float* row = Workspace::ensure(ws.input, static_cast<size_t>(k));
+        for (int64_t r = 0; r < m; ++r) {
+          kern.half_to_float(static_cast<const uint16_t*>(x) + r * k, row, k);
+          kern.store_bf16(row, buf + r * k, k, 1.0f);
+        }
       } else {
-        store_row(kern, row, out, out_type, r, d, scale);
+        const float* src = li == 0 ? static_cast<const float*>(x) : cur;
+        for (int64_t r = 0; r < m; ++r) kern.store_bf16(src + r * k, buf + r * k, k, 1.0f);
       }
+      std::fill(buf + m * k, buf + rows * k, uint16_t{0});
+      a = buf;
     }
+    const bool last = li + 1 == layers_.size();
+    const bool direct = last && out_type == DType::kFloat32 && rows == m;
+    float* dst = direct ? static_cast<float*>(out) : bufs[li % 2];
+    l.onednn->run(a, m, dst);  // adds the bias
+    finish_layer(kern, l, last, nullptr, dst, l.spec.d_out, m, out, out_type, direct);
+    cur = dst;
   }
 }
 
@@ -388,7 +453,7 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
     // At the avx512 level our packed kernel (W packed once, at construction) beats OpenBLAS, which packs
     // W again on every tile's call: on a Zen 4 core 117 vs 104 GFLOP/s for a 160 x 768 x 768 tile,
     // 1.05-1.08x numpy sgemm instead of 0.94x for 100k x 256/768 batches. Below it, BLAS stays.
-    use_blas = bf16_ == nullptr && std::strcmp(active_kernels().name, "avx512") != 0;
+    use_blas = !bf16() && std::strcmp(active_kernels().name, "avx512") != 0;
 #endif
     tile = tile_rows(n);
   }

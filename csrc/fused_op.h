@@ -5,10 +5,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "kernels/kernels.h"
+#include "onednn_gemm.h"
 #include "small_pool.h"
 
 namespace bc_fast {
@@ -18,6 +20,9 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Arithmetic of the GEMMs: fp32, or bf16 operands (inputs and weights rounded to nearest even) with
 // fp32 accumulation (AVX512-BF16). Bias, activations, normalisation and output are fp32 either way.
 enum class Precision : int { kFloat32 = 0, kBFloat16 = 1 };
+// Who runs the bf16 GEMMs: the core's AVX512-BF16 kernels, or oneDNN's matmul (onednn_gemm.h; AMX where the CPU
+// has it), which must be loaded first.
+enum class Bf16Backend : int { kNative = 0, kOnednn = 1 };
 
 struct LayerSpec {
   int64_t d_in = 0;
@@ -31,6 +36,8 @@ struct LayerSpec {
 Activation parse_activation(const std::string& name);
 // "fp32" or "bf16"; std::invalid_argument listing the choices otherwise.
 Precision parse_precision(const std::string& name);
+// "native" or "onednn"; std::invalid_argument listing the choices otherwise.
+Bf16Backend parse_bf16_backend(const std::string& name);
 
 class FusedOp {
  public:
@@ -46,12 +53,18 @@ class FusedOp {
 
   // Precision::kBFloat16 throws std::runtime_error naming the missing CPU feature where the bf16
   // kernels cannot run (see bf16_unavailable_reason()); its weights are rounded and packed here, once.
-  FusedOp(std::vector<LayerSpec> layers, bool normalize, Precision precision = Precision::kFloat32);
+  // With Bf16Backend::kOnednn (bf16 only) oneDNN runs every GEMM, whatever the batch size; it throws
+  // std::runtime_error when oneDNN is not loaded or offers no kernel better than its reference one.
+  FusedOp(std::vector<LayerSpec> layers, bool normalize, Precision precision = Precision::kFloat32,
+          Bf16Backend backend = Bf16Backend::kNative);
 
   int64_t d_in() const { return layers_.front().spec.d_in; }
   int64_t d_out() const { return layers_.back().spec.d_out; }
   size_t num_layers() const { return layers_.size(); }
-  Precision precision() const { return bf16_ != nullptr ? Precision::kBFloat16 : Precision::kFloat32; }
+  Precision precision() const { return bf16() ? Precision::kBFloat16 : Precision::kFloat32; }
+  Bf16Backend bf16_backend() const { return onednn_ ? Bf16Backend::kOnednn : Bf16Backend::kNative; }
+  // oneDNN's name for the first layer's kernel ("brg:avx512_core_amx", ...), or "" for the core's own kernels.
+  std::string bf16_impl() const { return onednn_ ? layers_.front().onednn->impl() : ""; }
 
   // out[n x d_out] = program(x[n x d_in]); both C-contiguous, must not overlap.
   // threads <= 0 means num_threads(); more than kMaxThreads count as kMaxThreads; a forked child
@@ -67,19 +80,27 @@ class FusedOp {
     std::vector<uint32_t> packed_bf16;  // bf16: W in panels of kBf16Panel columns of k pairs (kernels.h)
     std::vector<float> bias_bf16;       // bf16: the bias (or zeros), padded to n_pad; the GEMM starts from it
     int64_t k_pairs = 0;                // bf16: ceil(d_in / 2)
-    int64_t n_pad = 0;                  // d_out rounded up to the panel width
+    int64_t n_pad = 0;                  // d_out rounded up to the panel width (d_out itself with oneDNN)
+    std::shared_ptr<const OnednnGemm> onednn;  // the bf16 GEMM, with the oneDNN backend
   };
   struct Workspace;
 
   void run_block(const void* x, DType x_type, int64_t m, void* out, DType out_type, bool use_blas,
                  Workspace& ws, SplitLease* split = nullptr) const;
+  void run_block_onednn(const void* x, DType x_type, int64_t m, void* out, DType out_type, Workspace& ws) const;
+  // After a layer's GEMM wrote dst (m rows, stride ld): bias (if not null) and activation; on the last layer
+  // also the normalisation and the store to `out` (skipped when `direct`: dst is `out`, float32).
+  void finish_layer(const KernelSet& kern, const Layer& l, bool last, const float* bias, float* dst, int64_t ld,
+                    int64_t m, void* out, DType out_type, bool direct) const;
+  bool bf16() const { return bf16_ != nullptr || onednn_; }
   bool split_pays(int64_t m, const Layer& l) const;
   int64_t tile_rows(int64_t n) const;
   void pack_bf16(const LayerSpec& s, Layer& l) const;
 
   std::vector<Layer> layers_;
   bool normalize_;
-  const Bf16Kernels* bf16_ = nullptr;  // set for Precision::kBFloat16
+  const Bf16Kernels* bf16_ = nullptr;  // set for Precision::kBFloat16 with the native backend
+  bool onednn_ = false;                // Precision::kBFloat16 with the oneDNN backend
   int64_t max_width_ = 0;     // widest padded row any layer writes
   int64_t macs_per_row_ = 0;  // multiply-adds the packed kernel spends on one row
   int64_t max_layer_macs_ = 0;  // the most multiply-adds one fp32 layer spends on one row

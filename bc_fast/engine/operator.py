@@ -9,6 +9,7 @@ a chain of linear backward transforms collapsed into one matrix and bias.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any, Iterable, Sequence
 
@@ -18,6 +19,7 @@ from .. import _core
 from .._util.arrays import as_numpy, bfloat16, is_bfloat16, is_torch, to_torch
 from ._checks import INT_MAX, check_threads
 from .layer import Layer, validate_layer
+from .onednn import BACKEND_ENV, BF16_BACKENDS, resolve_bf16_backend
 from .runtime import bf16_speed
 
 PRECISIONS = ("fp32", "bf16")
@@ -128,6 +130,15 @@ class FusedTransform:
         lower level, it raises RuntimeError naming the missing feature
         (``build_info()["bf16"]`` says beforehand). Applies to the CPU core; on a GPU the dtype of
         ``x`` chooses the arithmetic.
+    bf16_backend : {"auto", "native", "onednn"}, optional
+        Who runs the bf16 matrix products (``precision="bf16"`` only). ``"native"``: the core's
+        AVX512-BF16 kernels. ``"onednn"``: oneDNN's matmul, loaded at run time from the optional
+        ``onednn-cpu-gomp`` wheel (``pip install "bc-fast[onednn]"``; RuntimeError without it); on
+        CPUs with AMX it runs on the tile units, and it needs no AVX512_BF16 of its own. Same
+        rounding of operands and the same bound as above; within one backend, results are
+        bit-identical for every thread count (the two backends sum in different orders). Default:
+        ``$BC_FAST_BF16_BACKEND``, else ``"auto"``: oneDNN where the CPU has AMX bf16 and oneDNN
+        loads, else native. See :attr:`bf16_backend` and ``build_info()["bf16_backend"]``.
 
     Examples
     --------
@@ -137,7 +148,8 @@ class FusedTransform:
     (2, 4)
     """
 
-    def __init__(self, layers: Sequence[Layer], *, normalize: bool = False, precision: str = "fp32") -> None:
+    def __init__(self, layers: Sequence[Layer], *, normalize: bool = False, precision: str = "fp32",
+                 bf16_backend: str | None = None) -> None:
         if isinstance(layers, Layer) or not isinstance(layers, Iterable) or isinstance(layers, (str, bytes, dict)):
             raise TypeError(f"layers must be a sequence of bc_fast.Layer, got {type(layers).__name__}; "
                             "wrap a single layer as [layer]")
@@ -153,19 +165,27 @@ class FusedTransform:
         for i, layer in enumerate(layers):
             checked.append(validate_layer(layer, f"layers[{i}]", d_prev))
             d_prev = checked[-1].d_out
+        backend = "native"
         if precision == "bf16":
+            backend = resolve_bf16_backend(bf16_backend)
+        elif bf16_backend is not None and bf16_backend != "auto":
+            if bf16_backend not in BF16_BACKENDS:
+                raise ValueError(f"bf16_backend must be one of {BF16_BACKENDS}, got {bf16_backend!r}")
+            raise ValueError(f"bf16_backend={bf16_backend!r} applies to precision='bf16' only, not {precision!r}")
+        if backend == "native" and precision == "bf16":
             _warn_if_bf16_is_slower()
         self.layers: tuple[Layer, ...] = tuple(checked)
         self.normalize = bool(normalize)
+        args = ([l.weight for l in checked], [l.bias for l in checked], [l.activation for l in checked],
+                [l.d_out if l.activation_width is None else l.activation_width for l in checked], self.normalize,
+                precision)
         try:
-            self._op = _core.FusedOp(
-                [l.weight for l in checked],
-                [l.bias for l in checked],
-                [l.activation for l in checked],
-                [l.d_out if l.activation_width is None else l.activation_width for l in checked],
-                self.normalize,
-                precision,
-            )
+            try:
+                self._op = _core.FusedOp(*args, backend)
+            except RuntimeError:
+                if backend != "onednn" or bf16_backend not in (None, "auto") or os.environ.get(BACKEND_ENV):
+                    raise
+                self._op = _core.FusedOp(*args, "native")  # "auto": oneDNN refused this shape, the core's own kernels run it
         except MemoryError as e:
             nbytes = sum(2 * 4 * l.weight.size for l in checked)  # the core's copy and its packed panels
             raise MemoryError(f"not enough memory to build the operator: its weights need about {nbytes:,} bytes "
@@ -173,14 +193,19 @@ class FusedTransform:
 
     @classmethod
     def affine(cls, weight: np.ndarray, bias: np.ndarray | None = None, *, normalize: bool = False,
-               precision: str = "fp32") -> "FusedTransform":
+               precision: str = "fp32", bf16_backend: str | None = None) -> "FusedTransform":
         """One affine layer ``y = x @ weight.T + bias``."""
-        return cls([Layer(weight, bias)], normalize=normalize, precision=precision)
+        return cls([Layer(weight, bias)], normalize=normalize, precision=precision, bf16_backend=bf16_backend)
 
     @property
     def precision(self) -> str:
         """Arithmetic of the matrix products: ``"fp32"``, or ``"bf16"`` (bf16 operands, fp32 accumulation)."""
         return str(self._op.precision)
+
+    @property
+    def bf16_backend(self) -> str:
+        """Who runs the bf16 matrix products: ``"native"`` (also for fp32 operators) or ``"onednn"``."""
+        return str(self._op.bf16_backend)
 
     @property
     def d_in(self) -> int:
@@ -196,6 +221,8 @@ class FusedTransform:
         shape = " -> ".join([str(self.d_in)] + [
             f"{l.d_out}{'' if l.is_affine else '(' + l.activation + ')'}" for l in self.layers])
         bf16 = ", precision='bf16'" if self.precision == "bf16" else ""
+        if self.bf16_backend == "onednn":
+            bf16 += ", bf16_backend='onednn'"
         return f"FusedTransform({shape}{', normalize' if self.normalize else ''}{bf16})"
 
     def apply(self, x: Any, *, out: Any = None, out_dtype: Any = None, threads: int | None = None) -> Any:
