@@ -169,8 +169,8 @@ def _add_convert_parser(sub: Any) -> None:
     p.add_argument("--from", dest="src", type=int, default=None, metavar="K",
                    help="version of INPUT (default: the registry's latest)")
     p.add_argument("--to", dest="dst", type=int, required=True, metavar="J", help="target version")
-    p.add_argument("--dtype", choices=("float32", "float16"), default=None,
-                   help="output dtype (default: the input's)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="output dtype (default: the input's; bfloat16 for .npy tables only)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise the output rows")
     p.add_argument("--threads", type=int, default=None, help="compute threads, 1 to 1024 (default: all cores)")
     p.add_argument("--chunk-rows", type=int, default=None,

@@ -194,16 +194,21 @@ def test_bf16_bench_configs_tiny(tmp_path) -> None:
 
     lines: list[str] = []
     res = run_bf16_bench(tmp_path / "out", tiny=True, threads=2, log=lines.append)
-    assert [r["config"] for r in res["results"]] == ["bf16_d256", "bf16_d768"]
+    assert [r["config"] for r in res["results"]] == ["bf16_d256", "bf16_d768", "bf16_mlp"]
     assert (tmp_path / "out" / "bench.json").is_file()
     for r in res["results"]:
         if _WHY:
             assert r["status"] == "SKIP" and _WHY in r["note"]
             continue
-        assert {"bc_fast_bf16", "bc_fast_fp32"} <= set(r["impls"]) and r["bc_impl"] == "bc_fast_bf16"
+        assert r["bf16_backend"] == "native"  # the autouse fixture
+        if r["config"] == "bf16_mlp":
+            assert {c["label"] for c in r["checks"]} == {"vs torch bf16 eager"} and r["max_abs_err"] < 0.5
+            continue
+        assert {"bc_fast_bf16", "bc_fast_bf16_io", "bc_fast_fp32"} <= set(r["impls"])
         assert 1e-4 < r["max_abs_err"] < 0.1  # bf16-sized error on N(0,1) inputs, W ~ N(0, 1/d)
-        assert {c["label"] for c in r["checks"]} == {"vs torch bf16 addmm(out=)", "vs bc_fast fp32"}
-    assert "| bf16_d256 |" in "\n".join(lines)
+        assert {c["label"] for c in r["checks"]} == {"bf16 io vs torch bf16 addmm(out=)",
+                                                    "fp32 io vs torch bf16 fp32 io", "vs bc_fast fp32"}
+    assert "| bf16_d256 |" in "\n".join(lines) and "bf16 backend=native" in "\n".join(lines)
 
 
 @pytest.mark.parametrize("cpu,vendor,available,verdict", [

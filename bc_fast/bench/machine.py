@@ -117,7 +117,8 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_flags(wanted: Iterable[str] = ("avx2", "fma", "f16c", "avx512f", "avx_vnni", "amx_tile")) -> list[str]:
+def cpu_flags(wanted: Iterable[str] = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "avx_vnni",
+                                       "amx_tile", "amx_bf16")) -> list[str]:
     """Those of ``wanted`` the CPU has (from /proc/cpuinfo)."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -193,6 +194,8 @@ def machine_lines(info: dict) -> list[str]:
     """Comment lines naming the CPU, load, versions, threads and the bc_fast core's kernel."""
     bi = info.get("bc_fast_build_info")
     kernel = bi.get("kernel") if isinstance(bi, dict) else "?"
+    if isinstance(bi, dict):
+        kernel += f", bf16 backend={bi.get('bf16_backend')} ({bi.get('onednn')})"
     return [f"# machine: {info['cpu_model']}, {info['cpu_count']} cpus, flags {info['cpu_flags']}, "
             f"loadavg {info['loadavg']}; python {info['python']}, numpy {info['numpy']}, "
             f"torch {info['torch']}, faiss {info['faiss']}",

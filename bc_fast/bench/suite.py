@@ -32,11 +32,8 @@ latency_b1            batch 1, 256→256 affine, preallocated output; numpy     
 latency_b16           batch 16, vs the faster of ``x @ W.T + b`` and                   ≤ 0.9x numpy's time
                       ``matmul(out=); add(out=)``; torch ``addmm(out=)``, faiss
                       apply_noalloc
-bf16_d{256,768}       ``precision="bf16"`` affine (100k rows full, 50k/20k quick; not  ≥ 1.0x torch bf16
-                      in tiny) vs torch ``addmm(out=)`` on bf16 tensors (bf16 in and   addmm(out=), ≥ 2x
-                      out, converted before timing); informational: the same with     bc_fast fp32
-                      fp32 in/out converted inside the timing (our contract), and
-                      bc_fast fp32. Skipped where the CPU lacks AVX512_BF16
+bf16_d{256,768},      ``precision="bf16"``, bf16 and fp32 rows in and out, against torch's  see
+bf16_mlp              bf16 on the same dtypes: :mod:`bc_fast.bench.suite_bf16`            :mod:`.suite_bf16`
 threads_1to2          large affine 256→256, threads=1 vs threads=2 (cpu/wall shown)  ≥ 1.8x (quiet machine)
 concurrency           the same large affine 256→256 split over 1, 2 and 4 Python     aggregate rows/s ≥ 0.9x
                       threads calling ``apply`` at once (one call per slice, and      one caller's, for 2 and
@@ -74,6 +71,7 @@ from .harness import (
 from ..engine.fusion import apply_layers_reference, fuse_chain
 from ..index.faiss_utils import faiss_linear_transform
 from ..engine import FusedTransform, Layer
+from .suite_bf16 import bf16_configs
 
 __all__ = ["SIZES", "Timing", "affine_err", "affine_impls", "best_of", "format_table", "machine_info",
            "run_bench_suite", "run_bf16_bench", "suite_configs", "time_interleaved"]
@@ -221,64 +219,6 @@ def _cfg_affine(bench: Bench, sizes: Sizes, d: int) -> dict:
                   note=f"peak = numpy sgemm {q}x{q} timed in the same rounds: {peak:.1f} GFLOP/s "
                        f"(peak config: {bench.peak_gflops or 0:.1f})",
                   peak_gflops_inline=peak, peak_gflops_used=peak)
-
-
-def _bf16_impls(bench: Bench, x: np.ndarray, y: np.ndarray, W: np.ndarray, b: np.ndarray,
-                op16: FusedTransform, op32: FusedTransform) -> tuple[dict[str, Callable[[], Any]], str]:
-    """bc_fast bf16 and fp32 (fp32 in, fp32 out) and torch's bf16 ``addmm(out=)``; a note on what each does."""
-    T = bench.threads
-    impls: dict[str, Callable[[], Any]] = {
-        "bc_fast_bf16": lambda: op16.apply(x, out=y, threads=T),
-        "bc_fast_fp32": lambda: op32.apply(x, out=y, threads=T),
-    }
-    note = ("bc_fast_bf16: fp32 x in, rounded to bf16 per tile, bf16 W (packed once), fp32 accumulation, "
-            "fp32 bias, fp32 out; bc_fast_fp32: the default fp32 path")
-    if bench.torch is not None:
-        torch = bench.torch
-        bf = torch.bfloat16
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-        x16, y16 = xt.to(bf), torch.empty(y.shape, dtype=bf)  # converted once, outside the timing
-        W16, b16 = torch.from_numpy(W).to(bf), torch.from_numpy(b).to(bf)
-        impls["torch_bf16_addmm"] = lambda: torch.addmm(b16, x16, W16.t(), out=y16)
-
-        def torch_bf16_fp32_io() -> None:  # our contract: fp32 in, fp32 out
-            x16.copy_(xt)
-            torch.addmm(b16, x16, W16.t(), out=y16)
-            yt.copy_(y16)
-        impls["torch_bf16_fp32io"] = torch_bf16_fp32_io
-        note += ("; torch_bf16_addmm: torch.addmm(b, x, W.T, out=) on bf16 tensors (x converted before timing, "
-                 "bf16 out: half our bytes in and out, the issue's baseline); torch_bf16_fp32io: the same with "
-                 "fp32 x converted in and the bf16 result copied to fp32 out inside the timing (our contract)")
-    return impls, note
-
-
-def _cfg_bf16(bench: Bench, rows: dict, d: int) -> dict:
-    n = rows[d]
-    title = f"bf16 affine {d}->{d} (+bias), bf16 operands, fp32 accumulation"
-    why = _bf16_unavailable()
-    if why:
-        skip = [check(label, None, tgt, f"≥ {tgt:g}x", "skipped") for label, tgt in
-                (("vs torch bf16 addmm(out=)", 1.0), ("vs bc_fast fp32", 2.0))]
-        return result(f"bf16_d{d}", title, n, {}, skip, bc="bc_fast_bf16",
-                      note=f"skipped: precision='bf16' cannot run here: {why}")
-    x = bench.buf.get("x", (n, d), random=True)
-    y = bench.buf.get("out", (n, d))
-    W, b = bench.weights(d, d)
-    op16 = FusedTransform.affine(W, b, precision="bf16")
-    op32 = FusedTransform.affine(W, b)
-    impls, note = _bf16_impls(bench, x, y, W, b, op16, op32)
-    t = bench.measure(impls, large=True)
-    impls["bc_fast_bf16"]()
-    checks = [speedup_check("vs torch bf16 addmm(out=)", t, "torch_bf16_addmm", 1.0, bc="bc_fast_bf16"),
-              speedup_check("vs bc_fast fp32", t, "bc_fast_fp32", 2.0, bc="bc_fast_bf16")]
-    return result(f"bf16_d{d}", title, n, t, checks, flops_per_call=2.0 * n * d * d, err=affine_err(y, x, W, b),
-                  bc="bc_fast_bf16", note=note)
-
-
-def _bf16_unavailable() -> str:
-    from .. import _core
-
-    return str(_core.bf16_unavailable_reason())
 
 
 def _l2_numpy(x: np.ndarray, y32: np.ndarray, y16: np.ndarray, nrm: np.ndarray, s32: np.ndarray,
@@ -553,8 +493,7 @@ def suite_configs(sizes: Sizes) -> Callable[[Bench], Iterator[Config]]:
         yield _cfg_latency, (sizes, 16)
         for d in sizes.affine_rows:
             yield _cfg_affine, (sizes, d)
-        for d in sizes.bf16_rows:
-            yield _cfg_bf16, (sizes.bf16_rows, d)
+        yield from bf16_configs(sizes.bf16_rows)
         yield _cfg_l2, (sizes,)
         for activation in ("relu", "gelu"):
             layers, op = _mlp_program(bench, activation)  # one program for both batch sizes
@@ -568,7 +507,7 @@ def suite_configs(sizes: Sizes) -> Callable[[Bench], Iterator[Config]]:
 
 def run_bf16_bench(out_dir: Path | None = None, quick: bool = False, log: Callable[[str], Any] = print, *,
                    tiny: bool = False, threads: int | None = None, json_path: Path | None = None) -> dict:
-    """Only the bf16 configs of the suite (d = 256 and 768), at the full, quick or tiny sizes.
+    """Only the bf16 configs of the suite (d = 256 and 768, and the bf16 MLP), at the full, quick or tiny sizes.
 
     Same harness, table and JSON (``out_dir/bench.json`` and ``bench.png``, or ``json_path``
     alone) as :func:`run_bench_suite`; for re-measuring bf16 alone.
@@ -578,7 +517,7 @@ def run_bf16_bench(out_dir: Path | None = None, quick: bool = False, log: Callab
     plan = TINY_PLAN if tiny else sizes.plan
     mode = "tiny" if tiny else sizes.name
     describe = f"mode={mode}: " + "; ".join(f"bf16_d{d} {n:,} rows" for d, n in rows.items()) + f"; {plan.describe()}"
-    return run_configs("bc_fast bench bf16", [(_cfg_bf16, (rows, d)) for d in rows], threads=threads, plan=plan,
+    return run_configs("bc_fast bench bf16", bf16_configs(rows), threads=threads, plan=plan,
                        mode=mode, describe=describe, log=log, out_dir=None if out_dir is None else Path(out_dir),
                        json_path=json_path)
 

@@ -54,7 +54,7 @@ import numpy as np
 from .._util.fileio import FileLock
 from .._util.progress import Progress
 from .._util.ray_runtime import RAY_INSTALL_HINT, import_ray, quiet_ray_deprecations, start_ray  # noqa: F401 (old path)
-from ..store.tables import remove_path, sha256_file
+from ..store.tables import remove_path, sha256_file, table_dtype
 from .dataset import (_JOURNAL_FORMAT, _PARTIAL, DatasetResult, _already_done, _dataset_sidecar, _finish, _job_key,
                       _list_inputs, _load_journal, _record, _result_from_sidecar, _scan_inputs)
 from .job import VerificationError, operator_fingerprint, read_sidecar, registry_job, sidecar_path
@@ -268,7 +268,7 @@ def convert_dataset_ray(
     op, prov, _ = registry_job(registry, src, dst, normalize)
     src = prov["from"]
     prints, rows, in_dtype = _scan_inputs(input, names, column, src, prov["dims"]["from"], dtype)
-    out_dtype = str(np.dtype(dtype)) if dtype is not None else in_dtype
+    out_dtype = str(table_dtype(dtype)) if dtype is not None else in_dtype
     options = {"dtype": dtype, "normalize": normalize, "chunk_rows": batch_rows, "verify": int(verify),
                "seed": seed, "column": column}
     job = {"inputs": prints, "operator": operator_fingerprint(op), "provenance": prov, "dtype": out_dtype,

@@ -24,7 +24,8 @@ Precision (the documented tolerance): a float32 table is computed with float32 G
 table is computed with float16 tensor-core GEMMs with float32 accumulation: weights and
 each layer's input are rounded to float16 on the device, where the CPU path computes
 in float32 throughout. :func:`gpu_verify_tol` adds ``4 * L * 2^-11`` (L fused layers)
-to the CPU tolerance for that. Outputs differ from the CPU path's bytes within it.
+to the CPU tolerance for that (``2^-8`` for a bfloat16 table, on bf16 GEMMs). Outputs differ from the CPU
+path's bytes within it.
 
 The CUDA calls go through the ``bc_fast._cuda`` module's small API (pinned and device
 buffers, streams, events, async copies, ``CudaFusedOp``); the tests pass a fake
@@ -56,9 +57,13 @@ _U16 = 2.0 ** -11
 def gpu_verify_tol(cpu_tol: float, n_layers: int, in_dtype: Any) -> float:
     """The verification tolerance of a GPU run: the CPU path's, plus ``4 * L * 2^-11`` for a float16
     table (each of the L layers rounds its weights and its input to float16: two roundings of at
-    most 2^-11 each per element, counted twice)."""
-    if np.dtype(in_dtype) == np.float16:
+    most 2^-11 each per element, counted twice), and ``4 * L * 2^-8`` for a bfloat16 table (bf16 GEMMs,
+    the same with bf16's rounding)."""
+    dt = np.dtype(in_dtype)
+    if dt == np.float16:
         return float(cpu_tol + 4.0 * max(int(n_layers), 1) * _U16)
+    if dt.itemsize == 2 and dt.name == "bfloat16":
+        return float(cpu_tol + 4.0 * max(int(n_layers), 1) * 2.0**-8)
     return float(cpu_tol)
 
 

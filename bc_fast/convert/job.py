@@ -27,7 +27,7 @@ import numpy as np
 from ..engine import FusedTransform
 from ..engine.routed import RoutedTransform
 from .._util.fileio import read_json_object
-from ..store.tables import DTYPES, Chunk, TableReader, TableWriter, make_writer
+from ..store.tables import Chunk, TableReader, TableWriter, make_writer, table_dtype, writer_class
 from .journal import _load_journal
 from .routed_check import RoutedChainReference
 
@@ -163,6 +163,7 @@ def _default_chunk_rows(d_in: int, in_item: int, d_out: int, out_item: int) -> i
 
 _U32 = 2.0 ** -24  # unit roundoff of float32: the core computes and accumulates in float32
 _U16 = 2.0 ** -11  # unit roundoff of float16
+_UBF16 = 2.0 ** -8  # unit roundoff of bfloat16
 
 
 def default_verify_tol(n_layers: int, max_dim: int, out_dtype: Any) -> float:
@@ -173,12 +174,16 @@ def default_verify_tol(n_layers: int, max_dim: int, out_dtype: Any) -> float:
     is the worst case); each of the ``n_layers`` steps adds one such error, and fusing them into
     one operator one more, so we allow 8·(n_layers + 1)·sqrt(max_dim)·u32 (about 2e-5 for two
     256-d steps, 1e-4 for five 1024-d ones). A float16 output is then rounded once, at most
-    u16 = 2^-11 per element (row-relative at most u16); we count it twice (about 1e-3).
-    A float16 input is exact in both the core and the reference, so it adds nothing.
+    u16 = 2^-11 per element (row-relative at most u16); we count it twice (about 1e-3); a bfloat16
+    output likewise with its 2^-8 (about 8e-3). A float16 or bfloat16 input is exact in both the core
+    and the reference, so it adds nothing.
     """
     tol = 8.0 * (max(int(n_layers), 1) + 1) * math.sqrt(max(int(max_dim), 1)) * _U32
-    if np.dtype(out_dtype) == np.float16:
+    dt = table_dtype(out_dtype)
+    if dt == np.float16:
         tol += 2.0 * _U16
+    elif dt.itemsize == 2:  # bfloat16
+        tol += 2.0 * _UBF16
     return float(tol)
 
 
@@ -343,9 +348,10 @@ def _plan(op: Operator, reader: TableReader, input: str, output: str, prov: dict
           normalize: bool, chunk_rows: int | None, resume: bool, column: str | None,
           device: str = "cpu") -> tuple[_Job, dict | None]:
     _check_input(op, reader, input, prov)
-    out_dtype = reader.dtype if dtype is None else np.dtype(dtype)
-    if out_dtype not in DTYPES:
-        raise TypeError(f"output dtype must be float32 or float16, got {out_dtype}")
+    out_dtype = reader.dtype if dtype is None else table_dtype(dtype)
+    if out_dtype not in writer_class(reader).dtypes:
+        raise TypeError(f"{reader.format} tables hold float32 or float16 only (bfloat16 is for .npy tables), "
+                        f"got output dtype {out_dtype}; pass dtype='float16' (--dtype float16)")
     if normalize and not op.normalize and isinstance(op, RoutedTransform):
         op = RoutedTransform(op.score_weight, op.score_bias, op.weight, op.bias, op.m, op.temperature, normalize=True)
     elif normalize and not op.normalize:

@@ -121,7 +121,7 @@ def apply_to_table(
     op : FusedTransform
         Maps rows of dim ``op.d_in`` to rows of dim ``op.d_out``.
     input, output : path
-        A ``.npy`` file (float32/float16, 2-D), a directory of ``.npy`` shards, or a
+        A ``.npy`` file (float32/float16/bfloat16, 2-D), a directory of ``.npy`` shards, or a
         Parquet file with a fixed-size-list embedding column (other columns are
         carried through). ``output`` takes the same form and must not exist (unless
         ``overwrite``).
@@ -129,8 +129,9 @@ def apply_to_table(
         Recorded in the sidecar. Keys ``from`` / ``to`` (versions), ``registry``,
         ``registry_checksum``, ``chain`` are understood: an input whose own sidecar
         names a version other than ``provenance["from"]`` is refused.
-    dtype : float32 or float16, optional
-        Output dtype (default: the input's).
+    dtype : float32, float16 or bfloat16, optional
+        Output dtype (default: the input's). bfloat16 (``"bfloat16"`` or ``ml_dtypes.bfloat16``) for ``.npy``
+        tables only, written as ``np.save`` writes such an array (descr ``'<V2'``).
     normalize : bool
         L2-normalise output rows (in the core's epilogue).
     threads : int, optional

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .._util.fileio import fsync_dir
-from .table_base import DTYPES, Chunk, TableReader, TableWriter, _file_stamp
+from .table_base import DTYPES, NPY_DTYPES, Chunk, TableReader, TableWriter, _file_stamp
 
 
 def _pread_into(fd: int, buf: np.ndarray, offset: int, path: str) -> None:
@@ -60,7 +60,8 @@ def read_npy_header(path: str) -> NpyHeader:
 
     Raises FileNotFoundError / PermissionError for unreadable files, ValueError for
     a file that is not .npy, not 2-D, Fortran-ordered, truncated or overlong, and
-    TypeError for a dtype other than float32/float16.
+    TypeError for a dtype other than float32/float16/bfloat16. A plain 2-byte void dtype (``'<V2'``, what
+    ``np.save`` writes for an ``ml_dtypes.bfloat16`` array) is read as bfloat16.
     """
     fmt = np.lib.format
     with open(path, "rb") as f:
@@ -78,11 +79,13 @@ def read_npy_header(path: str) -> NpyHeader:
                              "np.save") from e
         offset = f.tell()
     dtype = np.dtype(dtype)
+    if dtype.kind == "V" and dtype.itemsize == 2 and dtype.names is None and dtype.subdtype is None:
+        dtype = NPY_DTYPES[-1]  # np.save of ml_dtypes.bfloat16 keeps only "2 raw bytes"
     if dtype.kind == "f" and dtype.byteorder == ">" and dtype.newbyteorder("<") in DTYPES:
         raise TypeError(f"{path}: dtype {dtype.str} is big-endian; rewrite it little-endian with "
                         f"np.save(path, a.astype('{dtype.newbyteorder('<').str}'))")
-    if dtype not in DTYPES:
-        raise TypeError(f"{path}: dtype {dtype} is not supported; tables must be float32 or float16 "
+    if dtype not in NPY_DTYPES:
+        raise TypeError(f"{path}: dtype {dtype} is not supported; tables must be float32, float16 or bfloat16 "
                         "(convert with np.save(path, a.astype(np.float32)))")
     if len(shape) != 2:
         hint = " (reshape a single vector with a.reshape(1, -1))" if len(shape) == 1 else ""
@@ -195,7 +198,9 @@ class NpyReader(TableReader):
 # --------------------------------------------------------------------------- writer
 
 class NpyWriter(TableWriter):
-    """Writes a .npy file (or one per shard into a directory) with ``pwrite``."""
+    """Writes a .npy file (or one per shard into a directory) with ``pwrite``; bfloat16 as ``np.save`` writes it."""
+
+    dtypes = NPY_DTYPES
 
     def _paths(self) -> list[str]:
         if self.reader.format == "npy_dir":

@@ -2,8 +2,9 @@
 
 What lives here: :class:`Chunk` (rows ``[start, stop)`` of one part), the cutting of a table into
 chunks, :class:`TableReader` and :class:`TableWriter` (the interfaces :mod:`bc_fast.convert` drives),
-``DTYPES`` and the input fingerprint helper. The format modules (:mod:`.npy`, :mod:`.parquet`) build
-on it and :mod:`.tables` re-exports it; it imports numpy and the standard library only.
+``DTYPES`` (and the ``.npy`` format's wider ``NPY_DTYPES``, :func:`table_dtype`) and the input fingerprint
+helper. The format modules (:mod:`.npy`, :mod:`.parquet`) build on it and :mod:`.tables` re-exports it; it
+imports numpy, ml_dtypes (through :func:`bc_fast._util.arrays.bfloat16`) and the standard library only.
 """
 
 from __future__ import annotations
@@ -14,7 +15,28 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._util.arrays import bfloat16
+
+# What every table format reads and writes.
 DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+# .npy tables also hold bfloat16 (ml_dtypes.bfloat16): written as np.save writes such an array (descr '<V2').
+NPY_DTYPES = DTYPES + (bfloat16(),)
+
+
+def table_dtype(value: Any) -> np.dtype:
+    """A table dtype from a name (``"float32"``, ``"float16"``, ``"bfloat16"``) or a numpy / ml_dtypes dtype.
+
+    TypeError naming the value when it is none of the three (the caller checks what its format holds).
+    """
+    if isinstance(value, str) and value.lower() in ("bfloat16", "bf16"):
+        return bfloat16()
+    try:
+        dt = np.dtype(value)
+    except TypeError as e:
+        raise TypeError(f"output dtype must be float32, float16 or bfloat16, got {value!r}") from e
+    if dt not in NPY_DTYPES:
+        raise TypeError(f"output dtype must be float32 or float16 (or bfloat16 for .npy tables), got {dt}")
+    return dt
 
 
 def _file_stamp(path: str) -> dict:
@@ -95,6 +117,8 @@ class TableReader:
 
 class TableWriter:
     """Writes converted chunks under ``temp`` (a file or a directory)."""
+
+    dtypes: tuple = DTYPES  # the output dtypes the format can hold
 
     def __init__(self, reader: TableReader, temp: str, dim: int, dtype: np.dtype,
                  chunks: list[Chunk], metadata: dict) -> None:

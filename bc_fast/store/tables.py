@@ -41,12 +41,12 @@ from .lance import LanceReader, LanceWriter, import_lance, is_lance_dataset
 from .milvus import MilvusReader, MilvusWriter, is_milvus_store
 from .npy import NpyHeader, NpyReader, NpyWriter, npy_header_bytes, read_npy_header
 from .parquet import _PARQUET_SUFFIXES, ParquetReader, ParquetWriter, import_pyarrow
-from .table_base import DTYPES, Chunk, TableReader, TableWriter
+from .table_base import DTYPES, NPY_DTYPES, Chunk, TableReader, TableWriter, table_dtype
 
-__all__ = ["DTYPES", "FORMATS", "ChromaReader", "ChromaWriter", "Chunk", "LanceReader", "LanceWriter", "MilvusReader",
+__all__ = ["DTYPES", "FORMATS", "NPY_DTYPES", "ChromaReader", "ChromaWriter", "Chunk", "LanceReader", "LanceWriter", "MilvusReader",
            "MilvusWriter", "NpyHeader", "NpyReader", "NpyWriter", "ParquetReader", "ParquetWriter", "TableReader",
            "TableWriter", "detect_format", "import_lance", "import_pyarrow", "make_writer", "npy_header_bytes",
-           "open_table", "read_npy_header", "remove_path", "sha256_file"]
+           "open_table", "read_npy_header", "remove_path", "sha256_file", "table_dtype", "writer_class"]
 
 FORMATS = ("npy", "npy_dir", "parquet", "lance", "chroma", "milvus")
 
@@ -93,12 +93,16 @@ def open_table(path: str, column: str | None = None) -> TableReader:
     return NpyReader(path)
 
 
+def writer_class(reader: TableReader) -> type[TableWriter]:
+    """The writer class for ``reader``'s format (its ``dtypes`` say what it can hold)."""
+    return {"parquet": ParquetWriter, "lance": LanceWriter, "chroma": ChromaWriter,
+            "milvus": MilvusWriter}.get(reader.format, NpyWriter)
+
+
 def make_writer(reader: TableReader, temp: str, dim: int, dtype: np.dtype, chunks: list[Chunk],
                 metadata: dict) -> TableWriter:
     """The writer for ``reader``'s format."""
-    cls = {"parquet": ParquetWriter, "lance": LanceWriter, "chroma": ChromaWriter,
-           "milvus": MilvusWriter}.get(reader.format, NpyWriter)
-    return cls(reader, temp, dim, dtype, chunks, metadata)
+    return writer_class(reader)(reader, temp, dim, dtype, chunks, metadata)
 
 
 def remove_path(path: str) -> None:
