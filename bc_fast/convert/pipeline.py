@@ -377,7 +377,7 @@ def _pipeline(op: FusedTransform, reader: TableReader, writer: TableWriter, chun
     depth = _DEPTH
     buf_rows = max(c.rows for c in todo)
     in_bufs = [np.empty((buf_rows, reader.dim), reader.dtype) for _ in range(depth)]
-    out_bufs = [np.empty((buf_rows, op.d_out), out_dtype) for _ in range(depth)]
+    out_bufs = [writer.new_buffer(buf_rows) for _ in range(depth)]
 
     with ThreadPoolExecutor(1, "bcfast-read") as rpool, ThreadPoolExecutor(1, "bcfast-write") as wpool:
         reads: list[Future] = []

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .._util.direct_io import aligned_empty, open_direct, pwrite_direct
 from .._util.fileio import fsync_dir
 from .table_base import DTYPES, NPY_DTYPES, Chunk, TableReader, TableWriter, _file_stamp
 
@@ -29,13 +30,6 @@ def _pread_into(fd: int, buf: np.ndarray, offset: int, path: str) -> None:
                 f"{path}: file ended at byte {offset + done} while reading; it is truncated "
                 "or was modified during the conversion")
         done += n
-
-
-def _pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
-    view = memoryview(np.ascontiguousarray(buf).reshape(-1).view(np.uint8))
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
 
 
 # --------------------------------------------------------------------------- .npy header
@@ -198,7 +192,12 @@ class NpyReader(TableReader):
 # --------------------------------------------------------------------------- writer
 
 class NpyWriter(TableWriter):
-    """Writes a .npy file (or one per shard into a directory) with ``pwrite``; bfloat16 as ``np.save`` writes it."""
+    """Writes a .npy file (or one per shard into a directory) with ``pwrite``; bfloat16 as ``np.save`` writes it.
+
+    The block-aligned middle of each chunk goes to the disk with ``O_DIRECT`` where the filesystem allows it
+    (:mod:`bc_fast._util.direct_io`: no copy through the page cache on the CPU the GEMM needs), from buffers
+    made by :meth:`new_buffer`; the bytes written are the same either way.
+    """
 
     dtypes = NPY_DTYPES
 
@@ -211,6 +210,7 @@ class NpyWriter(TableWriter):
         self.paths = self._paths()
         self.headers = [npy_header_bytes((n, self.dim), self.dtype) for n in self.reader.part_rows]
         self.fds: list[int] = []
+        self.direct_fds: list[int | None] = []
         self._dirty: set[int] = set()
 
     def create(self) -> None:
@@ -228,6 +228,7 @@ class NpyWriter(TableWriter):
                     raise OSError(e.errno, f"cannot reserve {size} bytes for {path}: {e.strerror}") from e
             os.pwrite(fd, hdr, 0)
             os.ftruncate(fd, size)
+            self.direct_fds.append(open_direct(path))
             self._dirty.add(len(self.fds) - 1)
 
     def reopen(self, done_chunks: int) -> None:
@@ -241,10 +242,17 @@ class NpyWriter(TableWriter):
             self.fds.append(fd)
             if os.pread(fd, len(hdr), 0) != hdr:
                 raise ValueError(f"cannot resume: partial output {path} has an unexpected header")
+            self.direct_fds.append(open_direct(path))
+
+    def new_buffer(self, rows: int) -> np.ndarray:
+        """A chunk buffer aligned like the data offset of the first file, so chunks can be written with O_DIRECT."""
+        header = npy_header_bytes((self.reader.part_rows[0] if self.reader.part_rows else 0, self.dim), self.dtype)
+        return aligned_empty((rows, self.dim), self.dtype, len(header))
 
     def write(self, chunk: Chunk, y: np.ndarray, extra: Any) -> None:
         off = len(self.headers[chunk.part]) + chunk.local * self.dim * self.dtype.itemsize
-        _pwrite_all(self.fds[chunk.part], y, off)
+        if not pwrite_direct(self.fds[chunk.part], self.direct_fds[chunk.part], y, off):
+            self._close_direct()  # refused once: the rest goes through the page cache
         self._dirty.add(chunk.part)
 
     def sync(self) -> None:
@@ -284,7 +292,14 @@ class NpyWriter(TableWriter):
     def files(self) -> list[str]:
         return list(self.reader.names) if self.reader.format == "npy_dir" else []  # type: ignore[attr-defined]
 
+    def _close_direct(self) -> None:
+        for fd in getattr(self, "direct_fds", []):
+            if fd is not None:
+                os.close(fd)
+        self.direct_fds = [None] * len(getattr(self, "fds", []))
+
     def close(self) -> None:
+        self._close_direct()
         for fd in getattr(self, "fds", []):
             os.close(fd)
         self.fds = []

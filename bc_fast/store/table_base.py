@@ -129,6 +129,10 @@ class TableWriter:
         self.chunks = chunks
         self.metadata = metadata
 
+    def new_buffer(self, rows: int) -> np.ndarray:
+        """An uninitialised ``(rows, dim)`` buffer of the output dtype for chunks to be written (reused)."""
+        return np.empty((rows, self.dim), self.dtype)
+
     def expected_bytes(self) -> int:
         """An estimate of the finished output's size (for the disk-space check)."""
         return self.reader.n_rows * self.dim * self.dtype.itemsize
