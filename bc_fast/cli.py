@@ -207,7 +207,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from .fit import fit_to_registry, format_fit_table
 
     _, metrics = fit_to_registry(args.registry, args.src, args.dst, args.src_npy, args.dst_npy, kind=args.kind,
-                                 alpha=args.alpha, rank=args.rank, replace=args.replace, chunk_rows=args.chunk_rows)
+                                 alpha=args.alpha, rank=args.rank, replace=args.replace, chunk_rows=args.chunk_rows,
+                                 sample_rows=args.sample_rows)
     print(format_fit_table(metrics))
     print(f"wrote transform {args.src} -> {args.dst} ({metrics['adapter']}) to {args.registry}", file=sys.stderr)
     return 0
@@ -220,7 +221,9 @@ def _add_fit_parser(sub: Any) -> None:
                     "same items, same row order), print its validation metrics (R^2, cosine, neighbour overlap "
                     "on hashed held-out rows) and add it to the registry. The closed-form kinds (ridge, "
                     "procrustes, lowrank, and auto, which chooses among them by validation MSE) stream the "
-                    "memory-mapped files chunk by chunk; --kind mlp loads both files into memory and needs torch.")
+                    "memory-mapped files chunk by chunk; --kind local streams them in two passes (k-means and "
+                    "its settings on a sample of --sample-rows training rows, then per-cluster sums of all "
+                    "rows); --kind mlp loads both files into memory and needs torch.")
     p.add_argument("src_npy", metavar="SRC.npy", help="version-K embeddings, 2-D .npy (read with mmap, no pickle)")
     p.add_argument("dst_npy", metavar="DST.npy", help="version-J embeddings of the same items, 2-D .npy")
     p.add_argument("--registry", "-r", required=True, metavar="R", help="version registry directory")
@@ -229,11 +232,15 @@ def _add_fit_parser(sub: Any) -> None:
                    help="target version: K-1 (backward) or K+1 (forward)")
     p.add_argument("--kind", choices=("auto", "ridge", "procrustes", "lowrank", "mlp", "local"), default="auto",
                    help="adapter kind (default auto: ridge, procrustes or lowrank, lowest validation MSE; local: "
-                        "per-cluster maps routed by k-means centroids, a routed transform, fitted in memory)")
+                        "per-cluster maps routed by k-means centroids, a routed transform, streamed in two "
+                        "passes)")
     p.add_argument("--alpha", type=float, default=None, help="ridge penalty (default: chosen on validation rows)")
     p.add_argument("--rank", type=int, default=None, help="rank of --kind lowrank (default min(64, dims))")
     p.add_argument("--replace", action="store_true", help="replace an existing transform K -> J")
     p.add_argument("--chunk-rows", type=int, default=65536, metavar="N", help="rows per streamed chunk")
+    p.add_argument("--sample-rows", type=int, default=None, metavar="N",
+                   help="with --kind local: training rows sampled for k-means and the settings search "
+                        "(default 50000; all rows when fewer)")
     p.set_defaults(func=_cmd_fit)
 
 

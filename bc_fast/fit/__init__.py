@@ -23,6 +23,8 @@ auto       the best kind on validation rows: neighbour          all of the above
 The closed-form kinds need only float64 sums of the pairs, so :func:`fit_streaming` and
 :func:`fit_streaming_npy` fit them from chunks without ever holding all pairs. The
 validation rows are chosen by a hash of the row index: streaming and in-memory fits agree.
+The local kind streams too, in two passes over re-iterable chunks (k-means and its settings on a
+bounded sample, then per-cluster sums of all rows): :meth:`LocalAdapter.fit_chunks`.
 
 It may import :mod:`bc_fast.train` (the residual MLP module), :mod:`bc_fast.eval` (neighbour
 overlap), :mod:`bc_fast.index`, :mod:`bc_fast.store`, :mod:`bc_fast.engine` and ``bc_fast._util``.

@@ -12,10 +12,10 @@ from ..store.registry import Registry, RegistryError
 from ._auto import AutoAdapter, make_adapter
 from ._gram import accumulate_pairs, val_mask
 from ._metrics import fit_metrics
-from ._streaming import STREAMING_KINDS, npy_pair_chunks, open_npy
+from ._streaming import STREAMING_KINDS, fit_streaming_npy, npy_pair_chunks, open_npy
 
 #: Kinds `bc-fast fit` fits from both files loaded whole (no streaming form).
-IN_MEMORY_KINDS = ("mlp", "local")
+IN_MEMORY_KINDS = ("mlp",)
 
 #: At most this many validation rows are read back for the printed metrics (the neighbour search is
 #: quadratic in them); the per-candidate validation MSE and R^2 use all validation rows.
@@ -55,13 +55,17 @@ def _check_target(reg: Registry, a: int, b: int, src: np.ndarray, dst: np.ndarra
 def fit_to_registry(registry: str | os.PathLike, from_version: int, to_version: int, src_path: str | os.PathLike,
                     dst_path: str | os.PathLike, *, kind: str = "auto", alpha: float | None = None,
                     rank: int | None = None, replace: bool = False, chunk_rows: int = 65536,
-                    val_fraction: float = 0.1, random_state: int = 0, k: int = 10) -> tuple[Any, dict[str, Any]]:
+                    val_fraction: float = 0.1, random_state: int = 0, k: int = 10,
+                    sample_rows: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Fit ``from_version -> to_version`` from two .npy files and add it to the registry.
 
     Closed-form kinds (and ``auto``, which here chooses among them) stream the memory-mapped
-    files; ``mlp`` and ``local`` (a routed transform: k-means and its settings search need the rows) load both. The metrics are those of the fit on the training rows, measured
-    on (at most :data:`MAX_METRIC_ROWS`) hashed validation rows; the transform written is then
-    refitted on all pairs. Nothing is written unless every step succeeded.
+    files; ``local`` (a routed transform) streams them in two passes, choosing its settings on a
+    sample of at most ``sample_rows`` training rows (:meth:`~bc_fast.fit.LocalAdapter.fit_chunks`);
+    ``mlp`` loads both. The metrics are those of the fit on the training rows (for ``mlp`` and
+    ``local``: of the transform written), measured on (at most :data:`MAX_METRIC_ROWS`) hashed
+    validation rows; the transform written is then refitted on all pairs. Nothing is written
+    unless every step succeeded.
 
     Returns
     -------
@@ -84,9 +88,16 @@ def fit_to_registry(registry: str | os.PathLike, from_version: int, to_version: 
         if kind not in ("lowrank", "auto"):
             raise ValueError(f"--rank applies to --kind lowrank (or auto), not {kind}")
         params["rank"] = rank
+    if sample_rows is not None:
+        if kind != "local":
+            raise ValueError(f"--sample-rows applies to --kind local, not {kind}")
+        params["sample_rows"] = sample_rows
     t0 = time.perf_counter()
     if kind in IN_MEMORY_KINDS:
         est = make_adapter(kind, **params).fit(np.asarray(src), np.asarray(dst))
+        probe = est
+    elif kind == "local":
+        est = fit_streaming_npy(src_path, dst_path, kind="local", chunk_rows=chunk_rows, **params)
         probe = est
     elif kind in STREAMING_KINDS:
         if kind == "auto":
@@ -109,6 +120,10 @@ def fit_to_registry(registry: str | os.PathLike, from_version: int, to_version: 
     for name in ("alpha_", "rank"):
         if getattr(holder, name, None) is not None:
             metrics[name.rstrip("_")] = getattr(holder, name)
+    if kind == "local":
+        metrics["local"] = {"base": est.base_, "k": int(est.k_), "m": int(est.m_), "temperature": est.temperature_,
+                            "prior_rows": float(est.prior_rows_), "n_fallback": int(est.fallback_.sum()),
+                            "n_sample": est.n_sample_, "n_val_sample": est.n_val_sample_}
     if isinstance(est, AutoAdapter):
         metrics["candidates"] = {kk: {m: v for m, v in c.items() if m != "fit_time_s"} for kk, c in est.candidates_.items()}
     reg.add_transform(a, b, est, kind=est.kind, fit_metrics=metrics, replace=replace)
