@@ -11,7 +11,9 @@ at batch 1 and on a large batch (200k rows; --quick 50k), float32 in, preallocat
 - ``numpy``: the same routed map in numpy float32 (scores into a preallocated buffer, argpartition, one GEMM
   per cluster and slot), what a user would write instead.
 
-Checks (issue 27): batch 1 <= 10 us per query; large batches >= 0.5x the affine map's rows/s.
+Checks (issue 27): batch 1 <= 10 us per query; large batches >= 0.5x the affine map's rows/s. A routed row
+costs m d_out d_in + k d_in multiply-adds against the affine map's d_out d_in, so at equal GEMM speed the
+large batch is bounded by d_out / (m d_out + k) = 0.49x (printed in the note).
 Errors are against the float64 reference (RoutedTransform.reference). Harness: bc_fast.bench.harness.
 """
 
@@ -22,7 +24,14 @@ import sys
 import numpy as np
 
 from bc_fast import FusedTransform
-from bc_fast.bench.harness import Bench, check, result, run_configs, script_args, speedup_check
+from bc_fast.bench.harness import (
+    Bench,
+    check,
+    result,
+    run_configs,
+    script_args,
+    speedup_check,
+)
 from bc_fast.engine.routed import RoutedTransform
 
 D, K, M = 384, 16, 2
@@ -85,7 +94,8 @@ def cfg_routed(bench: Bench, n: int) -> dict:
                   speedup_check("vs numpy", t, "numpy", 1.0)]
     return result(f"routed_{D}_k{K}_m{M}_b{n}", f"routed {D}->{D}, k={K}, m={M}, batch {n:,}, fp32 in/out", n, t,
                   checks, flops_per_call=2.0 * n * D * (M * D + K), err=err,
-                  note="affine: one map of the same shape (a routed row runs m of them)")
+                  note=f"affine: one map of the same shape (a routed row runs m of them); at equal GEMM speed "
+                       f"the routed map runs at most {D / (M * D + K):.3f}x its rows/s")
 
 
 def main(argv: list[str] | None = None) -> int:

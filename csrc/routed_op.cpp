@@ -5,6 +5,10 @@
 #include <stdexcept>
 #include <string>
 
+#if defined(__SSE2__)
+#include <xmmintrin.h>  // the 4 x 4 transposes of pack_rows_as_panel (SSE is part of baseline x86-64)
+#endif
+
 #include "kernels/dispatch.h"
 #include "small_pool.h"
 
@@ -22,31 +26,79 @@ void pack_panels(const float* w, int64_t rows, int64_t cols, int64_t n_pad, floa
   }
 }
 
-// Every cluster's GEMM of a tile whose (row, slot) pairs are gathered in cluster order (cluster c's
-// rows are [ends[c - 1], ends[c])), cut into two chunks of whole output panels for the small pool
-// (chunk 0: panels [0, half), chunk 1: [half, panels)). Each output is one chain over d_in, so the
-// cut never changes a bit.
+// Every cluster's GEMM of a few rows whose (row, slot) pairs are gathered in cluster order, as work
+// units (cluster, output panel) in that order, cut into two chunks of equal unit counts for the small
+// pool: at batch 1 with m = 2 each thread streams one cluster's whole map (chunk 0: units [0, half),
+// chunk 1: [half, units)). Each output is one chain over d_in whichever call computes it, so the cut
+// never changes a bit.
 struct ClusterGemms {
   const KernelSet* kern;
   const float* x;  // pairs x d_in
   float* y;        // pairs x out_pad
-  const int64_t* ends;
+  const int64_t* groups;  // (cluster, first pair, end pair) for each cluster with pairs, cluster order
+  int64_t n_groups;
   const float* packed;  // k blocks of out_pad x d_in
-  int64_t k, d_in, out_pad, half;
+  int64_t d_in, out_pad, half;
 
   static void run(const void* self, int64_t chunk) {
     const ClusterGemms& g = *static_cast<const ClusterGemms*>(self);
     const int64_t panels = g.out_pad / kPanel;
-    const int64_t p0 = chunk == 1 ? g.half : 0;
-    const int64_t p1 = chunk == 0 ? g.half : panels;  // kAllChunks: every panel
-    for (int64_t c = 0, begin = 0; c < g.k; begin = g.ends[c++]) {
-      if (g.ends[c] == begin) continue;
-      g.kern->gemm_packed(g.x + begin * g.d_in, g.d_in, g.ends[c] - begin, g.d_in,
+    const int64_t u0 = chunk == 1 ? g.half : 0;
+    const int64_t u1 = chunk == 0 ? g.half : g.n_groups * panels;  // kAllChunks: every unit
+    for (int64_t i = u0 / panels; i < g.n_groups && i * panels < u1; ++i) {
+      const int64_t p0 = std::max(u0 - i * panels, int64_t{0}), p1 = std::min(u1 - i * panels, panels);
+      const int64_t c = g.groups[3 * i], begin = g.groups[3 * i + 1], end = g.groups[3 * i + 2];
+      g.kern->gemm_packed(g.x + begin * g.d_in, g.d_in, end - begin, g.d_in,
                           g.packed + (c * g.out_pad + p0 * kPanel) * g.d_in, (p1 - p0) * kPanel,
                           g.y + begin * g.out_pad + p0 * kPanel, g.out_pad);
     }
   }
 };
+
+// Rows [r0, r0 + 64) of x (rows x cols, zero past `rows`) as one kernels.h panel: column c, row j
+// holds x[r0 + c][j]. With the score weights as the GEMM's rows this computes the k scores of 64 rows
+// without the zero padding of a k < 64 wide panel; each (partial) score is still the same chain of
+// products in the same order (the kernel's FMAs multiply x by the weight either way round).
+void pack_rows_as_panel(const float* x, int64_t rows, int64_t cols, int64_t r0, float* panel) {
+  const int64_t real = std::min<int64_t>(kPanel, rows - r0);
+  int64_t c = 0;
+#if defined(__SSE2__)
+  // 4 x 4 blocks transposed in registers (scalar stores, one float per panel line, cost 3x more), 16 rows
+  // at a time, so that each 64-byte panel line is written whole before the next.
+  for (; c + 16 <= real; c += 16) {
+    const float* s0 = x + (r0 + c) * cols;
+    // The next 16 rows (contiguous) are fetched meanwhile, 4 lines a step: 16 row streams at once
+    // left the loads waiting on memory.
+    const bool fetch_next = c + 32 <= rows - r0 && cols % 4 == 0;
+    int64_t j = 0;
+    for (; j + 4 <= cols; j += 4) {
+      if (fetch_next) {
+        const char* next = reinterpret_cast<const char*>(s0 + 16 * cols + 16 * j);
+        for (int l = 0; l < 4; ++l) _mm_prefetch(next + 64 * l, _MM_HINT_T0);
+      }
+      float* dst = panel + j * kPanel + c;
+      for (int q = 0; q < 16; q += 4) {
+        const float* sq = s0 + q * cols + j;
+        __m128 a = _mm_loadu_ps(sq), b = _mm_loadu_ps(sq + cols), e = _mm_loadu_ps(sq + 2 * cols),
+               f = _mm_loadu_ps(sq + 3 * cols);
+        _MM_TRANSPOSE4_PS(a, b, e, f);
+        _mm_storeu_ps(dst + q, a);
+        _mm_storeu_ps(dst + q + kPanel, b);
+        _mm_storeu_ps(dst + q + 2 * kPanel, e);
+        _mm_storeu_ps(dst + q + 3 * kPanel, f);
+      }
+    }
+    for (; j < cols; ++j)
+      for (int q = 0; q < 16; ++q) panel[j * kPanel + c + q] = s0[q * cols + j];
+  }
+#endif
+  for (; c < real; ++c) {
+    const float* src = x + (r0 + c) * cols;
+    for (int64_t j = 0; j < cols; ++j) panel[j * kPanel + c] = src[j];
+  }
+  if (real < kPanel)
+    for (int64_t j = 0; j < cols; ++j) std::fill(panel + j * kPanel + real, panel + (j + 1) * kPanel, 0.0f);
+}
 
 void check_finite(const std::vector<float>& v, const char* name) {
   for (float f : v)
@@ -57,13 +109,17 @@ void check_finite(const std::vector<float>& v, const char* name) {
 
 struct RoutedOp::Workspace {
   std::vector<float> input;    // fp16 input converted to fp32
-  std::vector<float> scores;   // rows x score_pad
+  std::vector<float> rows_panel;  // 64 rows of the tile as one panel (transposed scores)
+  std::vector<float> partial;  // partial scores (route_tile)
+  std::vector<float> scores;   // rows x k
   std::vector<int64_t> slot_cluster;  // rows x m
   std::vector<float> slot_weight;     // rows x m
   std::vector<int64_t> count, order;  // counting sort of the (row, slot) pairs by cluster
+  std::vector<int64_t> groups;        // (cluster, first pair, end pair) of the clusters with pairs
   std::vector<float> gathered;        // the rows routed to one cluster
   std::vector<float> mapped;          // their images under that cluster's map (out_pad wide)
   std::vector<float> acc;             // rows x d_out: the blend
+  std::vector<uint8_t> started;       // whether a row's blend has its first contribution
 
   static Workspace& local() {
     thread_local Workspace ws;
@@ -96,9 +152,26 @@ RoutedOp::RoutedOp(RoutedSpec spec, bool normalize) : spec_(std::move(spec)), no
   check_finite(s.weight, "weights");
   check_finite(s.bias, "bias");
   score_pad_ = (s.k + kPanel - 1) / kPanel * kPanel;
+  // Scores as S x^T (pack_rows_as_panel) where a k-wide panel would be mostly zero padding.
+  transposed_scores_ = 2 * s.k <= score_pad_;
+  // A score is the sum of score_groups_ partial chains over d_in / score_groups_ inputs each (see
+  // score_groups_ in routed_op.h).
+  score_groups_ = 1;
+  for (int64_t g : {4, 2})
+    if (score_groups_ == 1 && g * s.k <= kPanel && s.d_in % g == 0) score_groups_ = g;
+  if (score_groups_ > 1) {  // one panel: row j, column q k + c holds S[c][q dq + j]
+    const int64_t dq = s.d_in / score_groups_;
+    score_group_packed_.assign(static_cast<size_t>(dq * kPanel), 0.0f);
+    for (int64_t q = 0; q < score_groups_; ++q)
+      for (int64_t c = 0; c < s.k; ++c)
+        for (int64_t j = 0; j < dq; ++j)
+          score_group_packed_[static_cast<size_t>(j * kPanel + q * s.k + c)] = s.score_weight[static_cast<size_t>(c * s.d_in + q * dq + j)];
+  }
   out_pad_ = (s.d_out + kPanel - 1) / kPanel * kPanel;
-  score_packed_.resize(static_cast<size_t>(score_pad_ * s.d_in));
-  pack_panels(s.score_weight.data(), s.k, s.d_in, score_pad_, score_packed_.data());
+  if (score_groups_ == 1) {
+    score_packed_.resize(static_cast<size_t>(score_pad_ * s.d_in));
+    pack_panels(s.score_weight.data(), s.k, s.d_in, score_pad_, score_packed_.data());
+  }
   packed_.resize(static_cast<size_t>(s.k * out_pad_ * s.d_in));
   for (int64_t c = 0; c < s.k; ++c)
     pack_panels(s.weight.data() + c * s.d_out * s.d_in, s.d_out, s.d_in, out_pad_, packed_.data() + c * out_pad_ * s.d_in);
@@ -115,14 +188,50 @@ const float* RoutedOp::tile_input(const void* x, DType x_type, int64_t rows, Wor
 
 void RoutedOp::route_tile(const float* x, int64_t rows, Workspace& ws) const {
   const RoutedSpec& s = spec_;
+  const KernelSet& kern = active_kernels();
   const int64_t m = s.m;
-  float* scores = Workspace::ensure(ws.scores, static_cast<size_t>(rows * score_pad_));
-  active_kernels().gemm_packed(x, s.d_in, rows, s.d_in, score_packed_.data(), score_pad_, scores, score_pad_);
+  // The scores (before the bias), rows x k. Every way below computes each as the same partial chains of
+  // products over d_in, summed in the same order, so the choice (by tile size) never changes a bit.
+  const int64_t k = s.k, groups = score_groups_, dq = s.d_in / groups;
+  float* scores = Workspace::ensure(ws.scores, static_cast<size_t>(rows * k));
+  if (transposed_scores_ && rows >= kMinTransposedRows) {
+    // 64 rows at a time as one panel; each group of inputs (rows [q dq, (q + 1) dq) of the panel) times
+    // the same columns of S gives k x 64 partial scores.
+    float* panel = Workspace::ensure(ws.rows_panel, static_cast<size_t>(kPanel * s.d_in));
+    float* part = Workspace::ensure(ws.partial, static_cast<size_t>(groups * k * kPanel));
+    for (int64_t r0 = 0; r0 < rows; r0 += kPanel) {
+      pack_rows_as_panel(x, rows, s.d_in, r0, panel);
+      for (int64_t q = 0; q < groups; ++q)
+        kern.gemm_packed(s.score_weight.data() + q * dq, s.d_in, k, dq, panel + q * dq * kPanel, kPanel,
+                         part + q * k * kPanel, kPanel);
+      for (int64_t r = r0; r < std::min(rows, r0 + kPanel); ++r)
+        for (int64_t c = 0; c < k; ++c) {
+          float v = part[c * kPanel + (r - r0)];
+          for (int64_t q = 1; q < groups; ++q) v += part[(q * k + c) * kPanel + (r - r0)];
+          scores[r * k + c] = v;
+        }
+    }
+  } else if (groups > 1) {
+    // Row r as `groups` rows of dq inputs (x is contiguous): row r q of the product holds group q's
+    // partial scores in columns [q k, q k + k), from a dq x 64 panel instead of d_in x 64.
+    float* part = Workspace::ensure(ws.partial, static_cast<size_t>(rows * groups * kPanel));
+    kern.gemm_packed(x, dq, rows * groups, dq, score_group_packed_.data(), kPanel, part, kPanel);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < k; ++c) {
+        float v = part[r * groups * kPanel + c];
+        for (int64_t q = 1; q < groups; ++q) v += part[(r * groups + q) * kPanel + q * k + c];
+        scores[r * k + c] = v;
+      }
+  } else {
+    float* part = Workspace::ensure(ws.partial, static_cast<size_t>(rows * score_pad_));
+    kern.gemm_packed(x, s.d_in, rows, s.d_in, score_packed_.data(), score_pad_, part, score_pad_);
+    for (int64_t r = 0; r < rows; ++r) std::copy_n(part + r * score_pad_, k, scores + r * k);
+  }
   int64_t* cl = Workspace::ensure(ws.slot_cluster, static_cast<size_t>(rows * m));
   float* wt = Workspace::ensure(ws.slot_weight, static_cast<size_t>(rows * m));
   const double inv_t = 1.0 / static_cast<double>(s.temperature);
   for (int64_t r = 0; r < rows; ++r) {
-    const float* sc = scores + r * score_pad_;
+    const float* sc = scores + r * k;
     int64_t* top = cl + r * m;
     float* w = wt + r * m;
     // Insertion into a sorted top-m list; a later cluster displaces an earlier one only with a strictly
@@ -167,8 +276,11 @@ void RoutedOp::run_tile(const void* x, DType x_type, int64_t rows, void* out, DT
   int64_t* order = Workspace::ensure(ws.order, static_cast<size_t>(pairs));
   for (int64_t p = 0; p < pairs; ++p) order[count[cl[p]]++] = p;  // count[c] ends at the start of c + 1
 
+  // The blend: a row's first contribution (in cluster order) is stored, the others added. (Blending into
+  // float32 output rows directly, skipping the store pass, measured 2-3% slower on large batches.)
   float* acc = Workspace::ensure(ws.acc, static_cast<size_t>(rows * s.d_out));
-  std::fill(acc, acc + rows * s.d_out, 0.0f);
+  uint8_t* started = Workspace::ensure(ws.started, static_cast<size_t>(rows));
+  std::fill(started, started + rows, uint8_t{0});
   // With the small pool (a few rows), all pairs are gathered first and every cluster's GEMM runs in one
   // split job; otherwise cluster by cluster, each GEMM's input and output still in cache for the blend.
   float *gx = nullptr, *gy = nullptr;
@@ -176,7 +288,16 @@ void RoutedOp::run_tile(const void* x, DType x_type, int64_t rows, void* out, DT
     gx = Workspace::ensure(ws.gathered, static_cast<size_t>(pairs * s.d_in));
     gy = Workspace::ensure(ws.mapped, static_cast<size_t>(pairs * out_pad_));
     for (int64_t i = 0; i < pairs; ++i) std::copy_n(xin + (order[i] / m) * s.d_in, s.d_in, gx + i * s.d_in);
-    const ClusterGemms job{&kern, gx, gy, count, packed_.data(), s.k, s.d_in, out_pad_, (out_pad_ / kPanel + 1) / 2};
+    int64_t* groups = Workspace::ensure(ws.groups, static_cast<size_t>(3 * s.k));
+    int64_t n_groups = 0;
+    for (int64_t c = 0, begin = 0; c < s.k; begin = count[c++]) {
+      if (count[c] == begin) continue;
+      groups[3 * n_groups] = c;
+      groups[3 * n_groups + 1] = begin;
+      groups[3 * n_groups++ + 2] = count[c];
+    }
+    const int64_t units = n_groups * (out_pad_ / kPanel);
+    const ClusterGemms job{&kern, gx, gy, groups, n_groups, packed_.data(), s.d_in, out_pad_, (units + 1) / 2};
     split->run(2, &ClusterGemms::run, &job);
   }
   for (int64_t c = 0, begin = 0; c < s.k; begin = count[c++]) {
@@ -185,23 +306,30 @@ void RoutedOp::run_tile(const void* x, DType x_type, int64_t rows, void* out, DT
     // Each cluster's rows go through one GEMM; a row's image does not depend on the rows beside it
     // (the packed kernel computes each output as one chain over d_in), and each row adds its clusters'
     // contributions in cluster order, so results are the same for every batch and thread count.
-    const float* mapped;
+    float* mapped;
     if (split != nullptr) {
       mapped = gy + begin * out_pad_;
     } else {
       float* cx = Workspace::ensure(ws.gathered, static_cast<size_t>(g * s.d_in));
       for (int64_t i = 0; i < g; ++i) std::copy_n(xin + (order[begin + i] / m) * s.d_in, s.d_in, cx + i * s.d_in);
-      float* cy = Workspace::ensure(ws.mapped, static_cast<size_t>(g * out_pad_));
-      kern.gemm_packed(cx, s.d_in, g, s.d_in, packed_.data() + c * out_pad_ * s.d_in, out_pad_, cy, out_pad_);
-      mapped = cy;
+      mapped = Workspace::ensure(ws.mapped, static_cast<size_t>(g * out_pad_));
+      kern.gemm_packed(cx, s.d_in, g, s.d_in, packed_.data() + c * out_pad_ * s.d_in, out_pad_, mapped, out_pad_);
     }
     const float* b = s.bias.data() + c * s.d_out;
     for (int64_t i = 0; i < g; ++i) {
-      const int64_t p = order[begin + i];
-      const float w = wt[p];
-      float* dst = acc + (p / m) * s.d_out;
-      const float* src = mapped + i * out_pad_;
-      for (int64_t o = 0; o < s.d_out; ++o) dst[o] += w * (src[o] + b[o]);
+      // dst (+)= w (src + b), each step rounded to float32, by the SIMD kernels: src += b, then src * w
+      // stored into a first contribution, or into src and added to dst.
+      const int64_t p = order[begin + i], r = p / m;
+      float* dst = acc + r * s.d_out;
+      float* src = mapped + i * out_pad_;
+      kern.bias_act(src, s.d_out, b, Activation::kNone, 0);
+      if (!started[r]) {
+        kern.store_f32(src, dst, s.d_out, wt[p]);
+        started[r] = 1;
+      } else {
+        kern.store_f32(src, src, s.d_out, wt[p]);
+        kern.bias_act(dst, s.d_out, src, Activation::kNone, 0);
+      }
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -218,16 +346,11 @@ void RoutedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType ou
   const size_t o_item = dtype_size(out_type);
   const char* xb = static_cast<const char*>(x);
   char* ob = static_cast<char*>(out);
-  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
-  auto run = [&](int64_t i) {
-    const int64_t r0 = i * kTileRows;
-    run_tile(xb + r0 * d_in() * x_item, x_type, std::min(kTileRows, n - r0), ob + r0 * d_out() * o_item, out_type,
-             Workspace::local());
-  };
   const int64_t t = apply_threads(threads);
   if (n <= kSplitRows && t >= 2 && out_pad_ >= 2 * kPanel) {
-    // A few rows: each of their clusters' maps is cut by output panels over this thread and the small
-    // pool's helper, so each streams half of the weights (at batch 1 the maps come from L3, not L2).
+    // A few rows: their clusters' maps are cut into two halves of (cluster, output panel) units over
+    // this thread and the small pool's helper, so each streams half of the weights (at batch 1 with
+    // m = 2, one cluster's map each: from L3, since k maps do not fit one core's L2).
     const ThreadClaim claim(2);
     if (claim.granted() >= 2) {
       SplitLease lease;
@@ -237,6 +360,12 @@ void RoutedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType ou
       }
     }
   }
+  const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+  auto run = [&](int64_t i) {
+    const int64_t r0 = i * kTileRows;
+    run_tile(xb + r0 * d_in() * x_item, x_type, std::min(kTileRows, n - r0), ob + r0 * d_out() * o_item, out_type,
+             Workspace::local());
+  };
   run_tiles(tiles, t, run);
 }
 

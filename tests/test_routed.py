@@ -57,6 +57,27 @@ def test_bit_identical_across_threads_and_batches():
         assert np.array_equal(op.apply(x[a:b].copy()), y[a:b])  # a row's result ignores its neighbours
 
 
+# Shapes for each way the core computes scores: 4 or 2 partial chains per score (k * groups <= 64 and
+# d_in divisible), one chain (d_in odd; k > 32), S x^T on tiles of >= 32 rows (k <= 32) or a padded panel.
+_SCORE_SHAPES = [(16, 96, 80, 2), (20, 70, 33, 2), (5, 71, 130, 3), (40, 64, 64, 2), (70, 32, 20, 1)]
+
+
+@pytest.mark.parametrize("k,d_in,d_out,m", _SCORE_SHAPES)
+def test_every_batch_size_and_thread_count_gives_the_same_bits(k, d_in, d_out, m):
+    p = _params(k=k, d_in=d_in, d_out=d_out, m=m, seed=k)
+    op = RoutedTransform.from_params(p)
+    x = np.random.default_rng(k).standard_normal((5000, p.d_in)).astype(np.float32)
+    whole = op.apply(x, threads=1)
+    assert _rel_err(whole, routed_reference(x, p)) < 2e-5
+    for n in (1, 7, 8, 9, 63, 64, 65, 255, 256, 257, 5000):
+        for t in (1, 2, 3):
+            assert np.array_equal(op.apply(x[-n:].copy(), threads=t), whole[-n:]), (n, t)
+    idx, w = op.route(x[:300])
+    for n in (1, 31, 32, 300):  # below and above the tile size where the scores are computed as S x^T
+        i_n, w_n = op.route(x[:n].copy())
+        assert np.array_equal(i_n, idx[:n]) and np.array_equal(w_n, w[:n])
+
+
 def test_small_batches_split_over_the_helper_thread_give_the_same_bits():
     from bc_fast import _core
 
@@ -68,7 +89,7 @@ def test_small_batches_split_over_the_helper_thread_give_the_same_bits():
     _core._set_small_split(2)  # every chunk of every split job runs on the helper
     try:
         before = _core._small_split_helper_jobs()
-        for n in (1, 3, 8):
+        for n in range(1, 9):  # 3..16 clusters: the cut of (cluster, panel) units falls inside a cluster or not
             assert np.array_equal(op.apply(x[:n], threads=2), alone[:n])
         assert _core._small_split_helper_jobs() > before  # the helper computed them
     finally:

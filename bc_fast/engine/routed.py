@@ -7,7 +7,9 @@ local adapter of :class:`bc_fast.fit.LocalAdapter` (its float64 reference:
 :func:`bc_fast.fit._routing.routed_reference`).
 
 The core groups a tile's rows by cluster, so each cluster's map runs as one GEMM; a row's result
-does not depend on the rows beside it or on the thread count. Affine steps compose with it on both
+does not depend on the rows beside it or on the thread count. Its float32 scores are 1, 2 or 4 ordered
+chains over consecutive parts of ``d_in``, summed in order (4 for k <= 16), so that a few rows read a
+small panel of the score weights; the float64 reference is unaffected. Affine steps compose with it on both
 sides without changing its form (:meth:`RoutedTransform.then_affine`, :meth:`after_affine`); a second
 routed step or an MLP layer does not fuse into it.
 """
@@ -265,9 +267,10 @@ class RoutedTransform:
     def apply(self, x: Any, *, out: Any = None, out_dtype: Any = None, threads: int | None = None) -> Any:
         """Apply to a batch of rows: ``x`` (n, d_in) float32/float16 C-contiguous (numpy or CPU torch),
         ``out`` (n, d_out) written in place if given, ``out_dtype`` float32 (default) or float16, ``threads``
-        as :meth:`bc_fast.FusedTransform.apply` (results bit-identical for every thread count). A batch of
-        at most 8 rows splits each cluster's map by output columns over the calling thread and the small
-        pool's helper thread, where two threads are free."""
+        as :meth:`bc_fast.FusedTransform.apply` (results bit-identical for every thread count and batch
+        size). A batch of at most 8 rows splits its clusters' maps, in halves of (cluster, output columns)
+        units, over the calling thread and the small pool's helper thread where two threads are free
+        (at batch 1 with m = 2: one cluster's map each)."""
         if (type(x) is _NDARRAY and (out is None or type(out) is _NDARRAY) and out_dtype is None
                 and (threads is None or (type(threads) is int and 0 < threads <= INT_MAX))):
             try:  # the core checks shape, dtype, contiguity and overlap; on a complaint, the full checks below
