@@ -147,7 +147,7 @@ struct FusedOp::Workspace {
   std::vector<float> input;  // fp16 input converted to fp32
   std::vector<float> ping, pong;
   std::vector<uint32_t> pairs;  // bf16 mode: the layer input rounded to bf16 pairs
-  std::vector<uint16_t> bf16;   // oneDNN backend: the layer input rounded to bf16, padded to whole row steps
+  std::vector<uint16_t> bf16, bf16_next;  // oneDNN backend: layer inputs rounded to bf16, padded to whole row steps
 
   static Workspace& local() {
     thread_local Workspace ws;
@@ -206,9 +206,18 @@ FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize, Precision precis
   }
   if (onednn_) {
     const int64_t block = tile_rows(int64_t{1} << 40);  // the tile of every large batch
-    for (Layer& l : layers_)
-      l.onednn = std::make_shared<const OnednnGemm>(l.spec.weight.data(), l.spec.bias.empty() ? nullptr : l.spec.bias.data(),
-                                                    l.spec.d_in, l.spec.d_out, block);
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      Layer& l = layers_[i];
+      // A layer before the last whose activation covers all its outputs (or that has none) gets it from oneDNN,
+      // with its output rounded to bf16 there: the next layer's input, without two passes over the tile.
+      l.onednn_fused = i + 1 < layers_.size() &&
+                       (l.spec.activation == Activation::kNone || l.spec.activation_width == l.spec.d_out) &&
+                       OnednnGemm::can_fuse(l.spec.activation);
+      l.onednn = std::make_shared<const OnednnGemm>(l.spec.weight.data(),
+                                                    l.spec.bias.empty() ? nullptr : l.spec.bias.data(), l.spec.d_in,
+                                                    l.spec.d_out, block, l.onednn_fused,
+                                                    l.onednn_fused ? l.spec.activation : Activation::kNone);
+    }
   }
 }
 
@@ -353,36 +362,50 @@ void FusedOp::run_block_onednn(const void* x, DType x_type, int64_t m, void* out
   const int64_t rows = OnednnGemm::padded_rows(m);  // the GEMM computes whole row steps; the extra rows are zeros
   float* bufs[2] = {Workspace::ensure(ws.ping, static_cast<size_t>(rows * max_width_)),
                     Workspace::ensure(ws.pong, static_cast<size_t>(rows * max_width_))};
-  const float* cur = nullptr;  // the fp32 output of the previous layer
+  uint16_t* halves[2] = {Workspace::ensure(ws.bf16, static_cast<size_t>(rows * max_width_)),
+                         Workspace::ensure(ws.bf16_next, static_cast<size_t>(rows * max_width_))};
+  // The first layer's input as bf16 rows: as they are when they fill whole row steps, else rounded or copied.
+  const int64_t d0 = d_in();
+  const uint16_t* a = static_cast<const uint16_t*>(x);
+  if (x_type != DType::kBFloat16 || rows != m) {
+    uint16_t* buf = Workspace::ensure(ws.bf16, static_cast<size_t>(rows * std::max(d0, max_width_)));
+    halves[0] = buf;
+    if (x_type == DType::kBFloat16) {
+      std::memcpy(buf, x, static_cast<size_t>(m * d0) * sizeof(uint16_t));
+    } else if (x_type == DType::kFloat16) {
+      float* row = Workspace::ensure(ws.input, static_cast<size_t>(d0));
+      for (int64_t r = 0; r < m; ++r) {
+        kern.half_to_float(static_cast<const uint16_t*>(x) + r * d0, row, d0);
+        kern.store_bf16(row, buf + r * d0, d0, 1.0f);
+      }
+    } else {
+      for (int64_t r = 0; r < m; ++r) kern.store_bf16(static_cast<const float*>(x) + r * d0, buf + r * d0, d0, 1.0f);
+    }
+    std::fill(buf + m * d0, buf + rows * d0, uint16_t{0});
+    a = buf;
+  }
+  int next = a == halves[0] ? 1 : 0;  // the bf16 buffer the next rounded input goes to
   for (size_t li = 0; li < layers_.size(); ++li) {
     const Layer& l = layers_[li];
-    const int64_t k = l.spec.d_in;
-    const uint16_t* a;
-    if (li == 0 && x_type == DType::kBFloat16 && rows == m) {
-      a = static_cast<const uint16_t*>(x);  // bf16 rows go to oneDNN as they are
-    } else {
-      uint16_t* buf = Workspace::ensure(ws.bf16, static_cast<size_t>(rows * k));
-      if (li == 0 && x_type == DType::kBFloat16) {
-        std::memcpy(buf, x, static_cast<size_t>(m * k) * sizeof(uint16_t));
-      } else if (li == 0 && x_type == DType::kFloat16) {
-        float* row = Workspace::ensure(ws.input, static_cast<size_t>(k));
-        for (int64_t r = 0; r < m; ++r) {
-          kern.half_to_float(static_cast<const uint16_t*>(x) + r * k, row, k);
-          kern.store_bf16(row, buf + r * k, k, 1.0f);
-        }
-      } else {
-        const float* src = li == 0 ? static_cast<const float*>(x) : cur;
-        for (int64_t r = 0; r < m; ++r) kern.store_bf16(src + r * k, buf + r * k, k, 1.0f);
-      }
-      std::fill(buf + m * k, buf + rows * k, uint16_t{0});
-      a = buf;
+    const int64_t d = l.spec.d_out;
+    if (l.onednn_fused) {  // bias, activation and the rounding to bf16 by oneDNN: the next layer's input
+      uint16_t* y = halves[next];
+      l.onednn->run(a, m, y);
+      a = y;
+      next ^= 1;
+      continue;
     }
     const bool last = li + 1 == layers_.size();
     const bool direct = last && out_type == DType::kFloat32 && rows == m;
     float* dst = direct ? static_cast<float*>(out) : bufs[li % 2];
     l.onednn->run(a, m, dst);  // adds the bias
-    finish_layer(kern, l, last, nullptr, dst, l.spec.d_out, m, out, out_type, direct);
-    cur = dst;
+    finish_layer(kern, l, last, nullptr, dst, d, m, out, out_type, direct);
+    if (last) break;
+    uint16_t* y = halves[next];
+    for (int64_t r = 0; r < m; ++r) kern.store_bf16(dst + r * d, y + r * d, d, 1.0f);
+    std::fill(y + m * d, y + rows * d, uint16_t{0});
+    a = y;
+    next ^= 1;
   }
 }
 

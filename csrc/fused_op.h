@@ -82,6 +82,7 @@ class FusedOp {
     int64_t k_pairs = 0;                // bf16: ceil(d_in / 2)
     int64_t n_pad = 0;                  // d_out rounded up to the panel width (d_out itself with oneDNN)
     std::shared_ptr<const OnednnGemm> onednn;  // the bf16 GEMM, with the oneDNN backend
+    bool onednn_fused = false;  // oneDNN applies the activation and writes bf16 (a layer before the last)
   };
   struct Workspace;
 

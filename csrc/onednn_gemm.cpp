@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
+#include <unordered_map>
 
 #include "kernels/kernels.h"
 
@@ -43,6 +45,7 @@ struct ExecArg {
 
 struct Api {
   const Version* (*version)();
+  const char* (*alg_kind2str)(int);
   const char* (*dt2str)(int);
   const char* (*fmt_tag2str)(int);
   const char* (*scratchpad_mode2str)(int);
@@ -60,6 +63,10 @@ struct Api {
   Status (*attr_create)(Handle*);
   Status (*attr_destroy)(Handle);
   Status (*attr_set_scratchpad_mode)(Handle, int);
+  Status (*attr_set_post_ops)(Handle, Handle);
+  Status (*post_ops_create)(Handle*);
+  Status (*post_ops_destroy)(Handle);
+  Status (*post_ops_append_eltwise)(Handle, int, float, float);
   Status (*matmul_pd_create)(Handle*, Handle, Handle, Handle, Handle, Handle, Handle);
   Status (*reorder_pd_create)(Handle*, Handle, Handle, Handle, Handle, Handle);
   Status (*pd_query)(Handle, int, int, void*);
@@ -70,6 +77,7 @@ struct Api {
   Status (*primitive_execute)(Handle, Handle, int, const ExecArg*);
   Status (*memory_create)(Handle*, Handle, Handle, void*);
   Status (*memory_destroy)(Handle);
+  Status (*memory_set_data_handle)(Handle, void*);
   // The OpenMP runtime oneDNN itself resolved (an installed wheel's core may carry a private copy of libgomp
   // while oneDNN binds the system's or torch's); null for a sequential build.
   int (*omp_get_max_threads)();
@@ -80,7 +88,19 @@ struct Library {
   Api api{};
   Handle engine = nullptr;
   std::string version;
+  // dnnl_alg_kind_t values of the eltwise post-ops, found by name (their numbers changed between 3.x releases);
+  // -1 where absent.
+  int relu_alg = -1, gelu_alg = -1;
 };
+
+bool same(const char* got, const char* want) { return got != nullptr && std::strcmp(got, want) == 0; }
+
+// The dnnl_alg_kind_t whose name is `name`, or -1.
+int find_alg_kind(const Api& a, const char* name) {
+  for (int v = 0; v < 0x400; ++v)
+    if (same(a.alg_kind2str(v), name)) return v;
+  return -1;
+}
 
 std::mutex g_load_mutex;
 bool g_load_tried = false;
@@ -95,7 +115,6 @@ bool bind(void* so, const char* name, F& f, std::string& missing) {
   return p != nullptr;
 }
 
-bool same(const char* got, const char* want) { return got != nullptr && std::strcmp(got, want) == 0; }
 
 std::string load_library(const std::string& path, Library& lib) {
   void* so = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
@@ -107,6 +126,7 @@ std::string load_library(const std::string& path, Library& lib) {
   std::string missing;
   bind(so, "dnnl_version", a.version, missing);
   bind(so, "dnnl_dt2str", a.dt2str, missing);
+  bind(so, "dnnl_alg_kind2str", a.alg_kind2str, missing);
   bind(so, "dnnl_fmt_tag2str", a.fmt_tag2str, missing);
   bind(so, "dnnl_scratchpad_mode2str", a.scratchpad_mode2str, missing);
   bind(so, "dnnl_engine_kind2str", a.engine_kind2str, missing);
@@ -123,6 +143,10 @@ std::string load_library(const std::string& path, Library& lib) {
   bind(so, "dnnl_primitive_attr_create", a.attr_create, missing);
   bind(so, "dnnl_primitive_attr_destroy", a.attr_destroy, missing);
   bind(so, "dnnl_primitive_attr_set_scratchpad_mode", a.attr_set_scratchpad_mode, missing);
+  bind(so, "dnnl_primitive_attr_set_post_ops", a.attr_set_post_ops, missing);
+  bind(so, "dnnl_post_ops_create", a.post_ops_create, missing);
+  bind(so, "dnnl_post_ops_destroy", a.post_ops_destroy, missing);
+  bind(so, "dnnl_post_ops_append_eltwise", a.post_ops_append_eltwise, missing);
   bind(so, "dnnl_matmul_primitive_desc_create", a.matmul_pd_create, missing);
   bind(so, "dnnl_reorder_primitive_desc_create", a.reorder_pd_create, missing);
   bind(so, "dnnl_primitive_desc_query", a.pd_query, missing);
@@ -133,6 +157,7 @@ std::string load_library(const std::string& path, Library& lib) {
   bind(so, "dnnl_primitive_execute", a.primitive_execute, missing);
   bind(so, "dnnl_memory_create", a.memory_create, missing);
   bind(so, "dnnl_memory_destroy", a.memory_destroy, missing);
+  bind(so, "dnnl_memory_set_data_handle", a.memory_set_data_handle, missing);
   // The library stays loaded for the life of the process (primitives and JIT code live in it).
   if (!missing.empty()) return path + " is not oneDNN 3.x: it lacks " + missing;
   // dlsym on the library's handle searches it and then its dependencies: this finds oneDNN's own OpenMP.
@@ -154,6 +179,8 @@ std::string load_library(const std::string& path, Library& lib) {
       !same(a.scratchpad_mode2str(kScratchpadUser), "user") || !same(a.engine_kind2str(kCpuEngine), "cpu"))
     return lib.version + " numbers its data types, formats or engines differently from the oneDNN 3 API bc_fast uses";
   if (a.engine_create(&lib.engine, kCpuEngine, 0) != kSuccess) return lib.version + ": no CPU engine";
+  lib.relu_alg = find_alg_kind(a, "eltwise_relu");
+  lib.gelu_alg = find_alg_kind(a, "eltwise_gelu_erf");
   return "";
 }
 
@@ -269,7 +296,19 @@ std::string onednn_version() {
   return lib != nullptr ? lib->version : "";
 }
 
+namespace {
+
+std::atomic<uint64_t> g_next_kernel_id{1};
+
+// A thread's memory objects for one kernel: made once, then only their data pointers change per call.
+struct KernelMemories {
+  Owned src, weights, bias, dst, scratch;
+};
+
+}  // namespace
+
 struct OnednnGemm::Kernel {
+  uint64_t id = g_next_kernel_id.fetch_add(1, std::memory_order_relaxed);  // never reused: keys thread caches
   Owned src_md, dst_md, bias_md;
   Owned pd, primitive;
   Handle weights_md = nullptr;  // owned by pd
@@ -280,10 +319,22 @@ struct OnednnGemm::Kernel {
   std::string impl;
 };
 
-OnednnGemm::OnednnGemm(const float* weight, const float* bias, int64_t k, int64_t n, int64_t main_rows)
-    : k_(k), n_(n), weight_bf16_(static_cast<size_t>(k * n)), bias_(static_cast<size_t>(n), 0.0f) {
+bool OnednnGemm::can_fuse(Activation act) {
+  const Library* lib = g_library.load(std::memory_order_acquire);
+  if (lib == nullptr) return false;
+  return act == Activation::kNone || (act == Activation::kRelu && lib->relu_alg >= 0) ||
+         (act == Activation::kGelu && lib->gelu_alg >= 0);
+}
+
+OnednnGemm::OnednnGemm(const float* weight, const float* bias, int64_t k, int64_t n, int64_t main_rows,
+                       bool fused_output, Activation act)
+    : k_(k), n_(n), fused_output_(fused_output), act_(act), weight_bf16_(static_cast<size_t>(k * n)),
+      bias_(static_cast<size_t>(n), 0.0f) {
   library();  // throws when not loaded
   if (k <= 0 || n <= 0 || main_rows <= 0) throw std::invalid_argument("oneDNN GEMM: sizes must be positive");
+  if (!fused_output && act != Activation::kNone)
+    throw std::invalid_argument("oneDNN GEMM: an activation needs the fused (bf16) output");
+  if (fused_output && !can_fuse(act)) throw std::invalid_argument("oneDNN GEMM: this oneDNN lacks the activation");
   for (size_t i = 0; i < weight_bf16_.size(); ++i) weight_bf16_[i] = float_to_bf16_bits(weight[i]);
   if (bias != nullptr) std::copy(bias, bias + n, bias_.begin());
   main_rows_ = padded_rows(main_rows);
@@ -302,12 +353,20 @@ std::unique_ptr<OnednnGemm::Kernel> OnednnGemm::make_kernel(int64_t rows, const 
   const OneThreadPrimitives one_thread;
   auto kn = std::make_unique<Kernel>();
   kn->src_md = strided_md(rows, k_, kBf16, k_, 1);
-  kn->dst_md = strided_md(rows, n_, kF32, n_, 1);
+  kn->dst_md = strided_md(rows, n_, fused_output_ ? kBf16 : kF32, n_, 1);
   kn->bias_md = strided_md(1, n_, kF32, n_, 1);
   Handle attr_h = nullptr;
   check(a.attr_create(&attr_h), "attribute");
   const Owned attr(attr_h, a.attr_destroy);
   check(a.attr_set_scratchpad_mode(attr.get(), kScratchpadUser), "scratchpad mode");
+  if (act_ != Activation::kNone) {  // applied to the fp32 sums, before the rounding to bf16
+    Handle ops_h = nullptr;
+    check(a.post_ops_create(&ops_h), "post-ops");
+    const Owned ops(ops_h, a.post_ops_destroy);
+    const int alg = act_ == Activation::kRelu ? library().relu_alg : library().gelu_alg;
+    check(a.post_ops_append_eltwise(ops.get(), alg, 0.0f, 0.0f), "activation post-op");
+    check(a.attr_set_post_ops(attr.get(), ops.get()), "post-ops");
+  }
 
   auto query_impl = [&](Handle pd) {
     const char* name = nullptr;
@@ -372,20 +431,42 @@ const OnednnGemm::Kernel& OnednnGemm::kernel(int64_t rows) const {
   return *kernels_.emplace(rows, std::move(kn)).first->second;
 }
 
-void OnednnGemm::run(const uint16_t* a, int64_t m, float* y) const {
+namespace {
+
+// This thread's memory objects for a kernel, made on first use; a cache that has grown past its bound (kernels of
+// destroyed operators leave entries behind) starts again.
+KernelMemories& thread_memories(uint64_t id, const std::function<KernelMemories()>& make) {
+  thread_local std::unordered_map<uint64_t, KernelMemories> cache;
+  auto it = cache.find(id);
+  if (it != cache.end()) return it->second;
+  if (cache.size() >= 256) cache.clear();
+  return cache.emplace(id, make()).first->second;
+}
+
+}  // namespace
+
+void OnednnGemm::run(const uint16_t* a, int64_t m, void* y) const {
   const Kernel& kn = kernel(padded_rows(m));
   const Api& api = library().api;
   const Handle stream = thread_stream();
-  const Owned src = memory(kn.src_md.get(), a);
-  const Owned weights = memory(kn.weights_md, kn.weights);
-  const Owned bias = memory(kn.bias_md.get(), bias_.data());
-  const Owned dst = memory(kn.dst_md.get(), y);
-  Owned scratch;
+  uint8_t* scratch = kn.scratch_bytes > 0 ? thread_scratch(kn.scratch_bytes) : nullptr;
+  KernelMemories& mem = thread_memories(kn.id, [&] {
+    KernelMemories made;
+    made.src = memory(kn.src_md.get(), a);
+    made.weights = memory(kn.weights_md, kn.weights);
+    made.bias = memory(kn.bias_md.get(), bias_.data());
+    made.dst = memory(kn.dst_md.get(), y);
+    if (scratch != nullptr) made.scratch = memory(kn.scratch_md, scratch);
+    return made;
+  });
+  check(api.memory_set_data_handle(mem.src.get(), const_cast<uint16_t*>(a)), "bf16 matmul input");
+  check(api.memory_set_data_handle(mem.dst.get(), y), "bf16 matmul output");
   int nargs = 4;
-  ExecArg args[5] = {{kArgSrc, src.get()}, {kArgWeights, weights.get()}, {kArgBias, bias.get()}, {kArgDst, dst.get()}};
-  if (kn.scratch_bytes > 0) {
-    scratch = memory(kn.scratch_md, thread_scratch(kn.scratch_bytes));
-    args[nargs++] = {kArgScratchpad, scratch.get()};
+  ExecArg args[5] = {{kArgSrc, mem.src.get()}, {kArgWeights, mem.weights.get()}, {kArgBias, mem.bias.get()},
+                     {kArgDst, mem.dst.get()}};
+  if (scratch != nullptr) {
+    check(api.memory_set_data_handle(mem.scratch.get(), scratch), "bf16 matmul scratchpad");  // may have moved
+    args[nargs++] = {kArgScratchpad, mem.scratch.get()};
   }
   check(api.primitive_execute(kn.primitive.get(), stream, nargs, args), "bf16 matmul");
   check(api.stream_wait(stream), "bf16 matmul");

@@ -18,7 +18,7 @@ import pytest
 from bf16_bound import check_within_bound, rand_layers
 
 import bc_fast
-from bc_fast import FusedTransform
+from bc_fast import FusedTransform, Layer
 from bc_fast._util.arrays import bfloat16
 from bc_fast.engine import onednn
 
@@ -56,6 +56,23 @@ def test_mlp_program_normalize(out_dtype, normalize: bool) -> None:
     op = FusedTransform(layers, normalize=normalize, precision="bf16", bf16_backend="onednn")
     for n in (1, 3, 17, 1000, 2049):
         check_within_bound(op, layers, rng.standard_normal((n, 96)).astype(np.float32), out_dtype)
+
+
+@needs_onednn
+@pytest.mark.parametrize("act", ["gelu", "relu", "none"])
+@pytest.mark.parametrize("width", [None, 20])
+def test_hidden_layer_activations_fused_or_not(act: str, width) -> None:
+    """A hidden layer whose activation covers every output runs it inside oneDNN (bf16 out); a partial one does
+    not; both within the bound."""
+    rng = np.random.default_rng(5)
+    layers = [Layer((rng.standard_normal((48, 40)) / 6).astype(np.float32), rng.standard_normal(48).astype(np.float32),
+                    act, activation_width=width),
+              Layer((rng.standard_normal((24, 48)) / 7).astype(np.float32), None, "gelu")]
+    op = FusedTransform(layers, precision="bf16", bf16_backend="onednn")
+    for n in (1, 33, 2000):
+        x = rng.standard_normal((n, 40)).astype(np.float32)
+        check_within_bound(op, layers, x)
+        assert np.array_equal(op.apply(x, threads=1), op.apply(x, threads=2))
 
 
 @needs_onednn
@@ -177,7 +194,7 @@ def test_missing_onednn_says_how_to_install(monkeypatch) -> None:
 def test_a_wrong_library_is_refused_by_name(tmp_path, target: str, message: str) -> None:
     res = run_python("""
         import numpy as np
-        from bc_fast import FusedTransform
+        from bc_fast import FusedTransform, Layer
         try:
             FusedTransform.affine(np.eye(4, dtype=np.float32), precision="bf16", bf16_backend="onednn")
         except RuntimeError as e:
