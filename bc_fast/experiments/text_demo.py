@@ -38,8 +38,8 @@ Protocol (every number in the results JSON follows it)
   rows (never the queries). ``local_vs_global`` compares it, per pair and fraction, with the best
   global kind *on the queries* (a choice that favours the global side): label P@10 of both, the
   difference with a 95 % paired bootstrap CI over queries (:mod:`bc_fast.eval.bootstrap`, 1000
-  draws), neighbour overlaps, fit time and latency. The local kind's latency is its numpy float32
-  path (the compiled routed operator is not built yet); it has no bf16 twin and is not in the chain.
+  draws), neighbour overlaps, fit time and latency. The local kind's latency is its compiled routed
+  operator's (:class:`bc_fast.engine.routed.RoutedTransform`); it has no bf16 twin and is not in the chain.
 * ``neighbour_overlap`` (``test_metrics``): the share of each old-model query's top-k among the old-model
   queries that the adapted query finds among them (:func:`bc_fast.fit.neighbour_overlap`).
 * Chain: versions 0, 1, 2 = ``chain`` models (old, mid, new) in a :class:`bc_fast.store.Registry`
