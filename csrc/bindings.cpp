@@ -49,7 +49,8 @@ void check_batch(const py::array& a, const char* name, int64_t dim) {
 
 FusedOp make_op(const std::vector<FloatArray>& weights, const std::vector<std::optional<FloatArray>>& biases,
                 const std::vector<std::string>& activations, const std::vector<int64_t>& activation_widths,
-                bool normalize, const std::string& precision, const std::string& bf16_backend) {
+                bool normalize, const std::string& precision, const std::string& bf16_backend,
+                int64_t onednn_min_rows) {
   const size_t n = weights.size();
   if (biases.size() != n || activations.size() != n || activation_widths.size() != n)
     throw std::invalid_argument("weights, biases, activations and activation_widths must have the same length");
@@ -71,7 +72,7 @@ FusedOp make_op(const std::vector<FloatArray>& weights, const std::vector<std::o
     s.activation_width = activation_widths[i];
   }
   return FusedOp(std::move(specs), normalize, bc_fast::parse_precision(precision),
-                 bc_fast::parse_bf16_backend(bf16_backend));
+                 bc_fast::parse_bf16_backend(bf16_backend), onednn_min_rows);
 }
 
 std::vector<float> values(const FloatArray& a, std::initializer_list<int64_t> shape, const char* name) {
@@ -142,12 +143,13 @@ PYBIND11_MODULE(_core, m) {
   py::class_<FusedOp>(m, "FusedOp")
       .def(py::init(&make_op), py::arg("weights"), py::arg("biases"), py::arg("activations"),
            py::arg("activation_widths"), py::arg("normalize") = false, py::arg("precision") = "fp32",
-           py::arg("bf16_backend") = "native",
+           py::arg("bf16_backend") = "native", py::arg("onednn_min_rows") = FusedOp::kSmallBatchRows + 1,
            "Build a layer program from float32 (d_out, d_in) weights, optional biases, activations "
            "('none', 'relu', 'gelu'), the number of leading outputs each activation applies to, whether "
            "to L2-normalise the output rows, and the GEMM precision ('fp32', or 'bf16': bf16 operands with "
            "fp32 accumulation; RuntimeError naming the missing CPU feature where it cannot run). bf16_backend "
-           "'onednn' runs the bf16 GEMMs with oneDNN (onednn_load first).")
+           "'onednn' runs the bf16 GEMMs with oneDNN (onednn_load first) for batches of at least onednn_min_rows rows "
+           "(smaller ones on the native bf16 kernels where the CPU has them; tests lower it to reach oneDNN).")
       .def_property_readonly("bf16_backend", [](const FusedOp& op) {
         return op.bf16_backend() == bc_fast::Bf16Backend::kOnednn ? "onednn" : "native";
       })

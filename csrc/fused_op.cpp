@@ -160,13 +160,16 @@ struct FusedOp::Workspace {
   }
 };
 
-FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize, Precision precision, Bf16Backend backend)
-    : normalize_(normalize), tile_parts_(std::max(2, std::min(available_cpus(), kMaxThreads))) {
+FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize, Precision precision, Bf16Backend backend,
+                 int64_t onednn_min_rows)
+    : normalize_(normalize), onednn_min_rows_(onednn_min_rows),
+      tile_parts_(std::max(2, std::min(available_cpus(), kMaxThreads))) {
   if (layers.empty()) throw std::invalid_argument("a fused op needs at least one layer");
   if (backend == Bf16Backend::kOnednn && precision != Precision::kBFloat16)
     throw std::invalid_argument("the oneDNN backend runs precision 'bf16' only");
   onednn_ = backend == Bf16Backend::kOnednn;
-  if (precision == Precision::kBFloat16 && !onednn_) bf16_ = &bf16_kernels();  // throws where the CPU lacks it
+  // The native kernels: the whole bf16 backend (they throw where the CPU lacks them), or oneDNN's small batches.
+  if (precision == Precision::kBFloat16 && (!onednn_ || bf16_unavailable_reason().empty())) bf16_ = &bf16_kernels();
   for (size_t i = 0; i < layers.size(); ++i) {
     LayerSpec& s = layers[i];
     if (s.d_in <= 0 || s.d_out <= 0) throw std::invalid_argument("layer dimensions must be positive");
@@ -185,10 +188,10 @@ FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize, Precision precis
       if (!std::isfinite(b)) throw std::invalid_argument("layer " + std::to_string(i) + " bias has NaN or Inf");
 
     Layer l;
-    if (onednn_) {
-      l.n_pad = s.d_out;  // made below, once the block size is known
-    } else if (bf16_ != nullptr) {
-      pack_bf16(s, l);
+    if (bf16_ != nullptr) {
+      pack_bf16(s, l);  // oneDNN's GEMM, if any, is made below, once the block size is known
+    } else if (onednn_) {
+      l.n_pad = s.d_out;
     } else {
       l.n_pad = (s.d_out + kPanel - 1) / kPanel * kPanel;
       l.packed.assign(static_cast<size_t>(l.n_pad * s.d_in), 0.0f);
@@ -278,8 +281,8 @@ bool FusedOp::split_pays(int64_t m, const Layer& l) const {
 }
 
 void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType out_type, bool use_blas,
-                        Workspace& ws, SplitLease* split) const {
-  if (onednn_) {
+                        bool via_onednn, Workspace& ws, SplitLease* split) const {
+  if (via_onednn) {
     run_block_onednn(x, x_type, m, out, out_type, ws);
     return;
   }
@@ -441,6 +444,8 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
   const size_t o_item = dtype_size(out_type);
   const char* xb = static_cast<const char*>(x);
   char* ob = static_cast<char*>(out);
+  // The whole batch, never a tile, decides: a row's bits then depend only on the batch size class.
+  const bool via_onednn = onednn_ && (n >= onednn_min_rows_ || bf16_ == nullptr);
   const int64_t t = apply_threads(threads);
   bool use_blas = false;
   int64_t tile = n;
@@ -461,13 +466,13 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
       if (claim.granted() >= 2) {
         SplitLease lease;
         if (lease.ok()) {
-          run_block(x, x_type, n, out, out_type, /*use_blas=*/false, Workspace::local(), &lease);
+          run_block(x, x_type, n, out, out_type, /*use_blas=*/false, via_onednn, Workspace::local(), &lease);
           return;
         }
       }
     }
     if (parts <= 1) {
-      run_block(x, x_type, n, out, out_type, /*use_blas=*/false, Workspace::local());
+      run_block(x, x_type, n, out, out_type, /*use_blas=*/false, via_onednn, Workspace::local());
       return;
     }
     tile = (n + parts - 1) / parts;
@@ -484,7 +489,7 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
   auto run_tile = [&](int64_t i) {
     const int64_t r0 = i * tile;
     const int64_t m = std::min(tile, n - r0);
-    run_block(xb + r0 * d_in() * x_item, x_type, m, ob + r0 * d_out() * o_item, out_type, use_blas,
+    run_block(xb + r0 * d_in() * x_item, x_type, m, ob + r0 * d_out() * o_item, out_type, use_blas, via_onednn,
               Workspace::local());
   };
   run_tiles(tiles, t, run_tile);

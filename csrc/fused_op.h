@@ -53,10 +53,12 @@ class FusedOp {
 
   // Precision::kBFloat16 throws std::runtime_error naming the missing CPU feature where the bf16
   // kernels cannot run (see bf16_unavailable_reason()); its weights are rounded and packed here, once.
-  // With Bf16Backend::kOnednn (bf16 only) oneDNN runs every GEMM, whatever the batch size; it throws
+  // With Bf16Backend::kOnednn (bf16 only) oneDNN runs the GEMMs of batches of at least `onednn_min_rows` rows
+  // (default: above kSmallBatchRows; oneDNN's fixed cost per call is ~10 us, the native kernels' batch 1 ~2 us);
+  // smaller batches run on the native bf16 kernels where the CPU has them, else on oneDNN too. It throws
   // std::runtime_error when oneDNN is not loaded or offers no kernel better than its reference one.
   FusedOp(std::vector<LayerSpec> layers, bool normalize, Precision precision = Precision::kFloat32,
-          Bf16Backend backend = Bf16Backend::kNative);
+          Bf16Backend backend = Bf16Backend::kNative, int64_t onednn_min_rows = kSmallBatchRows + 1);
 
   int64_t d_in() const { return layers_.front().spec.d_in; }
   int64_t d_out() const { return layers_.back().spec.d_out; }
@@ -86,7 +88,7 @@ class FusedOp {
   };
   struct Workspace;
 
-  void run_block(const void* x, DType x_type, int64_t m, void* out, DType out_type, bool use_blas,
+  void run_block(const void* x, DType x_type, int64_t m, void* out, DType out_type, bool use_blas, bool via_onednn,
                  Workspace& ws, SplitLease* split = nullptr) const;
   void run_block_onednn(const void* x, DType x_type, int64_t m, void* out, DType out_type, Workspace& ws) const;
   // After a layer's GEMM wrote dst (m rows, stride ld): bias (if not null) and activation; on the last layer
@@ -102,6 +104,7 @@ class FusedOp {
   bool normalize_;
   const Bf16Kernels* bf16_ = nullptr;  // set for Precision::kBFloat16 with the native backend
   bool onednn_ = false;                // Precision::kBFloat16 with the oneDNN backend
+  int64_t onednn_min_rows_ = 0;        // smaller batches take the native bf16 kernels (bf16_) where set
   int64_t max_width_ = 0;     // widest padded row any layer writes
   int64_t macs_per_row_ = 0;  // multiply-adds the packed kernel spends on one row
   int64_t max_layer_macs_ = 0;  // the most multiply-adds one fp32 layer spends on one row

@@ -34,6 +34,16 @@ def run_python(code: str, tmp_path, **env: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=180)
 
 
+def onednn_for_every_batch(layers: list[Layer], normalize: bool = False) -> FusedTransform:
+    """A oneDNN operator whose small batches also run on oneDNN (by default they take the native kernels)."""
+    op = FusedTransform(layers, normalize=normalize, precision="bf16", bf16_backend="onednn")
+    op._op = bc_fast._core.FusedOp([l.weight for l in layers], [l.bias for l in layers],
+                                   [l.activation for l in layers],
+                                   [l.d_out if l.activation_width is None else l.activation_width for l in layers],
+                                   normalize, "bf16", "onednn", 1)
+    return op
+
+
 @needs_onednn
 @pytest.mark.parametrize("n,d_in,d_out", [(1, 256, 256), (3, 77, 45), (17, 33, 100), (1000, 768, 768),
                                           (64, 31, 1), (65, 256, 96), (1000, 1, 7), (5003, 128, 130)])
@@ -45,6 +55,35 @@ def test_single_layer_within_bound(n: int, d_in: int, d_out: int, act: str) -> N
     assert op.bf16_backend == "onednn" and op.precision == "bf16"
     assert "bf16_backend='onednn'" in repr(op) and op._op.bf16_impl
     check_within_bound(op, layers, rng.standard_normal((n, d_in)).astype(np.float32))
+
+
+@needs_onednn
+@pytest.mark.parametrize("n,d_in,d_out", [(1, 256, 256), (3, 77, 45), (17, 33, 100), (64, 31, 1)])
+def test_small_batches_on_onednn_within_bound(n: int, d_in: int, d_out: int) -> None:
+    rng = np.random.default_rng(n + d_out)
+    layers = rand_layers(rng, [d_in, d_out, 40], ["gelu", "none"])
+    op = onednn_for_every_batch(layers, normalize=True)
+    x = rng.standard_normal((n, d_in)).astype(np.float32)
+    check_within_bound(op, layers, x)
+    assert np.array_equal(op.apply(x, threads=1), op.apply(x, threads=2))
+
+
+@needs_onednn
+def test_small_batches_take_the_native_kernels_where_they_run() -> None:
+    """oneDNN costs ~10 us a call (batch 1: 10.8 against 1.9 us here), so batches of at most small_batch_rows rows
+    run on the native bf16 kernels: the same bits as the native backend; larger ones run on oneDNN."""
+    if bc_fast.build_info()["bf16_unavailable"]:
+        pytest.skip(f"the native bf16 kernels cannot run here: {bc_fast.build_info()['bf16_unavailable']}")
+    rng = np.random.default_rng(9)
+    layers = rand_layers(rng, [128, 96], ["relu"])
+    dnn = FusedTransform(layers, precision="bf16", bf16_backend="onednn")
+    native = FusedTransform(layers, precision="bf16", bf16_backend="native")
+    small = bc_fast.build_info()["small_batch_rows"]
+    for n in (1, 7, small):
+        x = rng.standard_normal((n, 128)).astype(np.float32)
+        assert np.array_equal(dnn.apply(x), native.apply(x))
+    x = rng.standard_normal((small + 1, 128)).astype(np.float32)
+    assert np.array_equal(dnn.apply(x), onednn_for_every_batch(layers).apply(x))
 
 
 @needs_onednn
@@ -68,7 +107,7 @@ def test_hidden_layer_activations_fused_or_not(act: str, width) -> None:
     layers = [Layer((rng.standard_normal((48, 40)) / 6).astype(np.float32), rng.standard_normal(48).astype(np.float32),
                     act, activation_width=width),
               Layer((rng.standard_normal((24, 48)) / 7).astype(np.float32), None, "gelu")]
-    op = FusedTransform(layers, precision="bf16", bf16_backend="onednn")
+    op = onednn_for_every_batch(layers)
     for n in (1, 33, 2000):
         x = rng.standard_normal((n, 40)).astype(np.float32)
         check_within_bound(op, layers, x)
