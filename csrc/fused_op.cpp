@@ -363,6 +363,15 @@ void FusedOp::run_block_onednn(const void* x, DType x_type, int64_t m, void* out
                                Workspace& ws) const {
   const KernelSet& kern = active_kernels();
   const int64_t rows = OnednnGemm::padded_rows(m);  // the GEMM computes whole row steps; the extra rows are zeros
+  // fp32 rows (stride k) to bf16 (stride k), rounded to nearest even: by vcvtne2ps2bf16 where the native bf16
+  // kernels run (every CPU with AMX has it) and k is even, else by the SIMD level's emulation.
+  const auto round_rows = [&](const float* src, int64_t n, int64_t k, uint16_t* dst) {
+    if (bf16_ != nullptr && k % 2 == 0) {
+      bf16_->convert_rows(src, k, n, k, reinterpret_cast<uint32_t*>(dst), k / 2);
+    } else {
+      for (int64_t r = 0; r < n; ++r) kern.store_bf16(src + r * k, dst + r * k, k, 1.0f);
+    }
+  };
   float* bufs[2] = {Workspace::ensure(ws.ping, static_cast<size_t>(rows * max_width_)),
                     Workspace::ensure(ws.pong, static_cast<size_t>(rows * max_width_))};
   uint16_t* halves[2] = {Workspace::ensure(ws.bf16, static_cast<size_t>(rows * max_width_)),
@@ -379,10 +388,10 @@ void FusedOp::run_block_onednn(const void* x, DType x_type, int64_t m, void* out
       float* row = Workspace::ensure(ws.input, static_cast<size_t>(d0));
       for (int64_t r = 0; r < m; ++r) {
         kern.half_to_float(static_cast<const uint16_t*>(x) + r * d0, row, d0);
-        kern.store_bf16(row, buf + r * d0, d0, 1.0f);
+        round_rows(row, 1, d0, buf + r * d0);
       }
     } else {
-      for (int64_t r = 0; r < m; ++r) kern.store_bf16(static_cast<const float*>(x) + r * d0, buf + r * d0, d0, 1.0f);
+      round_rows(static_cast<const float*>(x), m, d0, buf);
     }
     std::fill(buf + m * d0, buf + rows * d0, uint16_t{0});
     a = buf;
@@ -405,7 +414,7 @@ void FusedOp::run_block_onednn(const void* x, DType x_type, int64_t m, void* out
     finish_layer(kern, l, last, nullptr, dst, d, m, out, out_type, direct);
     if (last) break;
     uint16_t* y = halves[next];
-    for (int64_t r = 0; r < m; ++r) kern.store_bf16(dst + r * d, y + r * d, d, 1.0f);
+    round_rows(dst, m, d, y);
     std::fill(y + m * d, y + rows * d, uint16_t{0});
     a = y;
     next ^= 1;

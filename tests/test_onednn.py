@@ -268,3 +268,15 @@ def test_amx_tiles_run_the_bf16_gemm() -> None:
     op = FusedTransform(layers, precision="bf16")  # "auto"
     assert op.bf16_backend == "onednn" and "amx" in op._op.bf16_impl, op._op.bf16_impl
     check_within_bound(op, layers, rng.standard_normal((2000, 256)).astype(np.float32))
+
+
+@needs_onednn
+@pytest.mark.parametrize("d", [4, 5])  # even: vcvtne2ps2bf16 where it runs; odd: the SIMD level's rounding
+def test_inputs_round_to_nearest_even(d: int) -> None:
+    """x rows are rounded to bf16 (ties to even) before oneDNN multiplies them: an identity map shows the rounding."""
+    x = np.zeros((3, d), np.float32)
+    x[0, 0] = 1 + 2.0**-8              # a tie between 1 and 1 + 2^-7: to even, 1.0
+    x[1, 0] = 1 + 3 * 2.0**-8          # a tie between 1 + 2^-7 and 1 + 2^-6: to even, 1 + 2^-6
+    x[2, 0] = 1 + 2.0**-8 + 2.0**-20   # above the tie: 1 + 2^-7
+    op = onednn_for_every_batch([Layer(np.eye(d, dtype=np.float32))])
+    assert op.apply(x)[:, 0].tolist() == [1.0, 1 + 2.0**-6, 1 + 2.0**-7]
