@@ -153,11 +153,6 @@ struct FusedOp::Workspace {
     thread_local Workspace ws;
     return ws;
   }
-  template <class T>
-  static T* ensure(std::vector<T>& v, size_t n) {
-    if (v.size() < n) v.resize(n);
-    return v.data();
-  }
 };
 
 FusedOp::FusedOp(std::vector<LayerSpec> layers, bool normalize, Precision precision, Bf16Backend backend,
@@ -291,14 +286,14 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
   const float* cur;
   int64_t ld_cur = d0;
   if (x_type != DType::kFloat32) {
-    float* in = Workspace::ensure(ws.input, static_cast<size_t>(m * d0));
+    float* in = grow_to(ws.input, static_cast<size_t>(m * d0));
     (x_type == DType::kFloat16 ? kern.half_to_float : kern.bf16_to_float)(static_cast<const uint16_t*>(x), in, m * d0);
     cur = in;
   } else {
     cur = static_cast<const float*>(x);
   }
-  float* bufs[2] = {Workspace::ensure(ws.ping, static_cast<size_t>(m * max_width_)),
-                    Workspace::ensure(ws.pong, static_cast<size_t>(m * max_width_))};
+  float* bufs[2] = {grow_to(ws.ping, static_cast<size_t>(m * max_width_)),
+                    grow_to(ws.pong, static_cast<size_t>(m * max_width_))};
   for (size_t li = 0; li < layers_.size(); ++li) {
     const Layer& l = layers_[li];
     const bool last = li + 1 == layers_.size();
@@ -308,7 +303,7 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
     float* dst = direct ? static_cast<float*>(out) : bufs[li % 2];
     const int64_t ld = direct ? l.spec.d_out : l.n_pad;
     if (bf16_ != nullptr) {
-      uint32_t* a = Workspace::ensure(ws.pairs, static_cast<size_t>(m * l.k_pairs));
+      uint32_t* a = grow_to(ws.pairs, static_cast<size_t>(m * l.k_pairs));
       bf16_->gemm(cur, ld_cur, m, l.spec.d_in, a, l.k_pairs, l.packed_bf16.data(), l.n_pad, l.bias_bf16.data(), dst,
                   ld);
     } else
@@ -372,20 +367,20 @@ void FusedOp::run_block_onednn(const void* x, DType x_type, int64_t m, void* out
       for (int64_t r = 0; r < n; ++r) kern.store_bf16(src + r * k, dst + r * k, k, 1.0f);
     }
   };
-  float* bufs[2] = {Workspace::ensure(ws.ping, static_cast<size_t>(rows * max_width_)),
-                    Workspace::ensure(ws.pong, static_cast<size_t>(rows * max_width_))};
-  uint16_t* halves[2] = {Workspace::ensure(ws.bf16, static_cast<size_t>(rows * max_width_)),
-                         Workspace::ensure(ws.bf16_next, static_cast<size_t>(rows * max_width_))};
+  float* bufs[2] = {grow_to(ws.ping, static_cast<size_t>(rows * max_width_)),
+                    grow_to(ws.pong, static_cast<size_t>(rows * max_width_))};
+  uint16_t* halves[2] = {grow_to(ws.bf16, static_cast<size_t>(rows * max_width_)),
+                         grow_to(ws.bf16_next, static_cast<size_t>(rows * max_width_))};
   // The first layer's input as bf16 rows: as they are when they fill whole row steps, else rounded or copied.
   const int64_t d0 = d_in();
   const uint16_t* a = static_cast<const uint16_t*>(x);
   if (x_type != DType::kBFloat16 || rows != m) {
-    uint16_t* buf = Workspace::ensure(ws.bf16, static_cast<size_t>(rows * std::max(d0, max_width_)));
+    uint16_t* buf = grow_to(ws.bf16, static_cast<size_t>(rows * std::max(d0, max_width_)));
     halves[0] = buf;
     if (x_type == DType::kBFloat16) {
       std::memcpy(buf, x, static_cast<size_t>(m * d0) * sizeof(uint16_t));
     } else if (x_type == DType::kFloat16) {
-      float* row = Workspace::ensure(ws.input, static_cast<size_t>(d0));
+      float* row = grow_to(ws.input, static_cast<size_t>(d0));
       for (int64_t r = 0; r < m; ++r) {
         kern.half_to_float(static_cast<const uint16_t*>(x) + r * d0, row, d0);
         round_rows(row, 1, d0, buf + r * d0);

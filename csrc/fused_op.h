@@ -142,6 +142,12 @@ class ThreadClaim {
  private:
   int granted_ = 1;
 };
+// v's storage grown (never shrunk) to at least n elements: per-thread scratch reused from call to call.
+template <class T>
+T* grow_to(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
 // Bytes per element of a row dtype.
 inline size_t dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 // The checks every apply makes: n >= 0, non-null data, output not overlapping the input

@@ -125,11 +125,6 @@ struct RoutedOp::Workspace {
     thread_local Workspace ws;
     return ws;
   }
-  template <class T>
-  static T* ensure(std::vector<T>& v, size_t n) {
-    if (v.size() < n) v.resize(n);
-    return v.data();
-  }
 };
 
 RoutedOp::RoutedOp(RoutedSpec spec, bool normalize) : spec_(std::move(spec)), normalize_(normalize) {
@@ -179,7 +174,7 @@ RoutedOp::RoutedOp(RoutedSpec spec, bool normalize) : spec_(std::move(spec)), no
 
 const float* RoutedOp::tile_input(const void* x, DType x_type, int64_t rows, Workspace& ws) const {
   if (x_type == DType::kFloat32) return static_cast<const float*>(x);
-  float* in = Workspace::ensure(ws.input, static_cast<size_t>(rows * spec_.d_in));
+  float* in = grow_to(ws.input, static_cast<size_t>(rows * spec_.d_in));
   const KernelSet& kern = active_kernels();
   (x_type == DType::kFloat16 ? kern.half_to_float : kern.bf16_to_float)(static_cast<const uint16_t*>(x), in,
                                                                        rows * spec_.d_in);
@@ -193,12 +188,12 @@ void RoutedOp::route_tile(const float* x, int64_t rows, Workspace& ws) const {
   // The scores (before the bias), rows x k. Every way below computes each as the same partial chains of
   // products over d_in, summed in the same order, so the choice (by tile size) never changes a bit.
   const int64_t k = s.k, groups = score_groups_, dq = s.d_in / groups;
-  float* scores = Workspace::ensure(ws.scores, static_cast<size_t>(rows * k));
+  float* scores = grow_to(ws.scores, static_cast<size_t>(rows * k));
   if (transposed_scores_ && rows >= kMinTransposedRows) {
     // 64 rows at a time as one panel; each group of inputs (rows [q dq, (q + 1) dq) of the panel) times
     // the same columns of S gives k x 64 partial scores.
-    float* panel = Workspace::ensure(ws.rows_panel, static_cast<size_t>(kPanel * s.d_in));
-    float* part = Workspace::ensure(ws.partial, static_cast<size_t>(groups * k * kPanel));
+    float* panel = grow_to(ws.rows_panel, static_cast<size_t>(kPanel * s.d_in));
+    float* part = grow_to(ws.partial, static_cast<size_t>(groups * k * kPanel));
     for (int64_t r0 = 0; r0 < rows; r0 += kPanel) {
       pack_rows_as_panel(x, rows, s.d_in, r0, panel);
       for (int64_t q = 0; q < groups; ++q)
@@ -214,7 +209,7 @@ void RoutedOp::route_tile(const float* x, int64_t rows, Workspace& ws) const {
   } else if (groups > 1) {
     // Row r as `groups` rows of dq inputs (x is contiguous): row r q of the product holds group q's
     // partial scores in columns [q k, q k + k), from a dq x 64 panel instead of d_in x 64.
-    float* part = Workspace::ensure(ws.partial, static_cast<size_t>(rows * groups * kPanel));
+    float* part = grow_to(ws.partial, static_cast<size_t>(rows * groups * kPanel));
     kern.gemm_packed(x, dq, rows * groups, dq, score_group_packed_.data(), kPanel, part, kPanel);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < k; ++c) {
@@ -223,12 +218,12 @@ void RoutedOp::route_tile(const float* x, int64_t rows, Workspace& ws) const {
         scores[r * k + c] = v;
       }
   } else {
-    float* part = Workspace::ensure(ws.partial, static_cast<size_t>(rows * score_pad_));
+    float* part = grow_to(ws.partial, static_cast<size_t>(rows * score_pad_));
     kern.gemm_packed(x, s.d_in, rows, s.d_in, score_packed_.data(), score_pad_, part, score_pad_);
     for (int64_t r = 0; r < rows; ++r) std::copy_n(part + r * score_pad_, k, scores + r * k);
   }
-  int64_t* cl = Workspace::ensure(ws.slot_cluster, static_cast<size_t>(rows * m));
-  float* wt = Workspace::ensure(ws.slot_weight, static_cast<size_t>(rows * m));
+  int64_t* cl = grow_to(ws.slot_cluster, static_cast<size_t>(rows * m));
+  float* wt = grow_to(ws.slot_weight, static_cast<size_t>(rows * m));
   const double inv_t = 1.0 / static_cast<double>(s.temperature);
   for (int64_t r = 0; r < rows; ++r) {
     const float* sc = scores + r * k;
@@ -269,26 +264,26 @@ void RoutedOp::run_tile(const void* x, DType x_type, int64_t rows, void* out, DT
   const float* wt = ws.slot_weight.data();
 
   // The (row, slot) pairs grouped by cluster, rows ascending within a cluster (a stable counting sort).
-  int64_t* count = Workspace::ensure(ws.count, static_cast<size_t>(s.k + 1));
+  int64_t* count = grow_to(ws.count, static_cast<size_t>(s.k + 1));
   std::fill(count, count + s.k + 1, 0);
   for (int64_t p = 0; p < pairs; ++p) ++count[cl[p] + 1];
   for (int64_t c = 0; c < s.k; ++c) count[c + 1] += count[c];
-  int64_t* order = Workspace::ensure(ws.order, static_cast<size_t>(pairs));
+  int64_t* order = grow_to(ws.order, static_cast<size_t>(pairs));
   for (int64_t p = 0; p < pairs; ++p) order[count[cl[p]]++] = p;  // count[c] ends at the start of c + 1
 
   // The blend: a row's first contribution (in cluster order) is stored, the others added. (Blending into
   // float32 output rows directly, skipping the store pass, measured 2-3% slower on large batches.)
-  float* acc = Workspace::ensure(ws.acc, static_cast<size_t>(rows * s.d_out));
-  uint8_t* started = Workspace::ensure(ws.started, static_cast<size_t>(rows));
+  float* acc = grow_to(ws.acc, static_cast<size_t>(rows * s.d_out));
+  uint8_t* started = grow_to(ws.started, static_cast<size_t>(rows));
   std::fill(started, started + rows, uint8_t{0});
   // With the small pool (a few rows), all pairs are gathered first and every cluster's GEMM runs in one
   // split job; otherwise cluster by cluster, each GEMM's input and output still in cache for the blend.
   float *gx = nullptr, *gy = nullptr;
   if (split != nullptr) {
-    gx = Workspace::ensure(ws.gathered, static_cast<size_t>(pairs * s.d_in));
-    gy = Workspace::ensure(ws.mapped, static_cast<size_t>(pairs * out_pad_));
+    gx = grow_to(ws.gathered, static_cast<size_t>(pairs * s.d_in));
+    gy = grow_to(ws.mapped, static_cast<size_t>(pairs * out_pad_));
     for (int64_t i = 0; i < pairs; ++i) std::copy_n(xin + (order[i] / m) * s.d_in, s.d_in, gx + i * s.d_in);
-    int64_t* groups = Workspace::ensure(ws.groups, static_cast<size_t>(3 * s.k));
+    int64_t* groups = grow_to(ws.groups, static_cast<size_t>(3 * s.k));
     int64_t n_groups = 0;
     for (int64_t c = 0, begin = 0; c < s.k; begin = count[c++]) {
       if (count[c] == begin) continue;
@@ -310,9 +305,9 @@ void RoutedOp::run_tile(const void* x, DType x_type, int64_t rows, void* out, DT
     if (split != nullptr) {
       mapped = gy + begin * out_pad_;
     } else {
-      float* cx = Workspace::ensure(ws.gathered, static_cast<size_t>(g * s.d_in));
+      float* cx = grow_to(ws.gathered, static_cast<size_t>(g * s.d_in));
       for (int64_t i = 0; i < g; ++i) std::copy_n(xin + (order[begin + i] / m) * s.d_in, s.d_in, cx + i * s.d_in);
-      mapped = Workspace::ensure(ws.mapped, static_cast<size_t>(g * out_pad_));
+      mapped = grow_to(ws.mapped, static_cast<size_t>(g * out_pad_));
       kern.gemm_packed(cx, s.d_in, g, s.d_in, packed_.data() + c * out_pad_ * s.d_in, out_pad_, mapped, out_pad_);
     }
     const float* b = s.bias.data() + c * s.d_out;
