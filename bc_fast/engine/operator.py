@@ -102,6 +102,16 @@ def host_batch(x: Any, out: Any, out_dtype: Any, d_in: int, d_out: int) -> tuple
     return xa, oa, out
 
 
+def apply_on_host(core: Any, x: Any, out: Any, out_dtype: Any, threads: int | None, d_in: int, d_out: int) -> Any:
+    """The fully checked host path of ``apply`` for a core operator (FusedOp or RoutedOp): the batch and its
+    output checked by :func:`host_batch`, ``threads`` by ``check_threads``, then the core (GIL released)."""
+    xa, oa, result = host_batch(x, out, out_dtype, d_in, d_out)
+    n_threads = 0 if threads is None else check_threads(threads)
+    if xa.shape[0]:
+        core.apply(xa, oa, False, n_threads)
+    return result
+
+
 class FusedTransform:
     """A fused layer program applied to batches by the compiled core.
 
@@ -292,10 +302,6 @@ class FusedTransform:
 
             if cuda.is_cuda_array(x) or cuda.is_cuda_array(out):
                 return cuda.apply_fused(self, x, out=out, out_dtype=out_dtype, threads=threads)
-        xa, oa, result = host_batch(x, out, out_dtype, self.d_in, self.d_out)
-        n_threads = 0 if threads is None else check_threads(threads)
-        if xa.shape[0]:
-            self._op.apply(xa, oa, False, n_threads)
-        return result
+        return apply_on_host(self._op, x, out, out_dtype, threads, self.d_in, self.d_out)
 
     __call__ = apply

@@ -23,8 +23,8 @@ import numpy as np
 
 from .. import _core
 from .._util.arrays import as_numpy
-from ._checks import INT_MAX, check_threads
-from .operator import _check_batch, host_batch
+from ._checks import INT_MAX
+from .operator import _check_batch, apply_on_host
 
 __all__ = ["RoutedParams", "RoutedTransform", "centroid_scores64", "check_params", "route64", "routed_map64"]
 
@@ -277,10 +277,6 @@ class RoutedTransform:
                 return self._op.apply(x, out, False, threads or 0)
             except (ValueError, TypeError):
                 pass
-        xa, oa, result = host_batch(x, out, out_dtype, self.d_in, self.d_out)
-        n_threads = 0 if threads is None else check_threads(threads)
-        if xa.shape[0]:
-            self._op.apply(xa, oa, False, n_threads)
-        return result
+        return apply_on_host(self._op, x, out, out_dtype, threads, self.d_in, self.d_out)
 
     __call__ = apply
