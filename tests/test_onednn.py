@@ -280,3 +280,31 @@ def test_inputs_round_to_nearest_even(d: int) -> None:
     x[2, 0] = 1 + 2.0**-8 + 2.0**-20   # above the tie: 1 + 2^-7
     op = onednn_for_every_batch([Layer(np.eye(d, dtype=np.float32))])
     assert op.apply(x)[:, 0].tolist() == [1.0, 1 + 2.0**-6, 1 + 2.0**-7]
+
+
+@pytest.mark.parametrize("asked,falls_back", [(None, True), ("auto", True), ("onednn", False)])
+def test_auto_falls_back_to_native_when_onednn_refuses_the_shape(monkeypatch, asked, falls_back) -> None:
+    """Asked for "auto" (by argument or by $BC_FAST_BF16_BACKEND), a oneDNN refusal gives the native kernels;
+    asked for "onednn", it is an error."""
+    if bc_fast.build_info()["bf16_unavailable"]:
+        pytest.skip(f"the native bf16 kernels cannot run here: {bc_fast.build_info()['bf16_unavailable']}")
+    from bc_fast.engine import operator
+
+    real = bc_fast._core.FusedOp
+
+    def refusing(*args):
+        if args[-1] == "onednn":
+            raise RuntimeError("oneDNN has only its reference kernel (ref:any) for a bf16 matmul on this CPU")
+        return real(*args)
+
+    monkeypatch.setattr(operator, "resolve_bf16_backend", lambda requested: "onednn")
+    monkeypatch.setattr(operator._core, "FusedOp", refusing)
+    monkeypatch.delenv("BC_FAST_BF16_BACKEND", raising=False)
+    if asked is not None:
+        monkeypatch.setenv("BC_FAST_BF16_BACKEND", asked)
+    w = np.eye(4, dtype=np.float32)
+    if falls_back:
+        assert FusedTransform.affine(w, precision="bf16").bf16_backend == "native"
+    else:
+        with pytest.raises(RuntimeError, match="reference kernel"):
+            FusedTransform.affine(w, precision="bf16")

@@ -54,6 +54,11 @@ def has_amx_bf16() -> bool:
     return "amx_bf16" in _core.build_info()["cpu"].split()
 
 
+def requested_bf16_backend(requested: str | None = None) -> str:
+    """What was asked for: ``requested``, else ``$BC_FAST_BF16_BACKEND``, else ``"auto"`` (not validated)."""
+    return requested if requested is not None else os.environ.get(BACKEND_ENV) or "auto"
+
+
 def resolve_bf16_backend(requested: str | None = None) -> str:
     """The bf16 GEMM backend to use: ``"native"`` or ``"onednn"``.
 
@@ -63,9 +68,8 @@ def resolve_bf16_backend(requested: str | None = None) -> str:
     ``BC_FAST_SIMD`` below avx512 still refuses bf16) and oneDNN loads; else native (without AMX the two
     measured within a few percent of each other on AMD Zen 4, so the lighter path stays).
     """
-    source = "bf16_backend"
-    if requested is None:
-        requested, source = os.environ.get(BACKEND_ENV) or "auto", BACKEND_ENV
+    source = "bf16_backend" if requested is not None else BACKEND_ENV
+    requested = requested_bf16_backend(requested)
     if requested not in BF16_BACKENDS:
         raise ValueError(f"{source} must be one of {BF16_BACKENDS}, got {requested!r}")
     if requested == "native":

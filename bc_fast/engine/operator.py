@@ -9,7 +9,6 @@ a chain of linear backward transforms collapsed into one matrix and bias.
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any, Iterable, Sequence
 
@@ -19,7 +18,7 @@ from .. import _core
 from .._util.arrays import as_numpy, bfloat16, is_bfloat16, is_torch, to_torch
 from ._checks import INT_MAX, check_threads
 from .layer import Layer, validate_layer
-from .onednn import BACKEND_ENV, BF16_BACKENDS, resolve_bf16_backend
+from .onednn import BF16_BACKENDS, requested_bf16_backend, resolve_bf16_backend
 from .runtime import bf16_speed
 
 PRECISIONS = ("fp32", "bf16")
@@ -195,7 +194,7 @@ class FusedTransform:
             try:
                 self._op = _core.FusedOp(*args, backend)
             except RuntimeError:
-                if backend != "onednn" or bf16_backend not in (None, "auto") or os.environ.get(BACKEND_ENV):
+                if backend != "onednn" or requested_bf16_backend(bf16_backend) != "auto":
                     raise
                 self._op = _core.FusedOp(*args, "native")  # "auto": oneDNN refused this shape, the core's own kernels run it
         except MemoryError as e:
