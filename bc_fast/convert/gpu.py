@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .._util.arrays import is_bfloat16
 from ..engine import FusedTransform
 from ..engine.device import CudaDevice, cuda_fused_op
 # The device half moved to bc_fast.engine.device; importable from here as under the old bc_fast.convert_gpu path.
@@ -62,7 +63,7 @@ def gpu_verify_tol(cpu_tol: float, n_layers: int, in_dtype: Any) -> float:
     dt = np.dtype(in_dtype)
     if dt == np.float16:
         return float(cpu_tol + 4.0 * max(int(n_layers), 1) * _U16)
-    if dt.itemsize == 2 and dt.name == "bfloat16":
+    if is_bfloat16(dt):
         return float(cpu_tol + 4.0 * max(int(n_layers), 1) * 2.0**-8)
     return float(cpu_tol)
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..engine import FusedTransform
 from ..engine.routed import RoutedTransform
+from .._util.arrays import is_bfloat16
 from .._util.fileio import read_json_object
 from ..store.tables import Chunk, TableReader, TableWriter, make_writer, table_dtype, writer_class
 from .journal import _load_journal
@@ -182,7 +183,7 @@ def default_verify_tol(n_layers: int, max_dim: int, out_dtype: Any) -> float:
     dt = table_dtype(out_dtype)
     if dt == np.float16:
         tol += 2.0 * _U16
-    elif dt.itemsize == 2:  # bfloat16
+    elif is_bfloat16(dt):
         tol += 2.0 * _UBF16
     return float(tol)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .._util.arrays import bfloat16
 from .._util.direct_io import aligned_empty, open_direct, pwrite_direct
 from .._util.fileio import fsync_dir
 from .table_base import DTYPES, NPY_DTYPES, Chunk, TableReader, TableWriter, _file_stamp
@@ -74,7 +75,7 @@ def read_npy_header(path: str) -> NpyHeader:
         offset = f.tell()
     dtype = np.dtype(dtype)
     if dtype.kind == "V" and dtype.itemsize == 2 and dtype.names is None and dtype.subdtype is None:
-        dtype = NPY_DTYPES[-1]  # np.save of ml_dtypes.bfloat16 keeps only "2 raw bytes"
+        dtype = bfloat16()  # np.save of ml_dtypes.bfloat16 keeps only "2 raw bytes"
     if dtype.kind == "f" and dtype.byteorder == ">" and dtype.newbyteorder("<") in DTYPES:
         raise TypeError(f"{path}: dtype {dtype.str} is big-endian; rewrite it little-endian with "
                         f"np.save(path, a.astype('{dtype.newbyteorder('<').str}'))")
