@@ -14,7 +14,7 @@ subprocess (so peak RSS, VmHWM, is its own), methods round-robin, one warm-up ro
   at the same thread count;
 - ``write``: the stage alone: the output's bytes (already computed, touched memory) written chunk by chunk
   and fdatasync-ed, the plain way for the format (``pwrite`` into a ``.npy``; one ``pyarrow``
-  ``ParquetWriter``, snappy, like the conversion's output);
+  ``ParquetWriter`` with the conversion's options, ``bc_fast.store.parquet.parquet_write_options``);
 - ``naive`` (``npy_f16`` only): np.load, ``(x.astype(f32) @ W.T + b).astype(f16)``, np.save.
 
 The bound is ``rows / max(stage times)``; the conversion's rate is reported as a fraction of it (target:
@@ -130,10 +130,12 @@ def _write_stage(table: str, out: str, y: np.ndarray, chunk_rows: int, rows: int
         return
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from bc_fast.store.parquet import parquet_write_options
     vt = pa.float16() if y.dtype == np.float16 else pa.float32()
     schema = pa.schema([("id", pa.int64()), ("emb", pa.list_(vt, y.shape[1]))])
     with open(out, "wb") as f:
-        with pq.ParquetWriter(f, schema, compression="snappy") as w:
+        with pq.ParquetWriter(f, schema, **parquet_write_options(schema, "emb")) as w:  # as the conversion writes
             for start in range(0, rows, chunk_rows):
                 n = min(chunk_rows, rows - start)
                 emb = pa.FixedSizeListArray.from_arrays(pa.array(y[:n].reshape(-1), type=vt), y.shape[1])

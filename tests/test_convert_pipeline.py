@@ -143,3 +143,54 @@ def test_parquet_parts_of_an_older_run_resume_to_the_same_bytes(tmp_path, regist
     assert len(list(partial.glob("part-*.parquet"))) == 4
     convert_table(tmp_path / "in.parquet", tmp_path / "out.parquet", resume=True, **kw)
     assert (tmp_path / "out.parquet").read_bytes() == (tmp_path / "clean.parquet").read_bytes()
+
+
+def test_parquet_output_encodes_embeddings_plainly_and_other_columns_as_pyarrow_would(tmp_path, registry):
+    """The embedding column gets no dictionary and no statistics (parquet_write_options); ids and names keep
+    pyarrow's defaults."""
+    pa = pytest.importorskip("pyarrow", reason="pyarrow (the parquet extra) is not installed")
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow (the parquet extra) is not installed")
+    x = np.random.default_rng(8).standard_normal((600, DIMS[2])).astype(np.float16)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), DIMS[2])
+    pq.write_table(pa.table({"id": np.arange(600), "name": [f"n{i % 7}" for i in range(600)], "emb": emb}),
+                   tmp_path / "in.parquet", row_group_size=250)
+    convert_table(tmp_path / "in.parquet", tmp_path / "out.parquet", registry=registry, dst=0, chunk_rows=200,
+                  threads=1, progress=False)
+    md = pq.ParquetFile(tmp_path / "out.parquet").metadata
+    assert md.num_row_groups >= 3
+    for g in range(md.num_row_groups):
+        cols = {md.row_group(g).column(c).path_in_schema: md.row_group(g).column(c)
+                for c in range(md.num_columns)}
+        assert not cols["emb.list.element"].has_dictionary_page and not cols["emb.list.element"].is_stats_set
+        assert cols["name"].has_dictionary_page and cols["id"].is_stats_set
+
+
+def test_pipeline_holds_only_the_chunks_in_flight(tmp_path, registry, monkeypatch):
+    """A chunk's rows are released once written: Parquet reads return arrays of their own, and holding
+    every finished read kept the whole table in memory by the end of a run."""
+    pytest.importorskip("pyarrow", reason="pyarrow (the parquet extra) is not installed")
+    import gc
+    import weakref
+
+    from bc_fast.store.parquet import ParquetReader
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    x = np.random.default_rng(9).standard_normal((3000, DIMS[2])).astype(np.float32)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), DIMS[2])
+    pq.write_table(pa.table({"id": np.arange(3000), "emb": emb}), tmp_path / "in.parquet", row_group_size=1000)
+    alive: list[weakref.ref] = []
+    most = []
+    orig = ParquetReader.read
+
+    def read(self, chunk, buf):
+        gc.collect()
+        most.append(sum(r() is not None for r in alive))
+        rows, extra = orig(self, chunk, buf)
+        alive.append(weakref.ref(rows))
+        return rows, extra
+
+    monkeypatch.setattr(ParquetReader, "read", read)
+    convert_table(tmp_path / "in.parquet", tmp_path / "out.parquet", registry=registry, dst=0, chunk_rows=100,
+                  threads=1, progress=False)
+    assert len(most) == 30 and max(most) <= 4, most

@@ -380,23 +380,26 @@ def _pipeline(op: FusedTransform, reader: TableReader, writer: TableWriter, chun
     out_bufs = [writer.new_buffer(buf_rows) for _ in range(depth)]
 
     with ThreadPoolExecutor(1, "bcfast-read") as rpool, ThreadPoolExecutor(1, "bcfast-write") as wpool:
-        reads: list[Future] = []
-        writes: list[Future] = []
+        # Futures are dropped once consumed: a finished read holds its chunk (a Parquet reader's rows and
+        # extra columns are its own arrays), so keeping them all grew memory with the table's size.
+        reads: dict[int, Future] = {}
+        writes: dict[int, Future] = {}
         try:
-            reads = [rpool.submit(reader.read, c, in_bufs[i]) for i, c in enumerate(todo[:depth - 1])]
+            reads = {i: rpool.submit(reader.read, c, in_bufs[i]) for i, c in enumerate(todo[:depth - 1])}
             for i, chunk in enumerate(todo):
-                x, extra = reads[i].result()
+                x, extra = reads.pop(i).result()
                 if i >= depth:
-                    writes[i - depth].result()  # its output buffer is about to be reused
+                    writes.pop(i - depth).result()  # its output buffer is about to be reused
                 if i + depth - 1 < len(todo):  # the buffer of chunk i - 1 is free again: read ahead into it
-                    reads.append(rpool.submit(reader.read, todo[i + depth - 1], in_bufs[(i + depth - 1) % depth]))
+                    reads[i + depth - 1] = rpool.submit(reader.read, todo[i + depth - 1], in_bufs[(i + depth - 1) % depth])
                 y = out_bufs[i % depth][: chunk.rows]
                 op.apply(x, out=y, threads=threads)
-                writes.append(wpool.submit(write, chunk, y, extra, pick(chunk, x)))
-            for w in writes[-depth:]:
-                w.result()
+                writes[i] = wpool.submit(write, chunk, y, extra, pick(chunk, x))
+                del x, extra
+            for i in sorted(writes):
+                writes.pop(i).result()
         except BaseException:
-            for f in reads + writes:
+            for f in [*reads.values(), *writes.values()]:
                 f.cancel()
             raise
         finally:
