@@ -318,7 +318,7 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
     if (split != nullptr && split_pays(m, l)) {
       const int64_t panels = l.n_pad / kPanel;
       const GemmHalves job{&kern, cur, ld_cur, m, l.spec.d_in, l.packed.data(), dst, ld, panels, (panels + 1) / 2};
-      split->run(2, &GemmHalves::run, &job);
+      split->run(2, &GemmHalves::run, &job, l.split_stats[static_cast<size_t>(split_bucket(m))]);
     } else {
       (void)use_blas;
       kern.gemm_packed(cur, ld_cur, m, l.spec.d_in, l.packed.data(), l.n_pad, dst, ld);
@@ -463,8 +463,8 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
     // streams half of W, not all of it), where a layer is big enough, two threads are free in the
     // shared budget and no other caller holds the pool (then this one runs without it: concurrent
     // callers never wait). Batches with enough work for two row blocks keep the OpenMP split: at
-    // 16 x 256 -> 256 it ran in 11.8 us where the pool, whose self-check judges every shape the
-    // process runs together, fell back to one thread (19.2 us) after batch-1 calls lost.
+    // 16 x 256 -> 256 it ran in 11.8 us where the pool fell back to one thread (19.2 us; measured when
+    // one self-check judged every shape together, before SplitStats).
     if (parts <= 1 && t >= 2 && n * max_layer_macs_ >= kMinSplitMacs && max_width_ >= 2 * kPanel) {
       const ThreadClaim claim(2);
       if (claim.granted() >= 2) {

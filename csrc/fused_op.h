@@ -2,6 +2,7 @@
 // applied to batches of rows. Plain C++: pointers and sizes only.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -85,6 +86,7 @@ class FusedOp {
     int64_t n_pad = 0;                  // d_out rounded up to the panel width (d_out itself with oneDNN)
     std::shared_ptr<const OnednnGemm> onednn;  // the bf16 GEMM, with the oneDNN backend
     bool onednn_fused = false;  // oneDNN applies the activation and writes bf16 (a layer before the last)
+    mutable std::array<SplitStats, kSplitBuckets> split_stats{};  // the small pool's check, by batch size
   };
   struct Workspace;
 

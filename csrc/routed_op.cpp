@@ -207,16 +207,18 @@ void RoutedOp::route_tile(const float* x, int64_t rows, Workspace& ws) const {
         }
     }
   } else if (groups > 1) {
-    // Row r as `groups` rows of dq inputs (x is contiguous): row r q of the product holds group q's
-    // partial scores in columns [q k, q k + k), from a dq x 64 panel instead of d_in x 64.
-    float* part = grow_to(ws.partial, static_cast<size_t>(rows * groups * kPanel));
-    kern.gemm_packed(x, dq, rows * groups, dq, score_group_packed_.data(), kPanel, part, kPanel);
-    for (int64_t r = 0; r < rows; ++r)
+    // Row r as `groups` rows of dq inputs: group q's partial scores are the product of x[r][q dq, q dq + dq)
+    // with columns [q k, q k + k) of one dq x 64 panel, computed block diagonally (gemv_groups: the bits
+    // of gemm_packed's row q, a quarter of its FMAs at groups = 4).
+    float* part = grow_to(ws.partial, static_cast<size_t>(kPanel));
+    for (int64_t r = 0; r < rows; ++r) {
+      kern.gemv_groups(x + r * s.d_in, dq, groups, k, score_group_packed_.data(), part);
       for (int64_t c = 0; c < k; ++c) {
-        float v = part[r * groups * kPanel + c];
-        for (int64_t q = 1; q < groups; ++q) v += part[(r * groups + q) * kPanel + q * k + c];
+        float v = part[c];
+        for (int64_t q = 1; q < groups; ++q) v += part[q * k + c];
         scores[r * k + c] = v;
       }
+    }
   } else {
     float* part = grow_to(ws.partial, static_cast<size_t>(rows * score_pad_));
     kern.gemm_packed(x, s.d_in, rows, s.d_in, score_packed_.data(), score_pad_, part, score_pad_);
@@ -293,7 +295,7 @@ void RoutedOp::run_tile(const void* x, DType x_type, int64_t rows, void* out, DT
     }
     const int64_t units = n_groups * (out_pad_ / kPanel);
     const ClusterGemms job{&kern, gx, gy, groups, n_groups, packed_.data(), s.d_in, out_pad_, (units + 1) / 2};
-    split->run(2, &ClusterGemms::run, &job);
+    split->run(2, &ClusterGemms::run, &job, split_stats_[static_cast<size_t>(split_bucket(rows))]);
   }
   for (int64_t c = 0, begin = 0; c < s.k; begin = count[c++]) {
     const int64_t g = count[c] - begin;

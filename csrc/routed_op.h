@@ -11,6 +11,7 @@
 // then, optionally, y / max(||y||, 1e-12). Nearest-centroid routing has S_c = 2 C_c, s_c = -||C_c||^2.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -73,6 +74,7 @@ class RoutedOp {
   std::vector<float> score_packed_;  // S^T in panels (kernels.h)
   std::vector<float> score_group_packed_;
   std::vector<float> packed_;        // k blocks of A_c^T in panels, out_pad_ x d_in each
+  mutable std::array<SplitStats, kSplitBuckets> split_stats_{};  // the small pool's check, by batch size
 };
 
 }  // namespace bc_fast

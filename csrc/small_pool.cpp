@@ -59,13 +59,14 @@ constexpr int64_t kStreamGapNs = 50000;
 // And at most once per this long: on a busy machine a woken helper may not run for a while (or run
 // on the caller's own core, where it only yields), and the wake-up is then pure cost.
 constexpr int64_t kMinWakeIntervalNs = 2000000;
-// The split checks itself, by direct comparison: every kProbeEvery-th call runs alone, and the
-// caller keeps moving averages (1/16 weight per sample, in TSC ticks) of the GEMM's time alone and
-// split (helped or not). Where split is slower (cores busy or far apart, or a helper descheduled
-// mid-chunk for milliseconds on a busy machine), the calls run alone, without publishing, for
-// kMinBackoff calls, doubled after each failed re-try up to kMaxBackoff. So the split pays on
-// average where it runs and costs nearly nothing where it cannot. The averages mix every layer
-// shape this process runs, sampled alike in both modes.
+// The split checks itself, by direct comparison, per kind of job (SplitStats: the caller keeps one
+// per layer and batch-size bucket): every kProbeEvery-th job of a kind runs alone, and moving averages
+// (1/16 weight per sample, in TSC ticks) of its time alone and split (helped or not) are kept. Where
+// split is slower (cores busy or far apart, or a helper descheduled mid-chunk for milliseconds on a
+// busy machine), that kind runs alone, without publishing, for kMinBackoff jobs, doubled after each
+// failed re-try up to kMaxBackoff. So the split pays on average where it runs and costs nearly nothing
+// where it cannot. (One check shared by every shape compared one shape's split time with another's
+// alone time whenever a process alternated them, and turned the split off where it paid.)
 constexpr int64_t kProbeEvery = 32;
 constexpr int kMinSamples = 4;  // split samples before a verdict
 // Not judged: the first split calls after the helper wakes or the split resumes (the helper's cache
@@ -144,12 +145,7 @@ struct Pool {
   alignas(64) std::atomic<bool> busy{false};
   int64_t last_alone_ns = 0;  // when a call last ran alone because the helper slept
   int64_t last_wake_ns = -kMinWakeIntervalNs;  // when a caller last woke it
-  double alone_avg = 0, split_avg = 0;         // see kProbeEvery (0: no sample yet)
-  int split_samples = 0;
-  int64_t calls = 0;
-  int warmup = kWarmupCalls;                   // see kWarmupCalls
-  int64_t alone_left = 0;                      // calls to run alone before trying the split again
-  int64_t backoff = kMinBackoff;
+  uint64_t wakes = 0;                          // wake-ups sent (SplitStats::seen_wakes)
   bool started = false;
   bool failed = false;
   // Set in a forked child (pthread_atfork, registered before the helper starts): the helper exists
@@ -331,27 +327,27 @@ inline void average_in(double& avg, int64_t sample) {
 }
 
 // The caller alone: one kernel call over the whole range, timed.
-inline void run_alone(Pool& p, ChunkFn fn, const void* ctx) {
+inline void run_alone(SplitStats& st, ChunkFn fn, const void* ctx) {
   const int64_t t0 = ticks();
   fn(ctx, kAllChunks);
-  average_in(p.alone_avg, ticks() - t0);
+  average_in(st.alone_avg, ticks() - t0);
 }
 
-// A split call took `took` ticks: stop splitting for a while if that mode is the slower one.
-inline void judge(Pool& p, int64_t took) {
-  if (p.warmup > 0) {
-    --p.warmup;
+// A split call took `took` ticks: stop splitting this kind of job for a while if that mode is the slower one.
+inline void judge(SplitStats& st, int64_t took) {
+  if (st.warmup > 0) {
+    --st.warmup;
     return;
   }
-  average_in(p.split_avg, took);
-  if (++p.split_samples < kMinSamples || p.alone_avg <= 0) return;
-  if (p.split_avg > p.alone_avg) {
-    p.alone_left = p.backoff;
-    p.backoff = std::min(kMaxBackoff, 2 * p.backoff);
-    p.split_avg = 0;
-    p.split_samples = 0;
-  } else if (p.split_avg < 0.8 * p.alone_avg) {
-    p.backoff = kMinBackoff;
+  average_in(st.split_avg, took);
+  if (++st.split_samples < kMinSamples || st.alone_avg <= 0) return;
+  if (st.split_avg > st.alone_avg) {
+    st.alone_left = std::max(st.backoff, kMinBackoff);
+    st.backoff = std::min(kMaxBackoff, 2 * st.alone_left);
+    st.split_avg = 0;
+    st.split_samples = 0;
+  } else if (st.split_avg < 0.8 * st.alone_avg) {
+    st.backoff = kMinBackoff;
   }
 }
 
@@ -382,7 +378,7 @@ SplitLease::~SplitLease() {
   if (ok_) small_pool_detail::pool().busy.store(false, std::memory_order_release);
 }
 
-void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx) {
+void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx, SplitStats& st) {
   using namespace small_pool_detail;
   if (!ok_ || chunks < 1 || chunks > kMaxChunks) {  // callers check; never a wrong answer
     fn(ctx, kAllChunks);
@@ -390,14 +386,18 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx) {
   }
   Pool& p = pool();
   const bool helper_only = mode() == 2;
+  if (st.calls == 0 || st.seen_wakes != p.wakes) {  // first use, or the helper slept since: its cache is cold
+    st.warmup = kWarmupCalls;
+    st.seen_wakes = p.wakes;
+  }
   if (!helper_only) {
-    if (p.alone_left > 0) {  // the split did not pay lately
-      if (--p.alone_left == 0) p.warmup = kWarmupCalls;
-      run_alone(p, fn, ctx);
+    if (st.alone_left > 0) {  // the split did not pay lately
+      if (--st.alone_left == 0) st.warmup = kWarmupCalls;
+      run_alone(st, fn, ctx);
       return;
     }
-    if (++p.calls % kProbeEvery == 0) {  // keeps the alone average current
-      run_alone(p, fn, ctx);
+    if (++st.calls % kProbeEvery == 0) {  // keeps the alone average current
+      run_alone(st, fn, ctx);
       return;
     }
   }
@@ -406,7 +406,7 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx) {
     // Asleep, or woken and not running yet: no help is coming soon.
     bool wake = helper_only;
     if (!helper_only) {
-      run_alone(p, fn, ctx);
+      run_alone(st, fn, ctx);
       const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
                               std::chrono::steady_clock::now().time_since_epoch()).count();
       wake = now - p.last_alone_ns < kStreamGapNs && now - p.last_wake_ns >= kMinWakeIntervalNs;
@@ -419,7 +419,7 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx) {
       if (!helper_only) steer_helper_off(p, p.caller_cpu.load(std::memory_order_relaxed));
       p.wake.fetch_add(1, std::memory_order_seq_cst);
       futex_wake(&p.wake);
-      p.warmup = kWarmupCalls;
+      ++p.wakes;
     }
     if (!helper_only) return;
   }
@@ -471,7 +471,7 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx) {
   // A call the helper took no part in ran alone plus one publish (the helper was not there yet, or
   // asleep): it says nothing about the split, and judging it as one turned the split off for good at
   // start-up, before the new helper thread first ran.
-  if (!helper_only && mine < chunks) judge(p, ticks() - t0);
+  if (!helper_only && mine < chunks) judge(st, ticks() - t0);
 }
 
 bool small_split_enabled() { return small_pool_detail::mode() != 0; }

@@ -20,6 +20,28 @@ namespace bc_fast {
 using ChunkFn = void (*)(const void* ctx, int64_t chunk);
 constexpr int64_t kAllChunks = -1;
 
+// The split's self-check for one kind of job (one layer at one batch size): moving averages of its
+// time alone and split, and how long it runs alone. A caller keeps one per kind, so that jobs of different
+// sizes are never judged against each other (one shared check turned the split off for a cheap layer's
+// batch-1 calls after an expensive one's were sampled alone). Touched only by the lease holder.
+struct SplitStats {
+  double alone_avg = 0, split_avg = 0;  // TSC ticks (0: no sample yet)
+  int split_samples = 0;
+  int64_t calls = 0;
+  int warmup = 0;                        // split calls not judged (the helper's cache is cold)
+  int64_t alone_left = 0;                // calls to run alone before trying the split again
+  int64_t backoff = 0;                   // 0: the minimum
+  uint64_t seen_wakes = 0;               // the pool's wake-ups seen (each restarts the warm-up)
+};
+
+// Which of kSplitBuckets SplitStats a job of `rows` rows uses: 1, 2-3, 4-7, ... rows.
+constexpr int kSplitBuckets = 8;
+inline int split_bucket(int64_t rows) {
+  int b = 0;
+  while (b + 1 < kSplitBuckets && (int64_t{2} << b) <= rows) ++b;
+  return b;
+}
+
 // The right to use the pool, held by at most one calling thread at a time (a try-lock: other
 // callers are refused at once and run on their own thread). Not copyable.
 class SplitLease {
@@ -35,9 +57,9 @@ class SplitLease {
   // fn(ctx, i) for every i in [0, chunks) once, on this thread or the helper, or fn(ctx, kAllChunks)
   // once on this thread; returns when all have run. fn must not throw. The helper runs with this thread's MXCSR (rounding, FTZ/DAZ), so
   // a chunk's result does not depend on which thread ran it. Without ok(), or outside 1 <= chunks <= 4095, runs every chunk here.
-  // Runs alone (fn(ctx, kAllChunks)) while splitting does not pay (see kProbeEvery in
-  // small_pool.cpp), or while the helper sleeps.
-  void run(int64_t chunks, ChunkFn fn, const void* ctx);
+  // Runs alone (fn(ctx, kAllChunks)) while splitting does not pay for this kind of job, by `stats` (see
+  // kProbeEvery in small_pool.cpp), or while the helper sleeps.
+  void run(int64_t chunks, ChunkFn fn, const void* ctx, SplitStats& stats);
 
  private:
   bool ok_ = false;

@@ -78,6 +78,23 @@ def test_every_batch_size_and_thread_count_gives_the_same_bits(k, d_in, d_out, m
         assert np.array_equal(i_n, idx[:n]) and np.array_equal(w_n, w[:n])
 
 
+@pytest.mark.parametrize("k,d_in", [(16, 96), (10, 48), (3, 40), (20, 70), (32, 64)])
+def test_scores_of_a_few_rows_match_the_batched_ones_at_every_simd_level(simd_level, k, d_in):
+    """Below the S x^T tile size each row's scores come from gemv_groups (partial chains of d_in / groups
+    inputs, groups = 4 or 2, block diagonal in one panel; group widths k need not be a multiple of 16): the
+    same bits as the batched path, at every SIMD level."""
+    p = _params(k=k, d_in=d_in, d_out=24, m=2, seed=k + d_in)
+    op = RoutedTransform.from_params(p)
+    x = np.random.default_rng(d_in).standard_normal((300, d_in)).astype(np.float32)
+    idx, w = op.route(x)
+    whole = op.apply(x, threads=1)
+    for r in (0, 1, 150, 299):
+        i_1, w_1 = op.route(x[r:r + 1].copy())
+        assert np.array_equal(i_1, idx[r:r + 1]) and np.array_equal(w_1, w[r:r + 1]), r
+        assert np.array_equal(op.apply(x[r:r + 3].copy(), threads=1), whole[r:r + 3])
+    assert _rel_err(whole, routed_reference(x, p)) < 2e-5
+
+
 def test_small_batches_split_over_the_helper_thread_give_the_same_bits():
     from bc_fast import _core
 

@@ -28,6 +28,12 @@ struct KernelSet {
   void (*store_bf16)(const float* y, uint16_t* out, int64_t n, float scale);
   // bfloat16 bits to float32 (exact).
   void (*bf16_to_float)(const uint16_t* in, float* out, int64_t n);
+  // One row x of groups * k values (groups <= 4, groups * width <= kPanel) against one packed panel, block
+  // diagonally: y[c] for c < groups * width is group q = c / width's product, x[q k, q k + k) times
+  // column c of the panel (k x kPanel), the same bits as row q of gemm_packed(x, k, groups, k, panel, kPanel)
+  // in column c; y[c] for larger c is unspecified. The routed operator's scores of a few rows, without
+  // gemm_packed's groups x kPanel products of which only kPanel are wanted.
+  void (*gemv_groups)(const float* x, int64_t k, int64_t groups, int64_t width, const float* panel, float* y);
 };
 
 const KernelSet& generic_kernels();

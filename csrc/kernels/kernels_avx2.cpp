@@ -71,6 +71,34 @@ void gemm_packed(const float* x, int64_t ldx, int64_t m, int64_t k, const float*
   }
 }
 
+// Where each 8 lanes lie in one group (k a multiple of 8): eight FMA chains, each lane's gemm_packed's
+// (from zero, one FMA per j in order), a broadcast of its group's x per j. Otherwise gemm_packed itself,
+// and the wanted block of each row.
+void gemv_groups(const float* x, int64_t k, int64_t groups, int64_t width, const float* panel, float* y) {
+  constexpr int kVecs = kPanel / 8;
+  if (width % 8 != 0) {
+    float rows[4 * kPanel];
+    gemm_packed(x, k, groups, k, panel, kPanel, rows, kPanel);
+    for (int64_t c = 0; c < groups * width; ++c) y[c] = rows[(c / width) * kPanel + c];
+    return;
+  }
+  const float* xv[kVecs];
+  __m256 acc[kVecs];
+#pragma GCC unroll 8
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t q = 8 * v / width;
+    xv[v] = x + (q < groups ? q : groups - 1) * k;
+    acc[v] = _mm256_setzero_ps();
+  }
+  for (int64_t j = 0; j < k; ++j) {
+#pragma GCC unroll 8
+    for (int v = 0; v < kVecs; ++v)
+      acc[v] = _mm256_fmadd_ps(_mm256_set1_ps(xv[v][j]), _mm256_loadu_ps(panel + j * kPanel + 8 * v), acc[v]);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < kVecs; ++v) _mm256_storeu_ps(y + 8 * v, acc[v]);
+}
+
 // exp(x) for x in [-88, 88] (Cephes expf: range reduction by ln 2, degree-5 polynomial), ~1 ulp.
 inline __m256 exp_ps(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
@@ -200,7 +228,7 @@ void bf16_to_float(const uint16_t* in, float* out, int64_t n) {
 
 const KernelSet& avx2_kernels() {
   static const KernelSet k{"avx2", gemm_packed, bias_act, sum_squares, store_f32, store_f16, half_to_float,
-                           store_bf16, bf16_to_float};
+                           store_bf16, bf16_to_float, gemv_groups};
   return k;
 }
 

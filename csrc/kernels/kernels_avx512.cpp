@@ -96,6 +96,33 @@ void gemm_packed(const float* x, int64_t ldx, int64_t m, int64_t k, const float*
   for (int64_t p = 0; p < panels; ++p) rows_block(x, ldx, m, k, packed + p * stride, stride, y + p * kPanel, ldy);
 }
 
+// Where each 16 lanes lie in one group (k = 16, 32 or 48 clusters): four FMA chains, each lane's
+// gemm_packed's (from zero, one FMA per j in order), a broadcast of its group's x per j. Otherwise
+// gemm_packed itself, and the wanted block of each row.
+void gemv_groups(const float* x, int64_t k, int64_t groups, int64_t width, const float* panel, float* y) {
+  if (width % kVec != 0) {
+    float rows[4 * kPanel];
+    gemm_packed(x, k, groups, k, panel, kPanel, rows, kPanel);
+    for (int64_t c = 0; c < groups * width; ++c) y[c] = rows[(c / width) * kPanel + c];
+    return;
+  }
+  const float* xv[kPanelVecs];
+  __m512 acc[kPanelVecs];
+#pragma GCC unroll 4
+  for (int v = 0; v < kPanelVecs; ++v) {
+    const int64_t q = kVec * v / width;
+    xv[v] = x + (q < groups ? q : groups - 1) * k;
+    acc[v] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < k; ++j) {
+#pragma GCC unroll 4
+    for (int v = 0; v < kPanelVecs; ++v)
+      acc[v] = _mm512_fmadd_ps(_mm512_set1_ps(xv[v][j]), _mm512_loadu_ps(panel + j * kPanel + kVec * v), acc[v]);
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < kPanelVecs; ++v) _mm512_storeu_ps(y + kVec * v, acc[v]);
+}
+
 // exp(x) for x in [-88, 88] (Cephes expf: range reduction by ln 2, degree-5 polynomial), ~1 ulp.
 // The same steps as the AVX2 kernel's exp_ps.
 inline __m512 exp_ps(__m512 x) {
@@ -252,7 +279,7 @@ void bf16_to_float(const uint16_t* in, float* out, int64_t n) {
 
 const KernelSet& avx512_kernels() {
   static const KernelSet k{"avx512", gemm_packed, bias_act, sum_squares, store_f32, store_f16, half_to_float,
-                           store_bf16, bf16_to_float};
+                           store_bf16, bf16_to_float, gemv_groups};
   return k;
 }
 

@@ -80,6 +80,13 @@ void gemm_packed(const float* x, int64_t ldx, int64_t m, int64_t k, const float*
   }
 }
 
+// The portable level has no faster way: gemm_packed itself, then the wanted block of each row.
+void gemv_groups(const float* x, int64_t k, int64_t groups, int64_t width, const float* panel, float* y) {
+  float rows[4 * kPanel];
+  gemm_packed(x, k, groups, k, panel, kPanel, rows, kPanel);
+  for (int64_t c = 0; c < groups * width; ++c) y[c] = rows[(c / width) * kPanel + c];
+}
+
 void bias_act(float* y, int64_t n, const float* bias, Activation act, int64_t act_width) {
   if (bias != nullptr)
     for (int64_t j = 0; j < n; ++j) y[j] += bias[j];
@@ -134,7 +141,7 @@ float bf16_bits_to_float(uint16_t h) {
 
 const KernelSet& generic_kernels() {
   static const KernelSet k{"generic", gemm_packed, bias_act, sum_squares, store_f32, store_f16, half_to_float,
-                           store_bf16, bf16_to_float};
+                           store_bf16, bf16_to_float, gemv_groups};
   return k;
 }
 
