@@ -33,7 +33,8 @@ void pack_panels(const float* w, int64_t rows, int64_t cols, int64_t n_pad, floa
 // never changes a bit.
 struct ClusterGemms {
   const KernelSet* kern;
-  const float* x;  // pairs x d_in
+  const float* x;  // pairs x d_in, x_stride apart
+  int64_t x_stride;  // d_in; 0 for one row, whose pairs all read it in place (each cluster has one pair)
   float* y;        // pairs x out_pad
   const int64_t* groups;  // (cluster, first pair, end pair) for each cluster with pairs, cluster order
   int64_t n_groups;
@@ -48,7 +49,7 @@ struct ClusterGemms {
     for (int64_t i = u0 / panels; i < g.n_groups && i * panels < u1; ++i) {
       const int64_t p0 = std::max(u0 - i * panels, int64_t{0}), p1 = std::min(u1 - i * panels, panels);
       const int64_t c = g.groups[3 * i], begin = g.groups[3 * i + 1], end = g.groups[3 * i + 2];
-      g.kern->gemm_packed(g.x + begin * g.d_in, g.d_in, end - begin, g.d_in,
+      g.kern->gemm_packed(g.x + begin * g.x_stride, g.d_in, end - begin, g.d_in,
                           g.packed + (c * g.out_pad + p0 * kPanel) * g.d_in, (p1 - p0) * kPanel,
                           g.y + begin * g.out_pad + p0 * kPanel, g.out_pad);
     }
@@ -282,9 +283,11 @@ void RoutedOp::run_tile(const void* x, DType x_type, int64_t rows, void* out, DT
   // split job; otherwise cluster by cluster, each GEMM's input and output still in cache for the blend.
   float *gx = nullptr, *gy = nullptr;
   if (split != nullptr) {
-    gx = grow_to(ws.gathered, static_cast<size_t>(pairs * s.d_in));
     gy = grow_to(ws.mapped, static_cast<size_t>(pairs * out_pad_));
-    for (int64_t i = 0; i < pairs; ++i) std::copy_n(xin + (order[i] / m) * s.d_in, s.d_in, gx + i * s.d_in);
+    if (rows > 1) {
+      gx = grow_to(ws.gathered, static_cast<size_t>(pairs * s.d_in));
+      for (int64_t i = 0; i < pairs; ++i) std::copy_n(xin + (order[i] / m) * s.d_in, s.d_in, gx + i * s.d_in);
+    }
     int64_t* groups = grow_to(ws.groups, static_cast<size_t>(3 * s.k));
     int64_t n_groups = 0;
     for (int64_t c = 0, begin = 0; c < s.k; begin = count[c++]) {
@@ -294,7 +297,8 @@ void RoutedOp::run_tile(const void* x, DType x_type, int64_t rows, void* out, DT
       groups[3 * n_groups++ + 2] = count[c];
     }
     const int64_t units = n_groups * (out_pad_ / kPanel);
-    const ClusterGemms job{&kern, gx, gy, groups, n_groups, packed_.data(), s.d_in, out_pad_, (units + 1) / 2};
+    const ClusterGemms job{&kern, rows > 1 ? gx : xin, rows > 1 ? s.d_in : 0, gy, groups, n_groups, packed_.data(),
+                           s.d_in, out_pad_, (units + 1) / 2};
     split->run(2, &ClusterGemms::run, &job, split_stats_[static_cast<size_t>(split_bucket(rows))]);
   }
   for (int64_t c = 0, begin = 0; c < s.k; begin = count[c++]) {
