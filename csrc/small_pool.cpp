@@ -60,15 +60,19 @@ constexpr int64_t kStreamGapNs = 50000;
 // on the caller's own core, where it only yields), and the wake-up is then pure cost.
 constexpr int64_t kMinWakeIntervalNs = 2000000;
 // The split checks itself, by direct comparison, per kind of job (SplitStats: the caller keeps one
-// per layer and batch-size bucket): every kProbeEvery-th job of a kind runs alone, and moving averages
-// (1/16 weight per sample, in TSC ticks) of its time alone and split (helped or not) are kept. Where
-// split is slower (cores busy or far apart, or a helper descheduled mid-chunk for milliseconds on a
-// busy machine), that kind runs alone, without publishing, for kMinBackoff jobs, doubled after each
-// failed re-try up to kMaxBackoff. So the split pays on average where it runs and costs nearly nothing
-// where it cannot. (One check shared by every shape compared one shape's split time with another's
-// alone time whenever a process alternated them, and turned the split off where it paid.)
+// per layer and batch-size bucket): every kProbeEvery-th job of a kind runs alone, and its time is
+// compared with the mean time of that kind's split jobs since the previous probe, so both sides of
+// each comparison come from the same fraction of a millisecond. A moving average of that ratio (1/4
+// weight per probe) decides: where split is slower (cores busy or far apart, or a helper descheduled
+// mid-chunk for milliseconds on a busy machine), that kind runs alone, without publishing, for
+// kMinBackoff jobs, doubled after each failed re-try up to kMaxBackoff. So the split pays on average
+// where it runs and costs nearly nothing where it cannot. (Two moving averages with different time
+// scales, one per mode and one for every shape, compared one shape's or one moment's split time with
+// another's alone time, and turned the split off where it paid: on the project's VM its neighbours'
+// bursts of cache traffic alone flipped it.)
 constexpr int64_t kProbeEvery = 32;
-constexpr int kMinSamples = 4;  // split samples before a verdict
+constexpr int kMinSamples = 4;  // split jobs since the last probe for a comparison
+constexpr int kMinRatios = 2;   // comparisons before a verdict
 // Not judged: the first split calls after the helper wakes or the split resumes (the helper's cache
 // is cold then: its half of W comes from memory once).
 constexpr int kWarmupCalls = 2;
@@ -317,36 +321,44 @@ inline bool start_helper(Pool& p) {
 }
 #endif
 
-// A sample counts at most twice the average so far: one call that lost its core for a time slice
-// (milliseconds, on a busy or virtualised machine, with or without the split) must not turn the
-// split off for thousands of calls, while a lasting change still moves the average (x2 within 11
-// samples).
-inline void average_in(double& avg, int64_t sample) {
-  const double x = static_cast<double>(sample);
-  avg = avg <= 0 ? x : avg + (std::min(x, 2 * avg) - avg) / 16;
+// A sample counts at most twice the average so far (weight 1/4): one comparison spoiled by a lost
+// time slice (milliseconds, on a busy or virtualised machine) must not turn the split off for thousands
+// of calls, while a lasting change still moves the average.
+inline void average_in(double& avg, double x) {
+  avg = avg <= 0 ? x : avg + (std::min(x, 2 * avg) - avg) / 4;
 }
 
-// The caller alone: one kernel call over the whole range, timed.
-inline void run_alone(SplitStats& st, ChunkFn fn, const void* ctx) {
+// The caller alone: one kernel call over the whole range; its time in ticks.
+inline int64_t run_alone(ChunkFn fn, const void* ctx) {
   const int64_t t0 = ticks();
   fn(ctx, kAllChunks);
-  average_in(st.alone_avg, ticks() - t0);
+  return ticks() - t0;
 }
 
-// A split call took `took` ticks: stop splitting this kind of job for a while if that mode is the slower one.
-inline void judge(SplitStats& st, int64_t took) {
+// A split job took `took` ticks.
+inline void record_split(SplitStats& st, int64_t took) {
   if (st.warmup > 0) {
     --st.warmup;
     return;
   }
-  average_in(st.split_avg, took);
-  if (++st.split_samples < kMinSamples || st.alone_avg <= 0) return;
-  if (st.split_avg > st.alone_avg) {
+  st.split_sum += static_cast<double>(took);
+  ++st.split_n;
+}
+
+// A probe ran alone in `alone` ticks: compare with the split jobs since the last probe, and stop
+// splitting this kind of job for a while if that mode is the slower one.
+inline void judge(SplitStats& st, int64_t alone) {
+  if (st.split_n < kMinSamples || alone <= 0) return;
+  average_in(st.ratio_avg, st.split_sum / st.split_n / static_cast<double>(alone));
+  st.split_sum = 0;
+  st.split_n = 0;
+  if (++st.ratios < kMinRatios) return;
+  if (st.ratio_avg > 1.0) {
     st.alone_left = std::max(st.backoff, kMinBackoff);
     st.backoff = std::min(kMaxBackoff, 2 * st.alone_left);
-    st.split_avg = 0;
-    st.split_samples = 0;
-  } else if (st.split_avg < 0.8 * st.alone_avg) {
+    st.ratio_avg = 0;
+    st.ratios = 0;
+  } else if (st.ratio_avg < 0.8) {
     st.backoff = kMinBackoff;
   }
 }
@@ -392,12 +404,16 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx, SplitStats& st
   }
   if (!helper_only) {
     if (st.alone_left > 0) {  // the split did not pay lately
-      if (--st.alone_left == 0) st.warmup = kWarmupCalls;
-      run_alone(st, fn, ctx);
+      if (--st.alone_left == 0) {
+        st.warmup = kWarmupCalls;
+        st.split_sum = 0;
+        st.split_n = 0;
+      }
+      run_alone(fn, ctx);
       return;
     }
-    if (++st.calls % kProbeEvery == 0) {  // keeps the alone average current
-      run_alone(st, fn, ctx);
+    if (++st.calls % kProbeEvery == 0) {  // the comparison
+      judge(st, run_alone(fn, ctx));
       return;
     }
   }
@@ -406,7 +422,7 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx, SplitStats& st
     // Asleep, or woken and not running yet: no help is coming soon.
     bool wake = helper_only;
     if (!helper_only) {
-      run_alone(st, fn, ctx);
+      run_alone(fn, ctx);
       const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
                               std::chrono::steady_clock::now().time_since_epoch()).count();
       wake = now - p.last_alone_ns < kStreamGapNs && now - p.last_wake_ns >= kMinWakeIntervalNs;
@@ -471,7 +487,7 @@ void SplitLease::run(int64_t chunks, ChunkFn fn, const void* ctx, SplitStats& st
   // A call the helper took no part in ran alone plus one publish (the helper was not there yet, or
   // asleep): it says nothing about the split, and judging it as one turned the split off for good at
   // start-up, before the new helper thread first ran.
-  if (!helper_only && mine < chunks) judge(st, ticks() - t0);
+  if (!helper_only && mine < chunks) record_split(st, ticks() - t0);
 }
 
 bool small_split_enabled() { return small_pool_detail::mode() != 0; }

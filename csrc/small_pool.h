@@ -25,8 +25,10 @@ constexpr int64_t kAllChunks = -1;
 // sizes are never judged against each other (one shared check turned the split off for a cheap layer's
 // batch-1 calls after an expensive one's were sampled alone). Touched only by the lease holder.
 struct SplitStats {
-  double alone_avg = 0, split_avg = 0;  // TSC ticks (0: no sample yet)
-  int split_samples = 0;
+  double split_sum = 0;   // TSC ticks of the split jobs since the last probe alone
+  int split_n = 0;
+  double ratio_avg = 0;   // moving average of split / alone time, one sample per probe (0: none yet)
+  int ratios = 0;
   int64_t calls = 0;
   int warmup = 0;                        // split calls not judged (the helper's cache is cold)
   int64_t alone_left = 0;                // calls to run alone before trying the split again
