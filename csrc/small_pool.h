@@ -6,8 +6,8 @@
 // that write disjoint memory. The caller claims chunks from the front, the helper from the back
 // (so each keeps the same weights in its own cache call after call); the caller waits only for the
 // chunks the helper has actually claimed, so an asleep or descheduled helper costs the caller one
-// claim, never the chunk. Every 32nd call runs alone, and while split calls are slower on average
-// than those, calls run alone (see small_pool.cpp). Linux only; elsewhere (and in a forked child)
+// claim, never the chunk. Every 32nd job of a kind runs alone, and while the split jobs of that kind
+// are slower on average than those, its jobs run alone (see small_pool.cpp). Linux only; elsewhere (and in a forked child)
 // a lease is never granted.
 #pragma once
 
@@ -20,10 +20,11 @@ namespace bc_fast {
 using ChunkFn = void (*)(const void* ctx, int64_t chunk);
 constexpr int64_t kAllChunks = -1;
 
-// The split's self-check for one kind of job (one layer at one batch size): moving averages of its
-// time alone and split, and how long it runs alone. A caller keeps one per kind, so that jobs of different
-// sizes are never judged against each other (one shared check turned the split off for a cheap layer's
-// batch-1 calls after an expensive one's were sampled alone). Touched only by the lease holder.
+// The split's self-check for one kind of job (one layer at one batch size): its split times since the
+// last probe alone, the moving average of split / alone, and how long it runs alone. A caller keeps one
+// per kind, so that jobs of different sizes are never judged against each other (one shared check turned
+// the split off for a cheap layer's batch-1 calls after an expensive one's were sampled alone). Touched
+// only by the lease holder.
 struct SplitStats {
   double split_sum = 0;   // TSC ticks of the split jobs since the last probe alone
   int split_n = 0;

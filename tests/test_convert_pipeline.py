@@ -168,14 +168,13 @@ def test_parquet_output_encodes_embeddings_plainly_and_other_columns_as_pyarrow_
 def test_pipeline_holds_only_the_chunks_in_flight(tmp_path, registry, monkeypatch):
     """A chunk's rows are released once written: Parquet reads return arrays of their own, and holding
     every finished read kept the whole table in memory by the end of a run."""
-    pytest.importorskip("pyarrow", reason="pyarrow (the parquet extra) is not installed")
     import gc
     import weakref
 
+    pa = pytest.importorskip("pyarrow", reason="pyarrow (the parquet extra) is not installed")
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow (the parquet extra) is not installed")
     from bc_fast.store.parquet import ParquetReader
 
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
     x = np.random.default_rng(9).standard_normal((3000, DIMS[2])).astype(np.float32)
     emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), DIMS[2])
     pq.write_table(pa.table({"id": np.arange(3000), "emb": emb}), tmp_path / "in.parquet", row_group_size=1000)

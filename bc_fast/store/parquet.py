@@ -291,9 +291,9 @@ class ParquetWriter(TableWriter):
         return np.ascontiguousarray(emb, self.dtype).reshape(-1, self.dim)
 
     def seal(self) -> None:
-        """Finish the merged file (one row group per chunk, :func:`parquet_write_options`): close the one merged during the run,
-        or merge every part now (a resumed run). The parts stay until the merged file is published, so
-        a run killed while merging resumes cleanly."""
+        """Finish the merged file (one row group per chunk, :func:`parquet_write_options`): close the one
+        merged during the run, or merge every part now (a resumed run). The parts stay until the merged
+        file is published, so a run killed while merging resumes cleanly."""
         _, pq = import_pyarrow()
         if getattr(self, "_merge", None) is not None and self._merged_chunks == len(self.chunks):
             merge, f = self._merge, self._merge_file
