@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,20 @@ def _file(tmp_path, size: int) -> tuple[str, int]:
     return path, os.open(path, os.O_RDWR)
 
 
+@contextmanager
+def _with_direct(tmp_path, size: int):
+    """A file of ``size`` 0xEE bytes: its path, a read-write descriptor and an O_DIRECT one (None where
+    refused), both closed afterwards."""
+    path, fd = _file(tmp_path, size)
+    direct = open_direct(path)
+    try:
+        yield path, fd, direct
+    finally:
+        os.close(fd)
+        if direct is not None:
+            os.close(direct)
+
+
 @pytest.mark.parametrize("offset", [0, 128, 4096, 5000])
 def test_aligned_empty_matches_the_offset(offset: int) -> None:
     for shape, dtype in (((3, 5), np.float32), ((1000, 256), np.float16), ((7, 1), np.float64)):
@@ -29,9 +44,7 @@ def test_aligned_empty_matches_the_offset(offset: int) -> None:
 @pytest.mark.parametrize("offset,nbytes", [(128, 3 * BLOCK), (0, 2 * BLOCK), (128, 100), (4000, BLOCK + 200),
                                            (128, 10 * BLOCK + 77), (8192, BLOCK)])
 def test_same_bytes_as_a_plain_write(tmp_path, offset: int, nbytes: int) -> None:
-    path, fd = _file(tmp_path, offset + nbytes + 3 * BLOCK)
-    direct = open_direct(path)
-    try:
+    with _with_direct(tmp_path, offset + nbytes + 3 * BLOCK) as (path, fd, direct):
         buf = aligned_empty((nbytes, 1), np.uint8, offset)
         buf[:, 0] = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
         assert pwrite_direct(fd, direct, buf, offset)
@@ -39,16 +52,10 @@ def test_same_bytes_as_a_plain_write(tmp_path, offset: int, nbytes: int) -> None
         data = Path(path).read_bytes()
         assert data[offset:offset + nbytes] == buf.tobytes()
         assert set(data[:offset]) <= {0xEE} and set(data[offset + nbytes:]) == {0xEE}
-    finally:
-        os.close(fd)
-        if direct is not None:
-            os.close(direct)
 
 
 def test_misaligned_buffer_and_no_direct_fd_write_plainly(tmp_path) -> None:
-    path, fd = _file(tmp_path, 6 * BLOCK)
-    direct = open_direct(path)
-    try:
+    with _with_direct(tmp_path, 6 * BLOCK) as (path, fd, direct):
         raw = aligned_empty((3 * BLOCK + 1, 1), np.uint8, 128)
         buf = raw[1:]  # address one byte off the offset's alignment
         buf[:, 0] = 7
@@ -56,10 +63,6 @@ def test_misaligned_buffer_and_no_direct_fd_write_plainly(tmp_path) -> None:
         assert pwrite_direct(fd, None, buf[:10], 5 * BLOCK)
         data = Path(path).read_bytes()
         assert data[128:128 + 3 * BLOCK] == b"\x07" * (3 * BLOCK) and data[5 * BLOCK:5 * BLOCK + 10] == b"\x07" * 10
-    finally:
-        os.close(fd)
-        if direct is not None:
-            os.close(direct)
 
 
 def test_a_refused_direct_write_falls_back_with_the_same_bytes(tmp_path) -> None:
