@@ -193,3 +193,32 @@ def test_pipeline_holds_only_the_chunks_in_flight(tmp_path, registry, monkeypatc
     convert_table(tmp_path / "in.parquet", tmp_path / "out.parquet", registry=registry, dst=0, chunk_rows=100,
                   threads=1, progress=False)
     assert len(most) == 30 and max(most) <= 4, most
+
+
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+    return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+
+def test_numpy_blas_runs_on_one_thread_during_a_conversion_and_is_restored(tmp_path, registry):
+    """OpenBLAS workers busy-wait after a threaded call, on the cores the core's GEMM needs: the conversion
+    (fusing the chain, the verification's float64 reference) holds numpy's BLAS to one thread, then restores it."""
+    from threadpoolctl import threadpool_limits
+
+    if not _blas_threads():
+        pytest.skip("threadpoolctl finds no BLAS library loaded by numpy")
+    seen: list[list[int]] = []
+    layers = flatten_chain(registry.chain_layers(2, 0))
+
+    def reference(x):
+        seen.append(_blas_threads())
+        return apply_layers_reference(layers, x)
+
+    np.save(tmp_path / "in.npy", np.random.default_rng(6).standard_normal((500, DIMS[2])).astype(np.float32))
+    with threadpool_limits(2, user_api="blas"):
+        res = convert_table(tmp_path / "in.npy", tmp_path / "out.npy", registry=registry, dst=0, verify=50,
+                            reference=reference, progress=False)
+        after = _blas_threads()
+    assert res.verified_rows == 50
+    assert seen and all(t == [1] * len(t) for t in seen)
+    assert after == [2] * len(after)

@@ -54,6 +54,7 @@ import numpy as np
 
 from ..engine import FusedTransform
 from ..engine.routed import RoutedTransform
+from .._util.blas import single_threaded_blas
 from .._util.progress import Progress
 from .._util.fileio import FileLock, atomic_write_json
 from ..store.tables import Chunk, TableReader, TableWriter, open_table, remove_path
@@ -135,7 +136,9 @@ def apply_to_table(
     normalize : bool
         L2-normalise output rows (in the core's epilogue).
     threads : int, optional
-        Core threads, 1 to 1024 (default: all).
+        Core threads, 1 to 1024 (default: all). While the conversion runs, numpy's BLAS in this
+        process is held to one thread (threadpoolctl): its idle workers busy-wait for ~0.1 s after
+        each call, on the cores the core's GEMM needs.
     chunk_rows : int, optional
         Rows per chunk (default: ~16 MiB per chunk). Memory is about four chunks.
         A resumed run reuses the chunking of the run it resumes.
@@ -208,8 +211,11 @@ def apply_to_table(
 
     reader = open_table(input, column)
     try:
-        return _run(op, reader, input, output, prov, dtype, normalize, threads, chunk_rows, resume, int(verify),
-                    reference, verify_tol, seed, overwrite, progress, journal_interval, dev)
+        # The compiled core's GEMM gets the cores: an OpenBLAS worker woken by numpy (the verification's
+        # float64 reference, a caller's product just before) would busy-wait beside it.
+        with single_threaded_blas():
+            return _run(op, reader, input, output, prov, dtype, normalize, threads, chunk_rows, resume, int(verify),
+                        reference, verify_tol, seed, overwrite, progress, journal_interval, dev)
     finally:
         reader.close()
 
@@ -446,6 +452,7 @@ def convert_table(
     if options.get("device") not in (None, "cpu"):
         from ..engine.device import parse_device
         parse_device(options["device"])  # a bad device string fails before the registry is opened
-    op, prov, reference = registry_job(registry, src, dst, normalize)
-    options.setdefault("reference", reference)
-    return apply_to_table(op, input, output, provenance=prov, normalize=normalize, **options)
+    with single_threaded_blas():  # fusing the chain must leave no OpenBLAS worker spinning (see apply_to_table)
+        op, prov, reference = registry_job(registry, src, dst, normalize)
+        options.setdefault("reference", reference)
+        return apply_to_table(op, input, output, provenance=prov, normalize=normalize, **options)
