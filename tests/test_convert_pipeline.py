@@ -80,7 +80,7 @@ def test_parquet_merged_during_the_run_equals_merged_at_the_end(tmp_path, regist
     emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), DIMS[2])
     pq.write_table(pa.table({"id": np.arange(1500) * 3, "name": [f"n{i}" for i in range(1500)], "emb": emb}),
                    tmp_path / "in.parquet", row_group_size=400)
-    kw = dict(registry=registry, dst=0, chunk_rows=170, threads=1, progress=False)
+    kw = {"registry": registry, "dst": 0, "chunk_rows": 170, "threads": 1, "progress": False}
     merged_as_we_go = []
     orig = ParquetWriter._append_merged
     monkeypatch.setattr(ParquetWriter, "_append_merged",
@@ -121,7 +121,7 @@ def test_parquet_parts_of_an_older_run_resume_to_the_same_bytes(tmp_path, regist
     x = np.random.default_rng(8).standard_normal((1200, DIMS[2])).astype(np.float16)
     emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), DIMS[2])
     pq.write_table(pa.table({"id": np.arange(1200), "emb": emb}), tmp_path / "in.parquet", row_group_size=500)
-    kw = dict(registry=registry, dst=0, chunk_rows=100, threads=1, progress=False, journal_interval=0)
+    kw = {"registry": registry, "dst": 0, "chunk_rows": 100, "threads": 1, "progress": False, "journal_interval": 0}
     convert_table(tmp_path / "in.parquet", tmp_path / "clean.parquet", **kw)
 
     orig, calls = ParquetWriter.write, [0]

@@ -47,21 +47,41 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
+from .._util.blas import single_threaded_blas
+from .._util.fileio import FileLock, atomic_write_json
+from .._util.progress import Progress
 from ..engine import FusedTransform
 from ..engine.routed import RoutedTransform
-from .._util.blas import single_threaded_blas
-from .._util.progress import Progress
-from .._util.fileio import FileLock, atomic_write_json
 from ..store.tables import Chunk, TableReader, TableWriter, open_table, remove_path
-from .job import (DEFAULT_VERIFY_ROWS, _PARTIAL, ConvertResult, _plan, _reference_verify_tol, SampleCheck,
-                  default_reference, registry_job, sidecar_path)
-from .journal import _JOURNAL_FORMAT, _first_bad_chunk, _journaled_writer, _write_journal
-from .publish import _already_published, _check_output_free, _finish_publishing, _publish
+from .job import (
+    _PARTIAL,
+    DEFAULT_VERIFY_ROWS,
+    ConvertResult,
+    SampleCheck,
+    _plan,
+    _reference_verify_tol,
+    default_reference,
+    registry_job,
+    sidecar_path,
+)
+from .journal import (
+    _JOURNAL_FORMAT,
+    _first_bad_chunk,
+    _journaled_writer,
+    _write_journal,
+)
+from .publish import (
+    _already_published,
+    _check_output_free,
+    _finish_publishing,
+    _publish,
+)
 
 __all__ = ["apply_to_table", "convert_table"]
 
