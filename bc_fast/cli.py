@@ -174,7 +174,8 @@ def _add_convert_parser(sub: Any) -> None:
     p.add_argument("--normalize", action="store_true", help="L2-normalise the output rows")
     p.add_argument("--threads", type=int, default=None, help="compute threads, 1 to 1024 (default: all cores)")
     p.add_argument("--chunk-rows", type=int, default=None,
-                   help="rows per chunk (default: ~16 MiB per chunk); memory is about 4 chunks")
+                   help="rows per chunk (default: ~16 MiB per chunk, at most 16,384 rows for .npy tables on the CPU); "
+                        "memory is about 4 chunks")
     p.add_argument("--resume", action="store_true",
                    help="continue a killed run from its journal (or finish one killed while publishing)")
     p.add_argument("--verify", type=int, default=256, metavar="N",

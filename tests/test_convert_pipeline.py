@@ -222,3 +222,21 @@ def test_numpy_blas_runs_on_one_thread_during_a_conversion_and_is_restored(tmp_p
     assert res.verified_rows == 50
     assert seen and all(t == [1] * len(t) for t in seen)
     assert after == [2] * len(after)
+
+
+def test_default_chunks_are_16_mib_and_at_most_16384_rows_for_npy_on_the_cpu():
+    from bc_fast.convert.job import _default_chunk_rows
+
+    assert _default_chunk_rows(256, 2, 256, 2, "npy") == 16384  # 8 MiB: capped by rows
+    assert _default_chunk_rows(256, 2, 256, 2, "npy_dir") == 16384
+    assert _default_chunk_rows(256, 4, 256, 4, "npy") == 16384  # 16 MiB either way
+    assert _default_chunk_rows(768, 4, 384, 4, "npy") == 5120  # capped by bytes, a multiple of 1024 rows
+    assert _default_chunk_rows(256, 2, 256, 2, "parquet") == 32768  # row groups follow the chunks: unchanged
+    assert _default_chunk_rows(256, 2, 256, 2, "npy", device="cuda") == 32768
+    assert _default_chunk_rows(1 << 20, 4, 8, 4, "npy") == 1024  # never below 1024 rows
+
+
+def test_a_default_npy_conversion_runs_in_16384_row_chunks(tmp_path, registry):
+    np.save(tmp_path / "in.npy", np.random.default_rng(7).standard_normal((40000, DIMS[2])).astype(np.float16))
+    res = convert_table(tmp_path / "in.npy", tmp_path / "out.npy", registry=registry, dst=0, progress=False)
+    assert (res.chunk_rows, res.chunks) == (16384, 3)

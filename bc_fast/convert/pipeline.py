@@ -160,7 +160,8 @@ def apply_to_table(
         process is held to one thread (threadpoolctl): its idle workers busy-wait for ~0.1 s after
         each call, on the cores the core's GEMM needs.
     chunk_rows : int, optional
-        Rows per chunk (default: ~16 MiB per chunk). Memory is about four chunks.
+        Rows per chunk (default: ~16 MiB per chunk, and at most 16,384 rows for ``.npy`` tables on the
+        CPU). Memory is about four chunks.
         A resumed run reuses the chunking of the run it resumes.
     resume : bool
         Continue a killed run from its journal (or finish one killed while

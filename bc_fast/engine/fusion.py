@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .._util.blas import single_threaded_blas
 from .layer import Layer, validate_layer
 
 __all__ = ["fuse_chain", "apply_layers_reference", "flatten_chain", "chain_flops"]
@@ -94,6 +95,14 @@ def fuse_chain(steps: Sequence[Sequence[Layer]], *, fold_into_activation: bool =
         activation returns exactly one layer. Zero biases are dropped (``bias=None``).
     """
     layers = flatten_chain(steps)
+    with single_threaded_blas():  # small products; OpenBLAS workers would spin beside the core afterwards
+        program = _fused_program(layers, fold_into_activation)
+    return [_to_layer(*p) for p in program]
+
+
+def _fused_program(layers: list[Layer], fold_into_activation: bool
+                   ) -> list[tuple[np.ndarray, np.ndarray, str, int | None]]:
+    """The float64 ``(weight, bias, activation, width)`` program of :func:`fuse_chain`."""
     program: list[tuple[np.ndarray, np.ndarray, str, int | None]] = []
     run_w: np.ndarray | None = None  # pending affine run, float64
     run_b: np.ndarray | None = None
@@ -117,7 +126,7 @@ def fuse_chain(steps: Sequence[Sequence[Layer]], *, fold_into_activation: bool =
         program.append((w, b, layer.activation, layer.activation_width))
     if run_w is not None:
         program.append((run_w, run_b, "none", None))
-    return [_to_layer(*p) for p in program]
+    return program
 
 
 def chain_flops(layers: Sequence[Layer]) -> int:
