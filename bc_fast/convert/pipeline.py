@@ -232,8 +232,9 @@ def apply_to_table(
 
     reader = open_table(input, column)
     try:
-        # The compiled core's GEMM gets the cores: an OpenBLAS worker woken by numpy (the verification's
-        # float64 reference, a caller's product just before) would busy-wait beside it.
+        # The verification's float64 reference runs here: with BLAS threads its workers would busy-wait
+        # afterwards, beside whatever the core runs next (another conversion in this process, a Ray worker's
+        # next file). The fusion of the chain limits itself (fuse_chain, fuse_routed_chain).
         with single_threaded_blas():
             return _run(op, reader, input, output, prov, dtype, normalize, threads, chunk_rows, resume, int(verify),
                         reference, verify_tol, seed, overwrite, progress, journal_interval, dev)
@@ -473,7 +474,6 @@ def convert_table(
     if options.get("device") not in (None, "cpu"):
         from ..engine.device import parse_device
         parse_device(options["device"])  # a bad device string fails before the registry is opened
-    with single_threaded_blas():  # fusing the chain must leave no OpenBLAS worker spinning (see apply_to_table)
-        op, prov, reference = registry_job(registry, src, dst, normalize)
-        options.setdefault("reference", reference)
-        return apply_to_table(op, input, output, provenance=prov, normalize=normalize, **options)
+    op, prov, reference = registry_job(registry, src, dst, normalize)
+    options.setdefault("reference", reference)
+    return apply_to_table(op, input, output, provenance=prov, normalize=normalize, **options)

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .._util.blas import single_threaded_blas
 from ..engine import Layer
 from ..engine.routed import RoutedTransform
 from .manifest import RegistryError
@@ -72,12 +73,13 @@ def fuse_routed_chain(steps: Sequence[Sequence[Layer] | RoutedStep], labels: Seq
         raise ValueError(f"precision={precision!r}: a routed (local) chain ({chain}) runs in fp32 only")
     r = routed[0]
     op = steps[r].operator()  # type: ignore[union-attr]
-    before = compose_affine(steps[:r])  # type: ignore[arg-type]
-    after = compose_affine(steps[r + 1:])  # type: ignore[arg-type]
-    if before is not None:
-        op = op.after_affine(*before)
-    if after is not None:
-        op = op.then_affine(*after)
+    with single_threaded_blas():  # small products; OpenBLAS workers would spin beside the core afterwards
+        before = compose_affine(steps[:r])  # type: ignore[arg-type]
+        after = compose_affine(steps[r + 1:])  # type: ignore[arg-type]
+        if before is not None:
+            op = op.after_affine(*before)
+        if after is not None:
+            op = op.then_affine(*after)
     if normalize:
         op = RoutedTransform(op.score_weight, op.score_bias, op.weight, op.bias, op.m, op.temperature,
                              normalize=True)
