@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -138,3 +140,29 @@ def test_cli_dtype_bfloat16(tmp_path, registry, capsys) -> None:
     assert rc == 0, capsys.readouterr().err
     assert "bfloat16" in capsys.readouterr().err
     assert _as_bf16(np.load(tmp_path / "out.npy")).shape == (300, DIMS[1])
+
+
+_FRESH_PROCESS_CONVERSION = """
+import sys
+import numpy as np
+from bc_fast.convert import convert_table
+x = np.load(sys.argv[1], allow_pickle=False)  # a float32/float16 file; a bf16 one is read by the conversion only
+before = "ml_dtypes" in sys.modules
+convert_table(sys.argv[1], sys.argv[2], registry=sys.argv[3], dst=0, dtype=sys.argv[4] or None, threads=1, verify=8)
+print(before, "ml_dtypes" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(("in_dtype", "out_dtype", "imported"), [(np.float32, "", False), (np.float16, "float32", False),
+                                                                  (np.float32, "bfloat16", True), (BF16, "", True)])
+def test_ml_dtypes_is_imported_only_for_bfloat16(tmp_path, registry, in_dtype, out_dtype, imported) -> None:
+    # ml_dtypes 0.7.0 takes ~0.75 s to import: a float32/float16 run (and the CLI) must not pay for it.
+    np.save(tmp_path / "in.npy", _table(40, in_dtype))
+    res = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_CONVERSION, str(tmp_path / "in.npy"),
+                          str(tmp_path / "out.npy"), str(registry.path), out_dtype],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["False", str(imported)]
+    want_dtype = BF16 if (out_dtype == "bfloat16" or (in_dtype is BF16 and not out_dtype)) else np.dtype(
+        out_dtype or in_dtype)
+    assert open_table(str(tmp_path / "out.npy")).dtype == want_dtype

@@ -360,7 +360,7 @@ def _plan(op: Operator, reader: TableReader, input: str, output: str, prov: dict
           device: str = "cpu") -> tuple[_Job, dict | None]:
     _check_input(op, reader, input, prov)
     out_dtype = reader.dtype if dtype is None else table_dtype(dtype)
-    if out_dtype not in writer_class(reader).dtypes:
+    if not writer_class(reader).holds(out_dtype):
         raise TypeError(f"{reader.format} tables hold float32 or float16 only (bfloat16 is for .npy tables), "
                         f"got output dtype {out_dtype}; pass dtype='float16' (--dtype float16)")
     if normalize and not op.normalize and isinstance(op, RoutedTransform):

@@ -18,7 +18,14 @@ import numpy as np
 from .._util.arrays import bfloat16
 from .._util.direct_io import aligned_empty, open_direct, pwrite_direct
 from .._util.fileio import fsync_dir
-from .table_base import DTYPES, NPY_DTYPES, Chunk, TableReader, TableWriter, _file_stamp
+from .table_base import (
+    DTYPES,
+    Chunk,
+    TableReader,
+    TableWriter,
+    _file_stamp,
+    npy_dtype_ok,
+)
 
 
 def _pread_into(fd: int, buf: np.ndarray, offset: int, path: str) -> None:
@@ -79,7 +86,7 @@ def read_npy_header(path: str) -> NpyHeader:
     if dtype.kind == "f" and dtype.byteorder == ">" and dtype.newbyteorder("<") in DTYPES:
         raise TypeError(f"{path}: dtype {dtype.str} is big-endian; rewrite it little-endian with "
                         f"np.save(path, a.astype('{dtype.newbyteorder('<').str}'))")
-    if dtype not in NPY_DTYPES:
+    if not npy_dtype_ok(dtype):
         raise TypeError(f"{path}: dtype {dtype} is not supported; tables must be float32, float16 or bfloat16 "
                         "(convert with np.save(path, a.astype(np.float32)))")
     if len(shape) != 2:
@@ -200,7 +207,10 @@ class NpyWriter(TableWriter):
     made by :meth:`new_buffer`; the bytes written are the same either way.
     """
 
-    dtypes = NPY_DTYPES
+    @classmethod
+    def holds(cls, dtype: np.dtype) -> bool:
+        """True for float32, float16 and bfloat16."""
+        return npy_dtype_ok(dtype)
 
     def _paths(self) -> list[str]:
         if self.reader.format == "npy_dir":

@@ -2,9 +2,9 @@
 
 What lives here: :class:`Chunk` (rows ``[start, stop)`` of one part), the cutting of a table into
 chunks, :class:`TableReader` and :class:`TableWriter` (the interfaces :mod:`bc_fast.convert` drives),
-``DTYPES`` (and the ``.npy`` format's wider ``NPY_DTYPES``, :func:`table_dtype`) and the input fingerprint
-helper. The format modules (:mod:`.npy`, :mod:`.parquet`) build on it and :mod:`.tables` re-exports it; it
-imports numpy, ml_dtypes (through :func:`bc_fast._util.arrays.bfloat16`) and the standard library only.
+``DTYPES`` (and the ``.npy`` format's wider set, :func:`npy_dtype_ok`, :func:`table_dtype`) and the input
+fingerprint helper. The format modules (:mod:`.npy`, :mod:`.parquet`) build on it and :mod:`.tables` re-exports
+it; it imports numpy and the standard library only (ml_dtypes only when a bfloat16 dtype is asked for by name).
 """
 
 from __future__ import annotations
@@ -15,12 +15,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._util.arrays import bfloat16
+from .._util.arrays import bfloat16, is_bfloat16
 
 # What every table format reads and writes.
 DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
-# .npy tables also hold bfloat16 (ml_dtypes.bfloat16): written as np.save writes such an array (descr '<V2').
-NPY_DTYPES = DTYPES + (bfloat16(),)
+
+
+def npy_dtype_ok(dt: np.dtype) -> bool:
+    """True for the dtypes a ``.npy`` table holds: ``DTYPES`` and bfloat16 (``ml_dtypes.bfloat16``, written as
+    ``np.save`` writes such an array, descr ``'<V2'``).
+
+    bfloat16 is matched by name, without importing ml_dtypes: ml_dtypes 0.7.0 takes ~0.75 s to import (numpy
+    2.4, against ~6 ms for 0.6.0), so only a run that meets a bfloat16 table or dtype pays for it.
+    """
+    return dt in DTYPES or is_bfloat16(dt)
 
 
 def table_dtype(value: Any) -> np.dtype:
@@ -34,7 +42,7 @@ def table_dtype(value: Any) -> np.dtype:
         dt = np.dtype(value)
     except TypeError as e:
         raise TypeError(f"output dtype must be float32, float16 or bfloat16, got {value!r}") from e
-    if dt not in NPY_DTYPES:
+    if not npy_dtype_ok(dt):
         raise TypeError(f"output dtype must be float32 or float16 (or bfloat16 for .npy tables), got {dt}")
     return dt
 
@@ -118,7 +126,10 @@ class TableReader:
 class TableWriter:
     """Writes converted chunks under ``temp`` (a file or a directory)."""
 
-    dtypes: tuple = DTYPES  # the output dtypes the format can hold
+    @classmethod
+    def holds(cls, dtype: np.dtype) -> bool:
+        """True if the format can hold output rows of ``dtype`` (float32 and float16 everywhere)."""
+        return dtype in DTYPES
 
     def __init__(self, reader: TableReader, temp: str, dim: int, dtype: np.dtype,
                  chunks: list[Chunk], metadata: dict) -> None:

@@ -41,12 +41,19 @@ from .lance import LanceReader, LanceWriter, import_lance, is_lance_dataset
 from .milvus import MilvusReader, MilvusWriter, is_milvus_store
 from .npy import NpyHeader, NpyReader, NpyWriter, npy_header_bytes, read_npy_header
 from .parquet import _PARQUET_SUFFIXES, ParquetReader, ParquetWriter, import_pyarrow
-from .table_base import DTYPES, NPY_DTYPES, Chunk, TableReader, TableWriter, table_dtype
+from .table_base import (
+    DTYPES,
+    Chunk,
+    TableReader,
+    TableWriter,
+    npy_dtype_ok,
+    table_dtype,
+)
 
-__all__ = ["DTYPES", "FORMATS", "NPY_DTYPES", "ChromaReader", "ChromaWriter", "Chunk", "LanceReader", "LanceWriter", "MilvusReader",
+__all__ = ["DTYPES", "FORMATS", "ChromaReader", "ChromaWriter", "Chunk", "LanceReader", "LanceWriter", "MilvusReader",
            "MilvusWriter", "NpyHeader", "NpyReader", "NpyWriter", "ParquetReader", "ParquetWriter", "TableReader",
-           "TableWriter", "detect_format", "import_lance", "import_pyarrow", "make_writer", "npy_header_bytes",
-           "open_table", "read_npy_header", "remove_path", "sha256_file", "table_dtype", "writer_class"]
+           "TableWriter", "detect_format", "import_lance", "import_pyarrow", "make_writer", "npy_dtype_ok",
+           "npy_header_bytes", "open_table", "read_npy_header", "remove_path", "sha256_file", "table_dtype", "writer_class"]
 
 FORMATS = ("npy", "npy_dir", "parquet", "lance", "chroma", "milvus")
 
