@@ -22,8 +22,8 @@ from bc_fast import FusedTransform, Layer
 from bc_fast._util.arrays import bfloat16
 from bc_fast.engine import onednn
 
-_WHY = onednn.load_onednn()
-needs_onednn = pytest.mark.skipif(bool(_WHY), reason=f"oneDNN cannot be loaded: {_WHY}")
+_WHY = onednn.onednn_bf16_unavailable()
+needs_onednn = pytest.mark.skipif(bool(_WHY), reason=f"oneDNN cannot run bf16 matmuls here: {_WHY}")
 _AMX = onednn.has_amx_bf16()
 needs_amx = pytest.mark.skipif(not _AMX, reason="this CPU has no amx_bf16 (AMX tile units): the AMX path cannot run")
 
@@ -217,6 +217,7 @@ def test_missing_onednn_says_how_to_install(monkeypatch) -> None:
     monkeypatch.delenv("BC_FAST_ONEDNN_LIB", raising=False)
     monkeypatch.setattr(onednn, "onednn_library", lambda: None)
     onednn.load_onednn.cache_clear()
+    onednn.onednn_bf16_unavailable.cache_clear()
     try:
         with pytest.raises(RuntimeError, match=r"bf16_backend='onednn' cannot run: oneDNN is not installed "
                                                r"\(pip install \"bc-fast\[onednn\]\""):
@@ -224,6 +225,31 @@ def test_missing_onednn_says_how_to_install(monkeypatch) -> None:
         assert onednn.resolve_bf16_backend("auto") == "native"
     finally:
         onednn.load_onednn.cache_clear()
+        onednn.onednn_bf16_unavailable.cache_clear()
+
+
+def test_a_cpu_without_onednn_bf16_is_refused_by_name(monkeypatch) -> None:
+    """oneDNN loads on any x86-64 CPU but has no bf16 matmul on AVX2-only ones (it says "unimplemented" when the
+    primitive is built): bf16_backend='onednn' is refused up front, naming the CPU's features; 'auto' stays native."""
+    if onednn.load_onednn():
+        pytest.skip(f"oneDNN cannot be loaded: {onednn.load_onednn()}")
+    real = bc_fast._core.FusedOp
+
+    def unimplemented(*args):
+        if args[-2:] == ("onednn", 1):
+            raise RuntimeError("oneDNN bf16 matmul failed: unimplemented")
+        return real(*args)
+
+    monkeypatch.setattr(bc_fast._core, "FusedOp", unimplemented)  # what an AVX2-only CPU answers
+    onednn.onednn_bf16_unavailable.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"bf16_backend='onednn' cannot run: oneDNN 3\.\S+ \(.*\) has no bf16 "
+                                               r"matmul for this CPU \(oneDNN bf16 matmul failed: unimplemented\); "
+                                               r"oneDNN needs AVX-512 .* and this CPU has: \w"):
+            FusedTransform.affine(np.eye(4, dtype=np.float32), precision="bf16", bf16_backend="onednn")
+        assert onednn.resolve_bf16_backend("auto") == "native"
+    finally:
+        onednn.onednn_bf16_unavailable.cache_clear()
 
 
 @pytest.mark.parametrize("target,message", [

@@ -49,6 +49,28 @@ def load_onednn() -> str:
     return f"{why} ({INSTALL_HINT} installs a build bc_fast can use)" if why else ""
 
 
+@cache
+def onednn_bf16_unavailable() -> str:
+    """``""`` when oneDNN is loaded and has a bf16 matmul for this CPU, else why not (cached per process).
+
+    oneDNN loads on any x86-64 CPU, but its bf16 matmul needs AVX-512 (``avx512_core``), AVX-NE-CONVERT or AMX:
+    on an AVX2-only CPU (AMD Zen 3, for one) building the primitive fails with "unimplemented". One 16 x 16
+    matmul is built to find out, so the answer is oneDNN's own, whatever its version supports.
+    """
+    why = load_onednn()
+    if why:
+        return why
+    import numpy as np
+
+    try:
+        _core.FusedOp([np.eye(16, dtype=np.float32)], [None], ["none"], [16], False, "bf16", "onednn", 1)
+    except RuntimeError as e:
+        cpu = _core.build_info()["cpu"]
+        return (f"{_core.onednn_version()} has no bf16 matmul for this CPU ({e}); oneDNN needs AVX-512 "
+                f"(avx512_core), AVX-NE-CONVERT or AMX for bf16, and this CPU has: {cpu}")
+    return ""
+
+
 def has_amx_bf16() -> bool:
     """Whether this CPU has AMX bf16 tile units (as the core's CPU check reports them)."""
     return "amx_bf16" in _core.build_info()["cpu"].split()
@@ -63,7 +85,8 @@ def resolve_bf16_backend(requested: str | None = None) -> str:
     """The bf16 GEMM backend to use: ``"native"`` or ``"onednn"``.
 
     ``requested`` (else ``$BC_FAST_BF16_BACKEND``, else ``"auto"``): ``"native"`` is bc_fast's own
-    AVX512-BF16 kernels; ``"onednn"`` is oneDNN's matmul, RuntimeError when it cannot be loaded;
+    AVX512-BF16 kernels; ``"onednn"`` is oneDNN's matmul, RuntimeError when it cannot be loaded or has no bf16
+    matmul for this CPU (:func:`onednn_bf16_unavailable`);
     ``"auto"`` is oneDNN where the CPU has AMX bf16, the core's own bf16 kernels could run (so a
     ``BC_FAST_SIMD`` below avx512 still refuses bf16) and oneDNN loads; else native (without AMX the two
     measured within a few percent of each other on AMD Zen 4, so the lighter path stays).
@@ -75,13 +98,13 @@ def resolve_bf16_backend(requested: str | None = None) -> str:
     if requested == "native":
         return "native"
     if requested == "onednn":
-        why = load_onednn()
+        why = onednn_bf16_unavailable()
         if why:
             raise RuntimeError(f"{source}='onednn' cannot run: {why}")
         return "onednn"
     # Only where the core's own bf16 kernels could run too: BC_FAST_SIMD forcing a lower level still refuses bf16.
     native_ok = not _core.bf16_unavailable_reason()
-    return "onednn" if native_ok and has_amx_bf16() and not load_onednn() else "native"
+    return "onednn" if native_ok and has_amx_bf16() and not onednn_bf16_unavailable() else "native"
 
 
 def onednn_status() -> str:
