@@ -13,6 +13,8 @@ import sys
 from functools import cache
 from pathlib import Path
 
+import numpy as np
+
 from .. import _core
 
 BF16_BACKENDS = ("auto", "native", "onednn")
@@ -60,8 +62,6 @@ def onednn_bf16_unavailable() -> str:
     why = load_onednn()
     if why:
         return why
-    import numpy as np
-
     try:
         _core.FusedOp([np.eye(16, dtype=np.float32)], [None], ["none"], [16], False, "bf16", "onednn", 1)
     except RuntimeError as e:

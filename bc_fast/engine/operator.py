@@ -15,20 +15,22 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .. import _core
-from .._util.arrays import as_numpy, bfloat16, is_bfloat16, is_torch, to_torch
+from .._util.arrays import (
+    as_numpy,
+    bfloat16,
+    is_bfloat16,
+    is_row_dtype,
+    is_torch,
+    to_torch,
+)
 from ._checks import INT_MAX, check_threads
 from .layer import Layer, validate_layer
 from .onednn import BF16_BACKENDS, requested_bf16_backend, resolve_bf16_backend
 from .runtime import bf16_speed
 
 PRECISIONS = ("fp32", "bf16")
-_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
 _NDARRAY = np.ndarray
 _FLOAT16 = np.dtype(np.float16)
-
-
-def _row_dtype_ok(dt: np.dtype) -> bool:
-    return dt in _DTYPES or is_bfloat16(dt)
 
 
 def _out_dtype(out_dtype: Any) -> np.dtype:
@@ -40,7 +42,7 @@ def _out_dtype(out_dtype: Any) -> np.dtype:
         dt = np.dtype(out_dtype)
     except TypeError as e:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype!r}") from e
-    if not _row_dtype_ok(dt):
+    if not is_row_dtype(dt):
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {dt}")
     return dt
 
@@ -57,7 +59,7 @@ def _check_batch(a: np.ndarray, name: str, dim: int) -> None:
     if a.ndim != 2:
         hint = " Reshape your data with x.reshape(1, -1) for a single vector." if a.ndim == 1 else ""
         raise ValueError(f"Expected {name} to be a 2-D array (n, {dim}), got {a.ndim}-D array of shape {a.shape}.{hint}")
-    if not _row_dtype_ok(a.dtype):
+    if not is_row_dtype(a.dtype):
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got dtype {a.dtype}; convert it with "
                         f"{name}.astype(np.float32)")
     if a.shape[1] != dim:

@@ -15,20 +15,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._util.arrays import bfloat16, is_bfloat16
+from .._util.arrays import bfloat16, is_row_dtype
 
 # What every table format reads and writes.
 DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 def npy_dtype_ok(dt: np.dtype) -> bool:
-    """True for the dtypes a ``.npy`` table holds: ``DTYPES`` and bfloat16 (``ml_dtypes.bfloat16``, written as
-    ``np.save`` writes such an array, descr ``'<V2'``).
-
-    bfloat16 is matched by name, without importing ml_dtypes: ml_dtypes 0.7.0 takes ~0.75 s to import (numpy
-    2.4, against ~6 ms for 0.6.0), so only a run that meets a bfloat16 table or dtype pays for it.
-    """
-    return dt in DTYPES or is_bfloat16(dt)
+    """True for the dtypes a ``.npy`` table holds: the core's row dtypes, ``DTYPES`` and bfloat16
+    (``ml_dtypes.bfloat16``, written as ``np.save`` writes such an array, descr ``'<V2'``; matched without
+    importing ml_dtypes, :func:`bc_fast._util.arrays.is_row_dtype`)."""
+    return is_row_dtype(dt)
 
 
 def table_dtype(value: Any) -> np.dtype:
