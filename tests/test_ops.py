@@ -478,3 +478,24 @@ def test_core_leaves_numpy_and_torch_blas_threads_alone():
     res = _in_fresh_python(code)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["True", "2", "1"]
+
+
+@pytest.mark.parametrize("user_setting", [None, "3"])
+def test_importing_the_core_starts_no_blas_threads_and_keeps_the_environment(user_setting):
+    # OpenBLAS starts its pool as it loads and each pool thread then spins ~0.1 s; the core's instance
+    # only ever runs on its caller's thread, so it is loaded with OPENBLAS_NUM_THREADS=1, set for that
+    # moment only: the user's value (or its absence) is what the process has afterwards.
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("counting a process's threads needs Linux's /proc/self/task")
+    code = ("import os, numpy\n"
+            "threads = lambda: len(os.listdir('/proc/self/task'))\n"
+            "before = threads()\n"
+            "import bc_fast\n"
+            "print(threads() - before, os.environ.get('OPENBLAS_NUM_THREADS'), bc_fast.build_info()['blas_threads'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "BC_FAST_NUM_THREADS")}
+    if user_setting is not None:
+        env["OPENBLAS_NUM_THREADS"] = user_setting
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["0", str(user_setting), "1"]

@@ -5,6 +5,33 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# The BLAS the core links (scipy-openblas32) reads its thread count from these, in this order, once, when it loads.
+_OPENBLAS_THREADS_ENV = "OPENBLAS_NUM_THREADS"
+
+
+@contextmanager
+def _core_blas_loads_single_threaded() -> Iterator[None]:
+    """Load the core's OpenBLAS with no thread pool of its own, then put the environment back as it was.
+
+    The core runs that BLAS on one thread per call and parallelises over tiles itself (it sets the count to
+    1 as it loads), but OpenBLAS starts its pool before that and each pool thread then spins ~0.1 s
+    looking for work: on a 2-core machine half the CPU for the first 0.1 s after ``import bc_fast``.
+    numpy is imported first so that its own OpenBLAS keeps the user's settings.
+    """
+    import numpy  # noqa: F401
+
+    saved = os.environ.get(_OPENBLAS_THREADS_ENV)
+    os.environ[_OPENBLAS_THREADS_ENV] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(_OPENBLAS_THREADS_ENV, None)
+        else:
+            os.environ[_OPENBLAS_THREADS_ENV] = saved
 
 
 def check_core() -> None:
@@ -14,7 +41,8 @@ def check_core() -> None:
     compiled core: without this check that fails as a confusing circular-import error.
     """
     try:
-        importlib.import_module("bc_fast._core")
+        with _core_blas_loads_single_threaded():
+            importlib.import_module("bc_fast._core")
     except ImportError as e:
         folder = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         suffixes = importlib.machinery.EXTENSION_SUFFIXES
