@@ -419,9 +419,11 @@ def test_torch_set_num_threads_does_not_change_bc_fast(restore_num_threads):
         torch.set_num_threads(prev)
 
 
-def _in_fresh_python(code: str, **env: str) -> subprocess.CompletedProcess:
+def _in_fresh_python(code: str, **env: str | None) -> subprocess.CompletedProcess:
+    """Run ``code`` in a new interpreter with this environment, ``env`` set on top (None: unset)."""
     full = {k: v for k, v in os.environ.items() if k != "BC_FAST_NUM_THREADS"}
     full.update(env)
+    full = {k: v for k, v in full.items() if v is not None}
     # cwd=tests/: `python -c` puts cwd on sys.path, and the source bc_fast/ must not shadow the install.
     return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -492,10 +494,6 @@ def test_importing_the_core_starts_no_blas_threads_and_keeps_the_environment(use
             "before = threads()\n"
             "import bc_fast\n"
             "print(threads() - before, os.environ.get('OPENBLAS_NUM_THREADS'), bc_fast.build_info()['blas_threads'])\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "BC_FAST_NUM_THREADS")}
-    if user_setting is not None:
-        env["OPENBLAS_NUM_THREADS"] = user_setting
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    res = _in_fresh_python(code, OPENBLAS_NUM_THREADS=user_setting)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["0", str(user_setting), "1"]
