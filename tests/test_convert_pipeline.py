@@ -3,6 +3,7 @@ merge done as the run goes. (Whole conversions are tested in test_convert.py.)""
 
 from __future__ import annotations
 
+import time
 import zlib
 
 import numpy as np
@@ -240,3 +241,52 @@ def test_a_default_npy_conversion_runs_in_16384_row_chunks(tmp_path, registry):
     np.save(tmp_path / "in.npy", np.random.default_rng(7).standard_normal((40000, DIMS[2])).astype(np.float16))
     res = convert_table(tmp_path / "in.npy", tmp_path / "out.npy", registry=registry, dst=0, progress=False)
     assert (res.chunk_rows, res.chunks) == (16384, 3)
+
+
+def test_compute_threads_follow_what_the_run_waits_for():
+    from bc_fast.convert.pipeline import _ComputeThreads
+    from bc_fast.engine import get_num_threads
+
+    assert _ComputeThreads(None).threads == get_num_threads()
+    pace = _ComputeThreads(4)
+    pace.update(0.002, 0.010)  # waited less than it computed: the compute is the bottleneck
+    assert pace.threads == 4
+    pace.update(0.020, 0.010)  # waited on reading or writing longer than it computed
+    assert pace.threads == 1
+    pace.update(0.005, 0.030)  # one thread still waits a sixth of its time: stays on one
+    assert pace.threads == 1
+    pace.update(0.001, 0.030)  # now the run waits on the compute: all threads again
+    assert pace.threads == 4
+    single = _ComputeThreads(1)
+    single.update(1.0, 0.001)
+    assert single.threads == 1
+
+
+def test_a_run_that_waits_on_its_reader_computes_on_one_thread(tmp_path, registry, monkeypatch):
+    """While reading takes longer than computing, a multi-threaded GEMM would only take the reader's cores:
+    chunks after the first two are computed on one thread, with the same bytes as a one-thread run."""
+    from bc_fast.engine import FusedTransform
+    from bc_fast.store.npy import NpyReader
+
+    np.save(tmp_path / "in.npy", np.random.default_rng(8).standard_normal((4000, DIMS[2])).astype(np.float32))
+    single = convert_table(tmp_path / "in.npy", tmp_path / "one.npy", registry=registry, dst=0, chunk_rows=500,
+                           threads=1, progress=False)
+    threads_used: list[int | None] = []
+    orig_apply, orig_read = FusedTransform.apply, NpyReader.read
+
+    def apply(self, x, **kw):
+        threads_used.append(kw.get("threads"))
+        return orig_apply(self, x, **kw)
+
+    def slow_read(self, chunk, buf):
+        time.sleep(0.05)
+        return orig_read(self, chunk, buf)
+
+    monkeypatch.setattr(FusedTransform, "apply", apply)
+    monkeypatch.setattr(NpyReader, "read", slow_read)
+    res = convert_table(tmp_path / "in.npy", tmp_path / "out.npy", registry=registry, dst=0, chunk_rows=500,
+                        threads=2, verify=0, progress=False)
+    assert res.chunks == 8 and len(threads_used) == 8
+    assert threads_used[:2] == [2, 2] and threads_used[2:] == [1] * 6, threads_used
+    assert (tmp_path / "out.npy").read_bytes() == (tmp_path / "one.npy").read_bytes()
+    assert single.chunks == 8
