@@ -8,7 +8,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-# The BLAS the core links (scipy-openblas32) reads its thread count from these, in this order, once, when it loads.
+# The BLAS the core links (scipy-openblas32) reads its thread count from this variable (ahead of GOTO_NUM_THREADS
+# and OMP_NUM_THREADS) once, as it loads.
 _OPENBLAS_THREADS_ENV = "OPENBLAS_NUM_THREADS"
 
 
