@@ -484,8 +484,12 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
 #if defined(BC_FAST_HAVE_BLAS)
     // At the avx512 level our packed kernel (W packed once, at construction) beats OpenBLAS, which packs
     // W again on every tile's call: on a Zen 4 core 117 vs 104 GFLOP/s for a 160 x 768 x 768 tile,
-    // 1.05-1.08x numpy sgemm instead of 0.94x for 100k x 256/768 batches. Below it, BLAS stays.
-    use_blas = !bf16() && std::strcmp(active_kernels().name, "avx512") != 0;
+    // 1.05-1.08x numpy sgemm instead of 0.94x for 100k x 256/768 batches. At the avx2 level it does up
+    // to a few hundred rows, where OpenBLAS's packing weighs most (AMD Zen 3, 2 threads, 96-256 rows of
+    // d 128-384 and an MLP: 1.01-1.27x; 512 rows 0.97-1.07x), and OpenBLAS is 5-10 % faster on large ones.
+    const char* level = active_kernels().name;
+    use_blas = !bf16() && std::strcmp(level, "avx512") != 0 &&
+               !(std::strcmp(level, "avx2") == 0 && n <= kAvx2PackedRows);
 #endif
     tile = tile_rows(n);
   }

@@ -44,6 +44,9 @@ class FusedOp {
  public:
   // Batches of at most this many rows take the single-thread packed-kernel path.
   static constexpr int64_t kSmallBatchRows = 64;
+  // Larger fp32 batches of at most this many rows run on the packed kernel at the avx2 level too (see
+  // FusedOp::apply; above it, OpenBLAS there).
+  static constexpr int64_t kAvx2PackedRows = 256;
   // A small batch is split over threads only above this many multiply-adds (~10 us on one core).
   static constexpr int64_t kMinParallelMacs = int64_t{1} << 19;
   // Up to two such parts, a small batch's fp32 layer is split by output columns (two halves of its

@@ -141,3 +141,19 @@ def test_levels_agree_closely():
         _core.set_simd_level(before)
     for lv in LEVELS:
         np.testing.assert_allclose(outs[lv], outs["generic"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [65, 200, 256])
+def test_batches_of_up_to_256_rows_give_each_row_its_single_row_bits(simd_level, n):
+    # At the avx2 and avx512 levels batches of up to 256 rows run on the packed kernel (above 64 rows at
+    # avx2 since stop 35, in place of OpenBLAS), whose rows do not depend on the rows beside them.
+    if simd_level == "generic":
+        pytest.skip("the generic level runs batches of over 64 rows on BLAS, whose rows may depend on the batch")
+    rng = np.random.default_rng(n)
+    layers = [Layer(rand(rng, 300, 200, scale=0.1), rand(rng, 300), "relu"), Layer(rand(rng, 130, 300, scale=0.1))]
+    op = FusedTransform(layers)
+    x = rand(rng, n, 200)
+    whole = op.apply(x, threads=2)
+    np.testing.assert_allclose(whole, apply_layers_reference(layers, x.astype(np.float64)), rtol=0, atol=2e-5)
+    for i in (0, n // 2, n - 1):
+        np.testing.assert_array_equal(op.apply(x[i:i + 1], threads=1), whole[i:i + 1])
