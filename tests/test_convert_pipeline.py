@@ -248,15 +248,20 @@ def test_compute_threads_follow_what_the_run_waits_for():
     from bc_fast.engine import get_num_threads
 
     assert _ComputeThreads(None).threads == get_num_threads()
-    pace = _ComputeThreads(4)
+    pace = _ComputeThreads(2)
     pace.update(0.002, 0.010)  # waited less than it computed: the compute is the bottleneck
-    assert pace.threads == 4
-    pace.update(0.020, 0.010)  # waited on reading or writing longer than it computed
+    assert pace.threads == 2
+    pace.update(0.010, 0.010)  # one thread (~0.020 s) would just keep up: no margin, stays on two
+    assert pace.threads == 2
+    pace.update(0.020, 0.010)  # 0.030 s a chunk: one thread does it in ~0.020 s
     assert pace.threads == 1
-    pace.update(0.005, 0.030)  # one thread still waits a sixth of its time: stays on one
+    pace.update(0.005, 0.020)  # one thread still waits a quarter of its time: stays on one
     assert pace.threads == 1
     pace.update(0.001, 0.030)  # now the run waits on the compute: all threads again
-    assert pace.threads == 4
+    assert pace.threads == 2
+    many = _ComputeThreads(16)
+    many.update(0.040, 0.010)  # 0.050 s a chunk: 16 * 0.010 * 1.25 / 0.050 = 4 threads keep up
+    assert many.threads == 4
     single = _ComputeThreads(1)
     single.update(1.0, 0.001)
     assert single.threads == 1
