@@ -159,9 +159,9 @@ def apply_to_table(
         Core threads, 1 to 1024 (default: all). While the conversion runs, numpy's BLAS in this
         process is held to one thread (threadpoolctl): its idle workers busy-wait for ~0.1 s after
         each call, on the cores the core's GEMM needs. On the CPU, while the run waits on reading or
-        writing longer than it computes (a Parquet input's decoding, a slow disk), chunks are computed
-        on one thread, leaving the other cores to the reader and writer; all ``threads`` again once
-        the compute is what it waits for.
+        writing (a Parquet input's decoding, a slow disk), chunks are computed on the fewest threads
+        that keep up with it (one on two cores), leaving the other cores to the reader and writer;
+        all ``threads`` again once the compute is what it waits for.
     chunk_rows : int, optional
         Rows per chunk (default: ~16 MiB per chunk, and at most 16,384 rows for ``.npy`` tables on the
         CPU). Memory is about four chunks.
