@@ -271,6 +271,12 @@ struct GemmHalves {
 
 }  // namespace
 
+bool FusedOp::packs_at_avx2(const KernelSet& kern, const Layer& l) {
+  // Measured on a Zen 3 VM (2 threads, 200k rows, interleaved builds): 128 -> 128 124-133 -> 143-156 GFLOP/s,
+  // 128 -> 768 140-148 -> 157-164, 64 -> 64 111-117 -> 129-157; 768 -> 128 is as fast or faster on OpenBLAS.
+  return l.spec.d_in <= kAvx2PackedMaxK && std::strcmp(kern.name, "avx2") == 0;
+}
+
 bool FusedOp::split_pays(int64_t m, const Layer& l) const {
   return !bf16() && l.n_pad >= 2 * kPanel && m * l.spec.d_in * l.n_pad >= kMinSplitMacs;
 }
@@ -299,7 +305,8 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
     const bool last = li + 1 == layers_.size();
     // The last layer writes float32 output in place when the kernel can (BLAS takes any row
     // stride; the packed kernel writes whole panels), saving a pass over the tile.
-    const bool direct = last && out_type == DType::kFloat32 && (use_blas || l.n_pad == l.spec.d_out);
+    const bool blas = use_blas && !packs_at_avx2(kern, l);
+    const bool direct = last && out_type == DType::kFloat32 && (blas || l.n_pad == l.spec.d_out);
     float* dst = direct ? static_cast<float*>(out) : bufs[li % 2];
     const int64_t ld = direct ? l.spec.d_out : l.n_pad;
     if (bf16_ != nullptr) {
@@ -308,7 +315,7 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
                   ld);
     } else
 #if defined(BC_FAST_HAVE_BLAS)
-    if (use_blas) {
+    if (blas) {
       scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m),
                         static_cast<blasint>(l.spec.d_out), static_cast<blasint>(l.spec.d_in), 1.0f, cur,
                         static_cast<blasint>(ld_cur), l.spec.weight.data(), static_cast<blasint>(l.spec.d_in), 0.0f,
@@ -320,7 +327,7 @@ void FusedOp::run_block(const void* x, DType x_type, int64_t m, void* out, DType
       const GemmHalves job{&kern, cur, ld_cur, m, l.spec.d_in, l.packed.data(), dst, ld, panels, (panels + 1) / 2};
       split->run(2, &GemmHalves::run, &job, l.split_stats[static_cast<size_t>(split_bucket(m))]);
     } else {
-      (void)use_blas;
+      (void)blas;
       kern.gemm_packed(cur, ld_cur, m, l.spec.d_in, l.packed.data(), l.n_pad, dst, ld);
     }
     // The bf16 GEMM starts its sums from the bias.
@@ -486,12 +493,16 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
     // W again on every tile's call: on a Zen 4 core 117 vs 104 GFLOP/s for a 160 x 768 x 768 tile,
     // 1.05-1.08x numpy sgemm instead of 0.94x for 100k x 256/768 batches. At the avx2 level it does up
     // to a few hundred rows, where OpenBLAS's packing weighs most (AMD Zen 3, 2 threads, 96-256 rows of
-    // d 128-384 and an MLP: 1.01-1.27x; 512 rows 0.97-1.07x), and OpenBLAS is 5-10 % faster on large ones.
+    // d 128-384 and an MLP: 1.01-1.27x; 512 rows 0.97-1.07x), and OpenBLAS is 5-10 % faster on large ones,
+    // except in layers that sum over few inputs (packs_at_avx2).
     const char* level = active_kernels().name;
     use_blas = !bf16() && std::strcmp(level, "avx512") != 0 &&
                !(std::strcmp(level, "avx2") == 0 && n <= kAvx2PackedRows);
 #endif
     tile = tile_rows(n);
+    if (use_blas && std::any_of(layers_.begin(), layers_.end(),
+                                [&](const Layer& l) { return packs_at_avx2(active_kernels(), l); }))
+      tile = std::min(tile, kAvx2PackedTileRows);
   }
   const int64_t tiles = (n + tile - 1) / tile;
   auto run_tile = [&](int64_t i) {

@@ -47,6 +47,11 @@ class FusedOp {
   // Larger fp32 batches of at most this many rows run on the packed kernel at the avx2 level too (see
   // FusedOp::apply; above it, OpenBLAS there).
   static constexpr int64_t kAvx2PackedRows = 256;
+  // ... and so do the layers of larger batches that sum over at most this many inputs: OpenBLAS packs every
+  // tile's rows and zeroes its output first, which weighs most when k is short. Such batches are cut into
+  // tiles of at most kAvx2PackedTileRows rows, so a tile's rows and outputs stay in L2.
+  static constexpr int64_t kAvx2PackedMaxK = 128;
+  static constexpr int64_t kAvx2PackedTileRows = 256;
   // A small batch is split over threads only above this many multiply-adds (~10 us on one core).
   static constexpr int64_t kMinParallelMacs = int64_t{1} << 19;
   // Up to two such parts, a small batch's fp32 layer is split by output columns (two halves of its
@@ -102,6 +107,8 @@ class FusedOp {
                     int64_t m, void* out, DType out_type, bool direct) const;
   bool bf16() const { return bf16_ != nullptr || onednn_; }
   bool split_pays(int64_t m, const Layer& l) const;
+  // A large batch's layer runs on the packed kernel, not OpenBLAS (see kAvx2PackedMaxK).
+  static bool packs_at_avx2(const KernelSet& kern, const Layer& l);
   int64_t tile_rows(int64_t n) const;
   void pack_bf16(const LayerSpec& s, Layer& l) const;
 
