@@ -8,7 +8,8 @@ bc_fast's speed-up over the best baseline, the bytes that must cross device memo
 out written once) per second against the device-to-device copy bandwidth measured in the same run,
 bc_fast's largest row error relative to a float64 reference on sampled rows, and a per-kernel time
 table of one call of bc_fast and of the best baseline (torch.profiler), so one run says where the
-time goes.
+time goes. Where a layer runs on the fused sm90 kernel, its other variants (``SM90_VARIANTS``: the
+pingpong schedule, the staged store) are timed in the same round-robin, each with its row error.
 
 Configs (rows: default / --quick):
 - ``l2_256``: 256->256 + bias + L2, float16 (16M / 8M). Targets: >= 70 % of copy bandwidth, >= 1.5x torch.compile.
@@ -114,6 +115,31 @@ def _compiled(torch: Any, fn: Callable[[Any], Any], x: Any) -> tuple[Callable[[]
         return None, f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
 
 
+# The fused sm90 kernel's variants timed beside the default (cooperative/direct) where a layer runs on it.
+SM90_VARIANTS = [("cooperative", "staged"), ("pingpong", "direct"), ("pingpong", "staged")]
+
+
+def _sm90_variant_fns(op: Any, x: Any, out: Any, paths: list[str]) -> dict[str, Callable[[], Any]]:
+    """``op.apply(x, out=out)`` under each other variant of the fused sm90 kernel (none if no layer uses it)."""
+    if "sm90_fused" not in paths:
+        return {}
+    from bc_fast.engine.cuda import cuda_module
+
+    cu = cuda_module()
+    default = tuple(cu.sm90_kernel_variant())
+
+    def under(variant: tuple[str, str]) -> Callable[[], Any]:
+        def call() -> Any:
+            cu.set_sm90_kernel_variant(*variant)
+            try:
+                return op.apply(x, out=out)
+            finally:
+                cu.set_sm90_kernel_variant(*default)
+        return call
+
+    return {f"bc_fast {'/'.join(v)}": under(v) for v in SM90_VARIANTS if v != default}
+
+
 def run_config(torch: Any, name: str, rows: int, samples: int, profile_on: bool, compile_on: bool = True) -> dict:
     """Times one config; returns its record (times, errors, bytes, profile)."""
     import torch.nn.functional as F
@@ -195,6 +221,11 @@ def run_config(torch: Any, name: str, rows: int, samples: int, profile_on: bool,
     x = torch.randn((rows, d_in), device=dev, dtype=torch.float32).to(dt)
     out = torch.empty((rows, op.d_out), device=dev, dtype=dt)
     fns: dict[str, Callable[[], Any]] = {"bc_fast": lambda: op.apply(x, out=out), "torch eager": eager}
+    op.apply(x, out=out)  # builds op._cuda_op
+    dname, sm90 = str(dt).removeprefix("torch."), torch.cuda.get_device_capability() == (9, 0)
+    paths = list(op._cuda_op.layer_paths(dname, dname, sm90)) if getattr(op, "_cuda_op", None) is not None else []
+    variant_fns = _sm90_variant_fns(op, x, out, paths)
+    fns.update(variant_fns)
     if compile_fn is not None and compile_on:
         c, why = _compiled(torch, compile_fn, x)
         if c is None:
@@ -212,13 +243,16 @@ def run_config(torch: Any, name: str, rows: int, samples: int, profile_on: bool,
         ref = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
     err = _row_err(out[ti], ref)
     base_err = _row_err(eager()[ti], ref)
+    variants = {}
+    for k, fn in variant_fns.items():
+        fn()
+        torch.cuda.synchronize()
+        variants[k] = {"median_s": times.pop(k), "max_row_err": _row_err(out[ti], ref)}
     best_name = min((k for k in times if k != "bc_fast"), key=lambda k: times[k])
     rec = {"config": name, "rows": rows, "dtype": str(dt).removeprefix("torch."), "median_s": times,
            "best_baseline": best_name, "speedup": times[best_name] / times["bc_fast"],
            "bytes": rows * (d_in + op.d_out) * x.element_size(), "max_row_err": err,
-           "eager_max_row_err": base_err, "notes": notes,
-           "paths": list(op._cuda_op.layer_paths(str(dt).removeprefix("torch."), str(dt).removeprefix("torch."),
-                                                  True)) if getattr(op, "_cuda_op", None) is not None else []}
+           "eager_max_row_err": base_err, "notes": notes, "paths": paths, "sm90_variants": variants}
     if profile_on and name != "batch1":
         try:
             rec["profile"] = {"bc_fast": _profile(torch, fns["bc_fast"]), best_name: _profile(torch, fns[best_name])}
@@ -272,6 +306,10 @@ def report(records: list[dict], bw: float) -> str:
                      f"{r['speedup']:.2f}x ({r['best_baseline']}) | {100 * frac:.0f} % | "
                      f"{r['max_row_err']:.1e} ({r['eager_max_row_err']:.1e}) | {'+'.join(r['paths'])} | "
                      f"{'; '.join(res)} |")
+        for v, vr in r.get("sm90_variants", {}).items():
+            vt = vr["median_s"]
+            lines.append(f"|  {v}: {_fmt_t(vt)}, {100 * r['bytes'] / vt / bw:.0f} % copy bw, "
+                         f"{t['bc_fast'] / vt:.2f}x the default kernel, row err {vr['max_row_err']:.1e} |")
         for n in r["notes"]:
             lines.append(f"|  note: {n} |")
     lines.append(f"# {met}/{total} kernel targets met")

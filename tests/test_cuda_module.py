@@ -496,6 +496,58 @@ def test_fused_sm90_zero_rows_normalise_to_zero_and_views_fall_back():
     _check(torch, layers, True, xv, _run(torch, op, xv, "float16"), "float16", "float16")
 
 
+@pytest.fixture
+def sm90_variant_restored():
+    """The fused kernel's process-wide variant, put back after the test."""
+    if not INFO["fused_sm90_kernels"]:
+        pytest.skip("this build has no fused sm_90a kernels (built without CUTLASS)")
+    before = cu.sm90_kernel_variant()
+    yield
+    cu.set_sm90_kernel_variant(*before)
+
+
+def test_sm90_kernel_variant_is_picked_by_name(sm90_variant_restored):
+    assert cu.sm90_kernel_variant() == ("cooperative", "direct")
+    cu.set_sm90_kernel_variant("pingpong", "staged")
+    assert cu.sm90_kernel_variant() == ("pingpong", "staged")
+    with pytest.raises(ValueError, match="schedule must be one of 'cooperative', 'pingpong', got 'fast'"):
+        cu.set_sm90_kernel_variant("fast", "direct")
+    with pytest.raises(ValueError, match="store must be one of 'direct', 'staged', got 'tma'"):
+        cu.set_sm90_kernel_variant("cooperative", "tma")
+    assert cu.sm90_kernel_variant() == ("pingpong", "staged")  # a refused call changes nothing
+
+
+def test_sm90_kernel_variant_needs_the_fused_kernels():
+    if INFO["fused_sm90_kernels"]:
+        pytest.skip("this build has the fused sm_90a kernels: the variant can be set")
+    with pytest.raises(RuntimeError, match="without CUTLASS"):
+        cu.set_sm90_kernel_variant("pingpong", "staged")
+
+
+@pytest.mark.parametrize("schedule", ["cooperative", "pingpong"])
+@pytest.mark.parametrize("name", [n for n, (_, _, paths) in WIDE_PROGRAMS.items() if "sm90_fused" in paths])
+@pytest.mark.parametrize("x_dtype", ["float16", "bfloat16"])
+def test_every_sm90_variant_matches_float64_and_the_stores_agree_bitwise(sm90_variant_restored, x_dtype, name,
+                                                                          schedule):
+    # The staged store only moves the direct store's values through shared memory: same bits.
+    torch = _fused_gpu()
+    rng = np.random.default_rng(zlib.crc32(f"variant/{x_dtype}/{name}".encode()))
+    make, normalize, _ = WIDE_PROGRAMS[name]
+    layers = make(rng)
+    op = _op(layers, normalize)
+    dt = getattr(torch, x_dtype)
+    for n in (1, 63, 64, 65, 129, 5000, 33_333):  # pingpong tiles are 64 rows, cooperative ones 128
+        x = torch.from_numpy(rng.standard_normal((n, layers[0].d_in)).astype(np.float32)).to("cuda", dt)
+        outs = {}
+        for store in ("direct", "staged"):
+            cu.set_sm90_kernel_variant(schedule, store)
+            outs[store] = torch.full((n, op.d_out), float("nan"), dtype=dt, device="cuda")
+            op.apply(x.data_ptr(), x_dtype, n, outs[store].data_ptr(), x_dtype, 0, 0)
+            assert not torch.isnan(outs[store]).any().item(), f"{store}, {n} rows: output elements left unwritten"
+        assert torch.equal(outs["direct"], outs["staged"]), f"{n} rows"
+        _check(torch, layers, normalize, x, outs["staged"], x_dtype, x_dtype)
+
+
 @pytest.mark.parametrize("d_out", [768, 2048, 3000])
 @pytest.mark.parametrize("x_dtype", ["float16", "bfloat16"])
 def test_wide_rows_normalise_after_cublaslt(x_dtype, d_out):

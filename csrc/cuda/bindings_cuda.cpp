@@ -10,11 +10,26 @@
 #include <vector>
 
 #include "cuda_op.h"
+#include "layer_gemm_sm90.h"
 
 namespace py = pybind11;
 namespace bcc = bc_fast::cuda;
 
 namespace {
+
+const char* const kScheduleNames[] = {"cooperative", "pingpong"};
+const char* const kStoreNames[] = {"direct", "staged"};
+
+// The index of `name` among `names`, or std::invalid_argument naming the choices.
+template <size_t N>
+int choice(const std::string& name, const char* const (&names)[N], const char* what) {
+  std::string all;
+  for (size_t i = 0; i < N; ++i) {
+    if (name == names[i]) return static_cast<int>(i);
+    all += (i ? ", '" : "'") + std::string(names[i]) + "'";
+  }
+  throw std::invalid_argument(std::string(what) + " must be one of " + all + ", got '" + name + "'");
+}
 
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
@@ -104,6 +119,26 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("device_info", &device_info_dict,
         "CUDA runtime/driver versions and visible devices; never raises for a missing GPU or driver "
         "(available=False, error says why).");
+
+  m.def(
+      "sm90_kernel_variant",
+      [] {
+        const bcc::Sm90Variant v = bcc::sm90_variant();
+        return py::make_tuple(kScheduleNames[static_cast<int>(v.schedule)], kStoreNames[static_cast<int>(v.store)]);
+      },
+      "(schedule, store) of the fused sm_90a layer kernel that later launches use.");
+  m.def(
+      "set_sm90_kernel_variant",
+      [](const std::string& schedule, const std::string& store) {
+        bcc::Sm90Variant v;
+        v.schedule = static_cast<bcc::Sm90Schedule>(choice(schedule, kScheduleNames, "schedule"));
+        v.store = static_cast<bcc::Sm90Store>(choice(store, kStoreNames, "store"));
+        bcc::set_sm90_variant(v);
+      },
+      py::arg("schedule"), py::arg("store"),
+      "Picks the fused sm_90a layer kernel's variant for the whole process (for benchmarks and tests): "
+      "schedule 'cooperative' (default) or 'pingpong', store 'direct' (default) or 'staged'. RuntimeError "
+      "when the module was built without the fused kernels.");
 
   py::class_<bcc::FusedOpCuda>(m, "CudaFusedOp")
       .def(py::init(&make_op), py::arg("weights"), py::arg("biases"), py::arg("activations"),

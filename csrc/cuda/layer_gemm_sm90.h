@@ -27,7 +27,24 @@ struct LayerGemmArgs {
   bool normalize = false;   // needs n <= kLayerGemmMaxNormWidth
 };
 
+// How the fused kernel is built, one instance per pair (and dtype): the schedule of its GEMM and the
+// way its epilogue writes the tile (layer_epilogue_sm90.cuh). The process-wide choice defaults to the
+// pair measured fastest; the others are there to be measured (bench/gpu_kernels.py sweeps them).
+// - kCooperative: 128 x 256 tiles, both consumer warpgroups on one tile, the epilogue between tiles.
+// - kPingpong: 64 x 256 tiles, one per consumer warpgroup, one's epilogue overlapping the other's MMAs.
+enum class Sm90Schedule : int { kCooperative = 0, kPingpong = 1 };
+// - kDirect: 4-byte stores from registers. kStaged: through shared memory, 16-byte coalesced row stores.
+enum class Sm90Store : int { kDirect = 0, kStaged = 1 };
+struct Sm90Variant {
+  Sm90Schedule schedule = Sm90Schedule::kCooperative;
+  Sm90Store store = Sm90Store::kDirect;
+};
+
 #if BC_FAST_WITH_CUTLASS
+// The variant later launches use (thread-safe; for benchmarking and tests).
+Sm90Variant sm90_variant();
+void set_sm90_variant(Sm90Variant v);
+
 // Whether this build holds the fused sm_90a kernels.
 bool layer_gemm_sm90_built();
 
@@ -44,6 +61,10 @@ void layer_gemm_sm90(DType t, const LayerGemmArgs& a, void* workspace, size_t wo
 #else
 // Built without CUDA's CUTLASS headers: no fused kernels; every layer takes the cuBLASLt path.
 inline bool layer_gemm_sm90_built() { return false; }
+inline Sm90Variant sm90_variant() { return {}; }
+inline void set_sm90_variant(Sm90Variant) {
+  throw CudaError("this build of bc_fast._cuda has no fused sm90 kernels (built without CUTLASS)");
+}
 inline bool layer_gemm_sm90_supports(DType, const LayerGemmArgs&) { return false; }
 inline size_t layer_gemm_sm90_workspace(DType, const LayerGemmArgs&) { return 0; }
 inline void layer_gemm_sm90(DType, const LayerGemmArgs&, void*, size_t, cudaStream_t) {
