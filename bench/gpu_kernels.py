@@ -8,8 +8,9 @@ bc_fast's speed-up over the best baseline, the bytes that must cross device memo
 out written once) per second against the device-to-device copy bandwidth measured in the same run,
 bc_fast's largest row error relative to a float64 reference on sampled rows, and a per-kernel time
 table of one call of bc_fast and of the best baseline (torch.profiler), so one run says where the
-time goes. Where a layer runs on the fused sm90 kernel, its other variants (``SM90_VARIANTS``: the
-pingpong schedule, the staged store) are timed in the same round-robin, each with its row error.
+time goes. The fused sm90 kernel's other variants (``SM90_VARIANTS``: the pingpong schedule, the
+staged store, which also takes GELU layers) are timed in the same round-robin wherever they run a
+layer, each with its row error.
 
 Configs (rows: default / --quick):
 - ``l2_256``: 256->256 + bias + L2, float16 (16M / 8M). Targets: >= 70 % of copy bandwidth, >= 1.5x torch.compile.
@@ -119,14 +120,21 @@ def _compiled(torch: Any, fn: Callable[[Any], Any], x: Any) -> tuple[Callable[[]
 SM90_VARIANTS = [("cooperative", "staged"), ("pingpong", "direct"), ("pingpong", "staged")]
 
 
-def _sm90_variant_fns(op: Any, x: Any, out: Any, paths: list[str]) -> dict[str, Callable[[], Any]]:
-    """``op.apply(x, out=out)`` under each other variant of the fused sm90 kernel (none if no layer uses it)."""
-    if "sm90_fused" not in paths:
-        return {}
+def _sm90_variant_fns(op: Any, x: Any, out: Any, dtype: str, sm90: bool) -> dict[str, Callable[[], Any]]:
+    """``op.apply(x, out=out)`` under each other variant of the fused sm90 kernel that runs a layer on it."""
     from bc_fast.engine.cuda import cuda_module
 
     cu = cuda_module()
+    if not sm90 or not cu.device_info()["fused_sm90_kernels"]:
+        return {}
     default = tuple(cu.sm90_kernel_variant())
+
+    def uses_it(variant: tuple[str, str]) -> bool:
+        cu.set_sm90_kernel_variant(*variant)
+        try:
+            return "sm90_fused" in op._cuda_op.layer_paths(dtype, dtype, True)
+        finally:
+            cu.set_sm90_kernel_variant(*default)
 
     def under(variant: tuple[str, str]) -> Callable[[], Any]:
         def call() -> Any:
@@ -137,7 +145,7 @@ def _sm90_variant_fns(op: Any, x: Any, out: Any, paths: list[str]) -> dict[str, 
                 cu.set_sm90_kernel_variant(*default)
         return call
 
-    return {f"bc_fast {'/'.join(v)}": under(v) for v in SM90_VARIANTS if v != default}
+    return {f"bc_fast {'/'.join(v)}": under(v) for v in SM90_VARIANTS if v != default and uses_it(v)}
 
 
 def run_config(torch: Any, name: str, rows: int, samples: int, profile_on: bool, compile_on: bool = True) -> dict:
@@ -224,7 +232,7 @@ def run_config(torch: Any, name: str, rows: int, samples: int, profile_on: bool,
     op.apply(x, out=out)  # builds op._cuda_op
     dname, sm90 = str(dt).removeprefix("torch."), torch.cuda.get_device_capability() == (9, 0)
     paths = list(op._cuda_op.layer_paths(dname, dname, sm90)) if getattr(op, "_cuda_op", None) is not None else []
-    variant_fns = _sm90_variant_fns(op, x, out, paths)
+    variant_fns = _sm90_variant_fns(op, x, out, dname, sm90) if paths else {}
     fns.update(variant_fns)
     if compile_fn is not None and compile_on:
         c, why = _compiled(torch, compile_fn, x)

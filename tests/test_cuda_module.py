@@ -524,28 +524,56 @@ def test_sm90_kernel_variant_needs_the_fused_kernels():
         cu.set_sm90_kernel_variant("pingpong", "staged")
 
 
+# Paths with the staged store where they differ from WIDE_PROGRAMS' (the direct store's): GELU layers
+# without normalisation take the fused kernel, the GELU applied on the values read back.
+STAGED_PATHS = {"gelu_1024": ["sm90_fused"], "mlp_gelu_l2": ["sm90_fused", "sm90_fused"],
+                "mlp_gelu": ["sm90_fused", "cublaslt"]}
+
+
+def test_layer_paths_with_the_staged_store(sm90_variant_restored):
+    rng = np.random.default_rng(5)
+    for schedule in ("cooperative", "pingpong"):
+        cu.set_sm90_kernel_variant(schedule, "staged")
+        for name, (make, normalize, expected) in WIDE_PROGRAMS.items():
+            op = _op(make(rng), normalize)
+            assert op.layer_paths("float16", "float16", True) == STAGED_PATHS.get(name, expected), name
+            assert "sm90_fused" not in op.layer_paths("float16", "float16", False), name
+            assert "sm90_fused" not in op.layer_paths("float32", "float32", True), name
+        # A partial GELU also runs fused (only the leading columns get it); with L2 it stays on cuBLASLt.
+        assert _op([_dense(rng, 64, 64, act="gelu", width=10)]).layer_paths("bfloat16", "bfloat16", True) == [
+            "sm90_fused"]
+        assert _op([_dense(rng, 64, 64, act="gelu")], True).layer_paths("float16", "float16", True) == [
+            "cublaslt+epilogue"]
+
+
 @pytest.mark.parametrize("schedule", ["cooperative", "pingpong"])
-@pytest.mark.parametrize("name", [n for n, (_, _, paths) in WIDE_PROGRAMS.items() if "sm90_fused" in paths])
+@pytest.mark.parametrize("name", [n for n, (_, _, paths) in WIDE_PROGRAMS.items()
+                                  if "sm90_fused" in paths + STAGED_PATHS.get(n, [])] + ["gelu_partial"])
 @pytest.mark.parametrize("x_dtype", ["float16", "bfloat16"])
 def test_every_sm90_variant_matches_float64_and_the_stores_agree_bitwise(sm90_variant_restored, x_dtype, name,
                                                                           schedule):
-    # The staged store only moves the direct store's values through shared memory: same bits.
+    # Where both stores take the same paths, the staged one only moves the direct one's values through
+    # shared memory: same bits. Where GELU layers move to the fused kernel, float64 decides.
     torch = _fused_gpu()
     rng = np.random.default_rng(zlib.crc32(f"variant/{x_dtype}/{name}".encode()))
-    make, normalize, _ = WIDE_PROGRAMS[name]
+    make, normalize = ((lambda r: [_dense(r, 200, 96, act="gelu", width=77)]), False) if name == "gelu_partial" \
+        else WIDE_PROGRAMS[name][:2]
     layers = make(rng)
     op = _op(layers, normalize)
     dt = getattr(torch, x_dtype)
     for n in (1, 63, 64, 65, 129, 5000, 33_333):  # pingpong tiles are 64 rows, cooperative ones 128
         x = torch.from_numpy(rng.standard_normal((n, layers[0].d_in)).astype(np.float32)).to("cuda", dt)
-        outs = {}
+        outs, paths = {}, {}
         for store in ("direct", "staged"):
             cu.set_sm90_kernel_variant(schedule, store)
+            paths[store] = op.layer_paths(x_dtype, x_dtype, True)
             outs[store] = torch.full((n, op.d_out), float("nan"), dtype=dt, device="cuda")
             op.apply(x.data_ptr(), x_dtype, n, outs[store].data_ptr(), x_dtype, 0, 0)
             assert not torch.isnan(outs[store]).any().item(), f"{store}, {n} rows: output elements left unwritten"
-        assert torch.equal(outs["direct"], outs["staged"]), f"{n} rows"
-        _check(torch, layers, normalize, x, outs["staged"], x_dtype, x_dtype)
+            _check(torch, layers, normalize, x, outs[store], x_dtype, x_dtype)
+        assert "sm90_fused" in paths["staged"]
+        if paths["direct"] == paths["staged"]:
+            assert torch.equal(outs["direct"], outs["staged"]), f"{n} rows"
 
 
 @pytest.mark.parametrize("d_out", [768, 2048, 3000])

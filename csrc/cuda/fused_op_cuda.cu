@@ -575,9 +575,11 @@ std::shared_ptr<const FusedOpCuda::Plan> FusedOpCuda::plan_for(int device, size_
 // The fused kernel takes the final layer's L2 normalisation when the row fits one tile (no activation
 // or ReLU): on an H200, 256->256 + bias + L2 in fp16, 8M rows, took 5.5 ms, against 8.0 ms for the
 // cuBLASLt + normalise route (measured before that pass was vectorised) and 11.7 ms for torch eager.
-// GELU layers do not take it: with its epilogue (erf per element, in registers) the MLP ran 2.5x slower
-// than torch eager's addmm + in-place GELU, so they take kLtEpilogue's 16-bit route, which does that same
-// work. cuBLASLt keeps plain bias/ReLU layers, which its own epilogues already do in one kernel.
+// GELU layers do not take it with the direct store: with erf per element in its unrolled register loop
+// the MLP ran 2.5x slower than torch eager's addmm + in-place GELU, so they take kLtEpilogue's 16-bit
+// route, which does that same work. With the staged store (not yet timed on a GPU), a GELU layer without
+// normalisation takes the fused kernel, its GELU applied on the way out (layer_epilogue_sm90.cuh).
+// cuBLASLt keeps plain bias/ReLU layers, which its own epilogues already do in one kernel.
 FusedOpCuda::Path FusedOpCuda::path_of(size_t layer, DType ct, DType dst_type, bool fused) const {
   const LayerSpec& l = layers_[layer];
   const bool norm = layer + 1 == layers_.size() && normalize_;
@@ -585,8 +587,11 @@ FusedOpCuda::Path FusedOpCuda::path_of(size_t layer, DType ct, DType dst_type, b
   const Act act = width > 0 ? l.act : Act::kNone;
   const bool epilogue_fits = act == Act::kNone || (act == Act::kRelu && width == l.d_out);
   if (fused && layer_gemm_sm90_built() && ct != DType::kFloat32 && dst_type == ct && l.d_in % 8 == 0 &&
-      l.d_out % 8 == 0 && norm && l.d_out <= kLayerGemmMaxNormWidth && act != Act::kGelu)
-    return Path::kFusedSm90;
+      l.d_out % 8 == 0) {
+    const bool l2_layer = norm && l.d_out <= kLayerGemmMaxNormWidth && act != Act::kGelu;
+    const bool gelu_layer = !norm && act == Act::kGelu && sm90_variant().store == Sm90Store::kStaged;
+    if (l2_layer || gelu_layer) return Path::kFusedSm90;
+  }
   // With normalisation and a 16-bit output, cuBLASLt writes the output dtype and one in-place pass
   // normalises it (2 + 2 bytes per value instead of 4 + 4 through an fp32 buffer; the row is rounded
   // to 16 bits once before scaling). An fp32 output takes kLtEpilogue (same traffic, one rounding).

@@ -10,7 +10,10 @@
 //   rows). Measured on an H200: 256->256 + bias + L2 fp16 at 38 % of the copy bandwidth.
 // - kStaged: each warp moves its 8-row halves through its own 4 KB of shared memory (stmatrix in, 16-byte
 //   reads out), so every row leaves as one coalesced 512-byte warp store: 8 full-line 16-byte stores per
-//   thread and half instead of 32 scattered 4-byte ones.
+//   thread and half instead of 32 scattered 4-byte ones. A GELU layer without normalisation takes its
+//   GELU there, on the 16-bit values read back (8 per lane per row, in a rolled loop): erf inlined into
+//   the fully unrolled register loop made the kernel instruction-fetch bound. Its values are thus rounded
+//   to 16 bits before the GELU, as on the cuBLASLt route (GEMM + bias, then one GELU pass).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -35,12 +38,16 @@ template <>
 struct RawPair<cutlass::half_t> {
   using type = __half2;
   static __device__ __forceinline__ type make(float a, float b) { return __floats2half2_rn(a, b); }
+  static __device__ __forceinline__ float2 unpack(type v) { return __half22float2(v); }
 };
 template <>
 struct RawPair<cutlass::bfloat16_t> {
   using type = __nv_bfloat162;
   static __device__ __forceinline__ type make(float a, float b) { return __floats2bfloat162_rn(a, b); }
+  static __device__ __forceinline__ float2 unpack(type v) { return __bfloat1622float2(v); }
 };
+
+__device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
 
 // The staging buffers: one per consumer warp. The sm90 warp-specialised kernels run 384 threads (one
 // producer and two consumer warpgroups), so (threadIdx.x / 32) % 8 gives each consumer warp its own.
@@ -137,10 +144,13 @@ class LayerEpilogue {
     // unrolled, branch-free loop per activation: an unrolled loop that branches per element
     // around inlined activation code spreads the hot path over so much code that instruction-cache
     // misses, not arithmetic, set the kernel's speed (on an H200: 8.4 ms per 4M rows, 10x the GEMM alone).
+    const bool gelu_on_read_back =
+        kStore == Sm90Store::kStaged && params_.act == static_cast<int>(Act::kGelu) && !params_.normalize;
+    const int act_in_registers = gelu_on_read_back ? static_cast<int>(Act::kNone) : params_.act;
     float scale[kMmaM][2] = {};
-    if (params_.act == static_cast<int>(Act::kGelu))
+    if (act_in_registers == static_cast<int>(Act::kGelu))
       finish<Act::kGelu>(acc, tc, col0, N, scale);
-    else if (params_.act == static_cast<int>(Act::kRelu))
+    else if (act_in_registers == static_cast<int>(Act::kRelu))
       finish<Act::kRelu>(acc, tc, col0, N, scale);
     else
       finish<Act::kNone>(acc, tc, col0, N, scale);
@@ -155,10 +165,14 @@ class LayerEpilogue {
         scale[mm][h] = params_.normalize ? 1.0f / fmaxf(sqrtf(s), 1e-12f) : 1.0f;
       }
     }
-    if constexpr (kStore == Sm90Store::kStaged)
-      store_staged(acc, tc, row0, col0, M, N, scale, smem);
-    else
+    if constexpr (kStore == Sm90Store::kStaged) {
+      if (gelu_on_read_back)
+        store_staged<Act::kGelu>(acc, tc, row0, col0, M, N, scale, smem);
+      else
+        store_staged<Act::kNone>(acc, tc, row0, col0, M, N, scale, smem);
+    } else {
       store_direct(acc, tc, row0, col0, M, N, scale);
+    }
   }
 
  private:
@@ -190,8 +204,7 @@ class LayerEpilogue {
               const auto idx = make_coord(make_coord(p, h, g), mm, nn);
               float x = acc(idx) + (p == 0 ? b.x : b.y);
               if constexpr (kAct == Act::kRelu) x = col + p < width ? fmaxf(x, 0.0f) : x;
-              if constexpr (kAct == Act::kGelu)
-                x = col + p < width ? 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)) : x;
+              if constexpr (kAct == Act::kGelu) x = col + p < width ? gelu_erf(x) : x;
               acc(idx) = x;
               ss[mm][h] += x * x;
             }
@@ -233,7 +246,8 @@ class LayerEpilogue {
   // and 2(t%4)+1, exactly the wgmma fragment), 16-byte chunks XOR-swizzled by row so that neither the
   // matrix stores nor the row reads meet a bank conflict; then lane l reads chunk l of each row and the
   // warp writes the row's 512 bytes in one coalesced store. Only the warp touches its buffer: __syncwarp.
-  template <class Acc, class Coords, int kMmaM>
+  // kAct == kGelu: the GELU on the chunk's columns before act_width, between the read and the store.
+  template <Act kAct, class Acc, class Coords, int kMmaM>
   CUTLASS_DEVICE void store_staged(Acc const& acc, Coords const& tc, int row0, int col0, int M, int N,
                                    float const (&scale)[kMmaM][2], char* smem) const {
     using namespace cute;
@@ -265,15 +279,31 @@ class LayerEpilogue {
         __syncwarp();
         // The slab's first row in this half: lane 0 holds it (lane t holds row t/4 of the half).
         const int first = row0 + __shfl_sync(0xffffffffu, get<0>(tc(make_coord(make_coord(0, h, 0), mm, 0))), 0);
-        CUTLASS_PRAGMA_UNROLL
+#pragma unroll(kAct == Act::kGelu ? 1 : 8)
         for (int rr = 0; rr < 8; ++rr) {
-          const uint4 v = *reinterpret_cast<const uint4*>(buf + rr * kStageRowBytes + ((lane ^ rr) * 16));
+          uint4 v = *reinterpret_cast<const uint4*>(buf + rr * kStageRowBytes + ((lane ^ rr) * 16));
+          if constexpr (kAct == Act::kGelu) v = gelu_chunk(v, col);
           const int row = first + rr;
           if (row < M && col < N) *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row) * N + col) = v;
         }
         __syncwarp();
       }
     }
+  }
+
+  // GELU on the 8 16-bit values of a 16-byte chunk starting at column col, where before act_width.
+  CUTLASS_DEVICE uint4 gelu_chunk(uint4 v, int col) const {
+    typename Pair::type pairs[4];
+    memcpy(pairs, &v, sizeof(v));
+    CUTLASS_PRAGMA_UNROLL
+    for (int q = 0; q < 4; ++q) {
+      float2 f = Pair::unpack(pairs[q]);
+      f.x = col + 2 * q < params_.act_width ? gelu_erf(f.x) : f.x;
+      f.y = col + 2 * q + 1 < params_.act_width ? gelu_erf(f.y) : f.y;
+      pairs[q] = Pair::make(f.x, f.y);
+    }
+    memcpy(&v, pairs, sizeof(v));
+    return v;
   }
 
   Params params_;
