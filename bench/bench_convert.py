@@ -151,6 +151,12 @@ def _write_stage(table: str, out: str, y: np.ndarray, chunk_rows: int, rows: int
         os.fsync(f.fileno())
 
 
+def read_stage(reader, chunks: list, buf: np.ndarray) -> None:
+    """The table read chunk by chunk, as the conversion reads it, into one buffer."""
+    for c in chunks:
+        reader.read(c, buf)
+
+
 def _worker(method: str, registry: str, table: str, out: str, threads: int) -> dict:
     """One method in this (fresh) process: seconds, CPU seconds, peak RSS."""
     from bc_fast.convert.job import _default_chunk_rows
@@ -181,8 +187,7 @@ def _worker(method: str, registry: str, table: str, out: str, threads: int) -> d
             x = np.load(table)
             np.save(out, (x.astype(np.float32) @ w.T + (0 if b is None else b)).astype(dtype))
         elif method == "read":
-            for c in chunks:
-                reader.read(c, buf)
+            read_stage(reader, chunks, buf)
         elif method == "compute":
             for c in chunks:
                 op.apply(x[c.start:c.stop], out=y[: c.rows], threads=threads)
