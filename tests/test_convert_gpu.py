@@ -88,7 +88,9 @@ class _FusedOp:
                                  normalize=normalize)
         self.d_in, self.d_out, self.num_layers = self.op.d_in, self.op.d_out, len(weights)
 
-    def apply(self, x_ptr: int, x_dtype: str, n: int, out_ptr: int, out_dtype: str, device: int, stream: int) -> None:
+    def apply(self, x_ptr: int, x_dtype: str, n: int, out_ptr: int, out_dtype: str, device: int, stream: int,
+              trusted: bool = False) -> None:
+        assert trusted, "the pipeline's buffers are its own: it tells the core so"
         f = self.fake
         with f.lock:
             s = f.handles[stream]
@@ -389,7 +391,7 @@ def test_verification_still_catches_a_wrong_device_result(tmp_path: Path, monkey
 
     def wrong(self: _FusedOp, *a: Any) -> None:
         real_apply(self, *a)
-        self.fake.handles[a[-1]].queue.append(("compute", lambda: fake._view(a[3], 8, 0).fill(0x40)))
+        self.fake.handles[a[6]].queue.append(("compute", lambda: fake._view(a[3], 8, 0).fill(0x40)))  # a[6]: stream
         fake.queued["compute"] += 1
     monkeypatch.setattr(_FusedOp, "apply", wrong)
     inp = _table(tmp_path / "in.npy", rows=300)

@@ -158,7 +158,7 @@ def gpu_pipeline(op: FusedTransform, reader: TableReader, chunks: list[Chunk], s
                 if i >= depth:  # the device output buffer is free once chunk i - depth was copied out
                     m.stream_wait_event(sl.compute.ptr, sl.copied_out[s])
                 cop.apply(sl.dev_in[s].ptr, in_dtype.name, n, sl.dev_out[s].ptr, out_dtype.name, dev.index,
-                          sl.compute.ptr)
+                          sl.compute.ptr, True)  # our own device buffers
                 sl.computed[s].record(sl.compute.ptr)
                 if i >= depth:
                     writes[i - depth].result()  # the pinned output buffer is free once its chunk is written

@@ -452,7 +452,8 @@ def apply_fused(fused: Any, x: Any, *, out: Any = None, out_dtype: Any = None, t
         return result
     op = _cuda_op(fused)
     stream = xd.stream if xd.stream is not None else (od.stream if od.stream is not None else 0)
-    op.apply(xd.ptr, xd.dtype, n, od.ptr, od.dtype, xd.device, stream)
+    # Both devices are known here (torch's and CuPy's own, else a pointer query): the core need not ask again.
+    op.apply(xd.ptr, xd.dtype, n, od.ptr, od.dtype, xd.device, stream, True)
     return result
 
 

@@ -136,7 +136,7 @@ class DeviceTransform:
         with self._lock:
             d_x, d_y = self._buffer("in", x.nbytes), self._buffer("out", out.nbytes)
             m.memcpy_async(d_x.ptr, x.ctypes.data, x.nbytes, "h2d", s.ptr)
-            self._cop.apply(d_x.ptr, x.dtype.name, n, d_y.ptr, out.dtype.name, self.dev.index, s.ptr)
+            self._cop.apply(d_x.ptr, x.dtype.name, n, d_y.ptr, out.dtype.name, self.dev.index, s.ptr, True)  # ours
             m.memcpy_async(out.ctypes.data, d_y.ptr, out.nbytes, "d2h", s.ptr)
             s.synchronize()
         return out

@@ -66,11 +66,11 @@ bcc::FusedOpCuda* make_op(const std::vector<FloatArray>& weights, const std::vec
 }
 
 void apply(const bcc::FusedOpCuda& op, uintptr_t x_ptr, const std::string& x_dtype, int64_t n, uintptr_t out_ptr,
-           const std::string& out_dtype, int device, uintptr_t stream) {
+           const std::string& out_dtype, int device, uintptr_t stream, bool trusted) {
   const bcc::DType xt = bcc::parse_dtype(x_dtype, "x_dtype");
   const bcc::DType ot = bcc::parse_dtype(out_dtype, "out_dtype");
   py::gil_scoped_release release;
-  op.apply(x_ptr, xt, n, out_ptr, ot, device, stream);
+  op.apply(x_ptr, xt, n, out_ptr, ot, device, stream, trusted);
 }
 
 py::dict device_info_dict() {
@@ -160,11 +160,12 @@ PYBIND11_MODULE(_cuda, m) {
           "'sm90_fused' (one kernel: GEMM, bias, activation, L2, cast), 'cublaslt', 'cublaslt+normalize' or "
           "'cublaslt+epilogue'. Host-only.")
       .def("apply", &apply, py::arg("x_ptr"), py::arg("x_dtype"), py::arg("n"), py::arg("out_ptr"),
-           py::arg("out_dtype"), py::arg("device"), py::arg("stream"),
+           py::arg("out_dtype"), py::arg("device"), py::arg("stream"), py::arg("trusted") = false,
            "out[n, d_out] = program(x[n, d_in]) for C-contiguous device arrays on `device` (dtypes 'float32', "
            "'float16', 'bfloat16'), enqueued asynchronously on `stream` (cudaStream_t as int, 0 = legacy "
            "default stream). fp32 accumulation always; fp32 inputs use fp32 GEMMs (no TF32), fp16/bf16 inputs "
-           "tensor cores with intermediates stored in the input dtype. GIL released.");
+           "tensor cores with intermediates stored in the input dtype. trusted=True skips the per-call check "
+           "that both pointers are device memory on `device`, for callers that know it. GIL released.");
 
   py::class_<bcc::PinnedBuffer>(m, "PinnedBuffer", py::buffer_protocol())
       .def(py::init<int64_t>(), py::arg("nbytes"), py::call_guard<py::gil_scoped_release>())

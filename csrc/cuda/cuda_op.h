@@ -82,9 +82,11 @@ class FusedOpCuda {
   size_t num_layers() const { return layers_.size(); }
 
   // out[n x d_out] = program(x[n x d_in]); both C-contiguous device pointers on `device`,
-  // enqueued on `stream` (a cudaStream_t; 0 = legacy default stream), asynchronous.
-  void apply(uintptr_t x, DType x_type, int64_t n, uintptr_t out, DType out_type, int device,
-             uintptr_t stream) const;
+  // enqueued on `stream` (a cudaStream_t; 0 = legacy default stream), asynchronous. `trusted`: the
+  // caller has established that both pointers are device memory on `device` (a torch tensor's device,
+  // a buffer it allocated there), so the two per-call pointer queries are skipped.
+  void apply(uintptr_t x, DType x_type, int64_t n, uintptr_t out, DType out_type, int device, uintptr_t stream,
+             bool trusted = false) const;
 
   // How each layer runs for this dtype pair on a device that does (sm90) or does not run the fused
   // sm_90a kernels, for 16-byte aligned arrays: "sm90_fused" (one kernel: GEMM + epilogue),
