@@ -141,6 +141,58 @@ def test_cpu_torch_tensor_is_not_cuda():
     assert not bccuda.is_cuda_array(torch.ones(2, 2))
 
 
+class FakeTorchTensor:
+    """Quacks like a torch CUDA tensor for the plain torch path (is_torch reads the class's module)."""
+
+    def __init__(self, shape, dtype="float16", ptr=0x7000, device=0, *, contiguous=True, grad=False, neg=False):
+        torch = pytest.importorskip("torch", reason="the torch path is keyed by torch's dtypes")
+        self.shape, self.dtype, self.ptr, self.device = tuple(shape), getattr(torch, dtype), ptr, device
+        self.is_cuda, self.requires_grad, self.contiguous, self.neg = True, grad, contiguous, neg
+        self.nbytes = math.prod(shape) * self.dtype.itemsize
+
+    def is_neg(self) -> bool:
+        return self.neg
+
+    def is_conj(self) -> bool:
+        return False
+
+    def is_contiguous(self) -> bool:
+        return self.contiguous
+
+    def get_device(self) -> int:
+        return self.device
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
+FakeTorchTensor.__module__ = "torch.fake"
+
+
+def test_plain_torch_call_goes_straight_to_the_core(fake, monkeypatch):
+    monkeypatch.setattr(bccuda, "_torch_stream", lambda device: 0xC0 + device)
+    op = _op()
+    x, out = FakeTorchTensor((3, 4), ptr=0x7000), FakeTorchTensor((3, 5), ptr=0x9000)
+    assert bccuda.apply_fused(op, x, out=out) is out
+    (cop,) = fake.ops
+    assert cop.calls == [(0x7000, "float16", 3, 0x9000, "float16", 0, 0xC0, True)]
+
+
+@pytest.mark.parametrize("x_kw, out_kw", [
+    ({"dtype": "float64"}, {}), ({}, {"dtype": "int8"}), ({"grad": True}, {}), ({}, {"grad": True}),
+    ({"shape": (3, 6)}, {}), ({}, {"shape": (2, 5)}), ({"shape": (0, 4)}, {"shape": (0, 5)}),
+    ({"contiguous": False}, {}), ({}, {"contiguous": False}), ({"neg": True}, {}), ({}, {"device": 1}),
+    ({}, {"ptr": 0x7000 + 8}),  # out overlaps x
+], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "-")
+def test_anything_unusual_leaves_the_plain_torch_path_to_the_full_checks(fake, monkeypatch, x_kw, out_kw):
+    monkeypatch.setattr(bccuda, "_torch_stream", lambda device: 0)
+    op = _op()
+    x = FakeTorchTensor(**{"shape": (3, 4), **x_kw})
+    out = FakeTorchTensor(**{"shape": (3, 5), "ptr": 0x9000, **out_kw})
+    assert bccuda._apply_torch_plain(op, x, out) is False
+    assert not fake.ops or not fake.ops[0].calls
+
+
 def test_cai_pointer_dtype_shape_stream_reach_the_op(fake):
     op = _op()
     x = FakeCAI((3, 4), "<f2", ptr=0x7000, stream=0xABC)
@@ -747,6 +799,13 @@ def test_gpu_bad_inputs():
         op.apply(x, out=torch.empty(5, 8))
     with pytest.raises(ValueError, match="out_dtype=float16 disagrees"):
         op.apply(x, out=torch.empty(5, 8, device="cuda"), out_dtype="float16")
+    # The plain torch path hands anything unusual to the full checks, which name it:
+    with pytest.raises(ValueError, match="out has 4 rows but x has 5"):
+        op.apply(x, out=torch.empty(4, 8, device="cuda"))
+    with pytest.raises(ValueError, match="out must be C-contiguous"):
+        op.apply(x, out=torch.empty(8, 5, device="cuda").t())
+    with pytest.raises(ValueError, match="out requires grad"):
+        op.apply(x, out=torch.empty(5, 8, device="cuda", requires_grad=True))
     assert op.apply(x[:0]).shape == (0, 8)
 
 

@@ -397,6 +397,32 @@ def _check_out(xd: CudaArray, od: CudaArray, d_out: int, out_dtype: str | None) 
                          "them on one stream, or synchronise and pass arrays that need no stream")
 
 
+_torch_dtype_names: dict | None = None  # torch dtype -> name, built on the first torch CUDA call
+
+
+def _apply_torch_plain(fused: Any, x: Any, out: Any) -> bool:
+    """The plain call on two torch CUDA tensors straight to the core, for small-batch latency: True when
+    done; False when anything is unusual (the full path then checks everything and names the problem)."""
+    global _torch_dtype_names
+    if _torch_dtype_names is None:
+        torch = sys.modules["torch"]
+        _torch_dtype_names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+    xt, ot = _torch_dtype_names.get(x.dtype), _torch_dtype_names.get(out.dtype)
+    if xt is None or ot is None or not (x.is_cuda and out.is_cuda) or x.requires_grad or out.requires_grad:
+        return False
+    xs, os_ = x.shape, out.shape
+    if len(xs) != 2 or len(os_) != 2 or xs[1] != fused.d_in or os_[1] != fused.d_out or os_[0] != xs[0] or not xs[0]:
+        return False
+    if x.is_neg() or x.is_conj() or out.is_neg() or out.is_conj() or not (x.is_contiguous() and out.is_contiguous()):
+        return False
+    device = x.get_device()
+    xp, op = x.data_ptr(), out.data_ptr()
+    if out.get_device() != device or (xp < op + out.nbytes and op < xp + x.nbytes):
+        return False
+    _cuda_op(fused).apply(xp, xt, xs[0], op, ot, device, _torch_stream(device), True)
+    return True
+
+
 def apply_fused(fused: Any, x: Any, *, out: Any = None, out_dtype: Any = None, threads: Any = None) -> Any:
     """Apply a FusedTransform to a CUDA array on its device and stream (``FusedTransform.apply`` calls this).
 
@@ -419,6 +445,9 @@ def apply_fused(fused: Any, x: Any, *, out: Any = None, out_dtype: Any = None, t
     stream; other producers: their ``__cuda_array_interface__`` stream, else the legacy default stream)
     and is not waited for.
     """
+    if (out is not None and out_dtype is None and threads is None and is_torch(x) and is_torch(out)
+            and _apply_torch_plain(fused, x, out)):
+        return out
     if threads is not None:
         from ._checks import check_threads
 
