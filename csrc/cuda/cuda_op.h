@@ -39,6 +39,19 @@ size_t dtype_size(DType t);
 enum class Act : int { kNone = 0, kRelu = 1, kGelu = 2 };
 Act parse_act(const std::string& name, const std::string& where);
 
+// How the fused sm_90a layer kernel (layer_gemm_sm90.h) is built, one instance per pair (and dtype): the
+// schedule of its GEMM and the way its epilogue writes the tile (layer_epilogue_sm90.cuh).
+// - kCooperative: 128 x 256 tiles, both consumer warpgroups on one tile, the epilogue between tiles.
+// - kPingpong: 64 x 256 tiles, one per consumer warpgroup, one's epilogue overlapping the other's MMAs.
+enum class Sm90Schedule : int { kCooperative = 0, kPingpong = 1 };
+// - kDirect: 4-byte stores from registers. kStaged: through shared memory, 16-byte coalesced row stores;
+//   it also takes GELU layers without normalisation (the GELU applied on the values read back).
+enum class Sm90Store : int { kDirect = 0, kStaged = 1 };
+struct Sm90Variant {
+  Sm90Schedule schedule = Sm90Schedule::kCooperative;
+  Sm90Store store = Sm90Store::kDirect;
+};
+
 struct LayerSpec {
   int64_t d_in = 0;
   int64_t d_out = 0;
@@ -99,12 +112,12 @@ class FusedOpCuda {
  private:
   struct DeviceWeights;
   enum class Path { kLt, kLtNormalize, kLtEpilogue, kFusedSm90 };
-  Path path_of(size_t layer, DType ct, DType dst_type, bool fused) const;
+  Path path_of(size_t layer, DType ct, DType dst_type, bool fused, Sm90Store store) const;
   const DeviceWeights& arrays_on(int device, DType t, bool biases, uintptr_t stream) const;
   std::shared_ptr<const Plan> plan_for(int device, size_t layer, int64_t m, DType ab, DType d, int epilogue,
                                        const void* bias, int align_b, int align_d) const;
   void run_chunk(const void* x, int64_t m, void* out, DType ct, DType out_type, int device, bool sm90,
-                 uintptr_t stream, void* lt_handle, void* workspace) const;
+                 Sm90Variant variant, uintptr_t stream, void* lt_handle, void* workspace) const;
   void free_device_memory() noexcept;
 
   std::vector<LayerSpec> layers_;

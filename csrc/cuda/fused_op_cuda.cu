@@ -1,7 +1,8 @@
 // The layer program on the GPU: per layer, one cuBLASLt GEMM (with its bias/ReLU epilogue where that
 // fits), or on compute capability 9.0 one fused CUTLASS kernel for L2-normalised outputs up to 256
-// wide (layer_gemm_sm90.h), plus at most one pass over the layer's output for what is left
-// (activation on the leading outputs, L2, cast). path_of() picks; layer_paths() reports it.
+// wide (and, with its staged store, GELU layers without normalisation; layer_gemm_sm90.h), plus at
+// most one pass over the layer's output for what is left (activation on the leading outputs, L2,
+// cast). path_of() picks; layer_paths() reports it.
 //
 // Precision (documented in docs/gpu.md):
 // - float32 input: A/B/D float32, CUBLAS_COMPUTE_32F (true fp32 FMA; no TF32), intermediates float32.
@@ -580,7 +581,7 @@ std::shared_ptr<const FusedOpCuda::Plan> FusedOpCuda::plan_for(int device, size_
 // route, which does that same work. With the staged store (not yet timed on a GPU), a GELU layer without
 // normalisation takes the fused kernel, its GELU applied on the way out (layer_epilogue_sm90.cuh).
 // cuBLASLt keeps plain bias/ReLU layers, which its own epilogues already do in one kernel.
-FusedOpCuda::Path FusedOpCuda::path_of(size_t layer, DType ct, DType dst_type, bool fused) const {
+FusedOpCuda::Path FusedOpCuda::path_of(size_t layer, DType ct, DType dst_type, bool fused, Sm90Store store) const {
   const LayerSpec& l = layers_[layer];
   const bool norm = layer + 1 == layers_.size() && normalize_;
   const int64_t width = l.act == Act::kNone ? 0 : l.act_width;
@@ -589,7 +590,7 @@ FusedOpCuda::Path FusedOpCuda::path_of(size_t layer, DType ct, DType dst_type, b
   if (fused && layer_gemm_sm90_built() && ct != DType::kFloat32 && dst_type == ct && l.d_in % 8 == 0 &&
       l.d_out % 8 == 0) {
     const bool l2_layer = norm && l.d_out <= kLayerGemmMaxNormWidth && act != Act::kGelu;
-    const bool gelu_layer = !norm && act == Act::kGelu && sm90_variant().store == Sm90Store::kStaged;
+    const bool gelu_layer = !norm && act == Act::kGelu && store == Sm90Store::kStaged;
     if (l2_layer || gelu_layer) return Path::kFusedSm90;
   }
   // With normalisation and a 16-bit output, cuBLASLt writes the output dtype and one in-place pass
@@ -602,8 +603,9 @@ FusedOpCuda::Path FusedOpCuda::path_of(size_t layer, DType ct, DType dst_type, b
 
 std::vector<std::string> FusedOpCuda::layer_paths(DType x_type, DType out_type, bool sm90) const {
   std::vector<std::string> names;
+  const Sm90Store store = sm90_variant().store;
   for (size_t i = 0; i < layers_.size(); ++i) {
-    switch (path_of(i, x_type, i + 1 == layers_.size() ? out_type : x_type, sm90)) {
+    switch (path_of(i, x_type, i + 1 == layers_.size() ? out_type : x_type, sm90, store)) {
       case Path::kFusedSm90: names.emplace_back("sm90_fused"); break;
       case Path::kLt: names.emplace_back("cublaslt"); break;
       case Path::kLtNormalize: names.emplace_back("cublaslt+normalize"); break;
@@ -614,7 +616,7 @@ std::vector<std::string> FusedOpCuda::layer_paths(DType x_type, DType out_type, 
 }
 
 void FusedOpCuda::run_chunk(const void* x, int64_t m, void* out, DType ct, DType out_type, int device, bool sm90,
-                            uintptr_t stream, void* lt, void* workspace) const {
+                            Sm90Variant variant, uintptr_t stream, void* lt, void* workspace) const {
   auto& ws = *static_cast<Workspace*>(workspace);
   const auto handle = static_cast<cublasLtHandle_t>(lt);
   const auto s = reinterpret_cast<cudaStream_t>(stream);
@@ -631,7 +633,7 @@ void FusedOpCuda::run_chunk(const void* x, int64_t m, void* out, DType ct, DType
     const int align_in = pointer_alignment(reinterpret_cast<uintptr_t>(in));
     const bool norm = last && normalize_;
 
-    Path path = path_of(i, ct, dst_type, sm90);
+    Path path = path_of(i, ct, dst_type, sm90, variant.store);
     if (path == Path::kFusedSm90) {
       // 0. One kernel: GEMM, bias, activation, L2, cast (fp32 bias, as the epilogue kernel's).
       LayerGemmArgs args;
@@ -646,12 +648,13 @@ void FusedOpCuda::run_chunk(const void* x, int64_t m, void* out, DType ct, DType
       args.act = act;
       args.act_width = width;
       args.normalize = norm;
+      args.variant = variant;
       if (layer_gemm_sm90_supports(ct, args) && layer_gemm_sm90_workspace(ct, args) <= ws.lt_bytes) {
         layer_gemm_sm90(ct, args, ws.lt, ws.lt_bytes, s);
         in = dst;
         continue;
       }
-      path = path_of(i, ct, dst_type, false);  // unaligned views: the cuBLASLt paths
+      path = path_of(i, ct, dst_type, false, variant.store);  // unaligned views: the cuBLASLt paths
     }
 
     // 1. cuBLASLt does the whole layer when its epilogue fits (bias, relu on every output; its GELU is
@@ -732,10 +735,11 @@ void FusedOpCuda::apply(uintptr_t x, DType x_type, int64_t n, uintptr_t out, DTy
   // (Chunks of 16-byte aligned arrays stay aligned wherever the fused kernel applies: d_in, d_out % 8 == 0.)
   const bool sm90 = device_is_sm90(device);
   const bool fused = sm90 && x % 16 == 0 && out % 16 == 0;
+  const Sm90Variant variant = sm90_variant();  // read once: every layer of this call agrees
   bool needs_d32 = false;
   for (size_t i = 0; i < layers_.size(); ++i) {
     const DType dst_type = i + 1 == layers_.size() ? out_type : ct;
-    needs_d32 = needs_d32 || (path_of(i, ct, dst_type, fused) == Path::kLtEpilogue &&
+    needs_d32 = needs_d32 || (path_of(i, ct, dst_type, fused, variant.store) == Path::kLtEpilogue &&
                               dst_type != DType::kFloat32 && dst_type != ct);
   }
   const int64_t bytes_per_row = (layers_.size() > 1 ? 2 * max_hidden_ * static_cast<int64_t>(dtype_size(ct)) : 0) +
@@ -755,8 +759,8 @@ void FusedOpCuda::apply(uintptr_t x, DType x_type, int64_t n, uintptr_t out, DTy
   for (int64_t r0 = 0; r0 < n; r0 += chunk) {
     const int64_t m = std::min(chunk, n - r0);
     run_chunk(xb + r0 * d_in() * static_cast<int64_t>(dtype_size(x_type)), m,
-              ob + r0 * d_out() * static_cast<int64_t>(dtype_size(out_type)), ct, out_type, device, sm90, stream,
-              handle, &ws);
+              ob + r0 * d_out() * static_cast<int64_t>(dtype_size(out_type)), ct, out_type, device, sm90, variant,
+              stream, handle, &ws);
   }
 }
 

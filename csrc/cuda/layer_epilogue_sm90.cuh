@@ -23,7 +23,6 @@
 #include <cstring>
 
 #include "cuda_op.h"
-#include "cute/arch/copy_sm90.hpp"
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/thread/linear_combination.h"
@@ -54,6 +53,16 @@ __device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + e
 constexpr int kStageWarps = 8;
 constexpr int kStageRowBytes = 256 * 2;                   // one tile row of 256 16-bit values
 constexpr int kStageWarpBytes = 8 * kStageRowBytes;       // the warp's 8 rows of one half (h)
+
+// stmatrix .x4: four 8x8 matrices of 16-bit values from the warp's registers into shared memory. Our own
+// asm (CuTe's SM90_U32x4_STSM_N has the same instruction) with a "memory" clobber, so that the compiler
+// keeps it ordered with the plain shared-memory reads that follow.
+__device__ __forceinline__ void stmatrix_x4(void* row_address, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  const auto smem = static_cast<uint32_t>(__cvta_generic_to_shared(row_address));
+  asm volatile("stmatrix.sync.aligned.x4.m8n8.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(smem), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
+}
 
 template <Sm90Store kStore>
 struct EpilogueStorage {};
@@ -273,8 +282,8 @@ class LayerEpilogue {
         const int r = lane % 8, i = lane / 8;
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < kGroups / 4; ++j) {
-          auto* dst = reinterpret_cast<cute::uint128_t*>(buf + r * kStageRowBytes + (((4 * j + i) ^ r) * 16));
-          cute::SM90_U32x4_STSM_N::copy(packed[4 * j], packed[4 * j + 1], packed[4 * j + 2], packed[4 * j + 3], *dst);
+          stmatrix_x4(buf + r * kStageRowBytes + (((4 * j + i) ^ r) * 16), packed[4 * j], packed[4 * j + 1],
+                      packed[4 * j + 2], packed[4 * j + 3]);
         }
         __syncwarp();
         // The slab's first row in this half: lane 0 holds it (lane t holds row t/4 of the half).

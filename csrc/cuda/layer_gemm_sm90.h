@@ -25,23 +25,13 @@ struct LayerGemmArgs {
   Act act = Act::kNone;
   int64_t act_width = 0;    // the activation applies to outputs [0, act_width)
   bool normalize = false;   // needs n <= kLayerGemmMaxNormWidth
-};
-
-// How the fused kernel is built, one instance per pair (and dtype): the schedule of its GEMM and the
-// way its epilogue writes the tile (layer_epilogue_sm90.cuh). The process-wide choice defaults to the
-// pair measured fastest; the others are there to be measured (bench/gpu_kernels.py sweeps them).
-// - kCooperative: 128 x 256 tiles, both consumer warpgroups on one tile, the epilogue between tiles.
-// - kPingpong: 64 x 256 tiles, one per consumer warpgroup, one's epilogue overlapping the other's MMAs.
-enum class Sm90Schedule : int { kCooperative = 0, kPingpong = 1 };
-// - kDirect: 4-byte stores from registers. kStaged: through shared memory, 16-byte coalesced row stores.
-enum class Sm90Store : int { kDirect = 0, kStaged = 1 };
-struct Sm90Variant {
-  Sm90Schedule schedule = Sm90Schedule::kCooperative;
-  Sm90Store store = Sm90Store::kDirect;
+  Sm90Variant variant;      // which instance runs it
 };
 
 #if BC_FAST_WITH_CUTLASS
-// The variant later launches use (thread-safe; for benchmarking and tests).
+// The process-wide variant (Sm90Variant, cuda_op.h) that later applies use, read once per apply
+// (thread-safe). It defaults to the pair measured fastest; the others are there to be measured
+// (bench/gpu_kernels.py times them).
 Sm90Variant sm90_variant();
 void set_sm90_variant(Sm90Variant v);
 

@@ -57,6 +57,9 @@ struct LayerGemm {
       typename Schedule::Kernel>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  // The staged store gives each consumer warp its own slot by (threadIdx.x / 32) % kStageWarps: one producer
+  // warpgroup and kStageWarps consumer warps.
+  static_assert(Kernel::MaxThreadsPerBlock == 128 + kStageWarps * 32, "one producer and two consumer warpgroups");
 
   static typename Gemm::Arguments arguments(const LayerGemmArgs& a) {
     const int m = static_cast<int>(a.m), n = static_cast<int>(a.n), k = static_cast<int>(a.k);
