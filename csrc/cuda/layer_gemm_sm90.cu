@@ -42,17 +42,17 @@ bool layer_gemm_sm90_supports(DType t, const LayerGemmArgs& a) {
 
 size_t layer_gemm_sm90_workspace(DType t, const LayerGemmArgs& a) {
   const Sm90Variant v = a.variant;
-  return v.schedule == Sm90Schedule::kPingpong ? sm90::pingpong_workspace(t, v.store, a)
-                                               : sm90::cooperative_workspace(t, v.store, a);
+  return v.schedule == Sm90Schedule::kPingpong ? sm90::schedule_workspace<sm90::Pingpong>(t, v.store, a)
+                                               : sm90::schedule_workspace<sm90::Cooperative>(t, v.store, a);
 }
 
 void layer_gemm_sm90(DType t, const LayerGemmArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (!layer_gemm_sm90_supports(t, a)) throw std::invalid_argument("layer_gemm_sm90: unsupported arguments");
   const Sm90Variant v = a.variant;
   if (v.schedule == Sm90Schedule::kPingpong)
-    sm90::pingpong_run(t, v.store, a, workspace, workspace_bytes, stream);
+    sm90::schedule_run<sm90::Pingpong>(t, v.store, a, workspace, workspace_bytes, stream);
   else
-    sm90::cooperative_run(t, v.store, a, workspace, workspace_bytes, stream);
+    sm90::schedule_run<sm90::Cooperative>(t, v.store, a, workspace, workspace_bytes, stream);
 }
 
 }  // namespace bc_fast::cuda

@@ -1,7 +1,7 @@
 // The fused sm_90a layer kernel as a CUTLASS 3 type (see layer_gemm_sm90.h): CUTLASS's TMA
 // warp-specialised GEMM (collective builder) with our register epilogue (layer_epilogue_sm90.cuh) in
-// place of CUTLASS's, per element type, schedule and store. Included by one translation unit per
-// schedule (layer_gemm_sm90_<schedule>.cu), so the instances compile in parallel.
+// place of CUTLASS's, per element type, schedule and store. Each schedule's instances live in their own
+// translation unit (layer_gemm_sm90_<schedule>.cu), so they compile in parallel.
 //
 // GEMM: D (m x n) = X (m x k, row-major) * W^T, W (n x k, row-major): CUTLASS's "TN" GEMM, both
 // operands K-major; clusters of 2 CTAs along m share W's tiles by TMA multicast.
@@ -112,12 +112,23 @@ decltype(auto) with_layer_gemm(DType t, Sm90Store store, F&& f) {
                 : f(LayerGemm<cutlass::bfloat16_t, Schedule, Sm90Store::kDirect>{});
 }
 
-// One schedule's entry points, defined in its own translation unit.
-size_t cooperative_workspace(DType t, Sm90Store store, const LayerGemmArgs& a);
-void cooperative_run(DType t, Sm90Store store, const LayerGemmArgs& a, void* workspace, size_t workspace_bytes,
-                     cudaStream_t stream);
-size_t pingpong_workspace(DType t, Sm90Store store, const LayerGemmArgs& a);
-void pingpong_run(DType t, Sm90Store store, const LayerGemmArgs& a, void* workspace, size_t workspace_bytes,
-                  cudaStream_t stream);
+// One schedule's entry points. Each schedule's translation unit instantiates them explicitly; the
+// extern declarations keep every other unit from instantiating them again.
+template <class Schedule>
+size_t schedule_workspace(DType t, Sm90Store store, const LayerGemmArgs& a) {
+  return with_layer_gemm<Schedule>(t, store, [&](auto gemm) { return decltype(gemm)::workspace(a); });
+}
+
+template <class Schedule>
+void schedule_run(DType t, Sm90Store store, const LayerGemmArgs& a, void* workspace, size_t workspace_bytes,
+                  cudaStream_t stream) {
+  with_layer_gemm<Schedule>(t, store, [&](auto gemm) { decltype(gemm)::run(a, workspace, workspace_bytes, stream); });
+}
+
+#define BC_FAST_SM90_SCHEDULE(EXTERN, S)                                                 \
+  EXTERN template size_t schedule_workspace<S>(DType, Sm90Store, const LayerGemmArgs&); \
+  EXTERN template void schedule_run<S>(DType, Sm90Store, const LayerGemmArgs&, void*, size_t, cudaStream_t);
+BC_FAST_SM90_SCHEDULE(extern, Cooperative)
+BC_FAST_SM90_SCHEDULE(extern, Pingpong)
 
 }  // namespace bc_fast::cuda::sm90
