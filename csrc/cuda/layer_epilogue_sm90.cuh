@@ -27,7 +27,6 @@
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/thread/linear_combination.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
-#include "layer_gemm_sm90.h"
 
 namespace bc_fast::cuda::sm90 {
 
