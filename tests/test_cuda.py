@@ -736,6 +736,31 @@ def test_gpu_out_given_and_op_cached():
 
 
 @gpu
+@pytest.mark.parametrize("n", [1, 3000])
+def test_gpu_plain_torch_call_replays_in_a_cuda_graph(n):
+    # FusedTransform.apply(x, out=) on torch tensors (the plain path): after one call, nothing in it
+    # allocates or synchronises, so a captured graph replays it bit-identically on new inputs.
+    torch = _torch_cuda()
+    op = _program("linear_l2", 256, 256, np.random.default_rng(12))
+    x = torch.randn(n, 256, device="cuda", dtype=torch.float16)
+    out = torch.empty(n, 256, device="cuda", dtype=torch.float16)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        op.apply(x, out=out)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        op.apply(x, out=out)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    direct = op.apply(x)
+    torch.cuda.synchronize()
+    assert torch.equal(out, direct)
+    _check_close(torch, op, x, out, "float16")
+
+
+@gpu
 def test_gpu_non_default_stream():
     torch = _torch_cuda()
     op = _program("mlp_gelu_partial", 128, 64, np.random.default_rng(5))
