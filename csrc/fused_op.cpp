@@ -488,6 +488,7 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
     }
     tile = (n + parts - 1) / parts;
   } else {
+    const KernelSet& kern = active_kernels();
 #if defined(BC_FAST_HAVE_BLAS)
     // At the avx512 level our packed kernel (W packed once, at construction) beats OpenBLAS, which packs
     // W again on every tile's call: on a Zen 4 core 117 vs 104 GFLOP/s for a 160 x 768 x 768 tile,
@@ -495,13 +496,11 @@ void FusedOp::apply(const void* x, DType x_type, int64_t n, void* out, DType out
     // to a few hundred rows, where OpenBLAS's packing weighs most (AMD Zen 3, 2 threads, 96-256 rows of
     // d 128-384 and an MLP: 1.01-1.27x; 512 rows 0.97-1.07x), and OpenBLAS is 5-10 % faster on large ones,
     // except in layers that sum over few inputs (packs_at_avx2).
-    const char* level = active_kernels().name;
-    use_blas = !bf16() && std::strcmp(level, "avx512") != 0 &&
-               !(std::strcmp(level, "avx2") == 0 && n <= kAvx2PackedRows);
+    use_blas = !bf16() && std::strcmp(kern.name, "avx512") != 0 &&
+               !(std::strcmp(kern.name, "avx2") == 0 && n <= kAvx2PackedRows);
 #endif
     tile = tile_rows(n);
-    if (use_blas && std::any_of(layers_.begin(), layers_.end(),
-                                [&](const Layer& l) { return packs_at_avx2(active_kernels(), l); }))
+    if (use_blas && std::any_of(layers_.begin(), layers_.end(), [&](const Layer& l) { return packs_at_avx2(kern, l); }))
       tile = std::min(tile, kAvx2PackedTileRows);
   }
   const int64_t tiles = (n + tile - 1) / tile;

@@ -143,35 +143,39 @@ def test_levels_agree_closely():
         np.testing.assert_allclose(outs[lv], outs["generic"], rtol=0, atol=1e-5)
 
 
+def _skip_at_generic(simd_level: str) -> None:
+    if simd_level == "generic":
+        pytest.skip("the generic level runs batches of over 64 rows on BLAS, whose rows may depend on the batch")
+
+
+def _assert_rows_have_single_row_bits(layers: list[Layer], x: np.ndarray) -> None:
+    """The batch agrees with float64, and its first, middle and last rows equal those rows applied alone."""
+    op = FusedTransform(layers)
+    whole = op.apply(x, threads=2)
+    np.testing.assert_allclose(whole, apply_layers_reference(layers, x.astype(np.float64)), rtol=0, atol=2e-5)
+    n = len(x)
+    for i in (0, n // 2, n - 1):
+        np.testing.assert_array_equal(op.apply(x[i:i + 1], threads=1), whole[i:i + 1])
+
+
 @pytest.mark.parametrize("n", [65, 200, 256])
 def test_batches_of_up_to_256_rows_give_each_row_its_single_row_bits(simd_level, n):
     # At the avx2 and avx512 levels batches of up to 256 rows run on the packed kernel (above 64 rows at
     # avx2 since stop 35, in place of OpenBLAS), whose rows do not depend on the rows beside them.
-    if simd_level == "generic":
-        pytest.skip("the generic level runs batches of over 64 rows on BLAS, whose rows may depend on the batch")
+    _skip_at_generic(simd_level)
     rng = np.random.default_rng(n)
     layers = [Layer(rand(rng, 300, 200, scale=0.1), rand(rng, 300), "relu"), Layer(rand(rng, 130, 300, scale=0.1))]
-    op = FusedTransform(layers)
-    x = rand(rng, n, 200)
-    whole = op.apply(x, threads=2)
-    np.testing.assert_allclose(whole, apply_layers_reference(layers, x.astype(np.float64)), rtol=0, atol=2e-5)
-    for i in (0, n // 2, n - 1):
-        np.testing.assert_array_equal(op.apply(x[i:i + 1], threads=1), whole[i:i + 1])
+    _assert_rows_have_single_row_bits(layers, rand(rng, n, 200))
 
 
 def test_large_batches_of_a_short_sum_give_each_row_its_single_row_bits(simd_level):
     # A layer over at most 128 inputs runs on the packed kernel at avx2 (and avx512) in batches of any size
     # (OpenBLAS before): its rows then have their single-row bits. The 300-input layer stays on OpenBLAS at avx2.
-    if simd_level == "generic":
-        pytest.skip("the generic level runs batches of over 64 rows on BLAS, whose rows may depend on the batch")
+    _skip_at_generic(simd_level)
     rng = np.random.default_rng(5)
     short = [Layer(rand(rng, 200, 96, scale=0.1), rand(rng, 200))]
-    op = FusedTransform(short)
     x = rand(rng, 3001, 96)
-    whole = op.apply(x, threads=2)
-    np.testing.assert_allclose(whole, apply_layers_reference(short, x.astype(np.float64)), rtol=0, atol=2e-5)
-    for i in (0, 1500, 3000):
-        np.testing.assert_array_equal(op.apply(x[i:i + 1], threads=1), whole[i:i + 1])
+    _assert_rows_have_single_row_bits(short, x)
     mixed = [Layer(rand(rng, 300, 96, scale=0.1), rand(rng, 300), "gelu"), Layer(rand(rng, 64, 300, scale=0.1))]
     np.testing.assert_allclose(FusedTransform(mixed).apply(x, threads=2),
                                apply_layers_reference(mixed, x.astype(np.float64)), rtol=0, atol=2e-5)
