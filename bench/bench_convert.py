@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -51,6 +52,9 @@ from bc_fast.bench.harness import (
     speedup_check,
     timing_from_samples,
 )
+
+if TYPE_CHECKING:
+    from bc_fast.store.tables import Chunk, TableReader
 
 DIM = 256
 STAGES = ("read", "compute", "write")
@@ -151,7 +155,7 @@ def _write_stage(table: str, out: str, y: np.ndarray, chunk_rows: int, rows: int
         os.fsync(f.fileno())
 
 
-def read_stage(reader, chunks: list, buf: np.ndarray) -> None:
+def read_stage(reader: TableReader, chunks: list[Chunk], buf: np.ndarray) -> None:
     """The table read chunk by chunk, as the conversion reads it, into one buffer."""
     for c in chunks:
         reader.read(c, buf)

@@ -35,7 +35,8 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -129,20 +130,22 @@ def _sm90_variant_fns(op: Any, x: Any, out: Any, dtype: str, sm90: bool) -> dict
         return {}
     default = tuple(cu.sm90_kernel_variant())
 
-    def uses_it(variant: tuple[str, str]) -> bool:
+    @contextmanager
+    def variant_set(variant: tuple[str, str]) -> Iterator[None]:
         cu.set_sm90_kernel_variant(*variant)
         try:
-            return "sm90_fused" in op._cuda_op.layer_paths(dtype, dtype, True)
+            yield
         finally:
             cu.set_sm90_kernel_variant(*default)
 
+    def uses_it(variant: tuple[str, str]) -> bool:
+        with variant_set(variant):
+            return "sm90_fused" in op._cuda_op.layer_paths(dtype, dtype, True)
+
     def under(variant: tuple[str, str]) -> Callable[[], Any]:
         def call() -> Any:
-            cu.set_sm90_kernel_variant(*variant)
-            try:
+            with variant_set(variant):
                 return op.apply(x, out=out)
-            finally:
-                cu.set_sm90_kernel_variant(*default)
         return call
 
     return {f"bc_fast {'/'.join(v)}": under(v) for v in SM90_VARIANTS if v != default and uses_it(v)}

@@ -136,9 +136,16 @@ def _torch() -> Any:
     return torch
 
 
+_torch_dtype_names: dict | None = None  # torch dtype -> name, built on the first call
+
+
 def _torch_dtype_name(dtype: Any) -> str | None:
-    name = str(dtype)
-    return name[len("torch."):] if name in ("torch.float32", "torch.float16", "torch.bfloat16") else None
+    """The name of a float32/float16/bfloat16 torch dtype, else None (torch is imported: dtype is its own)."""
+    global _torch_dtype_names
+    if _torch_dtype_names is None:
+        torch = sys.modules["torch"]
+        _torch_dtype_names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+    return _torch_dtype_names.get(dtype)
 
 
 def _c_contiguous(shape: tuple[int, ...], strides: Any, itemsize: int) -> bool:
@@ -397,17 +404,10 @@ def _check_out(xd: CudaArray, od: CudaArray, d_out: int, out_dtype: str | None) 
                          "them on one stream, or synchronise and pass arrays that need no stream")
 
 
-_torch_dtype_names: dict | None = None  # torch dtype -> name, built on the first torch CUDA call
-
-
 def _apply_torch_plain(fused: Any, x: Any, out: Any) -> bool:
     """The plain call on two torch CUDA tensors straight to the core, for small-batch latency: True when
     done; False when anything is unusual (the full path then checks everything and names the problem)."""
-    global _torch_dtype_names
-    if _torch_dtype_names is None:
-        torch = sys.modules["torch"]
-        _torch_dtype_names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-    xt, ot = _torch_dtype_names.get(x.dtype), _torch_dtype_names.get(out.dtype)
+    xt, ot = _torch_dtype_name(x.dtype), _torch_dtype_name(out.dtype)
     if xt is None or ot is None or not (x.is_cuda and out.is_cuda) or x.requires_grad or out.requires_grad:
         return False
     xs, os_ = x.shape, out.shape
