@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The prepared GPU check: on a fresh GPU machine, build bc_fast with its CUDA module (and the fused sm_90a
-# kernels when CUTLASS's headers are at hand), run the GPU tests, time the kernels against torch eager and
-# torch.compile with per-kernel profiles (bench/gpu_kernels.py --quick), time the GPU pipeline
-# (bench/bench_gpu.py: table conversion), and print one summary
-# table. Meant to finish within 8 minutes. Under the device tool, kernels.json/.log land in $OUT.
+# kernels when CUTLASS's headers are at hand), check each variant of the fused kernel against float64 in a
+# process of its own (bench/sm90_variant_check.py: a variant that faults or hangs takes nothing else down),
+# run the GPU tests, time the kernels against torch eager and torch.compile with per-kernel profiles
+# (bench/gpu_kernels.py --quick; the variants found correct beside the default), time the GPU pipeline
+# (bench/bench_gpu.py: table conversion), and print one summary table. Meant to finish within 8 minutes.
+# Under the device tool, kernels.json/.log land in $OUT.
 #
 # Needs: Python 3.12 with PyTorch (CUDA 13), nvcc, CMake, pybind11, scikit-build-core, numpy, safetensors,
 # pytest. No network: nothing is downloaded. Optional: scipy-openblas32 (else the CPU core is built with
@@ -160,19 +162,65 @@ PTXAS=$(grep -A3 "Compiling entry function '_ZN7cutlass13device_kernel" "$WORK/b
         grep -oE "Used [0-9]+ registers|[0-9]+ bytes spill (stores|loads)" | sort | uniq -c | tr -s ' ' | paste -sd';' -)
 [[ -n $PTXAS ]] && row "sm90 kernels (ptxas)" INFO 0 "$PTXAS"
 
-# ---------------------------------------------------------------- 3. GPU tests
 FAILED=0
+# ---------------------------------------------------------------- 3. the fused kernel's variants, one process each
+# A variant that has not yet run on a GPU may fault (a sticky CUDA error ends every later CUDA call of its
+# process) or hang: each is checked against float64 in a process of its own under a short timeout, and only
+# those found correct are timed in step 5.
+VARIANTS_OK=()
+if [[ $INFO == *"fused sm90 kernels True"* ]]; then
+  T=$(elapsed)
+  VDETAIL=()
+  for v in cooperative/direct cooperative/staged pingpong/direct pingpong/staged; do
+    (cd "$WORK" && timeout 90 "$PY" "$ROOT/bench/sm90_variant_check.py" "$v") >"$WORK/variant.log" 2>&1
+    RC=$?
+    tail -3 "$WORK/variant.log"
+    if (( RC == 0 )); then
+      [[ $v != cooperative/direct ]] && VARIANTS_OK+=("$v")
+      VDETAIL+=("$v ok")
+    elif (( RC == 2 )); then
+      VDETAIL+=("$v not checked: $(tail -1 "$WORK/variant.log")")
+    else
+      FAILED=1
+      VDETAIL+=("$v FAIL (exit $RC$( (( RC == 124 )) && echo ': hung, killed after 90 s'))")
+    fi
+  done
+  VLINE=$(printf '%s; ' "${VDETAIL[@]}")
+  VLINE=${VLINE%; }
+  if [[ $VLINE == *FAIL* ]]; then
+    row "sm90 variants" FAIL $(( $(elapsed) - T )) "$VLINE"
+  else
+    row "sm90 variants" PASS $(( $(elapsed) - T )) "$VLINE"
+  fi
+fi
+
+# ---------------------------------------------------------------- 4. GPU tests
 T=$(elapsed)
 TESTS=()
 for f in tests/test_*cuda*.py tests/test_*gpu*.py; do [[ -f $f ]] && TESTS+=("$ROOT/$f"); done
 say "tests: ${TESTS[*]##*/}"
-# cwd outside the tree: the tests import the installed bc_fast, not the source folder.
-(cd "$WORK" && timeout "$(( $(left) - 120 > 60 ? $(left) - 120 : 60 ))" "$PY" -m pytest -q -rs -p no:cacheprovider \
-  -c "$ROOT/pyproject.toml" --rootdir "$ROOT" "${TESTS[@]}") >"$WORK/tests.log" 2>&1
+# cwd outside the tree: the tests import the installed bc_fast, not the source folder. The variant tests
+# run in processes of their own, one per schedule (see step 3).
+VARIANT_TESTS=test_every_sm90_variant
+run_tests() {  # LOG PYTEST_ARGS...: one pytest process, its log in $WORK/LOG
+  local log=$1
+  shift
+  (cd "$WORK" && timeout "$(( $(left) - 120 > 60 ? $(left) - 120 : 60 ))" "$PY" -m pytest -q -rs -p no:cacheprovider \
+    -c "$ROOT/pyproject.toml" --rootdir "$ROOT" "$@") >"$WORK/$log" 2>&1
+}
+run_tests tests.log -k "not $VARIANT_TESTS" "${TESTS[@]}"
 RC=$?
 tail -25 "$WORK/tests.log"
-LINE=$(grep -E "^(=+ )?[0-9]+ (passed|failed)|error" "$WORK/tests.log" | tail -1 | sed 's/=//g; s/^ *//')
-NOGPU=$(grep -c "no CUDA GPU visible" "$WORK/tests.log")
+for s in cooperative pingpong; do
+  run_tests "tests_$s.log" -k "$VARIANT_TESTS and $s" "$ROOT/tests/test_cuda_module.py"
+  R=$?
+  tail -5 "$WORK/tests_$s.log"
+  (( R != 0 )) && RC=$R
+done
+LINE=$(for l in tests.log tests_cooperative.log tests_pingpong.log; do
+         grep -E "^(=+ )?[0-9]+ (passed|failed)|error" "$WORK/$l" | tail -1 | sed 's/=//g; s/^ *//'
+       done | paste -sd';' -)
+NOGPU=$(cat "$WORK"/tests*.log | grep -c "no CUDA GPU visible")
 if (( RC == 0 && NOGPU == 0 )); then
   row "gpu tests" PASS $(( $(elapsed) - T )) "$LINE"
 else
@@ -180,10 +228,11 @@ else
   row "gpu tests" FAIL $(( $(elapsed) - T )) "pytest exit $RC: $LINE; 'no CUDA GPU visible' skips: $NOGPU"
 fi
 
-# ---------------------------------------------------------------- 4. GPU kernels vs torch
+# ---------------------------------------------------------------- 5. GPU kernels vs torch
 T=$(elapsed)
 say "kernels (bench/gpu_kernels.py --quick): bc_fast vs torch eager and torch.compile, per-kernel profiles"
-(cd "$WORK" && timeout "$(left)" "$PY" "$ROOT/bench/gpu_kernels.py" --quick --json "$WORK/kernels.json") \
+(cd "$WORK" && timeout "$(left)" "$PY" "$ROOT/bench/gpu_kernels.py" --quick --json "$WORK/kernels.json" \
+   --variants "$(IFS=,; echo "${VARIANTS_OK[*]}")") \
   2>&1 | tee "$WORK/kernels.log"
 RC=${PIPESTATUS[0]}
 [[ -n ${OUT:-} && -d ${OUT:-} ]] && cp "$WORK/kernels.json" "$WORK/kernels.log" "$OUT/" 2>/dev/null
@@ -191,7 +240,7 @@ sed -n '/^device copy bandwidth/,/^# [0-9]*\/[0-9]* kernel targets met/p' "$WORK
 MET=$(grep -E "^# [0-9]+/[0-9]+ kernel targets met" "$WORK/kernels.log" | tail -1 | sed 's/^# //')
 bench_row "gpu kernels" "$RC" "$T" "$MET"
 
-# ---------------------------------------------------------------- 5. the GPU pipeline: table conversion
+# ---------------------------------------------------------------- 6. the GPU pipeline: table conversion
 T=$(elapsed)
 say "pipeline (bench/bench_gpu.py --quick: table conversion on the GPU)"
 (cd "$WORK" && timeout "$(left)" "$PY" "$ROOT/bench/bench_gpu.py" --quick \

@@ -23,7 +23,7 @@ Configs (rows: default / --quick):
   synchronize) vs ``addmm(out=)``. Target: <= 1.0x torch's time.
 
 Usage: python bench/gpu_kernels.py [--quick] [--only NAME,...] [--samples N] [--no-profile] [--no-compile]
-                                   [--json PATH]
+                                   [--variants SCHEDULE/STORE,...] [--json PATH]
 Exit status 2 with a message when no GPU is usable. Each record names the path of every layer
 (``CudaFusedOp.layer_paths``: the fused sm90 kernel or cuBLASLt).
 """
@@ -31,7 +31,6 @@ Exit status 2 with a message when no GPU is usable. Each record names the path o
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -41,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from bc_fast._util.fileio import atomic_write_json
 from bc_fast.bench.harness import time_gpu_interleaved
 
 ROWS = {"l2_256": (16 << 20, 8 << 20), "mlp_gelu": (4 << 20, 2 << 20), "affine1024x768_fp16": (2 << 20, 1 << 20),
@@ -121,8 +121,9 @@ def _compiled(torch: Any, fn: Callable[[Any], Any], x: Any) -> tuple[Callable[[]
 SM90_VARIANTS = [("cooperative", "staged"), ("pingpong", "direct"), ("pingpong", "staged")]
 
 
-def _sm90_variant_fns(op: Any, x: Any, out: Any, dtype: str, sm90: bool) -> dict[str, Callable[[], Any]]:
-    """``op.apply(x, out=out)`` under each other variant of the fused sm90 kernel that runs a layer on it."""
+def _sm90_variant_fns(op: Any, x: Any, out: Any, dtype: str, sm90: bool,
+                     variants: list[tuple[str, str]]) -> dict[str, Callable[[], Any]]:
+    """``op.apply(x, out=out)`` under each of ``variants`` of the fused sm90 kernel that runs a layer on it."""
     from bc_fast.engine.cuda import cuda_module
 
     cu = cuda_module()
@@ -148,10 +149,11 @@ def _sm90_variant_fns(op: Any, x: Any, out: Any, dtype: str, sm90: bool) -> dict
                 return op.apply(x, out=out)
         return call
 
-    return {f"bc_fast {'/'.join(v)}": under(v) for v in SM90_VARIANTS if v != default and uses_it(v)}
+    return {f"bc_fast {'/'.join(v)}": under(v) for v in variants if v != default and uses_it(v)}
 
 
-def run_config(torch: Any, name: str, rows: int, samples: int, profile_on: bool, compile_on: bool = True) -> dict:
+def run_config(torch: Any, name: str, rows: int, samples: int, profile_on: bool, compile_on: bool = True,
+               variants: list[tuple[str, str]] | None = None) -> dict:
     """Times one config; returns its record (times, errors, bytes, profile)."""
     import torch.nn.functional as F
 
@@ -235,7 +237,8 @@ def run_config(torch: Any, name: str, rows: int, samples: int, profile_on: bool,
     op.apply(x, out=out)  # builds op._cuda_op
     dname, sm90 = str(dt).removeprefix("torch."), torch.cuda.get_device_capability() == (9, 0)
     paths = list(op._cuda_op.layer_paths(dname, dname, sm90)) if getattr(op, "_cuda_op", None) is not None else []
-    variant_fns = _sm90_variant_fns(op, x, out, dname, sm90) if paths else {}
+    variant_fns = _sm90_variant_fns(op, x, out, dname, sm90, SM90_VARIANTS if variants is None else variants) \
+        if paths else {}
     fns.update(variant_fns)
     if compile_fn is not None and compile_on:
         c, why = _compiled(torch, compile_fn, x)
@@ -254,16 +257,16 @@ def run_config(torch: Any, name: str, rows: int, samples: int, profile_on: bool,
         ref = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
     err = _row_err(out[ti], ref)
     base_err = _row_err(eager()[ti], ref)
-    variants = {}
+    variant_recs = {}
     for k, fn in variant_fns.items():
         fn()
         torch.cuda.synchronize()
-        variants[k] = {"median_s": times.pop(k), "max_row_err": _row_err(out[ti], ref)}
+        variant_recs[k] = {"median_s": times.pop(k), "max_row_err": _row_err(out[ti], ref)}
     best_name = min((k for k in times if k != "bc_fast"), key=lambda k: times[k])
     rec = {"config": name, "rows": rows, "dtype": str(dt).removeprefix("torch."), "median_s": times,
            "best_baseline": best_name, "speedup": times[best_name] / times["bc_fast"],
            "bytes": rows * (d_in + op.d_out) * x.element_size(), "max_row_err": err,
-           "eager_max_row_err": base_err, "notes": notes, "paths": paths, "sm90_variants": variants}
+           "eager_max_row_err": base_err, "notes": notes, "paths": paths, "sm90_variants": variant_recs}
     if profile_on and name != "batch1":
         try:
             rec["profile"] = {"bc_fast": _profile(torch, fns["bc_fast"]), best_name: _profile(torch, fns[best_name])}
@@ -335,12 +338,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=0, help="timed rounds per implementation (default 11, quick 7)")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-kernel tables")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
-    ap.add_argument("--json", default="", help="also write the records here")
+    ap.add_argument("--variants", default=",".join("/".join(v) for v in SM90_VARIANTS),
+                    help="comma-separated SCHEDULE/STORE variants of the fused sm90 kernel timed beside the "
+                         "default (default: all; '' for none; bench/gpu_check.sh passes those that "
+                         "bench/sm90_variant_check.py found correct)")
+    ap.add_argument("--json", default="", help="also write the records here (rewritten after every config)")
     args = ap.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(ROWS)
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         ap.error(f"unknown config(s) {', '.join(unknown)}; known: {', '.join(ROWS)}")
+    variants = [tuple(v.split("/")) for v in args.variants.split(",") if v]
+    bad = [v for v in variants if v not in SM90_VARIANTS]
+    if bad:
+        ap.error(f"unknown variant(s) {', '.join('/'.join(v) for v in bad)}; known: "
+                 f"{', '.join('/'.join(v) for v in SM90_VARIANTS)}")
     torch = _setup()
     torch.backends.cuda.matmul.allow_tf32 = False  # bc_fast's fp32 GEMMs are true fp32: compare like with like
     samples = args.samples or (7 if args.quick else 11)
@@ -352,13 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:
         t0 = time.perf_counter()
         records.append(run_config(torch, n, ROWS[n][1 if args.quick else 0], samples, not args.no_profile,
-                                  not args.no_compile))
+                                  not args.no_compile, variants))
         torch.cuda.empty_cache()  # the config's tensors died with run_config
         print(f"# {n}: {time.perf_counter() - t0:.1f} s", flush=True)
+        if args.json:  # after every config: a later crash keeps what was measured
+            atomic_write_json(args.json, {"device": props.name, "copy_bandwidth": bw, "records": records})
     print(report(records, bw))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": props.name, "copy_bandwidth": bw, "records": records}, f, indent=1)
     return 0
 
 

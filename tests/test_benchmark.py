@@ -164,6 +164,38 @@ def test_bench_scripts_are_standalone_and_document_their_options(script):
     assert "--threads" in proc.stdout and "--quick" in proc.stdout
 
 
+def _fused_sm90_gpu() -> bool:
+    """A compute capability 9.0 GPU that torch and bc_fast's CUDA module (built with CUTLASS) both see."""
+    try:
+        import bc_fast._cuda as cu
+        import torch
+    except ImportError:
+        return False
+    info = cu.device_info()
+    return bool(info["available"] and info["fused_sm90_kernels"] and torch.cuda.is_available()
+                and torch.cuda.get_device_capability() == (9, 0))
+
+
+def test_gpu_variant_scripts_refuse_unknown_variants_and_say_when_nothing_was_checked():
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, check=False)
+
+    check = str(BENCH / "sm90_variant_check.py")
+    bad = run(check, "pingpong/tma")
+    assert bad.returncode == 2
+    assert "STORE one of direct, staged, got 'pingpong/tma'" in bad.stderr
+    bad = run(str(BENCH / "gpu_kernels.py"), "--variants", "cooperative/staged,fast/direct")
+    assert bad.returncode == 2
+    assert "unknown variant(s) fast/direct" in bad.stderr
+    proc = run(check, "cooperative/staged")
+    if _fused_sm90_gpu():
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "sm90 variant cooperative/staged: correct" in proc.stdout
+    else:
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stdout.startswith("sm90_variant_check: nothing checked: ")
+
+
 def test_no_second_timer_in_bench_scripts():
     """One harness: the bench/ scripts time through bc_fast.bench.harness, never with their own clock."""
     assert not (BENCH / "_common.py").exists()
