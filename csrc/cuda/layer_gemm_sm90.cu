@@ -1,12 +1,12 @@
 // The fused sm_90a layer kernel's entry points (layer_gemm_sm90.h): which arguments it takes, and the
-// dispatch to the instance of the chosen variant (layer_gemm_sm90_<schedule>.cu).
+// dispatch to the instance of the chosen variant (layer_gemm_sm90_instances.h). No CUTLASS header here.
 #include "layer_gemm_sm90.h"
 
 #include <atomic>
 #include <climits>
 #include <stdexcept>
 
-#include "layer_gemm_sm90_kernel.cuh"
+#include "layer_gemm_sm90_instances.h"
 
 namespace bc_fast::cuda {
 namespace {
@@ -41,18 +41,16 @@ bool layer_gemm_sm90_supports(DType t, const LayerGemmArgs& a) {
 }
 
 size_t layer_gemm_sm90_workspace(DType t, const LayerGemmArgs& a) {
-  const Sm90Variant v = a.variant;
-  return v.schedule == Sm90Schedule::kPingpong ? sm90::schedule_workspace<sm90::Pingpong>(t, v.store, a)
-                                               : sm90::schedule_workspace<sm90::Cooperative>(t, v.store, a);
+  return sm90::with_instance(a.variant, [&](auto v) {
+    return sm90::instance_workspace<decltype(v)::schedule, decltype(v)::store>(t, a);
+  });
 }
 
 void layer_gemm_sm90(DType t, const LayerGemmArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (!layer_gemm_sm90_supports(t, a)) throw std::invalid_argument("layer_gemm_sm90: unsupported arguments");
-  const Sm90Variant v = a.variant;
-  if (v.schedule == Sm90Schedule::kPingpong)
-    sm90::schedule_run<sm90::Pingpong>(t, v.store, a, workspace, workspace_bytes, stream);
-  else
-    sm90::schedule_run<sm90::Cooperative>(t, v.store, a, workspace, workspace_bytes, stream);
+  sm90::with_instance(a.variant, [&](auto v) {
+    sm90::instance_run<decltype(v)::schedule, decltype(v)::store>(t, a, workspace, workspace_bytes, stream);
+  });
 }
 
 }  // namespace bc_fast::cuda

@@ -1,7 +1,8 @@
 // The fused sm_90a layer kernel as a CUTLASS 3 type (see layer_gemm_sm90.h): CUTLASS's TMA
 // warp-specialised GEMM (collective builder) with our register epilogue (layer_epilogue_sm90.cuh) in
-// place of CUTLASS's, per element type, schedule and store. Each schedule's instances live in their own
-// translation unit (layer_gemm_sm90_<schedule>.cu), so they compile in parallel.
+// place of CUTLASS's, per element type, schedule and store. Each variant's instances (fp16, bf16) are
+// defined in a translation unit of their own (layer_gemm_sm90_<schedule>_<store>.cu, declared in
+// layer_gemm_sm90_instances.h), so they compile in parallel.
 //
 // GEMM: D (m x n) = X (m x k, row-major) * W^T, W (n x k, row-major): CUTLASS's "TN" GEMM, both
 // operands K-major; clusters of 2 CTAs along m share W's tiles by TMA multicast.
@@ -20,19 +21,25 @@
 #include "cutlass/util/packed_stride.hpp"
 #include "layer_epilogue_sm90.cuh"
 #include "layer_gemm_sm90.h"
+#include "layer_gemm_sm90_instances.h"
 
 namespace bc_fast::cuda::sm90 {
 
+template <Sm90Schedule S>
+struct ScheduleOf;
+
 // 128 x 256 tiles, both consumer warpgroups on one tile (64 rows each). Measured on an H200 (GEMM alone,
 // epilogue skipped): within 2 % of a cluster of 1, and 1.2x faster than the pingpong schedule.
-struct Cooperative {
+template <>
+struct ScheduleOf<Sm90Schedule::kCooperative> {
   using Tile = cute::Shape<cute::_128, cute::_256, cute::_64>;
   using Kernel = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using Cluster = cute::Shape<cute::_2, cute::_1, cute::_1>;
 };
 
 // 64 x 256 tiles, one per consumer warpgroup: one warpgroup's epilogue runs during the other's MMAs.
-struct Pingpong {
+template <>
+struct ScheduleOf<Sm90Schedule::kPingpong> {
   using Tile = cute::Shape<cute::_64, cute::_256, cute::_64>;
   using Kernel = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
   using Cluster = cute::Shape<cute::_2, cute::_1, cute::_1>;
@@ -101,34 +108,27 @@ struct LayerGemm {
   }
 };
 
-// Calls f with a value of the schedule's LayerGemm instance for the dtype and store.
-template <class Schedule, class F>
-decltype(auto) with_layer_gemm(DType t, Sm90Store store, F&& f) {
-  const bool staged = store == Sm90Store::kStaged;
-  if (t == DType::kFloat16)
-    return staged ? f(LayerGemm<cutlass::half_t, Schedule, Sm90Store::kStaged>{})
-                  : f(LayerGemm<cutlass::half_t, Schedule, Sm90Store::kDirect>{});
-  return staged ? f(LayerGemm<cutlass::bfloat16_t, Schedule, Sm90Store::kStaged>{})
-                : f(LayerGemm<cutlass::bfloat16_t, Schedule, Sm90Store::kDirect>{});
+// Calls f with a value of the variant's LayerGemm instance for the dtype.
+template <Sm90Schedule S, Sm90Store St, class F>
+decltype(auto) with_layer_gemm(DType t, F&& f) {
+  if (t == DType::kFloat16) return f(LayerGemm<cutlass::half_t, ScheduleOf<S>, St>{});
+  return f(LayerGemm<cutlass::bfloat16_t, ScheduleOf<S>, St>{});
 }
 
-// One schedule's entry points. Each schedule's translation unit instantiates them explicitly; the
-// extern declarations keep every other unit from instantiating them again.
-template <class Schedule>
-size_t schedule_workspace(DType t, Sm90Store store, const LayerGemmArgs& a) {
-  return with_layer_gemm<Schedule>(t, store, [&](auto gemm) { return decltype(gemm)::workspace(a); });
+// The entry points declared in layer_gemm_sm90_instances.h; each variant's translation unit instantiates
+// them with BC_FAST_SM90_INSTANCE.
+template <Sm90Schedule S, Sm90Store St>
+size_t instance_workspace(DType t, const LayerGemmArgs& a) {
+  return with_layer_gemm<S, St>(t, [&](auto gemm) { return decltype(gemm)::workspace(a); });
 }
 
-template <class Schedule>
-void schedule_run(DType t, Sm90Store store, const LayerGemmArgs& a, void* workspace, size_t workspace_bytes,
-                  cudaStream_t stream) {
-  with_layer_gemm<Schedule>(t, store, [&](auto gemm) { decltype(gemm)::run(a, workspace, workspace_bytes, stream); });
+template <Sm90Schedule S, Sm90Store St>
+void instance_run(DType t, const LayerGemmArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  with_layer_gemm<S, St>(t, [&](auto gemm) { decltype(gemm)::run(a, workspace, workspace_bytes, stream); });
 }
 
-#define BC_FAST_SM90_SCHEDULE(EXTERN, S)                                                 \
-  EXTERN template size_t schedule_workspace<S>(DType, Sm90Store, const LayerGemmArgs&); \
-  EXTERN template void schedule_run<S>(DType, Sm90Store, const LayerGemmArgs&, void*, size_t, cudaStream_t);
-BC_FAST_SM90_SCHEDULE(extern, Cooperative)
-BC_FAST_SM90_SCHEDULE(extern, Pingpong)
+#define BC_FAST_SM90_INSTANCE(S, ST)                                                                    \
+  template size_t instance_workspace<Sm90Schedule::S, Sm90Store::ST>(DType, const LayerGemmArgs&); \
+  template void instance_run<Sm90Schedule::S, Sm90Store::ST>(DType, const LayerGemmArgs&, void*, size_t, cudaStream_t);
 
 }  // namespace bc_fast::cuda::sm90

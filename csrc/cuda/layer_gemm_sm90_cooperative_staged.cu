@@ -1,0 +1,6 @@
+// The fused sm_90a layer kernel's cooperative schedule with the staged store (fp16 and bf16).
+#include "layer_gemm_sm90_kernel.cuh"
+
+namespace bc_fast::cuda::sm90 {
+BC_FAST_SM90_INSTANCE(kCooperative, kStaged)
+}  // namespace bc_fast::cuda::sm90
