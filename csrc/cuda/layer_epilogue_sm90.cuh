@@ -53,6 +53,11 @@ constexpr int kStageWarps = 8;
 constexpr int kStageRowBytes = 256 * 2;                   // one tile row of 256 16-bit values
 constexpr int kStageWarpBytes = 8 * kStageRowBytes;       // the warp's 8 rows of one half (h)
 
+// Byte offset, in a warp's staging slot, of 16-byte chunk `chunk` (columns 8 chunk .. 8 chunk + 7) of
+// row `row` (0..7). The chunks are XOR-swizzled by row, so that neither the stmatrix writes (one chunk
+// of 8 rows) nor the row reads (the 32 chunks of one row) meet a bank conflict.
+CUTE_HOST_DEVICE constexpr int stage_offset(int row, int chunk) { return row * kStageRowBytes + ((chunk ^ row) * 16); }
+
 // stmatrix .x4: four 8x8 matrices of 16-bit values from the warp's registers into shared memory. Our own
 // asm (CuTe's SM90_U32x4_STSM_N has the same instruction) with a "memory" clobber, so that the compiler
 // keeps it ordered with the plain shared-memory reads that follow.
@@ -281,15 +286,15 @@ class LayerEpilogue {
         const int r = lane % 8, i = lane / 8;
         CUTLASS_PRAGMA_UNROLL
         for (int j = 0; j < kGroups / 4; ++j) {
-          stmatrix_x4(buf + r * kStageRowBytes + (((4 * j + i) ^ r) * 16), packed[4 * j], packed[4 * j + 1],
-                      packed[4 * j + 2], packed[4 * j + 3]);
+          stmatrix_x4(buf + stage_offset(r, 4 * j + i), packed[4 * j], packed[4 * j + 1], packed[4 * j + 2],
+                      packed[4 * j + 3]);
         }
         __syncwarp();
         // The slab's first row in this half: lane 0 holds it (lane t holds row t/4 of the half).
         const int first = row0 + __shfl_sync(0xffffffffu, get<0>(tc(make_coord(make_coord(0, h, 0), mm, 0))), 0);
 #pragma unroll(kAct == Act::kGelu ? 1 : 8)
         for (int rr = 0; rr < 8; ++rr) {
-          uint4 v = *reinterpret_cast<const uint4*>(buf + rr * kStageRowBytes + ((lane ^ rr) * 16));
+          uint4 v = *reinterpret_cast<const uint4*>(buf + stage_offset(rr, lane));
           if constexpr (kAct == Act::kGelu) v = gelu_chunk(v, col);
           const int row = first + rr;
           if (row < M && col < N) *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row) * N + col) = v;
