@@ -14,6 +14,12 @@ and the same bytes written chunk by chunk and fdatasync-ed. The storage bound is
 - ``convert_mlp``: 768-d, a 768->3072 (exact GELU)->768 MLP step (8M / 1M rows; CPU on 400k / 100k).
   Heavy compute: target >= 5x the CPU path (the storage fraction is shown).
 
+- ``index_search``: a legacy index (exact ``Flat``, cosine) for version 0 built from 256-d float32 rows of
+  version 1 (2M / 500k rows) with ``build_legacy_index(device="cuda")``, searched with 10k / 2k queries of
+  version 1 (top 10), against the same index built and searched on the CPU. Target: the same ids (>= 99 %
+  of them; exact search, only near-ties may differ); the speed-up is shown. Needs a faiss GPU build;
+  without one the row says so and nothing is measured.
+
 The table files live in ``--tmp`` (default: $TMPDIR); the default sizes need about 52 GB there.
 Every conversion verifies 256 rows against float64 (``convert_table``'s own check). Medians of
 ``max(2, samples // 2)`` rounds. Exits with status 2 and a message when no GPU is usable.
@@ -215,6 +221,55 @@ def bench_convert(name: str, samples: int, quick: bool, tmp: Path, threads: int 
         shutil.rmtree(work, ignore_errors=True)
 
 
+#: index_search: (rows, queries) for (default, quick)
+INDEX_SEARCH = ((2_000_000, 10_000), (500_000, 2_000))
+
+
+def bench_index_search(samples: int, quick: bool) -> dict:
+    """A legacy Flat index built and searched on the GPU (faiss GPU build) against the same on the CPU."""
+    from bc_fast.index import build_legacy_index
+    from bc_fast.index.faiss_utils import _faiss_gpu
+
+    rows, nq = INDEX_SEARCH[1 if quick else 0]
+    try:
+        _faiss_gpu("cuda")
+    except (ImportError, RuntimeError) as e:
+        skipped = check("GPU index", None, 1, "(not run)", f"skipped: no faiss GPU build here: {e}")
+        return _record("index_search", 0, {"bc_fast": float("nan")}, [skipped], None,
+                       "GPU legacy index not measured")
+    rng = np.random.default_rng(5)
+    work = Path(tempfile.mkdtemp(prefix="bc_fast_gpu_index."))
+    try:
+        reg = _registry(work / "reg", 256, 0, rng)
+        table = rng.standard_normal((rows, 256), dtype=np.float32)
+        queries = rng.standard_normal((nq, 256), dtype=np.float32)
+        built = {}
+        for device in ("cpu", "cuda"):
+            with Stopwatch() as sw:
+                built[device] = build_legacy_index(reg, table, 0, factory="Flat", normalize=True, device=device)
+            print(f"# index_search: built the {device} index of {rows:,} rows in {sw.wall:.1f}s", flush=True)
+        runs: dict[str, list[float]] = {"cpu": [], "cuda": []}
+        found = {}
+        for _ in range(max(2, samples // 2)):  # round-robin
+            for device, index in built.items():
+                with Stopwatch() as sw:
+                    found[device] = index.search(queries, 10, query_version=1)[1]
+                runs[device].append(sw.wall)
+        med = {k: timing_from_samples(v, 0.0).median_s for k, v in runs.items()}
+        same = float(np.mean(found["cuda"] == found["cpu"]))
+        ids = check("same ids as the CPU index", same, 0.99, "≥ 99 % of the top-10 ids",
+                    f"{100 * same:.2f} % of the ids")
+        if same < 0.99:
+            ids["status"] = "FAIL"  # a wrong answer, not a slow one
+        speed = check("vs CPU index", med["cpu"] / med["cuda"], 1.0, "(shown)",
+                      f"{med['cpu'] / med['cuda']:.1f}x the CPU index ({nq / med['cuda']:,.0f} queries/s)")
+        speed["status"] = "INFO"
+        return _record("index_search", rows, {"bc_fast": med["cuda"], "cpu_index": med["cpu"]}, [ids, speed], None,
+                       f"Flat, cosine, {nq:,} queries of version 1, top 10")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -259,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# device-to-device copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)", flush=True)
     plan: list[tuple[str, Callable[[], dict]]] = [
         (name, lambda name=name: bench_convert(name, samples, args.quick, args.tmp, args.threads)) for name in CONVERT
-    ]
+    ] + [("index_search", lambda: bench_index_search(samples, args.quick))]
     for name, fn in plan:
         if only is not None and name not in only:
             continue
@@ -282,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     checks = [c for r in results for c in r["checks"]]
     total.__exit__()
-    targets = [c for c in checks if c["status"] != "INFO"]
+    targets = [c for c in checks if c["status"] not in ("INFO", "SKIP")]
     print(f"# {sum(c['status'] == 'PASS' for c in targets)}/{len(targets)} targets met; wall {total.wall:.0f}s")
     if args.json:
         args.json.write_text(json.dumps({"device": props.name, "copy_bandwidth": bw, "results": results}, indent=1,

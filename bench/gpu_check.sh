@@ -9,9 +9,11 @@
 #
 # Needs: Python 3.12 with PyTorch (CUDA 13), nvcc, CMake, pybind11, scikit-build-core, numpy, safetensors,
 # pytest. No network: nothing is downloaded. Optional: scipy-openblas32 (else the CPU core is built with
-# -DBC_FAST_BLAS=OFF), faiss with GPU support (else the GPU index tests skip), pyarrow, tqdm, and CUTLASS's
-# headers for the fused sm_90a kernels: BC_FAST_CUTLASS_DIR, an importable nvidia-cutlass, or its wheel
-# carried in .whl/ (nvidia_cutlass-*.whl, unpacked here; else the fused kernels are not built).
+# -DBC_FAST_BLAS=OFF), faiss (else the index tests skip; with GPU support, the GPU index tests and the
+# index_search benchmark run too), pyarrow, tqdm, and CUTLASS's headers for the fused sm_90a kernels:
+# BC_FAST_CUTLASS_DIR, an importable nvidia-cutlass, or its wheel carried in .whl/ (nvidia_cutlass-*.whl,
+# unpacked here; else the fused kernels are not built). Other wheels in .whl/ (e.g. faiss_cpu-*.whl) are
+# installed into a scratch folder on PYTHONPATH, with --no-deps.
 # cuBLASLt comes from the CUDA toolkit, or else from the nvidia-cublas wheel torch depends on.
 #
 # Usage: bench/gpu_check.sh            (PYTHON=python3.12 to pick the interpreter)
@@ -126,7 +128,27 @@ if [[ -n $CUTLASS_DIR && -f $CUTLASS_DIR/include/cutlass/cutlass.h ]]; then
 else
   CUTLASS_FROM="none: the fused sm_90a kernels are not built"
 fi
-say "nvcc $NVCC_VER, BC_FAST_BLAS=$BLAS, cuBLASLt from $CUBLAS_FROM, CUTLASS from $CUTLASS_FROM"
+# Other wheels carried in .whl/ (faiss-cpu, which the GPU image lacks: the index tests need it), into $WORK/site.
+EXTRA_WHL=()
+for w in "$ROOT"/.whl/*.whl; do [[ -f $w && ${w##*/} != nvidia_cutlass-* ]] && EXTRA_WHL+=("$w"); done
+if (( ${#EXTRA_WHL[@]} )); then
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "${EXTRA_WHL[@]}" \
+       >"$WORK/wheels.log" 2>&1; then
+    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+    row "wheels" PASS "$(elapsed)" "from .whl/: ${EXTRA_WHL[*]##*/}"
+  else
+    tail -5 "$WORK/wheels.log"
+    row "wheels" FAIL "$(elapsed)" "pip could not install ${EXTRA_WHL[*]##*/} (last lines above); going on without them"
+  fi
+fi
+FAISS=$("$PY" -c "
+import faiss
+gpus = faiss.get_num_gpus() if hasattr(faiss, 'StandardGpuResources') else 0
+print(f'faiss {faiss.__version__}: ' + (f'GPU build, {gpus} GPU(s): the GPU legacy index tests and index_search run' if gpus
+      else 'no GPU support: the GPU legacy index tests and index_search do not run (no faiss GPU build here)'))
+" 2>/dev/null) || FAISS="faiss not importable: the index tests skip (carry the faiss-cpu wheel in .whl/)"
+row "faiss" INFO 0 "$FAISS"
+say "nvcc $NVCC_VER, BC_FAST_BLAS=$BLAS, cuBLASLt from $CUBLAS_FROM, CUTLASS from $CUTLASS_FROM; $FAISS"
 row "toolchain" PASS "$(elapsed)" "nvcc $NVCC_VER; BLAS=$BLAS; cuBLASLt: $CUBLAS_FROM; CUTLASS: $CUTLASS_FROM"
 
 # ---------------------------------------------------------------- 2. build and install with CUDA

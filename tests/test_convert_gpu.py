@@ -607,12 +607,58 @@ def test_gpu_index_plumbing_matches_cpu(chain: Any, fake: FakeCuda, fake_faiss_g
     assert LegacyIndex.load(tmp_path / "g.faiss", chain).search(q, 5, query_version=1)[1].tolist() == I0.tolist()
 
 
+def _bench_gpu_script() -> Any:
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_index_bench_says_plainly_when_faiss_has_no_gpu() -> None:
+    faiss = pytest.importorskip("faiss", reason="faiss is needed for index tests")
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        pytest.skip("a faiss GPU build with a GPU is installed: the benchmark measures instead")
+    r = _bench_gpu_script().bench_index_search(2, True)
+    [c] = r["checks"]
+    assert c["status"] == "SKIP"
+    assert c["shown_value"].startswith("skipped: no faiss GPU build here: device='cuda' builds a faiss GPU index")
+
+
+def test_gpu_index_bench_measures_the_same_ids(fake: FakeCuda, fake_faiss_gpu: list, faiss_one_thread: None,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _bench_gpu_script()
+    monkeypatch.setattr(bench, "INDEX_SEARCH", ((3000, 40), (3000, 40)))
+    r = bench.bench_index_search(2, True)
+    assert fake_faiss_gpu == [0] and fake.executed.count("compute") >= 1  # built through the device path
+    ids, speed = r["checks"]
+    assert ids["status"] == "PASS" and ids["value"] == 1.0  # the fake computes with the CPU core: identical
+    assert speed["status"] == "INFO" and set(r["median_s"]) == {"bc_fast", "cpu_index"}
+    assert "\n| index_search | 3,000 | " in bench.table([r])
+
+
 def _faiss_gpus() -> int:
     import importlib.util
     if importlib.util.find_spec("faiss") is None:
         return 0
     import faiss
     return int(faiss.get_num_gpus()) if hasattr(faiss, "StandardGpuResources") else 0
+
+
+@gpu
+def test_cpu_index_searched_with_queries_transformed_on_the_gpu(chain: Any) -> None:
+    # The GPU half of a legacy search that needs no faiss GPU build: a CPU index, the queries' transform
+    # on the real GPU (float32 GEMMs, no TF32), the same neighbours as with the CPU transform.
+    pytest.importorskip("faiss", reason="faiss is needed for index tests")
+    from bc_fast.index import build_legacy_index
+    rng = np.random.default_rng(3)
+    cpu = build_legacy_index(chain, rng.standard_normal((5000, 24)).astype(np.float32), 0, normalize=True)
+    q = rng.standard_normal((64, 24)).astype(np.float32)
+    D0, I0 = cpu.search(q, 10, query_version=1)
+    D1, I1 = cpu.search(q, 10, query_version=1, device="cuda")
+    np.testing.assert_allclose(D1, D0, rtol=1e-4, atol=1e-5)
+    assert np.mean(I1 == I0) >= 0.99  # exact search: only near-ties may swap
 
 
 @gpu
