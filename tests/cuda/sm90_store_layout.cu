@@ -1,11 +1,12 @@
-// Host-only check of the fused sm90 kernel's staged store (csrc/cuda/layer_epilogue_sm90.cuh), run by
-// .ci/cuda without a GPU: for each LayerGemm instance, CuTe's own partition of the accumulator tile
-// (the instance's TiledMma) is pushed through a model of stmatrix .x4 (PTX ISA: lanes 8i..8i+7 give the
-// row addresses of matrix i; register i of lane t holds row t/4, columns 2(t%4) and 2(t%4)+1 of matrix
-// i) into the warp's slot at stage_offset(), and read back as the kernel reads it (lane l: chunk l of
-// each row, written to columns 8l..8l+7 of row `first` + rr). Every tile element must land exactly
-// once at its own (row, column), and neither side may meet a shared-memory bank conflict.
-// Exit status 0 when all hold; the first mismatches are printed.
+// Host-only check of the fused sm90 kernel's stores (csrc/cuda/layer_epilogue_sm90.cuh), run by .ci/cuda
+// without a GPU, on CuTe's own partition of the accumulator tile (each LayerGemm instance's TiledMma).
+// Direct store: a thread's row is the same in every column group and its columns are even (one row
+// pointer, 4-byte pair stores). Staged store: the partition is pushed through a model of stmatrix .x4
+// (PTX ISA: lanes 8i..8i+7 give the row addresses of matrix i; register i of lane t holds row t/4,
+// columns 2(t%4) and 2(t%4)+1 of matrix i) into the warp's slot at stage_offset(), and read back as the
+// kernel reads it (lane l: chunk l of each row, written to columns 8l..8l+7 of row `first` + rr). Every
+// tile element must land exactly once at its own (row, column), and neither side may meet a shared-memory
+// bank conflict. Exit status 0 when all hold; the first mismatches are printed.
 #include <cstdio>
 #include <vector>
 
@@ -98,9 +99,36 @@ void check(const char* name) {
               failures == before ? "ok" : "FAIL");
 }
 
+// The direct store's assumption: a thread's row of ((0, h, g), mm, 0) is the same for every column group g,
+// and its column is even (one 4-byte pair store per (h, g)).
+template <class Gemm>
+void check_direct(const char* name) {
+  using Tile = typename Gemm::TileShape;
+  constexpr int kM = size<0>(Tile{}), kN = size<1>(Tile{});
+  typename Gemm::Mainloop::TiledMma mma;
+  const int before = failures;
+  for (int t = 0; t < static_cast<int>(size(mma)); ++t) {
+    const auto tc = mma.get_thread_slice(t).partition_C(make_identity_tensor(make_shape(Int<kM>{}, Int<kN>{})));
+    using Layout = decltype(tc.layout());
+    for (int mm = 0; mm < size<1>(Layout{}); ++mm)
+      for (int h = 0; h < 2; ++h)
+        for (int g = 0; g < size<0, 2>(Layout{}); ++g) {
+          const auto c = tc(make_coord(make_coord(0, h, g), mm, 0));
+          const int row = get<0>(tc(make_coord(make_coord(0, h, 0), mm, 0)));
+          if (get<0>(c) != row) fail("row varies with g: t, h, g", t, h, g);
+          if (get<1>(c) % 2 != 0) fail("odd column: t, h, g", t, h, g);
+        }
+  }
+  std::printf("%s: direct store rows and columns: %s\n", name, failures == before ? "ok" : "FAIL");
+}
+
 }  // namespace
 
 int main() {
+  check_direct<sm90::LayerGemm<cutlass::half_t, sm90::ScheduleOf<Sm90Schedule::kCooperative>, Sm90Store::kDirect>>(
+      "cooperative fp16");
+  check_direct<sm90::LayerGemm<cutlass::bfloat16_t, sm90::ScheduleOf<Sm90Schedule::kPingpong>, Sm90Store::kDirect>>(
+      "pingpong bf16");
   check<sm90::LayerGemm<cutlass::half_t, sm90::ScheduleOf<Sm90Schedule::kCooperative>, Sm90Store::kStaged>>(
       "cooperative fp16");
   check<sm90::LayerGemm<cutlass::bfloat16_t, sm90::ScheduleOf<Sm90Schedule::kCooperative>, Sm90Store::kStaged>>(
