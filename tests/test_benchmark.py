@@ -166,11 +166,11 @@ def test_bench_scripts_are_standalone_and_document_their_options(script):
 
 def _fused_sm90_gpu() -> bool:
     """A compute capability 9.0 GPU that torch and bc_fast's CUDA module (built with CUTLASS) both see."""
-    try:
-        import bc_fast._cuda as cu
-        import torch
-    except ImportError:
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("bc_fast._cuda") is None:
         return False
+    import bc_fast._cuda as cu
+    import torch
+
     info = cu.device_info()
     return bool(info["available"] and info["fused_sm90_kernels"] and torch.cuda.is_available()
                 and torch.cuda.get_device_capability() == (9, 0))
