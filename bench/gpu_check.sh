@@ -241,7 +241,7 @@ for s in cooperative pingpong; do
 done
 LINE=$(for l in tests.log tests_cooperative.log tests_pingpong.log; do
          grep -E "^(=+ )?[0-9]+ (passed|failed)|error" "$WORK/$l" | tail -1 | sed 's/=//g; s/^ *//'
-       done | paste -sd';' -)
+       done | paste -sd'|' - | sed 's/|/; /g')
 NOGPU=$(cat "$WORK"/tests*.log | grep -c "no CUDA GPU visible")
 if (( RC == 0 && NOGPU == 0 )); then
   row "gpu tests" PASS $(( $(elapsed) - T )) "$LINE"

@@ -51,6 +51,7 @@ PROGRAMS: dict[str, Callable[[np.random.Generator], tuple[list[Layer], bool]]] =
     "l2_64_from_1024": lambda r: ([_dense(r, 64, 1024, bias=False)], True),
     "relu_partial_l2": lambda r: ([_dense(r, 200, 128, act="relu", width=77)], True),
     "mlp_gelu": lambda r: ([_dense(r, 1024, 256, act="gelu"), _dense(r, 256, 1024)], False),
+    "mlp_gelu_l2": lambda r: ([_dense(r, 384, 256, act="gelu"), _dense(r, 128, 384, bias=False)], True),
     "gelu_partial": lambda r: ([_dense(r, 200, 96, act="gelu", width=77)], False),
 }
 
