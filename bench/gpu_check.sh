@@ -12,8 +12,8 @@
 # -DBC_FAST_BLAS=OFF), faiss (else the index tests skip; with GPU support, the GPU index tests and the
 # index_search benchmark run too), pyarrow, tqdm, and CUTLASS's headers for the fused sm_90a kernels:
 # BC_FAST_CUTLASS_DIR, an importable nvidia-cutlass, or its wheel carried in .whl/ (nvidia_cutlass-*.whl,
-# unpacked here; else the fused kernels are not built). Other wheels in .whl/ (e.g. faiss_cpu-*.whl) are
-# installed into a scratch folder on PYTHONPATH, with --no-deps.
+# unpacked here; else the fused kernels are not built). Other wheels in .whl/ (scipy-openblas32, zlib-ng,
+# faiss-cpu: bc_fast's dependencies that the GPU image lacks) are installed with --no-deps before the build.
 # cuBLASLt comes from the CUDA toolkit, or else from the nvidia-cublas wheel torch depends on.
 #
 # Usage: bench/gpu_check.sh            (PYTHON=python3.12 to pick the interpreter)
@@ -81,6 +81,30 @@ if ! command -v nvcc >/dev/null; then
 fi
 export CUDACXX=${CUDACXX:-$(command -v nvcc)}
 NVCC_VER=$(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')
+# Wheels carried in .whl/ other than CUTLASS's (the GPU image lacks some of bc_fast's dependencies:
+# scipy-openblas32, zlib-ng, faiss-cpu), installed into this interpreter's environment with --no-deps,
+# before the BLAS check and the build, so that the build and the runs are what a user's install gives.
+EXTRA_WHL=()
+for w in "$ROOT"/.whl/*.whl; do [[ -f $w && ${w##*/} != nvidia_cutlass-* ]] && EXTRA_WHL+=("$w"); done
+if (( ${#EXTRA_WHL[@]} )); then
+  WOK=() WBAD=()
+  for w in "${EXTRA_WHL[@]}"; do  # one at a time: a wheel this interpreter cannot take stops no other
+    WPIP=("$PY" -m pip install -q --no-index --no-deps --no-compile "$w")
+    "${WPIP[@]}" >>"$WORK/wheels.log" 2>&1
+    RC=$?
+    if (( RC != 0 )) && grep -q "externally-managed-environment" "$WORK/wheels.log"; then
+      "${WPIP[@]}" --break-system-packages >>"$WORK/wheels.log" 2>&1
+      RC=$?
+    fi
+    if (( RC == 0 )); then WOK+=("${w##*/}"); else WBAD+=("${w##*/}"); fi
+  done
+  if (( ${#WBAD[@]} == 0 )); then
+    row "wheels" PASS "$(elapsed)" "installed from .whl/: ${WOK[*]}"
+  else
+    tail -5 "$WORK/wheels.log"
+    row "wheels" FAIL "$(elapsed)" "not installed: ${WBAD[*]} (pip's last lines above); installed: ${WOK[*]:-none}"
+  fi
+fi
 BLAS=ON
 "$PY" -c "import scipy_openblas32" 2>/dev/null || BLAS=OFF
 # cuBLASLt: the toolkit's, else a wheel's (nvidia/cu13 for CUDA 13 wheels, nvidia/cublas for older ones).
@@ -127,19 +151,6 @@ if [[ -n $CUTLASS_DIR && -f $CUTLASS_DIR/include/cutlass/cutlass.h ]]; then
   CUTLASS_FROM=$CUTLASS_DIR
 else
   CUTLASS_FROM="none: the fused sm_90a kernels are not built"
-fi
-# Other wheels carried in .whl/ (faiss-cpu, which the GPU image lacks: the index tests need it), into $WORK/site.
-EXTRA_WHL=()
-for w in "$ROOT"/.whl/*.whl; do [[ -f $w && ${w##*/} != nvidia_cutlass-* ]] && EXTRA_WHL+=("$w"); done
-if (( ${#EXTRA_WHL[@]} )); then
-  if "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "${EXTRA_WHL[@]}" \
-       >"$WORK/wheels.log" 2>&1; then
-    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
-    row "wheels" PASS "$(elapsed)" "from .whl/: ${EXTRA_WHL[*]##*/}"
-  else
-    tail -5 "$WORK/wheels.log"
-    row "wheels" FAIL "$(elapsed)" "pip could not install ${EXTRA_WHL[*]##*/} (last lines above); going on without them"
-  fi
 fi
 FAISS=$("$PY" -c "
 import faiss
