@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -47,6 +46,7 @@ from bc_fast.bench.harness import (
     check,
     fmt_time,
     kv_line,
+    random_weights,
     time_gpu_interleaved,
     timing_from_samples,
 )
@@ -85,11 +85,6 @@ def _rel_err(torch: Any, y: Any, ref: np.ndarray) -> float:
     return float(np.max(np.linalg.norm(got - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)))
 
 
-def _weights(rng: np.random.Generator, d_out: int, d_in: int) -> tuple[np.ndarray, np.ndarray]:
-    w = (rng.standard_normal((d_out, d_in)) / math.sqrt(d_in)).astype(np.float32)
-    return w, (rng.standard_normal(d_out) * 0.1).astype(np.float32)
-
-
 def _record(name: str, rows: int, times: dict[str, float], checks: list[dict], err: float | None,
             note: str = "") -> dict:
     return {"config": name, "rows": rows, "median_s": times, "checks": checks, "max_rel_err": err, "note": note}
@@ -115,10 +110,10 @@ def _registry(path: Path, dim: int, hidden: int, rng: np.random.Generator) -> An
     reg = Registry.create(path)
     reg.add_version(dim=dim)
     if hidden:
-        (w1, b1), (w2, b2) = _weights(rng, hidden, dim), _weights(rng, dim, hidden)
+        (w1, b1), (w2, b2) = random_weights(rng, hidden, dim), random_weights(rng, dim, hidden)
         reg.add_version(dim=dim, backward=[Layer(w1, b1, "gelu"), Layer(w2, b2)])
     else:
-        reg.add_version(dim=dim, backward=_weights(rng, dim, dim))
+        reg.add_version(dim=dim, backward=random_weights(rng, dim, dim))
     return reg
 
 

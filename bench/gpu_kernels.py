@@ -31,7 +31,6 @@ Exit status 2 with a message when no GPU is usable. Each record names the path o
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from bc_fast._util.fileio import atomic_write_json
-from bc_fast.bench.harness import time_gpu_interleaved
+from bc_fast.bench.harness import random_weights, time_gpu_interleaved
 
 ROWS = {"l2_256": (16 << 20, 8 << 20), "mlp_gelu": (4 << 20, 2 << 20), "affine1024x768_fp16": (2 << 20, 1 << 20),
         "affine1024x768_bf16": (2 << 20, 1 << 20), "affine768_fp32": (2 << 20, 1 << 20),
@@ -84,11 +83,6 @@ def _profile(torch: Any, fn: Callable[[], Any], top: int = 6) -> list[dict]:
     total = sum(r[2] for r in rows) or 1.0
     rows.sort(key=lambda r: -r[2])
     return [{"kernel": k[:70], "calls": c, "us": round(t, 1), "share": round(t / total, 3)} for k, c, t in rows[:top]]
-
-
-def _weights(rng: np.random.Generator, d_out: int, d_in: int) -> tuple[np.ndarray, np.ndarray]:
-    return ((rng.standard_normal((d_out, d_in)) / math.sqrt(d_in)).astype(np.float32),
-            (0.1 * rng.standard_normal(d_out)).astype(np.float32))
 
 
 def _row_err(y: Any, ref: np.ndarray) -> float:
@@ -167,7 +161,7 @@ def run_config(torch: Any, name: str, rows: int, samples: int, profile_on: bool,
     calls = 1
     if name == "l2_256":
         dt, d_in = torch.float16, 256
-        w, b = _weights(rng, 256, 256)
+        w, b = random_weights(rng, 256, 256)
         layers, normalize = [Layer(w, b)], True
         W, B = torch.tensor(w, device=dev, dtype=dt), torch.tensor(b, device=dev, dtype=dt)
         tmp = torch.empty((rows, 256), device=dev, dtype=dt)
@@ -180,7 +174,7 @@ def run_config(torch: Any, name: str, rows: int, samples: int, profile_on: bool,
         compile_fn = lambda xx: F.normalize(F.linear(xx, W, B), dim=1)
     elif name == "mlp_gelu":
         dt, d_in = torch.float16, 256
-        (w1, b1), (w2, b2) = _weights(rng, 1024, 256), _weights(rng, 256, 1024)
+        (w1, b1), (w2, b2) = random_weights(rng, 1024, 256), random_weights(rng, 256, 1024)
         layers, normalize = [Layer(w1, b1, "gelu"), Layer(w2, b2)], False
         W1, B1 = torch.tensor(w1, device=dev, dtype=dt), torch.tensor(b1, device=dev, dtype=dt)
         W2, B2 = torch.tensor(w2, device=dev, dtype=dt), torch.tensor(b2, device=dev, dtype=dt)
@@ -196,7 +190,7 @@ def run_config(torch: Any, name: str, rows: int, samples: int, profile_on: bool,
     elif name.startswith("affine"):
         d_in, d_out = (1024, 768) if name.startswith("affine1024") else (768, 768)
         dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name.rsplit("_", 1)[1]]
-        w, b = _weights(rng, d_out, d_in)
+        w, b = random_weights(rng, d_out, d_in)
         layers, normalize = [Layer(w, b)], False
         W, B = torch.tensor(w, device=dev, dtype=dt), torch.tensor(b, device=dev, dtype=dt)
         ref_out = torch.empty((rows, d_out), device=dev, dtype=dt)
@@ -205,7 +199,7 @@ def run_config(torch: Any, name: str, rows: int, samples: int, profile_on: bool,
             return torch.addmm(B, x, W.t(), out=ref_out)
     elif name == "chain4":
         dt, d_in = torch.float16, 384
-        steps = [[Layer(*_weights(rng, 384, 384))] for _ in range(4)]
+        steps = [[Layer(*random_weights(rng, 384, 384))] for _ in range(4)]
         layers, normalize = fuse_chain(steps), False
         Ws = [(torch.tensor(np.asarray(s[0].weight), device=dev, dtype=dt),
                torch.tensor(np.asarray(s[0].bias), device=dev, dtype=dt)) for s in steps]
@@ -219,7 +213,7 @@ def run_config(torch: Any, name: str, rows: int, samples: int, profile_on: bool,
             return y
     elif name == "batch1":
         dt, d_in = torch.float32, 256
-        w, b = _weights(rng, 256, 256)
+        w, b = random_weights(rng, 256, 256)
         layers, normalize = [Layer(w, b)], False
         W, B = torch.tensor(w, device=dev), torch.tensor(b, device=dev)
         ref_out = torch.empty((1, 256), device=dev)

@@ -18,7 +18,6 @@ Prints one line. Exit status: 0 correct, 1 wrong (or refused by the kernel), 2 n
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from bc_fast import FusedTransform, Layer
+from bc_fast.bench.harness import random_weights
 from bc_fast.engine.fusion import apply_layers_reference
 
 SCHEDULES = ("cooperative", "pingpong")
@@ -39,9 +39,7 @@ SAMPLED_ABOVE = 5000
 
 def _dense(rng: np.random.Generator, d_out: int, d_in: int, act: str = "none", width: int | None = None,
            bias: bool = True) -> Layer:
-    w = (rng.standard_normal((d_out, d_in)) / math.sqrt(d_in)).astype(np.float32)
-    b = (0.1 * rng.standard_normal(d_out)).astype(np.float32) if bias else None
-    return Layer(w, b, act, width)
+    return Layer(*random_weights(rng, d_out, d_in, bias), act, width)
 
 
 # name: (layers, normalize). The L2 programs take the fused kernel under every variant; the GELU ones

@@ -58,7 +58,8 @@ __all__ = [
     # report
     "chart_png", "fmt_time", "format_table", "kv_line", "log_result",
     # configs: context, results, runner
-    "Bench", "Buffers", "Config", "check", "max_abs_err", "result", "run_configs", "script_args", "speedup_check",
+    "Bench", "Buffers", "Config", "check", "max_abs_err", "random_weights", "result", "run_configs", "script_args",
+    "speedup_check",
 ]
 
 
@@ -103,6 +104,15 @@ class Buffers:
         gc.collect()
 
 
+def random_weights(rng: np.random.Generator, d_out: int, d_in: int,
+                   bias: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Random float32 ``(W (d_out, d_in), b (d_out,))`` of a benchmark layer: W standard normal scaled by
+    1/sqrt(d_in), b standard normal times 0.1 (None without ``bias``)."""
+    w = rng.standard_normal((d_out, d_in), dtype=np.float32) / np.float32(math.sqrt(d_in))
+    b = (rng.standard_normal(d_out, dtype=np.float32) * np.float32(0.1)) if bias else None
+    return np.ascontiguousarray(w), b
+
+
 @dataclass
 class Bench:
     """What a config gets: engines, thread count, timing plan, reused buffers, a seeded rng.
@@ -123,10 +133,8 @@ class Bench:
         self.threads, self.torch, self.F, self.faiss = self.eng.threads, self.eng.torch, self.eng.F, self.eng.faiss
 
     def weights(self, d_out: int, d_in: int, bias: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """Random ``(W (d_out, d_in), b (d_out,))``, W scaled by 1/sqrt(d_in)."""
-        w = self.rng.standard_normal((d_out, d_in), dtype=np.float32) / np.float32(math.sqrt(d_in))
-        b = (self.rng.standard_normal(d_out, dtype=np.float32) * np.float32(0.1)) if bias else None
-        return np.ascontiguousarray(w), b
+        """:func:`random_weights` from this config's rng."""
+        return random_weights(self.rng, d_out, d_in, bias)
 
     def measure(self, impls: dict[str, Callable[[], Any]], *, large: bool, min_calls: int = 1) -> dict[str, Timing]:
         """Large: one call per sample, count set by the time budget. Small: calibrated loops."""
