@@ -302,6 +302,32 @@ def _bad(tmp_path, exc, match, *args, **kw):
     assert _listing(tmp_path) == before
 
 
+@pytest.mark.parametrize("form", ["nan", "inf"])
+def test_non_finite_input_row_is_refused_and_named(tmp_path, registry, form):
+    """A NaN/Inf input row outside the verified sample: named in the error, nothing published."""
+    x = _table(3000, dtype=np.float32, seed=4)
+    x[2345, 7] = np.nan if form == "nan" else -np.inf
+    np.save(tmp_path / "in.npy", x)
+    _bad(tmp_path, ValueError, r"input row 2345 of .*in\.npy holds NaN or Inf", tmp_path / "in.npy",
+         tmp_path / "out.npy", registry=registry, dst=0, chunk_rows=500, verify=4, journal_interval=0)
+
+
+def test_float16_overflow_is_refused_and_named(tmp_path):
+    """Finite inputs whose transformed values exceed float16's range: the float16 conversion names the row and
+    says to convert to float32 (which then works); nothing is published."""
+    op = FusedTransform([Layer(np.eye(8, dtype=np.float32) * 1000.0)])
+    x = _table(3000, d=8, dtype=np.float32, seed=5)
+    x[1234, 3] = 70.0  # 70,000 after the map: above float16's 65,504
+    np.save(tmp_path / "in.npy", x)
+    with pytest.raises(ValueError, match=r"converted row 1234 of .* is not finite in float16: .* \(65504\) .*"
+                                         r"Convert to float32"):
+        apply_to_table(op, tmp_path / "in.npy", tmp_path / "out.npy", dtype=np.float16, chunk_rows=500, verify=4,
+                       **_kw())
+    assert _listing(tmp_path) == ["in.npy"]
+    apply_to_table(op, tmp_path / "in.npy", tmp_path / "out.npy", dtype=np.float32, chunk_rows=500, **_kw())
+    assert np.load(tmp_path / "out.npy")[1234, 3] == np.float32(70000.0)
+
+
 def test_wrong_dim(tmp_path, registry):
     np.save(tmp_path / "in.npy", _table(10, d=DIMS[1]))
     _bad(tmp_path, ValueError, r"has 40 features per row .* version 2 has dim 64",

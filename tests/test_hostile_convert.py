@@ -413,6 +413,11 @@ def test_threads_beyond_range(tmp_path, registry, capsys, threads):
     ({"verify_tol": float("nan")}, ValueError, "verify_tol must be a positive finite number"),
     ({"verify_tol": -1.0}, ValueError, "verify_tol must be"),
     ({"dtype": "float64"}, TypeError, "output dtype must be float32 or float16"),
+    ({"seed": -1}, ValueError, r"seed \(of the verified sample\) must be a non-negative integer"),
+    ({"seed": 1.5}, ValueError, "seed"),
+    ({"journal_interval": float("nan")}, ValueError, "journal_interval must be a finite number of seconds"),
+    ({"journal_interval": "1"}, ValueError, "journal_interval must be"),
+    ({"journal_interval": -1}, ValueError, "journal_interval must be"),
 ])
 def test_bad_arguments(tmp_path, registry, kw, exc, match):
     np.save(tmp_path / "in.npy", _table(10))

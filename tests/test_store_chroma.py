@@ -197,6 +197,42 @@ def test_resume_deletes_records_the_journal_does_not_record(tmp_path, registry, 
     assert np.array_equal(y, np.concatenate([op.apply(x[a:b], threads=THREADS) for a, b in _chunks(900, 100)]))
 
 
+def test_resume_redoes_the_records_from_a_chunk_changed_on_disk(tmp_path, registry, monkeypatch):
+    """A record of a journaled chunk edited in the partial store: resume converts again from that chunk (the
+    records after it are deleted first) and the result equals an uninterrupted run."""
+    from bc_fast.store import tables
+    x = _x(900, seed=12)
+    src = _make_store(tmp_path / "chroma", x)
+    kw = _kw(registry=registry, dst=0, chunk_rows=100)
+    orig, calls = tables.ChromaWriter.write, [0]
+
+    def write(self, chunk, y, extra):
+        calls[0] += 1
+        if calls[0] > 4:
+            raise KeyboardInterrupt
+        orig(self, chunk, y, extra)
+
+    out = str(tmp_path / "out")
+    with monkeypatch.context() as m:
+        m.setattr(tables.ChromaWriter, "write", write)
+        with pytest.raises(KeyboardInterrupt):
+            convert_table(src, out, journal_interval=0, **kw)
+    assert json.loads(Path(out + ".partial.journal.json").read_text())["done_chunks"] == 4
+    client = open_client(out + ".partial")
+    col = client.get_collection("docs", embedding_function=None)
+    e = np.asarray(col.get(ids=["id150"], include=["embeddings"])["embeddings"][0])
+    col.update(ids=["id150"], embeddings=[e + 1])  # chunk 1 edited behind the journal's back
+    client.close()
+
+    with pytest.warns(RuntimeWarning, match="chunk 1 of the partial output does not match the checksum"):
+        res = convert_table(src, out, resume=True, **kw)
+    assert res.resumed_rows == 100
+    got, y, _ = _read(out)
+    assert got["ids"] == [f"id{i}" for i in range(900)]
+    op = registry.operator(2, 0)
+    assert np.array_equal(y, np.concatenate([op.apply(x[a:b], threads=THREADS) for a, b in _chunks(900, 100)]))
+
+
 # ------------------------------------------------------------------ refusals leave the store unchanged
 
 def _refused(store, exc, match, *args, **kw):

@@ -189,6 +189,40 @@ def test_resume_drops_chunks_the_journal_does_not_record(tmp_path, registry, mon
 
 
 
+def test_resume_redoes_the_fragments_from_a_chunk_that_fails_its_checksum(tmp_path, registry, monkeypatch):
+    """Resume finds chunk 1 of the partial output changed (its checksum check stands in for an edit on disk):
+    the fragments from chunk 1 on are dropped and converted again; the result equals an uninterrupted run."""
+    from bc_fast.convert import pipeline
+    from bc_fast.store import tables
+    db = str(tmp_path / "db")
+    x = _x(seed=10)
+    src = _make_table(db, x)
+    kw = _kw(registry=registry, dst=0, chunk_rows=150)
+    convert_table(src, os.path.join(db, "clean.lance"), **kw)
+    orig, calls = tables.LanceWriter.write, [0]
+
+    def write(self, chunk, y, extra):
+        calls[0] += 1
+        if calls[0] > 4:
+            raise KeyboardInterrupt
+        orig(self, chunk, y, extra)
+
+    out = os.path.join(db, "out.lance")
+    with monkeypatch.context() as m:
+        m.setattr(tables.LanceWriter, "write", write)
+        with pytest.raises(KeyboardInterrupt):
+            convert_table(src, out, journal_interval=0, **kw)
+    assert json.loads(Path(out + ".partial.journal.json").read_text())["done_chunks"] == 4
+    monkeypatch.setattr(pipeline, "_first_bad_chunk", lambda read, chunks, crcs: 1)
+    with pytest.warns(RuntimeWarning, match="chunk 1 of the partial output does not match the checksum"):
+        res = convert_table(src, out, resume=True, **kw)
+    assert res.resumed_rows == 150 and res.rows == len(x)
+    a, _ = _read(out)
+    b, _ = _read(os.path.join(db, "clean.lance"))
+    assert a.equals(b)
+    assert not [f for f in os.listdir(db) if "partial" in f or f.endswith((".tmp", ".lock"))]
+
+
 def test_resume_after_sigkill(tmp_path, registry, kill_convert_midway):
     db = str(tmp_path / "db")
     x = _x(3000, seed=11)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .._util.checksum import crc32_array
+from .._util.finite import first_nonfinite_row
 from .._util.progress import Progress
 from .._util.fileio import atomic_write_json, is_json_int, is_relative_file, read_json_object
 from .._util.text import short_repr
@@ -28,6 +29,15 @@ _JOURNAL_FORMAT = "bc_fast.convert.journal/2"
 
 #: Bytes written between two flushes (:meth:`TableWriter.flush`) of the output, journal or not.
 FLUSH_BYTES = 32 << 20
+
+
+class NonFiniteRow(ValueError):
+    """A converted row holds NaN or Inf: raised by the chunk writer, explained by the pipeline, which can
+    read the input row back (:func:`bc_fast.convert.pipeline.apply_to_table`)."""
+
+    def __init__(self, row: int) -> None:
+        super().__init__(f"output row {row} is not finite")
+        self.row = row
 
 
 def _crc(y: np.ndarray) -> int:
@@ -121,12 +131,16 @@ def _journaled_writer(writer: TableWriter, chunks: list[Chunk], state: dict, jou
     """``write(chunk, y, extra, x_sample=None)``: write a chunk, record its crc32, collect its rows of the
     verified sample (``check``, a :class:`bc_fast.convert.job.SampleCheck`, given their input rows
     ``x_sample``) and, every ``journal_interval`` seconds (and after the last chunk), make the data
-    durable and then the journal. Chunks come in order."""
+    durable and then the journal. Chunks come in order; a chunk with a NaN or Inf row raises
+    :class:`NonFiniteRow` before it is written."""
     last_sync = [time.monotonic()]
     unsynced = [0]
     crcs: list[int] = state["crcs"]
 
     def write(chunk: Chunk, y: np.ndarray, extra: Any, x_sample: np.ndarray | None = None) -> None:
+        bad = first_nonfinite_row(y)
+        if bad is not None:
+            raise NonFiniteRow(chunk.start + bad)
         writer.write(chunk, y, extra)
         crcs.append(_crc(y))  # the writer thread writes chunks in order
         if check is not None and x_sample is not None:

@@ -72,6 +72,7 @@ from .job import (
 )
 from .journal import (
     _JOURNAL_FORMAT,
+    NonFiniteRow,
     _first_bad_chunk,
     _journaled_writer,
     _write_journal,
@@ -228,6 +229,12 @@ def apply_to_table(
     if verify_tol is not None and not (isinstance(verify_tol, (int, float, np.floating))
                                        and math.isfinite(verify_tol) and verify_tol > 0):
         raise ValueError(f"verify_tol must be a positive finite number, got {verify_tol!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed (of the verified sample) must be a non-negative integer, got {seed!r}")
+    if isinstance(journal_interval, bool) or not (isinstance(journal_interval, (int, float, np.integer, np.floating))
+                                                  and math.isfinite(journal_interval) and journal_interval >= 0):
+        raise ValueError(f"journal_interval must be a finite number of seconds >= 0 (0 journals every chunk), "
+                         f"got {journal_interval!r}")
     dev = None
     if device is not None and device != "cpu":
         from ..engine.device import open_device
@@ -305,6 +312,7 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
                               f"{journal_path} records (the file was changed on disk); converting again from chunk "
                               f"{bad}", RuntimeWarning, stacklevel=3)
                 crcs = crcs[:bad]
+                writer.drop_after(bad)
         else:
             need = writer.expected_bytes() + _DISK_MARGIN
             free = _disk_free(out_parent)
@@ -334,9 +342,12 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
 
         resumed_rows = state["done_rows"]
         t0 = time.perf_counter()
-        _pipeline(op, reader, writer, j.chunks, start_chunk, out_dtype=j.out_dtype, threads=threads, state=state,
-                  journal_path=journal_path, journal_interval=journal_interval, progress=progress, output=output,
-                  dev=dev, check=check)
+        try:
+            _pipeline(op, reader, writer, j.chunks, start_chunk, out_dtype=j.out_dtype, threads=threads,
+                      state=state, journal_path=journal_path, journal_interval=journal_interval, progress=progress,
+                      output=output, dev=dev, check=check)
+        except NonFiniteRow as e:
+            raise ValueError(_non_finite_message(reader, input, e.row, j.out_dtype)) from None
         seconds = time.perf_counter() - t0
         n_ver, max_err = check.finish(reader, writer) if check is not None else (0, None)
         if dev is not None:
@@ -372,6 +383,24 @@ def _run(op: FusedTransform, reader: TableReader, input: str, output: str, prov:
                 remove_path(p)
         lock.release(remove=True)  # only a flock target: removing it never loses state
         raise
+
+
+#: The largest finite value of each output dtype, for the overflow message.
+_LARGEST = {"float16": 65504.0, "bfloat16": 3.39e38, "float32": 3.40e38}
+
+
+def _non_finite_message(reader: TableReader, input: str, row: int, out_dtype: np.dtype) -> str:
+    """Why output row ``row`` holds NaN or Inf: a NaN or Inf in its input row, or values beyond the output dtype."""
+    x = np.asarray(reader.read_rows(np.array([row])), dtype=np.float32)
+    if not np.isfinite(x).all():
+        return (f"input row {row} of {input} holds NaN or Inf, so its converted row would too; nothing was "
+                "written. Fix or drop that row of the input table and convert again")
+    name = out_dtype.name
+    largest = _LARGEST.get(name, float("inf"))
+    hint = ("Convert to float32 instead (dtype='float32', --dtype float32)" if name == "float16" else
+            "The transform's weights are far too large for these inputs; check the registry's versions")
+    return (f"converted row {row} of {input} is not finite in {name}: its values exceed {name}'s largest "
+            f"finite value ({largest:.6g}) although the input row is finite; nothing was written. {hint}")
 
 
 class _ComputeThreads:

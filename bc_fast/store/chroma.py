@@ -207,7 +207,13 @@ class ChromaWriter(TableWriter):
         if have < want:
             raise ValueError(f"cannot resume: the partial output {self.temp} holds {have} records but its journal "
                              f"records {want}; delete {self.temp} and its journal and start again")
-        if have > want:  # records added after the journal's last durable point are deleted and redone
+        self.drop_after(done_chunks)  # records added after the journal's last durable point are redone
+
+    def drop_after(self, done_chunks: int) -> None:
+        col = self._collection()
+        want = self.chunks[done_chunks - 1].stop if done_chunks else 0
+        have = int(col.count())
+        if have > want:
             ids = col.get(offset=want, limit=have - want, include=[])["ids"]
             step = self._client.get_max_batch_size()
             for i in range(0, len(ids), step):

@@ -210,7 +210,6 @@ class LanceWriter(TableWriter):
                                        data_storage_version=self._storage_version)
 
     def reopen(self, done_chunks: int) -> None:
-        lance = import_lance()
         if not os.path.isdir(self.temp):
             raise ValueError(f"cannot resume: partial output {self.temp} is missing; "
                              "delete the journal and start again")
@@ -219,11 +218,16 @@ class LanceWriter(TableWriter):
         if len(frags) < done_chunks:
             raise ValueError(f"cannot resume: the partial output {self.temp} holds {len(frags)} chunks but its "
                              f"journal records {done_chunks}; delete {self.temp} and its journal and start again")
+        self.drop_after(done_chunks)  # chunks committed after the journal's last durable point are redone
+        self._cleanup()
+
+    def drop_after(self, done_chunks: int) -> None:
+        lance = import_lance()
+        ds = self._dataset()
+        frags = ds.get_fragments()
         if len(frags) > done_chunks:
-            # chunks committed after the journal's last durable point are dropped and redone
             op = lance.LanceOperation.Overwrite(self.schema, [f.metadata for f in frags[:done_chunks]])
             self._ds = lance.LanceDataset.commit(self.temp, op, read_version=ds.version)
-        self._cleanup()
 
     def write(self, chunk: Chunk, y: np.ndarray, extra: Any) -> None:
         lance = import_lance()

@@ -255,19 +255,21 @@ class MilvusWriter(TableWriter):
         if not is_milvus_store(self.merged):
             raise ValueError(f"cannot resume: partial output {self.merged} is missing or not a Milvus Lite store; "
                              "delete the journal and start again")
-        client, reader = self._open(), self.reader
+        self.drop_after(done_chunks)  # rows written after the journal's last durable point are redone
         want = self.chunks[done_chunks - 1].stop if done_chunks else 0
-        pk = reader.pk  # type: ignore[attr-defined]
-        # rows written after the journal's last durable point are deleted and redone
-        flt = f"{pk} > {_literal(reader.keys[want - 1])}" if want else ""  # type: ignore[attr-defined]
-        if want:
-            client.delete(self.collection, filter=flt)
-        elif _count(client, self.collection):
-            client.delete(self.collection, filter=f"{pk} >= {_literal(reader.keys[0])}")  # type: ignore[attr-defined]
-        have = _count(client, self.collection)
+        have = _count(self._open(), self.collection)
         if have != want:
             raise ValueError(f"cannot resume: the partial output {self.merged} holds {have} rows up to the journal's "
                              f"last chunk, expected {want}; delete {self.temp} and its journal and start again")
+
+    def drop_after(self, done_chunks: int) -> None:
+        client, reader = self._open(), self.reader
+        want = self.chunks[done_chunks - 1].stop if done_chunks else 0
+        pk = reader.pk  # type: ignore[attr-defined]
+        if want:
+            client.delete(self.collection, filter=f"{pk} > {_literal(reader.keys[want - 1])}")  # type: ignore[attr-defined]
+        elif _count(client, self.collection):
+            client.delete(self.collection, filter=f"{pk} >= {_literal(reader.keys[0])}")  # type: ignore[attr-defined]
 
     def write(self, chunk: Chunk, y: np.ndarray, extra: Any) -> None:
         column = self.reader.column  # type: ignore[attr-defined]

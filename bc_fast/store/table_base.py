@@ -153,6 +153,10 @@ class TableWriter:
         """Reopen a temporary output left by a killed run; chunks after ``done_chunks`` are redone."""
         raise NotImplementedError
 
+    def drop_after(self, done_chunks: int) -> None:
+        """Forget the chunks from ``done_chunks`` on, so a resumed run can write them again. Writers that
+        overwrite a chunk in place (a file at a fixed offset, a part file per chunk) have nothing to do."""
+
     def write(self, chunk: Chunk, y: np.ndarray, extra: Any) -> None:
         """Write the converted rows of ``chunk``."""
         raise NotImplementedError
