@@ -352,7 +352,7 @@ void FusedOp::finish_layer(const KernelSet& kern, const Layer& l, bool last, con
     float* row = dst + r * ld;
     if (has_epilogue) kern.bias_act(row, d, bias, l.spec.activation, l.spec.activation_width);
     float scale = 1.0f;
-    if (normalize_) scale = 1.0f / std::max(std::sqrt(kern.sum_squares(row, d)), 1e-12f);
+    if (normalize_) scale = inverse_norm(kern, row, d);
     if (direct) {
       if (normalize_) kern.store_f32(row, row, d, scale);
     } else {
@@ -438,6 +438,16 @@ bool check_apply_args(const void* x, DType x_type, int64_t n, int64_t d_in, cons
 
 int64_t apply_threads(int64_t threads) {
   return in_forked_child() ? 1 : threads > 0 ? std::min<int64_t>(threads, kMaxThreads) : num_threads();
+}
+
+float inverse_norm(const KernelSet& kern, const float* row, int64_t d) {
+  float ss = kern.sum_squares(row, d);
+  if (std::isinf(ss)) {
+    double acc = 0.0;
+    for (int64_t i = 0; i < d; ++i) acc += static_cast<double>(row[i]) * row[i];
+    return static_cast<float>(1.0 / std::sqrt(acc));  // 0 where the row itself holds an Inf, as before
+  }
+  return 1.0f / std::max(std::sqrt(ss), 1e-12f);
 }
 
 void store_row(const KernelSet& kern, const float* row, void* out, DType out_type, int64_t r, int64_t d, float scale) {

@@ -169,6 +169,9 @@ bool check_apply_args(const void* x, DType x_type, int64_t n, int64_t d_in, cons
 // The threads an apply call uses: `threads` (at most kMaxThreads), num_threads() for threads <= 0, 1 in a
 // forked child.
 int64_t apply_threads(int64_t threads);
+// 1 / max(||row||, 1e-12) for the normalisation. A finite row whose float sum of squares overflows (values
+// above ~1.8e19) is summed again in double, so it still comes out a unit vector instead of zeros.
+float inverse_norm(const KernelSet& kern, const float* row, int64_t d);
 // Row r of `out` (out_type, d values a row) = row * scale.
 void store_row(const KernelSet& kern, const float* row, void* out, DType out_type, int64_t r, int64_t d, float scale);
 // run_tile(i) for every tile i in [0, tiles), on up to `threads` threads claimed from the shared budget

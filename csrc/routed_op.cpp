@@ -336,7 +336,7 @@ void RoutedOp::run_tile(const void* x, DType x_type, int64_t rows, void* out, DT
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = acc + r * s.d_out;
     float scale = 1.0f;
-    if (normalize_) scale = 1.0f / std::max(std::sqrt(kern.sum_squares(row, s.d_out)), 1e-12f);
+    if (normalize_) scale = inverse_norm(kern, row, s.d_out);
     store_row(kern, row, out, out_type, r, s.d_out, scale);
   }
 }

@@ -11,6 +11,7 @@ import pytest
 
 import bc_fast
 from bc_fast import FusedTransform, Layer
+from bc_fast._util.arrays import bfloat16
 
 OP = FusedTransform.affine(np.ones((4, 3), np.float32))
 X = np.ones((2, 3), np.float32)
@@ -234,3 +235,13 @@ def test_public_thread_api_refuses_hostile_values():
         with pytest.raises(ValueError, match="n must be"):
             bc_fast.set_num_threads(bad)
     assert bc_fast.get_num_threads() == before
+
+
+def test_binding_refuses_byte_swapped_bfloat16():
+    """The compiled core checks byte order itself, for bfloat16 as for float32/float16 (the Python layer
+    refuses first; this is the core's own guard, called directly)."""
+    x = np.ones((2, 3), np.float32).astype(bfloat16())
+    swapped = x.view(x.dtype.newbyteorder(">"))
+    with pytest.raises(TypeError, match="x must be native-endian float32, float16 or bfloat16"):
+        OP._op.apply(swapped, None, False, 0)
+    OP._op.apply(x, None, False, 0)  # native bfloat16 is taken
