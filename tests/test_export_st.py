@@ -64,6 +64,30 @@ def test_encode_emits_the_old_version_and_survives_save_load(model, tmp_path, na
     np.testing.assert_allclose(reloaded.encode(TEXTS, convert_to_numpy=True), got, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_adapter_in_a_half_precision_model(dtype):
+    """``model.half()`` / ``.to(bfloat16)`` leaves the adapter's weights float32: output = op.apply, rounded once."""
+    import torch
+
+    from bc_fast.export.st_adapter import _st_modules
+
+    dt = getattr(torch, dtype)
+    rng = np.random.default_rng(3)
+    op = _ops(rng)["mlp_partial"]
+    (adapter,) = to_sentence_transformers(op)
+    dense, _ = _st_modules()
+    first = dense(384, 384, activation_function=torch.nn.Identity(), init_weight=torch.eye(384),
+                  init_bias=torch.zeros(384))
+    half = st.SentenceTransformer(modules=[first, adapter], device="cpu").to(dt)
+    assert all(p.dtype == torch.float32 for p in adapter.parameters()) and first.linear.weight.dtype == dt
+    x = torch.from_numpy(rng.standard_normal((7, 384)).astype(np.float32)).to(dt)
+    with torch.no_grad():
+        got = half.forward({"sentence_embedding": x.clone()})["sentence_embedding"]
+    assert got.dtype == dt
+    ref = torch.from_numpy(op.apply(x.float().numpy()))  # the identity Dense passes x through exactly
+    torch.testing.assert_close(got.float(), ref, rtol=torch.finfo(dt).eps, atol=1e-6)
+
+
 def test_a_damaged_adapter_file_is_a_clear_error(model, tmp_path):
     from bc_fast.export.st_adapter import WEIGHTS_FILE, BackwardAdapter
 

@@ -13,6 +13,7 @@ from bc_fast.engine.fusion import apply_layers_reference
 from bc_fast.export import to_torch
 
 torch = pytest.importorskip("torch", reason="to_torch needs torch (the [train] extra)")
+from bc_fast.export import FusedModule  # the torch class: imported after the skip
 
 
 def _program(kind: str, rng: np.random.Generator) -> FusedTransform:
@@ -71,6 +72,36 @@ def test_16bit_module_within_rounding(kind, dtype, tol):
     ref = _reference(op, xt.float().numpy())
     err = np.abs(got.float().numpy() - ref).max() / np.abs(ref).max()
     assert err < tol, err
+
+
+def test_keep_float32_module_computes_in_float32_like_bc_fast():
+    """Layer outputs beyond float16's range (about 8e4 here) before normalisation: bc_fast and a keep_float32
+    module (what the sentence-transformers adapter uses) compute in float32 and round the output once, so
+    neither overflows, and casting the module to half precision keeps its weights float32."""
+    rng = np.random.default_rng(0)
+    op = FusedTransform([Layer((rng.standard_normal((32, 64)) * 1e4).astype(np.float32))], normalize=True)
+    x = rng.standard_normal((16, 64)).astype(np.float16)
+    module = FusedModule(op, keep_float32=True).half()
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    with torch.no_grad():
+        got = module(torch.from_numpy(x))
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    ref = _reference(op, x.astype(np.float32))
+    np.testing.assert_allclose(got.float().numpy(), ref, rtol=2**-10, atol=2**-24)  # one float16 rounding
+    np.testing.assert_allclose(got.numpy(), op.apply(x, out_dtype=np.float16), rtol=2**-10, atol=2**-24)
+
+
+def test_keep_float32_casts_keep_the_weights_and_device_moves_apply():
+    op = _program("gelu_mlp_l2", np.random.default_rng(2))
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((8, 40)).astype(np.float32))
+    for cast in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.double()):
+        module = cast(FusedModule(op, keep_float32=True))
+        assert all(p.dtype == torch.float32 for p in module.parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(module(x), to_torch(op)(x), rtol=0, atol=0)
+    moved = FusedModule(op, keep_float32=True).to("meta", torch.float16)
+    assert all(p.device.type == "meta" and p.dtype == torch.float32 for p in moved.parameters())
+    assert all(p.dtype == torch.float16 for p in to_torch(op).half().parameters())  # the default module casts
 
 
 def test_leading_batch_dimensions_and_wrong_width():

@@ -24,27 +24,29 @@ from safetensors.numpy import save as safetensors_bytes
 from .._util.fileio import atomic_write_bytes
 from ..engine.layer import Layer
 from ..engine.operator import FusedTransform
-from .torch_module import to_torch
+from .torch_module import _module_class
 
 WEIGHTS_FILE = "bc_fast_adapter.safetensors"
 FORMAT = "bc_fast.st_adapter/1"
 
 
 class BackwardAdapter(torch.nn.Module):
-    """Maps ``features["sentence_embedding"]`` through a fused operator (see :func:`.to_torch`).
+    """Maps ``features["sentence_embedding"]`` through a fused operator (a :func:`.to_torch` module).
 
-    The operator runs in float32 on the embedding's device; its output replaces the embedding, so
-    ``encode`` returns version-j vectors (normalised if the operator normalises).
+    The operator runs in float32 on the embedding's device, also in a model cast with ``.half()`` or
+    ``.to(torch.bfloat16)`` (its weights stay float32; device moves apply); its output, rounded once to
+    the embedding's dtype, replaces the embedding, so ``encode`` returns version-j vectors (normalised if
+    the operator normalises) matching ``op.apply``.
     """
 
     def __init__(self, op: FusedTransform) -> None:
         super().__init__()
         self.op = op
-        self.fused = to_torch(op)
+        self.fused = _module_class()(op, keep_float32=True)
 
     def forward(self, features: dict[str, Any]) -> dict[str, Any]:
         emb = features["sentence_embedding"]
-        features["sentence_embedding"] = self.fused(emb.float()).to(emb.dtype)
+        features["sentence_embedding"] = self.fused(emb)  # float32 inside, emb's dtype out (keep_float32)
         return features
 
     def get_embedding_dimension(self) -> int:
