@@ -187,6 +187,22 @@ def test_registry_operator_passes_precision(tmp_path, make_chain_registry) -> No
         reg.operator(2, 0, precision="fp16")
 
 
+@needs_bf16
+def test_registry_refuses_a_bf16_operator_as_a_stored_step(tmp_path) -> None:
+    # storing it kept only its weights: the registry's operator then ran fp32, silently other results
+    from bc_fast.store import Registry
+
+    reg = Registry.create(tmp_path / "reg")
+    reg.add_version(dim=4)
+    reg.add_version(dim=6)
+    op = FusedTransform.affine(np.ones((4, 6), np.float32), precision="bf16")
+    with pytest.raises(ValueError, match=r"precision='bf16'.*reg\.operator\(src, dst, precision='bf16'\)"):
+        reg.add_transform(1, 0, op)
+    reg.add_transform(1, 0, op.layers)  # the fix the message names
+    x = np.random.default_rng(0).standard_normal((3, 6)).astype(np.float32)
+    np.testing.assert_array_equal(reg.operator(1, 0, precision="bf16").apply(x), op.apply(x))
+
+
 def test_bf16_bench_configs_tiny(tmp_path) -> None:
     """The suite's bf16 configs at toy sizes: every impl timed, the result checked, or a visible skip."""
     pytest.importorskip("threadpoolctl", reason="the benchmark harness needs threadpoolctl")

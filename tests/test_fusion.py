@@ -137,3 +137,32 @@ def test_chain_errors() -> None:
         fuse_chain([[np.eye(3)]])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="expects 8 features, got 3"):
         apply_layers_reference(a, np.zeros((2, 3)))
+
+
+def _scaled(scale: float, activation: str = "none") -> list[Layer]:
+    return [Layer(np.eye(2, dtype=np.float32) * np.float32(scale), None, activation)]
+
+
+@pytest.mark.parametrize("steps,labels,named", [
+    ([_scaled(1e20), _scaled(1e20)], None, r"steps\[0\], steps\[1\]"),
+    ([_scaled(1e20), _scaled(1e20)], ["2 -> 1", "1 -> 0"], "2 -> 1, 1 -> 0"),
+    ([_scaled(1.0, "relu"), _scaled(1e20), _scaled(1e20)], None, r"steps\[1\], steps\[2\]"),  # only the overflowing run
+    ([_scaled(1e20), _scaled(1e20, "relu")], None, r"steps\[0\], steps\[1\]"),  # run folded into the activation
+])
+def test_fused_product_beyond_float32_names_its_steps(steps: list, labels: list | None, named: str) -> None:
+    # finite float32 steps whose float64 product overflows float32 used to surface as a RuntimeWarning and
+    # "layers[0].weight contains NaN or Inf"
+    with pytest.raises(ValueError, match=rf"^the fused chain of {named} exceeds float32 range \(max \|value\| = "
+                                         r"1e\+40\): each step's weights are finite.*rescale"):
+        fuse_chain(steps, labels=labels)
+
+
+def test_fused_product_within_float32_still_fuses() -> None:
+    steps = [_scaled(1e30), _scaled(1e-30), _scaled(3.0)]
+    x = np.array([[1.0, -2.0]], np.float32)
+    fused = fuse_chain(steps, labels=["a", "b", "c"])
+    assert len(fused) == 1
+    np.testing.assert_allclose(apply_layers_reference(fused, x), apply_layers_reference(flatten_chain(steps), x),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="labels names 2 steps, but the chain has 3"):
+        fuse_chain(steps, labels=["a", "b"])

@@ -632,3 +632,43 @@ def test_safetensors_header_length_that_starts_like_a_pickle_is_read(header_len:
     assert header["__metadata__"]["kind"] == "mlp"
     # a real pickle still is one
     assert _manifest.foreign_format(pickle.dumps([1, 2], protocol=2)) == "a Python pickle (protocol 2)"
+
+
+def _routed_reg(tmp_path: Path) -> Registry:
+    rng = np.random.default_rng(0)
+    r = Registry.create(tmp_path / "routed")
+    r.add_version(dim=4)
+    r.add_version(dim=3, backward={"centroids": rng.standard_normal((2, 3)), "weights": rng.standard_normal((2, 4, 3)),
+                                   "bias": rng.standard_normal((2, 4)), "m": 1, "temperature": 1.0})
+    return r
+
+
+def _with_recorded(key: str, text: str) -> bytes:
+    """A transform file for pair (1, 0) whose metadata records ``text`` under ``key`` ("layers" or "routed")."""
+    from safetensors.numpy import save
+
+    if key == "layers":
+        return save({"layers.0.weight": np.ones((8, 8), np.float32), "layers.0.bias": np.ones(8, np.float32)},
+                    metadata=dict(_meta(), layers=text))
+    tensors = {"routed.centroids": np.ones((2, 3), np.float32), "routed.weights": np.ones((2, 4, 3), np.float32),
+               "routed.bias": np.ones((2, 4), np.float32)}
+    return save(tensors, metadata=dict(_meta(), kind="routed", routed=text))
+
+
+_SPEC = '{"d_in": 8, "d_out": 8, "activation": "none", "activation_width": null, "bias": true'
+
+
+@pytest.mark.parametrize("key", ["layers", "routed"])
+@pytest.mark.parametrize("text,msg", [
+    ("[" * 100_000 + "]" * 100_000, "is nested too deeply to parse"),  # used to raise RecursionError
+    ("[" * 100 + "]" * 100, "is nested more than 64 levels deep"),
+    ("[" + _SPEC + ', "d_in": 8}]', "has the key 'd_in' twice in one object"),  # json.loads kept the last one
+    ("[NaN]", "holds NaN, which is not JSON"),
+])
+def test_hostile_recorded_metadata_json(reg: Registry, tmp_path: Path, key: str, text: str, msg: str) -> None:
+    """The JSON a transform file records is parsed as strictly as the manifest (sha256 re-stamped)."""
+    target = reg if key == "layers" else _routed_reg(tmp_path)
+    _plant(target, _with_recorded(key, text))
+    with pytest.raises(RegistryError, match=rf"backward_1_to_0_\w+\.safetensors: the file's recorded '{key}' "
+                                            rf"metadata {msg}.*re-add the transform"):
+        Registry.open(target.path).operator(1, 0)

@@ -352,3 +352,58 @@ def test_progress_bar() -> None:
     with Progress(None, enabled=True, stream=unknown) as bar:
         bar.update(5)
     assert "5 rows" in unknown.getvalue()
+
+
+@pytest.fixture
+def converted_shards(reg: Registry, tmp_path: Path) -> Path:
+    """Two .npy shards of version 2 rows (dim 24), converted to version 0 (dim 16)."""
+    from bc_fast.convert import convert_table
+
+    rng = np.random.default_rng(2)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(2):
+        np.save(shards / f"p{i}.npy", rng.standard_normal((100, 24)).astype(np.float32))
+    convert_table(shards, tmp_path / "v0", registry=reg, dst=0, threads=1, progress=False)
+    return tmp_path / "v0"
+
+
+def _trained(d: int, metric: int) -> object:
+    index = faiss.index_factory(d, "IVF4,Flat", metric)
+    index.train(np.random.default_rng(3).standard_normal((200, d)).astype(np.float32))
+    return index
+
+
+@pytest.mark.parametrize("d,metric,kw,msg", [
+    (16, faiss.METRIC_L2, {}, (r"^metric='ip' but the trained index uses 'l2'.*; "
+                               r"pass metric='l2', or train it with metric='ip'$")),
+    (16, faiss.METRIC_INNER_PRODUCT, {"metric": "l2"}, r"metric='l2' but the trained index uses 'ip'"),
+    (12, faiss.METRIC_INNER_PRODUCT, {}, r"trained is a 12-d index but .*v0 holds 16-d rows"),
+])
+def test_sharded_trained_index_checked_before_any_shard(reg: Registry, converted_shards: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch, d: int, metric: int,
+                                                        kw: dict, msg: str) -> None:
+    # the metric was taken from metric= (an L2 index reported "ip"), and a 12-d index raised a bare AssertionError
+    from bc_fast.index import sharded
+
+    def no_shard_work(*args: object) -> bytes:
+        raise AssertionError("a shard was read before the trained index was checked")
+
+    monkeypatch.setattr(sharded, "_add_shard", no_shard_work)
+    with pytest.raises(ValueError, match=msg):
+        sharded.build_ivf_index_sharded(converted_shards, tmp_path / "out.faiss", trained=_trained(d, metric),
+                                        registry=reg, **kw)
+    assert not (tmp_path / "out.faiss").exists()
+
+
+def test_sharded_trained_l2_index_with_its_metric(reg: Registry, converted_shards: Path) -> None:
+    from bc_fast.index.sharded import build_ivf_index_sharded
+
+    trained = _trained(16, faiss.METRIC_L2)
+    legacy = build_ivf_index_sharded(converted_shards, trained=trained, metric="l2", registry=reg)
+    assert legacy.metric == "l2" and legacy.index.metric_type == faiss.METRIC_L2 and legacy.ntotal == 200
+    rows = np.concatenate([np.load(f) for f in sorted(converted_shards.glob("*.npy"))])
+    ref = faiss.clone_index(trained)
+    ref.add_with_ids(rows, np.arange(len(rows), dtype=np.int64))
+    ref.nprobe = legacy.index.nprobe = 4
+    np.testing.assert_array_equal(legacy.index.search(rows[:5], 3)[1], ref.search(rows[:5], 3)[1])

@@ -252,6 +252,39 @@ class TestBadInput:
         with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
             self.op.apply(np.ones((2, 3), dtype))
 
+    def test_byte_swapped_message_names_the_byte_order(self):
+        with pytest.raises(TypeError, match=r"x must be native-endian float32, float16 or bfloat16, got "
+                                            r"byte-swapped float32 \(dtype >f4\); convert it with "
+                                            r"x\.astype\(x\.dtype\.newbyteorder\('='\)\)"):
+            self.op.apply(np.ones((2, 3), ">f4"))
+
+    def test_byte_swapped_bfloat16_refused(self):
+        # bfloat16 was matched by name only: a byte-swapped one was taken as bfloat16 and computed as garbage.
+        # Plain calls reach the core first (it refuses, then the Python check words the error); the ndarray
+        # subclass and out_dtype= calls take the checked Python path directly.
+        from bc_fast._util.arrays import bfloat16, is_bfloat16, is_row_dtype
+
+        swapped = bfloat16().newbyteorder()
+        assert is_row_dtype(bfloat16()) and not is_bfloat16(swapped) and not is_row_dtype(swapped)
+        x = np.ones((2, 3), np.float32)
+        xs = x.astype(bfloat16()).astype(swapped)
+        sub = type("Sub", (np.ndarray,), {})
+        msg = r"{} must be native-endian float32, float16 or bfloat16, got byte-swapped bfloat16 \(dtype .V2\)"
+        with pytest.raises(TypeError, match=msg.format("x")):
+            self.op.apply(xs)
+        with pytest.raises(TypeError, match=msg.format("out")):
+            self.op.apply(x, out=np.empty((2, 4), swapped))
+        with pytest.raises(TypeError, match=msg.format("x")):
+            self.op.apply(xs.view(sub))
+        with pytest.raises(TypeError, match=msg.format("x")):
+            self.op.apply(xs, out_dtype="bfloat16")
+        with pytest.raises(TypeError, match=msg.format("out")):
+            self.op.apply(x.view(sub), out=np.empty((2, 4), swapped))
+        with pytest.raises(TypeError, match=msg.format("out")):
+            self.op.apply(x, out=np.empty((2, 4), swapped), out_dtype=bfloat16())
+        with pytest.raises(TypeError, match=msg.format("out_dtype") + "; pass out_dtype='bfloat16'"):
+            self.op.apply(x, out_dtype=swapped)
+
     def test_non_singleton_float32_dtype_is_accepted(self):
         x = np.ones((2, 3), np.dtype("float32", metadata={"unit": "m"}))
         np.testing.assert_array_equal(self.op.apply(x), np.full((2, 4), 3.0, np.float32))
@@ -497,3 +530,29 @@ def test_importing_the_core_starts_no_blas_threads_and_keeps_the_environment(use
     res = _in_fresh_python(code, OPENBLAS_NUM_THREADS=user_setting)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["0", str(user_setting), "1"]
+
+
+def test_torch_out_dtypes_on_the_cpu():
+    # only torch.bfloat16 was accepted: torch.float16 / torch.float32 raised "must be ... float16 ..., got
+    # torch.float16"
+    torch = pytest.importorskip("torch")
+    from bc_fast._util.arrays import bfloat16
+
+    rng = np.random.default_rng(5)
+    w, b, x = rand(rng, 6, 5), rand(rng, 6), rand(rng, 7, 5)
+    op = FusedTransform.affine(w, b)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T + b
+    for tdt, ndt, tol in [(torch.float32, np.dtype(np.float32), 1e-5), (torch.float16, np.dtype(np.float16), 2e-3),
+                          (torch.bfloat16, bfloat16(), 1e-2)]:
+        y = op.apply(torch.from_numpy(x), out_dtype=tdt)
+        assert isinstance(y, torch.Tensor) and y.dtype == tdt
+        np.testing.assert_allclose(y.double().numpy(), ref, rtol=tol, atol=tol)
+        y = op.apply(x, out_dtype=tdt)
+        assert y.dtype == ndt
+        np.testing.assert_allclose(y.astype(np.float64), ref, rtol=tol, atol=tol)
+    out = np.empty((7, 6), np.float16)
+    assert op.apply(x, out=out, out_dtype=torch.float16) is out
+    with pytest.raises(ValueError, match="out_dtype=float32 disagrees with out.dtype=float16"):
+        op.apply(x, out=out, out_dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"out_dtype must be float32, float16 or bfloat16, got torch\.float64"):
+        op.apply(x, out_dtype=torch.float64)

@@ -367,3 +367,81 @@ def test_registry_api_names_still_importable() -> None:
     from bc_fast.store import manifest as _manifest
 
     assert registry_mod.RegistryError is _manifest.RegistryError and FORMAT_VERSION == 1
+
+
+def _two_versions(tmp_path: Path) -> Registry:
+    r = Registry.create(tmp_path / "r2")
+    r.add_version(dim=4)
+    r.add_version(dim=6)
+    return r
+
+
+class _Bf16Op(FusedTransform):
+    """A fp32 operator that reports precision 'bf16', as one built on an AVX512-BF16 CPU does (this CPU may lack it)."""
+
+    @property
+    def precision(self) -> str:
+        return "bf16"
+
+
+def test_fused_transform_with_normalize_is_refused_not_silently_dropped(tmp_path: Path) -> None:
+    # add_transform used to store the weights only: reg.operator(1, 0) then returned unnormalised rows
+    rng = np.random.default_rng(0)
+    w, b = _affine(rng, 6, 4)
+    r = _two_versions(tmp_path)
+    op = FusedTransform.affine(w, b, normalize=True)
+    fix = r"property of the served operator, not of a stored step.*reg\.operator\(src, dst, normalize=True\)"
+    with pytest.raises(ValueError, match=r"FusedTransform built with normalize=True: normalisation is a " + fix):
+        r.add_transform(1, 0, op)
+    r3 = Registry.create(tmp_path / "r3")
+    r3.add_version(dim=4)
+    with pytest.raises(ValueError, match=r"normalize=True.*build_legacy_index\(\.\.\., normalize=True\)"):
+        r3.add_version(dim=6, backward=op)
+    assert r3.latest == 0
+    with pytest.raises(ValueError, match="normalize=True"):
+        as_layers(op)
+    assert not r.transforms()
+    # the fix the message names: store the weights, normalise when serving
+    r.add_transform(1, 0, op.layers)
+    x = rng.standard_normal((5, 6)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T + b
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose(r.operator(1, 0, normalize=True).apply(x), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r.operator(1, 0, normalize=True).apply(x), op.apply(x), rtol=1e-6, atol=1e-7)
+
+
+def test_fused_transform_with_bf16_precision_is_refused(tmp_path: Path) -> None:
+    r = _two_versions(tmp_path)
+    op = _Bf16Op.affine(np.ones((4, 6), np.float32))
+    with pytest.raises(ValueError, match=r"precision='bf16'.*would change its results.*"
+                                         r"reg\.operator\(src, dst, precision='bf16'\)"):
+        r.add_transform(1, 0, op)
+    assert not r.transforms()
+
+
+@pytest.mark.parametrize("weight,bias,name", [
+    (np.full((4, 6), 1e300), None, "weight"),
+    (np.ones((4, 6)), np.array([0.0, 0.0, 1e39, 0.0]), "bias"),
+])
+def test_float64_weights_beyond_float32_refused_at_add(tmp_path: Path, weight: np.ndarray, bias: np.ndarray | None,
+                                                      name: str) -> None:
+    # float64 weights are stored exactly: 1e300 used to be stored, and every operator on it failed later
+    r = _two_versions(tmp_path)
+    with pytest.raises(ValueError, match=rf"layers\[0\]\.{name} has values beyond float32 range.*rescale"):
+        r.add_transform(1, 0, (weight, bias))
+    assert not r.transforms()
+    r.add_transform(1, 0, np.full((4, 6), 1e30))  # float64 within float32's range: stored exactly, as before
+    assert r.transform_layers(1, 0)[0].weight.dtype == np.float64
+
+
+def test_fused_chain_beyond_float32_is_named_not_blamed_on_nan_weights(tmp_path: Path) -> None:
+    # two finite 1e20 steps fuse to 1e40: this used to say "layers[0].weight contains NaN or Inf"
+    r = Registry.create(tmp_path / "r")
+    r.add_version(dim=2)
+    for _ in range(2):
+        r.add_version(dim=2, backward=np.eye(2, dtype=np.float32) * np.float32(1e20))
+    with pytest.raises(ValueError, match=r"fused chain of 2 -> 1, 1 -> 0 exceeds float32 range "
+                                         r"\(max \|value\| = 1e\+40\)"):
+        r.operator(2, 0)
+    one_step = r.operator(1, 0).apply(np.ones((1, 2), np.float32))
+    np.testing.assert_array_equal(one_step, np.full((1, 2), 1e20, np.float32))

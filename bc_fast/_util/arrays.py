@@ -15,15 +15,18 @@ def bfloat16() -> np.dtype:
 
 
 def is_bfloat16(dt: np.dtype) -> bool:
-    """True for ``ml_dtypes.bfloat16`` (without importing ml_dtypes)."""
-    return dt.itemsize == 2 and dt.name == "bfloat16"
+    """True for native-endian ``ml_dtypes.bfloat16`` (without importing ml_dtypes).
+
+    A byte-swapped bfloat16 (``dt.newbyteorder()``) keeps the name but is no bfloat16 the core or torch can read.
+    """
+    return dt.itemsize == 2 and dt.name == "bfloat16" and dt.isnative
 
 
 _FLOAT_DTYPES = frozenset((np.dtype(np.float32), np.dtype(np.float16)))
 
 
 def is_row_dtype(dt: np.dtype) -> bool:
-    """True for the row dtypes the core takes and ``.npy`` tables hold: float32, float16 and bfloat16.
+    """True for the row dtypes the core takes and ``.npy`` tables hold: native-endian float32, float16 and bfloat16.
 
     bfloat16 is matched by name (:func:`is_bfloat16`): ml_dtypes 0.7.0 takes ~0.75 s to import (numpy 2.4, against
     ~6 ms for 0.6.0), so only a run that meets a bfloat16 array, table or dtype pays for it.

@@ -45,7 +45,13 @@ def flatten_chain(steps: Sequence[Sequence[Layer]]) -> list[Layer]:
     steps : sequence of sequences of Layer
         ``steps[0]`` is applied first (for ``src=k, dst=j``: ``B_k, B_{k-1}, ..., B_{j+1}``).
     """
+    return _flatten(steps)[0]
+
+
+def _flatten(steps: Sequence[Sequence[Layer]]) -> tuple[list[Layer], list[int]]:
+    """:func:`flatten_chain`'s layers, and for each layer the index of the step it came from."""
     out: list[Layer] = []
+    origin: list[int] = []
     d_prev: int | None = None
     for s, step in enumerate(steps):
         if isinstance(step, Layer):
@@ -61,9 +67,10 @@ def flatten_chain(steps: Sequence[Sequence[Layer]]) -> list[Layer]:
                     f"features; the chain's steps must be ordered newest first (B_k, B_(k-1), ...)")
             d_prev = layer.d_out
             out.append(layer)
+            origin.append(s)
     if not out:
         raise ValueError("the chain has no steps")
-    return out
+    return out, origin
 
 
 def _w64(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +84,24 @@ def _to_layer(w: np.ndarray, b: np.ndarray, activation: str = "none", width: int
     return Layer(np.ascontiguousarray(w, dtype=np.float32), bias, activation, width)
 
 
-def fuse_chain(steps: Sequence[Sequence[Layer]], *, fold_into_activation: bool = True) -> list[Layer]:
+#: One step of a fused program: float64 (weight, bias, activation, width), and the chain steps it fuses.
+_Fused = tuple[np.ndarray, np.ndarray, str, int | None, range]
+
+
+def _check_fused_range(entry: _Fused, names: Sequence[str]) -> None:
+    """ValueError when a fused float64 step holds values float32 cannot (they would become Inf in the core)."""
+    w, b, _, _, span = entry
+    big = max(float(np.max(np.abs(w))), float(np.max(np.abs(b))) if b.size else 0.0)
+    if not big <= float(np.finfo(np.float32).max):  # NaN too: Inf - Inf in a float64 product
+        which = ", ".join(names[i] for i in span)
+        raise ValueError(
+            f"the fused chain of {which} exceeds float32 range (max |value| = {big:.3g}): each step's weights are "
+            "finite, but composed in float64 they are not representable in float32, the core's weight dtype; "
+            "rescale the steps' weights")
+
+
+def fuse_chain(steps: Sequence[Sequence[Layer]], *, fold_into_activation: bool = True,
+               labels: Sequence[str] | None = None) -> list[Layer]:
     """Fuse a chain of transforms into a short float32 layer program.
 
     Parameters
@@ -87,45 +111,56 @@ def fuse_chain(steps: Sequence[Sequence[Layer]], *, fold_into_activation: bool =
     fold_into_activation : bool, default True
         Fold an affine run into the following activation layer when that costs no
         more multiply-adds.
+    labels : sequence of str, optional
+        A name per step for error messages (e.g. ``"2 -> 1"``); default ``steps[i]``.
 
     Returns
     -------
     list of Layer
         Equivalent program, composed in float64 and stored as float32. A chain with no
         activation returns exactly one layer. Zero biases are dropped (``bias=None``).
+        ValueError when a fused layer holds values beyond float32's range.
     """
-    layers = flatten_chain(steps)
-    with single_threaded_blas():  # small products; OpenBLAS workers would spin beside the core afterwards
-        program = _fused_program(layers, fold_into_activation)
-    return [_to_layer(*p) for p in program]
+    layers, origin = _flatten(steps)
+    names = [f"steps[{i}]" for i in range(origin[-1] + 1)] if labels is None else [str(n) for n in labels]
+    if len(names) <= origin[-1]:
+        raise ValueError(f"labels names {len(names)} steps, but the chain has {origin[-1] + 1}")
+    # Small products: OpenBLAS workers would spin beside the core afterwards. Overflow is reported below.
+    with single_threaded_blas(), np.errstate(over="ignore", invalid="ignore"):
+        program = _fused_program(layers, origin, fold_into_activation)
+    for entry in program:
+        _check_fused_range(entry, names)
+    return [_to_layer(*entry[:4]) for entry in program]
 
 
-def _fused_program(layers: list[Layer], fold_into_activation: bool
-                   ) -> list[tuple[np.ndarray, np.ndarray, str, int | None]]:
-    """The float64 ``(weight, bias, activation, width)`` program of :func:`fuse_chain`."""
-    program: list[tuple[np.ndarray, np.ndarray, str, int | None]] = []
+def _fused_program(layers: list[Layer], origin: list[int], fold_into_activation: bool) -> list[_Fused]:
+    """The float64 program of :func:`fuse_chain`; ``origin[i]`` is the step ``layers[i]`` came from."""
+    program: list[_Fused] = []
     run_w: np.ndarray | None = None  # pending affine run, float64
     run_b: np.ndarray | None = None
-    for layer in layers:
+    run_first = run_last = 0  # the steps the pending run starts and ends in
+    for layer, s in zip(layers, origin):
         w, b = _w64(layer)
         if layer.is_affine:
             if run_w is None:
-                run_w, run_b = w, b
+                run_w, run_b, run_first = w, b, s
             else:
                 run_w, run_b = w @ run_w, w @ run_b + b
+            run_last = s
             continue
+        first = s
         if run_w is not None:
             d_run_in, d_mid = run_w.shape[1], run_w.shape[0]
             fused_cost = w.shape[0] * d_run_in
             split_cost = d_mid * d_run_in + w.shape[0] * d_mid
             if fold_into_activation and fused_cost <= split_cost:
-                w, b = w @ run_w, w @ run_b + b
+                w, b, first = w @ run_w, w @ run_b + b, run_first
             else:
-                program.append((run_w, run_b, "none", None))
+                program.append((run_w, run_b, "none", None, range(run_first, run_last + 1)))
             run_w = run_b = None
-        program.append((w, b, layer.activation, layer.activation_width))
+        program.append((w, b, layer.activation, layer.activation_width, range(first, s + 1)))
     if run_w is not None:
-        program.append((run_w, run_b, "none", None))
+        program.append((run_w, run_b, "none", None, range(run_first, run_last + 1)))
     return program
 
 

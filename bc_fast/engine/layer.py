@@ -85,6 +85,17 @@ def _check_float32_range(a: np.ndarray, name: str, dtype: Any) -> None:
                              "the core computes in float32: rescale the weights")
 
 
+def check_float32_range(layer: Layer, where: str) -> None:
+    """ValueError when a checked layer's (float64) weight or bias holds finite values beyond float32's range.
+
+    :func:`validate_layer` with ``keep_float64=True`` keeps such values (the registry stores weights exactly);
+    a stored step must still be one the float32 core can run.
+    """
+    _check_float32_range(layer.weight, f"{where}.weight", np.float32)
+    if layer.bias is not None:
+        _check_float32_range(layer.bias, f"{where}.bias", np.float32)
+
+
 def validate_layer(layer: Any, where: str, d_prev: int | None = None, *, keep_float64: bool = False) -> Layer:
     """Check one layer and return it with private, read-only, contiguous copies of its arrays.
 

@@ -34,17 +34,31 @@ _FLOAT16 = np.dtype(np.float16)
 
 
 def _out_dtype(out_dtype: Any) -> np.dtype:
-    """``out_dtype`` as float32, float16 or bfloat16 (``"bfloat16"``, ``ml_dtypes.bfloat16``,
-    ``torch.bfloat16``); TypeError naming the argument otherwise."""
-    if out_dtype == "bfloat16" or str(out_dtype) == "torch.bfloat16":
+    """``out_dtype`` as float32, float16 or bfloat16: a name (``"float16"``), a numpy / ml_dtypes dtype or a torch
+    dtype (``torch.float16``, read by name: torch is not imported); TypeError naming the argument otherwise."""
+    text = str(out_dtype).removeprefix("torch.")
+    if text == "bfloat16":
         return bfloat16()
+    if text in ("float32", "float16"):
+        return np.dtype(text)
     try:
         dt = np.dtype(out_dtype)
     except TypeError as e:
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype!r}") from e
     if not is_row_dtype(dt):
-        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {dt}")
+        raise _dtype_error("out_dtype", dt, array=False)
     return dt
+
+
+def _dtype_error(name: str, dt: np.dtype, *, array: bool = True) -> TypeError:
+    """The TypeError for a dtype the core does not take (``name`` an array, or a dtype argument if not ``array``);
+    a byte-swapped float32/float16/bfloat16 is named as such."""
+    if not dt.isnative and is_row_dtype(dt.newbyteorder("=")):
+        fix = f"convert it with {name}.astype({name}.dtype.newbyteorder('='))" if array else f"pass {name}={dt.name!r}"
+        return TypeError(f"{name} must be native-endian float32, float16 or bfloat16, got byte-swapped {dt.name} "
+                         f"(dtype {dt.str}); {fix}")
+    fix = f"convert it with {name}.astype(np.float32)" if array else f"pass {name}='float32'"
+    return TypeError(f"{name} must be float32, float16 or bfloat16, got dtype {dt}; {fix}")
 
 
 def _on_host(a: Any) -> bool:
@@ -60,8 +74,7 @@ def _check_batch(a: np.ndarray, name: str, dim: int) -> None:
         hint = " Reshape your data with x.reshape(1, -1) for a single vector." if a.ndim == 1 else ""
         raise ValueError(f"Expected {name} to be a 2-D array (n, {dim}), got {a.ndim}-D array of shape {a.shape}.{hint}")
     if not is_row_dtype(a.dtype):
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got dtype {a.dtype}; convert it with "
-                        f"{name}.astype(np.float32)")
+        raise _dtype_error(name, a.dtype)
     if a.shape[1] != dim:
         raise ValueError(f"{name} has {a.shape[1]} features per row, expected {dim}")
     if not a.flags.c_contiguous:
@@ -95,7 +108,7 @@ def host_batch(x: Any, out: Any, out_dtype: Any, d_in: int, d_out: int) -> tuple
     if oa.shape[0] != xa.shape[0]:
         raise ValueError(f"out has {oa.shape[0]} rows but x has {xa.shape[0]}")
     if out_dtype is not None and _out_dtype(out_dtype) != oa.dtype:
-        raise ValueError(f"out_dtype={np.dtype(out_dtype)} disagrees with out.dtype={oa.dtype}")
+        raise ValueError(f"out_dtype={_out_dtype(out_dtype)} disagrees with out.dtype={oa.dtype}")
     if not oa.flags.writeable:
         raise ValueError("out is read-only; pass a writeable array (e.g. np.empty_like)")
     if np.may_share_memory(xa, oa):

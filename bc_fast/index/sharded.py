@@ -25,8 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..convert.job import read_sidecar, sidecar_path
-from .faiss_utils import _check_finite, _faiss, _faiss_msg, _positive_int, blas_threshold, blas_threshold_for, \
-    faiss_metric
+from .faiss_utils import _check_finite, _faiss, _faiss_msg, _index_metric, _positive_int, blas_threshold, \
+    blas_threshold_for, faiss_metric
 from .legacy import LegacyIndex
 from ..store.tables import open_table
 
@@ -132,7 +132,8 @@ def build_ivf_index_sharded(dataset: str | os.PathLike, path: str | os.PathLike 
         The IVF ``index_factory`` string, ``"ip"`` or ``"l2"``, and the training sample (:func:`train_ivf`).
     trained : faiss.Index, optional
         An already trained empty index (skips training): the result then equals adding every row of
-        the dataset, in order, to a clone of it in one process.
+        the dataset, in order, to a clone of it in one process. Its dimension must be the dataset's
+        and its metric ``metric`` (ValueError before any shard is read otherwise).
     registry : Registry or path, optional
         Attached to the index (needed to search with newer-version queries); refused if its checksum
         is not the one the dataset was converted with.
@@ -153,11 +154,11 @@ def build_ivf_index_sharded(dataset: str | os.PathLike, path: str | os.PathLike 
     chunk_rows = _positive_int(chunk_rows, "chunk_rows")
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if trained is not None:
+        _check_trained(trained, int(side["table"]["dim"]), metric, dataset)
     reg = _check_registry(registry, side, dataset)
     index = trained if trained is not None else train_ivf(dataset, factory=factory, metric=metric,
                                                           train_rows=train_rows, seed=seed)
-    if not index.is_trained or index.ntotal:
-        raise ValueError("trained must be a trained, empty faiss index (index.is_trained and ntotal == 0)")
     blob = faiss.serialize_index(index).tobytes()
     offsets = np.cumsum([0, *rows[:-1]]).tolist()
     merged = faiss.deserialize_index(np.frombuffer(blob, np.uint8))
@@ -174,6 +175,26 @@ def build_ivf_index_sharded(dataset: str | os.PathLike, path: str | os.PathLike 
     if path is not None:
         legacy.save(path)
     return legacy
+
+
+def _check_trained(trained: Any, d: int, metric: str, dataset: str) -> None:
+    """A ``trained`` index must be a trained, empty faiss index of the dataset's dimension and of ``metric``."""
+    faiss_metric(metric)  # ValueError for anything but "ip" / "l2"
+    if not all(hasattr(trained, a) for a in ("d", "metric_type", "is_trained", "ntotal")):
+        raise TypeError(f"trained must be a faiss index (from train_ivf or faiss.index_factory), got "
+                        f"{type(trained).__name__}")
+    if not trained.is_trained or trained.ntotal:
+        raise ValueError("trained must be a trained, empty faiss index (index.is_trained and ntotal == 0)")
+    if int(trained.d) != d:
+        raise ValueError(f"trained is a {int(trained.d)}-d index but {dataset} holds {d}-d rows; train it on this "
+                         f"dataset (train_ivf({dataset!r}, ...)) or pass the dataset it was trained for")
+    got = _index_metric(trained)
+    if got != metric.lower():
+        uses = repr(got) if got is not None else f"faiss metric_type {int(trained.metric_type)}"
+        fix = f"pass metric={got!r}, or train it with metric={metric!r}" if got is not None else \
+            f"train it with metric={metric!r}"
+        raise ValueError(f"metric={metric!r} but the trained index uses {uses}, which its searches would use "
+                         f"while the index says {metric!r}; {fix}")
 
 
 def _check_registry(registry: Any, side: dict, dataset: str) -> Any:

@@ -545,14 +545,23 @@ def checked_tensors(data: bytes, t: TransformInfo, where: str) -> tuple[dict, di
     return meta, tensors
 
 
+def recorded_json(meta: Mapping[str, str], key: str, where: str) -> Any:
+    """The JSON a transform file's metadata records under ``key``, parsed as strictly as a manifest.
+
+    No NaN, no duplicate keys, at most MAX_DEPTH levels: a RegistryError naming the file otherwise.
+    """
+    raw = meta.get(key, "null").encode("utf-8", "surrogatepass")  # a lone surrogate: "not UTF-8" below
+    return _strict_json(raw, f"{where}: the file's recorded {key!r} metadata", _REFIX)
+
+
 def _check_recorded_specs(meta: Mapping[str, Any], t: TransformInfo, where: str) -> None:
     """The layer program the file records (activations, widths, bias) must be the manifest's.
 
     The chain checksum covers the files' sha256, so this ties the manifest's activations to it: an
     edited manifest cannot silently change what an operator computes.
     """
+    recorded = recorded_json(meta, "layers", where)
     try:
-        recorded = json.loads(meta.get("layers", "null"))
         specs = [_validate_layer_spec(s, f"{where}: recorded layers[{j}]", None) for j, s in enumerate(recorded)]
     except (ValueError, TypeError, RegistryError) as e:
         raise RegistryError(f"{where}: the file's recorded layer program is unreadable ({short_repr(str(e))}); "

@@ -329,7 +329,7 @@ class Registry:
         if a == b:
             d = self._versions[a].dim
             return [Layer(np.eye(d, dtype=np.float32))]
-        return fuse_chain(self.chain_layers(a, b))
+        return fuse_chain(self.chain_layers(a, b), labels=[f"{p} -> {q}" for p, q in self._chain_pairs(a, b)])
 
     def operator(self, src: int | None = None, dst: int = 0, *, normalize: bool = False,
                  precision: str = "fp32") -> FusedTransform | RoutedTransform:

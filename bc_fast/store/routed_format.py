@@ -40,6 +40,7 @@ from .manifest import (
     checked_tensors,
     encode_safetensors,
     json_clean,
+    recorded_json,
     validate_routed_spec,
     weight_file,
 )
@@ -161,8 +162,9 @@ def decode_routed(data: bytes, t: TransformInfo, where: str) -> RoutedStep:
     if meta.get("kind") != ROUTED_KIND:
         raise RegistryError(f"{where}: the manifest records {name} but the file holds a {meta.get('kind')!r} "
                             f"transform; the manifest was edited by hand. Restore it, or {_REFIX}")
+    raw = recorded_json(meta, "routed", where)
     try:
-        recorded = validate_routed_spec(json.loads(meta.get("routed", "null")), f"{where}: recorded routed spec")
+        recorded = validate_routed_spec(raw, f"{where}: recorded routed spec")
     except (ValueError, TypeError) as e:
         raise RegistryError(f"{where}: the file's recorded routed spec is unreadable ({e}); {_REFIX}") from e
     if recorded != t.routed:

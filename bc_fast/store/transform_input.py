@@ -15,6 +15,7 @@ import numpy as np
 
 from .._util.arrays import as_numpy
 from ..engine import FusedTransform, Layer, validate_layer
+from ..engine.layer import check_float32_range
 
 __all__ = ["as_layers"]
 
@@ -25,9 +26,31 @@ def _to_numpy(a: Any, where: str) -> np.ndarray:
 
 def _clean_layer(layer: Layer, where: str) -> Layer:
     layer = validate_layer(layer, where, keep_float64=True)
+    check_float32_range(layer, where)  # float64 weights are stored exactly, but the core runs them in float32
     if layer.bias is not None and not np.any(layer.bias):
         layer = Layer(layer.weight, None, layer.activation, layer.activation_width)
     return layer
+
+
+def _fused_layers(op: FusedTransform) -> list[Layer]:
+    """The layers of a FusedTransform; ValueError when it carries serving options a stored step cannot keep.
+
+    A stored step is weights only: normalisation and bf16 arithmetic are chosen when the chain is served.
+    """
+    if op.normalize:
+        raise ValueError(
+            "cannot store a FusedTransform built with normalize=True: normalisation is a property of the served "
+            "operator, not of a stored step (a chain normalises once, at its end). Store the weights (pass "
+            "op.layers, or build it with normalize=False) and normalise when serving: "
+            "reg.operator(src, dst, normalize=True), build_legacy_index(..., normalize=True) or "
+            "convert_table(..., normalize=True)")
+    if op.precision != "fp32":
+        raise ValueError(
+            f"cannot store a FusedTransform built with precision={op.precision!r}: the arithmetic is a property "
+            "of the served operator, not of a stored step, and storing only its weights would change its "
+            "results. Store the weights (pass op.layers, or build it with precision='fp32') and choose the "
+            f"arithmetic when serving: reg.operator(src, dst, precision={op.precision!r})")
+    return list(op.layers)
 
 
 def as_layers(transform: Any) -> list[Layer]:
@@ -36,7 +59,9 @@ def as_layers(transform: Any) -> list[Layer]:
     Accepts a list of Layer, one Layer, a :class:`FusedTransform`, a ``(W, b)``
     pair (``b`` may be None), a bare weight matrix ``W`` of shape (d_out, d_in), an
     object with ``export_layers()`` or ``export()`` (the modules in ``bc_fast.train``), or a torch
-    ``nn.Linear``-like module with ``weight``/``bias``.
+    ``nn.Linear``-like module with ``weight``/``bias``. A FusedTransform with ``normalize=True`` or
+    ``precision="bf16"`` is refused (ValueError): those are chosen when serving (``Registry.operator``).
+    Weights beyond float32's range are refused (ValueError): the core computes in float32.
     """
     name = type(transform).__name__
     if transform is None:
@@ -46,7 +71,7 @@ def as_layers(transform: Any) -> list[Layer]:
     elif callable(getattr(transform, "export", None)) and not isinstance(transform, (FusedTransform, Layer)):
         layers = list(transform.export())  # bc_fast.train transforms
     elif isinstance(transform, FusedTransform):
-        layers = list(transform.layers)
+        layers = _fused_layers(transform)
     elif isinstance(transform, Layer):
         layers = [transform]
     elif isinstance(transform, (list, tuple)) and transform and all(isinstance(l, Layer) for l in transform):
