@@ -184,3 +184,36 @@ def test_report_table_json_and_plots(tmp_path):
     png2 = plot_per_version(tmp_path / "pv.png", {"edge-rating": {"nobc": [0.7, 0.6, None]}},
                             {"nobc": [0.1, 0.1, 0.1]}, {"nobc": [0.0, 1.0, 2.0]})
     assert png2.stat().st_size > 1000
+
+
+def test_item_genre_stops_on_items_it_never_scores(monkeypatch):
+    """The early-stopping items are disjoint from the training items and from every version's scored items."""
+    pytest.importorskip("torch")
+    from bc_fast.data import synthetic_interactions, time_points
+    from bc_fast.eval import consumers as C
+
+    data = synthetic_interactions(num_users=200, num_items=300, num_edges=8000, seed=0)
+    tp = time_points(3, 0.5)
+    splits = [data.split(tp[k], tp[k + 1]) for k in range(3)]
+    (task,) = C.build_consumer_tasks(data, splits, ["item-genre"])
+    stop_idx, stop_y = task.stop_set()
+    items0 = np.nonzero(data.item_labels[: splits[0].num_items].sum(1) > 0)[0]
+    assert len(stop_idx) > 0 and np.intersect1d(stop_idx, task.train_idx).size == 0
+    for idx, _ in task.examples:
+        assert np.intersect1d(stop_idx, idx).size == 0
+    # train, stop and held (scored version-0) items partition the labelled version-0 items
+    held = np.intersect1d(task.examples[1][0], items0)
+    np.testing.assert_array_equal(np.sort(np.concatenate([task.train_idx, stop_idx, held])), items0)
+    np.testing.assert_array_equal(stop_y, data.item_labels[stop_idx])
+    with pytest.raises(ValueError, match="must be in \\(0, 1\\) with a sum below 1"):
+        C.build_consumer_tasks(data, splits, ["item-genre"], genre_holdout=0.6, genre_stop=0.4)
+
+    # train_consumers early-stops on exactly those items
+    seen = []
+    auc = C._auc
+    monkeypatch.setattr(C, "_auc", lambda t, y, s: seen.append(len(y)) or auc(t, y, s))
+    rng = np.random.default_rng(0)
+    emb = [(rng.normal(size=(s.num_users, 4)).astype(np.float32), rng.normal(size=(s.num_items, 4)).astype(np.float32))
+           for s in splits]
+    C.train_consumers([task], emb, seeds=(0,), epochs=2, hidden=8)
+    assert seen == [len(stop_idx)] * 2

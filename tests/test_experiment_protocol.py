@@ -160,3 +160,45 @@ def test_lambda_sweep_chooses_on_the_selection_split(tmp_path) -> None:
     assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "lambda_sweep.json").exists()
     with pytest.raises(ValueError, match="lambda only changes the joint strategies"):
         run_lambda_sweep(tmp_path, [1.0], cfg, data=_data(), strategies=("nobc",), log=None)
+
+
+def test_selection_and_test_sides_share_no_consumer_example() -> None:
+    """Every user is on one side per version (users without a validation edge split by the same keys), so
+    user-activity has both classes on the selection side and no example is both selected on and tested."""
+    from bc_fast.eval.consumers import build_consumer_tasks, restrict_examples
+    from bc_fast.experiments.runner import _selection_tasks, _single_class_versions, _user_halves
+
+    data = _data()
+    tp = time_points(3, 0.5)
+    splits = [data.split(tp[k], tp[k + 1]) for k in range(3)]
+    held = [held_out_split(s, num_users=data.num_users) for s in splits]
+    sel_side, test_side = _user_halves(splits, held, data.num_users, 0.5, 0)
+    tasks = build_consumer_tasks(data, splits, ("user-activity", "edge-rating", "item-genre"))
+    sel = {t.name: t for t in _selection_tasks(tasks, test_side)}
+    test = {t.name: t for t in (restrict_examples(t, sel_side) for t in tasks)}
+    assert set(sel) == {"user-activity", "edge-rating"}  # no item takes part in selection
+    for k, (s, h) in enumerate(zip(splits, held)):
+        assert np.intersect1d(sel_side[k], test_side[k]).size == 0
+        np.testing.assert_array_equal(np.union1d(sel_side[k], test_side[k]), np.arange(s.num_users))
+        assert np.isin(h.selection_users, sel_side[k]).all() and np.isin(h.test_users, test_side[k]).all()
+        idx, y = sel["user-activity"].examples[k]
+        np.testing.assert_array_equal(idx[y == 1], h.selection_users)
+        assert np.intersect1d(idx, test["user-activity"].examples[k][0]).size == 0
+        if k in sel["user-activity"].score_versions:
+            assert 0 < y.sum() < len(y)
+        edges = sel["edge-rating"].examples[k][0]
+        assert np.isin(edges[0], h.selection_users).all()
+        assert not np.isin(test["edge-rating"].examples[k][0][0], sel_side[k]).any()
+    assert _single_class_versions(list(sel.values())) == {}
+
+
+def test_single_class_selection_task_is_reported() -> None:
+    """Every user of the last slice is active (seed 6): user-activity is named, not silently nan-meaned."""
+    cfg = ExperimentConfig.quick(**{**TINY, "epochs": 1, "strategies": ("fix-m0", "nobc"), "keep": (),
+                                    "consumer_tasks": ("user-activity", "edge-rating")})
+    with pytest.warns(UserWarning, match=r"one class .* left out of auc_selection: \{'user-activity': \[2\]\}"):
+        res = run_experiment(cfg, data=synthetic_interactions(num_users=90, num_items=150, num_edges=3000, seed=6),
+                             log=None)
+    assert res["data"]["selection_tasks"]["user-activity"]["single_class_versions"] == [2]
+    assert res["data"]["selection_tasks"]["edge-rating"]["single_class_versions"] == []
+    assert all(np.isfinite(v[0]) for v in res["raw"]["auc_selection"].values())  # edge-rating still counts

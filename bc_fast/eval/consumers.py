@@ -19,13 +19,16 @@ Every consumer is trained on version-0 embeddings (M_0 on G_0) and early-stopped
 ``stop_version`` with the reference (fix-m0) embeddings -- version 0 for edge and item
 tasks, version 1 for the user-activity tasks (whose version-0 labels are the training
 labels) -- and scored with ROC-AUC on the versions in ``score_versions`` (k >= 1, or k >= 2
-for the activity tasks), exactly the reference's bookkeeping.
+for the activity tasks), exactly the reference's bookkeeping. Item-genre (not in the
+reference) scores the same held-out items at every version, so it early-stops on its own
+stop items instead (:attr:`ConsumerTask.stop_examples`): version-0 items neither trained on
+nor ever scored.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -70,6 +73,9 @@ class ConsumerTask:
         Version whose examples (with the reference embeddings) early-stop training.
     score_versions : list of int
         Versions averaged in the unintended-task score.
+    stop_examples : (idx, y), optional
+        Examples that early-stop training instead of ``examples[stop_version]`` (item-genre:
+        items outside the training and the scored examples).
     """
 
     name: str
@@ -80,6 +86,11 @@ class ConsumerTask:
     examples: list[tuple[np.ndarray, np.ndarray]]
     stop_version: int
     score_versions: list[int]
+    stop_examples: tuple[np.ndarray, np.ndarray] | None = None
+
+    def stop_set(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ``(idx, y)`` examples that early-stop training (on ``stop_version``'s reference embeddings)."""
+        return self.examples[self.stop_version] if self.stop_examples is None else self.stop_examples
 
 
 def _item_stats(item: np.ndarray, rating: np.ndarray, n_items: int, min_count: int):
@@ -94,13 +105,17 @@ def _item_stats(item: np.ndarray, rating: np.ndarray, n_items: int, min_count: i
 
 def build_consumer_tasks(data: InteractionData, splits: Sequence[VersionSplit],
                          tasks: Sequence[str] = CONSUMER_TASKS, *, min_item_ratings: int = 10,
-                         genre_holdout: float = 0.2, seed: int = 0) -> list[ConsumerTask]:
+                         genre_holdout: float = 0.2, genre_stop: float = 0.1, seed: int = 0) -> list[ConsumerTask]:
     """Build the consumer tasks from the version splits (``splits[k]`` is version k's split).
+
+    ``genre_holdout`` and ``genre_stop`` are the fractions of the labelled version-0 items
+    that item-genre scores (with the newly arrived items) and early-stops on; the rest trains.
 
     Raises
     ------
     ValueError
-        On an unknown task name, fewer than 2 versions, or item-genre without item labels.
+        On an unknown task name, fewer than 2 versions, or item-genre without item labels or
+        with genre fractions outside (0, 1) that leave no training items.
     """
     unknown = [t for t in tasks if t not in CONSUMER_TASKS]
     if unknown:
@@ -141,23 +156,37 @@ def build_consumer_tasks(data: InteractionData, splits: Sequence[VersionSplit],
                 ex.append((keep, y.astype(np.float32)))
             out.append(ConsumerTask(name, "item", 1, keep0, tr_y.astype(np.float32), ex, 0, list(range(1, K))))
         elif name == "item-genre":
-            if data.item_labels is None:
-                raise ValueError("item-genre needs item labels (InteractionData.item_labels is None)")
-            lab = data.item_labels
-            has = lab.sum(1) > 0
-            rng = np.random.default_rng(seed)
-            items0 = np.nonzero(has[: s0.num_items])[0]
-            hold = rng.random(items0.shape[0]) < genre_holdout
-            train_items, held = items0[~hold], items0[hold]
-            ex = []
-            for s in splits:
-                new = np.arange(s0.num_items, s.num_items)
-                new = new[has[new]]
-                idx = np.concatenate([held, new])
-                ex.append((idx, lab[idx]))
-            out.append(ConsumerTask(name, "item", lab.shape[1], train_items, lab[train_items], ex, 0,
-                                    list(range(1, K))))
+            out.append(_item_genre_task(data, splits, genre_holdout, genre_stop, seed))
     return out
+
+
+def _item_genre_task(data: InteractionData, splits: Sequence[VersionSplit], holdout: float, stop: float,
+                     seed: int) -> ConsumerTask:
+    """Item-genre: train / stop / held split of the labelled version-0 items; held and new items are scored.
+
+    One uniform draw per item (generator ``seed``): below ``holdout`` held (scored at every
+    version, with the items that arrived after version 0), in ``[holdout, holdout + stop)``
+    the early-stopping items (never scored), the rest trains the consumer.
+    """
+    if data.item_labels is None:
+        raise ValueError("item-genre needs item labels (InteractionData.item_labels is None)")
+    if not (0 < holdout < 1 and 0 < stop < 1 and holdout + stop < 1):
+        raise ValueError(f"genre_holdout={holdout} and genre_stop={stop} must be in (0, 1) with a sum below 1 "
+                         "(the rest of the items trains item-genre)")
+    lab = data.item_labels
+    has = lab.sum(1) > 0
+    s0 = splits[0]
+    items0 = np.nonzero(has[: s0.num_items])[0]
+    u = np.random.default_rng(seed).random(items0.shape[0])
+    held, stop_items = items0[u < holdout], items0[(u >= holdout) & (u < holdout + stop)]
+    train_items = items0[u >= holdout + stop]
+    ex = []
+    for s in splits:
+        new = np.arange(s0.num_items, s.num_items)
+        idx = np.concatenate([held, new[has[new]]])
+        ex.append((idx, lab[idx]))
+    return ConsumerTask("item-genre", "item", lab.shape[1], train_items, lab[train_items], ex, 0,
+                        list(range(1, len(splits))), stop_examples=(stop_items, lab[stop_items]))
 
 
 def task_features(task: ConsumerTask, emb: "tuple[np.ndarray, np.ndarray]", idx: np.ndarray) -> np.ndarray:
@@ -207,13 +236,13 @@ def train_consumers(tasks: Sequence[ConsumerTask], reference: Sequence["tuple[np
     """Train every task's MLP once per seed on version-0 embeddings (``reference[0]``).
 
     ``reference[k]`` are the fix-m0 embeddings of version k (M_0 on G_k); the state with the
-    best ROC-AUC on ``reference[task.stop_version]`` is kept.
+    best ROC-AUC of :meth:`ConsumerTask.stop_set` on ``reference[task.stop_version]`` is kept.
     """
     models: dict[str, list[ConsumerMLP]] = {}
     for task in tasks:
         x = torch.from_numpy(task_features(task, reference[0], task.train_idx))
         y = torch.from_numpy(task.train_y.reshape(len(task.train_y), -1).astype(np.float32))
-        sidx, sy = task.examples[task.stop_version]
+        sidx, sy = task.stop_set()
         xs = task_features(task, reference[task.stop_version], sidx)
         loss_fn = nn.BCEWithLogitsLoss()
         models[task.name] = []
@@ -288,8 +317,7 @@ def restrict_examples(task: ConsumerTask, excluded_users: Sequence[np.ndarray]) 
         users = idx[0] if task.entity == "edge" else idx
         keep = ~np.isin(users, ex)
         examples.append((idx[:, keep] if task.entity == "edge" else idx[keep], y[keep]))
-    return ConsumerTask(task.name, task.entity, task.out_dim, task.train_idx, task.train_y, examples,
-                        task.stop_version, task.score_versions)
+    return replace(task, examples=examples)
 
 
 def consumer_placements(tasks: Sequence[ConsumerTask], models: dict[str, list[ConsumerMLP]],

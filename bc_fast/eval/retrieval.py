@@ -1,13 +1,20 @@
 """Retrieval evaluation of legacy indexes: overlap@k, Recall@k from embeddings, retention reports.
 
 :func:`legacy_retrieval_report` builds, per strategy, a temporary registry and a
-legacy index (:func:`bc_fast.index.build_legacy_index`) from the latest embeddings,
-and compares it with an index of the true legacy-version embeddings. Recall@k
-is :func:`bc_fast.eval.metrics.recall_at_k`, the package's single implementation.
+legacy index (:func:`bc_fast.index.build_legacy_index`) from the latest embeddings
+of the legacy version's items, and compares it with an index of the true
+legacy-version embeddings. Recall@k is :func:`bc_fast.eval.metrics.recall_at_k`,
+the package's single implementation.
+
+Dense ids are append-only: row ``i`` of every version's table is the same entity and
+version j's table holds the first ``n_j`` rows of any later one (new entities are
+appended). :func:`version_rows` takes those rows from a later table; the experiment
+runner's legacy retention uses it too, so both define retention the same way.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
@@ -24,13 +31,28 @@ from ..engine import Layer
 from ..store.registry import Registry
 from .metrics import recall_at_k
 
-__all__ = ["unit_rows", "overlap_at_k", "recall_from_embeddings", "legacy_retrieval_report", "format_retrieval_report"]
+__all__ = ["unit_rows", "overlap_at_k", "recall_from_embeddings", "version_rows", "legacy_retrieval_report",
+           "format_retrieval_report"]
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
     """``x`` as C-contiguous float32 rows of unit L2 norm (zero rows stay zero): cosine search input."""
     x = np.asarray(x, dtype=np.float32)
     return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), dtype=np.float32)
+
+
+def version_rows(table: Any, n_rows: int, *, what: str = "table") -> Any:
+    """The rows of an older version in a newer ``table``: its first ``n_rows`` rows (dense ids are append-only).
+
+    Row ``i`` of every version's table must be the same entity, so the version with
+    ``n_rows`` entities is a prefix of every later table; entities added later are not
+    part of it. Raises ValueError if ``table`` has fewer than ``n_rows`` rows.
+    """
+    n = int(n_rows)
+    if n < 0 or n > len(table):
+        raise ValueError(f"{what} has {len(table)} rows, the older version has {n}: dense ids are append-only, "
+                         "so an older version's entities must be a prefix of every later table")
+    return table[:n]
 
 
 def overlap_at_k(I_a: np.ndarray, I_b: np.ndarray, k: int | None = None) -> float:
@@ -159,15 +181,20 @@ def legacy_retrieval_report(strategies: Mapping[str, Mapping[str, Any]], *, vers
     """Retrieval retention of a legacy index built from the latest embeddings, per strategy.
 
     For each strategy: put its versions and backward transforms in a registry (in a
-    temporary directory), fuse the chain latest -> ``version``, build a faiss index
-    for ``version`` from the latest item embeddings through the fused core, and
-    compare it with the index of the TRUE version-``version`` item embeddings.
+    temporary directory), fuse the chain latest -> ``version`` (j), build a faiss index
+    for j from the latest embeddings of version j's n_j items (the first n_j rows of the
+    latest table, :func:`version_rows`) through the fused core, and compare it with the
+    index of the TRUE version-j embeddings of the same items. Items added after version j
+    are left out of both: they did not exist for version j's consumers (and its test
+    pairs cannot name them), so a perfectly compatible chain scores overlap and
+    retention 1.0.
 
     Parameters
     ----------
     strategies : mapping name -> dict with keys
-        ``items``: list of K+1 arrays, item embeddings of versions 0..K, shapes (n_items, d_k);
-        ``users``: optional list of K+1 arrays (n_users, d_k), user embeddings;
+        ``items``: list of K+1 arrays, item embeddings of versions 0..K, shapes (n_k, d_k),
+        n_0 <= ... <= n_K, row i the same item in every version (dense ids, appended);
+        ``users``: optional list of K+1 arrays (n_users_k, d_k), user embeddings, the same way;
         ``backward``: B_1..B_K as a list of K transforms (or ``[None, B_1, ...]`` or
         ``{k: B_k}``), each anything :func:`bc_fast.store.registry.as_layers` accepts (a Layer
         list from ``export_layers()``, ``(W, b)``). ``None`` (the whole entry, or one
@@ -190,13 +217,20 @@ def legacy_retrieval_report(strategies: Mapping[str, Mapping[str, Any]], *, vers
     Returns
     -------
     dict name -> dict with
-        ``overlap@k``: mean |top-k(legacy index) & top-k(true v_j index)| / k for version-j queries;
+        ``overlap@k``: mean |top-k(legacy index) & top-k(true v_j index)| / k for version-j queries,
+        both indexes over version j's n_j items;
         ``recall_true``: Recall@recall_k of true v_j users vs true v_j items;
-        ``recall_legacy``: true v_j users vs the legacy (transformed latest) items;
-        ``recall_transformed``: transformed latest users vs transformed latest items;
+        ``recall_legacy``: true v_j users vs the legacy items (latest embeddings of the n_j
+        version-j items, transformed);
+        ``recall_transformed``: transformed latest users vs those legacy items;
         ``recall_retention``: recall_legacy / recall_true; ``recall_k``;
         ``chain``: the fused operator, ``n_queries``, ``build_s`` (index build seconds),
         ``rows_per_s``. Recall keys are absent without interactions and users.
+
+    Raises
+    ------
+    ValueError
+        Among others, if a version has more item (or user) rows than a later one.
     """
     if not strategies:
         raise ValueError("strategies is empty")
@@ -232,6 +266,11 @@ def _strategy_arrays(name: Any, data: Any, version: int) -> tuple[list[np.ndarra
                          f"than the latest")
     if users is not None and len(users) != nv:
         raise ValueError(f"strategies[{name!r}]: 'users' has {len(users)} versions, 'items' has {nv}")
+    for what, tables in (("items", items), ("users", users or [])):
+        rows = [len(x) for x in tables]
+        if any(a > b for a, b in itertools.pairwise(rows)):
+            raise ValueError(f"strategies[{name!r}]['{what}'] has {rows} rows per version: dense ids are "
+                             "append-only, so each version's rows must be a prefix of the next version's")
     return items, users
 
 
@@ -250,14 +289,24 @@ def _strategy_registry(path: Path, name: str, items: list[np.ndarray], backward:
     return reg, notes
 
 
+def _legacy_items(items: list[np.ndarray], version: int) -> np.ndarray:
+    """The latest embeddings of version ``version``'s items (the first n_j rows of the latest table)."""
+    rows = version_rows(items[-1], items[version].shape[0], what=f"the latest item table (v{len(items) - 1})")
+    return np.ascontiguousarray(rows, np.float32)
+
+
 def _overlap_row(reg: Registry, items: list[np.ndarray], users: list[np.ndarray] | None, *, version: int, k: int,
                  factory: str, metric: str, max_queries: int, seed: int) -> dict[str, Any]:
-    """overlap@k of the legacy index (built from the latest items) with a flat index of the true items."""
+    """overlap@k of the legacy index with a flat index of the true version-j items (the same n_j items).
+
+    The legacy index holds the latest embeddings of version j's items only, mapped through
+    the fused chain: items added after version j are in neither index.
+    """
     import faiss
 
     latest = len(items) - 1
     t0 = time.perf_counter()
-    legacy = build_legacy_index(reg, np.ascontiguousarray(items[latest], np.float32), version,
+    legacy = build_legacy_index(reg, _legacy_items(items, version), version, table_version=latest,
                                 factory=factory, metric=metric, progress=False)
     build_s = time.perf_counter() - t0
     true_j = np.ascontiguousarray(items[version], np.float32)
@@ -282,10 +331,14 @@ def _overlap_row(reg: Registry, items: list[np.ndarray], users: list[np.ndarray]
 
 def _recall_row(reg: Registry, items: list[np.ndarray], users: list[np.ndarray], version: int,
                 train_pairs: np.ndarray, test_pairs: np.ndarray, recall_k: int, metric: str) -> dict[str, Any]:
-    """Recall@recall_k of true version-j users against true, legacy and transformed embeddings."""
+    """Recall@recall_k of true version-j users against true, legacy and transformed embeddings.
+
+    Every ranking is over version j's n_j items only: the true ones, or the latest
+    embeddings of the same items mapped through the fused chain.
+    """
     latest = len(items) - 1
     op = reg.operator(latest, version)
-    items_t = op.apply(np.ascontiguousarray(items[latest], np.float32))
+    items_t = op.apply(_legacy_items(items, version))
     users_t = op.apply(np.ascontiguousarray(users[latest], np.float32))
 
     def recall(u: np.ndarray, i: np.ndarray) -> float:
@@ -309,7 +362,9 @@ def format_retrieval_report(report: Mapping[str, Mapping[str, Any]], *, version:
     if has_recall:
         head += (f" {f'R@{rk} true v{version}':>14} {f'R@{rk} legacy':>12} {'retention':>10} "
                  f"{f'R@{rk} transf.':>13}")
-    lines = [f"legacy retrieval for version {version} (index built from latest embeddings via the fused chain)", head]
+    title = (f"legacy retrieval for version {version} (index of version {version}'s items built from their "
+             "latest embeddings via the fused chain)")
+    lines = [title, head]
     for name, r in report.items():
         line = f"{name:<20} {r[okey]:>11.3f}"
         if has_recall and "recall_true" in r:

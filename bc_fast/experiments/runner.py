@@ -103,10 +103,13 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
         attr_sizes = graph_attr_sizes(data, degree_bins=cfg.degree_bins)
         # consumer examples depend on the data only (split_seed), never on the training seed
         tasks = C.build_consumer_tasks(data, splits, cfg.consumer_tasks, seed=cfg.split_seed)
-        test_tasks = [C.restrict_examples(t, [h.selection_users for h in held]) for t in tasks]
-        # user/edge examples of the selection users only: what a lambda choice may look at
-        sel_tasks = [C.restrict_examples(t, [np.setdiff1d(np.arange(s.num_users), h.selection_users)
-                                             for s, h in zip(splits, held)]) for t in tasks if t.entity != "item"]
+        sel_side, test_side = _user_halves(splits, held, data.num_users, cfg.selection_frac, cfg.split_seed)
+        test_tasks = [C.restrict_examples(t, sel_side) for t in tasks]
+        sel_tasks = _selection_tasks(tasks, test_side)
+        sel_single = _single_class_versions(sel_tasks)
+        if sel_single:
+            warnings.warn(f"selection labels of one class (AUC undefined) at these scored versions, left out of "
+                          f"auc_selection: {sel_single}", UserWarning, stacklevel=2)
         say(f"[bc_fast] {data!r}; versions at t={tp[:-1]}, dims={cfg.dims}, strategies={list(cfg.strategies)}, "
             f"seeds={cfg.seed_list()}; test users per version {[int(h.test_users.size) for h in held]}; "
             f"device {describe_device(device)}")
@@ -154,8 +157,12 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
                          for k, (s, h) in enumerate(zip(splits, held))],
             "consumer_tasks": {t.name: {"train_examples": int(len(t.train_y)),
                                         "eval_examples": [int(len(y)) for _, y in t.examples],
-                                        "stop_version": t.stop_version, "score_versions": t.score_versions}
-                               for t in test_tasks},
+                                        "stop_version": t.stop_version, "score_versions": t.score_versions,
+                                        "stop_examples": len(full.stop_set()[1])}
+                               for full, t in zip(tasks, test_tasks)},
+            "selection_tasks": {t.name: {"eval_examples": [len(y) for _, y in t.examples],
+                                         "single_class_versions": sel_single.get(t.name, [])}
+                                for t in sel_tasks},
         }
         results["config"] = asdict(cfg)
         results["table"] = (format_table(results["rows"], recall_k=cfg.recall_k, seeds=cfg.seeds, latest=K - 1)
@@ -165,6 +172,51 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
         return results
     finally:
         torch.set_num_threads(old_threads)
+
+
+def _user_halves(splits: list, held: list, num_users: int, frac: float, split_seed: int
+                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per version, every user on the selection side and every user on the test side.
+
+    The evaluation users are divided by :func:`bc_fast.train.protocol.held_out_split`; the users without a
+    validation edge (user-activity's negatives) are divided by the same per-user keys, ``frac`` of them on
+    the selection side, so no consumer example is seen by both a lambda choice and the test scores.
+    """
+    keys = np.random.default_rng(split_seed).random(num_users)
+    sel_side, test_side = [], []
+    for s, h in zip(splits, held):
+        inactive = np.setdiff1d(np.arange(s.num_users), np.concatenate([h.selection_users, h.test_users]))
+        to_sel = keys[inactive] < frac
+        sel_side.append(np.union1d(h.selection_users, inactive[to_sel]))
+        test_side.append(np.union1d(h.test_users, inactive[~to_sel]))
+    return sel_side, test_side
+
+
+def _selection_tasks(tasks: list, test_side: list[np.ndarray]) -> list:
+    """The user and edge tasks without each version's test-side users: what a lambda choice may look at
+    (the test tasks drop the selection side, :func:`_user_halves`)."""
+    from ..eval import consumers as C
+
+    return [C.restrict_examples(t, test_side) for t in tasks if t.entity != "item"]
+
+
+def _single_class_versions(tasks: list) -> dict[str, list[int]]:
+    """``{task: [versions]}``: the scored versions whose labels are empty or of one class (AUC undefined)."""
+    out: dict[str, list[int]] = {}
+    for t in tasks:
+        bad = [k for k in t.score_versions if not _two_classes(t.examples[k][1])]
+        if bad:
+            out[t.name] = bad
+    return out
+
+
+def _two_classes(y: np.ndarray) -> bool:
+    """Whether some label column of ``y`` holds both classes."""
+    y = np.asarray(y)
+    if y.size == 0:
+        return False
+    y = y.reshape(len(y), -1)
+    return bool(((y.sum(0) > 0) & (y.sum(0) < len(y))).any())
 
 
 @dataclass
@@ -325,13 +377,14 @@ def _score_mapped(ctx: _Context, tr: Any, bc: list, ref: list, heads: Any, recal
     ``ref[k]``: M_0's embeddings on version k's graph; ``users0``: the version-0 user table.
     """
     from ..eval import consumers as C
+    from ..eval.retrieval import version_rows
     from ..train.recommender import recall_per_user
 
     cfg, K = ctx.cfg, len(ctx.cfg.dims)
     align = [float(np.mean(np.linalg.norm(np.vstack(bc[k]) - np.vstack(ref[k]), axis=1))) for k in range(K)]
     # the version-0 index served from the latest table: version-0 items (a prefix of the dense ids)
     # taken from the latest embeddings through the chain, queried by the true version-0 users
-    legacy_items = bc[K - 1][1][: ctx.held[0].test.num_items]
+    legacy_items = version_rows(bc[K - 1][1], ctx.held[0].test.num_items, what="the latest item table")
     legacy_recall = recall_per_user(users0, legacy_items, ctx.held[0].test, cfg.recall_k)
     sel_auc = C.score_consumers(ctx.sel_tasks, heads, bc)
     with warnings.catch_warnings():
@@ -356,13 +409,15 @@ def _direct_maps(tables: list) -> list:
     from version k's embeddings of the version-0 users and items (prefixes of the dense ids) to
     the version-0 table: the same pairs the joint alignment loss sees, in one closed-form step.
     """
+    from ..eval.retrieval import version_rows
     from ..fit import RidgeAdapter
 
     users0, items0 = tables[0]
     target = np.vstack([users0, items0]).astype(np.float32, copy=False)
     out = [tables[0]]
     for users, items in tables[1:]:
-        src = np.vstack([users[: len(users0)], items[: len(items0)]]).astype(np.float32, copy=False)
+        src = np.vstack([version_rows(users, len(users0), what="a user table"),
+                         version_rows(items, len(items0), what="an item table")]).astype(np.float32, copy=False)
         adapter = RidgeAdapter().fit(src, target)
         out.append((adapter.transform(np.ascontiguousarray(users, dtype=np.float32)),
                     adapter.transform(np.ascontiguousarray(items, dtype=np.float32))))
@@ -472,8 +527,9 @@ def run_lambda_sweep(out_dir: str | Path, lams: Sequence[float], config: Experim
     For every ``lam`` the experiment runs ``fix-m0``, ``nobc``, ``posthoc-sloss`` (references,
     independent of lambda) and ``strategies``. The chosen lambda of a strategy maximises its
     SELECTION-split total: % change of selection-half Recall@K (latest version) vs nobc plus %
-    change of the consumer AUC on selection users (user and edge tasks) vs fix-m0 -- never a
-    test-half number. Reported per (strategy, lambda): the test-half table values with CIs, among
+    change of the consumer AUC of the user and edge tasks on the selection side (selection users
+    and their share of the users with no validation edge) vs fix-m0 -- never a test-side number.
+    Reported per (strategy, lambda): the test-half table values with CIs, among
     them the legacy retrieval retention of the version-0 index served from the latest embeddings
     (% with CI, over the seeds and version 0's test users), and ``overlap@50`` of that index
     built through the registry, the fused core and faiss (first seed). Writes ``lambda_sweep.json`` and ``pareto.png``.

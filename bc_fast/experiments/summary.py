@@ -35,8 +35,10 @@ def raw_schema() -> dict[str, str]:
         "selection_users[k] / test_users[k]": "dense user ids of version k's evaluation users in each half",
         "recall_test[strategy][s][k]": "Recall@K of every test user of version k (in test_users[k] order), seed s",
         "recall_selection[strategy][s][k]": "mean Recall@K on the selection half (what model selection saw)",
-        "auc_selection[strategy][s]": "consumer ROC-AUC of the user and edge tasks on the selection users only "
-                                      "(what a lambda choice may look at)",
+        "auc_selection[strategy][s]": "consumer ROC-AUC of the user and edge tasks on the selection side (the "
+                                      "selection users, and the share of users with no validation edge that the "
+                                      "same per-user keys assign to it), mean over tasks and scored versions with "
+                                      "both classes (what a lambda choice may look at)",
         "selected_epoch[strategy][s][k]": "epoch kept for version k (null: not trained by this strategy)",
         "legacy_recall[strategy][s]": "Recall@K of every test user of version 0 (test_users[0] order) on the "
                                       "version-0 index served from the latest table: version-0 items' latest "
