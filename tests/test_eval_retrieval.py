@@ -8,7 +8,11 @@ import pytest
 pytest.importorskip("faiss", reason="the legacy index is a faiss index")
 
 from bc_fast import Layer
-from bc_fast.eval.retrieval import legacy_retrieval_report, recall_from_embeddings, version_rows
+from bc_fast.eval.retrieval import (
+    legacy_retrieval_report,
+    recall_from_embeddings,
+    version_rows,
+)
 
 pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 
