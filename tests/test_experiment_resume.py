@@ -81,7 +81,7 @@ def test_resume_refuses_other_settings_data_or_a_damaged_file(uninterrupted, tmp
         run_experiment(ExperimentConfig.quick(**TINY), data=_data(), log=None, resume=True)
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "seed_0.json").write_text('{"format": "bc_fast.experiment.seed v1", "seed": 0, "resu')
+    (bad / "seed_0.json").write_text('{"format": "bc_fast.experiment.seed v2", "seed": 0, "resu')
     with pytest.raises(ValueError, match=r"unreadable experiment seed checkpoint.*delete .*seed_0.json"):
         SeedCheckpoints(bad, ExperimentConfig.quick(**TINY), _data()).load(0, need_artifacts=False)
     good = json.loads((ckpt / "seed_0.json").read_text())
@@ -89,8 +89,12 @@ def test_resume_refuses_other_settings_data_or_a_damaged_file(uninterrupted, tmp
     (bad / "seed_0.json").write_text(json.dumps(good))
     with pytest.raises(ValueError, match=r"seed_0.json: damaged experiment seed checkpoint \(cannot reshape"):
         SeedCheckpoints(bad, ExperimentConfig.quick(**TINY), _data()).load(0, need_artifacts=False)
+    old_scores = json.loads((ckpt / "seed_0.json").read_text()) | {"format": "bc_fast.experiment.seed v1"}
+    (bad / "seed_0.json").write_text(json.dumps(old_scores))  # consumer scores of the evaluation before stop 39
+    with pytest.raises(ValueError, match="not a bc_fast.experiment.seed v2 checkpoint of seed 0"):
+        SeedCheckpoints(bad, ExperimentConfig.quick(**TINY), _data()).load(0, need_artifacts=False)
     (bad / "seed_0.json").write_text(json.dumps({"format": "something else", "seed": 0, "result": {}}))
-    with pytest.raises(ValueError, match="not a bc_fast.experiment.seed v1 checkpoint of seed 0"):
+    with pytest.raises(ValueError, match="not a bc_fast.experiment.seed v2 checkpoint of seed 0"):
         SeedCheckpoints(bad, ExperimentConfig.quick(**TINY), _data()).load(0, need_artifacts=False)
 
 

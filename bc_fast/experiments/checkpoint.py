@@ -26,7 +26,9 @@ import numpy as np
 
 from .._util.fileio import atomic_write_bytes, read_json_object
 
-FORMAT = "bc_fast.experiment.seed v1"
+#: v2 (stop 39): consumer scores with item-genre early-stopped on its own stop items and the selection AUC over
+#: the selection side; a v1 checkpoint holds the old ones, so resuming from it is refused.
+FORMAT = "bc_fast.experiment.seed v2"
 
 #: Config fields that do not change what one seed computes: how many seeds, CI replicates, which
 #: strategies' artifacts are kept, the preset's name, and torch threads and device (which can change

@@ -107,12 +107,12 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
         test_tasks = [C.restrict_examples(t, sel_side) for t in tasks]
         sel_tasks = _selection_tasks(tasks, test_side)
         sel_single = _single_class_versions(sel_tasks)
-        if sel_single:
-            warnings.warn(f"selection labels of one class (AUC undefined) at these scored versions, left out of "
-                          f"auc_selection: {sel_single}", UserWarning, stacklevel=2)
         say(f"[bc_fast] {data!r}; versions at t={tp[:-1]}, dims={cfg.dims}, strategies={list(cfg.strategies)}, "
             f"seeds={cfg.seed_list()}; test users per version {[int(h.test_users.size) for h in held]}; "
             f"device {describe_device(device)}")
+        if sel_single:  # small data: recorded in results["data"]["selection_tasks"] as well
+            say(f"[bc_fast] selection labels of one class (AUC undefined) at these scored versions, left out of "
+                f"auc_selection: {sel_single}")
         ctx = _Context(cfg, data, splits, held, graphs, attr_sizes, tasks, test_tasks, sel_tasks, say, device)
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir of the interrupted run")
