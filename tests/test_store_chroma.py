@@ -170,53 +170,52 @@ def test_resume_after_sigkill(tmp_path, registry, kill_convert_midway):
                                             "clean.bcfast.json"]
 
 
-def test_resume_deletes_records_the_journal_does_not_record(tmp_path, registry, monkeypatch):
+def _convert_interrupted(monkeypatch, src: str, out: str, kw: dict, *, chunks: int, journal_interval: float) -> None:
+    """Convert ``src`` to ``out``, interrupted (KeyboardInterrupt) once ``chunks`` chunks are written."""
     from bc_fast.store import tables
-    x = _x(900, seed=9)
-    src = _make_store(tmp_path / "chroma", x)
-    kw = _kw(registry=registry, dst=0, chunk_rows=100)
     orig, calls = tables.ChromaWriter.write, [0]
 
     def write(self, chunk, y, extra):
         calls[0] += 1
-        if calls[0] > 4:
+        if calls[0] > chunks:
             raise KeyboardInterrupt
         orig(self, chunk, y, extra)
 
-    out = str(tmp_path / "out")
     with monkeypatch.context() as m:
         m.setattr(tables.ChromaWriter, "write", write)
         with pytest.raises(KeyboardInterrupt):
-            convert_table(src, out, journal_interval=3600, **kw)
+            convert_table(src, out, journal_interval=journal_interval, **kw)
+
+
+def _assert_converted(out: str, x: np.ndarray, registry, chunk_rows: int) -> None:
+    """``out`` holds every record of ``x``, in order, converted chunk by chunk as an uninterrupted run would."""
+    got, y, _ = _read(out)
+    assert got["ids"] == [f"id{i}" for i in range(len(x))]
+    op = registry.operator(2, 0)
+    want = np.concatenate([op.apply(x[a:b], threads=THREADS) for a, b in _chunks(len(x), chunk_rows)])
+    assert np.array_equal(y, want)
+
+
+def test_resume_deletes_records_the_journal_does_not_record(tmp_path, registry, monkeypatch):
+    x = _x(900, seed=9)
+    src = _make_store(tmp_path / "chroma", x)
+    kw = _kw(registry=registry, dst=0, chunk_rows=100)
+    out = str(tmp_path / "out")
+    _convert_interrupted(monkeypatch, src, out, kw, chunks=4, journal_interval=3600)
     assert json.loads(Path(out + ".partial.journal.json").read_text())["done_chunks"] == 0
     res = convert_table(src, out, resume=True, **kw)
     assert res.resumed_rows == 0
-    got, y, _ = _read(out)
-    assert got["ids"] == [f"id{i}" for i in range(900)]
-    op = registry.operator(2, 0)
-    assert np.array_equal(y, np.concatenate([op.apply(x[a:b], threads=THREADS) for a, b in _chunks(900, 100)]))
+    _assert_converted(out, x, registry, 100)
 
 
 def test_resume_redoes_the_records_from_a_chunk_changed_on_disk(tmp_path, registry, monkeypatch):
     """A record of a journaled chunk edited in the partial store: resume converts again from that chunk (the
     records after it are deleted first) and the result equals an uninterrupted run."""
-    from bc_fast.store import tables
     x = _x(900, seed=12)
     src = _make_store(tmp_path / "chroma", x)
     kw = _kw(registry=registry, dst=0, chunk_rows=100)
-    orig, calls = tables.ChromaWriter.write, [0]
-
-    def write(self, chunk, y, extra):
-        calls[0] += 1
-        if calls[0] > 4:
-            raise KeyboardInterrupt
-        orig(self, chunk, y, extra)
-
     out = str(tmp_path / "out")
-    with monkeypatch.context() as m:
-        m.setattr(tables.ChromaWriter, "write", write)
-        with pytest.raises(KeyboardInterrupt):
-            convert_table(src, out, journal_interval=0, **kw)
+    _convert_interrupted(monkeypatch, src, out, kw, chunks=4, journal_interval=0)
     assert json.loads(Path(out + ".partial.journal.json").read_text())["done_chunks"] == 4
     client = open_client(out + ".partial")
     col = client.get_collection("docs", embedding_function=None)
@@ -227,10 +226,7 @@ def test_resume_redoes_the_records_from_a_chunk_changed_on_disk(tmp_path, regist
     with pytest.warns(RuntimeWarning, match="chunk 1 of the partial output does not match the checksum"):
         res = convert_table(src, out, resume=True, **kw)
     assert res.resumed_rows == 100
-    got, y, _ = _read(out)
-    assert got["ids"] == [f"id{i}" for i in range(900)]
-    op = registry.operator(2, 0)
-    assert np.array_equal(y, np.concatenate([op.apply(x[a:b], threads=THREADS) for a, b in _chunks(900, 100)]))
+    _assert_converted(out, x, registry, 100)
 
 
 # ------------------------------------------------------------------ refusals leave the store unchanged

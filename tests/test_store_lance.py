@@ -151,76 +151,72 @@ def test_chained_conversion_and_column_choice(tmp_path, registry):
 
 # ------------------------------------------------------------------ resume
 
+def _convert_interrupted(monkeypatch, src: str, out: str, kw: dict, *, chunks: int, journal_interval: float,
+                         sync: bool = False) -> None:
+    """Convert ``src`` to ``out``, interrupted (KeyboardInterrupt) once ``chunks`` chunks are written (each made
+    durable at once if ``sync``, whatever the journal says)."""
+    from bc_fast.store import tables
+    orig, calls = tables.LanceWriter.write, [0]
+
+    def write(self, chunk, y, extra):
+        calls[0] += 1
+        if calls[0] > chunks:
+            raise KeyboardInterrupt
+        orig(self, chunk, y, extra)
+        if sync:
+            self.sync()
+
+    with monkeypatch.context() as m:
+        m.setattr(tables.LanceWriter, "write", write)
+        with pytest.raises(KeyboardInterrupt):
+            convert_table(src, out, journal_interval=journal_interval, **kw)
+
+
+def _assert_same_table(db: str, out: str, clean: str) -> None:
+    """``out`` equals the uninterrupted ``clean`` (rows and fragments), and nothing temporary is left in ``db``."""
+    a, _ = _read(out)
+    b, _ = _read(clean)
+    assert a.equals(b)
+    assert [f.count_rows() for f in lance.dataset(out).get_fragments()] == [
+        f.count_rows() for f in lance.dataset(clean).get_fragments()]
+    assert not [f for f in os.listdir(db) if "partial" in f or f.endswith((".tmp", ".lock"))]
+
+
 def test_resume_drops_chunks_the_journal_does_not_record(tmp_path, registry, monkeypatch):
     """Interrupted with chunks committed after the journal's last entry: resume cuts them and redoes them."""
-    from bc_fast.store import tables
     db = str(tmp_path / "db")
     x = _x(seed=9)
     src = _make_table(db, x)
     kw = _kw(registry=registry, dst=0, chunk_rows=150)
     convert_table(src, os.path.join(db, "clean.lance"), journal_interval=0, **kw)
-
-    orig, calls = tables.LanceWriter.write, [0]
-
-    def write(self, chunk, y, extra):
-        calls[0] += 1
-        if calls[0] > 6:
-            raise KeyboardInterrupt
-        orig(self, chunk, y, extra)
-        self.sync()  # durable, but the journal (interval 1 h) has recorded none of them
-
-    with monkeypatch.context() as m:
-        m.setattr(tables.LanceWriter, "write", write)
-        with pytest.raises(KeyboardInterrupt):
-            convert_table(src, os.path.join(db, "out.lance"), journal_interval=3600, **kw)
-    partial = os.path.join(db, "out.lance.partial")
-    journal = json.loads(Path(partial + ".journal.json").read_text())
+    out = os.path.join(db, "out.lance")
+    # durable, but the journal (interval 1 h) has recorded none of them
+    _convert_interrupted(monkeypatch, src, out, kw, chunks=6, journal_interval=3600, sync=True)
+    journal = json.loads(Path(out + ".partial.journal.json").read_text())
     assert journal["done_chunks"] == 0
-    assert len(lance.dataset(partial).get_fragments()) == 6
-    res = convert_table(src, os.path.join(db, "out.lance"), resume=True, **kw)
+    assert len(lance.dataset(out + ".partial").get_fragments()) == 6
+    res = convert_table(src, out, resume=True, **kw)
     assert res.resumed_rows == 0 and res.rows == len(x)
-    a, _ = _read(os.path.join(db, "out.lance"))
-    b, _ = _read(os.path.join(db, "clean.lance"))
-    assert a.equals(b)
-    assert [f.count_rows() for f in lance.dataset(os.path.join(db, "out.lance")).get_fragments()] == [
-        f.count_rows() for f in lance.dataset(os.path.join(db, "clean.lance")).get_fragments()]
-    assert not [f for f in os.listdir(db) if "partial" in f or f.endswith((".tmp", ".lock"))]
-
-
+    _assert_same_table(db, out, os.path.join(db, "clean.lance"))
 
 
 def test_resume_redoes_the_fragments_from_a_chunk_that_fails_its_checksum(tmp_path, registry, monkeypatch):
     """Resume finds chunk 1 of the partial output changed (its checksum check stands in for an edit on disk):
     the fragments from chunk 1 on are dropped and converted again; the result equals an uninterrupted run."""
     from bc_fast.convert import pipeline
-    from bc_fast.store import tables
     db = str(tmp_path / "db")
     x = _x(seed=10)
     src = _make_table(db, x)
     kw = _kw(registry=registry, dst=0, chunk_rows=150)
     convert_table(src, os.path.join(db, "clean.lance"), **kw)
-    orig, calls = tables.LanceWriter.write, [0]
-
-    def write(self, chunk, y, extra):
-        calls[0] += 1
-        if calls[0] > 4:
-            raise KeyboardInterrupt
-        orig(self, chunk, y, extra)
-
     out = os.path.join(db, "out.lance")
-    with monkeypatch.context() as m:
-        m.setattr(tables.LanceWriter, "write", write)
-        with pytest.raises(KeyboardInterrupt):
-            convert_table(src, out, journal_interval=0, **kw)
+    _convert_interrupted(monkeypatch, src, out, kw, chunks=4, journal_interval=0)
     assert json.loads(Path(out + ".partial.journal.json").read_text())["done_chunks"] == 4
     monkeypatch.setattr(pipeline, "_first_bad_chunk", lambda read, chunks, crcs: 1)
     with pytest.warns(RuntimeWarning, match="chunk 1 of the partial output does not match the checksum"):
         res = convert_table(src, out, resume=True, **kw)
     assert res.resumed_rows == 150 and res.rows == len(x)
-    a, _ = _read(out)
-    b, _ = _read(os.path.join(db, "clean.lance"))
-    assert a.equals(b)
-    assert not [f for f in os.listdir(db) if "partial" in f or f.endswith((".tmp", ".lock"))]
+    _assert_same_table(db, out, os.path.join(db, "clean.lance"))
 
 
 def test_resume_after_sigkill(tmp_path, registry, kill_convert_midway):
