@@ -33,7 +33,7 @@ DType batch_dtype(const py::array& a, const char* name) {
   if (native && dt.kind() == 'f' && dt.itemsize() == 4) return DType::kFloat32;
   if (native && dt.kind() == 'f' && dt.itemsize() == 2) return DType::kFloat16;
   // ml_dtypes.bfloat16 (what torch bf16 tensors are viewed as): a 2-byte numpy type named "bfloat16".
-  if (dt.itemsize() == 2 && py::str(dt.attr("name")).cast<std::string>() == "bfloat16")
+  if (native && dt.itemsize() == 2 && py::str(dt.attr("name")).cast<std::string>() == "bfloat16")
     return DType::kBFloat16;
   throw py::type_error(std::string(name) + " must be native-endian float32, float16 or bfloat16");
 }

@@ -167,15 +167,15 @@ def test_selection_and_test_sides_share_no_consumer_example() -> None:
     """Every user is on one side per version (users without a validation edge split by the same keys), so
     user-activity has both classes on the selection side and no example is both selected on and tested."""
     from bc_fast.eval.consumers import build_consumer_tasks, restrict_examples
-    from bc_fast.experiments.runner import _selection_tasks, _single_class_versions, _user_halves
+    from bc_fast.experiments.selection import selection_tasks, single_class_versions, user_sides
 
     data = _data()
     tp = time_points(3, 0.5)
     splits = [data.split(tp[k], tp[k + 1]) for k in range(3)]
     held = [held_out_split(s, num_users=data.num_users) for s in splits]
-    sel_side, test_side = _user_halves(splits, held, data.num_users, 0.5, 0)
+    sel_side, test_side = user_sides(splits, held, data.num_users, 0.5, 0)
     tasks = build_consumer_tasks(data, splits, ("user-activity", "edge-rating", "item-genre"))
-    sel = {t.name: t for t in _selection_tasks(tasks, test_side)}
+    sel = {t.name: t for t in selection_tasks(tasks, test_side)}
     test = {t.name: t for t in (restrict_examples(t, sel_side) for t in tasks)}
     assert set(sel) == {"user-activity", "edge-rating"}  # no item takes part in selection
     for k, (s, h) in enumerate(zip(splits, held)):
@@ -190,7 +190,7 @@ def test_selection_and_test_sides_share_no_consumer_example() -> None:
         edges = sel["edge-rating"].examples[k][0]
         assert np.isin(edges[0], h.selection_users).all()
         assert not np.isin(test["edge-rating"].examples[k][0][0], sel_side[k]).any()
-    assert _single_class_versions(list(sel.values())) == {}
+    assert single_class_versions(list(sel.values())) == {}
 
 
 def test_single_class_selection_task_is_reported() -> None:

@@ -2,7 +2,8 @@
 
 What lives here: the backward-compatibility experiment (its settings, :mod:`.config`; its runs,
 versions trained with every strategy and consumers trained once on version 0, :mod:`.runner`;
-their paired-bootstrap summaries, :mod:`.summary`), its per-seed checkpoints (:mod:`.checkpoint`),
+their paired-bootstrap summaries, :mod:`.summary`; the selection and test sides of the consumer
+examples, :mod:`.selection`), its per-seed checkpoints (:mod:`.checkpoint`),
 ``bc-fast demo`` (:mod:`.demo`: the experiment, then fusion, conversion and a legacy index on the
 trained registry) and ``bc-fast demo --text`` (:mod:`.text_demo`: post-hoc adapters between real
 text models). It sits at the top, below only the CLI: it may import every other subpackage.

@@ -80,6 +80,7 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
     from ..data.movielens import load_movielens, time_points
     from ..eval import consumers as C
     from ..eval.report import format_per_version, format_table
+    from .selection import selection_tasks, single_class_versions, user_sides
     from ..train.protocol import held_out_split
     from ..train.recommender import build_graph, graph_attr_sizes
 
@@ -103,10 +104,10 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
         attr_sizes = graph_attr_sizes(data, degree_bins=cfg.degree_bins)
         # consumer examples depend on the data only (split_seed), never on the training seed
         tasks = C.build_consumer_tasks(data, splits, cfg.consumer_tasks, seed=cfg.split_seed)
-        sel_side, test_side = _user_halves(splits, held, data.num_users, cfg.selection_frac, cfg.split_seed)
+        sel_side, test_side = user_sides(splits, held, data.num_users, cfg.selection_frac, cfg.split_seed)
         test_tasks = [C.restrict_examples(t, sel_side) for t in tasks]
-        sel_tasks = _selection_tasks(tasks, test_side)
-        sel_single = _single_class_versions(sel_tasks)
+        sel_tasks = selection_tasks(tasks, test_side)
+        sel_single = single_class_versions(sel_tasks)
         say(f"[bc_fast] {data!r}; versions at t={tp[:-1]}, dims={cfg.dims}, strategies={list(cfg.strategies)}, "
             f"seeds={cfg.seed_list()}; test users per version {[int(h.test_users.size) for h in held]}; "
             f"device {describe_device(device)}")
@@ -172,51 +173,6 @@ def run_experiment(config: ExperimentConfig | None = None, *, data: Any = None,
         return results
     finally:
         torch.set_num_threads(old_threads)
-
-
-def _user_halves(splits: list, held: list, num_users: int, frac: float, split_seed: int
-                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per version, every user on the selection side and every user on the test side.
-
-    The evaluation users are divided by :func:`bc_fast.train.protocol.held_out_split`; the users without a
-    validation edge (user-activity's negatives) are divided by the same per-user keys, ``frac`` of them on
-    the selection side, so no consumer example is seen by both a lambda choice and the test scores.
-    """
-    keys = np.random.default_rng(split_seed).random(num_users)
-    sel_side, test_side = [], []
-    for s, h in zip(splits, held):
-        inactive = np.setdiff1d(np.arange(s.num_users), np.concatenate([h.selection_users, h.test_users]))
-        to_sel = keys[inactive] < frac
-        sel_side.append(np.union1d(h.selection_users, inactive[to_sel]))
-        test_side.append(np.union1d(h.test_users, inactive[~to_sel]))
-    return sel_side, test_side
-
-
-def _selection_tasks(tasks: list, test_side: list[np.ndarray]) -> list:
-    """The user and edge tasks without each version's test-side users: what a lambda choice may look at
-    (the test tasks drop the selection side, :func:`_user_halves`)."""
-    from ..eval import consumers as C
-
-    return [C.restrict_examples(t, test_side) for t in tasks if t.entity != "item"]
-
-
-def _single_class_versions(tasks: list) -> dict[str, list[int]]:
-    """``{task: [versions]}``: the scored versions whose labels are empty or of one class (AUC undefined)."""
-    out: dict[str, list[int]] = {}
-    for t in tasks:
-        bad = [k for k in t.score_versions if not _two_classes(t.examples[k][1])]
-        if bad:
-            out[t.name] = bad
-    return out
-
-
-def _two_classes(y: np.ndarray) -> bool:
-    """Whether some label column of ``y`` holds both classes."""
-    y = np.asarray(y)
-    if y.size == 0:
-        return False
-    y = y.reshape(len(y), -1)
-    return bool(((y.sum(0) > 0) & (y.sum(0) < len(y))).any())
 
 
 @dataclass
