@@ -47,16 +47,86 @@ def _cmd_text_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .experiments.demo import run_demo_pipeline
+#: demo/experiment options whose empty value (an unset shell variable) is refused rather than read as absent
+_NONEMPTY = ("out", "data", "dataset", "items", "columns", "strategies", "cache", "lambdas", "sweep_strategies")
 
-    if getattr(args, "text", False):
-        return _cmd_text_demo(args)
-    if getattr(args, "quick", False) or getattr(args, "cache", None) or getattr(args, "blas_threads", None):
-        raise ValueError("--quick, --cache and --blas-threads apply to the text scenario only; add --text")
-    data, overrides = None, {}
-    if args.strategies:
-        overrides["strategies"] = tuple(x.strip() for x in args.strategies.split(",") if x.strip())
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _refuse_empty(args: argparse.Namespace) -> None:
+    """An option given as "" (e.g. ``--data "$UNSET"``) must not silently mean the default."""
+    empty = [_flag(k) for k in _NONEMPTY if isinstance(getattr(args, k, None), str) and not getattr(args, k).strip()]
+    if empty:
+        raise ValueError(f"{', '.join(empty)} got an empty value (an unset shell variable?); expected a value: "
+                         "give one or drop the option")
+
+
+def _names(value: str, option: str) -> tuple[str, ...]:
+    """A comma-separated list of names; refused when it names nothing (e.g. ``,,``)."""
+    names = tuple(x.strip() for x in value.split(",") if x.strip())
+    if not names:
+        raise ValueError(f"{option} names nothing, got {value!r}; expected a comma-separated list, e.g. nobc,joint-mloss")
+    return names
+
+
+def _lambda_list(value: str) -> list[float]:
+    """``--lambdas`` as finite numbers >= 0."""
+    try:
+        lams = [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--lambdas must be comma-separated numbers, got {value!r}; e.g. --lambdas 1,16,64") from None
+    if not lams or not all(x >= 0 and x != float("inf") for x in lams):
+        raise ValueError(f"--lambdas must list finite numbers >= 0, got {value!r}; e.g. --lambdas 1,16,64")
+    return lams
+
+
+def _check_text_only(args: argparse.Namespace) -> None:
+    """--quick, --cache and --blas-threads belong to ``demo --text``."""
+    given = [_flag(k) for k in ("cache", "blas_threads") if getattr(args, k, None) is not None]
+    if getattr(args, "quick", False):
+        given.insert(0, "--quick")
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ValueError(f"{', '.join(given)} {verb} to the text scenario only (demo --text); add --text or drop "
+                         f"{', '.join(given)}")
+
+
+def _check_sweep_options(args: argparse.Namespace) -> None:
+    """Options the lambda sweep would ignore or overwrite are refused, naming both."""
+    lambdas, sweep = getattr(args, "lambdas", None), getattr(args, "sweep_strategies", None)
+    if lambdas is None:
+        if sweep is not None:
+            raise ValueError("--sweep-strategies chooses the strategies of the lambda sweep, which --lambdas starts; "
+                             "add --lambdas L1,L2,... or drop --sweep-strategies")
+        return
+    if args.resume:
+        raise ValueError("--resume continues a table run (its out/checkpoints); the lambda sweep has no "
+                         "checkpoints: drop --resume")
+    if args.lam is not None:
+        raise ValueError(f"--lam {args.lam} and --lambdas {lambdas} both set the alignment weight (the sweep trains "
+                         "with each of --lambdas); drop --lam")
+    if args.strategies is not None:
+        raise ValueError("--strategies and --lambdas: the sweep always runs fix-m0, nobc and posthoc-sloss, plus the "
+                         "joint strategies of --sweep-strategies (default joint-mloss); drop --strategies and choose "
+                         "the swept ones with --sweep-strategies")
+
+
+def _check_data_options(args: argparse.Namespace) -> None:
+    """--dataset and --data exclude each other; --items and --columns need --data."""
+    if args.dataset is not None and (args.data is not None or args.items is not None or args.columns is not None):
+        raise ValueError(f"--dataset {args.dataset} and --data FILE (with --items, --columns) both choose the data; "
+                         "give one of them")
+    if args.data is None and (args.items is not None or args.columns is not None):
+        raise ValueError("--items and --columns describe the file given with --data; add --data FILE")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """ExperimentConfig fields set on the command line."""
+    overrides: dict[str, Any] = {}
+    if args.strategies is not None:
+        overrides["strategies"] = _names(args.strategies, "--strategies")
     elif args.command == "demo":
         from .experiments.demo import DEMO_STRATEGIES
 
@@ -74,33 +144,49 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if not args.lr > 0 or args.lr == float("inf"):
             raise ValueError(f"--lr must be a positive finite learning rate, got {args.lr}")
         overrides["lr"] = overrides["transform_lr"] = args.lr
-    if args.dataset:
-        if args.data or args.items or args.columns:
-            raise ValueError(f"--dataset {args.dataset} and --data FILE (with --items, --columns) both choose the data; "
-                             "give one of them")
+    return overrides
+
+
+def _load_data(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The chosen data set (None: MovieLens, loaded by the runner) and the overrides a user file implies."""
+    if args.dataset is not None:
         from .data import load_builtin
 
-        data = load_builtin(args.dataset)
-    if args.data:
-        from .experiments.demo import load_user_interactions
+        return load_builtin(args.dataset), {}
+    if args.data is None:
+        return None, {}
+    from .experiments.demo import load_user_interactions
 
-        data, implied = load_user_interactions(
-            args.data, items=args.items, columns=args.columns,
-            log=lambda msg: print(f"bc-fast {args.command}: {msg}", file=sys.stderr))
-        overrides.update(implied)
-    elif args.items or args.columns:
-        raise ValueError("--items and --columns describe the file given with --data; add --data FILE")
-    if getattr(args, "lambdas", None):
-        from .experiments import ExperimentConfig, run_lambda_sweep
+    return load_user_interactions(args.data, items=args.items, columns=args.columns,
+                                  log=lambda msg: print(f"bc-fast {args.command}: {msg}", file=sys.stderr))
 
-        if args.resume:
-            raise ValueError("--resume continues a table run (its out/checkpoints); the lambda sweep has no "
-                             "checkpoints: drop --resume")
-        lams = [float(x) for x in args.lambdas.split(",") if x.strip()]
-        preset = ExperimentConfig.full if args.full else ExperimentConfig.quick
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .experiments import ExperimentConfig
+
+    _refuse_empty(args)
+    if getattr(args, "text", False):
+        return _cmd_text_demo(args)
+    _check_text_only(args)
+    _check_data_options(args)
+    _check_sweep_options(args)
+    lams = _lambda_list(args.lambdas) if getattr(args, "lambdas", None) is not None else None
+    overrides = _overrides(args)
+    preset = ExperimentConfig.full if args.full else ExperimentConfig.quick
+    # every setting (--seed, --device ... included) is checked before the data is loaded and OUT is made
+    preset(seed=args.seed, seeds=args.seeds, **overrides).validate()
+    data, implied = _load_data(args)
+    overrides.update(implied)
+    if lams is not None:
+        from .experiments import run_lambda_sweep
+
+        sweep = _names(args.sweep_strategies, "--sweep-strategies") if args.sweep_strategies is not None else (
+            "joint-mloss",)
         run_lambda_sweep(Path(args.out), lams, preset(seed=args.seed, seeds=args.seeds, **overrides), data=data,
-                         strategies=[x.strip() for x in args.sweep_strategies.split(",") if x.strip()])
+                         strategies=list(sweep))
         return 0
+    from .experiments.demo import run_demo_pipeline
+
     run_demo_pipeline(Path(args.out), seed=args.seed, quick=not args.full, data=data, seeds=args.seeds,
                       resume=args.resume, **overrides)
     return 0
@@ -265,9 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--full", action="store_true", help="full size: more epochs, seeds and dims")
             p.add_argument("--lambdas", default=None, metavar="L1,L2,...",
                            help="instead of the table: sweep the alignment weight, choose it on the selection "
-                                "split, write lambda_sweep.json and pareto.png")
-            p.add_argument("--sweep-strategies", default="joint-mloss", metavar="S1,S2",
-                           help="strategies of the lambda sweep (joint-notrans, joint-sloss, joint-mloss)")
+                                "split, write lambda_sweep.json and pareto.png (replaces --lam; the swept "
+                                "strategies come from --sweep-strategies, not --strategies)")
+            p.add_argument("--sweep-strategies", default=None, metavar="S1,S2",
+                           help="with --lambdas: strategies of the lambda sweep (joint-notrans, joint-sloss, "
+                                "joint-mloss; default joint-mloss)")
         else:
             p.add_argument("--text", action="store_true",
                            help="instead: post-hoc adapters between real text models (WordLlama, MiniLM-L3, "

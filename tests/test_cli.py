@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -121,3 +122,74 @@ def test_convert_warnings_are_one_line(tmp_path, small_registry, capsys, monkeyp
     err = capsys.readouterr().err
     assert err.startswith("bc-fast convert: warning: ") and "chunk 0 of the partial output" in err
     assert err.count("\n") == 1
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """The demo pipeline and the lambda sweep replaced: a call is recorded instead of training."""
+    calls = []
+    monkeypatch.setattr("bc_fast.experiments.demo.run_demo_pipeline",
+                        lambda out, **kw: calls.append(("pipeline", str(out), kw)) or {})
+    monkeypatch.setattr("bc_fast.experiments.run_lambda_sweep",
+                        lambda out, lams, cfg, **kw: calls.append(("sweep", lams, cfg, kw)) or {})
+    return calls
+
+
+@pytest.mark.parametrize(("argv", "msg"), [
+    (["demo", "--blas-threads", "0"], "--blas-threads applies to the text scenario only (demo --text); add --text"),
+    (["demo", "--cache", ""], "--cache got an empty value (an unset shell variable?)"),
+    (["experiment", "--data", ""], "--data got an empty value (an unset shell variable?)"),
+    (["experiment", "--dataset", " "], "--dataset got an empty value (an unset shell variable?)"),
+    (["experiment", "--strategies", ",,"], "--strategies names nothing, got ',,'"),
+    (["experiment", "--sweep-strategies", "joint-sloss"],
+     "--sweep-strategies chooses the strategies of the lambda sweep, which --lambdas starts; add --lambdas"),
+    (["experiment", "--lambdas", "1", "--lam", "5"], "--lam 5.0 and --lambdas 1 both set the alignment weight"),
+    (["experiment", "--lambdas", "1", "--strategies", "nobc,joint-mloss"],
+     "--strategies and --lambdas: the sweep always runs fix-m0, nobc and posthoc-sloss"),
+    (["experiment", "--lambdas", "1,abc"], "--lambdas must be comma-separated numbers, got '1,abc'"),
+])
+def test_ignored_or_empty_options_are_refused(no_training, capsys, tmp_path, argv, msg):
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"bc-fast {argv[0]}: error: ") and msg in err and err.count("\n") == 1, err
+    assert no_training == [] and not (tmp_path / "out").exists()
+
+
+def test_the_lambda_sweep_gets_its_own_strategies(no_training, tmp_path):
+    assert main(["experiment", "--lambdas", "1,4", "--sweep-strategies", "joint-sloss,joint-mloss", "--seeds", "2",
+                 "--out", str(tmp_path)]) == 0
+    assert main(["experiment", "--lambdas", "16", "--lam-late", "2", "--out", str(tmp_path)]) == 0
+    (_, lams, cfg, kw), (_, lams2, cfg2, kw2) = no_training
+    assert lams == [1.0, 4.0] and kw == {"data": None, "strategies": ["joint-sloss", "joint-mloss"]}
+    assert cfg.seeds == 2 and cfg.lam == 16.0
+    assert lams2 == [16.0] and kw2["strategies"] == ["joint-mloss"] and cfg2.lam_late == 2.0
+
+
+@pytest.mark.parametrize(("seed", "seeds", "msg"), [
+    (-1, 1, "seed (--seed) must be an integer in [0, 2**32 - 1], got -1"),
+    (2 ** 32, 1, "seed (--seed) must be an integer in [0, 2**32 - 1], got 4294967296"),
+    (1.5, 1, "got 1.5"),
+    (True, 1, "got True"),
+    (2 ** 32 - 2, 3, "(--seed 4294967294, --seeds 3) end at 4294967296"),
+])
+def test_config_validate_checks_the_seed(seed, seeds, msg):
+    from bc_fast.experiments import ExperimentConfig
+
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        ExperimentConfig.quick(seed=seed, seeds=seeds).validate()
+    ExperimentConfig.quick(seed=2 ** 32 - 2, seeds=2).validate()
+
+
+def test_a_negative_seed_is_refused_before_the_data_is_read(tmp_path, capsys):
+    pd = pytest.importorskip("pandas", reason="--data files are read with pandas")
+    from bc_fast.data import synthetic_interactions
+
+    d = synthetic_interactions(60, 40, 1500, seed=0)
+    pd.DataFrame({"user": d.user, "item": d.item, "rating": d.rating, "timestamp": d.timestamp}).to_csv(
+        tmp_path / "synth.csv", index=False)
+    out = tmp_path / "out"
+    assert main(["experiment", "--data", str(tmp_path / "synth.csv"), "--seed", "-1", "--strategies",
+                 "nobc,joint-mloss", "--device", "cpu", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == "bc-fast experiment: error: seed (--seed) must be an integer in [0, 2**32 - 1], got -1\n"
+    assert not out.exists()

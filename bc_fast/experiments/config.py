@@ -22,6 +22,7 @@ ALL_STRATEGIES = ("fix-m0", "nobc", "finetune-m0", "posthoc-sloss", "posthoc-mlo
 ALL_TASKS = ("edge-rating", "user-activity", "user-positive-activity", "item-rating-avg",
              "item-rating-std", "item-genre")
 LAMBDA_STRATEGIES = ("joint-notrans", "joint-sloss", "joint-mloss")
+_SEED_LIMIT = 2 ** 32  # training seeds must lie in [0, 2**32)
 
 
 @dataclass
@@ -172,6 +173,7 @@ class ExperimentConfig:
             raise ValueError("consumer_seeds is empty")
         if self.seeds < 1 or self.n_boot < 1:
             raise ValueError(f"seeds and n_boot must be >= 1, got seeds={self.seeds}, n_boot={self.n_boot}")
+        self._check_seed()
         if not 0.0 < self.selection_frac < 1.0:
             raise ValueError(f"selection_frac must be in (0, 1), got {self.selection_frac}")
         learned = tuple(k for k in TRANSFORM_KINDS if k not in ("truncate", "identity"))
@@ -189,6 +191,15 @@ class ExperimentConfig:
             raise ValueError(f"consumer task 'item-genre' needs item labels, but data {getattr(data, 'name', '')!r} has "
                              "none: give a label column (from_dataframe(label_attribute=...), `--columns label=...`) "
                              "or leave 'item-genre' out of consumer_tasks")
+
+    def _check_seed(self) -> None:
+        """``seed`` (``--seed``) and the last paired seed must be integers in [0, 2**32)."""
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < _SEED_LIMIT:
+            raise ValueError(f"seed (--seed) must be an integer in [0, 2**32 - 1], got {seed!r}")
+        if int(seed) + int(self.seeds) - 1 >= _SEED_LIMIT:
+            raise ValueError(f"the paired seeds seed..seed+seeds-1 (--seed {seed}, --seeds {self.seeds}) end at "
+                             f"{int(seed) + int(self.seeds) - 1}; expected all below 2**32: lower --seed")
 
     def seed_list(self) -> list[int]:
         """The paired training seeds."""

@@ -73,15 +73,19 @@ def fit_streaming(pairs: Any, kind: str = "ridge", **params: Any) -> Any:
 
 
 def open_npy(path: str | os.PathLike, name: str) -> np.ndarray:
-    """A 2-D .npy file memory-mapped read-only (never unpickled)."""
+    """A 2-D .npy file memory-mapped read-only (never unpickled).
+
+    Raises FileNotFoundError for a missing file, ValueError (naming the file) for one numpy cannot
+    read as a plain array (empty, truncated, pickled, unreadable) or not 2-D, TypeError for a non-numeric dtype.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{name}: no such file {p}")
     try:
         a = np.load(p, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:
-        raise ValueError(f"{name}: {p} is not a plain numeric .npy array ({e}); save it with np.save(path, "
-                         "array.astype(np.float32))") from e
+    except (ValueError, EOFError, OSError) as e:  # EOFError: an empty file; OSError: unreadable
+        raise ValueError(f"{name}: {p} is not a plain numeric .npy array ({type(e).__name__}: {e}); save it with "
+                         "np.save(path, array.astype(np.float32))") from e
     if not isinstance(a, np.ndarray):
         raise ValueError(f"{name}: {p} holds an archive (.npz?), expected one 2-D .npy array")  # noqa: TRY004 (a bad file)
     if a.ndim != 2:
