@@ -379,6 +379,18 @@ def test_sidecar_records_device_and_tolerance(tmp_path: Path, fake: FakeCuda) ->
     assert "device" not in read_sidecar(tmp_path / "cpu.npy")  # the CPU sidecar is unchanged
 
 
+def test_sidecar_describes_a_bfloat16_run(tmp_path: Path, fake: FakeCuda) -> None:
+    import ml_dtypes  # a dependency of bc_fast: numpy's bfloat16
+
+    inp = _table(tmp_path / "in.npy", dtype=ml_dtypes.bfloat16)
+    r = apply_to_table(_op(), inp, tmp_path / "gpu.npy", device="cuda:0")
+    dev = read_sidecar(tmp_path / "gpu.npy")["device"]
+    # the CUDA module runs a bfloat16 table on bf16 tensor cores (csrc/cuda/fused_op_cuda.cu), not fp32 GEMMs
+    assert dev["compute"] == "bfloat16 tensor-core GEMMs, float32 accumulation (weights rounded to bfloat16)"
+    assert dev["verify_tol"] == r.verify_tol == pytest.approx(
+        apply_to_table(_op(), inp, tmp_path / "cpu.npy").verify_tol + 4 * 2.0 ** -8)
+
+
 def test_gpu_verify_tol() -> None:
     assert convert_gpu.gpu_verify_tol(1e-5, 2, np.float32) == 1e-5
     assert convert_gpu.gpu_verify_tol(1e-5, 2, np.float16) == pytest.approx(1e-5 + 8 * 2.0 ** -11)

@@ -368,6 +368,59 @@ def test_empty_batch_does_not_call_the_op(fake):
     assert all(not o.calls for o in fake.ops)
 
 
+class FakeCupyArray(FakeCAI):
+    """Presents itself as a cupy.ndarray: module name, ``device.id``, ``data.ptr`` and its interface."""
+
+    def __init__(self, shape, ptr, device: int) -> None:
+        super().__init__(shape, ptr=ptr, stream=1)
+        self.device = type("Device", (), {"id": device})()
+        self.data = type("MemoryPointer", (), {"ptr": ptr})()
+
+
+FakeCupyArray.__module__ = "cupy._core.core"
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch) -> list[int]:
+    """A cupy module that records the device of every allocation; an invalid ordinal fails as CUDA does."""
+    devices: list[int] = []
+
+    class Device:
+        def __init__(self, index: int) -> None:
+            self.index = index
+
+        def __enter__(self) -> None:
+            if self.index < 0:
+                raise RuntimeError(f"cudaSetDevice({self.index}): invalid device ordinal (fake cupy)")
+            devices.append(self.index)
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    def empty(shape, dtype):
+        ptr = DEV1 * devices[-1] + 0x40000 if math.prod(shape) else 0
+        return FakeCupyArray(shape, ptr, devices[-1])
+
+    cuda = type(sys)("cupy.cuda")
+    cuda.Device = Device
+    cuda.get_current_stream = lambda device=-1: type("Stream", (), {"ptr": 0x77})()
+    cupy = type(sys)("cupy")
+    cupy.cuda, cupy.empty = cuda, empty
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    return devices
+
+
+@pytest.mark.parametrize("rows, ptr", [(3, DEV1 + 0x1000), (0, 0)])
+def test_cupy_output_allocated_on_the_device_of_x(fake, fake_cupy, rows, ptr):
+    # a size-0 CuPy array has data pointer 0: its device comes from the array, not from the pointer
+    y = _op().apply(FakeCupyArray((rows, 4), ptr, device=1))
+    assert fake_cupy == [1] and isinstance(y, FakeCupyArray) and y.device.id == 1
+    assert y.__cuda_array_interface__["shape"] == (rows, 5)
+    calls = [c for o in fake.ops for c in o.calls]
+    assert calls == ([(ptr, "float32", 3, y.__cuda_array_interface__["data"][0], "float32", 1, 0x77, True)]
+                     if rows else [])
+
+
 def test_op_built_once_per_fused_transform(fake):
     rng = np.random.default_rng(1)
     layers = [Layer(rng.standard_normal((8, 4)), rng.standard_normal(8), "gelu", 3),

@@ -121,6 +121,36 @@ except RuntimeError as e:
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in r.stdout and "initialized: False" in r.stdout
 
 
+def _ipv6_loopback_listener():
+    import socket
+
+    s = None
+    try:
+        s = socket.socket(socket.AF_INET6)
+        s.bind(("::1", 0))
+    except OSError as e:
+        if s is not None:
+            s.close()
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    s.listen(8)  # each check connects without being accepted
+    return s
+
+
+def test_an_ipv6_cluster_address_is_reachable_in_brackets():
+    from bc_fast._util.ray_runtime import _check_reachable
+
+    s = _ipv6_loopback_listener()
+    port = s.getsockname()[1]
+    try:
+        for address in (f"[::1]:{port}", f"ray://[::1]:{port}", f"ray://[::1]:{port}/"):
+            _check_reachable(address, timeout=2)  # no "Name or service not known" from the brackets
+    finally:
+        s.close()
+    with pytest.raises(ConnectionError, match=rf"no Ray cluster answers at --address \[::1\]:{port} \(\[Errno "
+                                              r"\d+\] Connection refused\)"):
+        _check_reachable(f"[::1]:{port}", timeout=2)
+
+
 def test_a_source_checkout_as_working_directory_is_refused(tmp_path):
     from bc_fast._util.ray_runtime import check_no_shadowing_source
 
@@ -225,7 +255,7 @@ def test_killed_worker_then_rerun(ray_cluster, tmp_path, registry, dataset, sing
     out, staging = tmp_path / "out", tmp_path / "out.partial"
     names = sorted(single)
     crash = names[2]
-    with pytest.raises(RuntimeError, match="rerun the same command to resume"):
+    with pytest.raises(RuntimeError, match="rerun the same command to resume") as died:
         convert_dataset_ray(dataset, out, registry=registry, dst=0, batch_rows=CHUNK // 2, num_workers=1,
                             threads_per_worker=1, max_retries=0, _fault={"file": crash, "after_chunks": 2})
     assert not out.exists()  # nothing published
@@ -233,6 +263,11 @@ def test_killed_worker_then_rerun(ray_cluster, tmp_path, registry, dataset, sing
     done = sorted(journal["files"])
     assert crash not in done
     assert not (staging / crash).exists() and (staging / (crash + ".partial")).is_dir()
+    # the error counts the files kept (journaled or staged under their final names) and names the rest
+    kept = [n for n in names if (staging / n).exists()]
+    todo = ", ".join(f"{n} (half-converted)" if n == crash else n for n in names if n not in kept)
+    assert (f"; {len(kept)} of {len(names)} files are converted and kept ({', '.join(kept)}); not finished "
+            f"(in flight or not started): {todo}; rerun") in str(died.value)
     # every file under its final name is complete: the single-process bytes (chunking differs: reconvert)
     expect = {}
     for n in names:
@@ -265,26 +300,96 @@ def test_killed_worker_then_rerun(ray_cluster, tmp_path, registry, dataset, sing
         assert (out / n).read_bytes() == single[n][0]
 
 
+def test_a_dead_worker_names_the_files_not_finished(tmp_path):
+    from types import SimpleNamespace
+
+    from bc_fast.convert.dataset import _JOURNAL_FORMAT
+    from bc_fast.convert.distributed import _collect, _Plan
+
+    class RayError(Exception):
+        pass
+
+    class ActorDiedError(RayError):
+        pass
+
+    names = ["a.npy", "b.npy", "c.npy", "d.npy", "e.npy"]
+    staging = tmp_path / "out.partial"
+    staging.mkdir()
+    (staging / "b.npy").write_bytes(b"finished, but Ray never delivered its result")
+    (staging / "c.npy.partial").write_bytes(b"half-converted")
+    done = {"name": "a.npy", "rows": 3, "resumed_rows": 0, "already_complete": False, "sha256": "0" * 64,
+            "size": 10, "verify_max_error": 0.0, "side": {}, "warnings": []}
+    failed = {"name": "e.npy", "error": {"type": "ValueError", "message": "bad rows"}}
+
+    class Dataset:
+        def iter_batches(self, **kw):
+            yield {"result": [json.dumps(done), json.dumps(failed)]}
+            raise ActorDiedError("The actor died unexpectedly before finishing this task.\n\tclass_name: X")
+
+    journal = {"format": _JOURNAL_FORMAT, "key": "k", "job": {}, "files": {}, "publishing": False}
+    plan = _Plan(str(tmp_path / "in"), str(staging), names, journal, str(tmp_path / "out.partial.journal.json"),
+                 15, 1, 1, 0, False)
+    ray_ = SimpleNamespace(exceptions=SimpleNamespace(RayError=RayError))
+    with pytest.raises(RuntimeError) as died:
+        _collect(ray_, Dataset(), plan, SimpleNamespace(update=lambda n: None, close=lambda: None))
+    assert str(died.value) == (
+        "a Ray worker died or failed (ActorDiedError: The actor died unexpectedly before finishing this task.); "
+        "2 of 5 files are converted and kept (a.npy, b.npy); not finished (in flight or not started): "
+        "c.npy (half-converted), d.npy; failed before that: e.npy: bad rows; rerun the same command to "
+        "resume (finished files are skipped, a half-converted one continues from its journal)")
+    assert list(json.loads((tmp_path / "out.partial.journal.json").read_text())["files"]) == ["a.npy"]
+
+
 def test_npy_shards_match_the_npy_dir_converter(ray_cluster, tmp_path, registry):
     from bc_fast.store.tables import open_table
 
     shards = tmp_path / "in"
     shards.mkdir()
     rng = np.random.default_rng(7)
-    for i, n in enumerate((300, 451)):
-        np.save(shards / f"s{i}.npy", rng.standard_normal((n, DIMS[1])).astype(np.float32))
+    names = ["_s2.npy", "s0.npy", "s1.npy"]  # an "_" shard is a shard, as for the single-process reader
+    for name, n in zip(names, (120, 300, 451)):
+        np.save(shards / name, rng.standard_normal((n, DIMS[1])).astype(np.float32))
     kw = dict(registry=registry, dst=0, dtype=np.float16)
     convert_table(shards, tmp_path / "one", chunk_rows=100, threads=1, progress=False, **kw)
     res = convert_dataset_ray(shards, tmp_path / "ray", batch_rows=100, **kw)
     side = read_sidecar(tmp_path / "ray")
-    assert res.rows == 751 and side["table"]["format"] == "npy_dir" and side["files"] == ["s0.npy", "s1.npy"]
-    for n in ("s0.npy", "s1.npy"):
+    assert res.rows == 871 and side["table"]["format"] == "npy_dir" and side["files"] == names
+    assert sorted(os.listdir(tmp_path / "one")) == names
+    for n in names:
         assert (tmp_path / "ray" / n).read_bytes() == (tmp_path / "one" / n).read_bytes()
-    assert open_table(str(tmp_path / "ray")).n_rows == 751
+    assert open_table(str(tmp_path / "ray")).n_rows == 871
     # a dataset the Ray engine wrote is one the single-process converter may overwrite (float32 this time)
     convert_table(shards, tmp_path / "ray", registry=registry, dst=0, chunk_rows=100, threads=1, progress=False,
                   overwrite=True)
     assert np.load(tmp_path / "ray" / "s1.npy").dtype == np.float32
+
+
+def test_inputs_are_the_single_process_readers_shards(tmp_path):
+    from bc_fast.convert.dataset import _list_inputs
+    from bc_fast.store.tables import open_table
+
+    for name in ("_extra.npy", ".hidden.npy", "a.npy"):
+        np.save(tmp_path / name, np.ones((3, 4), np.float32))
+    (tmp_path / "a.npy.bcfast.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("not data")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "run.log").write_text("no data in here")
+    assert _list_inputs(str(tmp_path)) == ("npy", [".hidden.npy", "_extra.npy", "a.npy"])
+    assert open_table(str(tmp_path)).names == [".hidden.npy", "_extra.npy", "a.npy"]
+
+
+@pytest.mark.parametrize("nested", ["sub/b.npy", "sub/deeper/b.parquet", "b.npy/x"])
+def test_subfolders_with_data_are_refused_not_skipped(tmp_path, nested):
+    from bc_fast.convert.dataset import _list_inputs
+
+    np.save(tmp_path / "a.npy", np.ones((3, 4), np.float32))
+    (tmp_path / nested).parent.mkdir(parents=True)
+    (tmp_path / nested).write_bytes(b"")
+    top = nested.split("/")[0]
+    with pytest.raises(ValueError, match=rf"has subfolders with .npy or Parquet files \({top}\), which the Ray "
+                                         r"engine would not convert .*move their files up into .*or convert each "
+                                         "subfolder as a dataset of its own"):
+        _list_inputs(str(tmp_path))
 
 
 def test_mixed_versions_refused(ray_cluster, tmp_path, registry):

@@ -228,3 +228,33 @@ def test_text_demo_compares_local_with_global(tmp_path):
     assert cmp["label_p_diff"] == pytest.approx(cmp["local"]["label_p"] - cmp["global"]["label_p"])
     assert cmp["local_settings"]["k"] in (4, 8, 16) and rows["local"]["recall_bf16"] is None
     assert "local vs the best global kind" in res["table"]
+
+
+def test_registry_local_val_metrics_are_held_out(tmp_path):
+    """`bc-fast fit --kind local` writes a map refitted on every pair; its stored val_* are those of a fit that
+    never saw the validation rows (the same settings on the training rows, fitted here independently)."""
+    from bc_fast.fit import fit_metrics, fit_to_registry
+    from bc_fast.store.registry import Registry
+
+    rng = np.random.default_rng(0)
+    n, d = 700, 8
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = (np.tanh(x @ rng.normal(size=(d, d))) + 0.3 * rng.normal(size=(n, d))).astype(np.float32)
+    np.save(tmp_path / "src.npy", x)
+    np.save(tmp_path / "dst.npy", y)
+    reg = Registry.create(tmp_path / "reg")
+    reg.add_version(dim=d)
+    reg.add_version(dim=d)
+    est, metrics = fit_to_registry(tmp_path / "reg", 1, 0, tmp_path / "src.npy", tmp_path / "dst.npy", kind="local")
+    is_val = val_mask(0, n, 0.1, 0)
+    held_out = LocalAdapter(base=est.base_, k=est.k_, m=est.m_, temperature=est.temperature_,
+                            prior_rows=est.prior_rows_, refit=False).fit(x, y)
+    want = fit_metrics(held_out, x[is_val], y[is_val])
+    for key in ("mse", "r2", "cosine", "neighbour_overlap"):
+        assert metrics[f"val_{key}"] == pytest.approx(want[key], rel=1e-6), key
+    assert metrics["val_n"] == is_val.sum() == 65
+    # the map written has seen the validation rows: its own numbers there are better, and not the ones stored
+    seen = fit_metrics(est, x[is_val], y[is_val])
+    assert seen["mse"] < 0.95 * metrics["val_mse"]
+    stored = next(t for t in Registry.open(tmp_path / "reg").transforms() if (t.from_version, t.to_version) == (1, 0))
+    assert stored.fit_metrics["val_mse"] == metrics["val_mse"]

@@ -259,6 +259,9 @@ def test_demo_known_answers_on_synthetic_embeddings(tmp_path):
     assert proto["n_queries"] == 150 and proto["n_indexed"] == 1350 and proto["k"] == 10
     assert proto["corpus"]["sha256"] == corpus_fingerprint(corpus.texts)
     assert proto["thread_pools"] and set(proto["thread_pools"].values()) == {1}
+    # what _latency_us times: the compiled operators, the local kind's RoutedTransform included
+    assert proto["latency"] == ("median of 20 .apply calls of the compiled operator (FusedTransform; local: "
+                                "RoutedTransform), batch 1, preallocated out")
 
     # a rotation keeps every neighbour: the old model's own queries and the exact
     # orthogonal adapter find the new model's neighbours exactly
@@ -295,6 +298,14 @@ def test_demo_known_answers_on_synthetic_embeddings(tmp_path):
     assert saved["pairs"]["noise"]["baseline"]["label_p_old"] == pytest.approx(np.mean(lab[old_ids] == labels[qi][:, None]))
     assert all(r["recall"] < 0.2 for r in saved["pairs"]["noise"]["backward"] if "error" not in r)  # nothing to recover
     assert "rot backward" in res["table"] and "chain v2->v0" in res["table"]
+
+
+def test_demo_docstring_names_the_kinds_the_code_runs():
+    from bc_fast.experiments import text_demo
+
+    doc = " ".join(text_demo.run_text_demo.__doc__.split())
+    full, quick = ", ".join(text_demo._FULL["kinds"]), ", ".join(text_demo._QUICK["kinds"])
+    assert f"default all five: {full}; quick: {quick})" in doc and len(text_demo._FULL["kinds"]) == 5
 
 
 def test_demo_argument_errors(tmp_path):

@@ -98,6 +98,8 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
 
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, _, port = hostport.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # an IPv6 literal, "[::1]:6379": getaddrinfo takes it without the brackets
     if address == "auto" or not host or not port.isdigit():
         return  # "auto" and other forms: Ray resolves them itself
     try:

@@ -75,13 +75,37 @@ class DatasetResult:
 
 # --------------------------------------------------------------------------- inputs
 
+def _is_data_name(name: str) -> bool:
+    """A ``.npy`` shard (selected as the single-process NpyReader selects them: any name ending ``.npy``,
+    ``_`` or ``.`` prefixes included) or a Parquet file."""
+    return name.endswith(".npy") or name.lower().endswith(_PARQUET_SUFFIXES)
+
+
+def _holds_data(path: str) -> bool:
+    """True when the folder ``path`` holds a ``.npy`` or Parquet file or folder at any depth."""
+    return any(any(map(_is_data_name, dirs + files)) for _, dirs, files in os.walk(path))
+
+
+def _check_no_nested_data(input: str, entries: list[str]) -> None:
+    """Refuse subfolders holding data: the engine converts only the directory's own files."""
+    nested = [n for n in entries if os.path.isdir(os.path.join(input, n))
+              and (_is_data_name(n) or _holds_data(os.path.join(input, n)))]
+    if nested:
+        more = f" and {len(nested) - 3} more" if len(nested) > 3 else ""
+        raise ValueError(f"{input} has subfolders with .npy or Parquet files ({', '.join(nested[:3])}{more}), "
+                         "which the Ray engine would not convert (it converts the files directly in the dataset "
+                         f"directory, one output file each); move their files up into {input}, or convert each "
+                         "subfolder as a dataset of its own")
+
+
 def _list_inputs(input: str) -> tuple[str, list[str]]:
-    """(``"parquet"`` or ``"npy"``, sorted file names) of a dataset directory."""
+    """(``"parquet"`` or ``"npy"``, sorted file names) of a dataset directory; refuses subfolders with data."""
     if not os.path.isdir(input):
         raise ValueError(f"the Ray engine converts a dataset directory (Parquet files or .npy shards), but "
                          f"{input} is not a directory; convert a single table with the default engine")
-    names = sorted(n for n in os.listdir(input)
-                   if not n.startswith((".", "_")) and os.path.isfile(os.path.join(input, n)))
+    entries = sorted(os.listdir(input))
+    _check_no_nested_data(input, entries)
+    names = [n for n in entries if _is_data_name(n) and not os.path.isdir(os.path.join(input, n))]
     pq = [n for n in names if n.lower().endswith(_PARQUET_SUFFIXES)]
     npy = [n for n in names if n.endswith(".npy")]
     if pq and npy:

@@ -215,6 +215,9 @@ def convert_dataset_ray(
     input : path
         A directory of Parquet files (fixed-size-list embedding column; other columns are carried
         through) or of ``.npy`` shards, all of version ``src``. Every worker must see it at this path.
+        Every file directly in it named ``*.npy`` or ``*.parquet``/``.pq``/``.parq`` is converted
+        (``_`` and ``.`` prefixes included, as ``bc-fast convert`` reads shards); subfolders holding
+        such files are refused.
     output : path
         The output directory (must not exist unless ``overwrite``): the same file names, each
         byte-identical to ``bc-fast convert`` on that file; its sidecar is ``output + '.bcfast.json'``.
@@ -348,7 +351,7 @@ def _run_ray(ray: Any, plan: _Plan, worker_kwargs: dict) -> DatasetResult:
             max_restarts=plan.max_retries, max_task_retries=plan.max_retries)
         t0 = time.perf_counter()
         bar = Progress(plan.rows, f"convert {os.path.basename(plan.input)} on Ray", enabled=plan.progress)
-        results, errors = _collect(ray, ds, plan.journal, plan.journal_path, bar)
+        results, errors = _collect(ray, ds, plan, bar)
         seconds = time.perf_counter() - t0
     if errors:
         _raise_worker_error(errors)
@@ -370,10 +373,13 @@ def _run_ray(ray: Any, plan: _Plan, worker_kwargs: dict) -> DatasetResult:
         threads_per_worker=plan.threads, peak_rss=rss)
 
 
-def _collect(ray: Any, ds: Any, journal: dict, journal_path: str, bar: Any) -> tuple[list[dict], list[dict]]:
+def _collect(ray: Any, ds: Any, plan: _Plan, bar: Any) -> tuple[list[dict], list[dict]]:
     """Stream the per-file results into the journal (made durable at most once a second and at the end: a
     file finished but not yet journaled is found complete by its own sidecar on a rerun)."""
-    results, errors, last = [], [], time.monotonic()
+    journal, journal_path = plan.journal, plan.journal_path
+    results: list[dict] = []
+    errors: list[dict] = []
+    last = time.monotonic()
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for raw in batch["result"]:
@@ -388,13 +394,40 @@ def _collect(ray: Any, ds: Any, journal: dict, journal_path: str, bar: Any) -> t
                     _write_journal(journal_path, journal)
                     last = time.monotonic()
     except ray.exceptions.RayError as e:
-        raise RuntimeError(f"a Ray worker died or failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
-                           f"{len(journal['files'])} files are converted and kept; rerun the same command to resume "
-                           "(finished files are skipped, a half-converted one continues from its journal)") from None
+        raise _worker_died(e, plan, errors) from None
     finally:
         _write_journal(journal_path, journal)
         bar.close()
     return results, errors
+
+
+def _worker_died(e: Exception, plan: _Plan, errors: list[dict]) -> RuntimeError:
+    """The error of a run that Ray ended: the files kept for a rerun, and those not finished.
+
+    A file is kept when the journal records it or its staged output is in place under its final name
+    (a worker finished it, but Ray never delivered the result: a rerun finds it complete by its sidecar).
+    """
+    failed = {r["name"] for r in errors}
+    kept = [n for n in plan.names if n not in failed and (n in plan.journal["files"]
+                                                          or os.path.lexists(os.path.join(plan.staging, n)))]
+    todo = [f"{n} (half-converted)" if os.path.lexists(os.path.join(plan.staging, n + _PARTIAL)) else n
+            for n in plan.names if n not in kept and n not in failed]
+    first = (str(e).splitlines() or [""])[0][:300]
+    msg = (f"a Ray worker died or failed ({type(e).__name__}: {first}); {len(kept)} of {len(plan.names)} files "
+           f"are converted and kept{f' ({_listed(kept)})' if kept else ''}; not finished (in flight or not "
+           f"started): {_listed(todo)}")
+    if errors:
+        more = f" (and {len(errors) - 1} more files failed)" if len(errors) > 1 else ""
+        msg += f"; failed before that: {errors[0]['name']}: {errors[0]['error']['message'][:300]}{more}"
+    return RuntimeError(msg + "; rerun the same command to resume (finished files are skipped, a half-converted "
+                        "one continues from its journal)")
+
+
+def _listed(names: list[str]) -> str:
+    """At most five names for a message: ``a, b, c, d, e and 3 more`` (``none`` for none)."""
+    if not names:
+        return "none"
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _ray_version() -> str:

@@ -281,7 +281,8 @@ def _describe_cai(x: Any, name: str) -> CudaArray:
                          f"{shape}; pass a contiguous copy (cupy.ascontiguousarray({name}))")
     stream = _cai_stream(d, name)
     ptr = int(ptr or 0)
-    device = _pointer_device(x, ptr, name) if ptr else -1
+    # a size-0 CuPy array has data pointer 0, but the array itself knows its device
+    device = _pointer_device(x, ptr, name) if ptr or (_is_cupy(x) and hasattr(x, "device")) else -1
     if _is_cupy(x):
         stream = _cupy_stream(device)
     return CudaArray(ptr, shape, dtype, device, stream, True, bool(readonly), "cai", x)

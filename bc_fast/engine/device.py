@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .._util.arrays import is_bfloat16
 from .operator import FusedTransform
 
 __all__ = ["parse_device", "CudaDevice", "open_device", "cuda_fused_op", "DeviceTransform"]
@@ -78,10 +79,17 @@ class CudaDevice:
 
     def describe(self, in_dtype: np.dtype) -> dict:
         """The device and the arithmetic it uses, for the sidecar."""
-        compute = ("float16 tensor-core GEMMs, float32 accumulation (weights rounded to float16)"
-                   if np.dtype(in_dtype) == np.float16 else "float32 GEMMs, float32 accumulation, no TF32")
         return {"type": "cuda", "index": self.index, "name": self.properties.get("name"),
-                "compute_capability": self.properties.get("compute_capability"), "compute": compute}
+                "compute_capability": self.properties.get("compute_capability"), "compute": _compute(in_dtype)}
+
+
+def _compute(in_dtype: np.dtype) -> str:
+    """The GEMM arithmetic the CUDA module uses for a table of ``in_dtype`` (csrc/cuda/fused_op_cuda.cu)."""
+    dt = np.dtype(in_dtype)
+    half = "float16" if dt == np.float16 else "bfloat16" if is_bfloat16(dt) else None
+    if half is None:
+        return "float32 GEMMs, float32 accumulation, no TF32"
+    return f"{half} tensor-core GEMMs, float32 accumulation (weights rounded to {half})"
 
 
 def open_device(device: Any) -> CudaDevice | None:

@@ -406,7 +406,8 @@ def run_text_demo(out_dir: str | Path, *, fractions: Sequence[float] | None = No
     out_dir : path
         Receives ``text_demo.json`` (every number), ``text_demo.png`` and the chain registries.
     fractions : fitting-pair fractions of the indexed corpus (default 1 %, 5 %, 20 %; quick: 5 %, 20 %).
-    kinds : adapter kinds of :func:`bc_fast.fit.fit_adapter` (default all four; quick: procrustes, ridge).
+    kinds : adapter kinds of :func:`bc_fast.fit.fit_adapter` (default all five: procrustes, ridge, lowrank,
+        mlp, local; quick: procrustes, ridge, local).
     seed : int
         Query split and fit-pair order.
     quick : bool
@@ -538,8 +539,8 @@ def _run(out_dir: str | Path, *, fractions: Sequence[float] | None, kinds: Seque
                                "query's label (a model-independent relevance proxy)",
             "classifier": "multinomial logistic regression (numpy, standardised features) trained on old-model "
                           "corpus embeddings; accuracy on the queries",
-            "latency": f"median of {latency_calls} FusedTransform.apply calls, batch 1, preallocated out (local: "
-                       "its numpy float32 routed path, no compiled operator yet)",
+            "latency": f"median of {latency_calls} .apply calls of the compiled operator (FusedTransform; local: "
+                       "RoutedTransform), batch 1, preallocated out",
             "local_vs_global": "local against the global kind with the best label P@10 on the queries at the same "
                                "fraction; label_p_diff = local - global with a 95 % paired bootstrap CI over "
                                "queries (1000 draws)",
