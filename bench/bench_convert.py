@@ -15,7 +15,8 @@ subprocess (so peak RSS, VmHWM, is its own), methods round-robin, one warm-up ro
 - ``write``: the stage alone: the output's bytes (already computed, touched memory) written chunk by chunk
   and fdatasync-ed, the plain way for the format (``pwrite`` into a ``.npy``; one ``pyarrow``
   ``ParquetWriter`` with the conversion's options, ``bc_fast.store.parquet.parquet_write_options``);
-- ``naive`` (``npy_f16`` only): np.load, ``(x.astype(f32) @ W.T + b).astype(f16)``, np.save.
+- ``naive`` (``npy_f16`` only): np.load, ``(x.astype(f32) @ W.T + b).astype(f16)``, np.save, with numpy's
+  BLAS held to the same thread count (``threadpool_limits``; its worker reports the count it ran with).
 
 The bound is ``rows / max(stage times)``; the conversion's rate is reported as a fraction of it (target:
 >= 0.8 for ``.npy``, >= 0.7 for Parquet), with its peak RSS (budget 300 MB for ``.npy``: four 16 MiB chunk
@@ -36,6 +37,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +49,7 @@ from bc_fast.bench.harness import (
     Bench,
     Stopwatch,
     check,
+    numpy_blas_threads,
     result,
     run_configs,
     script_args,
@@ -185,7 +189,7 @@ def _worker(method: str, registry: str, table: str, out: str, threads: int) -> d
         op.apply(x[:cr], out=y[: min(cr, rows)], threads=threads)  # warm-up
     elif method == "write":
         y[:] = np.random.default_rng(0).standard_normal(y.shape, dtype=np.float32)
-    with Stopwatch() as sw:
+    with _blas_limit(method, threads) as blas_threads, Stopwatch() as sw:
         if method == "naive":
             w, b = op.layers[0].weight, op.layers[0].bias
             x = np.load(table)
@@ -201,7 +205,24 @@ def _worker(method: str, registry: str, table: str, out: str, threads: int) -> d
             from bc_fast.convert import convert_table
             convert_table(table, out, registry=registry, dst=0, progress=False, threads=threads)
     reader.close()
-    return {"seconds": sw.wall, "cpu": sw.cpu, "peak_rss_mb": _peak_rss_mb()}
+    return {"seconds": sw.wall, "cpu": sw.cpu, "peak_rss_mb": _peak_rss_mb(), "blas_threads": blas_threads}
+
+
+@contextmanager
+def _blas_limit(method: str, threads: int) -> Iterator[int | None]:
+    """numpy's BLAS held to ``threads`` threads for the ``naive`` method; yields the count it runs with.
+
+    The other methods run the core with ``threads``; without the limit numpy's BLAS would use every core
+    in ``naive``. The count (None where threadpoolctl does not find numpy's BLAS; None for the other
+    methods, which leave it alone) is looked up here, outside the clock.
+    """
+    if method != "naive":
+        yield None
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads, user_api="blas"):
+        yield numpy_blas_threads()
 
 
 def _run_worker(method: str, registry: str, table: str, out: str, threads: int) -> dict:
@@ -248,10 +269,12 @@ def cfg_table(bench: Bench, name: str, rows: int, repeats: int, tmp_dir: str | N
     if "naive" in t:
         checks.append(speedup_check("vs naive", t, "naive", 2.0))
     stages = ", ".join(f"{s} {rows / t[s].median_s / 1e6:.2f}" for s in STAGES)
+    naive = (f"; naive: numpy's BLAS on {runs['naive'][0]['blas_threads']} thread(s), bc_fast on {bench.threads}"
+             if "naive" in runs else "")
     return result(f"convert_{name}", f"{rows:,} x {DIM} {dtype} {fmt}, {kind} version 2 -> 0, {dtype} out",
                   rows, t, checks, peak_rss_mb=rss, bound_stage=slowest, fraction_of_bound=frac,
                   note=f"M rows/s: convert {rows / t['bc_fast'].median_s / 1e6:.2f}; stages alone {stages}; "
-                       "peak RSS MB " + ", ".join(f"{m} {v:.0f}" for m, v in rss.items()))
+                       "peak RSS MB " + ", ".join(f"{m} {v:.0f}" for m, v in rss.items()) + naive)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,8 @@ bias), ``numpy_prealloc`` (``np.matmul(out=)`` then ``np.add(out=)``), torch
 large batches ``numpy_alloc`` is dropped (it only measures page faults there).
 Checks, from issue 2: large batch >= 0.95x numpy_sgemm (issue 2's ">= 1.3x x @ W.T + b"
 is not checked: at these sizes that baseline times page faults, not a kernel); batch 1
-256->256 median <= 4 µs and >= 2x faster than numpy_alloc, torch and faiss; fp16 input
+256->256 median <= 4 µs and >= 2x faster than the best numpy (the faster of ``numpy_alloc`` and
+``numpy_prealloc``: the allocating form is never the only baseline), torch and faiss; fp16 input
 >= 0.9x the fp32 rows/s. Harness: :mod:`bc_fast.bench.harness`.
 """
 
@@ -24,12 +25,14 @@ import numpy as np
 
 from bc_fast import FusedTransform
 from bc_fast.bench.harness import TINY_PLAN, Bench, TimingPlan, check, result, run_configs, script_args, speedup_check
-from bc_fast.bench.suite import affine_err, affine_impls
+from bc_fast.bench.suite import affine_err, affine_impls, best_of
 
 SHAPES = [(256, 256), (768, 384)]
 BATCHES = [1, 16, 256, 1_000_000]
 LARGE = 100_000  # batches at least this big are "large": one call per sample
 BASELINES = ("numpy_alloc", "numpy_sgemm", "numpy_prealloc", "torch_addmm", "faiss")
+#: numpy's forms of the whole ``x @ W.T + b`` (numpy_sgemm leaves the bias out): the faster one counts at batch 1
+NUMPY_BIASED = ("numpy_alloc", "numpy_prealloc")
 
 
 def cfg_core(bench: Bench, d_in: int, d_out: int, n: int) -> dict:
@@ -54,7 +57,9 @@ def cfg_core(bench: Bench, d_in: int, d_out: int, n: int) -> dict:
     elif (d_in, d_out, n) == (256, 256, 1):
         us = t["bc_fast"].median_s * 1e6
         checks += [check("latency budget", 4.0 / us, 1.0, "≤ 4 µs (bar: 4µs/median)", f"{us:.2f} µs")]
-        checks += [speedup_check(f"vs {k}", t, k, 2.0) for k in ("numpy_alloc", "torch_addmm", "faiss")]
+        best_np = best_of(t, NUMPY_BIASED)
+        checks += [speedup_check("vs best numpy", t, best_np, 2.0)]
+        checks += [speedup_check(f"vs {k}", t, k, 2.0) for k in ("torch_addmm", "faiss")]
     return result(f"core_{d_in}x{d_out}_b{n}", f"affine {d_in}->{d_out} + bias, batch {n:,}, fp32/fp16 in, "
                   "fp32 preallocated out", n, t, checks, flops_per_call=2.0 * n * d_in * d_out, err=err,
                   note="numpy_alloc (x @ W.T + b) allocates its output by design: the reference code's way"

@@ -1,7 +1,7 @@
 """Ray engine vs the single-process converter on the same Parquet dataset, and the scaling model's inputs.
 
     python bench/bench_distributed.py [--quick] [--threads N] [--json PATH] [--rows 2000000] [--files 8]
-                                      [--dim 256] [--repeats 1] [--methods single,ray_2x1,ray_1x2] [--dir /tmp]
+                                      [--dim 256] [--repeats 1] [--methods single,ray_Nx1,ray_1xN] [--dir /tmp]
 
 Generates a dataset of ``--files`` Parquet files (``id`` int64 + a fixed_size_list<float16>[dim]
 embedding column, 64k-row row groups; default 2M x 256, ~1 GB; --quick: 500k) of version-2
@@ -9,15 +9,18 @@ embeddings and a registry with two dim -> dim affine backward transforms, and co
 version 0 (float16), each run in its own subprocess, the methods round-robin, one warm-up round
 dropped (warm page cache):
 
-- ``single``: ``convert_table`` on each file in turn, one process, ``--threads`` threads (what
-  ``bc-fast convert`` does per file);
-- ``ray_2x1``: ``convert_dataset_ray`` on a local Ray (num_cpus = all cores), 2 workers x 1 thread;
-- ``ray_1x2``: the same, 1 worker x 2 threads.
+- ``single``: ``convert_table`` on each file in turn, one process, N = ``--threads`` threads (default:
+  all cores; what ``bc-fast convert`` does per file);
+- ``ray_WxP``: ``convert_dataset_ray`` on a local Ray (num_cpus = all cores), W workers x P threads each,
+  with W * P = N: every method gets the same threads in all. The default methods are ``single``,
+  ``ray_Nx1`` and ``ray_1xN`` (at N = 2: ``ray_2x1`` and ``ray_1x2``); a ``ray_WxP`` whose W * P is
+  not N is refused.
 
 Ray's start (``ray.init``) is timed apart and not counted. Peak RSS (VmHWM): the single process,
 and each Ray worker (reported by the run). For the scaling model it also times the core alone
-(one thread, float16 in and out, in-memory 64k-row chunks, one dim x dim affine layer) at ``dim``
-and at 768. Checks: Ray >= 0.7x the single-process rows/s; peak RSS per Ray worker < 1 GB.
+(one thread, float16 in and out, in-memory 64k-row chunks, one dim x dim affine layer; the median of 5
+runs after a warm-up) at ``dim`` and at 768. Checks: Ray >= 0.7x the single-process rows/s; peak RSS per
+Ray worker < 1 GB.
 The temporary directory is deleted. Harness: :mod:`bc_fast.bench.harness`.
 
 Measured (2026-11-30, AMD EPYC 2 vCPUs shared with other jobs, load average 6.5 -> 1.6 during the run;
@@ -25,7 +28,8 @@ Measured (2026-11-30, AMD EPYC 2 vCPUs shared with other jobs, load average 6.5 
 15,978 rows/s, Ray 2x1 23,943 rows/s (1.50x: two processes run two pyarrow codecs, the single
 process one), peak RSS 634 MB single / <= 770 MB per Ray worker (~240 MB of it Ray + imports; the
 same at 200k, 1M and 2M rows: bounded by the chunk and the input row group, not the file), ray.init
-4.6 s; core alone 552k rows/s/core at 256-d (72 GFLOP/s), 67k at 768-d (80 GFLOP/s).
+4.6 s; core alone 552k rows/s/core at 256-d (72 GFLOP/s), 67k at 768-d (80 GFLOP/s) (the best of 5 runs:
+this script reported the best then; it reports the median now).
 
 Scaling model (a PREDICTION, not a measurement). Per row and core, t = 2*d_in*d_out / F + k * B_row,
 with F ~ 75 GFLOP/s/core (the core alone) and k ~ 83 ns per byte of final Parquet in + out (Ray 2x1
@@ -46,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +63,32 @@ from bc_fast.bench.harness import TINY_PLAN, Bench, Stopwatch, check, result, ru
 from bc_fast.bench.harness import timing_from_samples
 
 ROW_GROUP = 65536
+_RAY_METHOD = re.compile(r"ray_([1-9][0-9]*)x([1-9][0-9]*)")
+
+
+def default_methods(threads: int) -> list[str]:
+    """``single`` and Ray with the same ``threads`` in all: as many 1-thread workers, and one worker with all."""
+    return list(dict.fromkeys(["single", f"ray_{threads}x1", f"ray_1x{threads}"]))
+
+
+def ray_shape(method: str, threads: int) -> tuple[int, int]:
+    """``(workers, threads per worker)`` of a ``ray_WxP`` method; ValueError unless W * P == ``threads``."""
+    m = _RAY_METHOD.fullmatch(method)
+    if m is None:
+        raise ValueError(f"unknown method {method!r}: use single or ray_WxP (W workers x P threads each)")
+    workers, per = int(m.group(1)), int(m.group(2))
+    if workers * per != threads:
+        raise ValueError(f"{method} runs {workers * per} threads in all but --threads is {threads}: every method "
+                         f"gets the same total (e.g. ray_{threads}x1, ray_1x{threads})")
+    return workers, per
+
+
+def check_methods(methods: list[str], threads: int) -> list[str]:
+    """``methods``, each known and with ``threads`` threads in all (ValueError otherwise)."""
+    for m in methods:
+        if m != "single":
+            ray_shape(m, threads)
+    return methods
 
 
 def _make(root: Path, rows: int, files: int, dim: int, rng: np.random.Generator) -> str:
@@ -111,7 +142,7 @@ def _worker(method: str, root: str, registry: str, threads: int) -> dict:
 
     from bc_fast.convert.distributed import convert_dataset_ray
 
-    workers, per = (2, 1) if method == "ray_2x1" else (1, 2)
+    workers, per = ray_shape(method, threads)
     with Stopwatch() as start:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="error")
     with Stopwatch() as sw:
@@ -133,7 +164,7 @@ def _run_worker(method: str, root: Path, registry: str, threads: int) -> dict:
 
 
 def _compute_rate(dim: int, reps: int = 5, rows: int = ROW_GROUP) -> dict:
-    """The core alone, one thread: rows/s per core and GFLOP/s (best of ``reps``)."""
+    """The core alone, one thread: rows/s per core and GFLOP/s (the median of ``reps`` runs after a warm-up)."""
     from bc_fast import FusedTransform, Layer
 
     rng = np.random.default_rng(1)
@@ -142,13 +173,16 @@ def _compute_rate(dim: int, reps: int = 5, rows: int = ROW_GROUP) -> dict:
     x = rng.standard_normal((rows, dim)).astype(np.float16)
     y = np.empty((rows, dim), np.float16)
     op.apply(x, out=y, threads=1)
-    walls = []
+    walls, cpu = [], 0.0
     for _ in range(reps):
         with Stopwatch() as sw:
             op.apply(x, out=y, threads=1)
         walls.append(sw.wall)
-    best = timing_from_samples(walls, sum(walls)).min_s
-    return {"dim": dim, "rows_per_s_per_core": rows / best, "gflops_per_core": 2 * rows * dim * dim / best / 1e9}
+        cpu += sw.cpu
+    t = timing_from_samples(walls, cpu)
+    return {"dim": dim, "rows_per_s_per_core": rows / t.median_s,
+            "gflops_per_core": 2 * rows * dim * dim / t.median_s / 1e9, "samples": t.samples,
+            "cpu_over_wall": t.cpu_over_wall}
 
 
 def cfg_distributed(bench: Bench, rows: int, files: int, dim: int, repeats: int, methods: list[str],
@@ -196,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--files", type=int, default=8, help="Parquet files (default 8)")
         p.add_argument("--dim", type=int, default=256, help="embedding dim (default 256)")
         p.add_argument("--repeats", type=int, default=1, help="timed rounds (one warm-up round more)")
-        p.add_argument("--methods", default="single,ray_2x1,ray_1x2", help="comma-separated, from the list above")
+        p.add_argument("--methods", default=None,
+                       help="comma-separated, from the list above (default: single,ray_Nx1,ray_1xN for N threads)")
         p.add_argument("--dir", default=None, help="where to put the temporary dataset (default: $TMPDIR)")
         for hidden in ("--worker", "--root", "--registry"):
             p.add_argument(hidden, default=None, help=argparse.SUPPRESS)
@@ -209,11 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     rows = args.rows or {"tiny": 20_000, "quick": 500_000, "full": 2_000_000}[mode]
     repeats = 1 if args.tiny else args.repeats
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else default_methods(threads)
+    try:
+        check_methods(methods, threads)
+    except ValueError as e:
+        raise SystemExit(f"bench_distributed: {e}") from None
     run_configs("bench_distributed", [(cfg_distributed, (rows, args.files, args.dim, repeats, methods, args.dir))],
                 threads=threads, plan=TINY_PLAN, mode=mode, json_path=args.json,
                 describe=f"mode={mode}: {rows:,} x {args.dim} float16 in {args.files} Parquet files, {repeats} "
-                         "rounds (+1 warm-up, dropped), each run in its own process")
+                         f"rounds (+1 warm-up, dropped), each run in its own process; methods {', '.join(methods)}, "
+                         f"{threads} threads in all each")
     return 0
 
 

@@ -7,7 +7,9 @@ Configs (rows: default / --quick), each ``convert_table(..., device="cuda")`` of
 table into a float16 table, timed round-robin with the two storage stages alone, as the conversion does
 them: the table read chunk by chunk into one buffer (from the page cache, as the conversion reads it),
 and the same bytes written chunk by chunk and fdatasync-ed. The storage bound is
-``rows / max(read, write)``. ``device="cpu"`` converts the same rows (or a prefix) once.
+``rows / max(read, write)``. ``device="cpu"`` converts the same rows, or a prefix of them, in the same
+rounds; its rate is scaled to the full rows, and the rows it ran on are stated in the report and the JSON
+(``cpu_rows``).
 
 - ``convert_host``: 256-d, a 256->256 affine step (50M / 4M rows; CPU on 10M / 4M). Light compute: target
   >= 0.8x the storage bound (the CPU ratio is shown).
@@ -21,8 +23,13 @@ and the same bytes written chunk by chunk and fdatasync-ed. The storage bound is
   without one the row says so and nothing is measured.
 
 The table files live in ``--tmp`` (default: $TMPDIR); the default sizes need about 52 GB there.
-Every conversion verifies 256 rows against float64 (``convert_table``'s own check). Medians of
-``max(2, samples // 2)`` rounds. Exits with status 2 and a message when no GPU is usable.
+Every conversion verifies 256 rows against float64 (``convert_table``'s own check). Each measured thing
+(GPU conversion, read, write, CPU conversion; GPU and CPU search) runs once untimed, then
+``max(3, samples // 2)`` rounds with the order rotated each round; medians. The header and the JSON
+carry the machine (CPU model, load average, libraries: the storage, CPU-path and host stages depend on
+the host), and the JSON (rewritten atomically after every config) names the ``planned`` configs and
+says whether the run is ``complete``; ``--only`` or a failing config makes it ``partial``. Exits with
+status 2 and a message when no GPU is usable, 1 when a config failed.
 
 Usage: python bench/bench_gpu.py [--quick] [--json PATH] [--tmp DIR] [--threads N] [--only CFG,...]
 """
@@ -30,7 +37,6 @@ Usage: python bench/bench_gpu.py [--quick] [--json PATH] [--tmp DIR] [--threads 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -41,13 +47,20 @@ from typing import Any
 
 import numpy as np
 
+from bc_fast._util.fileio import atomic_write_json
 from bc_fast.bench.harness import (
     Stopwatch,
     check,
     fmt_time,
     kv_line,
+    machine_info,
+    machine_lines,
+    numpy_blas_threads,
     random_weights,
+    run_status,
+    status_line,
     time_gpu_interleaved,
+    time_rounds,
     timing_from_samples,
 )
 
@@ -86,8 +99,15 @@ def _rel_err(torch: Any, y: Any, ref: np.ndarray) -> float:
 
 
 def _record(name: str, rows: int, times: dict[str, float], checks: list[dict], err: float | None,
-            note: str = "") -> dict:
-    return {"config": name, "rows": rows, "median_s": times, "checks": checks, "max_rel_err": err, "note": note}
+            note: str = "", **extra: Any) -> dict:
+    """One config's record; ``loadavg1`` is the host's load when it finished (host stages depend on it)."""
+    return {"config": name, "rows": rows, "median_s": times, "checks": checks, "max_rel_err": err, "note": note,
+            "loadavg1": os.getloadavg()[0], **extra}
+
+
+def rounds_of(samples: int) -> int:
+    """Timed rounds of the self-timed configs: at least 3, so a median is not the mean of two runs."""
+    return max(3, samples // 2)
 
 
 # --------------------------------------------------------------------------- configs
@@ -127,11 +147,11 @@ def _write_table(path: Path, rows: int, dim: int, rng: np.random.Generator) -> N
     del mm
 
 
-def _storage_stages(table: Path, out: Path, chunk_rows: int) -> dict[str, float]:
-    """Seconds of each storage stage alone, as the conversion does it: the table read chunk by chunk into
-    one buffer, and the same bytes written chunk by chunk into a .npy and fdatasync-ed (bench_convert's)."""
+def _read_stage_s(table: Path, chunk_rows: int) -> float:
+    """Seconds of the read stage alone, as the conversion does it: the table read chunk by chunk into one
+    buffer (from the page cache; bench_convert's ``read_stage``)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_convert import _write_stage, read_stage
+    from bench_convert import read_stage
 
     from bc_fast.store.tables import open_table
 
@@ -143,12 +163,47 @@ def _storage_stages(table: Path, out: Path, chunk_rows: int) -> dict[str, float]
             read_stage(reader, chunks, buf)
     finally:
         reader.close()
-    y = np.random.default_rng(0).standard_normal((chunk_rows, buf.shape[1]), dtype=np.float32).astype(buf.dtype)
+    return read.wall
+
+
+def _write_stage_s(table: Path, out: Path, chunk_rows: int) -> float:
+    """Seconds of the write stage alone: the table's bytes written chunk by chunk from one touched buffer into
+    a .npy and fdatasync-ed (bench_convert's ``_write_stage``), starting with no dirty pages."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_convert import _write_stage
+
+    from bc_fast.store.tables import open_table
+
+    reader = open_table(str(table))
+    rows, dim, dtype = reader.n_rows, reader.dim, reader.dtype
+    reader.close()
+    y = np.random.default_rng(0).standard_normal((chunk_rows, dim), dtype=np.float32).astype(dtype)
     os.sync()  # no dirty pages of earlier steps written back during this one
     with Stopwatch() as write:
-        _write_stage(str(table), str(out), y, chunk_rows, reader.n_rows)
+        _write_stage(str(table), str(out), y, chunk_rows, rows)
     os.unlink(out)
-    return {"read": read.wall, "write": write.wall}
+    return write.wall
+
+
+def _convert_s(reg: Any, src: Path, out: Path, device: str, threads: int | None) -> float:
+    """Seconds of one ``convert_table`` (it verifies 256 rows against float64), starting with no dirty pages."""
+    from bc_fast.convert import convert_table
+
+    os.sync()
+    with Stopwatch() as t:
+        convert_table(src, out, registry=reg, dst=0, device=device, progress=False, threads=threads)
+    os.unlink(out)
+    os.unlink(str(out) + ".bcfast.json")
+    return t.wall
+
+
+def _prefix_table(table: Path, rows: int, work: Path) -> Path:
+    """``table`` itself, or a copy of its first ``rows`` rows (the CPU path's input)."""
+    if rows >= len(np.load(table, mmap_mode="r")):
+        return table
+    dst = work / "v1_cpu.npy"
+    np.save(dst, np.load(table, mmap_mode="r")[:rows])
+    return dst
 
 
 #: config: (dim, hidden width of the MLP or 0 for an affine map, rows (default, quick), CPU rows (default, quick))
@@ -160,8 +215,8 @@ CONVERT = {
 
 def bench_convert(name: str, samples: int, quick: bool, tmp: Path, threads: int | None) -> dict:
     """``convert_table(device="cuda")`` against the storage bound (the read and the write+fdatasync of the
-    same bytes, each alone, in the same run, round-robin with it) and against ``device="cpu"``."""
-    from bc_fast.convert import convert_table
+    same bytes, each alone) and against ``device="cpu"`` (on ``cpu_rows``, scaled), all in the same
+    rotating rounds after one untimed warm-up each (:func:`time_rounds`)."""
     from bc_fast.convert.job import _default_chunk_rows
 
     dim, hidden, sizes, cpu_sizes = CONVERT[name]
@@ -175,49 +230,53 @@ def bench_convert(name: str, samples: int, quick: bool, tmp: Path, threads: int 
         with Stopwatch() as sw:
             _write_table(table, rows, dim, rng)
         print(f"# {name}: wrote the {rows:,}-row input in {sw.wall:.1f}s", flush=True)
-
-        def convert(device: str, src: Path) -> float:
-            out = work / f"v0_{device}.npy"
-            os.sync()
-            with Stopwatch() as t:  # convert_table verifies 256 rows against float64
-                convert_table(src, out, registry=reg, dst=0, device=device, progress=False, threads=threads)
-            os.unlink(out)
-            os.unlink(str(out) + ".bcfast.json")
-            return t.wall
-
+        cpu_src = _prefix_table(table, cpu_rows, work)
         chunk = _default_chunk_rows(dim, 2, dim, 2, "npy", "cuda")
-        runs: dict[str, list[float]] = {"bc_fast": [], "read": [], "write": []}
-        for _ in range(max(2, samples // 2)):  # round-robin
-            runs["bc_fast"].append(convert("cuda", table))
-            for stage, t in _storage_stages(table, work / "stage.npy", chunk).items():
-                runs[stage].append(t)
-        med = {k: timing_from_samples(v, 0.0).median_s for k, v in runs.items()}
-        cpu_src = table
-        if cpu_rows < rows:
-            cpu_src = work / "v1_cpu.npy"
-            np.save(cpu_src, np.load(table, mmap_mode="r")[:cpu_rows])
-        cpu_rps = cpu_rows / convert("cpu", cpu_src)
-        gpu_rps = rows / med["bc_fast"]
-        slowest = max(("read", "write"), key=lambda k: med[k])
-        bound_rps = rows / med[slowest]
-        # The target: the storage bound where the transform is light, the CPU path where it is heavy.
-        storage = check("vs storage bound", gpu_rps / bound_rps, 0.8, "≥ 0.8x rows / max(read, write)",
-                        f"{gpu_rps / bound_rps:.2f}x the {slowest} bound ({bound_rps / 1e6:.2f} M rows/s)")
-        cpu = check("vs CPU path", gpu_rps / cpu_rps, 5.0, "≥ 5x device=cpu",
-                    f"{gpu_rps / cpu_rps:.2f}x cpu ({cpu_rps / 1e6:.3f} M rows/s)")
-        (storage if hidden else cpu).update(status="INFO", shown_target="(shown)")
-        times = {"bc_fast": med["bc_fast"], "read": med["read"], "write": med["write"],
-                 "cpu_path": rows / cpu_rps}
-        step = f"{dim}->{hidden} (GELU)->{dim} MLP" if hidden else f"{dim}->{dim} affine"
-        return _record(name, rows, times, [storage, cpu], None,
-                       f"fp16 .npy {step} -> fp16, {gpu_rps / 1e6:.2f} M rows/s, chunk {chunk:,} rows; "
-                       f"cpu on {cpu_rows:,} rows, scaled")
+        runs = time_rounds({
+            "bc_fast": lambda: _convert_s(reg, table, work / "v0_cuda.npy", "cuda", threads),
+            "read": lambda: _read_stage_s(table, chunk),
+            "write": lambda: _write_stage_s(table, work / "stage.npy", chunk),
+            "cpu_path": lambda: _convert_s(reg, cpu_src, work / "v0_cpu.npy", "cpu", threads),
+        }, rounds_of(samples))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    med = {k: timing_from_samples(v, 0.0).median_s for k, v in runs.items()}
+    return _convert_record(name, rows, cpu_rows, med, chunk, len(runs["bc_fast"]))
+
+
+def _convert_record(name: str, rows: int, cpu_rows: int, med: dict[str, float], chunk: int, rounds: int) -> dict:
+    """convert_host / convert_mlp's record from the medians: the storage bound and the CPU path checks."""
+    dim, hidden = CONVERT[name][:2]
+    cpu_rps = cpu_rows / med["cpu_path"]
+    gpu_rps = rows / med["bc_fast"]
+    slowest = max(("read", "write"), key=lambda k: med[k])
+    bound_rps = rows / med[slowest]
+    scaled = "" if cpu_rows == rows else f", scaled from {cpu_rows:,} rows"
+    # The target: the storage bound where the transform is light, the CPU path where it is heavy.
+    storage = check("vs storage bound", gpu_rps / bound_rps, 0.8, "≥ 0.8x rows / max(read, write)",
+                    f"{gpu_rps / bound_rps:.2f}x the {slowest} bound ({bound_rps / 1e6:.2f} M rows/s)")
+    cpu = check("vs CPU path", gpu_rps / cpu_rps, 5.0, "≥ 5x device=cpu",
+                f"{gpu_rps / cpu_rps:.2f}x cpu ({cpu_rps / 1e6:.3f} M rows/s on {cpu_rows:,} rows)")
+    (storage if hidden else cpu).update(status="INFO", shown_target="(shown)")
+    times = {"bc_fast": med["bc_fast"], "read": med["read"], "write": med["write"], "cpu_path": rows / cpu_rps}
+    step = f"{dim}->{hidden} (GELU)->{dim} MLP" if hidden else f"{dim}->{dim} affine"
+    return _record(name, rows, times, [storage, cpu], None,
+                   f"fp16 .npy {step} -> fp16, {gpu_rps / 1e6:.2f} M rows/s, chunk {chunk:,} rows; cpu_path: "
+                   f"device=cpu on {cpu_rows:,} rows{scaled}; medians of {rounds} rotating rounds after a warm-up",
+                   cpu_rows=cpu_rows, rounds=rounds)
 
 
 #: index_search: (rows, queries) for (default, quick)
 INDEX_SEARCH = ((2_000_000, 10_000), (500_000, 2_000))
+
+
+def _timed_search(index: Any, queries: np.ndarray, found: dict[str, np.ndarray], key: str) -> Callable[[], float]:
+    """A self-timed top-10 search of ``queries`` (for :func:`time_rounds`); its ids go to ``found[key]``."""
+    def run() -> float:
+        with Stopwatch() as sw:
+            found[key] = index.search(queries, 10, query_version=1)[1]
+        return sw.wall
+    return run
 
 
 def bench_index_search(samples: int, quick: bool) -> dict:
@@ -243,13 +302,9 @@ def bench_index_search(samples: int, quick: bool) -> dict:
             with Stopwatch() as sw:
                 built[device] = build_legacy_index(reg, table, 0, factory="Flat", normalize=True, device=device)
             print(f"# index_search: built the {device} index of {rows:,} rows in {sw.wall:.1f}s", flush=True)
-        runs: dict[str, list[float]] = {"cpu": [], "cuda": []}
-        found = {}
-        for _ in range(max(2, samples // 2)):  # round-robin
-            for device, index in built.items():
-                with Stopwatch() as sw:
-                    found[device] = index.search(queries, 10, query_version=1)[1]
-                runs[device].append(sw.wall)
+        found: dict[str, np.ndarray] = {}
+        runs = time_rounds({device: _timed_search(index, queries, found, device) for device, index in built.items()},
+                           rounds_of(samples))
         med = {k: timing_from_samples(v, 0.0).median_s for k, v in runs.items()}
         same = float(np.mean(found["cuda"] == found["cpu"]))
         ids = check("same ids as the CPU index", same, 0.99, "≥ 99 % of the top-10 ids",
@@ -260,7 +315,8 @@ def bench_index_search(samples: int, quick: bool) -> dict:
                       f"{med['cpu'] / med['cuda']:.1f}x the CPU index ({nq / med['cuda']:,.0f} queries/s)")
         speed["status"] = "INFO"
         return _record("index_search", rows, {"bc_fast": med["cuda"], "cpu_index": med["cpu"]}, [ids, speed], None,
-                       f"Flat, cosine, {nq:,} queries of version 1, top 10")
+                       f"Flat, cosine, {nq:,} queries of version 1, top 10; medians of {len(runs['cuda'])} "
+                       "rotating rounds after a warm-up", rounds=len(runs["cuda"]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -284,59 +340,117 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+#: every config, in running order
+CONFIGS = (*CONVERT, "index_search")
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    """The options; ``planned`` (the configs to run, ``--only``'s or all) checked by name before any GPU work."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer samples (about a minute)")
-    p.add_argument("--json", type=Path, default=None, help="also write every timing and check as JSON")
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write the machine, every timing and check as JSON (rewritten after every config)")
     p.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()),
                    help="folder for convert_host's table files (default: $TMPDIR)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for convert_host's device=cpu run (default: all cores)")
-    p.add_argument("--only", default=None, help="comma-separated config names to run (default: all)")
+    p.add_argument("--only", default=None, help=f"comma-separated config names to run (default: all of "
+                                                f"{', '.join(CONFIGS)})")
     args = p.parse_args(argv)
+    args.planned = list(dict.fromkeys(n for n in args.only.split(",") if n)) if args.only else list(CONFIGS)
+    unknown = [n for n in args.planned if n not in CONFIGS]
+    if unknown:
+        p.error(f"unknown config(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    return args
+
+
+def _machine(args: argparse.Namespace) -> dict:
+    """The harness's machine facts (CPU model, load average, libraries, thread pools) for the header and JSON."""
+    from bc_fast.engine import build_info
+
+    return machine_info({"bench_threads": args.threads or build_info().get("max_threads"),
+                         "numpy_blas_threads": numpy_blas_threads(), "mode": "quick" if args.quick else "full"})
+
+
+def _header(torch: Any, mod: Any, info: dict, quick: bool) -> str:
+    """The device line (GPU, driver, torch) of the report's header; the machine lines follow it."""
+    props = torch.cuda.get_device_properties(0)
+    cu = mod.device_info()
+    return (f"# bench_gpu ({'quick' if quick else 'full'}): {props.name}, {props.total_memory / 2**30:.0f} GiB, "
+            f"cc {props.major}.{props.minor}, driver {cu['driver_version']}, runtime {cu['runtime_version']}, "
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}); host {info['cpu_model']}, "
+            f"loadavg {info['loadavg']}")
+
+
+def _run_one(name: str, fn: Callable[[], dict]) -> dict:
+    """One config's record; a config that raises gives a FAIL record with its error (the others still run)."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - one failing config must not hide the others' numbers
+        msg = f"{type(e).__name__}: {e}"
+        r = _record(name, 0, {"bc_fast": float("nan")}, [check("ran", None, 1, "runs", f"ERROR: {msg}")], None,
+                    error=msg)
+        r["checks"][0]["status"] = "FAIL"
+        return r
+
+
+def _print_record(r: dict) -> None:
+    """One parseable line per timing and per check."""
+    for k, v in r["median_s"].items():
+        print(kv_line(config=r["config"], impl=k, rows=r["rows"], median_us=v * 1e6), flush=True)
+    for c in r["checks"]:
+        print(kv_line(config=r["config"], check=c["label"], value=c["value"], target=c["target"],
+                      status=c["status"]), flush=True)
+
+
+def _status(planned: list[str], results: list[dict], finished: bool) -> dict:
+    """:func:`run_status` of the run so far (``--only`` leaves the other configs out: partial)."""
+    return run_status(planned, [r["config"] for r in results if "error" not in r],
+                      [r["config"] for r in results if "error" in r], finished=finished, known=CONFIGS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
     torch, _, mod = _setup()
     samples = 5 if args.quick else 11
-    props = torch.cuda.get_device_properties(0)
-    info = mod.device_info()
-    print(f"# bench_gpu ({'quick' if args.quick else 'full'}): {props.name}, {props.total_memory / 2**30:.0f} GiB, "
-          f"cc {props.major}.{props.minor}, driver {info['driver_version']}, runtime {info['runtime_version']}, "
-          f"torch {torch.__version__} (CUDA {torch.version.cuda})", flush=True)
-    only = None if args.only is None else set(args.only.split(","))
+    info = _machine(args)
+    print(_header(torch, mod, info, args.quick), flush=True)
+    for line in machine_lines(info):
+        print(line, flush=True)
     results: list[dict] = []
+    state: dict[str, Any] = {"device": torch.cuda.get_device_properties(0).name, "machine": info,
+                             "copy_bandwidth": None, "samples": samples, "rounds": rounds_of(samples),
+                             "results": results}
+
+    def save(finished: bool) -> None:  # atomically, after every config: a crash keeps what was measured
+        if args.json:
+            atomic_write_json(args.json, {**state, **_status(args.planned, results, finished)})
+
+    save(False)
     total = Stopwatch().__enter__()
-    bw = bench_copy_bandwidth(torch, samples)
+    state["copy_bandwidth"] = bw = bench_copy_bandwidth(torch, samples)
     print(f"# device-to-device copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)", flush=True)
-    plan: list[tuple[str, Callable[[], dict]]] = [
-        (name, lambda name=name: bench_convert(name, samples, args.quick, args.tmp, args.threads)) for name in CONVERT
-    ] + [("index_search", lambda: bench_index_search(samples, args.quick))]
-    for name, fn in plan:
-        if only is not None and name not in only:
-            continue
+    fns: dict[str, Callable[[], dict]] = {
+        **{n: (lambda n=n: bench_convert(n, samples, args.quick, args.tmp, args.threads)) for n in CONVERT},
+        "index_search": lambda: bench_index_search(samples, args.quick)}
+    for name in args.planned:
         cfg = Stopwatch().__enter__()
-        try:
-            r = fn()
-        except Exception as e:  # noqa: BLE001 - one failing config must not hide the others' numbers
-            r = _record(name, 0, {"bc_fast": float("nan")}, [check("ran", None, 1, "runs", f"ERROR: {e}")], None)
-            r["checks"][0]["status"] = "FAIL"
+        results.append(_run_one(name, fns[name]))
         torch.cuda.empty_cache()
-        results.append(r)
-        for k, v in r["median_s"].items():
-            print(kv_line(config=r["config"], impl=k, rows=r["rows"], median_us=v * 1e6), flush=True)
-        for c in r["checks"]:
-            print(kv_line(config=r["config"], check=c["label"], value=c["value"], target=c["target"],
-                          status=c["status"]), flush=True)
+        _print_record(results[-1])
         cfg.__exit__()
         print(f"# {name} done in {cfg.wall:.1f}s", flush=True)
+        save(False)
+    save(True)
+    total.__exit__()
     print()
     print(table(results))
     checks = [c for r in results for c in r["checks"]]
-    total.__exit__()
     targets = [c for c in checks if c["status"] not in ("INFO", "SKIP")]
-    print(f"# {sum(c['status'] == 'PASS' for c in targets)}/{len(targets)} targets met; wall {total.wall:.0f}s")
-    if args.json:
-        args.json.write_text(json.dumps({"device": props.name, "copy_bandwidth": bw, "results": results}, indent=1,
-                                        default=str))
+    print(f"# {sum(c['status'] == 'PASS' for c in targets)}/{len(targets)} targets met; wall {total.wall:.0f}s; "
+          f"host loadavg now {' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
+          f"{status_line(_status(args.planned, results, True))}")
     return 1 if any(c["status"] == "FAIL" for c in checks) else 0
 
 

@@ -24,13 +24,18 @@ Configs (rows: default / --quick):
 
 Usage: python bench/gpu_kernels.py [--quick] [--only NAME,...] [--samples N] [--no-profile] [--no-compile]
                                    [--variants SCHEDULE/STORE,...] [--json PATH]
-Exit status 2 with a message when no GPU is usable. Each record names the path of every layer
-(``CudaFusedOp.layer_paths``: the fused sm90 kernel or cuBLASLt).
+Exit status 2 with a message when no GPU is usable, 1 when a config failed (its error is recorded, the
+others still run). Each record names the path of every layer (``CudaFusedOp.layer_paths``: the fused
+sm90 kernel or cuBLASLt) and the host's load average when it finished; the header and the JSON carry
+the machine (CPU model, load average: batch1's wall latency depends on the host). The JSON, rewritten
+atomically after every config, names the ``planned`` configs and says whether the run is ``complete``;
+``--only`` or a failing config makes it ``partial``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -40,7 +45,14 @@ from typing import Any
 import numpy as np
 
 from bc_fast._util.fileio import atomic_write_json
-from bc_fast.bench.harness import random_weights, time_gpu_interleaved
+from bc_fast.bench.harness import (
+    machine_info,
+    machine_lines,
+    random_weights,
+    run_status,
+    status_line,
+    time_gpu_interleaved,
+)
 
 ROWS = {"l2_256": (16 << 20, 8 << 20), "mlp_gelu": (4 << 20, 2 << 20), "affine1024x768_fp16": (2 << 20, 1 << 20),
         "affine1024x768_bf16": (2 << 20, 1 << 20), "affine768_fp32": (2 << 20, 1 << 20),
@@ -260,7 +272,8 @@ def run_config(torch: Any, name: str, rows: int, samples: int, profile_on: bool,
     rec = {"config": name, "rows": rows, "dtype": str(dt).removeprefix("torch."), "median_s": times,
            "best_baseline": best_name, "speedup": times[best_name] / times["bc_fast"],
            "bytes": rows * (d_in + op.d_out) * x.element_size(), "max_row_err": err,
-           "eager_max_row_err": base_err, "notes": notes, "paths": paths, "sm90_variants": variant_recs}
+           "eager_max_row_err": base_err, "notes": notes, "paths": paths, "sm90_variants": variant_recs,
+           "loadavg1": os.getloadavg()[0]}
     if profile_on and name != "batch1":
         try:
             rec["profile"] = {"bc_fast": _profile(torch, fns["bc_fast"]), best_name: _profile(torch, fns[best_name])}
@@ -288,8 +301,8 @@ def _fmt_t(s: float) -> str:
     return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms"
 
 
-def report(records: list[dict], bw: float) -> str:
-    """The profiles, then the summary table and the targets line."""
+def report(records: list[dict], bw: float, status: dict | None = None) -> str:
+    """The profiles, then the summary table and the targets line (with :func:`status_line`: complete or partial)."""
     lines: list[str] = []
     for r in records:
         for impl, rows in r.get("profile", {}).items():
@@ -320,12 +333,12 @@ def report(records: list[dict], bw: float) -> str:
                          f"{t['bc_fast'] / vt:.2f}x the default kernel, row err {vr['max_row_err']:.1e} |")
         for n in r["notes"]:
             lines.append(f"|  note: {n} |")
-    lines.append(f"# {met}/{total} kernel targets met")
+    lines.append(f"# {met}/{total} kernel targets met" + (f"; {status_line(status)}" if status else ""))
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the configs and prints the report."""
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    """The options; ``names`` (the planned configs) and ``variant_list`` checked here, before any GPU work."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller batches (the GPU check's setting)")
     ap.add_argument("--only", default="", help="comma-separated configs (default: all)")
@@ -338,33 +351,62 @@ def main(argv: list[str] | None = None) -> int:
                          "bench/sm90_variant_check.py found correct)")
     ap.add_argument("--json", default="", help="also write the records here (rewritten after every config)")
     args = ap.parse_args(argv)
-    names = [n for n in args.only.split(",") if n] or list(ROWS)
-    unknown = [n for n in names if n not in ROWS]
+    args.names = list(dict.fromkeys(n for n in args.only.split(",") if n)) or list(ROWS)
+    unknown = [n for n in args.names if n not in ROWS]
     if unknown:
         ap.error(f"unknown config(s) {', '.join(unknown)}; known: {', '.join(ROWS)}")
-    variants = [tuple(v.split("/")) for v in args.variants.split(",") if v]
-    bad = [v for v in variants if v not in SM90_VARIANTS]
+    args.variant_list = [tuple(v.split("/")) for v in args.variants.split(",") if v]
+    bad = [v for v in args.variant_list if v not in SM90_VARIANTS]
     if bad:
         ap.error(f"unknown variant(s) {', '.join('/'.join(v) for v in bad)}; known: "
                  f"{', '.join('/'.join(v) for v in SM90_VARIANTS)}")
+    return args
+
+
+def _status(names: list[str], records: list[dict], errors: list[dict], finished: bool) -> dict:
+    """:func:`run_status` of the run so far (configs not in ``--only`` are left out: partial)."""
+    return run_status(names, [r["config"] for r in records], [e["config"] for e in errors], finished=finished,
+                      known=list(ROWS))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the configs and prints the report."""
+    args = _args(argv)
     torch = _setup()
     torch.backends.cuda.matmul.allow_tf32 = False  # bc_fast's fp32 GEMMs are true fp32: compare like with like
     samples = args.samples or (7 if args.quick else 11)
     props = torch.cuda.get_device_properties(0)
+    info = machine_info({"mode": "quick" if args.quick else "full"})
     print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}; {samples} samples, "
-          "medians", flush=True)
-    bw = _copy_bandwidth(torch, samples)
-    records = []
-    for n in names:
+          f"medians; host {info['cpu_model']}, loadavg {info['loadavg']}", flush=True)
+    for line in machine_lines(info):
+        print(line, flush=True)
+    records: list[dict] = []
+    errors: list[dict] = []
+    state: dict = {"device": props.name, "machine": info, "samples": samples, "copy_bandwidth": None,
+                   "records": records, "errors": errors}
+
+    def save(finished: bool) -> None:  # after every config: a later crash keeps what was measured, marked partial
+        if args.json:
+            atomic_write_json(args.json, {**state, **_status(args.names, records, errors, finished)})
+
+    save(False)
+    state["copy_bandwidth"] = bw = _copy_bandwidth(torch, samples)
+    for n in args.names:
         t0 = time.perf_counter()
-        records.append(run_config(torch, n, ROWS[n][1 if args.quick else 0], samples, not args.no_profile,
-                                  not args.no_compile, variants))
+        try:
+            records.append(run_config(torch, n, ROWS[n][1 if args.quick else 0], samples, not args.no_profile,
+                                      not args.no_compile, args.variant_list))
+        except Exception as e:  # noqa: BLE001 - recorded and reported; the other configs still run
+            errors.append({"config": n, "error": f"{type(e).__name__}: {e}", "loadavg1": os.getloadavg()[0]})
+            print(f"# {n}: FAILED: {errors[-1]['error']}", flush=True)
         torch.cuda.empty_cache()  # the config's tensors died with run_config
         print(f"# {n}: {time.perf_counter() - t0:.1f} s", flush=True)
-        if args.json:  # after every config: a later crash keeps what was measured
-            atomic_write_json(args.json, {"device": props.name, "copy_bandwidth": bw, "records": records})
-    print(report(records, bw))
-    return 0
+        save(False)
+    save(True)
+    print(report(records, bw, _status(args.names, records, errors, True)))
+    print(f"# host loadavg now {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

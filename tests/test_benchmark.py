@@ -30,6 +30,8 @@ def test_suite_tiny_writes_json_table_and_png(tmp_path):
     data = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert data["table"] == res["table"] and data["machine"]["cpu_count"]
     assert data["sizes"]["name"] == "tiny"
+    assert data["complete"] is True and data["partial"] is False and not data["failed"]
+    assert data["planned"] == [r["planned_as"] for r in data["results"]] and len(data["planned"]) == len(CONFIGS)
     if importlib.util.find_spec("matplotlib") is None:  # the PNG is optional, and then said to be missing
         assert res["png"] is None and "no PNG" in text
     else:
@@ -62,8 +64,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from bc_fast import FusedTransform  # noqa: E402
+from bc_fast.bench import harness
 from bc_fast.bench.harness import (  # noqa: E402
-    TINY_PLAN, Bench, Buffers, engines, machine_info, numpy_blas_threads, threadpools,
+    TINY_PLAN, Bench, Buffers, check, config_labels, engines, machine_info, numpy_blas_threads, result, run_configs,
+    threadpools, time_rounds, timing_from_samples,
 )
 from bc_fast.bench.suite import affine_impls  # noqa: E402
 
@@ -202,3 +206,259 @@ def test_no_second_timer_in_bench_scripts():
     for script in SCRIPTS:
         text = (BENCH / script).read_text()
         assert "perf_counter" not in text and "statistics.median" not in text, script
+
+
+# --------------------------------------------------------------------------- fair baselines (no timing assertions)
+
+
+def _timings(**medians: float) -> dict:
+    """Synthetic timings: name -> median seconds (for checks that pick a baseline)."""
+    return {k: timing_from_samples([v], v) for k, v in medians.items()}
+
+
+def test_latency_b1_counts_the_best_numpy_not_only_the_allocating_one():
+    from bc_fast.bench.suite import _cfg_latency
+
+    with engines(1) as eng:
+        r = _cfg_latency(_bench(eng), SIZES["tiny"], 1)
+    assert {"numpy_alloc", "numpy_prealloc"} <= set(r["impls"])
+    best = min(("numpy_alloc", "numpy_prealloc"), key=lambda k: r["impls"][k]["median_s"])
+    (vs_numpy,) = [c for c in r["checks"] if c["label"] == "vs best numpy"]
+    assert vs_numpy["shown_value"].endswith(f"x {best}") and vs_numpy["target"] == 1.8
+
+
+def test_bench_core_batch1_counts_the_best_numpy_with_bias():
+    core = _load_script("bench_core.py")
+    with engines(1) as eng:
+        r = core.cfg_core(_bench(eng), 256, 256, 1)
+    labels = [c["label"] for c in r["checks"]]
+    assert "vs numpy_alloc" not in labels and "vs best numpy" in labels
+    best = min(core.NUMPY_BIASED, key=lambda k: r["impls"][k]["median_s"])  # numpy_sgemm leaves the bias out
+    (vs_numpy,) = [c for c in r["checks"] if c["label"] == "vs best numpy"]
+    assert vs_numpy["shown_value"].endswith(f"x {best}")
+
+
+def test_bf16_mlp_torch_baselines_do_the_same_work_and_the_best_counts():
+    torch = pytest.importorskip("torch", reason="the bf16 MLP's baselines are torch's")
+    import torch.nn.functional as F
+
+    from bc_fast._util.arrays import bfloat16
+    from bc_fast.bench import suite_bf16
+
+    layers = suite_bf16._mlp_layers()
+    rng = np.random.default_rng(0)
+    x16 = rng.standard_normal((5, 256), dtype=np.float32).astype(bfloat16())
+    y16 = np.zeros((5, 256), bfloat16())
+    h16 = np.zeros((5, suite_bf16.MLP_HIDDEN), bfloat16())
+    fns = suite_bf16._mlp_torch(torch, F, layers, x16, y16, h16)
+    assert set(fns) == {"torch_bf16_eager", "torch_bf16_prealloc"}
+    want = fns["torch_bf16_eager"]().float().numpy()
+    assert fns["torch_bf16_prealloc"]() is None  # writes into the preallocated output
+    np.testing.assert_allclose(y16.astype(np.float32), want, rtol=2e-2, atol=2e-2)
+    for fast in ("torch_bf16_eager", "torch_bf16_prealloc"):
+        slow = ({"torch_bf16_eager", "torch_bf16_prealloc"} - {fast}).pop()
+        (c,) = suite_bf16._mlp_checks(_timings(bc_fast_bf16=1.0, **{fast: 2.0, slow: 3.0}))
+        assert c["label"] == "vs torch bf16 eager" and c["shown_value"] == f"2.00x {fast}"
+
+
+def test_convert_naive_worker_holds_numpy_blas_to_the_thread_count(tmp_path):
+    conv = _load_script("bench_convert.py")
+    registry, table = conv._make_inputs(tmp_path, "npy", "float16", "affine", 3000, np.random.default_rng(0))
+    before = numpy_blas_threads()
+    res = conv._worker("naive", registry, table, str(tmp_path / "out.npy"), 1)
+    assert res["blas_threads"] == 1 and numpy_blas_threads() == before  # limited inside, restored after
+    assert np.load(tmp_path / "out.npy").shape == (3000, 256)
+    assert conv._worker("read", registry, table, str(tmp_path / "out.npy"), 1)["blas_threads"] is None
+
+
+def test_distributed_methods_share_one_thread_total():
+    dist = _load_script("bench_distributed.py")
+    assert dist.default_methods(2) == ["single", "ray_2x1", "ray_1x2"]
+    assert dist.default_methods(4) == ["single", "ray_4x1", "ray_1x4"]
+    assert dist.default_methods(1) == ["single", "ray_1x1"]
+    assert dist.ray_shape("ray_2x2", 4) == (2, 2)
+    with pytest.raises(ValueError, match="ray_2x1 runs 2 threads in all but --threads is 4"):
+        dist.ray_shape("ray_2x1", 4)
+    with pytest.raises(ValueError, match="unknown method 'ray_two'"):
+        dist.check_methods(["single", "ray_two"], 2)
+    with pytest.raises(SystemExit, match="every method gets the same total"):
+        dist.main(["--threads", "4", "--methods", "single,ray_2x1"])  # refused before any data is made
+
+
+def test_distributed_compute_rate_is_the_median(monkeypatch):
+    dist = _load_script("bench_distributed.py")
+    walls = iter([5.0, 1.0, 3.0, 2.0, 4.0])
+
+    class FakeStopwatch:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.wall = self.cpu = next(walls)
+
+    monkeypatch.setattr(dist, "Stopwatch", FakeStopwatch)
+    r = dist._compute_rate(8, reps=5, rows=30)
+    assert r["rows_per_s_per_core"] == 30 / 3.0 and r["samples"] == 5  # the median, not the best (1.0)
+
+
+# --------------------------------------------------------------------------- runs: outputs, partial runs
+
+
+def _ok(bench):
+    return result("ok", "a config that works", 1, _timings(bc_fast=1e-3, base=2e-3),
+                  [check("vs base", 2.0, 1.0, "≥ 1x", "2.00x base")])
+
+
+def _boom(bench, n, path):
+    data = json.loads(path.read_text())  # the JSON so far: rewritten after the first config, not complete
+    assert data["planned"] == ["ok", "boom(7)"] and data["complete"] is False and len(data["results"]) == 1
+    raise ValueError("config broke")
+
+
+def test_run_configs_refuses_an_out_path_that_is_a_file_before_running(tmp_path):
+    ran = []
+    (tmp_path / "taken").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="is an existing file, not a folder"):
+        run_configs("t", [(lambda bench: ran.append(1), ())], threads=1, plan=TINY_PLAN, log=lambda _: None,
+                    out_dir=tmp_path / "taken")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_configs("t", [(lambda bench: ran.append(1), ())], threads=1, plan=TINY_PLAN, log=lambda _: None,
+                    json_path=tmp_path / "missing" / "b.json")
+    assert ran == [] and (tmp_path / "taken").read_text() == "not a folder"
+
+
+def test_run_configs_records_a_failing_config_and_writes_json_before_the_chart(tmp_path, monkeypatch):
+    def broken_chart(*args):
+        raise RuntimeError("matplotlib broke")
+
+    monkeypatch.setattr(harness, "chart_png", broken_chart)
+    lines: list[str] = []
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match=r"1 of 2 configs failed \(boom\(7\)\)"):
+        run_configs("t", [(_ok, ()), (_boom, (7, out / "bench.json"))], threads=1, plan=TINY_PLAN,
+                    log=lines.append, out_dir=out)
+    data = json.loads((out / "bench.json").read_text())
+    assert data["planned"] == ["ok", "boom(7)"] and data["done"] == ["ok"] and data["failed"] == ["boom(7)"]
+    assert data["complete"] is False and data["partial"] is True
+    ok, boom = data["results"]
+    assert ok["status"] == "PASS" and boom["status"] == "ERROR" and boom["error"] == "ValueError: config broke"
+    assert "config broke" in boom["traceback"] and data["png"] is None and not (out / "bench.png").exists()
+    text = "\n".join(lines)
+    assert "| boom(7) |" in text and "PARTIAL run: 1 of 2 planned configs ran; failed: boom(7)" in text
+    assert "no PNG: the chart failed: RuntimeError: matplotlib broke" in text
+
+
+def test_config_labels_name_each_planned_config_once():
+    def cfg_table(bench, *args):
+        pass
+
+    def _cfg_mlp(bench, *args):
+        pass
+
+    assert config_labels([(cfg_table, ("npy_f16", 20_000, None)), (_cfg_mlp, (object(), 256)),
+                          (_cfg_mlp, (object(), 256))]) == ["table('npy_f16', 20000)", "mlp(256)", "mlp(256) #2"]
+
+
+# --------------------------------------------------------------------------- GPU scripts, on fakes
+
+
+def test_time_rounds_warms_each_up_then_rotates_the_order():
+    calls: list[str] = []
+
+    def timed(name: str):
+        def run() -> float:
+            calls.append(name)
+            return float(len(calls))
+        return run
+
+    runs = time_rounds({k: timed(k) for k in "abc"}, 3)
+    assert calls == list("abc" "abc" "bca" "cab")  # one untimed warm-up each, then rotated rounds
+    assert runs == {"a": [4.0, 9.0, 11.0], "b": [5.0, 7.0, 12.0], "c": [6.0, 8.0, 10.0]}
+
+
+def test_gpu_convert_bench_rounds_and_cpu_rows_on_the_fake_cuda(tmp_path, monkeypatch):
+    from test_convert_gpu import FakeCuda
+
+    from bc_fast.engine import device
+
+    fake = FakeCuda()
+    monkeypatch.setattr(device, "_cuda_module", lambda: fake)
+    gpu = _load_script("bench_gpu.py")
+    monkeypatch.setattr(gpu, "CONVERT", {"convert_host": (16, 0, (3000, 3000), (1000, 1000))})
+    r = gpu.bench_convert("convert_host", 2, True, tmp_path, 1)  # --quick's samples // 2 would be 1 round
+    assert r["rounds"] == 3 and r["cpu_rows"] == 1000
+    assert fake.executed.count("compute") >= 4  # device="cuda" went through the fake module: warm-up + 3 rounds
+    assert set(r["median_s"]) == {"bc_fast", "read", "write", "cpu_path"}
+    storage, cpu = r["checks"]
+    assert cpu["status"] == "INFO" and storage["label"] == "vs storage bound"  # light compute: storage counts
+    assert cpu["shown_value"].endswith("on 1,000 rows)") and "scaled from 1,000 rows" in r["note"]
+    assert "loadavg1" in r and not list(tmp_path.iterdir())  # the work folder is removed
+
+
+def _fake_torch(**props):
+    import types
+
+    cuda = types.SimpleNamespace(get_device_properties=lambda i: types.SimpleNamespace(**props),
+                                 empty_cache=lambda: None, is_available=lambda: True)
+    return types.SimpleNamespace(__version__="0.fake", version=types.SimpleNamespace(cuda="13.0"), cuda=cuda,
+                                 backends=types.SimpleNamespace(cuda=types.SimpleNamespace(
+                                     matmul=types.SimpleNamespace(allow_tf32=True))))
+
+
+def test_bench_gpu_report_and_json_carry_the_machine_and_say_partial(tmp_path, monkeypatch, capsys):
+    gpu = _load_script("bench_gpu.py")
+    torch = _fake_torch(name="Fake GPU", total_memory=1 << 30, major=9, minor=0)
+    mod = type("Mod", (), {"device_info": lambda self: {"driver_version": 1, "runtime_version": 2}})()
+    monkeypatch.setattr(gpu, "_setup", lambda: (torch, None, mod))
+    monkeypatch.setattr(gpu, "bench_copy_bandwidth", lambda torch, samples: 1e12)
+    skipped = gpu._record("index_search", 0, {"bc_fast": float("nan")}, [check("GPU index", None, 1, "-", "-")], None)
+    monkeypatch.setattr(gpu, "bench_index_search", lambda samples, quick: skipped)
+    written = []
+    real = gpu.atomic_write_json
+    monkeypatch.setattr(gpu, "atomic_write_json",
+                        lambda path, obj: written.append((obj["complete"], len(obj["results"]))) or real(path, obj))
+    path = tmp_path / "gpu.json"
+    assert gpu.main(["--quick", "--only", "index_search", "--json", str(path)]) == 0
+    assert written == [(False, 0), (False, 1), (True, 1)]  # atomically: at the start, after the config, at the end
+    data = json.loads(path.read_text())
+    assert data["machine"]["cpu_model"] and data["machine"]["loadavg"] and data["rounds"] == 3
+    assert data["planned"] == ["index_search"] and data["left_out"] == ["convert_host", "convert_mlp"]
+    assert data["complete"] is True and data["partial"] is True  # --only: the planned ran, the rest left out
+    out = capsys.readouterr().out
+    assert f"host {data['machine']['cpu_model']}, loadavg" in out and "\n# machine: " in out
+    assert "PARTIAL run: 1 of 1 planned configs ran; left out (not selected): convert_host, convert_mlp" in out
+
+    monkeypatch.setattr(gpu, "bench_index_search", lambda samples, quick: 1 / 0)
+    assert gpu.main(["--quick", "--only", "index_search", "--json", str(path)]) == 1  # the failing config
+    data = json.loads(path.read_text())
+    assert data["failed"] == ["index_search"] and data["complete"] is False and data["partial"] is True
+    assert data["results"][0]["error"] == "ZeroDivisionError: division by zero"
+    assert "PARTIAL run: 0 of 1 planned configs ran; failed: index_search" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        gpu.main(["--only", "convert_hots"])  # refused by name
+
+
+def test_gpu_kernels_json_names_the_plan_and_records_a_failing_config(tmp_path, monkeypatch, capsys):
+    kern = _load_script("gpu_kernels.py")
+    monkeypatch.setattr(kern, "_setup", lambda: _fake_torch(name="Fake GPU", multi_processor_count=132))
+    monkeypatch.setattr(kern, "_copy_bandwidth", lambda torch, samples: 1e12)
+
+    def run_config(torch, name, rows, *args):
+        if name == "chain4":
+            raise RuntimeError("kernel fault")
+        return {"config": name, "rows": rows, "dtype": "float32", "median_s": {"bc_fast": 1e-5, "torch eager": 2e-5},
+                "best_baseline": "torch eager", "speedup": 2.0, "bytes": 2048, "max_row_err": 0.0,
+                "eager_max_row_err": 0.0, "notes": [], "paths": ["cublaslt"], "sm90_variants": {}}
+
+    monkeypatch.setattr(kern, "run_config", run_config)
+    rc = kern.main(["--quick", "--only", "batch1,chain4", "--json", str(tmp_path / "k.json"), "--no-profile"])
+    assert rc == 1
+    data = json.loads((tmp_path / "k.json").read_text())
+    assert data["planned"] == ["batch1", "chain4"] and data["done"] == ["batch1"]
+    assert data["errors"] == [{"config": "chain4", "error": "RuntimeError: kernel fault",
+                               "loadavg1": data["errors"][0]["loadavg1"]}]
+    assert data["complete"] is False and data["partial"] is True and "l2_256" in data["left_out"]
+    assert data["machine"]["cpu_model"] and data["machine"]["loadavg"]
+    out = capsys.readouterr().out
+    assert "# 1/1 kernel targets met; PARTIAL run: 1 of 2 planned configs ran; failed: chain4" in out
+    assert "\n# machine: " in out

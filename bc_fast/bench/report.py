@@ -1,8 +1,10 @@
 """Reporting for the benchmark harness: times, parseable log lines, the Markdown table, the chart.
 
 What lives here: :func:`fmt_time`, :func:`kv_line` and :func:`log_result` (one ``key=value`` line per
-implementation and check), :func:`format_table` (the Markdown table of every config) and
-:func:`chart_png` (every check's ratio against its target; matplotlib is looked up when asked for).
+implementation and check), :func:`format_table` (the Markdown table of every config),
+:func:`chart_png` (every check's ratio against its target; matplotlib is looked up when asked for), and
+:func:`run_status` / :func:`status_line` (whether a run's numbers are the whole planned set: a partial
+run is labelled as partial, in its JSON and in its printed report).
 They read the records :func:`bc_fast.bench.harness.result` builds; :mod:`bc_fast.bench.harness`
 re-exports every name. It imports the standard library only.
 """
@@ -11,10 +13,10 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["chart_png", "fmt_time", "format_table", "kv_line", "log_result"]
+__all__ = ["chart_png", "fmt_time", "format_table", "kv_line", "log_result", "run_status", "status_line"]
 
 
 def fmt_time(s: float | None) -> str:
@@ -123,3 +125,33 @@ def chart_png(results: list[dict], title: str) -> bytes | None:
     fig.savefig(out, format="png", dpi=110)
     return out.getvalue()
 
+
+def run_status(planned: Sequence[str], done: Sequence[str], failed: Sequence[str], *, finished: bool,
+               known: Sequence[str] = ()) -> dict[str, Any]:
+    """The fields a run's JSON carries to say whether its numbers are the whole planned set.
+
+    ``planned``: the configs this run set out to run, in order; ``done`` / ``failed``: those that
+    returned a record / raised; ``finished``: the run got past its last config; ``known``: every
+    config the script has (those not planned were left out, e.g. by ``--only``). ``complete`` is
+    true only once the run finished with every planned config done; ``partial`` whenever the
+    numbers are not the whole set (not complete, or configs left out).
+    """
+    left_out = [k for k in known if k not in planned]
+    complete = bool(finished and not failed and len(done) == len(planned))
+    return {"planned": list(planned), "done": list(done), "failed": list(failed), "left_out": left_out,
+            "complete": complete, "partial": not complete or bool(left_out)}
+
+
+def status_line(status: dict[str, Any]) -> str:
+    """One line of the printed report: ``complete``, or ``PARTIAL run`` and what is missing (:func:`run_status`)."""
+    if not status["partial"]:
+        return f"complete: all {len(status['planned'])} planned configs ran"
+    parts = [f"PARTIAL run: {len(status['done'])} of {len(status['planned'])} planned configs ran"]
+    if status["failed"]:
+        parts.append(f"failed: {', '.join(status['failed'])}")
+    if status["left_out"]:
+        parts.append(f"left out (not selected): {', '.join(status['left_out'])}")
+    not_run = [k for k in status["planned"] if k not in status["done"] and k not in status["failed"]]
+    if not_run:
+        parts.append(f"not run: {', '.join(not_run)}")
+    return "; ".join(parts)

@@ -28,7 +28,8 @@ chain_k4              K = 4 affine 256→256 steps fused by ``fuse_chain`` (one 
                       vs four numpy steps into preallocated buffers, and
                       ``z = z @ W.T + b`` four times (best counts); torch ``addmm(out=)``
 latency_b1            batch 1, 256→256 affine, preallocated output; numpy             median ≤ 2.5 µs, ≥ 1.8x
-                      ``x @ W.T + b`` (issue 11's targets)                            numpy x @ W.T + b
+                      ``x @ W.T + b`` and ``matmul(out=); add(out=)`` (best counts;   best numpy
+                      issue 11's targets); torch ``addmm(out=)``, faiss apply_noalloc
 latency_b16           batch 16, vs the faster of ``x @ W.T + b`` and                   ≤ 0.9x numpy's time
                       ``matmul(out=); add(out=)``; torch ``addmm(out=)``, faiss
                       apply_noalloc
@@ -171,8 +172,8 @@ def affine_err(y: np.ndarray, x: np.ndarray, W: np.ndarray, b: np.ndarray, rows:
     return max_abs_err(y[:m], x[:m].astype(np.float64) @ W.T.astype(np.float64) + b)
 
 
-def best_of(timings: dict[str, Timing], prefix: str) -> str | None:
-    """The fastest implementation whose name starts with ``prefix`` (None if none was timed)."""
+def best_of(timings: dict[str, Timing], prefix: str | tuple[str, ...]) -> str | None:
+    """The fastest implementation whose name starts with ``prefix`` (or one of several; None if none was timed)."""
     names = [k for k in timings if k.startswith(prefix)]
     return min(names, key=lambda k: timings[k].median_s) if names else None
 
@@ -408,16 +409,16 @@ def _cfg_latency(bench: Bench, sizes: Sizes, n: int) -> dict:
     t = bench.measure(impls, large=False, min_calls=200 if n == 1 else 20)
     impls["bc_fast"]()
     med_us = t["bc_fast"].median_s * 1e6
+    best = best_of(t, "numpy")  # numpy_alloc (allocating) is never the only baseline: the faster one counts
     if n == 1:
         checks = [check("latency budget", 2.5 / med_us, 1.0, "≤ 2.5 µs (bar: 2.5µs/median)", f"{med_us:.2f} µs"),
-                  speedup_check("vs numpy x @ W.T + b", t, "numpy_alloc", 1.8)]
+                  speedup_check("vs best numpy", t, best, 1.8)]
     else:
-        best = best_of(t, "numpy")
         checks = [speedup_check(f"vs {best}", t, best, 1 / 0.9, shown_target="≤ 0.9x numpy time (≥ 1.11x)")]
     return result(f"latency_b{n}", f"affine 256->256 + bias, batch {n}, fp32, preallocated out", n, t, checks,
                   flops_per_call=2.0 * n * d * d, err=affine_err(y, x, W, b),
                   note="numpy_alloc (x @ W.T + b) allocates by definition (the reference code's way); every "
-                       "other baseline writes into the preallocated output")
+                       "other baseline writes into the preallocated output; the faster numpy variant counts")
 
 
 def _cfg_scaling(bench: Bench, sizes: Sizes) -> dict:

@@ -2,7 +2,8 @@
 
 What lives here: :class:`Timing` (seconds per call, medians over samples), :func:`time_interleaved`
 (implementations timed round-robin, calibrated with :func:`calibrate_calls`),
-:func:`timing_from_samples`, :class:`Stopwatch`, and :class:`TimingPlan` (how many samples a config
+:func:`time_rounds` (self-timed runs, such as whole conversions, round-robin), :func:`timing_from_samples`,
+:class:`Stopwatch`, and :class:`TimingPlan` (how many samples a config
 gets; :data:`TINY_PLAN` for smoke tests). The rules they follow are listed in
 :mod:`bc_fast.bench.harness`, which re-exports every name. It imports the standard library only.
 """
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 __all__ = ["TINY_PLAN", "Stopwatch", "Timing", "TimingPlan", "calibrate_calls", "time_gpu_interleaved",
-           "time_interleaved", "timing_from_samples"]
+           "time_interleaved", "time_rounds", "timing_from_samples"]
 
 
 @dataclass
@@ -125,6 +126,25 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, samples: int = 20,
                 walls[k].append(w)
                 cpus[k] += c
     return {k: timing_from_samples(walls[k], cpus[k], per_name[k]) for k in names}
+
+
+def time_rounds(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each self-timed function over ``rounds`` round-robin rounds, after one untimed warm-up each.
+
+    Each function times its own work and returns the seconds (a whole conversion, a search: what it
+    sets up or cleans up around that is not counted). The warm-up round runs every function once and
+    drops its time (cold caches, lazy initialisation, first-touched memory); then each round visits
+    every function once, the order rotated by one each round, so each function takes every position
+    in turn (none always runs first, on the freshest page cache or the idlest machine).
+    """
+    names = list(fns)
+    for k in names:  # untimed warm-up
+        fns[k]()
+    runs: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(rounds):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            runs[k].append(float(fns[k]()))
+    return runs
 
 
 class Stopwatch:
