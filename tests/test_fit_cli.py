@@ -89,7 +89,7 @@ def test_fit_cli_refuses_an_empty_npy_file_in_one_line(pairs):
     res = _bc_fast("fit", "-r", "reg", "--from", "1", "--to", "0", "empty.npy", "v0.npy", cwd=pairs)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.startswith("bc-fast fit: error: ") and res.stderr.count("\n") == 1, res.stderr
-    assert "empty.npy is not a plain numeric .npy array (EOFError: No data left in file)" in res.stderr
+    assert "error: SRC: empty.npy is not a plain numeric .npy array (EOFError: No data left in file)" in res.stderr
     assert (pairs / "reg" / "manifest.json").read_bytes() == before
 
 

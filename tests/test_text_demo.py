@@ -315,6 +315,9 @@ def test_demo_argument_errors(tmp_path):
         run_text_demo(tmp_path, fractions=(0.0,))
     with pytest.raises(ValueError, match="blas_threads must be a positive integer or None, got 0"):
         run_text_demo(tmp_path, blas_threads=0)
+    for seed in (-1, 2**32, 1.5, True):
+        with pytest.raises(ValueError, match=r"seed \(--seed\) must be an integer in \[0, 2\*\*32 - 1\]"):
+            run_text_demo(tmp_path, seed=seed)
     with pytest.raises(ValueError, match="chain must be three models"):
         run_text_demo(tmp_path, chain=("a", "b"))
     corpus = TextCorpus("s", ["x", "y", "z"], np.zeros(3, np.int64), ["a"], "test")

@@ -74,7 +74,7 @@ def fit_to_registry(registry: str | os.PathLike, from_version: int, to_version: 
     reg = Registry.open(registry)
     a, b = int(from_version), int(to_version)
     reg.dim(a), reg.dim(b)  # unknown versions: the registry's own message
-    src, dst = open_npy(src_path, str(src_path)), open_npy(dst_path, str(dst_path))
+    src, dst = open_npy(src_path, "SRC"), open_npy(dst_path, "DST")
     if src.shape[0] != dst.shape[0]:
         raise ValueError(f"{src_path} has {src.shape[0]} rows but {dst_path} has {dst.shape[0]}: the files must hold "
                          "the same items in the same order")
