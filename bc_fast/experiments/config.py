@@ -25,6 +25,12 @@ LAMBDA_STRATEGIES = ("joint-notrans", "joint-sloss", "joint-mloss")
 _SEED_LIMIT = 2 ** 32  # training seeds must lie in [0, 2**32)
 
 
+def check_seed(seed: Any) -> None:
+    """ValueError naming ``--seed`` unless ``seed`` is an integer in [0, 2**32) (what numpy's generators take)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < _SEED_LIMIT:
+        raise ValueError(f"seed (--seed) must be an integer in [0, 2**32 - 1], got {seed!r}")
+
+
 @dataclass
 class ExperimentConfig:
     """Settings of one experiment run (defaults: the quick preset).
@@ -195,8 +201,7 @@ class ExperimentConfig:
     def _check_seed(self) -> None:
         """``seed`` (``--seed``) and the last paired seed must be integers in [0, 2**32)."""
         seed = self.seed
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < _SEED_LIMIT:
-            raise ValueError(f"seed (--seed) must be an integer in [0, 2**32 - 1], got {seed!r}")
+        check_seed(seed)
         if int(seed) + int(self.seeds) - 1 >= _SEED_LIMIT:
             raise ValueError(f"the paired seeds seed..seed+seeds-1 (--seed {seed}, --seeds {self.seeds}) end at "
                              f"{int(seed) + int(self.seeds) - 1}; expected all below 2**32: lower --seed")

@@ -58,6 +58,7 @@ import numpy as np
 
 from ..eval.report import write_json
 from ..eval.retrieval import overlap_at_k, unit_rows
+from .config import check_seed
 from .text_report import _plot, format_text_table
 
 __all__ = ["PAIRS", "CHAIN", "run_text_demo", "format_text_table", "fit_logreg"]
@@ -438,8 +439,7 @@ def run_text_demo(out_dir: str | Path, *, fractions: Sequence[float] | None = No
     if blas_threads is not None and (isinstance(blas_threads, bool) or not isinstance(blas_threads, int)
                                      or blas_threads < 1):
         raise ValueError(f"blas_threads must be a positive integer or None, got {blas_threads!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed (--seed) must be an integer in [0, 2**32 - 1], got {seed!r}")
+    check_seed(seed)
     with threadpool_limits(blas_threads):
         res = _run(out_dir, fractions=fractions, kinds=kinds, seed=seed, log=log, quick=quick, corpus=corpus,
                    limit=limit, n_queries=n_queries, k=k, pairs=pairs, chain=chain, forward=forward,
